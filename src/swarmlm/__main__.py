@@ -1,0 +1,3 @@
+from swarmlm.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,226 @@
+"""The one place where bytes from the network or disk become tensors and messages.
+
+Messages are msgpack; tensors travel as a msgpack extension holding dtype, shape and raw
+little-endian bytes. Decoding checks sizes, dtypes and shapes as it goes and raises
+`WireError` on anything malformed, so a handler can answer a bad request with an error
+instead of crashing. Never pickle. Knows nothing of peers, models or the store.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import types
+import typing
+from typing import Any, Sequence
+
+import msgpack
+import torch
+
+from swarmlm.errors import WireError
+
+MAX_MESSAGE_BYTES = 256 * 1024 * 1024   # default ceiling for one decoded message
+MAX_NDIM = 8
+_TENSOR_EXT = 1
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16,
+    "float64": torch.float64, "int64": torch.int64, "int32": torch.int32, "int16": torch.int16,
+    "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
+}
+_DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+assert sys.byteorder == "little", "the wire format is little-endian"
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    if dtype not in _DTYPE_NAMES:
+        raise WireError(f"dtype {dtype} cannot be sent")
+    return _DTYPE_NAMES[dtype]
+
+
+def parse_dtype(name: Any) -> torch.dtype:
+    if not isinstance(name, str) or name not in DTYPES:
+        raise WireError(f"unknown dtype {name!r}")
+    return DTYPES[name]
+
+
+# ---- tensors ---------------------------------------------------------------------------
+
+def tensor_to_bytes(t: torch.Tensor) -> bytes:
+    """dtype + shape + raw bytes, as one msgpack array."""
+    t = t.detach().cpu().contiguous()
+    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    return msgpack.packb([dtype_name(t.dtype), list(t.shape), raw], use_bin_type=True)
+
+
+def tensor_from_bytes(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> torch.Tensor:
+    """Inverse of `tensor_to_bytes`; raises `WireError` on anything malformed."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"tensor payload must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes + 1024:
+        raise WireError(f"tensor payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        fields = msgpack.unpackb(data, raw=False, max_bin_len=max_bytes, max_array_len=MAX_NDIM + 3)
+    except Exception as e:  # msgpack raises several unrelated types
+        raise WireError(f"tensor payload does not decode: {e}") from None
+    return _tensor_from_fields(fields, max_bytes)
+
+
+def _tensor_from_fields(fields: Any, max_bytes: int) -> torch.Tensor:
+    if not isinstance(fields, list) or len(fields) != 3:
+        raise WireError("tensor payload must be [dtype, shape, bytes]")
+    name, shape, raw = fields
+    dtype = parse_dtype(name)
+    if (not isinstance(shape, list) or len(shape) > MAX_NDIM
+            or not all(isinstance(s, int) and not isinstance(s, bool) and s >= 0 for s in shape)):
+        raise WireError(f"bad tensor shape {shape!r}")
+    if not isinstance(raw, (bytes, bytearray)):
+        raise WireError("tensor data must be bytes")
+    numel = 1
+    for s in shape:
+        numel *= s
+    itemsize = torch.empty((), dtype=dtype).element_size()
+    if numel * itemsize > max_bytes:
+        raise WireError(f"tensor of {numel * itemsize} bytes exceeds the limit of {max_bytes}")
+    if numel * itemsize != len(raw):
+        raise WireError(f"tensor data has {len(raw)} bytes, shape {shape} of {name} needs {numel * itemsize}")
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    flat = torch.frombuffer(bytearray(raw), dtype=torch.uint8)
+    return flat.view(dtype).reshape(shape)
+
+
+def check_tensor(t: Any, *, name: str = "tensor", dtype: torch.dtype | Sequence[torch.dtype] | None = None,
+                 shape: Sequence[int | None] | None = None, finite: bool = False) -> torch.Tensor:
+    """Raise `WireError` unless `t` is a tensor of the given dtype(s) and shape (None = any size)."""
+    if not isinstance(t, torch.Tensor):
+        raise WireError(f"{name} must be a tensor, got {type(t).__name__}")
+    if dtype is not None:
+        allowed = (dtype,) if isinstance(dtype, torch.dtype) else tuple(dtype)
+        if t.dtype not in allowed:
+            raise WireError(f"{name} has dtype {t.dtype}, expected {' or '.join(map(str, allowed))}")
+    if shape is not None:
+        if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
+            want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
+            raise WireError(f"{name} has shape {tuple(t.shape)}, expected {want}")
+    if finite and t.is_floating_point() and not torch.isfinite(t).all():
+        raise WireError(f"{name} contains NaN or inf")
+    return t
+
+
+# ---- generic values (msgpack with tensors inside) ----------------------------------------
+
+def _default(obj: Any) -> Any:
+    if isinstance(obj, torch.Tensor):
+        return msgpack.ExtType(_TENSOR_EXT, tensor_to_bytes(obj))
+    raise TypeError(f"cannot serialize {type(obj).__name__}")
+
+
+def pack(obj: Any) -> bytes:
+    """msgpack of plain values (dict, list, str, bytes, int, float, bool, None) and tensors."""
+    return msgpack.packb(obj, default=_default, use_bin_type=True)
+
+
+def unpack(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """Inverse of `pack`, with size limits; raises `WireError` on anything malformed."""
+    if not isinstance(data, (bytes, bytearray, memoryview)):
+        raise WireError(f"message must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise WireError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+
+    def ext_hook(code: int, payload: bytes) -> Any:
+        if code != _TENSOR_EXT:
+            raise WireError(f"unknown extension type {code}")
+        return tensor_from_bytes(payload, max_bytes=max_bytes)
+
+    try:
+        return msgpack.unpackb(data, raw=False, ext_hook=ext_hook, strict_map_key=True,
+                               max_bin_len=max_bytes, max_str_len=max_bytes,
+                               max_array_len=1 << 20, max_map_len=1 << 16, max_ext_len=max_bytes + 1024)
+    except WireError:
+        raise
+    except Exception as e:
+        raise WireError(f"message does not decode: {type(e).__name__}: {e}") from None
+
+
+# ---- typed messages (frozen dataclasses) -------------------------------------------------
+
+def encode_message(msg: Any) -> bytes:
+    """A dataclass instance as msgpack of its fields."""
+    if not dataclasses.is_dataclass(msg) or isinstance(msg, type):
+        raise TypeError("encode_message takes a dataclass instance")
+    return pack({f.name: getattr(msg, f.name) for f in dataclasses.fields(msg)})
+
+
+def decode_message(data: bytes, cls: type, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Any:
+    """Decode bytes into dataclass `cls`, checking every field against its type hint."""
+    fields = unpack(data, max_bytes=max_bytes)
+    return message_from_dict(fields, cls)
+
+
+def message_from_dict(fields: Any, cls: type) -> Any:
+    if not isinstance(fields, dict):
+        raise WireError(f"{cls.__name__} must be a map, got {type(fields).__name__}")
+    hints = typing.get_type_hints(cls)
+    values = {}
+    for f in dataclasses.fields(cls):
+        if f.name in fields:
+            values[f.name] = _check_value(fields[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise WireError(f"{cls.__name__} lacks field {f.name!r}")
+    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    if unknown:
+        raise WireError(f"{cls.__name__} has unknown fields {sorted(map(str, unknown))}")
+    return cls(**values)
+
+
+def _check_value(value: Any, hint: Any, where: str) -> Any:
+    origin = typing.get_origin(hint)
+    args = typing.get_args(hint)
+    if hint is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):
+        for arg in args:
+            try:
+                return _check_value(value, arg, where)
+            except WireError:
+                continue
+        raise WireError(f"{where}: {type(value).__name__} is not {hint}")
+    if hint is type(None):
+        if value is not None:
+            raise WireError(f"{where} must be null")
+        return None
+    if origin in (list, tuple, Sequence) or hint in (list, tuple):
+        if not isinstance(value, list):
+            raise WireError(f"{where} must be a list, got {type(value).__name__}")
+        if origin is tuple and args and args[-1] is not Ellipsis:
+            if len(args) != len(value):
+                raise WireError(f"{where} must have {len(args)} items")
+            return tuple(_check_value(v, a, where) for v, a in zip(value, args))
+        item = args[0] if args else Any
+        out = [_check_value(v, item, f"{where}[]") for v in value]
+        return tuple(out) if (origin is tuple or hint is tuple) else out
+    if origin is dict or hint is dict:
+        if not isinstance(value, dict):
+            raise WireError(f"{where} must be a map")
+        kt, vt = args if args else (Any, Any)
+        return {_check_value(k, kt, where): _check_value(v, vt, where) for k, v in value.items()}
+    if dataclasses.is_dataclass(hint):
+        return message_from_dict(value, hint)
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise WireError(f"{where} must be a number, got {type(value).__name__}")
+        return float(value)
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise WireError(f"{where} must be an integer, got {type(value).__name__}")
+        return value
+    if hint is bytes:
+        if not isinstance(value, (bytes, bytearray)):
+            raise WireError(f"{where} must be bytes, got {type(value).__name__}")
+        return bytes(value)
+    if isinstance(hint, type):
+        if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool) and hint is not int):
+            raise WireError(f"{where} must be {hint.__name__}, got {type(value).__name__}")
+        return value
+    return value
