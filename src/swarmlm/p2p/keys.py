@@ -1,0 +1,31 @@
+"""DHT key formats, defined once for every layer.
+
+A key is a plain string; hivemind hashes it into the DHT's key space. Per-peer entries go
+under a subkey that starts with the publishing peer's ID (see records.py), so one key can
+hold one entry per peer and no peer can overwrite another's. Layers above add their key
+functions here rather than formatting keys themselves.
+"""
+
+from __future__ import annotations
+
+PREFIX = "swarmlm/v1"
+
+
+def providers_key(root_cid: str) -> str:
+    """Who holds the whole DAG under `root_cid`: one `ProviderRecord` per holder (subkey = its peer ID)."""
+    return f"{PREFIX}/providers/{root_cid}"
+
+
+def peer_subkey(peer_id: str, name: str = "") -> str:
+    """A subkey owned by `peer_id`: the peer ID itself, or `peer_id/name` for several entries under one key."""
+    return f"{peer_id}/{name}" if name else peer_id
+
+
+def subkey_owner(subkey: str) -> str:
+    """The peer ID a subkey belongs to (its part before the first '/')."""
+    return subkey.split("/", 1)[0]
+
+
+def block_key(model_id: str, index: int) -> str:
+    """Who serves block `index` of model `model_id`: one swarm `ServerRecord` per server (subkey = its peer ID)."""
+    return f"{PREFIX}/blocks/{model_id}/{index}"

@@ -1,0 +1,183 @@
+"""RPC framing: how requests, replies, errors and streamed chunks look as bytes.
+
+Unary replies carry one status byte: `0x00` + payload, or `0x01` + a UTF-8 error message, so
+a handler's failure reaches the caller as `RemoteError(message)` while the serving peer goes
+on. Streams are a sequence of frames, each `tag (1 byte) | length (4 bytes, big-endian) |
+payload`: the caller sends one REQUEST frame, the server answers with DATA frames and ends
+with END or ERROR. Every length is checked against a limit before a byte of payload is read.
+
+`message_handler` / `call_message` put typed messages (frozen dataclasses through
+`serialize.encode_message`/`decode_message`) on top of the byte-level `Peer.call`. Never
+pickle. Knows nothing of hivemind: `Peer` and `MemoryPeer` both use these helpers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+from typing import Any, AsyncIterator, Awaitable, Callable
+
+from swarmlm import serialize
+from swarmlm.errors import PeerError, PeerTimeout, RemoteError, SwarmlmError, WireError
+from swarmlm.log import get_logger
+
+logger = get_logger(__name__)
+
+MAX_ERROR_BYTES = 4096            # an error message is cut to this length
+_OK, _ERR = b"\x00", b"\x01"
+
+# stream frame tags
+REQUEST, DATA, END, ERROR = 0, 1, 2, 3
+_HEADER = struct.Struct(">BI")
+
+UnaryHandler = Callable[[str, bytes], Awaitable[bytes]]               # (peer_id, request) -> reply
+StreamHandler = Callable[[str, bytes], AsyncIterator[bytes]]          # (peer_id, request) -> chunks
+
+
+# ---- unary replies -----------------------------------------------------------------------
+
+def ok_reply(payload: bytes) -> bytes:
+    return _OK + payload
+
+
+def error_reply(message: str) -> bytes:
+    return _ERR + message.encode("utf-8", "replace")[:MAX_ERROR_BYTES]
+
+
+def parse_reply(reply: bytes, *, peer_id: str, name: str, max_bytes: int) -> bytes:
+    """The payload of a unary reply; `RemoteError` for an error reply, `PeerError` for garbage."""
+    if not isinstance(reply, (bytes, bytearray)) or not reply:
+        raise PeerError(f"{peer_id} sent an empty reply to {name}")
+    if reply[:1] == _ERR:
+        raise RemoteError(f"{name} at {peer_id}: {bytes(reply[1:]).decode('utf-8', 'replace')}")
+    if reply[:1] != _OK:
+        raise PeerError(f"{peer_id} sent a malformed reply to {name}")
+    if len(reply) - 1 > max_bytes:
+        raise PeerError(f"{peer_id} sent a reply of {len(reply) - 1} bytes to {name}, limit {max_bytes}")
+    return bytes(reply[1:])
+
+
+def describe_failure(e: BaseException) -> str:
+    """The message a caller sees for a handler's exception (our own errors speak for themselves)."""
+    return str(e) if isinstance(e, SwarmlmError) else f"{type(e).__name__}: {e}"
+
+
+async def run_unary(handler: UnaryHandler, peer_id: str, request: bytes, *, name: str,
+                    max_request_bytes: int) -> bytes:
+    """Serve one unary request: size check, call, status byte. Never raises (except cancellation)."""
+    if len(request) > max_request_bytes:
+        return error_reply(f"request of {len(request)} bytes exceeds the limit of {max_request_bytes}")
+    try:
+        reply = await handler(peer_id, request)
+        if not isinstance(reply, (bytes, bytearray)):
+            raise TypeError(f"handler {name} returned {type(reply).__name__}, not bytes")
+        return ok_reply(bytes(reply))
+    except Exception as e:
+        _log_handler_failure(name, peer_id, e)
+        return error_reply(describe_failure(e))
+
+
+def _log_handler_failure(name: str, peer_id: str, e: Exception) -> None:
+    if isinstance(e, SwarmlmError):
+        logger.info("%s from %s refused: %s", name, peer_id, e)
+    else:
+        logger.warning("%s from %s failed", name, peer_id, exc_info=e)
+
+
+# ---- stream frames -----------------------------------------------------------------------
+
+async def write_frame(writer: asyncio.StreamWriter, tag: int, payload: bytes = b"") -> None:
+    writer.write(_HEADER.pack(tag, len(payload)))
+    if payload:
+        writer.write(payload)
+    await writer.drain()
+
+
+async def read_frame(reader: asyncio.StreamReader, *, max_bytes: int) -> tuple[int, bytes]:
+    """One frame; `PeerError` if the header is bad or the payload is longer than `max_bytes`."""
+    header = await reader.readexactly(_HEADER.size)
+    tag, length = _HEADER.unpack(header)
+    if tag not in (REQUEST, DATA, END, ERROR):
+        raise PeerError(f"unknown frame tag {tag}")
+    limit = MAX_ERROR_BYTES if tag == ERROR else max_bytes
+    if length > limit:
+        raise PeerError(f"frame of {length} bytes exceeds the limit of {limit}")
+    return tag, (await reader.readexactly(length) if length else b"")
+
+
+async def serve_stream(handler: StreamHandler, peer_id: str, reader: asyncio.StreamReader,
+                       writer: asyncio.StreamWriter, *, name: str, max_request_bytes: int) -> None:
+    """Serve one stream: read the REQUEST frame, send the handler's chunks, END or ERROR. Never raises."""
+    try:
+        try:
+            tag, request = await read_frame(reader, max_bytes=max_request_bytes)
+            if tag != REQUEST:
+                raise PeerError(f"expected a request frame, got tag {tag}")
+        except (PeerError, asyncio.IncompleteReadError) as e:
+            await write_frame(writer, ERROR, str(e).encode()[:MAX_ERROR_BYTES])
+            return
+        try:
+            async for chunk in handler(peer_id, request):
+                if not isinstance(chunk, (bytes, bytearray, memoryview)):
+                    raise TypeError(f"stream handler {name} yielded {type(chunk).__name__}, not bytes")
+                await write_frame(writer, DATA, chunk)
+        except (ConnectionError, asyncio.IncompleteReadError):
+            return          # the caller went away; nothing to tell it
+        except Exception as e:
+            _log_handler_failure(name, peer_id, e)
+            await write_frame(writer, ERROR, describe_failure(e).encode("utf-8", "replace")[:MAX_ERROR_BYTES])
+            return
+        await write_frame(writer, END)
+    except (ConnectionError, asyncio.IncompleteReadError, RuntimeError):
+        pass                # writing to a closed stream
+    finally:
+        writer.close()
+
+
+async def read_stream(reader: asyncio.StreamReader, *, peer_id: str, name: str, timeout_s: float,
+                      max_chunk_bytes: int) -> AsyncIterator[bytes]:
+    """The caller's side: DATA payloads until END; `RemoteError` on ERROR, `PeerTimeout` if a frame is late."""
+    while True:
+        try:
+            tag, payload = await asyncio.wait_for(read_frame(reader, max_bytes=max_chunk_bytes), timeout_s)
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"{name} at {peer_id}: no data for {timeout_s:.1f} s") from None
+        except asyncio.IncompleteReadError:
+            raise PeerError(f"{name} at {peer_id}: the stream closed before it ended") from None
+        except ConnectionError as e:
+            raise PeerError(f"{name} at {peer_id}: {e}") from None
+        except PeerError as e:
+            raise PeerError(f"{name} at {peer_id}: {e}") from None
+        if tag == DATA:
+            yield payload
+        elif tag == END:
+            return
+        elif tag == ERROR:
+            raise RemoteError(f"{name} at {peer_id}: {payload.decode('utf-8', 'replace')}")
+        else:
+            raise PeerError(f"{name} at {peer_id}: unexpected frame tag {tag}")
+
+
+# ---- typed messages over unary calls -----------------------------------------------------
+
+def message_handler(request_cls: type, fn: Callable[[str, Any], Awaitable[Any]], *,
+                    max_request_bytes: int = serialize.MAX_MESSAGE_BYTES) -> UnaryHandler:
+    """Wrap `fn(peer_id, request: request_cls) -> dataclass` as a bytes handler for `Peer.add_handler`.
+
+    A request that does not decode into `request_cls` gets a `WireError` reply; `fn` never sees it.
+    """
+    async def handle(peer_id: str, request: bytes) -> bytes:
+        msg = serialize.decode_message(request, request_cls, max_bytes=max_request_bytes)
+        return serialize.encode_message(await fn(peer_id, msg))
+    return handle
+
+
+async def call_message(peer: Any, peer_id: str, name: str, request: Any, response_cls: type, *,
+                       timeout_s: float, max_response_bytes: int = 1 << 20) -> Any:
+    """`peer.call` with dataclasses on both sides; a reply that does not decode is a `PeerError`."""
+    reply = await peer.call(peer_id, name, serialize.encode_message(request), timeout_s=timeout_s,
+                            max_response_bytes=max_response_bytes)
+    try:
+        return serialize.decode_message(reply, response_cls, max_bytes=max_response_bytes)
+    except WireError as e:
+        raise PeerError(f"{peer_id} answered {name} with a malformed {response_cls.__name__}: {e}") from None
