@@ -50,7 +50,7 @@ def rope_inv_freq(cfg: ModelConfig, seq_len: int | None = None) -> torch.Tensor:
     if kind == "dynamic" and seq_len is not None and seq_len > cfg.max_seq_len:
         factor = float(scaling["factor"])
         base = base * ((factor * seq_len / cfg.max_seq_len) - (factor - 1)) ** (dim / (dim - 2))
-    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64).float() / dim))
+    inv_freq = 1.0 / (base ** (torch.arange(0, dim, 2, dtype=torch.int64, device="cpu").float() / dim))
     if kind == "linear":
         inv_freq = inv_freq / float(scaling["factor"])
     elif kind == "llama3":
