@@ -70,13 +70,40 @@ def _run_generate(args) -> int:
     return generate_from_args(args)
 
 
+# ---- serve --------------------------------------------------------------------------------
+
+def _add_serve(sub) -> None:
+    p = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm, until SIGINT/SIGTERM")
+    p.add_argument("model", help="a checkpoint directory or a model manifest CID")
+    span = p.add_mutually_exclusive_group(required=True)
+    span.add_argument("--blocks", default=None, metavar="START:END", help="serve blocks [START, END)")
+    span.add_argument("--num-blocks", type=int, default=None, metavar="N",
+                      help="serve N blocks where the swarm needs them most, moving when it would balance better")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="join the swarm through these")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    p.add_argument("--data-dir", default=None, help="identity and fetched blocks (default: $SWARMLM_HOME or ~/.swarmlm)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--max-sessions", type=int, default=64, help="inference sessions open at once")
+    p.add_argument("--max-cache-tokens", type=int, default=65536, help="KV cache positions over all sessions")
+    p.add_argument("--announce-ttl", type=float, default=30.0, help="seconds a DHT announcement lives")
+    p.add_argument("--rebalance-period", type=float, default=30.0, help="seconds between span reconsiderations")
+    p.add_argument("--join-delay", type=float, default=0.0, help="with --num-blocks: wait up to this long first")
+    p.set_defaults(run=_run_serve)
+
+
+def _run_serve(args) -> int:
+    from swarmlm.swarm.server.serve import serve_from_args
+    return serve_from_args(args)
+
+
 # ---- entry point --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmlm", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_demo, _add_train, _add_generate):
+    for add in (_add_demo, _add_train, _add_generate, _add_serve):
         add(sub)
     return parser
 

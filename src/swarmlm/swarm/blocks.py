@@ -1,0 +1,35 @@
+"""Running a span of blocks, with deep prompts: the one computation servers and clients share.
+
+A server runs `run_span` on its blocks; the client runs it on the blocks it keeps itself and
+in the local reference a swarm result is compared against, so both sides compute exactly the
+same thing. Deep prompts (n_span_blocks, B or 1, P, D) are added to the first P positions of
+the hidden states before each block (P-tuning v2); without them the span runs in one
+`Transformer.run_blocks` call. Knows nothing of peers or the wire.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from swarmlm.model.cache import KVCache
+from swarmlm.model.transformer import Transformer
+
+
+def run_span(model: Transformer, h: torch.Tensor, start: int, end: int, *, cache: KVCache | None = None,
+             key_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+    """Blocks [start, end) of `model` on h (B, T, D) -> (B, T, D).
+
+    key_mask (B, T) marks the new positions' real tokens; with a cache they continue its
+    sequence. prompts (end-start, B or 1, P, D) with P <= T, or None.
+    """
+    if prompts is None:
+        return model.run_blocks(h, start=start, end=end, cache=cache, key_mask=key_mask)
+    B, T, D = h.shape
+    P = prompts.shape[2]
+    assert prompts.shape[0] == end - start and P <= T, "deep prompts do not fit the span or the input"
+    for j, i in enumerate(range(start, end)):
+        h = torch.cat([h[:, :P] + prompts[j].expand(B, P, D), h[:, P:]], dim=1)  # (B, T, D)
+        h = model.run_blocks(h, start=i, end=i + 1, cache=cache, key_mask=key_mask, advance=False)
+    if cache is not None:
+        cache.advance(T, None if key_mask is None else key_mask[:, -T:])
+    return h

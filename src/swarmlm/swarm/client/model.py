@@ -1,0 +1,201 @@
+"""RemoteModel: a model whose blocks run in the swarm, used like a local one.
+
+The client keeps the embeddings and the lm head (and any trainable adapters) and runs
+blocks [0, n_layers) through `RemoteBlocks`, on an event loop of its own in a background
+thread, so the API is plain synchronous Python:
+
+    with RemoteModel.connect("path/or/CID", initial_peers=[maddr]) as model:
+        out = model.generate([[1, 2, 3]], max_new_tokens=20)          # as model/generate.py's
+        logits = model(input_ids)                                     # differentiable (see finetune.py)
+
+`generate` feeds model/generate.py's decode loop (`stream_tokens`) with a step function
+over an `InferenceSession`, so sampling and stopping are exactly local generation's, and
+greedy tokens equal a local run's. Knows nothing of how the servers compute.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from typing import Any, Coroutine, Iterator, Sequence
+
+import torch
+
+from swarmlm.model.cache import KVCache
+from swarmlm.model.generate import StepFn, check_context, stream_tokens
+from swarmlm.model.transformer import Transformer
+from swarmlm.swarm.client.remote import ClientOptions, RemoteBlocks, SwarmSpan
+from swarmlm.swarm.client.session import InferenceSession
+
+
+class LoopThread:
+    """An asyncio loop in a daemon thread; `run(coro)` waits for the result from synchronous code."""
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float | None = None) -> Any:
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("LoopThread.run called from its own loop (would deadlock)")
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def close(self) -> None:
+        if self.loop.is_closed():
+            return
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self._thread.join(10)
+        self.loop.close()
+
+
+class RemoteModel:
+    """Embeddings and head here, blocks in the swarm. Build with `connect` (or from parts, in tests)."""
+
+    def __init__(self, local: Transformer, blocks: RemoteBlocks, runner: LoopThread, *,
+                 on_close: Sequence[Coroutine[Any, Any, Any]] = (), owns_runner: bool = False):
+        self.local = local                  # embeddings + head, no blocks
+        self.cfg = local.cfg
+        self.blocks = blocks
+        self.runner = runner
+        self._on_close = list(on_close)     # e.g. the peer's shutdown, run on the loop at close()
+        self._owns_runner = owns_runner
+
+    @classmethod
+    def connect(cls, model: str, *, initial_peers: Sequence[str], connect_timeout_s: float = 60.0,
+                dtype: torch.dtype = torch.float32, data_dir: str | None = None,
+                options: ClientOptions | None = None, seed: int | None = None) -> "RemoteModel":
+        """Join the swarm as a client, load the embeddings and head of `model` (a directory or a
+        manifest CID), and wait up to `connect_timeout_s` until every block is served."""
+        from swarmlm.p2p.peer import Peer
+        from swarmlm.swarm.source import open_model_source
+
+        runner = LoopThread()
+        try:
+            peer = runner.run(Peer.create(initial_peers=initial_peers, data_dir=None, client_mode=True))
+        except BaseException:
+            runner.close()
+            raise
+        try:
+            source = runner.run(open_model_source(model, peer=peer, data_dir=data_dir))
+            local, cfg = source.load(dtype=dtype, layers=range(0, 0), with_embed=True, with_head=True)
+            local.requires_grad_(False)
+            blocks = RemoteBlocks(peer, source.model_id, cfg.n_layers, options=options, seed=seed)
+            runner.run(blocks.wait_ready(connect_timeout_s))
+        except BaseException:
+            runner.run(peer.shutdown())
+            runner.close()
+            raise
+        return cls(local, blocks, runner, on_close=[peer.shutdown()], owns_runner=True)
+
+    def close(self) -> None:
+        for coro in self._on_close:
+            try:
+                self.runner.run(coro, timeout_s=30)
+            except Exception:
+                pass
+        self._on_close = []
+        if self._owns_runner:
+            self.runner.close()
+
+    def __enter__(self) -> "RemoteModel":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+    # ---- forward (differentiable) -----------------------------------------------------------------
+
+    def run_blocks(self, h: torch.Tensor, *, key_mask: torch.Tensor | None = None,
+                   prompts: torch.Tensor | None = None) -> torch.Tensor:
+        """h (B, T, D) through every block in the swarm -> (B, T, D); gradients flow to h and prompts."""
+        return SwarmSpan.apply(h, prompts, self.blocks, self.runner.run, key_mask, 0, self.cfg.n_layers)
+
+    def forward(self, input_ids: torch.Tensor, *, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Token ids (B, T) -> logits (B, T, V), as `Transformer.forward` without a cache."""
+        positions = self.local.default_positions(input_ids.shape[1], cache=None, key_mask=key_mask,
+                                                 device=input_ids.device)
+        h = self.local.embed(input_ids, positions)
+        return self.local.head(self.run_blocks(h, key_mask=key_mask))
+
+    __call__ = forward
+
+    # ---- inference ----------------------------------------------------------------------------------
+
+    def inference_session(self, *, batch: int, max_length: int,
+                          prompts: torch.Tensor | None = None) -> "SyncSession":
+        """A decoding session over the swarm: `.step(hidden, key_mask)` sends only new positions."""
+        session = self.runner.run(self.blocks.open_session(batch=batch, max_length=max_length, prompts=prompts))
+        return SyncSession(session, self.runner)
+
+    def step_fn(self, session: "SyncSession") -> StepFn:
+        """A model/generate.py step function over `session`: ids (B, T) -> last logits (B, V)."""
+        tracker = KVCache.empty(self.cfg, session.batch, session.max_length, layers=range(0, 0))  # positions only
+
+        def step(ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+            T = ids.shape[1]
+            new_mask = None if key_mask is None else key_mask[:, -T:]
+            positions = self.local.default_positions(T, cache=tracker, key_mask=key_mask, device=ids.device)
+            tracker.key_mask(new_mask, T)
+            tracker.advance(T, new_mask)
+            h = session.step(self.local.embed(ids, positions), new_mask)   # (B, T, D)
+            return self.local.head(h[:, -1:])[:, 0]                         # (B, V)
+        return step
+
+    def stream_generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                        top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                        eos_id: int | None = None) -> Iterator[list[int | None]]:
+        """Per-step tokens, one per row (None once a row has ended), as model.generate.stream_generate."""
+        prompts = [list(p) for p in prompt_ids]
+        max_new_tokens = check_context(self.local, prompts, max_new_tokens)
+        if max_new_tokens <= 0:
+            return
+        generator = torch.Generator().manual_seed(seed)
+        session = self.inference_session(batch=len(prompts), max_length=max(map(len, prompts)) + max_new_tokens)
+        try:
+            with torch.inference_mode():
+                yield from stream_tokens(self.step_fn(session), prompts, max_new_tokens=max_new_tokens,
+                                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
+                                         eos_id=eos_id)
+        finally:
+            session.close()
+
+    def generate(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
+                 temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                 eos_id: int | None = None) -> list[int] | list[list[int]]:
+        """Generated tokens (prompt excluded, ending at the first eos), as model.generate.generate."""
+        single = len(prompt_ids) > 0 and not isinstance(prompt_ids[0], (list, tuple))
+        prompts = [list(prompt_ids)] if single else [list(p) for p in prompt_ids]
+        rows: list[list[int]] = [[] for _ in prompts]
+        for tokens in self.stream_generate(prompts, max_new_tokens=max_new_tokens, temperature=temperature,
+                                           top_k=top_k, top_p=top_p, seed=seed, eos_id=eos_id):
+            for row, t in zip(rows, tokens):
+                if t is not None:
+                    row.append(t)
+        return rows[0] if single else rows
+
+
+class SyncSession:
+    """An `InferenceSession` driven from synchronous code."""
+
+    def __init__(self, session: InferenceSession, runner: LoopThread):
+        self.session = session
+        self.runner = runner
+        self.batch = session.batch
+        self.max_length = session.max_length
+
+    def step(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.runner.run(self.session.step(hidden, key_mask))
+
+    @property
+    def recoveries(self) -> int:
+        return self.session.recoveries
+
+    def close(self) -> None:
+        self.runner.run(self.session.close())
+
+    def __enter__(self) -> "SyncSession":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()

@@ -1,0 +1,266 @@
+"""InferenceSession: one client's decoding session across a chain of servers, surviving their loss.
+
+The session holds, per hop of its chain, the server's session id and every input it sent
+that hop (one tensor per step). A step sends only the new positions' hidden states, hop by
+hop. When a hop fails (its peer vanishes, times out or answers an error), the session asks
+for a replacement chain for that hop's span, banning the failed peer, opens sessions there
+and replays the recorded inputs in one request cut into the original steps' sizes (`chunks`),
+so the new servers' caches, and every later output, are bit for bit what the lost server's
+would have been. Then the step goes on. With no replacement the `Swarm` raises
+`NotFoundError` naming the uncovered blocks after a bounded wait.
+
+Each step tells a server how many positions it should already hold (`position`); a server
+that ran a step whose reply got lost trims back to it, so a retried step is never counted
+twice. Knows nothing of the DHT or of Peer types: it talks to a `Swarm` (client/remote.py).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import torch
+
+from swarmlm import serialize
+from swarmlm.errors import PeerError, SwarmError
+from swarmlm.log import get_logger
+from swarmlm.swarm import wire
+from swarmlm.swarm.client.routing import Hop
+
+logger = get_logger(__name__)
+
+
+class Swarm(Protocol):
+    """What a session needs from the swarm (client/remote.py's RemoteBlocks provides it)."""
+
+    async def route(self, start: int, end: int, *, banned: set[str], need_cache_tokens: int = 0,
+                    wait_s: float | None = None) -> list[Hop]: ...
+
+    async def call(self, peer_id: str, name: str, request: Any, reply_cls: type, *, timeout_s: float) -> Any: ...
+
+    def dtype_of(self, peer_id: str) -> torch.dtype: ...
+
+    def session_opened(self, peer_id: str, delta: int) -> None: ...
+
+
+@dataclass(frozen=True)
+class SessionOptions:
+    step_timeout_s: float = 30.0          # one step at one server (SIGKILL is noticed far sooner: the stream resets)
+    open_timeout_s: float = 10.0          # opening a session at one server
+    recovery_timeout_s: float = 25.0      # the longest one failover may take before the step fails
+    max_replay_bytes: int = 12 << 20      # cut a replay into several requests above this
+
+
+@dataclass
+class _HopState:
+    hop: Hop
+    session_id: bytes
+    dtype: torch.dtype
+    inputs: list[torch.Tensor] = field(default_factory=list)         # per step: (B, T_i, D)
+    masks: list[torch.Tensor | None] = field(default_factory=list)   # per step: (B, T_i) or None
+
+    @property
+    def length(self) -> int:
+        return sum(x.shape[1] for x in self.inputs)
+
+
+class InferenceSession:
+    """Build with `await InferenceSession.create(swarm, start, end, batch=, max_length=)`."""
+
+    def __init__(self, swarm: Swarm, start: int, end: int, *, batch: int, max_length: int,
+                 prompts: torch.Tensor | None, options: SessionOptions):
+        self.swarm = swarm
+        self.start, self.end = start, end
+        self.batch = batch
+        self.max_length = max_length
+        self.prompts = prompts            # (end-start, B or 1, P, D) deep prompts, or None
+        self.options = options
+        self.hops: list[_HopState] = []
+        self.banned: set[str] = set()
+        self.recoveries = 0               # failovers so far
+        self.last_failure: str | None = None
+        self.closed = False
+
+    @classmethod
+    async def create(cls, swarm: Swarm, start: int, end: int, *, batch: int, max_length: int,
+                     prompts: torch.Tensor | None = None, options: SessionOptions | None = None) -> "InferenceSession":
+        self = cls(swarm, start, end, batch=batch, max_length=max_length, prompts=prompts,
+                   options=options or SessionOptions())
+        deadline = time.monotonic() + self.options.recovery_timeout_s
+        self.hops = await self._open_chain(start, end, deadline=deadline, history=None)
+        return self
+
+    @property
+    def position(self) -> int:
+        """Positions every server of the chain holds."""
+        return self.hops[0].length if self.hops else 0
+
+    @property
+    def chain(self) -> list[Hop]:
+        return [s.hop for s in self.hops]
+
+    async def step(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the new positions hidden (B, T, D) through [start, end) -> (B, T, D)."""
+        if self.closed:
+            raise SwarmError("this inference session is closed")
+        B, T, _ = hidden.shape
+        if B != self.batch:
+            raise ValueError(f"the session has {self.batch} rows, the step {B}")
+        if self.position + T > self.max_length:
+            raise ValueError(f"the session holds at most {self.max_length} positions; {self.position} + {T} is more")
+        out_dtype = hidden.dtype
+        x, i = hidden, 0
+        first = self.position == 0
+        while i < len(self.hops):
+            state = self.hops[i]
+            x_in = x.to(state.dtype)
+            req = wire.StepRequest(session_id=state.session_id, start=state.hop.start, end=state.hop.end,
+                                   position=state.length, hidden=x_in, key_mask=key_mask,
+                                   prompts=self._prompts_for(state) if first else None)
+            try:
+                reply = await self.swarm.call(state.hop.peer_id, wire.RPC_STEP, req, wire.StepReply,
+                                              timeout_s=self.options.step_timeout_s)
+                y = self._checked_output(reply.hidden, x_in, state.hop)
+            except PeerError as e:
+                await self._recover(i, e)
+                continue                  # the same position of the chain, now held by the replacement
+            state.inputs.append(x_in)
+            state.masks.append(key_mask)
+            x, i = y, i + 1
+        return x.to(out_dtype)
+
+    async def close(self) -> None:
+        """Free the servers' caches (best effort: a server that is gone frees it on its idle timeout)."""
+        if self.closed:
+            return
+        self.closed = True
+        for state in self.hops:
+            self.swarm.session_opened(state.hop.peer_id, -1)
+            try:
+                await self.swarm.call(state.hop.peer_id, wire.RPC_CLOSE, wire.CloseRequest(state.session_id),
+                                      wire.CloseReply, timeout_s=2.0)
+            except PeerError as e:
+                logger.debug("closing a session at %s: %s", state.hop.peer_id, e)
+
+    # ---- failover -------------------------------------------------------------------------------------
+
+    async def _recover(self, i: int, error: PeerError) -> None:
+        """Replace hop i by a new chain for its span whose caches hold the same history."""
+        failed = self.hops[i]
+        logger.warning("server %s (blocks %d:%d) failed: %s; replacing it", failed.hop.peer_id, failed.hop.start,
+                       failed.hop.end, error)
+        self.banned.add(failed.hop.peer_id)
+        self.last_failure = f"{failed.hop.peer_id}: {error}"
+        self.swarm.session_opened(failed.hop.peer_id, -1)
+        deadline = time.monotonic() + self.options.recovery_timeout_s
+        self.hops[i:i + 1] = await self._open_chain(failed.hop.start, failed.hop.end, deadline=deadline,
+                                                    history=(failed.inputs, failed.masks))
+        self.recoveries += 1
+
+    async def _open_chain(self, start: int, end: int, *, deadline: float,
+                          history: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None) -> list[_HopState]:
+        """Open sessions on a chain covering [start, end) and replay `history` into them, retrying on failures."""
+        while True:
+            wait_s = max(0.0, deadline - time.monotonic())
+            hops = await self.swarm.route(start, end, banned=self.banned,
+                                          need_cache_tokens=self.batch * self.max_length, wait_s=wait_s)
+            states: list[_HopState] = []
+            try:
+                for hop in hops:
+                    states.append(await self._open(hop))
+                if history is not None and history[0]:
+                    await self._replay(states, *history)
+                return states
+            except _HopFailed as e:
+                logger.warning("replacement server %s failed: %s", e.peer_id, e)
+                self.banned.add(e.peer_id)
+                self.last_failure = f"{e.peer_id}: {e}"
+                for st in states:
+                    self.swarm.session_opened(st.hop.peer_id, -1)
+                if time.monotonic() > deadline:
+                    raise
+
+    async def _open(self, hop: Hop) -> _HopState:
+        session_id = os.urandom(wire.SESSION_ID_BYTES)
+        req = wire.OpenRequest(session_id=session_id, start=hop.start, end=hop.end, batch=self.batch,
+                               max_length=self.max_length)
+        try:
+            reply = await self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply,
+                                          timeout_s=self.options.open_timeout_s)
+            dtype = serialize.parse_dtype(reply.dtype)
+        except serialize.WireError as e:
+            raise _HopFailed(hop.peer_id, PeerError(f"{hop.peer_id} answered open with a bad dtype: {e}")) from None
+        except PeerError as e:
+            raise _HopFailed(hop.peer_id, e) from None
+        self.swarm.session_opened(hop.peer_id, +1)
+        return _HopState(hop, session_id, dtype)
+
+    async def _replay(self, states: list[_HopState], inputs: list[torch.Tensor],
+                      masks: list[torch.Tensor | None]) -> None:
+        """Feed the recorded inputs through the new hops, in the original step sizes."""
+        sizes = [x.shape[1] for x in inputs]
+        xs = list(inputs)
+        for state in states:
+            outs: list[torch.Tensor] = []
+            for group in _groups(xs, self.options.max_replay_bytes):
+                x = torch.cat([xs[j] for j in group], dim=1).to(state.dtype)  # (B, sum T_j, D)
+                mask = _cat_masks([masks[j] for j in group], [sizes[j] for j in group], self.batch)
+                req = wire.StepRequest(session_id=state.session_id, start=state.hop.start, end=state.hop.end,
+                                       position=sum(sizes[:group[0]]), hidden=x, key_mask=mask,
+                                       prompts=self._prompts_for(state) if group[0] == 0 else None,
+                                       chunks=[sizes[j] for j in group])
+                try:
+                    reply = await self.swarm.call(state.hop.peer_id, wire.RPC_STEP, req, wire.StepReply,
+                                                  timeout_s=self.options.step_timeout_s)
+                    y = self._checked_output(reply.hidden, x, state.hop)
+                except PeerError as e:
+                    raise _HopFailed(state.hop.peer_id, e) from None
+                outs.extend(torch.split(y, [sizes[j] for j in group], dim=1))
+                state.inputs.extend(torch.split(x, [sizes[j] for j in group], dim=1))
+                state.masks.extend(masks[j] for j in group)
+            xs = outs
+
+    def _prompts_for(self, state: _HopState) -> torch.Tensor | None:
+        if self.prompts is None:
+            return None
+        return self.prompts[state.hop.start - self.start:state.hop.end - self.start].to(state.dtype)
+
+    @staticmethod
+    def _checked_output(y: Any, x: torch.Tensor, hop: Hop) -> torch.Tensor:
+        try:
+            serialize.check_tensor(y, name="hidden", dtype=x.dtype, shape=tuple(x.shape), finite=True)
+        except serialize.WireError as e:
+            raise PeerError(f"{hop.peer_id} returned bad hidden states for blocks {hop.start}:{hop.end}: {e}") from None
+        return y
+
+
+class _HopFailed(PeerError):
+    """A PeerError that remembers which peer it came from."""
+
+    def __init__(self, peer_id: str, cause: PeerError):
+        super().__init__(str(cause))
+        self.peer_id = peer_id
+
+
+def _groups(xs: list[torch.Tensor], max_bytes: int) -> list[list[int]]:
+    """Consecutive indices of `xs` packed into groups of at most `max_bytes` (one item may exceed it alone)."""
+    groups: list[list[int]] = []
+    size = 0
+    for j, x in enumerate(xs):
+        n = x.numel() * x.element_size()
+        if groups and size + n <= max_bytes:
+            groups[-1].append(j)
+            size += n
+        else:
+            groups.append([j])
+            size = n
+    return groups
+
+
+def _cat_masks(masks: list[torch.Tensor | None], sizes: list[int], batch: int) -> torch.Tensor | None:
+    if all(m is None for m in masks):
+        return None
+    return torch.cat([m if m is not None else torch.ones(batch, n, dtype=torch.bool)
+                      for m, n in zip(masks, sizes)], dim=1)  # (B, sum T_j)

@@ -1,0 +1,293 @@
+"""BlockHost: serves a span of a model's blocks to swarm clients.
+
+It owns the loaded blocks (frozen), one KV cache per inference session, and the `Budget`
+that bounds them. Its `rpc_*` methods are the handlers of wire.py's RPCs; each checks every
+field it is sent (span, session, shapes, dtypes, sizes, token limits) and raises a typed
+error, which the peer turns into an error reply, so a bad request never disturbs the other
+sessions. Tensor work runs on one worker thread, so the event loop stays free for the DHT
+and for other requests, and requests run one at a time.
+
+Sessions belong to the peer that opened them: the key is (caller's peer ID, session id).
+Knows nothing of the DHT or of routing: server/announce.py publishes what `record()` says.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+
+from swarmlm import serialize
+from swarmlm.errors import CapacityError, WireError
+from swarmlm.log import get_logger
+from swarmlm.model.cache import KVCache
+from swarmlm.model.transformer import Transformer
+from swarmlm.p2p.rpc import message_handler
+from swarmlm.swarm import wire
+from swarmlm.swarm.blocks import run_span
+from swarmlm.swarm.dht import ServerRecord
+from swarmlm.swarm.server.budget import Budget, BudgetLimits
+
+logger = get_logger(__name__)
+
+
+@dataclass
+class _Session:
+    start: int
+    end: int
+    batch: int
+    max_length: int
+    cache: KVCache
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+class BlockHost:
+    def __init__(self, model: Transformer, *, model_id: str, limits: BudgetLimits | None = None,
+                 block_tokens_per_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+        self.model_id = model_id
+        self.budget = Budget(limits or BudgetLimits())
+        self.state = "joining"
+        self.clock = clock
+        self.on_change: Callable[[], None] = lambda: None   # the announcer's poke
+        self._sessions: dict[tuple[str, bytes], _Session] = {}
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self.swap(model, block_tokens_per_s)
+
+    def swap(self, model: Transformer, block_tokens_per_s: float) -> None:
+        """Serve `model`'s blocks from now on (a `--num-blocks` server moving); open sessions are dropped."""
+        span = model.layer_range
+        if not len(span):
+            raise ValueError("a BlockHost needs at least one block")
+        for key in list(self._sessions):
+            self._drop(key)
+        self.model = model.eval().requires_grad_(False)
+        self.cfg = model.cfg
+        self.start, self.end = span.start, span.stop
+        self.dtype = next(model.parameters()).dtype
+        self.block_tokens_per_s = block_tokens_per_s
+
+    # ---- life cycle ---------------------------------------------------------------------------
+
+    async def register(self, peer: Any) -> None:
+        """Add this host's handlers to `peer`."""
+        limit = self.max_request_bytes()
+        handlers = {
+            wire.RPC_OPEN: (wire.OpenRequest, self.rpc_open),
+            wire.RPC_STEP: (wire.StepRequest, self.rpc_step),
+            wire.RPC_CLOSE: (wire.CloseRequest, self.rpc_close),
+            wire.RPC_FORWARD: (wire.SpanForwardRequest, self.rpc_forward),
+            wire.RPC_BACKWARD: (wire.SpanBackwardRequest, self.rpc_backward),
+            wire.RPC_INFO: (wire.InfoRequest, self.rpc_info),
+        }
+        for name, (cls, fn) in handlers.items():
+            await peer.add_handler(name, message_handler(cls, fn, max_request_bytes=limit), max_request_bytes=limit)
+
+    def max_request_bytes(self) -> int:
+        """The largest request the limits allow: hidden states plus gradients (or prompts) of one request."""
+        itemsize = torch.empty((), dtype=self.dtype).element_size()
+        return 2 * self.budget.limits.max_request_tokens * self.cfg.dim * itemsize + (1 << 16)
+
+    def close(self) -> None:
+        """Drop every session and stop the worker thread."""
+        self._sessions.clear()
+        self.budget.entries.clear()
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    def record(self) -> ServerRecord:
+        """What to announce now."""
+        return ServerRecord(model=self.model_id, start=self.start, end=self.end, state=self.state,
+                                 dtype=serialize.dtype_name(self.dtype), block_tokens_per_s=self.block_tokens_per_s,
+                                 free_cache_tokens=self.budget.free_tokens, sessions=self.budget.n_sessions)
+
+    def sweep(self) -> int:
+        """Close sessions idle past the timeout; returns how many."""
+        expired = self.budget.expired(self.clock())
+        for key in expired:
+            self._drop(key)
+        if expired:
+            logger.info("closed %d idle sessions", len(expired))
+            self.on_change()
+        return len(expired)
+
+    async def sweep_forever(self, period_s: float = 5.0) -> None:
+        while True:
+            await asyncio.sleep(period_s)
+            self.sweep()
+
+    @property
+    def n_sessions(self) -> int:
+        return len(self._sessions)
+
+    # ---- inference sessions -----------------------------------------------------------------------
+
+    async def rpc_open(self, peer_id: str, req: wire.OpenRequest) -> wire.OpenReply:
+        self._check_span(req.start, req.end)
+        if len(req.session_id) != wire.SESSION_ID_BYTES:
+            raise WireError(f"a session id has {wire.SESSION_ID_BYTES} bytes, got {len(req.session_id)}")
+        if req.max_length > self.cfg.context_len:
+            raise CapacityError(f"max_length {req.max_length} exceeds the model's context of {self.cfg.context_len}")
+        key = (peer_id, req.session_id)
+        self.budget.reserve(key, batch=req.batch, max_length=req.max_length, now=self.clock())
+        try:
+            cache = KVCache.empty(self.cfg, req.batch, req.max_length, layers=range(req.start, req.end),
+                                  dtype=self.dtype)
+        except BaseException:
+            self.budget.release(key)
+            raise
+        self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache)
+        self.on_change()
+        return wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype))
+
+    async def rpc_step(self, peer_id: str, req: wire.StepRequest) -> wire.StepReply:
+        key = (peer_id, req.session_id)
+        session = self._sessions.get(key)
+        if session is None:
+            raise WireError("unknown or closed session")
+        if (req.start, req.end) != (session.start, session.end):
+            raise WireError(f"session runs blocks {session.start}:{session.end}, step asked for {req.start}:{req.end}")
+        hidden = self._check_hidden(req.hidden, batch=session.batch)
+        B, T, _ = hidden.shape
+        key_mask = self._check_mask(req.key_mask, B, T)
+        prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
+        chunks = self._check_chunks(req.chunks, T)
+        if prompts is not None and prompts.shape[2] > chunks[0]:
+            raise WireError(f"{prompts.shape[2]} deep prompt positions do not fit the first chunk of {chunks[0]}")
+        async with session.lock:
+            length = session.cache.length
+            if req.position > length or req.position < 0:
+                raise WireError(f"step at position {req.position}, but the session holds {length} positions")
+            if req.position + T > session.max_length:
+                raise CapacityError(f"the session allows {session.max_length} positions; "
+                                    f"{req.position} + {T} would exceed it")
+            if prompts is not None and req.position != 0:
+                raise WireError("deep prompts are only accepted at position 0")
+            self.budget.touch(key, self.clock())
+
+            def compute() -> torch.Tensor:
+                if req.position < session.cache.length:
+                    session.cache.trim(req.position)       # a retried step: forget its first try
+                outs, at = [], 0
+                with torch.inference_mode():
+                    for n in chunks:
+                        mask = None if key_mask is None else key_mask[:, at:at + n]
+                        outs.append(run_span(self.model, hidden[:, at:at + n], req.start, req.end, cache=session.cache,
+                                             key_mask=mask, prompts=prompts if at == 0 else None))
+                        at += n
+                return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]   # (B, T, D)
+
+            out = await self._run(compute)
+        return wire.StepReply(hidden=out)
+
+    async def rpc_close(self, peer_id: str, req: wire.CloseRequest) -> wire.CloseReply:
+        closed = self._drop((peer_id, req.session_id))
+        if closed:
+            self.on_change()
+        return wire.CloseReply(closed=closed)
+
+    def _drop(self, key: tuple[str, bytes]) -> bool:
+        self.budget.release(key)
+        return self._sessions.pop(key, None) is not None
+
+    # ---- stateless forward / backward -----------------------------------------------------------------
+
+    async def rpc_forward(self, peer_id: str, req: wire.SpanForwardRequest) -> wire.SpanForwardReply:
+        self._check_span(req.start, req.end)
+        hidden = self._check_hidden(req.hidden)
+        B, T, _ = hidden.shape
+        key_mask = self._check_mask(req.key_mask, B, T)
+        prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
+
+        def compute() -> torch.Tensor:
+            with torch.inference_mode():
+                return run_span(self.model, hidden, req.start, req.end, key_mask=key_mask, prompts=prompts)
+
+        return wire.SpanForwardReply(hidden=await self._run(compute))
+
+    async def rpc_backward(self, peer_id: str, req: wire.SpanBackwardRequest) -> wire.SpanBackwardReply:
+        self._check_span(req.start, req.end)
+        hidden = self._check_hidden(req.hidden)
+        B, T, D = hidden.shape
+        grad_output = self._check_hidden(req.grad_output, name="grad_output")
+        if grad_output.shape != hidden.shape:
+            raise WireError(f"grad_output has shape {tuple(grad_output.shape)}, hidden {tuple(hidden.shape)}")
+        key_mask = self._check_mask(req.key_mask, B, T)
+        prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
+
+        def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
+            x = hidden.detach().requires_grad_(True)
+            p = prompts.detach().requires_grad_(True) if prompts is not None else None
+            with torch.enable_grad():
+                out = run_span(self.model, x, req.start, req.end, key_mask=key_mask, prompts=p)  # (B, T, D)
+                inputs = (x,) if p is None else (x, p)
+                grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output)
+            return grads[0], (grads[1] if p is not None else None)
+
+        grad_hidden, grad_prompts = await self._run(compute)
+        return wire.SpanBackwardReply(grad_hidden=grad_hidden, grad_prompts=grad_prompts)
+
+    async def rpc_info(self, peer_id: str, req: wire.InfoRequest) -> wire.InfoReply:
+        return wire.InfoReply(model=self.model_id, start=self.start, end=self.end, state=self.state,
+                              dtype=serialize.dtype_name(self.dtype), block_tokens_per_s=self.block_tokens_per_s,
+                              free_cache_tokens=self.budget.free_tokens, sessions=self.budget.n_sessions)
+
+    # ---- checks ---------------------------------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], Any]) -> Any:
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    def _check_span(self, start: int, end: int) -> None:
+        if not (self.start <= start < end <= self.end):
+            raise WireError(f"this server holds blocks {self.start}:{self.end}, not {start}:{end}")
+
+    def _check_hidden(self, t: Any, *, batch: int | None = None, name: str = "hidden") -> torch.Tensor:
+        serialize.check_tensor(t, name=name, dtype=self.dtype, shape=(batch, None, self.cfg.dim), finite=True)
+        B, T, _ = t.shape
+        if B == 0 or T == 0:
+            raise WireError(f"{name} is empty: shape {tuple(t.shape)}")
+        self.budget.check_request(B, B * T)
+        return t
+
+    def _check_mask(self, mask: Any, B: int, T: int) -> torch.Tensor | None:
+        if mask is None:
+            return None
+        return serialize.check_tensor(mask, name="key_mask", dtype=torch.bool, shape=(B, T))
+
+    def _check_prompts(self, prompts: Any, start: int, end: int, B: int, T: int) -> torch.Tensor | None:
+        if prompts is None:
+            return None
+        serialize.check_tensor(prompts, name="prompts", dtype=self.dtype, shape=(end - start, None, None, self.cfg.dim),
+                               finite=True)
+        if prompts.shape[1] not in (1, B) or not 0 < prompts.shape[2] <= T:
+            raise WireError(f"prompts have shape {tuple(prompts.shape)}; need ({end - start}, 1 or {B}, P <= {T}, "
+                            f"{self.cfg.dim})")
+        return prompts
+
+    @staticmethod
+    def _check_chunks(chunks: list[int] | None, T: int) -> list[int]:
+        if chunks is None:
+            return [T]
+        if not chunks or any(n <= 0 for n in chunks) or sum(chunks) != T:
+            raise WireError(f"chunks must be positive sizes summing to {T}")
+        return chunks
+
+
+def measure_throughput(model: Transformer, *, n_tokens: int = 1, repeats: int = 5) -> float:
+    """Decode throughput of one block, tokens/s: the median time of a one-token step through the span."""
+    span = model.layer_range
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.empty(model.cfg, 1, repeats + 2, layers=span, dtype=dtype)
+    h = torch.randn(1, n_tokens, model.cfg.dim, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            model.run_blocks(h, cache=cache)
+            if i:                                # the first call warms up kernels and allocations
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    per_block_s = times[len(times) // 2] / len(span)
+    return n_tokens / max(per_block_s, 1e-9)

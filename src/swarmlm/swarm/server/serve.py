@@ -1,0 +1,314 @@
+"""Running a block server from start to clean exit, and starting one as a child process.
+
+`run_server(ServeOptions(...), stop=event)`: join the swarm, resolve MODEL (directory or
+manifest CID), choose the span (`--blocks A:B`, or `--num-blocks N` through selection.py),
+load only those blocks, measure throughput, register the `BlockHost`'s handlers, announce
+"online" and report the peer's multiaddrs; then keep re-announcing, sweeping idle sessions
+and (with `--num-blocks`) moving when the swarm would be better balanced, until `stop` is
+set; then announce "offline" and shut the peer down (its p2pd dies with it).
+
+`serve_from_args` is the `swarmlm serve` command: SIGTERM and SIGINT set `stop`, and the
+multiaddrs are printed one per line, flushed, once announced. `start_server_process` starts
+that command as a child (`ServerProcess`) and waits for its multiaddrs: the function tests,
+benchmarks and the demo use.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from swarmlm.errors import UserError
+from swarmlm.log import get_logger
+from swarmlm.swarm.dht import read_servers
+from swarmlm.swarm.server.announce import Announcer
+from swarmlm.swarm.server.budget import BudgetLimits
+from swarmlm.swarm.server.host import BlockHost, measure_throughput
+from swarmlm.swarm.server.selection import block_throughputs, choose_span, should_move
+from swarmlm.swarm.source import ModelSource, open_model_source
+
+logger = get_logger(__name__)
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ServeOptions:
+    model: str                              # checkpoint directory or manifest CID
+    blocks: tuple[int, int] | None = None   # fixed span [start, end), or None with num_blocks
+    num_blocks: int | None = None           # choose (and move) a span of this many blocks
+    initial_peers: tuple[str, ...] = ()     # multiaddrs to join through; none starts a new swarm
+    host: str = "127.0.0.1"                 # interface p2pd listens on
+    port: int = 0                           # 0 picks a free port
+    data_dir: str | None = None             # identity and fetched blocks (default $SWARMLM_HOME)
+    dtype: str = "float32"                  # compute dtype
+    limits: BudgetLimits = field(default_factory=BudgetLimits)
+    announce_ttl_s: float = 30.0            # DHT record lifetime; re-announced every third of it
+    rebalance_period_s: float = 30.0        # how often a --num-blocks server reconsiders its span
+    join_delay_s: float = 0.0               # a --num-blocks server waits this long (times a random 0..1)
+                                            # before choosing, so servers started together spread out
+    startup_timeout_s: float = 60.0         # p2pd start-up
+
+    def check(self) -> None:
+        if (self.blocks is None) == (self.num_blocks is None):
+            raise UserError("give exactly one of --blocks START:END and --num-blocks N")
+        if self.blocks is not None and not 0 <= self.blocks[0] < self.blocks[1]:
+            raise UserError(f"--blocks {self.blocks[0]}:{self.blocks[1]} is not a span START < END")
+        if self.num_blocks is not None and self.num_blocks <= 0:
+            raise UserError(f"--num-blocks must be positive, got {self.num_blocks}")
+        if self.dtype not in DTYPES:
+            raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+
+
+def parse_blocks(text: str) -> tuple[int, int]:
+    """"4:8" -> (4, 8)."""
+    try:
+        a, b = text.split(":")
+        return int(a), int(b)
+    except ValueError:
+        raise UserError(f"--blocks must look like START:END, got {text!r}") from None
+
+
+async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Callable[[list[str]], None] = lambda m: None,
+                     peer: Any = None, rng: random.Random | None = None) -> None:
+    """Serve until `stop` is set (see the module docstring). `peer` is created unless given (tests)."""
+    opts.check()
+    rng = rng or random.Random()
+    own_peer = peer is None
+    if own_peer:
+        from swarmlm.p2p.peer import Peer
+        peer = await Peer.create(initial_peers=opts.initial_peers, host=opts.host, port=opts.port,
+                                 data_dir=opts.data_dir, startup_timeout_s=opts.startup_timeout_s)
+    host = announcer = None
+    try:
+        source = await open_model_source(opts.model, peer=peer, data_dir=opts.data_dir,
+                                         blocks=range(*opts.blocks) if opts.blocks else None, with_embed_head=False)
+        cfg = source.config()
+        span = await _first_span(opts, peer, source.model_id, cfg.n_layers, rng)
+        model, tps = await _load(source, span, opts.dtype)
+        host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps)
+        await host.register(peer)
+        announcer = Announcer(peer, host.record, ttl_s=opts.announce_ttl_s)
+        host.on_change = announcer.poke
+        host.state = "online"
+        await announcer.announce()
+        logger.info("serving blocks %d:%d of %s at %.0f tokens/s per block", host.start, host.end,
+                    source.model_id, tps)
+        on_ready(peer.maddrs)
+        tasks = [asyncio.create_task(announcer.run_forever()), asyncio.create_task(host.sweep_forever())]
+        if opts.num_blocks is not None:
+            tasks.append(asyncio.create_task(_rebalance_forever(opts, peer, source, host, announcer, rng)))
+        try:
+            await stop.wait()
+        finally:
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+    finally:
+        if host is not None and announcer is not None:
+            host.state = "offline"
+            await asyncio.wait_for(announcer.announce_offline(host.start, host.end), 10.0)
+        if host is not None:
+            host.close()
+        if own_peer:
+            await peer.shutdown()
+
+
+async def _first_span(opts: ServeOptions, peer: Any, model_id: str, n_layers: int, rng: random.Random) -> range:
+    if opts.blocks is not None:
+        if opts.blocks[1] > n_layers:
+            raise UserError(f"--blocks {opts.blocks[0]}:{opts.blocks[1]} is beyond the model's {n_layers} blocks")
+        return range(*opts.blocks)
+    if opts.num_blocks > n_layers:
+        raise UserError(f"--num-blocks {opts.num_blocks} is more than the model's {n_layers} blocks")
+    if opts.join_delay_s > 0:
+        await asyncio.sleep(opts.join_delay_s * rng.random())
+    return choose_span(await _swarm_throughputs(peer, model_id, n_layers, exclude=peer.peer_id), opts.num_blocks)
+
+
+async def _swarm_throughputs(peer: Any, model_id: str, n_layers: int, *, exclude: str | None = None) -> list[float]:
+    records = await read_servers(peer, model_id, n_layers)
+    return block_throughputs([(r.start, r.end, r.block_tokens_per_s) for pid, r in records.items()
+                              if pid != exclude and r.state in ("joining", "online")], n_layers)
+
+
+async def _load(source: ModelSource, span: range, dtype: str) -> tuple[Any, float]:
+    def load() -> tuple[Any, float]:
+        model, _ = source.load(dtype=DTYPES[dtype], layers=span, with_embed=False, with_head=False)
+        model.requires_grad_(False)
+        return model, measure_throughput(model)
+    return await asyncio.get_running_loop().run_in_executor(None, load)
+
+
+async def _rebalance_forever(opts: ServeOptions, peer: Any, source: ModelSource, host: BlockHost,
+                             announcer: Announcer, rng: random.Random) -> None:
+    """Every period (jittered, so servers do not all move at once), move if the swarm would gain."""
+    n_layers = host.cfg.n_layers
+    while True:
+        await asyncio.sleep(opts.rebalance_period_s * (0.5 + rng.random()))
+        others = await _swarm_throughputs(peer, source.model_id, n_layers, exclude=peer.peer_id)
+        current = range(host.start, host.end)
+        mine = [t + (host.block_tokens_per_s if i in current else 0.0) for i, t in enumerate(others)]
+        target = should_move(mine, current, host.block_tokens_per_s)
+        if target is None:
+            continue
+        logger.info("moving from blocks %d:%d to %d:%d", current.start, current.stop, target.start, target.stop)
+        await source_fetch(source, peer, opts, target)
+        host.state = "joining"
+        await announcer.announce_offline(current.start, current.stop)
+        model, tps = await _load(source, target, opts.dtype)
+        host.swap(model, tps)
+        host.state = "online"
+        await announcer.announce()
+
+
+async def source_fetch(source: ModelSource, peer: Any, opts: ServeOptions, span: range) -> None:
+    """Make sure `span`'s blocks are on disk (a manifest CID fetches them, verified)."""
+    if source.model_id.startswith("dir-"):
+        return
+    await open_model_source(opts.model, peer=peer, data_dir=opts.data_dir, blocks=span, with_embed_head=False)
+
+
+# ---- the command ---------------------------------------------------------------------------------
+
+def options_from_args(args: Any) -> ServeOptions:
+    try:
+        limits = BudgetLimits(max_sessions=args.max_sessions, max_cache_tokens=args.max_cache_tokens,
+                              max_session_tokens=min(args.max_cache_tokens, BudgetLimits().max_session_tokens))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return ServeOptions(model=args.model, blocks=parse_blocks(args.blocks) if args.blocks else None,
+                        num_blocks=args.num_blocks, initial_peers=tuple(args.initial_peers or ()), host=args.host,
+                        port=args.port, data_dir=args.data_dir, dtype=args.dtype, limits=limits,
+                        announce_ttl_s=args.announce_ttl, rebalance_period_s=args.rebalance_period,
+                        join_delay_s=args.join_delay)
+
+
+def serve_from_args(args: Any) -> int:
+    """`swarmlm serve`: run until SIGTERM/SIGINT, printing the multiaddrs once announced."""
+    opts = options_from_args(args)
+    opts.check()
+
+    def ready(maddrs: list[str]) -> None:
+        for m in maddrs:
+            print(m)
+        sys.stdout.flush()
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_server(opts, stop=stop, on_ready=ready)
+
+    asyncio.run(main())
+    return 0
+
+
+# ---- a server as a child process ---------------------------------------------------------------------
+
+class ServerProcess:
+    """A `swarmlm serve` child. `maddrs` once ready; `stop()` (SIGTERM, clean) or `kill()` (SIGKILL)."""
+
+    def __init__(self, proc: subprocess.Popen, log_path: Path):
+        self.proc = proc
+        self.log_path = log_path
+        self.maddrs: list[str] = []
+        self.started_at = time.monotonic()
+        self.ready_after_s: float | None = None   # launch to announced
+
+    @property
+    def peer_id(self) -> str:
+        return self.maddrs[0].rsplit("/p2p/", 1)[1]
+
+    def wait_ready(self, timeout_s: float) -> list[str]:
+        """Wait for the multiaddr lines; on failure kill the child and raise with its log's tail."""
+        first = threading.Event()
+        lines: list[str] = []
+
+        def read() -> None:                   # until the child closes stdout
+            for raw in self.proc.stdout:
+                if raw.strip():
+                    lines.append(raw.decode(errors="replace").strip())
+                    first.set()
+
+        threading.Thread(target=read, daemon=True).start()
+        deadline = self.started_at + timeout_s
+        while not first.wait(0.1):
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.kill()
+                raise RuntimeError(f"server did not start in {timeout_s:.0f} s; its log:\n{self.log_tail()}")
+        self.ready_after_s = time.monotonic() - self.started_at
+        time.sleep(0.1)                       # the other lines were printed and flushed together
+        self.maddrs = list(lines)
+        return self.maddrs
+
+    def log_tail(self, n_chars: int = 4000) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-n_chars:]
+        except OSError:
+            return ""
+
+    def stop(self, timeout_s: float = 20.0) -> int | None:
+        """SIGTERM, then wait (SIGKILL if it does not exit in time)."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout_s)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.proc.returncode
+
+    def kill(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+
+    def __enter__(self) -> "ServerProcess":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def start_server_process(model: str, *, blocks: tuple[int, int] | None = None, num_blocks: int | None = None,
+                         initial_peers: Sequence[str] = (), data_dir: str | os.PathLike, extra_args: Sequence[str] = (),
+                         env: dict[str, str] | None = None, wait: bool = True,
+                         timeout_s: float = 120.0) -> ServerProcess:
+    """Start `python -m swarmlm serve MODEL ...` on 127.0.0.1 and (by default) wait until it announced.
+
+    Its stderr goes to `<data_dir>/serve.log`. The caller stops it (`stop()`/`kill()`).
+    """
+    data_dir = Path(data_dir)
+    data_dir.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "swarmlm", "serve", str(model), "--host", "127.0.0.1", "--data-dir", str(data_dir)]
+    if blocks is not None:
+        cmd += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
+    if num_blocks is not None:
+        cmd += ["--num-blocks", str(num_blocks)]
+    if initial_peers:
+        cmd += ["--initial-peers", *initial_peers]
+    cmd += list(extra_args)
+    child_env = dict(os.environ)
+    src = str(Path(__file__).resolve().parents[3])
+    child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
+    child_env.setdefault("SWARMLM_LOG", "INFO")
+    child_env.update(env or {})
+    log_path = data_dir / "serve.log"
+    with open(log_path, "wb") as log:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=child_env)
+    server = ServerProcess(proc, log_path)
+    if wait:
+        server.wait_ready(timeout_s)
+    return server

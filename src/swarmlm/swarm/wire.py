@@ -1,0 +1,135 @@
+"""Messages between swarm clients and block servers, imported by both sides.
+
+Each RPC has a request and a reply dataclass; they travel through
+`serialize.encode_message`/`decode_message` (msgpack with checked tensors, never pickle).
+Handler names are the `RPC_*` constants. A span is the half-open block range
+`[start, end)` in absolute block indices.
+
+Inference sessions (stateful, per-server KV cache):
+    open  -> OpenRequest / OpenReply      reserve a cache for (batch, max_length) on a span
+    step  -> StepRequest / StepReply      run only the new positions; `position` is how many
+                                          positions the client believes the server's cache holds
+    close -> CloseRequest / CloseReply    free it (idle sessions also time out)
+Stateless, for training and evaluation:
+    forward  -> SpanForwardRequest / SpanForwardReply
+    backward -> SpanBackwardRequest / SpanBackwardReply  (gradients w.r.t. the inputs and deep prompts)
+Plus `info` (InfoRequest / InfoReply): the server's span, state and load; clients time it as
+their round-trip measurement. What servers announce in the DHT is in swarm/dht.py.
+
+Shapes: hidden (B, T, D); key_mask (B, T) bool, True = a real token (rows are left padded);
+prompts (n_span_blocks, B or 1, P, D), added to the first P positions before each block.
+Knows nothing of peers, routing or models beyond these shapes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+RPC_OPEN = "swarm/open"
+RPC_STEP = "swarm/step"
+RPC_CLOSE = "swarm/close"
+RPC_FORWARD = "swarm/forward"
+RPC_BACKWARD = "swarm/backward"
+RPC_INFO = "swarm/info"
+RPC_NAMES = (RPC_OPEN, RPC_STEP, RPC_CLOSE, RPC_FORWARD, RPC_BACKWARD, RPC_INFO)
+
+SESSION_ID_BYTES = 16            # a random id the client picks; the server scopes it by the caller's peer ID
+
+
+# ---- inference sessions --------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class OpenRequest:
+    session_id: bytes            # SESSION_ID_BYTES random bytes chosen by the client
+    start: int                   # first block of the span to run in this session
+    end: int                     # one past the last block
+    batch: int                   # B: rows of every step of this session
+    max_length: int              # positions the cache must hold (prompt + new tokens)
+
+
+@dataclass(frozen=True)
+class OpenReply:
+    session_id: bytes
+    dtype: str                   # the dtype the server computes in; steps must send hidden states in it
+
+
+@dataclass(frozen=True)
+class StepRequest:
+    session_id: bytes
+    start: int                   # must equal the span the session was opened on
+    end: int
+    position: int                # cache length the client expects; the server trims a longer cache to it
+    hidden: torch.Tensor         # (B, T, D) the new positions only
+    key_mask: torch.Tensor | None = None   # (B, T) bool; None = every new position is a real token
+    prompts: torch.Tensor | None = None    # (end-start, B or 1, P, D) deep prompts; only at position 0
+    chunks: list[int] | None = None        # run the T positions in pieces of these sizes, in order, as the
+                                           # original steps did, so a replay reproduces them bit for bit
+
+
+@dataclass(frozen=True)
+class StepReply:
+    hidden: torch.Tensor         # (B, T, D) outputs of the span's last block for the new positions
+
+
+@dataclass(frozen=True)
+class CloseRequest:
+    session_id: bytes
+
+
+@dataclass(frozen=True)
+class CloseReply:
+    closed: bool                 # False if the server no longer knew the session
+
+
+# ---- stateless forward / backward ----------------------------------------------------------
+
+@dataclass(frozen=True)
+class SpanForwardRequest:
+    start: int
+    end: int
+    hidden: torch.Tensor                   # (B, T, D) whole sequences
+    key_mask: torch.Tensor | None = None   # (B, T) bool
+    prompts: torch.Tensor | None = None    # (end-start, B or 1, P, D)
+
+
+@dataclass(frozen=True)
+class SpanForwardReply:
+    hidden: torch.Tensor                   # (B, T, D)
+
+
+@dataclass(frozen=True)
+class SpanBackwardRequest:
+    start: int
+    end: int
+    hidden: torch.Tensor                   # (B, T, D) the inputs of the forward being differentiated
+    grad_output: torch.Tensor              # (B, T, D) dLoss/d(outputs of the span)
+    key_mask: torch.Tensor | None = None   # (B, T) bool
+    prompts: torch.Tensor | None = None    # (end-start, B or 1, P, D)
+
+
+@dataclass(frozen=True)
+class SpanBackwardReply:
+    grad_hidden: torch.Tensor              # (B, T, D) dLoss/d(inputs)
+    grad_prompts: torch.Tensor | None = None  # same shape as the request's prompts
+
+
+# ---- info ------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class InfoRequest:
+    pass
+
+
+@dataclass(frozen=True)
+class InfoReply:
+    model: str                   # the model id the server announces under
+    start: int
+    end: int
+    state: str                   # "joining", "online" or "offline" (dht.STATES)
+    dtype: str                   # compute dtype, e.g. "float32"
+    block_tokens_per_s: float    # measured decode throughput of one block
+    free_cache_tokens: int       # cache positions (summed over rows) still available
+    sessions: int                # open inference sessions
+

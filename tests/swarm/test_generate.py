@@ -1,0 +1,43 @@
+"""Greedy generation through servers holding spans equals local generation."""
+
+import pytest
+
+from swarmlm.model.generate import generate
+from tests.helpers.swarm_servers import local_model
+
+PROMPT = [5, 17, 42, 99, 3, 250]
+BATCH = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13], [300]]
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_two_half_servers_generate_like_local(swarm, checkpoints, family):
+    ckpt = checkpoints[family]
+    swarm.add_server(ckpt, (0, 2))
+    swarm.add_server(ckpt, (2, 4))
+    model = swarm.remote_model(ckpt)
+
+    out = model.generate(PROMPT, max_new_tokens=12)
+
+    assert out == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
+
+
+def test_one_server_with_every_block_generates_like_local(swarm, checkpoints):
+    ckpt = checkpoints["llama"]
+    swarm.add_server(ckpt, (0, 4))
+    model = swarm.remote_model(ckpt)
+
+    out = model.generate(PROMPT, max_new_tokens=12)
+
+    assert out == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
+
+
+@pytest.mark.parametrize("family", ["gpt2", "llama"])
+def test_batch_of_prompts_of_different_lengths_generates_like_local(swarm, checkpoints, family):
+    ckpt = checkpoints[family]
+    swarm.add_server(ckpt, (0, 2))
+    swarm.add_server(ckpt, (2, 4))
+    model = swarm.remote_model(ckpt)
+
+    out = model.generate(BATCH, max_new_tokens=10)
+
+    assert out == generate(local_model(ckpt), BATCH, max_new_tokens=10)
