@@ -70,6 +70,66 @@ def _run_generate(args) -> int:
     return generate_from_args(args)
 
 
+# ---- node ---------------------------------------------------------------------------------
+
+def _add_node(sub) -> None:
+    p = sub.add_parser("node", help="run a peer that serves its block store, until SIGINT/SIGTERM")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="join the swarm through these")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    p.add_argument("--data-dir", default=None, help="identity and block store (default: $SWARMLM_HOME or ~/.swarmlm)")
+    p.add_argument("--max-store-bytes", type=int, default=None, help="collect unpinned blocks above this size")
+    p.add_argument("--announce-interval", type=float, default=30.0, help="seconds between provider record refreshes")
+    p.add_argument("--replication-interval", type=float, default=30.0, help="seconds between replica checks")
+    p.set_defaults(run=_run_node)
+
+
+def _run_node(args) -> int:
+    from swarmlm.store.commands import node_from_args
+    return node_from_args(args)
+
+
+# ---- store --------------------------------------------------------------------------------
+# `swarmlm store <command>`: each command has an `_add_store_<command>(store_sub)`, listed in
+# `_add_store`, and sets its own `run`.
+
+def _add_store(sub) -> None:
+    p = sub.add_parser("store", help="the content-addressed block store")
+    store_sub = p.add_subparsers(dest="store_command", required=True)
+    for add in (_add_store_get, _add_store_pin):
+        add(store_sub)
+
+
+def _add_store_get(store_sub) -> None:
+    p = store_sub.add_parser("get", help="fetch a file by CID from the swarm, verified")
+    p.add_argument("cid")
+    p.add_argument("-o", "--output", default=None, help="output file (default: stdout)")
+    p.add_argument("--data-dir", default=None, help="block store to fetch into (default: $SWARMLM_HOME or ~/.swarmlm)")
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--timeout", type=float, default=30.0, help="seconds to wait for any one block")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    p.set_defaults(run=_run_store_get)
+
+
+def _run_store_get(args) -> int:
+    from swarmlm.store.commands import get_from_args
+    return get_from_args(args)
+
+
+def _add_store_pin(store_sub) -> None:
+    p = store_sub.add_parser("pin", help="make sure at least R peers of the swarm hold a CID")
+    p.add_argument("cid")
+    p.add_argument("--replicas", type=int, default=2)
+    p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
+    p.add_argument("--timeout", type=float, default=600.0, help="seconds a peer may take to fetch and pin")
+    p.set_defaults(run=_run_store_pin)
+
+
+def _run_store_pin(args) -> int:
+    from swarmlm.store.commands import pin_from_args
+    return pin_from_args(args)
+
+
 # ---- serve --------------------------------------------------------------------------------
 
 def _add_serve(sub) -> None:
@@ -103,7 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmlm", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_demo, _add_train, _add_generate, _add_serve):
+    for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve):
         add(sub)
     return parser
 

@@ -1,0 +1,138 @@
+"""`store get` between two peers on loopback, against a bare libp2p stream and a plain TCP copy.
+
+    python bench/store_get.py [--mib 64] [--repeats 3]
+
+Peer A adds a random file to its block store and serves it (exchange.BlockService); peer B,
+with an empty store each time, fetches the whole DAG and verifies every block (what
+`swarmlm store get` does, minus writing the output file). Beside it, in the same run and
+between the same two peers: the same number of bytes sent over one bare libp2p stream
+(the transport's ceiling: p2pd on both ends), and over a plain TCP socket on 127.0.0.1.
+Prints one JSON line per result (medians over repeats), then the ratio get / bare stream.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from swarmlm.store import dag  # noqa: E402
+from swarmlm.store.exchange import BlockService, fetch_dag  # noqa: E402
+
+CHUNK = 256 * 1024
+RAW = "bench/raw-stream/1"
+
+
+def emit(name: str, value: float, unit: str, **extra) -> None:
+    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **extra}), flush=True)
+
+
+async def serve_raw(n_bytes: int):
+    payload = os.urandom(CHUNK)
+
+    async def handler(peer_id, reader, writer):
+        sent = 0
+        while sent < n_bytes:
+            piece = payload[:min(CHUNK, n_bytes - sent)]
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+        writer.close()
+    return handler
+
+
+async def bare_stream(a, b, n_bytes: int) -> float:
+    reader, writer = await b.open_raw_stream(a.peer_id, RAW)
+    start = time.perf_counter()
+    got = 0
+    while got < n_bytes:
+        piece = await reader.read(1 << 20)
+        if not piece:
+            break
+        got += len(piece)
+    elapsed = time.perf_counter() - start
+    writer.close()
+    assert got == n_bytes, f"bare stream moved {got} of {n_bytes} bytes"
+    return n_bytes / elapsed
+
+
+async def tcp_copy(n_bytes: int) -> float:
+    payload = os.urandom(CHUNK)
+
+    async def handle(reader, writer):
+        sent = 0
+        while sent < n_bytes:
+            piece = payload[:min(CHUNK, n_bytes - sent)]
+            writer.write(piece)
+            await writer.drain()
+            sent += len(piece)
+        writer.close()
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    start = time.perf_counter()
+    got = 0
+    while got < n_bytes:
+        piece = await reader.read(1 << 20)
+        if not piece:
+            break
+        got += len(piece)
+    elapsed = time.perf_counter() - start
+    writer.close()
+    server.close()
+    return n_bytes / elapsed
+
+
+async def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--mib", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    from swarmlm.p2p.peer import Peer
+
+    n_bytes = args.mib * 1024 * 1024
+    work = Path(tempfile.mkdtemp(prefix="swarmlm-bench-get-"))
+    try:
+        src = work / "file.bin"
+        with open(src, "wb") as f:
+            for _ in range(args.mib * 4):
+                f.write(os.urandom(CHUNK))
+        store_a = dag.open_store(work / "a")
+        root = dag.add_file(store_a, src)
+        a = await Peer.create()
+        b = await Peer.create(initial_peers=a.maddrs)
+        try:
+            await BlockService(a, store_a).start()
+            await a.add_raw_stream_handler(RAW, await serve_raw(n_bytes))
+            get_rates, raw_rates, tcp_rates = [], [], []
+            for i in range(args.repeats):
+                raw_rates.append(await bare_stream(a, b, n_bytes))
+                store_b = dag.open_store(work / f"b{i}")
+                start = time.perf_counter()
+                stats = await fetch_dag(b, root, store_b, providers=[a.peer_id])
+                get_rates.append(stats.fetched_bytes / (time.perf_counter() - start))
+                tcp_rates.append(await tcp_copy(n_bytes))
+                shutil.rmtree(work / f"b{i}", ignore_errors=True)
+        finally:
+            await b.shutdown()
+            await a.shutdown()
+        get_rate, raw_rate, tcp_rate = map(statistics.median, (get_rates, raw_rates, tcp_rates))
+        emit("store_get_throughput", get_rate / 1e9, "GB/s", mib=args.mib)
+        emit("bare_libp2p_stream_throughput", raw_rate / 1e9, "GB/s", mib=args.mib)
+        emit("tcp_loopback_throughput", tcp_rate / 1e9, "GB/s", mib=args.mib)
+        emit("store_get_vs_bare_stream", get_rate / raw_rate, "ratio", target=0.8)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    asyncio.run(main())

@@ -1,0 +1,344 @@
+"""Block exchange: serve blocks by CID over Peer streams, and fetch DAGs from several providers.
+
+Serving (`BlockService`): three RPCs on a `Peer`:
+    swarmlm/blocks/1  stream  BlockRequest -> one chunk per CID, in order: 0x00+block | 0x01+reason
+    swarmlm/has/1     unary   HasRequest   -> HasReply
+Every request is checked before any work (types, batch size, CID syntax, size limits); a bad
+one gets an error reply and the service goes on. A block that fails its hash on our own disk
+is reported and never sent.
+
+Fetching (`fetch_dag`): walk the DAG level by level (root, inner nodes, leaves), asking the
+providers in parallel, a batch of CIDs per stream. Every block is checked against its CID
+before it is stored. A provider that sends a bad block is banned for the rest of the fetch
+and named in the log; a missing block or a broken stream sends the CIDs not yet received
+to another provider. Blocks already verified are kept in the local store, so nothing is
+fetched twice, also across runs. `get_file` then writes the file from the local store to a
+temp file and renames it into place, so a failed fetch leaves no output file.
+
+Knows nothing of models or manifests; manifest.py passes `get_block` functions built here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import sys
+import tempfile
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, AsyncIterator, Callable, Iterable, Sequence
+
+from swarmlm import serialize
+from swarmlm.errors import IntegrityError, NotFoundError, PeerError, WireError
+from swarmlm.log import get_logger
+from swarmlm.p2p import rpc
+from swarmlm.store import dag
+from swarmlm.store.providers import find_providers, rank_providers
+
+logger = get_logger(__name__)
+
+BLOCKS = "swarmlm/blocks/1"
+HAS = "swarmlm/has/1"
+
+MAX_BATCH = 64                      # CIDs in one request
+MAX_BLOCK_BYTES = 2 * 1024 * 1024   # bitswap's limit too; our chunks are 256 KiB
+MAX_REQUEST_BYTES = 64 * 1024       # a request is CIDs only
+MAX_CID_CHARS = 128
+_FOUND, _MISSING = b"\x00", b"\x01"
+
+
+# ---- wire messages ---------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class BlockRequest:
+    cids: list[str]           # 1..MAX_BATCH CID strings, answered in this order
+    max_block_bytes: int      # the largest block the caller accepts, 1..MAX_BLOCK_BYTES
+
+
+@dataclass(frozen=True)
+class HasRequest:
+    cids: list[str]           # 1..MAX_BATCH CID strings
+
+
+@dataclass(frozen=True)
+class HasReply:
+    have: list[bool]          # one per requested CID
+
+
+def check_cids(cids: Sequence[Any]) -> list[dag.Cid]:
+    """Parse a request's CID list; `WireError` on an empty or oversized list or a malformed CID."""
+    if not 1 <= len(cids) <= MAX_BATCH:
+        raise WireError(f"a request names 1..{MAX_BATCH} CIDs, got {len(cids)}")
+    out = []
+    for text in cids:
+        if not isinstance(text, str) or len(text) > MAX_CID_CHARS:
+            raise WireError(f"malformed CID {str(text)[:MAX_CID_CHARS]!r}")
+        out.append(dag.parse_cid(text))
+    return out
+
+
+# ---- serving ---------------------------------------------------------------------------------
+
+class BlockService:
+    """Serves the blocks of a block store to the swarm. `await BlockService(peer, store).start()`."""
+
+    def __init__(self, peer: Any, store: Any):
+        self.peer = peer
+        self.store = store
+        self.served_blocks = 0          # counters, for logs and tests
+        self.refused_requests = 0
+
+    async def start(self) -> None:
+        await self.peer.add_stream_handler(BLOCKS, self.rpc_blocks, max_request_bytes=MAX_REQUEST_BYTES)
+        await self.peer.add_handler(HAS, self.rpc_has, max_request_bytes=MAX_REQUEST_BYTES)
+
+    async def rpc_blocks(self, peer_id: str, request: bytes) -> AsyncIterator[bytes]:
+        try:
+            req = serialize.decode_message(request, BlockRequest, max_bytes=MAX_REQUEST_BYTES)
+            if not 0 < req.max_block_bytes <= MAX_BLOCK_BYTES:
+                raise WireError(f"max_block_bytes must be in 1..{MAX_BLOCK_BYTES}, got {req.max_block_bytes}")
+            cids = check_cids(req.cids)
+        except WireError:
+            self.refused_requests += 1
+            raise
+        for cid in cids:
+            data = await asyncio.to_thread(self._read_block, cid)
+            if data is None:
+                yield _MISSING + f"block {cid} not found".encode()
+            elif len(data) > req.max_block_bytes:
+                yield _MISSING + f"block {cid} has {len(data)} bytes, over the caller's limit".encode()
+            else:
+                self.served_blocks += 1
+                yield _FOUND + data
+
+    async def rpc_has(self, peer_id: str, request: bytes) -> bytes:
+        req = serialize.decode_message(request, HasRequest, max_bytes=MAX_REQUEST_BYTES)
+        cids = check_cids(req.cids)
+        have = await asyncio.to_thread(lambda: [self.store.has(c) for c in cids])
+        return serialize.encode_message(HasReply(have=have))
+
+    def _read_block(self, cid: dag.Cid) -> bytes | None:
+        """The verified block, or None if we lack it or our copy is corrupted (reported, then dropped)."""
+        try:
+            return dag.read_block(self.store, cid)
+        except IntegrityError as e:
+            logger.error("not serving %s: %s", cid, e)
+            return None
+
+
+# ---- fetching --------------------------------------------------------------------------------
+
+@dataclass
+class FetchStats:
+    """What a fetch did: blocks and bytes per provider, and whom it banned."""
+    blocks_by_peer: dict[str, int] = field(default_factory=dict)
+    bytes_by_peer: dict[str, int] = field(default_factory=dict)
+    already_local: int = 0
+    banned: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def fetched_blocks(self) -> int:
+        return sum(self.blocks_by_peer.values())
+
+    @property
+    def fetched_bytes(self) -> int:
+        return sum(self.bytes_by_peer.values())
+
+
+@dataclass(frozen=True)
+class FetchOptions:
+    batch: int = 16                   # CIDs per stream request (4 MiB of 256 KiB leaves)
+    streams_per_provider: int = 2     # requests in flight per provider, so one is always queued
+    timeout_s: float = 30.0           # opening a stream, and the wait for each block
+    max_failures: int = 2             # broken streams before a provider is dropped for this fetch
+
+
+class _Provider:
+    def __init__(self, peer_id: str):
+        self.peer_id = peer_id
+        self.lacks: set[str] = set()
+        self.in_flight = 0
+        self.failures = 0
+        self.banned = False
+
+
+class Fetcher:
+    """Fetches sets of CIDs into a store from a list of providers; one instance per DAG fetch.
+
+    `on_block(n_bytes)` is called after each verified block (progress bars).
+    """
+
+    def __init__(self, peer: Any, store: Any, providers: Sequence[str], *, options: FetchOptions = FetchOptions(),
+                 on_block: Callable[[int], None] | None = None):
+        self.peer = peer
+        self.store = store
+        self.options = options
+        self.providers = {p: _Provider(p) for p in providers if p != peer.peer_id}
+        self.stats = FetchStats()
+        self.on_block = on_block
+
+    async def fetch(self, cids: Iterable[dag.Cid]) -> None:
+        """Fetch every CID not already in the store; raise if some cannot be had from anyone."""
+        queue: deque[dag.Cid] = deque()
+        for cid in cids:
+            if self.store.has(cid):
+                self.stats.already_local += 1
+            else:
+                queue.append(cid)
+        tasks: dict[asyncio.Task, _Provider] = {}
+        try:
+            while queue or tasks:
+                for prov in self._usable():
+                    while prov.in_flight < self.options.streams_per_provider:
+                        batch = self._take_batch(queue, prov)
+                        if not batch:
+                            break
+                        prov.in_flight += 1
+                        tasks[asyncio.create_task(self._fetch_batch(prov, batch))] = prov
+                if not tasks:
+                    break
+                done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+                for task in done:
+                    prov = tasks.pop(task)
+                    prov.in_flight -= 1
+                    queue.extend(task.result())       # CIDs this provider did not deliver go back
+        finally:
+            for task in tasks:
+                task.cancel()
+            if tasks:
+                await asyncio.gather(*tasks, return_exceptions=True)
+        if queue:
+            self._fail(queue)
+
+    def _usable(self) -> list[_Provider]:
+        return [p for p in self.providers.values()
+                if not p.banned and p.failures < self.options.max_failures]
+
+    def _take_batch(self, queue: deque, prov: _Provider) -> list[dag.Cid]:
+        batch, keep = [], []
+        while queue and len(batch) < self.options.batch:
+            cid = queue.popleft()
+            (keep if str(cid) in prov.lacks else batch).append(cid)
+        queue.extendleft(reversed(keep))
+        return batch
+
+    async def _fetch_batch(self, prov: _Provider, batch: list[dag.Cid]) -> list[dag.Cid]:
+        """Ask `prov` for `batch`; store what verifies; return the CIDs it did not deliver."""
+        request = serialize.encode_message(BlockRequest(cids=[str(c) for c in batch],
+                                                        max_block_bytes=MAX_BLOCK_BYTES))
+        received = 0
+        try:
+            async with contextlib.aclosing(self.peer.call_stream(
+                    prov.peer_id, BLOCKS, request, timeout_s=self.options.timeout_s,
+                    max_chunk_bytes=MAX_BLOCK_BYTES + 1)) as chunks:
+                async for chunk in chunks:
+                    if received >= len(batch):
+                        raise PeerError("sent more blocks than were asked for")
+                    cid = batch[received]
+                    received += 1
+                    if chunk[:1] == _MISSING:
+                        prov.lacks.add(str(cid))
+                        continue
+                    data = chunk[1:]
+                    if chunk[:1] != _FOUND or not dag.block_matches(cid, data):
+                        self._ban(prov, f"served a block that does not match its CID {cid}")
+                        return batch[received - 1:]
+                    await asyncio.to_thread(dag.write_block, self.store, cid, data)
+                    self._count(prov, len(data))
+            if received < len(batch):
+                raise PeerError(f"answered {received} of {len(batch)} CIDs")
+            prov.failures = 0
+            return [c for c in batch if str(c) in prov.lacks]
+        except PeerError as e:
+            prov.failures += 1
+            logger.warning("provider %s failed after %d of %d blocks: %s", prov.peer_id, received, len(batch), e)
+            return batch[received:] + [c for c in batch[:received] if str(c) in prov.lacks]
+
+    def _count(self, prov: _Provider, n_bytes: int) -> None:
+        s = self.stats
+        s.blocks_by_peer[prov.peer_id] = s.blocks_by_peer.get(prov.peer_id, 0) + 1
+        s.bytes_by_peer[prov.peer_id] = s.bytes_by_peer.get(prov.peer_id, 0) + n_bytes
+        if self.on_block is not None:
+            self.on_block(n_bytes)
+
+    def _ban(self, prov: _Provider, why: str) -> None:
+        prov.banned = True
+        self.stats.banned.append(prov.peer_id)
+        logger.warning("banning peer %s: %s", prov.peer_id, why)
+
+    def _fail(self, queue: Sequence[dag.Cid]) -> None:
+        example = str(queue[0])
+        if not self.providers:
+            raise NotFoundError(f"no provider for {example}")
+        if all(p.banned for p in self.providers.values()):
+            raise IntegrityError(f"every provider served corrupted blocks ({', '.join(self.stats.banned)}); "
+                                 f"{len(queue)} blocks missing, e.g. {example}")
+        raise NotFoundError(f"{len(queue)} blocks could not be fetched from any of {len(self.providers)} "
+                            f"providers, e.g. {example}")
+
+
+async def fetch_dag(peer: Any, root: str | dag.Cid, store: Any, *, providers: Sequence[str] | None = None,
+                    options: FetchOptions = FetchOptions(), on_block: Callable[[int], None] | None = None
+                    ) -> FetchStats:
+    """Make every block under `root` present and verified in `store`; providers from the DHT if not given."""
+    start = time.monotonic()
+    root = dag.parse_cid(str(root)) if isinstance(root, str) else root
+    if providers is None:
+        found = await find_providers(peer, str(root))
+        providers = rank_providers(str(root), [p.peer_id for p in found], me=peer.peer_id)
+    fetcher = Fetcher(peer, store, providers, options=options, on_block=on_block)
+    level = [root]
+    while level:
+        await fetcher.fetch(level)
+        level = [child for cid in level for child in dag.children(store, cid)]
+    fetcher.stats.seconds = time.monotonic() - start
+    return fetcher.stats
+
+
+async def get_file(peer: Any, root: str, store: Any, out: str | os.PathLike | None, *,
+                   providers: Sequence[str] | None = None, options: FetchOptions = FetchOptions(),
+                   progress: bool = False) -> FetchStats:
+    """Fetch the file under `root` and write it to `out` (atomically) or to stdout."""
+    cid = dag.parse_cid(root)
+    bar = _progress_bar(progress)
+    try:
+        stats = await fetch_dag(peer, cid, store, providers=providers, options=options,
+                                on_block=(lambda n: bar.update(n)) if bar else None)
+    finally:
+        if bar is not None:
+            bar.close()
+    await asyncio.to_thread(write_file, store, cid, out)
+    return stats
+
+
+def write_file(store: Any, root: dag.Cid, out: str | os.PathLike | None) -> None:
+    """Stream the file under `root` from `store` (each block verified again) to `out` or stdout."""
+    if out is None:
+        for piece in dag.iter_file(store, root):
+            sys.stdout.buffer.write(piece)
+        sys.stdout.buffer.flush()
+        return
+    out = Path(out)
+    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            for piece in dag.iter_file(store, root):
+                f.write(piece)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def _progress_bar(enabled: bool):
+    if not enabled:
+        return None
+    from tqdm import tqdm
+    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="fetching", leave=False)

@@ -1,0 +1,40 @@
+"""`swarmlm node` as a process: prints reachable multiaddrs, and leaves no p2pd behind when stopped."""
+
+import signal
+import time
+
+import pytest
+
+from tests.helpers.swarm import NodeProcess, p2pd_children, pid_alive
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_node_prints_maddrs_and_stops_cleanly_on_signal(tmp_path, sig):
+    node = NodeProcess(tmp_path / "n")
+    try:
+        maddrs = node.wait_ready()
+        assert maddrs[0].startswith("/ip4/127.0.0.1/tcp/") and "/p2p/12D3KooW" in maddrs[0]
+        daemons = p2pd_children(node.proc.pid)
+        assert len(daemons) == 1
+        node.proc.send_signal(sig)
+        assert node.proc.wait(30) == 0
+    finally:
+        node.kill()
+    deadline = time.monotonic() + 10
+    while any(pid_alive(p) for p in daemons) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert not any(pid_alive(p) for p in daemons)
+
+
+def test_restarted_node_keeps_its_peer_id(tmp_path):
+    ids = []
+    for _ in range(2):
+        node = NodeProcess(tmp_path / "n")
+        try:
+            node.wait_ready()
+            ids.append(node.peer_id)
+        finally:
+            node.stop()
+    assert ids[0] == ids[1]

@@ -1,0 +1,81 @@
+"""Three `swarmlm node` processes on 127.0.0.1: get through the DHT, pin, lose a holder, re-replicate."""
+
+import hashlib
+import os
+import time
+
+import pytest
+
+from tests.helpers.swarm import run_cli, start_nodes, stop_all
+
+pytestmark = pytest.mark.slow
+
+MIB = 1024 * 1024
+
+
+def _sha(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for piece in iter(lambda: f.read(MIB), b""):
+            h.update(piece)
+    return h.hexdigest()
+
+
+def test_get_pin_and_survive_the_first_holder_leaving(tmp_path):
+    src = tmp_path / "big.bin"
+    with open(src, "wb") as f:
+        for _ in range(50):
+            f.write(os.urandom(MIB))
+    added = run_cli("store", "add", str(src), "--data-dir", str(tmp_path / "node0"))
+    assert added.returncode == 0, added.stderr
+    cid = added.stdout.decode().strip().splitlines()[-1]
+
+    fast = ["--announce-interval", "2", "--replication-interval", "3"]
+    nodes = start_nodes(3, tmp_path, args=fast)
+    a, b, c = nodes
+    try:
+        out1 = tmp_path / "out1.bin"
+        got = run_cli("store", "get", cid, "-o", str(out1), "--data-dir", str(tmp_path / "client1"),
+                      "--initial-peers", c.maddrs[0])
+        assert got.returncode == 0, got.stderr
+        assert _sha(out1) == _sha(src)
+
+        pinned = run_cli("store", "pin", cid, "--replicas", "2", "--initial-peers", c.maddrs[0])
+        assert pinned.returncode == 0, pinned.stderr
+        holders = pinned.stdout.decode().split()
+        assert len(holders) == 2 and a.peer_id in holders
+
+        assert a.stop() == 0
+        out2 = tmp_path / "out2.bin"
+        got = run_cli("store", "get", cid, "-o", str(out2), "--data-dir", str(tmp_path / "client2"),
+                      "--initial-peers", c.maddrs[0])
+        assert got.returncode == 0, got.stderr
+        assert _sha(out2) == _sha(src)
+
+        deadline = time.monotonic() + 90                  # the surviving holder restores two copies
+        while time.monotonic() < deadline and not any("re-replicated" in n.log_text() for n in (b, c)):
+            time.sleep(1)
+        assert any("re-replicated" in n.log_text() for n in (b, c))
+    finally:
+        stop_all(nodes)
+
+
+def test_get_of_an_unknown_cid_fails_cleanly_without_output(tmp_path):
+    nodes = start_nodes(1, tmp_path)
+    try:
+        out = tmp_path / "out.bin"
+        missing = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
+        got = run_cli("store", "get", missing, "-o", str(out), "--initial-peers", nodes[0].maddrs[0],
+                      "--data-dir", str(tmp_path / "client"), timeout_s=120)
+        assert got.returncode == 1
+        assert "Traceback" not in got.stderr and "NotFoundError" in got.stderr
+        assert not out.exists()
+    finally:
+        stop_all(nodes)
+
+
+def test_get_with_a_malformed_cid_is_a_user_error(tmp_path):
+    got = run_cli("store", "get", "not-a-cid", "--initial-peers", "/ip4/127.0.0.1/tcp/1/p2p/"
+                  "12D3KooWL8FbVjKbKAo8SzKQSMRucU8qeJCXsJnWrWhw3K3SAFHg", "--data-dir", str(tmp_path / "c"))
+    assert got.returncode == 2
+    assert "Traceback" not in got.stderr
