@@ -29,3 +29,13 @@ def subkey_owner(subkey: str) -> str:
 def block_key(model_id: str, index: int) -> str:
     """Who serves block `index` of model `model_id`: one swarm `ServerRecord` per server (subkey = its peer ID)."""
     return f"{PREFIX}/blocks/{model_id}/{index}"
+
+
+def collab_progress_key(run_id: str) -> str:
+    """Training progress of run `run_id`: one `collab.progress` record per peer (subkey = its peer ID)."""
+    return f"{PREFIX}/collab/{run_id}/progress"
+
+
+def collab_model_key(run_id: str) -> str:
+    """The latest model of run `run_id` published into the store: one `collab.model` record per publisher."""
+    return f"{PREFIX}/collab/{run_id}/model"

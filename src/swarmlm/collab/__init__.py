@@ -1,0 +1,15 @@
+"""collab: decentralized training across the swarm — peers that come and go train one model.
+
+Reading order:
+    robust.py        mean, trimmed-mean, centered-clip; dropping malformed updates with a reason
+    compression.py   what is averaged, as bytes: none, fp16, int8 with per-chunk scales
+    progress.py      ProgressRecord in the DHT, SwarmView; pure "is it time to average" decisions
+    matchmaking.py   Matchmaker, Group: the peers of one step agree on a member list (a leader decides)
+    allreduce.py     AllReduce: a butterfly all-reduce over parts; completes over the group or RoundFailed
+    state.py         snapshots of model + optimizer state, served to and downloaded by late joiners
+    optimizer.py     CollaborativeOptimizer, CollabOptions: synchronous averaging or DiLoCo
+    run.py           run_swarm_training: `swarmlm train --swarm`, progress bar, publishing to the store
+
+Talks to the swarm only through a `Peer` (or `MemoryPeer`); imports nothing from swarm/,
+privacy/ or ledger/.
+"""

@@ -1,0 +1,110 @@
+"""Global training progress from per-peer DHT records, and the pure decisions built on it.
+
+Each peer publishes one `ProgressRecord` under `keys.collab_progress_key(run_id)` (subkey =
+its peer ID) every fraction of a second: the step it works on, the samples it has
+accumulated towards it, its throughput and its recent loss. From the records every peer
+builds the same kind of `SwarmView` and decides, with no I/O:
+
+- `is_time_to_average`: have we (together) reached the target global batch for this step?
+- `round_candidates`: whom should a round at this step wait for?
+- `peer_ahead`: is someone already past this step, so this peer must download the state?
+
+Knows nothing of tensors, RPCs or the DHT client; the optimizer does the I/O.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Iterable, Mapping
+
+from swarmlm.p2p.records import SignedRecord, record_type
+
+
+@record_type("collab.progress")
+@dataclass(frozen=True)
+class ProgressRecord:
+    step: int                 # global step (synchronous) or outer step (DiLoCo) the peer works on
+    samples: int              # samples accumulated towards that step so far
+    samples_per_s: float      # the peer's recent compute throughput; 0 when not yet measured
+    loss: float               # its recent training loss (for progress bars); NaN when unknown
+    time: float               # wall clock (Unix s) when published
+    active: bool = True       # False once the peer has finished or is leaving
+
+    def check(self) -> None:
+        if self.step < 0 or self.samples < 0:
+            raise ValueError("step and samples must not be negative")
+        if not (math.isfinite(self.samples_per_s) and self.samples_per_s >= 0):
+            raise ValueError("samples_per_s must be a finite, non-negative number")
+        if not math.isfinite(self.time):
+            raise ValueError("time must be finite")
+
+
+@dataclass(frozen=True)
+class SwarmView:
+    """The live peers of a run, as this peer sees them at one moment."""
+    peers: Mapping[str, ProgressRecord]      # peer ID -> its latest record (active, fresh, not banned)
+
+    @property
+    def size(self) -> int:
+        return len(self.peers)
+
+    def samples_per_s(self) -> float:
+        return sum(r.samples_per_s for r in self.peers.values())
+
+    def mean_loss(self) -> float:
+        losses = [r.loss for r in self.peers.values() if math.isfinite(r.loss)]
+        return sum(losses) / len(losses) if losses else math.nan
+
+
+def build_view(records: Iterable[SignedRecord], *, me: str, mine: ProgressRecord, now: float, max_age_s: float,
+               banned: Iterable[str] = ()) -> SwarmView:
+    """Fresh, active records signed by their own peer, minus `banned`; this peer's own record is `mine`."""
+    banned = set(banned)
+    peers: dict[str, ProgressRecord] = {}
+    for rec in records:
+        value = rec.value
+        if not isinstance(value, ProgressRecord) or rec.subkey != rec.signer or rec.signer in banned:
+            continue
+        if not value.active or now - value.time > max_age_s or rec.signer == me:
+            continue
+        peers[rec.signer] = value
+    peers[me] = mine
+    return SwarmView(peers)
+
+
+def fair_share(view: SwarmView, me: str, target: int, micro_batch: int) -> int:
+    """Samples this peer should contribute to a step of `target` samples: its share of the
+    swarm's throughput (equal shares until every rate is known), in whole micro-batches, at least one."""
+    rates = [r.samples_per_s for r in view.peers.values()]
+    if all(r > 0 for r in rates):
+        share = target * view.peers[me].samples_per_s / sum(rates)
+    else:
+        share = target / max(1, view.size)
+    return max(1, round(share / micro_batch)) * micro_batch
+
+
+def is_time_to_average(view: SwarmView, me: str, *, step: int, my_samples: int, target: int | None,
+                       micro_batch: int) -> bool:
+    """True once this peer has done its share of step `step`, or the peers at that step together
+    reached `target` samples. `target=None` means one micro-batch from each peer."""
+    if my_samples <= 0:
+        return False
+    if target is None:
+        return my_samples >= micro_batch
+    if my_samples >= fair_share(view, me, target, micro_batch):
+        return True
+    together = my_samples + sum(r.samples for p, r in view.peers.items() if p != me and r.step == step)
+    return together >= target
+
+
+def round_candidates(view: SwarmView, me: str, step: int) -> list[str]:
+    """Peers a round at `step` should wait for: those at this step or one behind (their record
+    may simply be older than their progress). Sorted, this peer included."""
+    return sorted(p for p, r in view.peers.items() if p == me or step - 1 <= r.step <= step)
+
+
+def peer_ahead(view: SwarmView, me: str, step: int) -> str | None:
+    """The most advanced peer past `step` (to download the state from), or None if nobody is ahead."""
+    ahead = [(r.step, p) for p, r in view.peers.items() if p != me and r.step > step]
+    return max(ahead)[1] if ahead else None

@@ -1,0 +1,45 @@
+import pytest
+import torch
+
+from swarmlm.collab import compression
+from swarmlm.errors import WireError
+from swarmlm import serialize
+
+
+@pytest.mark.parametrize("codec,tol", [("none", 0.0), ("fp16", 1e-3), ("int8", 1e-2)])
+def test_roundtrip_is_close(codec, tol):
+    t = torch.randn(5000)
+    back = compression.decode(compression.encode(t, codec), codec, numel=t.numel())
+    assert back.dtype == torch.float32 and back.shape == t.shape
+    assert (back - t).abs().max() <= tol * t.abs().max() + 1e-12
+
+
+def test_int8_scales_per_chunk_keep_small_values_precise():
+    t = torch.full((2 * compression.INT8_CHUNK,), 1e-3)
+    t[0] = 1000.0                                   # one outlier costs precision in its chunk only
+    back = compression.roundtrip(t, "int8")
+    assert torch.allclose(back[compression.INT8_CHUNK:], t[compression.INT8_CHUNK:], rtol=1e-2)
+
+
+def test_sizes_shrink():
+    t = torch.randn(10_000)
+    sizes = {c: len(compression.encode(t, c)) for c in compression.CODECS}
+    assert sizes["fp16"] < 0.51 * sizes["none"] and sizes["int8"] < 0.27 * sizes["none"]
+
+
+def test_fp16_saturates_instead_of_overflowing():
+    back = compression.roundtrip(torch.tensor([1e9, -1e9]), "fp16")
+    assert torch.isfinite(back).all()
+
+
+@pytest.mark.parametrize("codec", compression.CODECS)
+def test_wrong_length_is_a_wire_error(codec):
+    data = compression.encode(torch.randn(100), codec)
+    with pytest.raises(WireError):
+        compression.decode(data, codec, numel=99)
+
+
+def test_int8_with_wrong_dtype_inside_is_a_wire_error():
+    bad = serialize.pack({"q": torch.zeros(10, dtype=torch.int16), "scales": torch.ones(1)})
+    with pytest.raises(WireError):
+        compression.decode(bad, "int8", numel=10)
