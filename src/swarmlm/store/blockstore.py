@@ -1,0 +1,333 @@
+"""Blocks by CID: on disk (`BlockStore`) and in memory (`MemoryBlockStore`), with pins and GC.
+
+Both implement one protocol:
+    put(block, cid=None, *, check=True) -> Cid     get(cid) -> bytes      has(cid) -> bool
+    delete(cid) -> bool     size_bytes() -> int     iter(store) -> Cids    entries()
+    pin(cid) / unpin(cid) / pinned() / is_pinned(cid)     gc(limit_bytes) -> freed bytes
+
+On disk a block lives in `<root>/<shard>/<cidv1>`, the shard being the two characters before
+the CID's last one (kubo's flatfs layout), written to a temporary name and renamed into
+place, so a reader never sees half a block. Every `get` hashes the block again: one that no
+longer matches its CID (a bad disk, a crash mid-write) is logged, deleted so the exchange can
+fetch it again, and raised as `IntegrityError`, never returned. A v0 and a v1 CID of the same
+dag-pb block name the same stored block; iteration yields CIDv1s.
+
+Pins are roots: `gc` never deletes a block reachable from a pinned root (walking the links
+of dag-pb and dag-json blocks present), and deletes the other blocks least recently used
+first until the store fits the limit. Knows nothing of files or the network.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import itertools
+import json
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Iterable, Iterator, NamedTuple
+
+from swarmlm.errors import IntegrityError, NotFoundError, WireError
+from swarmlm.log import get_logger
+from swarmlm.store.cid import RAW, Cid, CidError, block_matches
+from swarmlm.store.unixfs import links_of
+
+logger = get_logger(__name__)
+
+PINS_FILE = "pins.json"
+_TMP_MARK = ".tmp-"
+
+
+class MissingBlock(NotFoundError, KeyError):
+    """The local store does not hold this block."""
+
+    def __str__(self) -> str:         # KeyError would quote the message
+        return str(self.args[0]) if self.args else "missing block"
+
+
+class Entry(NamedTuple):
+    cid: Cid              # CIDv1
+    size_bytes: int
+    last_used: float      # comparable within one store: larger is more recent
+
+
+def choose_evictions(entries: Iterable[Entry], protected: set[Cid], limit_bytes: int) -> list[Cid]:
+    """Unprotected blocks to delete, least recently used first, until the total is <= limit_bytes."""
+    entries = list(entries)
+    excess = sum(e.size_bytes for e in entries) - limit_bytes
+    victims = []
+    for e in sorted(entries, key=lambda e: (e.last_used, e.cid.digest)):
+        if excess <= 0:
+            break
+        if e.cid not in protected:
+            victims.append(e.cid)
+            excess -= e.size_bytes
+    return victims
+
+
+class _PinsAndGc:
+    """Pins and garbage collection over the primitives each store provides."""
+
+    def _load_pins(self) -> list[str]: raise NotImplementedError
+    def _save_pins(self, pins: list[str]) -> None: raise NotImplementedError
+    def _pins_lock(self): raise NotImplementedError
+
+    def pin(self, cid: Cid) -> None:
+        """Keep `cid` and every block under it through GC (persistently, for BlockStore)."""
+        with self._pins_lock():
+            pins = self._load_pins()
+            if all(Cid.parse(p).to_v1() != cid.to_v1() for p in pins):
+                self._save_pins(pins + [cid.encode()])
+
+    def unpin(self, cid: Cid) -> bool:
+        with self._pins_lock():
+            pins = self._load_pins()
+            kept = [p for p in pins if Cid.parse(p).to_v1() != cid.to_v1()]
+            if len(kept) != len(pins):
+                self._save_pins(kept)
+            return len(kept) != len(pins)
+
+    def pinned(self) -> list[Cid]:
+        """The pinned roots, as they were pinned (v0 stays v0)."""
+        return [Cid.parse(p) for p in self._load_pins()]
+
+    def is_pinned(self, cid: Cid) -> bool:
+        return any(p.to_v1() == cid.to_v1() for p in self.pinned())
+
+    def protected(self) -> set[Cid]:
+        """CIDv1s of every present block reachable from a pinned root."""
+        seen: set[Cid] = set()
+        stack = [p.to_v1() for p in self.pinned()]
+        while stack:
+            cid = stack.pop()
+            if cid in seen or not self.has(cid):
+                continue
+            seen.add(cid)
+            if cid.codec == RAW:
+                continue                 # raw leaves have no links: no need to read them
+            try:
+                stack.extend(c.to_v1() for c in links_of(cid, self.get(cid)))
+            except (IntegrityError, MissingBlock):
+                seen.discard(cid)        # corrupted (now deleted) or gone meanwhile
+            except WireError as e:
+                logger.warning("pinned block %s does not decode, its children are not protected: %s", cid, e)
+        return seen
+
+    def gc(self, limit_bytes: int, *, min_idle_s: float = 0.0) -> int:
+        """Delete unpinned blocks, least recently used first, until the store holds <= limit_bytes.
+
+        Blocks used within the last `min_idle_s` seconds are kept (a fetch in progress, not yet
+        pinned). Returns the bytes freed.
+        """
+        protected = self.protected()
+        cutoff = self._recent_cutoff(min_idle_s)
+        everything = list(self.entries())
+        idle = [e for e in everything if e.last_used < cutoff]
+        busy_bytes = sum(e.size_bytes for e in everything) - sum(e.size_bytes for e in idle)
+        freed = 0
+        sizes = {e.cid: e.size_bytes for e in idle}
+        for cid in choose_evictions(idle, protected, max(0, limit_bytes - busy_bytes)):
+            if self.delete(cid):
+                freed += sizes[cid]
+        if freed:
+            logger.info("gc freed %d bytes", freed)
+        return freed
+
+    def _recent_cutoff(self, min_idle_s: float) -> float:
+        return float("inf")
+
+
+# ---- on disk ------------------------------------------------------------------------------
+
+class BlockStore(_PinsAndGc):
+    """Blocks in files under `root_dir` (usually `<data_dir>/blocks`, see paths.py)."""
+
+    def __init__(self, root_dir: str | os.PathLike):
+        self.root = Path(root_dir)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._shards: set[str] = set()
+        self._counter = itertools.count()
+        self._lock = threading.Lock()
+
+    def __repr__(self) -> str:
+        return f"BlockStore({str(self.root)!r})"
+
+    def path_of(self, cid: Cid) -> Path:
+        key = cid.to_v1().encode()
+        return self.root / key[-3:-1] / key
+
+    def put(self, block: bytes | memoryview, cid: Cid | None = None, *, check: bool = True) -> Cid:
+        """Store `block` (as raw if no CID is given); `check=False` skips the hash when the
+        caller has just computed `cid` from these very bytes. Returns the CID."""
+        if cid is None:
+            cid = Cid.of(block, RAW)
+        elif check and not block_matches(cid, block):
+            raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
+        key = cid.to_v1().encode()
+        shard = key[-3:-1]
+        path = self.root / shard / key
+        with contextlib.suppress(OSError):
+            if os.stat(path).st_size == len(block):
+                os.utime(path)               # already here: count it as used
+                return cid
+        if shard not in self._shards:
+            (self.root / shard).mkdir(exist_ok=True)
+            self._shards.add(shard)
+        tmp = f"{path}{_TMP_MARK}{os.getpid()}-{next(self._counter)}"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            view = memoryview(block)
+            while view:
+                view = view[os.write(fd, view):]
+        except BaseException:
+            os.close(fd)
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        os.close(fd)
+        os.replace(tmp, path)
+        return cid
+
+    def get(self, cid: Cid) -> bytes:
+        """The block, verified against `cid`; `MissingBlock` if absent, `IntegrityError` if corrupted
+        (the bad copy is deleted first, so it can be fetched again)."""
+        path = self.path_of(cid)
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except FileNotFoundError:
+            raise MissingBlock(f"block {cid} is not in {self.root}") from None
+        if not block_matches(cid, data):
+            logger.error("block %s on disk is corrupted (%d bytes at %s); deleting it", cid, len(data), path)
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            raise IntegrityError(f"stored block {cid} is corrupted; it was deleted and must be fetched again")
+        with contextlib.suppress(OSError):
+            os.utime(path)
+        return data
+
+    def has(self, cid: Cid) -> bool:
+        return self.path_of(cid).is_file()
+
+    def delete(self, cid: Cid) -> bool:
+        try:
+            os.unlink(self.path_of(cid))
+            return True
+        except FileNotFoundError:
+            return False
+
+    def entries(self) -> Iterator[Entry]:
+        for shard in os.scandir(self.root):
+            if not shard.is_dir(follow_symlinks=False):
+                continue
+            for item in os.scandir(shard.path):
+                if _TMP_MARK in item.name:
+                    continue
+                try:
+                    cid = Cid.parse(item.name)
+                    st = item.stat(follow_symlinks=False)
+                except (CidError, OSError):
+                    continue                 # not ours, or deleted meanwhile
+                yield Entry(cid, st.st_size, st.st_mtime_ns / 1e9)
+
+    def __iter__(self) -> Iterator[Cid]:
+        return (e.cid for e in self.entries())
+
+    def size_bytes(self) -> int:
+        return sum(e.size_bytes for e in self.entries())
+
+    def _recent_cutoff(self, min_idle_s: float) -> float:
+        return time.time() - min_idle_s if min_idle_s > 0 else float("inf")
+
+    # pins: a JSON list of CID strings, replaced atomically, under a file lock so that a node
+    # and a `swarmlm store` command on the same directory do not lose each other's pins
+    @contextlib.contextmanager
+    def _pins_lock(self):
+        with self._lock, open(self.root / (PINS_FILE + ".lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(lock, fcntl.LOCK_UN)
+
+    def _load_pins(self) -> list[str]:
+        path = self.root / PINS_FILE
+        try:
+            pins = json.loads(path.read_text())
+        except FileNotFoundError:
+            return []
+        except (OSError, ValueError) as e:
+            raise IntegrityError(f"{path} is unreadable ({e}); fix or remove it") from None
+        if not isinstance(pins, list) or not all(isinstance(p, str) for p in pins):
+            raise IntegrityError(f"{path} must hold a JSON list of CIDs")
+        return pins
+
+    def _save_pins(self, pins: list[str]) -> None:
+        path = self.root / PINS_FILE
+        tmp = path.with_name(f"{PINS_FILE}{_TMP_MARK}{os.getpid()}-{next(self._counter)}")
+        tmp.write_text(json.dumps(pins, indent=1))
+        os.replace(tmp, path)
+
+
+# ---- in memory ----------------------------------------------------------------------------
+
+class MemoryBlockStore(_PinsAndGc):
+    """The same protocol in a dict; `last_used` is a counter, not a clock. For tests."""
+
+    def __init__(self):
+        self.blocks: dict[Cid, bytes] = {}
+        self._used: dict[Cid, int] = {}
+        self._clock = itertools.count()
+        self._pins: list[str] = []
+        self._lock = threading.Lock()
+
+    def put(self, block: bytes | memoryview, cid: Cid | None = None, *, check: bool = True) -> Cid:
+        if cid is None:
+            cid = Cid.of(block, RAW)
+        elif check and not block_matches(cid, block):
+            raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
+        key = cid.to_v1()
+        self.blocks[key] = bytes(block)
+        self._used[key] = next(self._clock)
+        return cid
+
+    def get(self, cid: Cid) -> bytes:
+        key = cid.to_v1()
+        if key not in self.blocks:
+            raise MissingBlock(f"block {cid} is not in the memory store")
+        data = self.blocks[key]
+        if not block_matches(cid, data):
+            logger.error("block %s in memory is corrupted; deleting it", cid)
+            self.delete(cid)
+            raise IntegrityError(f"stored block {cid} is corrupted; it was deleted and must be fetched again")
+        self._used[key] = next(self._clock)
+        return data
+
+    def has(self, cid: Cid) -> bool:
+        return cid.to_v1() in self.blocks
+
+    def delete(self, cid: Cid) -> bool:
+        self._used.pop(cid.to_v1(), None)
+        return self.blocks.pop(cid.to_v1(), None) is not None
+
+    def entries(self) -> Iterator[Entry]:
+        return iter([Entry(c, len(b), float(self._used[c])) for c, b in self.blocks.items()])
+
+    def __iter__(self) -> Iterator[Cid]:
+        return iter(list(self.blocks))
+
+    def size_bytes(self) -> int:
+        return sum(len(b) for b in self.blocks.values())
+
+    @contextlib.contextmanager
+    def _pins_lock(self):
+        with self._lock:
+            yield
+
+    def _load_pins(self) -> list[str]:
+        return list(self._pins)
+
+    def _save_pins(self, pins: list[str]) -> None:
+        self._pins = list(pins)
