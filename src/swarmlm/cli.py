@@ -62,10 +62,17 @@ def _add_generate(sub) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
+    p.add_argument("--swarm", action="store_true", help="run the blocks through the swarm's servers")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --swarm: join through these")
+    p.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="with --swarm: seconds to wait until every block is served")
     p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args) -> int:
+    if args.swarm:
+        from swarmlm.swarm.client.model import generate_from_args as swarm_generate_from_args
+        return swarm_generate_from_args(args)
     from swarmlm.model.generate import generate_from_args
     return generate_from_args(args)
 
@@ -157,13 +164,40 @@ def _run_serve(args) -> int:
     return serve_from_args(args)
 
 
+# ---- finetune -----------------------------------------------------------------------------
+
+def _add_finetune(sub) -> None:
+    p = sub.add_parser("finetune", help="train prompts and LoRA adapters on the client, blocks frozen (or in the swarm)")
+    p.add_argument("model", help="a checkpoint directory (or, with --swarm, a manifest CID)")
+    p.add_argument("--data", required=True, help="a text file to train on")
+    p.add_argument("--out", required=True, help="where to write adapters.safetensors and metrics.jsonl")
+    p.add_argument("--swarm", action="store_true", help="run the blocks through the swarm's servers")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --swarm: join through these")
+    p.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="with --swarm: seconds to wait until every block is served")
+    p.add_argument("--steps", type=int, default=30)
+    p.add_argument("--prompt-len", type=int, default=16, help="trainable prompt positions (0: no prompt tuning)")
+    p.add_argument("--deep-prompts", action="store_true", help="also train prompts before every block")
+    p.add_argument("--lora-rank", type=int, default=0, help="LoRA rank on the lm head (0: none)")
+    p.add_argument("--lr", type=float, default=1e-2)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=128)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=_run_finetune)
+
+
+def _run_finetune(args) -> int:
+    from swarmlm.swarm.finetune import finetune_from_args
+    return finetune_from_args(args)
+
+
 # ---- entry point --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmlm", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve):
+    for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune):
         add(sub)
     return parser
 

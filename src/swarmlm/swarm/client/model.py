@@ -21,6 +21,7 @@ from typing import Any, Coroutine, Iterator, Sequence
 
 import torch
 
+from swarmlm.errors import UserError
 from swarmlm.model.cache import KVCache
 from swarmlm.model.generate import StepFn, check_context, stream_tokens
 from swarmlm.model.transformer import Transformer
@@ -60,6 +61,8 @@ class RemoteModel:
         self.runner = runner
         self._on_close = list(on_close)     # e.g. the peer's shutdown, run on the loop at close()
         self._owns_runner = owns_runner
+        self.last_session: InferenceSession | None = None   # of the latest generate (its chain, recoveries)
+        self.source_dir = None              # the local checkpoint directory (tokenizer), set by connect
 
     @classmethod
     def connect(cls, model: str, *, initial_peers: Sequence[str], connect_timeout_s: float = 60.0,
@@ -86,7 +89,9 @@ class RemoteModel:
             runner.run(peer.shutdown())
             runner.close()
             raise
-        return cls(local, blocks, runner, on_close=[peer.shutdown()], owns_runner=True)
+        remote = cls(local, blocks, runner, on_close=[peer.shutdown()], owns_runner=True)
+        remote.source_dir = source.directory
+        return remote
 
     def close(self) -> None:
         for coro in self._on_close:
@@ -147,11 +152,14 @@ class RemoteModel:
                         eos_id: int | None = None) -> Iterator[list[int | None]]:
         """Per-step tokens, one per row (None once a row has ended), as model.generate.stream_generate."""
         prompts = [list(p) for p in prompt_ids]
+        if not prompts or any(len(p) == 0 for p in prompts):
+            raise UserError("every prompt needs at least one token")
         max_new_tokens = check_context(self.local, prompts, max_new_tokens)
         if max_new_tokens <= 0:
             return
         generator = torch.Generator().manual_seed(seed)
         session = self.inference_session(batch=len(prompts), max_length=max(map(len, prompts)) + max_new_tokens)
+        self.last_session = session.session
         try:
             with torch.inference_mode():
                 yield from stream_tokens(self.step_fn(session), prompts, max_new_tokens=max_new_tokens,
@@ -199,3 +207,63 @@ class SyncSession:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+# ---- the CLI -----------------------------------------------------------------------------------
+
+def generate_from_args(args: Any) -> int:
+    """`swarmlm generate MODEL --swarm --initial-peers ...`: the same output as local generation."""
+    import json
+    import sys
+    import time
+
+    from swarmlm.model.generate import DTYPES
+    from swarmlm.model.tokenizer import Tokenizer
+
+    if not args.initial_peers:
+        raise UserError("--swarm needs --initial-peers MADDR ...")
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    if args.connect_timeout <= 0:
+        raise UserError("--connect-timeout must be positive")
+    with RemoteModel.connect(args.model, initial_peers=args.initial_peers, connect_timeout_s=args.connect_timeout,
+                             dtype=DTYPES[getattr(args, "dtype", "float32")]) as model:
+        tokenizer = Tokenizer.load(model.source_dir)
+        prompt_ids = tokenizer.encode(args.prompt)
+        if not prompt_ids:
+            raise UserError("the prompt encodes to no tokens")
+        eos_id = model.cfg.eos_token_id if model.cfg.eos_token_id is not None else tokenizer.eos_id
+        output_ids: list[int] = []
+        times: list[float] = []
+
+        def tokens() -> Iterator[int]:
+            for step in model.stream_generate([prompt_ids], max_new_tokens=args.max_new_tokens,
+                                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                              seed=args.seed, eos_id=eos_id):
+                t = step[0]
+                if t is None:
+                    return
+                output_ids.append(t)
+                times.append(time.perf_counter())
+                if t != eos_id:
+                    yield t
+
+        if args.json:
+            text = tokenizer.decode(list(tokens()))
+        else:
+            pieces = []
+            for piece in tokenizer.decode_stream(tokens()):
+                pieces.append(piece)
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+            text = "".join(pieces)
+        recoveries = model.last_session.recoveries if model.last_session is not None else 0
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    if args.json:
+        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text,
+                          "tokens_per_s": round(rate, 3), "recoveries": recoveries}))
+    else:
+        print(f"[{len(output_ids)} tokens, {rate:.1f} tokens/s through the swarm, {recoveries} recoveries]",
+              file=sys.stderr)
+    return 0

@@ -1,0 +1,85 @@
+"""Sessions survive a server that vanishes mid-generation, and fail clearly when nobody covers its blocks."""
+
+import time
+
+import pytest
+
+from swarmlm.errors import NotFoundError
+from swarmlm.model.generate import generate
+from tests.helpers.swarm_servers import local_model
+
+PROMPT = [5, 17, 42, 99, 3, 250]
+
+
+def generate_killing(swarm, model, *, after: int, victims, max_new_tokens: int = 12, prompts=None):
+    """Generate, killing whichever of `victims` the session uses after `after` tokens; returns the tokens."""
+    prompts = prompts or [PROMPT]
+    rows = [[] for _ in prompts]
+    for i, tokens in enumerate(model.stream_generate(prompts, max_new_tokens=max_new_tokens)):
+        for row, t in zip(rows, tokens):
+            if t is not None:
+                row.append(t)
+        if i + 1 == after:
+            session = model.last_session
+            used = {h.peer_id for h in session.chain}
+            for peer_id in victims:
+                if peer_id in used:
+                    swarm.kill(peer_id)
+    return rows
+
+
+def test_generation_survives_a_killed_server_with_identical_tokens(swarm, checkpoints):
+    ckpt = checkpoints["llama"]
+    swarm.add_server(ckpt, (0, 2))
+    b = swarm.add_server(ckpt, (2, 4))
+    c = swarm.add_server(ckpt, (2, 4))
+    model = swarm.remote_model(ckpt)
+
+    rows = generate_killing(swarm, model, after=5, victims=[b, c])
+
+    assert rows[0] == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
+    assert model.last_session.recoveries == 1
+
+
+def test_a_lost_server_may_be_replaced_by_two_smaller_ones(swarm, checkpoints):
+    ckpt = checkpoints["gpt2"]
+    swarm.add_server(ckpt, (0, 1))
+    whole = swarm.add_server(ckpt, (1, 4))
+    swarm.add_server(ckpt, (1, 3))
+    swarm.add_server(ckpt, (3, 4))
+    model = swarm.remote_model(ckpt)
+    batch = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13], [300]]
+    rows = []
+    for i, tokens in enumerate(model.stream_generate(batch, max_new_tokens=10)):
+        rows.append(tokens)
+        if i == 3 and whole in {h.peer_id for h in model.last_session.chain}:
+            swarm.kill(whole)
+    got = [[t[r] for t in rows if t[r] is not None] for r in range(3)]
+
+    assert got == generate(local_model(ckpt), batch, max_new_tokens=10)
+    assert model.last_session.recoveries == 1
+
+
+def test_no_replacement_fails_naming_the_missing_blocks(swarm, checkpoints):
+    ckpt = checkpoints["llama"]
+    swarm.add_server(ckpt, (0, 2))
+    b = swarm.add_server(ckpt, (2, 4))
+    model = swarm.remote_model(ckpt)
+    t0 = time.monotonic()
+
+    with pytest.raises(NotFoundError, match=r"blocks 2\.\.3"):
+        generate_killing(swarm, model, after=3, victims=[b])
+
+    assert time.monotonic() - t0 < 30
+
+
+def test_a_server_stopped_cleanly_is_left_at_once(swarm, checkpoints):
+    ckpt = checkpoints["llama"]
+    swarm.add_server(ckpt, (0, 4))
+    a = swarm.add_server(ckpt, (0, 4))
+    model = swarm.remote_model(ckpt)
+    swarm.stop_server(a)
+
+    out = model.generate(PROMPT, max_new_tokens=6)
+
+    assert out == generate(local_model(ckpt), PROMPT, max_new_tokens=6)

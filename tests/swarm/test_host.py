@@ -1,0 +1,254 @@
+"""BlockHost handlers: results equal the local blocks, and bad input gets an error reply while other sessions go on."""
+
+import asyncio
+import os
+
+import pytest
+import torch
+
+from swarmlm.errors import RemoteError
+from swarmlm.model.config import PRESETS
+from swarmlm.model.transformer import Transformer
+from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
+from swarmlm.p2p.rpc import call_message
+from swarmlm.swarm import wire
+from swarmlm.swarm.server.budget import BudgetLimits
+from swarmlm.swarm.server.host import BlockHost
+
+CFG = PRESETS["tiny"].replace(vocab_size=64)
+D = CFG.dim
+
+
+@pytest.fixture(scope="module")
+def full():
+    torch.manual_seed(0)
+    return Transformer(CFG).eval().requires_grad_(False)
+
+
+class Harness:
+    """A host for blocks 0:2 on a MemoryPeer, and a client peer calling it."""
+
+    def __init__(self, full, limits=None):
+        part = Transformer(CFG, layers=range(0, 2), with_embed=False, with_head=False)
+        part.load_state_dict({k: v for k, v in full.state_dict().items() if k in part.state_dict()})
+        self.host = BlockHost(part, model_id="m", limits=limits or BudgetLimits(max_session_tokens=64,
+                                                                             max_request_tokens=256))
+
+    async def start(self):
+        net = MemoryNetwork()
+        self.server, self.client = await MemoryPeer.create(net), await MemoryPeer.create(net)
+        await self.host.register(self.server)
+        return self
+
+    async def call(self, name, req, reply_cls):
+        return await call_message(self.client, self.server.peer_id, name, req, reply_cls, timeout_s=10,
+                                  max_response_bytes=1 << 24)
+
+    async def open(self, batch=1, max_length=16, start=0, end=2):
+        sid = os.urandom(16)
+        await self.call(wire.RPC_OPEN, wire.OpenRequest(sid, start, end, batch, max_length), wire.OpenReply)
+        return sid
+
+    async def step(self, sid, x, position, start=0, end=2, **kw):
+        req = wire.StepRequest(sid, start, end, position, x, **kw)
+        return (await self.call(wire.RPC_STEP, req, wire.StepReply)).hidden
+
+
+def run(coro):
+    return asyncio.run(coro)
+
+
+def test_steps_equal_the_local_blocks_with_a_cache(full):
+    async def go():
+        h = await Harness(full).start()
+        sid = await h.open()
+        x = torch.randn(1, 5, D)
+        a = await h.step(sid, x[:, :4], 0)
+        b = await h.step(sid, x[:, 4:], 4)
+        return torch.cat([a, b], 1), full.run_blocks(x, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_retried_step_replaces_its_first_try(full):
+    async def go():
+        h = await Harness(full).start()
+        sid = await h.open()
+        x = torch.randn(1, 3, D)
+        await h.step(sid, x[:, :2], 0)
+        await h.step(sid, torch.randn(1, 1, D), 2)        # a step whose reply the client never saw
+        again = await h.step(sid, x[:, 2:], 2)            # the retry, at the same position
+        return again, full.run_blocks(x, start=0, end=2)[:, 2:]
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_chunked_replay_reproduces_single_steps_bit_for_bit(full):
+    async def go():
+        h = await Harness(full).start()
+        a, b = await h.open(), await h.open()
+        x = torch.randn(1, 6, D)
+        singles = [await h.step(a, x[:, :3], 0)] + [await h.step(a, x[:, i:i + 1], i) for i in range(3, 6)]
+        replay = await h.step(b, x, 0, chunks=[3, 1, 1, 1])
+        return torch.cat(singles, 1), replay
+
+    singles, replay = run(go())
+    assert torch.equal(singles, replay)
+
+
+def test_forward_and_backward_equal_local_autograd(full):
+    async def go():
+        h = await Harness(full).start()
+        x, g = torch.randn(2, 5, D), torch.randn(2, 5, D)
+        prompts = torch.randn(2, 1, 3, D)
+        fwd = await h.call(wire.RPC_FORWARD, wire.SpanForwardRequest(0, 2, x, None, prompts), wire.SpanForwardReply)
+        bwd = await h.call(wire.RPC_BACKWARD, wire.SpanBackwardRequest(0, 2, x, g, None, prompts),
+                           wire.SpanBackwardReply)
+        return x, g, prompts, fwd.hidden, bwd
+
+    x, g, prompts, out, bwd = run(go())
+    from swarmlm.swarm.blocks import run_span
+    xl, pl = x.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+    with torch.enable_grad():
+        ref = run_span(full, xl, 0, 2, prompts=pl)
+        ref.backward(g)
+    torch.testing.assert_close(out, ref.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bwd.grad_hidden, xl.grad, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bwd.grad_prompts, pl.grad, atol=1e-5, rtol=1e-5)
+
+
+BAD_STEPS = {
+    "wrong width": dict(x=torch.randn(1, 2, D + 1)),
+    "wrong rank": dict(x=torch.randn(2, D)),
+    "wrong dtype": dict(x=torch.randn(1, 2, D, dtype=torch.float64)),
+    "integer hidden": dict(x=torch.ones(1, 2, D, dtype=torch.int64)),
+    "wrong batch": dict(x=torch.randn(3, 2, D)),
+    "empty": dict(x=torch.randn(1, 0, D)),
+    "nan": dict(x=torch.full((1, 2, D), float("nan"))),
+    "too many tokens": dict(x=torch.randn(1, 17, D)),
+    "position ahead": dict(x=torch.randn(1, 1, D), position=5),
+    "span not held": dict(x=torch.randn(1, 2, D), start=2, end=4),
+    "span differs": dict(x=torch.randn(1, 2, D), start=0, end=1),
+    "mask shape": dict(x=torch.randn(1, 2, D), key_mask=torch.ones(1, 3, dtype=torch.bool)),
+    "mask dtype": dict(x=torch.randn(1, 2, D), key_mask=torch.ones(1, 2)),
+    "prompts shape": dict(x=torch.randn(1, 2, D), prompts=torch.randn(1, 1, 2, D)),
+    "bad chunks": dict(x=torch.randn(1, 2, D), chunks=[1, 2]),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS))
+def test_bad_step_gets_an_error_reply_and_other_sessions_go_on(full, case):
+    async def go():
+        h = await Harness(full).start()
+        good, bad = await h.open(), await h.open()
+        x = torch.randn(1, 3, D)
+        first = await h.step(good, x[:, :2], 0)
+        kw = dict(BAD_STEPS[case])
+        with pytest.raises(RemoteError):
+            await h.step(bad, kw.pop("x"), kw.pop("position", 0), **kw)
+        second = await h.step(good, x[:, 2:], 2)
+        return torch.cat([first, second], 1), full.run_blocks(x, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_unknown_closed_and_foreign_sessions_are_refused(full):
+    async def go():
+        h = await Harness(full).start()
+        x = torch.randn(1, 1, D)
+        with pytest.raises(RemoteError, match="unknown or closed"):
+            await h.step(os.urandom(16), x, 0)
+        sid = await h.open()
+        await h.call(wire.RPC_CLOSE, wire.CloseRequest(sid), wire.CloseReply)
+        with pytest.raises(RemoteError, match="unknown or closed"):
+            await h.step(sid, x, 0)
+        mine = await h.open()
+        other = await MemoryPeer.create(h.server.network)
+        req = wire.StepRequest(mine, 0, 2, 0, x)
+        with pytest.raises(RemoteError, match="unknown or closed"):
+            await call_message(other, h.server.peer_id, wire.RPC_STEP, req, wire.StepReply, timeout_s=5)
+        return await h.step(mine, x, 0)
+
+    assert run(go()).shape == (1, 1, D)
+
+
+@pytest.mark.parametrize("req", [
+    wire.OpenRequest(b"short", 0, 2, 1, 8),
+    wire.OpenRequest(b"x" * 16, 0, 3, 1, 8),
+    wire.OpenRequest(b"x" * 16, 0, 2, 1, 10_000),
+    wire.OpenRequest(b"x" * 16, 0, 2, 0, 8),
+    wire.OpenRequest(b"x" * 16, 0, 2, 5, 16),
+])
+def test_bad_open_gets_an_error_reply(full, req):
+    async def go():
+        h = await Harness(full).start()
+        with pytest.raises(RemoteError):
+            await h.call(wire.RPC_OPEN, req, wire.OpenReply)
+        return h.host.budget.n_sessions
+
+    assert run(go()) == 0
+
+
+def test_too_many_sessions_are_refused_with_a_clear_error(full):
+    async def go():
+        h = await Harness(full, BudgetLimits(max_sessions=2)).start()
+        await h.open()
+        await h.open()
+        with pytest.raises(RemoteError, match="server full"):
+            await h.open()
+
+    run(go())
+
+
+@pytest.mark.parametrize("name,req,cls", [
+    (wire.RPC_FORWARD, wire.SpanForwardRequest(0, 3, torch.randn(1, 2, D)), wire.SpanForwardReply),
+    (wire.RPC_FORWARD, wire.SpanForwardRequest(0, 2, torch.randn(1, 2, 7)), wire.SpanForwardReply),
+    (wire.RPC_FORWARD, wire.SpanForwardRequest(0, 2, torch.randn(1, 300, D)), wire.SpanForwardReply),
+    (wire.RPC_FORWARD, wire.SpanForwardRequest(0, 2, torch.randn(1, 2, D).half()), wire.SpanForwardReply),
+    (wire.RPC_BACKWARD, wire.SpanBackwardRequest(0, 2, torch.randn(1, 2, D), torch.randn(1, 3, D)),
+     wire.SpanBackwardReply),
+    (wire.RPC_BACKWARD, wire.SpanBackwardRequest(1, 3, torch.randn(1, 2, D), torch.randn(1, 2, D)),
+     wire.SpanBackwardReply),
+])
+def test_bad_forward_and_backward_get_an_error_reply(full, name, req, cls):
+    async def go():
+        h = await Harness(full).start()
+        with pytest.raises(RemoteError):
+            await h.call(name, req, cls)
+        ok = await h.call(wire.RPC_FORWARD, wire.SpanForwardRequest(0, 2, torch.randn(1, 2, D)),
+                          wire.SpanForwardReply)
+        return ok.hidden.shape
+
+    assert run(go()) == (1, 2, D)
+
+
+@pytest.mark.parametrize("name", wire.RPC_NAMES)
+def test_garbage_bytes_get_an_error_reply(full, name):
+    async def go():
+        h = await Harness(full).start()
+        with pytest.raises(RemoteError):
+            await h.client.call(h.server.peer_id, name, b"\xc1garbage", timeout_s=5, max_response_bytes=1 << 20)
+        info = await h.call(wire.RPC_INFO, wire.InfoRequest(), wire.InfoReply)
+        return info.state
+
+    assert run(go()) == "joining"
+
+
+def test_idle_sessions_time_out_and_free_their_cache(full):
+    now = [0.0]
+    h = Harness(full, BudgetLimits(idle_timeout_s=10.0))
+    h.host.clock = lambda: now[0]
+
+    async def go():
+        await h.start()
+        sid = await h.open()
+        now[0] = 11.0
+        assert h.host.sweep() == 1
+        with pytest.raises(RemoteError, match="unknown or closed"):
+            await h.step(sid, torch.randn(1, 1, D), 0)
+        return h.host.budget.free_tokens
+
+    assert run(go()) == h.host.budget.limits.max_cache_tokens
