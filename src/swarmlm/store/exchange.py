@@ -266,6 +266,8 @@ class Fetcher:
             self.on_block(n_bytes)
 
     def _ban(self, prov: _Provider, why: str) -> None:
+        if prov.banned:
+            return                      # another of its streams got there first
         prov.banned = True
         self.stats.banned.append(prov.peer_id)
         logger.warning("banning peer %s: %s", prov.peer_id, why)
