@@ -80,7 +80,10 @@ class Rotary:
         self._on: dict[torch.device, torch.Tensor] = {}
 
     def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        """positions (B, T) long -> cos, sin each (B, 1, T, Dh) in `dtype`."""
+        """positions (B, T) long -> (cos, signed sin) each (B, 1, T, Dh) in `dtype`, for apply_rope.
+
+        The sin table's first half is negated so that rotating is one roll and one multiply-add.
+        """
         device = positions.device
         if self.cfg.rope_type == "dynamic":
             seq_len = int(positions.max()) + 1
@@ -89,16 +92,15 @@ class Rotary:
             inv_freq = self._on.get(device)
             if inv_freq is None:
                 inv_freq = self._on[device] = self.inv_freq.to(device)
-        freqs = positions.float()[..., None] * inv_freq        # (B, T, Dh/2)
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]       # (B, 1, T, Dh)
-        return emb.cos().to(dtype), emb.sin().to(dtype)
+        freqs = positions.float()[:, None, :, None] * inv_freq        # (B, 1, T, Dh/2)
+        cos, sin = freqs.cos(), freqs.sin()
+        return torch.cat((cos, cos), -1).to(dtype), torch.cat((-sin, sin), -1).to(dtype)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x (B, H, T, Dh) rotated by HF's half-split convention (the layout of HF checkpoints)."""
-    half = x.shape[-1] // 2
-    rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)  # (B, H, T, Dh)
-    return x * cos + rotated * sin
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, signed_sin: torch.Tensor) -> torch.Tensor:
+    """x (B, H, T, Dh) rotated in HF's half-split layout (the layout of HF checkpoints):
+    x * cos + concat(-x2, x1) * sin, where concat(x2, x1) = roll(x, Dh/2) and the sign is in the table."""
+    return torch.addcmul(x * cos, torch.roll(x, x.shape[-1] // 2, -1), signed_sin)
 
 
 # ---- attention and MLP --------------------------------------------------------------------
