@@ -103,8 +103,65 @@ def _run_node(args) -> int:
 def _add_store(sub) -> None:
     p = sub.add_parser("store", help="the content-addressed block store")
     store_sub = p.add_subparsers(dest="store_command", required=True)
-    for add in (_add_store_get, _add_store_pin):
+    for add in (_add_store_add, _add_store_ls, _add_store_publish_model, _add_store_cat, _add_store_get,
+                _add_store_pin):
         add(store_sub)
+
+
+_DATA_DIR_HELP = "data directory; blocks live in <D>/blocks (default: $SWARMLM_HOME, else ~/.swarmlm)"
+
+
+def _add_store_add(store_sub) -> None:
+    p = store_sub.add_parser("add", help="add a file to the local store and pin it; prints its CID last")
+    p.add_argument("file")
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
+    p.add_argument("--cid-version", type=int, choices=[0, 1], default=1,
+                   help="1: raw leaves, CIDv1 (ipfs add --cid-version=1); 0: legacy ipfs add")
+    p.set_defaults(run=_run_store_add)
+
+
+def _run_store_add(args) -> int:
+    from swarmlm.store.local import add_from_args
+    return add_from_args(args)
+
+
+def _add_store_ls(store_sub) -> None:
+    p = store_sub.add_parser("ls", help="list the local store: CID, bytes, pinned")
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
+    p.add_argument("--pins", action="store_true", help="only the pinned roots, with their file sizes")
+    p.set_defaults(run=_run_store_ls)
+
+
+def _run_store_ls(args) -> int:
+    from swarmlm.store.local import ls_from_args
+    return ls_from_args(args)
+
+
+def _add_store_publish_model(store_sub) -> None:
+    p = store_sub.add_parser("publish-model", help="add a checkpoint directory per block under a manifest; "
+                                                   "prints the manifest CID last")
+    p.add_argument("model_dir")
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
+    p.add_argument("--name", default=None, help="a label for the model (default: the directory name)")
+    p.set_defaults(run=_run_store_publish_model)
+
+
+def _run_store_publish_model(args) -> int:
+    from swarmlm.store.local import publish_from_args
+    return publish_from_args(args)
+
+
+def _add_store_cat(store_sub) -> None:
+    p = store_sub.add_parser("cat", help="write a file from the local store (no network), verified")
+    p.add_argument("cid")
+    p.add_argument("-o", "--output", default=None, help="output file (default: stdout)")
+    p.add_argument("--data-dir", default=None, help=_DATA_DIR_HELP)
+    p.set_defaults(run=_run_store_cat)
+
+
+def _run_store_cat(args) -> int:
+    from swarmlm.store.local import cat_from_args
+    return cat_from_args(args)
 
 
 def _add_store_get(store_sub) -> None:

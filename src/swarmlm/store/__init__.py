@@ -1,0 +1,18 @@
+"""store: content-addressed blocks, IPFS-compatible files, model manifests, and their exchange.
+
+Reading order:
+    cid.py         Cid (v0/v1, raw, dag-pb, dag-json; sha2-256), verify, CidError
+    unixfs.py      dag-pb PBNode/PBLink and UnixFS Data: encode/decode; links_of any block
+    blockstore.py  BlockStore (on disk, verified reads, pins, LRU gc), MemoryBlockStore (its twin)
+    paths.py       data_dir / blocks_dir: --data-dir, else $SWARMLM_HOME, else ~/.swarmlm
+    dag.py         add_file (the CID `ipfs add` prints), iter_file, list_blocks, children, file_size,
+                   and the functional store helpers the exchange uses (open_store, read_block, ...)
+    manifest.py    ModelManifest: publish_model, materialize_model, fetch_model
+    local.py       the local commands: store add | ls | cat | publish-model
+    providers.py   provider records in the DHT, replication planning
+    exchange.py    BlockService (serve blocks), Fetcher / fetch_dag / get_file (fetch verified)
+    node.py        StoreNode: announce, pin RPC, re-replication, gc; run_node (`swarmlm node`)
+    commands.py    the network commands: node, store get, store pin
+
+Everything above dag.py is local and synchronous; only providers/exchange/node talk to peers.
+"""

@@ -1,0 +1,82 @@
+"""`swarmlm store add | ls | cat | publish-model`: the local commands, through cli.main."""
+
+import pytest
+
+from swarmlm.cli import main
+from swarmlm.store.blockstore import BlockStore
+from swarmlm.store.cid import Cid
+
+HELLO_V1 = "bafkreicysg23kiwv34eg2d7qweipxwosdo2py4ldv42nbauguluen5v6am"
+HELLO_V0 = "QmZULkCELmmk5XNfCgTnCyFgAVxBRBXyDHGGMVoLFLiXEN"
+
+
+@pytest.fixture
+def hello(tmp_path):
+    path = tmp_path / "hello.txt"
+    path.write_bytes(b"hello\n")
+    return path
+
+
+def last_line(capsys) -> str:
+    return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("version,expected", [("1", HELLO_V1), ("0", HELLO_V0)])
+def test_add_prints_the_ipfs_cid_last_and_pins_it(hello, tmp_path, capsys, version, expected):
+    rc = main(["store", "add", str(hello), "--data-dir", str(tmp_path / "d"), "--cid-version", version])
+    assert rc == 0 and last_line(capsys) == expected
+    store = BlockStore(tmp_path / "d" / "blocks")
+    assert store.is_pinned(Cid.parse(expected)) and store.get(Cid.parse(expected))
+
+
+def test_add_uses_swarmlm_home_without_data_dir(hello, tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("SWARMLM_HOME", str(tmp_path / "home"))
+    assert main(["store", "add", str(hello)]) == 0
+    assert last_line(capsys) == HELLO_V1
+    assert BlockStore(tmp_path / "home" / "blocks").has(Cid.parse(HELLO_V1))
+
+
+def test_ls_lists_blocks_with_sizes_and_pins(hello, tmp_path, capsys):
+    data_dir = str(tmp_path / "d")
+    main(["store", "add", str(hello), "--data-dir", data_dir])
+    capsys.readouterr()
+    assert main(["store", "ls", "--data-dir", data_dir]) == 0
+    assert capsys.readouterr().out.split() == [HELLO_V1, "6", "pinned"]
+    assert main(["store", "ls", "--pins", "--data-dir", data_dir]) == 0
+    assert capsys.readouterr().out.split() == [HELLO_V1, "6", "pinned"]
+
+
+def test_cat_writes_the_file_back(hello, tmp_path, capsys):
+    data_dir = str(tmp_path / "d")
+    main(["store", "add", str(hello), "--data-dir", data_dir, "--cid-version", "0"])
+    out = tmp_path / "out.txt"
+    assert main(["store", "cat", HELLO_V0, "-o", str(out), "--data-dir", data_dir]) == 0
+    assert out.read_bytes() == b"hello\n"
+
+
+@pytest.mark.parametrize("argv", [
+    ["store", "add", "/nonexistent/file"],
+    ["store", "cat", "not-a-cid"],
+    ["store", "cat", HELLO_V1],                          # not in this store
+    ["store", "publish-model", "/nonexistent/dir"],
+])
+def test_bad_input_is_one_line_and_no_traceback(argv, tmp_path, capsys):
+    rc = main(argv + ["--data-dir", str(tmp_path / "d")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc in (1, 2) and len(err) == 1 and "Traceback" not in err[0]
+
+
+def test_publish_model_prints_the_manifest_cid(tmp_path, capsys):
+    import json
+
+    from safetensors.torch import save_file
+    import torch
+    ckpt = tmp_path / "ckpt"
+    ckpt.mkdir()
+    tensors = {"model.embed_tokens.weight": torch.zeros(4, 2), "model.layers.0.mlp.up_proj.weight": torch.ones(2, 2),
+               "model.norm.weight": torch.ones(2)}
+    save_file(tensors, str(ckpt / "model.safetensors"))
+    (ckpt / "config.json").write_text(json.dumps({"model_type": "llama", "num_hidden_layers": 1}))
+    assert main(["store", "publish-model", str(ckpt), "--data-dir", str(tmp_path / "d")]) == 0
+    cid = Cid.parse(last_line(capsys))
+    assert BlockStore(tmp_path / "d" / "blocks").is_pinned(cid)
