@@ -6,7 +6,10 @@ import tempfile
 import pytest
 import torch
 
-torch.set_num_threads(2)
+# One thread per process: tests run several processes on 2 cores, and OpenMP threads that
+# spin-wait for a busy core make every op 5-10x slower. Children inherit the variable.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
 
 def pytest_configure(config):
