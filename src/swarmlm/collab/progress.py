@@ -7,7 +7,8 @@ builds the same kind of `SwarmView` and decides, with no I/O:
 
 - `is_time_to_average`: have we (together) reached the target global batch for this step?
 - `round_candidates`: whom should a round at this step wait for?
-- `peer_ahead`: is someone already past this step, so this peer must download the state?
+- `peer_to_follow`: is someone past this step, or at it with a different model (two groups
+  formed where there should have been one), so this peer must download the state?
 
 Knows nothing of tensors, RPCs or the DHT client; the optimizer does the I/O.
 """
@@ -30,6 +31,7 @@ class ProgressRecord:
     loss: float               # its recent training loss (for progress bars); NaN when unknown
     time: float               # wall clock (Unix s) when published
     active: bool = True       # False once the peer has finished or is leaving
+    lineage: str = ""         # digest of the chain of rounds behind its model; equal step + lineage = same model
 
     def check(self) -> None:
         if self.step < 0 or self.samples < 0:
@@ -99,12 +101,27 @@ def is_time_to_average(view: SwarmView, me: str, *, step: int, my_samples: int, 
 
 
 def round_candidates(view: SwarmView, me: str, step: int) -> list[str]:
-    """Peers a round at `step` should wait for: those at this step or one behind (their record
-    may simply be older than their progress). Sorted, this peer included."""
-    return sorted(p for p, r in view.peers.items() if p == me or step - 1 <= r.step <= step)
+    """Peers a round at `step` should wait for: everyone live not past it (a record may lag the
+    peer's progress by several steps). Sorted, this peer included."""
+    return sorted(p for p, r in view.peers.items() if p == me or r.step <= step)
 
 
-def peer_ahead(view: SwarmView, me: str, step: int) -> str | None:
-    """The most advanced peer past `step` (to download the state from), or None if nobody is ahead."""
-    ahead = [(r.step, p) for p, r in view.peers.items() if p != me and r.step > step]
-    return max(ahead)[1] if ahead else None
+def peer_to_follow(view: SwarmView, me: str) -> str | None:
+    """The peer whose model this one must adopt, or None. The reference model is that of the
+    most advanced peer (smallest ID among equals); this peer follows it when it is behind, or
+    at the same step with another lineage — so a swarm that split into two groups for a step
+    converges back to one model at the next look."""
+    mine = view.peers[me]
+    ref = reference_peer(view)
+    if ref == me:
+        return None
+    other = view.peers[ref]
+    if other.step > mine.step or other.lineage != mine.lineage:
+        return ref
+    return None
+
+
+def reference_peer(view: SwarmView) -> str:
+    """The most advanced peer; the smallest peer ID among equals."""
+    top = max(r.step for r in view.peers.values())
+    return min(p for p, r in view.peers.items() if r.step == top)
