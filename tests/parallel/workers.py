@@ -1,0 +1,50 @@
+"""Workers for the multi-process tests: each runs inside every gloo process (tests/helpers/dist.py).
+
+Batches are synthetic and a pure function of the step, so a single process and any layout see
+the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import torch
+import torch.distributed as dist
+
+from swarmlm.model.config import PRESETS
+from swarmlm.parallel.engine import ParallelTrainer
+from swarmlm.parallel.mesh import ParallelPlan, build_mesh, check_plan
+from swarmlm.train.config import TrainConfig
+
+TRAIN = TrainConfig(steps=10, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, seed=0)
+
+
+def model_config(**changes):
+    return dataclasses.replace(PRESETS["tiny"], vocab_size=512, **changes)
+
+
+def batch(step: int, cfg, train: TrainConfig = TRAIN) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1000 + step)
+    seq = torch.randint(cfg.vocab_size, (train.batch_size, train.seq_len + 1), generator=g)
+    return seq[:, :-1], seq[:, 1:]
+
+
+def reference_losses(steps: int = 10, **cfg_changes) -> list[float]:
+    """The single-process run the parallel layouts must reproduce."""
+    cfg = model_config(**cfg_changes)
+    trainer = ParallelTrainer(cfg, TRAIN)
+    return [trainer.step(s, *batch(s, cfg)) for s in range(steps)]
+
+
+def run_plans(rank: int, plans: list[dict], steps: int = 10) -> dict[str, list[float]]:
+    """For each named plan ({"name":..., "cfg": {...}, plan fields...}): the losses of `steps` steps."""
+    out = {}
+    for spec in plans:
+        spec = dict(spec)
+        name, cfg = spec.pop("name"), model_config(**spec.pop("cfg", {}))
+        plan = check_plan(cfg, dist.get_world_size(), ParallelPlan(**spec), seq_len=TRAIN.seq_len,
+                          batch_size=TRAIN.batch_size)
+        trainer = ParallelTrainer(cfg, TRAIN, plan, mesh=build_mesh(plan, "cpu"))
+        out[name] = [trainer.step(s, *batch(s, cfg)) for s in range(steps)]
+        dist.barrier()
+    return out
