@@ -41,7 +41,38 @@ def _add_train(sub) -> None:
     p.add_argument("--out", default=None, help="run directory: checkpoint, metrics.jsonl (default: runs/<config>)")
     p.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_swarm_train_flags(p)
+    _add_parallel_train_flags(p)
     p.set_defaults(run=_run_train)
+
+
+def _add_parallel_train_flags(p) -> None:
+    g = p.add_argument_group("in-cluster parallel training under torchrun (swarmlm.parallel)")
+    for name, what in (("dp", "data-parallel replicas (DDP)"), ("fsdp", "ranks sharding parameters (FSDP2)"),
+                       ("tp", "tensor-parallel ranks"), ("pp", "pipeline ranks"), ("cp", "context-parallel ranks")):
+        g.add_argument(f"--{name}", type=int, default=None, metavar="N", help=what)
+    g.add_argument("--pp-schedule", default="1f1b", choices=["gpipe", "1f1b", "interleaved-1f1b"])
+    g.add_argument("--microbatches", type=int, default=0, metavar="N",
+                   help="micro-batches per pipeline step (default: the number of stages)")
+
+
+def _add_swarm_train_flags(p) -> None:
+    g = p.add_argument_group("collaborative training over the swarm (swarmlm.collab)")
+    g.add_argument("--swarm", action="store_true", help="train together with other peers of --run-id")
+    g.add_argument("--run-id", default=None, help="name of the collaborative run")
+    g.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="peers to join through")
+    g.add_argument("--target-batch", type=int, default=None,
+                   help="samples per global step over the swarm (default: one micro-batch per peer)")
+    g.add_argument("--diloco", type=int, default=0, metavar="H", help="DiLoCo: average every H local steps")
+    g.add_argument("--compression", default="none", choices=["none", "fp16", "int8"])
+    g.add_argument("--aggregator", default="mean", choices=["mean", "trimmed-mean", "centered-clip"])
+    g.add_argument("--host", default="127.0.0.1")
+    g.add_argument("--port", type=int, default=0)
+    g.add_argument("--data-dir", default=None, help="peer identity and block store (default: $SWARMLM_HOME)")
+    g.add_argument("--round-timeout", type=float, default=30.0, metavar="S", help="bound on one averaging round")
+    g.add_argument("--publish-every", type=int, default=0, metavar="N",
+                   help="publish the model into the store every N global steps (0: never)")
+    g.add_argument("--min-peers", type=int, default=0, help="wait (up to 2 min) for this many peers before training")
 
 
 def _run_train(args) -> int:
