@@ -16,6 +16,17 @@ from swarmlm.parallel.engine import ParallelTrainer
 from swarmlm.parallel.mesh import ParallelPlan, build_mesh, check_plan
 from swarmlm.train.config import TrainConfig
 
+# the 2-process layouts, run in one launch (with the checkpoint round trip)
+TWO = {
+    "dp": dict(dp=2),
+    "fsdp": dict(fsdp=2),
+    "tp": dict(tp=2),
+    "pp-gpipe": dict(pp=2, pp_schedule="gpipe"),
+    "pp-1f1b": dict(pp=2, pp_schedule="1f1b"),
+    "pp-interleaved-1f1b": dict(pp=2, pp_schedule="interleaved-1f1b"),
+    "cp": dict(cp=2),
+}
+
 TRAIN = TrainConfig(steps=10, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, seed=0)
 
 
@@ -47,4 +58,29 @@ def run_plans(rank: int, plans: list[dict], steps: int = 10) -> dict[str, list[f
         trainer = ParallelTrainer(cfg, TRAIN, plan, mesh=build_mesh(plan, "cpu"))
         out[name] = [trainer.step(s, *batch(s, cfg)) for s in range(steps)]
         dist.barrier()
+    return out
+
+
+def save_then_resume(rank: int, ckpt: str, save_at: int = 5, steps: int = 10) -> dict[str, list[float]]:
+    """Train `save_at` steps under TP=2 and save; resume under DP=2 for the remaining steps."""
+    from swarmlm.parallel.checkpoint import load_checkpoint, save_checkpoint
+
+    cfg, world = model_config(), dist.get_world_size()
+    out = {}
+    plan = ParallelPlan(tp=2)
+    trainer = ParallelTrainer(cfg, TRAIN, plan, mesh=build_mesh(plan, "cpu"))
+    out["tp"] = [trainer.step(s, *batch(s, cfg)) for s in range(save_at)]
+    save_checkpoint(trainer, ckpt, save_at)
+    del trainer
+    plan = ParallelPlan(dp=world)
+    trainer = ParallelTrainer(cfg, TRAIN, plan, mesh=build_mesh(plan, "cpu"))
+    start = load_checkpoint(trainer, ckpt)
+    out["dp"] = [trainer.step(s, *batch(s, cfg)) for s in range(start, steps)]
+    return out
+
+
+def run_two_process_suite(rank: int, plans: list[dict], ckpt: str) -> dict:
+    """All 2-process layouts, then the checkpoint round trip, in one launch."""
+    out = run_plans(rank, plans)
+    out["checkpoint"] = save_then_resume(rank, ckpt)
     return out
