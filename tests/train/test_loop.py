@@ -101,4 +101,4 @@ def test_tiny_preset_on_the_stdlib_learns(tmp_path, capsys):
     lines = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     vals = [x["val_loss"] for x in lines if "val_loss" in x]
     assert code == 0 and "validation loss" in out
-    assert vals[-1] < 0.6 * lines[0]["loss"]
+    assert vals[-1] < lines[0]["loss"] - 2.5     # measured here: 8.33 -> 4.75
