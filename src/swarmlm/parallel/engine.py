@@ -50,14 +50,17 @@ class ParallelTrainer:
 
     def _parallelize(self, model: nn.Module, param_dtype) -> nn.Module:
         plan, mesh = self.plan, self.mesh
+        if mesh is None:
+            return model
         if plan.tp > 1:
             apply_tp(model, mesh["tp"], sequence_parallel=plan.sequence_parallel)
         if plan.cp > 1:
             apply_cp(model, mesh["cp"])
-        if plan.fsdp == 1 and plan.tp == 1 and plan.pp == 1:
+        if param_dtype is None and plan.fsdp == 1 and plan.tp == 1 and plan.pp == 1:
             return apply_ddp(model, mesh["grad"]) if plan.dp * plan.cp > 1 else model
-        if plan.batch_degree * plan.cp == 1:
+        if param_dtype is None and plan.batch_degree * plan.cp == 1:
             return model
+        # (mixed precision is FSDP2's policy: asked for, FSDP2 runs even over a single rank)
         # FSDP2 shards over fsdp x cp; dp > 1 adds a replicate dimension (HSDP). With fsdp == 1
         # that is plain replication: DDP's job, done by FSDP2 where DDP cannot go (DTensor
         # parameters under tp; several forwards before a backward under pp).
