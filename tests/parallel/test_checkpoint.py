@@ -37,8 +37,9 @@ def test_export_to_hf_gives_the_checkpointed_model(two_process_run, checkpoint_d
     load_checkpoint(trainer, checkpoint_dir)
 
     export_hf(cfg, checkpoint_dir, tmp_path / "hf")
-    exported = load_model(tmp_path / "hf")
+    exported, exported_cfg = load_model(tmp_path / "hf")
 
     tokens, _ = batch(0, cfg)
+    assert exported_cfg.n_layers == cfg.n_layers
     with torch.no_grad():
         assert torch.allclose(exported(tokens), trainer.modules[0](tokens), atol=1e-5)
