@@ -36,6 +36,7 @@ from swarmlm.train.optim import build_optimizer, lr_at, set_lr
 log = get_logger(__name__)
 STATE_FILE = "trainer_state.pt"
 METRICS_FILE = "metrics.jsonl"
+VOCAB_MULTIPLE = 64
 
 
 @dataclass(frozen=True)
@@ -65,7 +66,10 @@ def prepare_data(run: RunConfig, data: str | None, *, tokenizer_dir: Path | None
     else:
         tok = load_or_train_tokenizer(corpus, run.train.vocab_size)
     shards = prepare_tokens(corpus, tok, progress=progress)
-    cfg = dataclasses.replace(run.model, vocab_size=tok.vocab_size, eos_token_id=tok.eos_id,
+    # the embedding is padded to a multiple of 64 rows (Megatron's rule) so tensor parallel can
+    # split it whatever size the tokenizer reached; the extra rows are never targets
+    vocab = -(-tok.vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+    cfg = dataclasses.replace(run.model, vocab_size=vocab, eos_token_id=tok.eos_id,
                               bos_token_id=tok.eos_id).validate()
     return Prepared(tok, shards, cfg)
 
