@@ -51,6 +51,8 @@ class Transformer(nn.Module):
     @torch.no_grad()
     def init_weights(self, std: float = 0.02) -> None:
         """GPT-2 style init: N(0, std), residual projections scaled by 1/sqrt(2 * n_layers)."""
+        if any(p.is_meta for p in self.parameters()):
+            return  # a shell to be filled from a checkpoint (hf.load_model); normal_ on meta imports torch._dynamo (~8 s)
         out_std = std / math.sqrt(2 * self.cfg.n_layers)
         for name, m in self.named_modules():
             if isinstance(m, (nn.Linear, nn.Embedding)):
