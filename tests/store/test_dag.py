@@ -258,3 +258,21 @@ def test_add_file_of_a_path_and_bad_inputs(tmp_path):
     with pytest.raises(UserError):
         add_file(HashOnly(), path, cid_version=2)
     assert RAW == 0x55
+
+
+def test_threaded_and_serial_adds_build_the_same_dag():
+    data = hashlib.sha256(b"x").digest() * (5 * CHUNK // 32) + b"tail"
+    serial, threaded = MemoryBlockStore(), MemoryBlockStore()
+    for version in (0, 1):
+        assert add_bytes(serial, data, cid_version=version, workers=1) == add_bytes(threaded, data,
+                                                                                   cid_version=version, workers=4)
+    assert set(serial) == set(threaded)
+
+
+def test_a_failing_store_write_fails_the_add():
+    class Full(HashOnly):
+        def put(self, block, cid=None, *, check=True):
+            raise OSError(28, "No space left on device")
+
+    with pytest.raises(OSError):
+        add_bytes(Full(), bytes(3 * CHUNK))

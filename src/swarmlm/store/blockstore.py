@@ -147,6 +147,7 @@ class BlockStore(_PinsAndGc):
     def __init__(self, root_dir: str | os.PathLike):
         self.root = Path(root_dir)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._root_str = str(self.root)
         self._shards: set[str] = set()
         self._counter = itertools.count()
         self._lock = threading.Lock()
@@ -167,13 +168,14 @@ class BlockStore(_PinsAndGc):
             raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
         key = cid.to_v1().encode()
         shard = key[-3:-1]
-        path = self.root / shard / key
+        path = f"{self._root_str}/{shard}/{key}"      # plain strings: pathlib costs more than the write
         with contextlib.suppress(OSError):
             if os.stat(path).st_size == len(block):
                 os.utime(path)               # already here: count it as used
                 return cid
         if shard not in self._shards:
-            (self.root / shard).mkdir(exist_ok=True)
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(f"{self._root_str}/{shard}")
             self._shards.add(shard)
         tmp = f"{path}{_TMP_MARK}{os.getpid()}-{next(self._counter)}"
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)

@@ -22,10 +22,12 @@ functional face of a block store that the exchange and the node use.
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Union
 
-from swarmlm.errors import IntegrityError, UserError, WireError
+from swarmlm.errors import UserError, WireError
 from swarmlm.store import paths
 from swarmlm.store.blockstore import BlockStore, MissingBlock
 from swarmlm.store.cid import DAG_JSON, DAG_PB, RAW, Cid, block_matches, verify
@@ -35,6 +37,7 @@ CHUNK_BYTES = 262_144     # kubo's default chunker, size-262144
 MAX_LINKS = 174           # kubo's balanced layout: 8192 / 47 links a node
 READ_BYTES = 16 << 20     # one read from the file: 64 chunks
 MAX_DEPTH = 32            # far beyond any real file (174^32 chunks)
+WORKERS = min(4, os.cpu_count() or 1)   # threads hashing and writing leaves during add_file
 
 BlockSource = Union[Callable[[Cid], bytes], object]   # a store with .get, or get_block itself
 Link = tuple[Cid, int, int]                            # (cid, tsize: DAG bytes, file bytes under it)
@@ -102,10 +105,21 @@ def _chunks(f: BinaryIO, chunk_bytes: int) -> Iterator[memoryview]:
         yield memoryview(carry)
 
 
+def _leaf(store, chunk: memoryview, version: int) -> Link:
+    """Hash and store one chunk as a leaf: raw (v1) or a dag-pb UnixFS File (v0)."""
+    if version == 1:
+        return store.put(chunk, Cid.of(chunk, RAW, 1), check=False), len(chunk), len(chunk)
+    leaf = file_leaf(chunk)
+    return store.put(leaf, Cid.of(leaf, DAG_PB, 0), check=False), len(leaf), len(chunk)
+
+
 def add_file(store, src: str | os.PathLike | BinaryIO, *, cid_version: int = 1,
-             chunk_bytes: int = CHUNK_BYTES, max_links: int = MAX_LINKS) -> Cid:
+             chunk_bytes: int = CHUNK_BYTES, max_links: int = MAX_LINKS, workers: int = WORKERS) -> Cid:
     """Put the blocks of a file into `store`; returns the root CID `ipfs add` prints for it
-    (`--cid-version=1`: raw leaves, CIDv1; `cid_version=0`: plain `ipfs add`)."""
+    (`--cid-version=1`: raw leaves, CIDv1; `cid_version=0`: plain `ipfs add`).
+
+    Leaves are hashed and written by `workers` threads (hashlib and file writes release the
+    GIL) while this one reads ahead; at most a few read buffers are in flight at once."""
     if cid_version not in (0, 1):
         raise UserError(f"--cid-version must be 0 or 1, got {cid_version}")
     if chunk_bytes < 1 or max_links < 2:
@@ -115,16 +129,26 @@ def add_file(store, src: str | os.PathLike | BinaryIO, *, cid_version: int = 1,
         if not path.is_file():
             raise UserError(f"no such file: {path}")
         with open(path, "rb", buffering=0) as f:
-            return add_file(store, f, cid_version=cid_version, chunk_bytes=chunk_bytes, max_links=max_links)
+            return add_file(store, f, cid_version=cid_version, chunk_bytes=chunk_bytes, max_links=max_links,
+                            workers=workers)
     tree = _Balanced(store, cid_version, max_links)
-    for chunk in _chunks(src, chunk_bytes):
-        if cid_version == 1:
-            cid = store.put(chunk, Cid.of(chunk, RAW, 1), check=False)
-            tree.add((cid, len(chunk), len(chunk)))
-        else:
-            leaf = file_leaf(chunk)
-            cid = store.put(leaf, Cid.of(leaf, DAG_PB, 0), check=False)
-            tree.add((cid, len(leaf), len(chunk)))
+    if workers <= 1 or chunk_bytes < 65536:          # tiny chunks: threads would cost more than they save
+        for chunk in _chunks(src, chunk_bytes):
+            tree.add(_leaf(store, chunk, cid_version))
+        return tree.finish()[0]
+    max_pending = max(2 * workers, 2 * READ_BYTES // chunk_bytes)    # about two read buffers
+    with ThreadPoolExecutor(workers, thread_name_prefix="store-add") as pool:
+        pending: deque[Future] = deque()
+        try:
+            for chunk in _chunks(src, chunk_bytes):
+                pending.append(pool.submit(_leaf, store, chunk, cid_version))
+                while len(pending) > max_pending or (pending and pending[0].done()):
+                    tree.add(pending.popleft().result())             # leaves join the tree in order
+            while pending:
+                tree.add(pending.popleft().result())
+        finally:
+            for future in pending:
+                future.cancel()
     return tree.finish()[0]
 
 
