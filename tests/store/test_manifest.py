@@ -171,3 +171,31 @@ def test_publish_rejects_a_directory_without_a_checkpoint(tmp_path):
     (tmp_path / "config.json").write_text("{}")
     with pytest.raises(ManifestError):
         publish_model(MemoryBlockStore(), tmp_path)
+
+
+def test_fetch_model_over_the_exchange_transfers_only_the_requested_blocks(checkpoint, tmp_path):
+    import asyncio
+
+    from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
+    from swarmlm.store.dag import open_store
+    from swarmlm.store.exchange import BlockService
+    from swarmlm.store.manifest import fetch_model
+
+    async def go():
+        net = MemoryNetwork()
+        a, b = await MemoryPeer.create(net), await MemoryPeer.create(net)
+        store_a = open_store(tmp_path / "a")
+        cid = publish_model(store_a, checkpoint)
+        await BlockService(a, store_a).start()
+        out = await fetch_model(b, str(cid), tmp_path / "out", blocks=range(1, 3), with_embed_head=False,
+                                data_dir=tmp_path / "b", providers=[a.peer_id])
+        return cid, out
+
+    cid, out = asyncio.run(go())
+    m = read_manifest(open_store(tmp_path / "a"), cid)
+    got = set(open_store(tmp_path / "b"))
+    needed = {cid} | {c for ref in (m.blocks[1], m.blocks[2], m.tokenizer, *m.extra_files.values())
+                      for c in list_blocks(open_store(tmp_path / "a"), ref.cid)}
+    assert got == {c.to_v1() for c in needed}
+    span, _ = load_model(out, layers=range(1, 3), with_embed=False, with_head=False)
+    assert sorted(span.state_dict())[0].startswith("layers.1.")
