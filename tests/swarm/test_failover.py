@@ -45,19 +45,20 @@ def test_a_lost_server_may_be_replaced_by_two_smaller_ones(swarm, checkpoints):
     ckpt = checkpoints["gpt2"]
     swarm.add_server(ckpt, (0, 1))
     whole = swarm.add_server(ckpt, (1, 4))
-    swarm.add_server(ckpt, (1, 3))
-    swarm.add_server(ckpt, (3, 4))
     model = swarm.remote_model(ckpt)
     batch = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13], [300]]
     rows = []
     for i, tokens in enumerate(model.stream_generate(batch, max_new_tokens=10)):
         rows.append(tokens)
-        if i == 3 and whole in {h.peer_id for h in model.last_session.chain}:
+        if i == 1:                           # the session runs on `whole`; now smaller servers join
+            swarm.add_server(ckpt, (1, 3))
+            swarm.add_server(ckpt, (3, 4))
+        if i == 3:
             swarm.kill(whole)
     got = [[t[r] for t in rows if t[r] is not None] for r in range(3)]
 
     assert got == generate(local_model(ckpt), batch, max_new_tokens=10)
-    assert model.last_session.recoveries == 1
+    assert model.last_session.recoveries == 1 and len(model.last_session.chain) == 3
 
 
 def test_no_replacement_fails_naming_the_missing_blocks(swarm, checkpoints):

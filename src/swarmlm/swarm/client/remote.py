@@ -38,7 +38,6 @@ logger = get_logger(__name__)
 @dataclass(frozen=True)
 class ClientOptions:
     connect_timeout_s: float = 60.0       # wait this long at start for every block to be served
-    replacement_wait_s: float = 10.0      # after a failure, wait this long for a replacement to appear
     refresh_s: float = 2.0                # re-read the DHT at most this often while looking for servers
     rpc_timeout_s: float = 120.0          # one forward or backward request
     ping_timeout_s: float = 3.0           # the round-trip measurement of one server
@@ -108,7 +107,7 @@ class RemoteBlocks:
     async def route(self, start: int, end: int, *, banned: set[str], need_cache_tokens: int = 0,
                     wait_s: float | None = None, n_tokens: int = 1) -> list[Hop]:
         """The best chain for [start, end) avoiding `banned`, waiting up to `wait_s` for one to exist."""
-        wait_s = self.options.replacement_wait_s if wait_s is None else wait_s
+        wait_s = self.options.session.replacement_wait_s if wait_s is None else wait_s
         deadline = time.monotonic() + wait_s
         refresh = False
         while True:
@@ -194,7 +193,7 @@ class RemoteBlocks:
                                  prompts: torch.Tensor | None, start: int,
                                  banned: set[str]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Backward of [hop.start, hop.end) on a new chain: its forward again for the inner inputs, then back."""
-        deadline = time.monotonic() + self.options.replacement_wait_s
+        deadline = time.monotonic() + self.options.session.replacement_wait_s
         while True:
             B, T, _ = x.shape
             hops = await self.route(hop.start, hop.end, banned=banned, n_tokens=B * T,

@@ -50,6 +50,7 @@ class SessionOptions:
     step_timeout_s: float = 30.0          # one step at one server (SIGKILL is noticed far sooner: the stream resets)
     open_timeout_s: float = 10.0          # opening a session at one server
     recovery_timeout_s: float = 25.0      # the longest one failover may take before the step fails
+    replacement_wait_s: float = 10.0      # how long to wait for a server for a lost span to appear
     max_replay_bytes: int = 12 << 20      # cut a replay into several requests above this
 
 
@@ -163,7 +164,7 @@ class InferenceSession:
                           history: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None) -> list[_HopState]:
         """Open sessions on a chain covering [start, end) and replay `history` into them, retrying on failures."""
         while True:
-            wait_s = max(0.0, deadline - time.monotonic())
+            wait_s = min(self.options.replacement_wait_s, max(0.0, deadline - time.monotonic()))
             hops = await self.swarm.route(start, end, banned=self.banned,
                                           need_cache_tokens=self.batch * self.max_length, wait_s=wait_s)
             states: list[_HopState] = []

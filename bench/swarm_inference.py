@@ -1,0 +1,158 @@
+"""Swarm inference against one local process: tokens/s, time to first token, 8 clients, recovery, start-up.
+
+Builds a random-weight model of `--preset` (default `small`), starts two `swarmlm serve`
+processes on 127.0.0.1 holding half the blocks each, and compares, in this one run:
+
+- greedy decode tokens/s through the two servers vs the same model in this process (ratio);
+- time to first token (prompt forward + first token), swarm vs local;
+- aggregate tokens/s of `--clients` concurrent clients (threads sharing one RemoteModel);
+- server start-up, launch to announced (the median of the servers started here);
+- recovery: a third server covering the second half joins, the serving one is SIGKILLed
+  mid-generation, and the time from the kill to the next token is measured.
+
+Prints one JSON line per result: {"name", "value", "unit"}.
+
+    python bench/swarm_inference.py [--preset small] [--prompt-len 32] [--new-tokens 64] [--repeats 3] [--clients 8]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import signal
+import statistics
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from swarmlm.model.config import PRESETS
+from swarmlm.model.generate import stream_generate
+from swarmlm.model.hf import load_model, save_model
+from swarmlm.model.transformer import Transformer
+from swarmlm.swarm.client.model import RemoteModel
+from swarmlm.swarm.server.serve import start_server_process
+
+
+def emit(name: str, value: float, unit: str, **extra) -> None:
+    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **extra}), flush=True)
+
+
+def timed_stream(stream) -> tuple[float, float, list[int]]:
+    """(time to first token, decode tokens/s after the first, tokens) of a stream of per-step token lists."""
+    t0 = time.perf_counter()
+    times, tokens = [], []
+    for step in stream:
+        times.append(time.perf_counter())
+        tokens.append(step[0])
+    ttft = times[0] - t0
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
+    return ttft, rate, tokens
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
+    parser.add_argument("--prompt-len", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each server")
+    parser.add_argument("--skip-recovery", action="store_true")
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    env = {"OMP_NUM_THREADS": str(args.threads)}
+
+    cfg = PRESETS[args.preset].replace(eos_token_id=None, bos_token_id=None)
+    n = cfg.n_layers
+    with tempfile.TemporaryDirectory() as tmp:
+        ckpt = Path(tmp) / "model"
+        torch.manual_seed(0)
+        save_model(Transformer(cfg), cfg, ckpt)
+        local, _ = load_model(ckpt)
+        prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+
+        servers = []
+        try:
+            a = start_server_process(str(ckpt), blocks=(0, n // 2), data_dir=Path(tmp) / "a", env=env)
+            b = start_server_process(str(ckpt), blocks=(n // 2, n), initial_peers=a.maddrs, data_dir=Path(tmp) / "b",
+                                     env=env)
+            servers += [a, b]
+            emit("server_startup_launch_to_announced", statistics.median([a.ready_after_s, b.ready_after_s]), "s",
+                 preset=args.preset, target_s=4.0)
+            with RemoteModel.connect(str(ckpt), initial_peers=a.maddrs) as model:
+                run_pair(model, local, prompt, args)
+                run_clients(model, prompt, args)
+                if not args.skip_recovery:
+                    c = start_server_process(str(ckpt), blocks=(n // 2, n), initial_peers=a.maddrs,
+                                             data_dir=Path(tmp) / "c", env=env)
+                    servers.append(c)
+                    run_recovery(model, prompt, args, {b.peer_id: b, c.peer_id: c})
+        finally:
+            for s in servers:
+                s.stop()
+
+
+def run_pair(model: RemoteModel, local: Transformer, prompt: list[int], args) -> None:
+    swarm_stats, local_stats = [], []
+    same = True
+    for i in range(args.repeats + 1):                     # the first round warms both up
+        s = timed_stream(model.stream_generate([prompt], max_new_tokens=args.new_tokens))
+        l_ = timed_stream(stream_generate(local, prompt, max_new_tokens=args.new_tokens))
+        same &= s[2] == l_[2]
+        if i:
+            swarm_stats.append(s)
+            local_stats.append(l_)
+    s_rate = statistics.median(x[1] for x in swarm_stats)
+    l_rate = statistics.median(x[1] for x in local_stats)
+    s_ttft = statistics.median(x[0] for x in swarm_stats)
+    l_ttft = statistics.median(x[0] for x in local_stats)
+    emit("swarm_2_servers_tokens_per_s", s_rate, "tokens/s", identical_tokens=same)
+    emit("local_tokens_per_s", l_rate, "tokens/s")
+    emit("swarm_vs_local_tokens_per_s_ratio", s_rate / l_rate, "ratio", target=0.9)
+    emit("swarm_time_to_first_token", s_ttft * 1000, "ms", prompt_len=args.prompt_len)
+    emit("local_time_to_first_token", l_ttft * 1000, "ms", prompt_len=args.prompt_len)
+    emit("per_token_overhead_swarm_minus_local", (1 / s_rate - 1 / l_rate) * 1000, "ms")
+
+
+def run_clients(model: RemoteModel, prompt: list[int], args) -> None:
+    counts = [0] * args.clients
+    errors = []
+
+    def client(i: int) -> None:
+        try:
+            out = model.generate(prompt, max_new_tokens=args.new_tokens)
+            counts[i] = len(out)
+        except Exception as e:  # reported below, not raised from a thread
+            errors.append(repr(e))
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(args.clients)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    elapsed = time.perf_counter() - t0
+    emit(f"swarm_{args.clients}_clients_total_tokens_per_s", sum(counts) / elapsed, "tokens/s",
+         errors=len(errors), per_client=sum(counts) / elapsed / args.clients)
+
+
+def run_recovery(model: RemoteModel, prompt: list[int], args, second_half: dict) -> None:
+    times, kill_at = [], None
+    tokens = []
+    for i, step in enumerate(model.stream_generate([prompt], max_new_tokens=args.new_tokens)):
+        times.append(time.perf_counter())
+        tokens.append(step[0])
+        if i == 5:
+            victim = next(h.peer_id for h in model.last_session.chain if h.peer_id in second_half)
+            kill_at = time.perf_counter()
+            second_half[victim].proc.send_signal(signal.SIGKILL)
+    after = next(t for t in times if t > kill_at)
+    emit("recovery_sigkill_to_next_token", after - kill_at, "s", target_s=5.0,
+         recoveries=model.last_session.recoveries)
+
+
+if __name__ == "__main__":
+    main()
