@@ -60,8 +60,9 @@ def build_checkpoint(directory: Path, family: str = "llama", *, seed: int = 0, t
     return Path(directory)
 
 
-FAST_CLIENT = ClientOptions(connect_timeout_s=10.0, replacement_wait_s=2.0, refresh_s=0.2,
-                            session=SessionOptions(step_timeout_s=10.0, recovery_timeout_s=5.0))
+FAST_CLIENT = ClientOptions(connect_timeout_s=10.0, refresh_s=0.2,
+                            session=SessionOptions(step_timeout_s=10.0, recovery_timeout_s=5.0,
+                                                   replacement_wait_s=2.0))
 
 
 class InProcessSwarm:
@@ -115,10 +116,11 @@ class InProcessSwarm:
 
         self.runner.run(go(), timeout_s=30)
 
-    def remote_model(self, model: str | Path, *, options: ClientOptions = FAST_CLIENT, seed: int = 0) -> RemoteModel:
+    def remote_model(self, model: str | Path, *, options: ClientOptions = FAST_CLIENT, seed: int = 0,
+                     data_dir: str | None = None) -> RemoteModel:
         async def make() -> tuple[Any, Any]:
             peer = await MemoryPeer.create(self.net, client_mode=True)
-            source = await open_model_source(str(model), peer=peer)
+            source = await open_model_source(str(model), peer=peer, data_dir=data_dir)
             local, cfg = source.load(layers=range(0, 0))
             local.requires_grad_(False)
             blocks = RemoteBlocks(peer, source.model_id, cfg.n_layers, options=options, seed=seed)

@@ -7,7 +7,7 @@ MODEL on the command line is either a checkpoint directory or a model manifest C
   `$SWARMLM_HOME/model-ids.json` keyed by path, size and mtime, so it is computed once.
 - a manifest CID: the id is the CID itself; only the parts a process needs (its blocks, or
   the embeddings and head for a client) are fetched from the swarm's store, each block
-  checked against its CID (store/manifest.py), into `<data_dir>/models/<cid>`.
+  checked against its CID (store/manifest.py), into `<data_dir>/models/<cid>/<part>`.
 
 Knows nothing of sessions or routing.
 """
@@ -93,30 +93,33 @@ def directory_model_id(directory: str | os.PathLike, *, cache_dir: Path | None =
 
 
 def looks_like_cid(text: str) -> bool:
-    return (text.startswith("bafy") or text.startswith("Qm")) and "/" not in text and len(text) > 40
+    from swarmlm.store.cid import Cid
+    try:
+        Cid.parse(text)
+    except Exception:
+        return False
+    return True
 
 
 async def open_model_source(model: str, *, peer: Any = None, data_dir: str | os.PathLike | None = None,
                             blocks: range | None = None, with_embed_head: bool = True) -> ModelSource:
-    """Resolve MODEL (a directory or a manifest CID); for a CID, fetch what is needed, verified."""
+    """Resolve MODEL (a directory or a manifest CID). For a CID, fetch the config, tokenizer and
+    only `blocks` (and the embeddings and head when `with_embed_head`), verified, into a
+    directory of their own, so a client and a server on one data dir never overwrite each other."""
     path = Path(model).expanduser()
     if path.is_dir():
         return ModelSource(directory_model_id(path), path)
     if looks_like_cid(model):
         if peer is None:
             raise UserError(f"{model} looks like a CID; fetching it needs the swarm (--initial-peers)")
-        return await _fetch_manifest(model, peer=peer, data_dir=data_dir, blocks=blocks,
-                                     with_embed_head=with_embed_head)
+        try:
+            from swarmlm.store.manifest import fetch_model
+        except ImportError:
+            raise UserError("this build has no model manifests (store/manifest.py); pass a directory") from None
+        blocks = range(0, 0) if blocks is None else blocks
+        part = f"blocks-{blocks.start}-{blocks.stop}" + ("-ends" if with_embed_head else "")
+        out = home_dir(data_dir) / "models" / model / part
+        directory = await fetch_model(peer, model, out, blocks=blocks, with_embed_head=with_embed_head,
+                                      data_dir=data_dir)
+        return ModelSource(model, Path(directory))
     raise UserError(f"MODEL must be a checkpoint directory or a manifest CID; {model!r} is neither")
-
-
-async def _fetch_manifest(cid: str, *, peer: Any, data_dir: str | os.PathLike | None, blocks: range | None,
-                          with_embed_head: bool) -> ModelSource:
-    try:
-        from swarmlm.store import manifest
-    except ImportError:
-        raise UserError("this build has no model manifests (store/manifest.py); pass a directory") from None
-    out = home_dir(data_dir) / "models" / cid
-    directory = await manifest.fetch_model(peer, cid, out, blocks=blocks, with_embed_head=with_embed_head,
-                                           data_dir=data_dir)
-    return ModelSource(cid, Path(directory))

@@ -92,11 +92,17 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
                                  data_dir=opts.data_dir, startup_timeout_s=opts.startup_timeout_s)
     host = announcer = None
     try:
+        # a fixed span is fetched at once; for --num-blocks, first only the config (no blocks)
         source = await open_model_source(opts.model, peer=peer, data_dir=opts.data_dir,
-                                         blocks=range(*opts.blocks) if opts.blocks else None, with_embed_head=False)
+                                         blocks=range(*opts.blocks) if opts.blocks else range(0, 0),
+                                         with_embed_head=False)
         cfg = source.config()
         span = await _first_span(opts, peer, source.model_id, cfg.n_layers, rng)
+        if opts.num_blocks is not None:
+            source = await _source_for(source, opts, peer, span)
         model, tps = await _load(source, span, opts.dtype)
+        if not source.model_id.startswith("dir-"):
+            await _serve_store(peer, opts.data_dir)
         host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps)
         await host.register(peer)
         announcer = Announcer(peer, host.record, ttl_s=opts.announce_ttl_s)
@@ -123,6 +129,13 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
             host.close()
         if own_peer:
             await peer.shutdown()
+
+
+async def _serve_store(peer: Any, data_dir: str | None) -> None:
+    """Serve the blocks fetched into our store to others fetching the same model (verified by them)."""
+    from swarmlm.store.dag import open_store
+    from swarmlm.store.exchange import BlockService
+    await BlockService(peer, open_store(data_dir)).start()
 
 
 async def _first_span(opts: ServeOptions, peer: Any, model_id: str, n_layers: int, rng: random.Random) -> range:
@@ -164,7 +177,7 @@ async def _rebalance_forever(opts: ServeOptions, peer: Any, source: ModelSource,
         if target is None:
             continue
         logger.info("moving from blocks %d:%d to %d:%d", current.start, current.stop, target.start, target.stop)
-        await source_fetch(source, peer, opts, target)
+        source = await _source_for(source, opts, peer, target)
         host.state = "joining"
         await announcer.announce_offline(current.start, current.stop)
         model, tps = await _load(source, target, opts.dtype)
@@ -173,11 +186,11 @@ async def _rebalance_forever(opts: ServeOptions, peer: Any, source: ModelSource,
         await announcer.announce()
 
 
-async def source_fetch(source: ModelSource, peer: Any, opts: ServeOptions, span: range) -> None:
-    """Make sure `span`'s blocks are on disk (a manifest CID fetches them, verified)."""
+async def _source_for(source: ModelSource, opts: ServeOptions, peer: Any, span: range) -> ModelSource:
+    """A source holding `span`'s blocks: a directory holds all; a manifest CID fetches them, verified."""
     if source.model_id.startswith("dir-"):
-        return
-    await open_model_source(opts.model, peer=peer, data_dir=opts.data_dir, blocks=span, with_embed_head=False)
+        return source
+    return await open_model_source(opts.model, peer=peer, data_dir=opts.data_dir, blocks=span, with_embed_head=False)
 
 
 # ---- the command ---------------------------------------------------------------------------------
