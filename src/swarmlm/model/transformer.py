@@ -34,8 +34,8 @@ class Transformer(nn.Module):
             raise UserError(f"block range {layers.start}:{layers.stop} is outside the model's 0:{cfg.n_layers}")
         self.cfg = cfg
         self.layer_range = layers
-        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim) if with_embed else None
-        self.pos_embeddings = nn.Embedding(cfg.max_seq_len, cfg.dim) if with_embed and cfg.family == "gpt2" else None
+        self.tok_embeddings = _embedding(cfg.vocab_size, cfg.dim) if with_embed else None
+        self.pos_embeddings = _embedding(cfg.max_seq_len, cfg.dim) if with_embed and cfg.family == "gpt2" else None
         self.layers = nn.ModuleDict({str(i): Block(cfg) for i in layers})
         self.norm = make_norm(cfg) if with_head else None
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False) if with_head else None
@@ -161,3 +161,9 @@ def attention_mask(key_mask: torch.Tensor | None, past: int, T: int,
     allowed = causal[None] & key_mask[:, None, :]    # (B, T, S)
     allowed = allowed | (slots[None, :] == query_slots)[None]  # the diagonal
     return allowed[:, None], False          # (B, 1, T, S)
+
+
+def _embedding(n: int, dim: int) -> nn.Embedding:
+    """An embedding left uninitialized: `init_weights` or a checkpoint fills it. nn.Embedding's own
+    normal_ init on the meta device costs seconds on first use (it traces a decomposition)."""
+    return nn.Embedding(n, dim, _weight=torch.empty(n, dim))
