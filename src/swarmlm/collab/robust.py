@@ -23,7 +23,7 @@ import torch
 
 AGGREGATORS = ("mean", "trimmed-mean", "centered-clip")
 TRIM_FRACTION = 0.25      # trimmed-mean drops this share from each side (at least one when n ≥ 3)
-CLIP_ITERS = 3            # centered-clip fixed-point iterations
+CLIP_ITERS = 5            # centered-clip fixed-point iterations
 
 
 def validate_update(t: object, *, shape: Sequence[int], dtype: torch.dtype) -> str | None:
@@ -96,19 +96,21 @@ def trimmed_mean(tensors: Sequence[torch.Tensor]) -> torch.Tensor:
 
 def centered_clip(tensors: Sequence[torch.Tensor], *, tau: float | None = None, iters: int = CLIP_ITERS
                   ) -> torch.Tensor:
-    """Centered clipping from the coordinate-wise median; `tau` defaults to the median distance to it."""
+    """Centered clipping from the coordinate-wise median. Without a fixed `tau`, each iteration
+    takes the median distance to the current center: honest updates sit within it, so the
+    result is their mean plus at most tau·f/n from f outliers, and tau shrinks as the center
+    settles among the honest updates."""
     n = len(tensors)
     if n < 3:
         return weighted_mean(tensors)
     stacked = torch.stack([t.float().reshape(-1) for t in tensors])  # (n, numel)
     center = stacked.median(dim=0).values                            # (numel,)
-    if tau is None:
-        tau = float((stacked - center).norm(dim=1).median())
-    if tau <= 0:
-        return center.reshape(tensors[0].shape)
     for _ in range(iters):
         diff = stacked - center                                      # (n, numel)
         norms = diff.norm(dim=1, keepdim=True)                       # (n, 1)
-        scale = torch.clamp(tau / norms.clamp_min(1e-30), max=1.0)
+        radius = tau if tau is not None else float(norms.median())
+        if radius <= 0:
+            break
+        scale = torch.clamp(radius / norms.clamp_min(1e-30), max=1.0)
         center = center + (diff * scale).mean(dim=0)
     return center.reshape(tensors[0].shape)
