@@ -9,6 +9,7 @@ instead of crashing. Never pickle. Knows nothing of peers, models or the store.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import sys
 import types
 import typing
@@ -161,17 +162,23 @@ def decode_message(data: bytes, cls: type, *, max_bytes: int = MAX_MESSAGE_BYTES
 def message_from_dict(fields: Any, cls: type) -> Any:
     if not isinstance(fields, dict):
         raise WireError(f"{cls.__name__} must be a map, got {type(fields).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints, fields_of_cls = _schema(cls)
     values = {}
-    for f in dataclasses.fields(cls):
+    for f in fields_of_cls:
         if f.name in fields:
             values[f.name] = _check_value(fields[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
         elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
             raise WireError(f"{cls.__name__} lacks field {f.name!r}")
-    unknown = set(fields) - {f.name for f in dataclasses.fields(cls)}
+    unknown = set(fields) - {f.name for f in fields_of_cls}
     if unknown:
         raise WireError(f"{cls.__name__} has unknown fields {sorted(map(str, unknown))}")
     return cls(**values)
+
+
+@functools.lru_cache(maxsize=None)
+def _schema(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field, ...]]:
+    """A dataclass's resolved type hints and fields, computed once per class (get_type_hints is slow)."""
+    return typing.get_type_hints(cls), dataclasses.fields(cls)
 
 
 def _check_value(value: Any, hint: Any, where: str) -> Any:
