@@ -1,0 +1,20 @@
+"""swarm: servers host spans of a model's blocks; clients generate and fine-tune through them.
+
+Reading order:
+    wire.py              the RPC messages both sides import (open/step/close, forward/backward, info)
+    dht.py               ServerRecord: what a server announces per block; read_servers
+    blocks.py            run_span: a span of blocks with deep prompts (shared by servers and clients)
+    source.py            ModelSource: MODEL as a checkpoint directory or a manifest CID, and its id
+    server/budget.py     Budget, BudgetLimits: sessions and cached tokens a server may hold
+    server/selection.py  choose_span, should_move: pure span choice and rebalancing
+    server/host.py       BlockHost: the rpc_* handlers, per-session KV caches, input checks
+    server/announce.py   Announcer: re-announce before expiry, offline on shutdown
+    server/serve.py      run_server, serve_from_args (`swarmlm serve`), start_server_process
+    client/routing.py    choose_chain: least expected latency over announced servers (pure)
+    client/session.py    InferenceSession: per-hop sessions, replay onto replacements
+    client/remote.py     RemoteBlocks (discovery, routing, forward/backward with failover), SwarmSpan
+    client/model.py      RemoteModel: embeddings and head here, blocks in the swarm; generate_from_args
+    finetune.py          Adapters (prompts, deep prompts, LoRA head), lm_loss, finetune (`swarmlm finetune`)
+
+The client side never imports server/, and neither imports collab/, privacy/ or ledger/.
+"""
