@@ -1,9 +1,8 @@
 """Block exchange over MemoryPeers: parallel fetch, bad providers, dead providers, atomic output, pins."""
 
 import asyncio
-import hashlib
 import logging
-import os
+import random
 
 import pytest
 
@@ -43,7 +42,7 @@ class DyingService(BlockService):
 
 def _make_file(tmp_path, n_bytes=N_CHUNKS * CHUNK + 123, seed=0):
     path = tmp_path / f"file{seed}.bin"
-    path.write_bytes(hashlib.sha256(str(seed).encode()).digest() * (n_bytes // 32) + os.urandom(n_bytes % 32))
+    path.write_bytes(random.Random(seed).randbytes(n_bytes))          # distinct chunks: no dedup
     return path
 
 

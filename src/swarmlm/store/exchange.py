@@ -48,6 +48,8 @@ MAX_BLOCK_BYTES = 2 * 1024 * 1024   # bitswap's limit too; our chunks are 256 Ki
 MAX_REQUEST_BYTES = 64 * 1024       # a request is CIDs only
 MAX_CID_CHARS = 128
 _FOUND, _MISSING = b"\x00", b"\x01"
+_WRITES_IN_FLIGHT = 4               # blocks being hashed and written while the next ones arrive
+_READ_AHEAD = 4                     # blocks a server reads from disk ahead of the one it sends
 
 
 # ---- wire messages ---------------------------------------------------------------------------
@@ -104,15 +106,23 @@ class BlockService:
         except WireError:
             self.refused_requests += 1
             raise
-        for cid in cids:
-            data = await asyncio.to_thread(self._read_block, cid)
-            if data is None:
-                yield _MISSING + f"block {cid} not found".encode()
-            elif len(data) > req.max_block_bytes:
-                yield _MISSING + f"block {cid} has {len(data)} bytes, over the caller's limit".encode()
-            else:
-                self.served_blocks += 1
-                yield _FOUND + data
+        reads: deque[asyncio.Future] = deque()
+        try:
+            for i, cid in enumerate(cids):
+                while len(reads) <= _READ_AHEAD and i + len(reads) < len(cids):   # disk and hash run ahead
+                    reads.append(asyncio.ensure_future(asyncio.to_thread(self._read_block, cids[i + len(reads)])))
+                yield self._reply(cid, await reads.popleft(), req.max_block_bytes)
+        finally:
+            for f in reads:
+                f.cancel()
+
+    def _reply(self, cid: dag.Cid, data: bytes | None, max_block_bytes: int) -> bytes:
+        if data is None:
+            return _MISSING + f"block {cid} not found".encode()
+        if len(data) > max_block_bytes:
+            return _MISSING + f"block {cid} has {len(data)} bytes, over the caller's limit".encode()
+        self.served_blocks += 1
+        return _FOUND + data
 
     async def rpc_has(self, peer_id: str, request: bytes) -> bytes:
         req = serialize.decode_message(request, HasRequest, max_bytes=MAX_REQUEST_BYTES)
@@ -227,10 +237,15 @@ class Fetcher:
         return batch
 
     async def _fetch_batch(self, prov: _Provider, batch: list[dag.Cid]) -> list[dag.Cid]:
-        """Ask `prov` for `batch`; store what verifies; return the CIDs it did not deliver."""
+        """Ask `prov` for `batch`; store what verifies; return the CIDs not stored.
+
+        Each block is hashed and written in a worker thread while the next one arrives (the
+        store's `put` checks it against its CID: one hash per block).
+        """
         request = serialize.encode_message(BlockRequest(cids=[str(c) for c in batch],
                                                         max_block_bytes=MAX_BLOCK_BYTES))
         received = 0
+        writes: list[tuple[dag.Cid, int, asyncio.Future]] = []
         try:
             async with contextlib.aclosing(self.peer.call_stream(
                     prov.peer_id, BLOCKS, request, timeout_s=self.options.timeout_s,
@@ -243,20 +258,43 @@ class Fetcher:
                     if chunk[:1] == _MISSING:
                         prov.lacks.add(str(cid))
                         continue
-                    data = chunk[1:]
-                    if chunk[:1] != _FOUND or not dag.block_matches(cid, data):
-                        self._ban(prov, f"served a block that does not match its CID {cid}")
-                        return batch[received - 1:]
-                    await asyncio.to_thread(dag.write_block, self.store, cid, data)
-                    self._count(prov, len(data))
-            if received < len(batch):
+                    if chunk[:1] != _FOUND:
+                        self._ban(prov, f"sent a malformed reply for {cid}")
+                        break
+                    writes.append((cid, len(chunk) - 1, asyncio.ensure_future(
+                        asyncio.to_thread(self._store_block, cid, memoryview(chunk)[1:]))))
+                    if len(writes) > _WRITES_IN_FLIGHT and not await writes[-_WRITES_IN_FLIGHT - 1][2]:
+                        break               # a bad block: stop reading from this provider
+            if received < len(batch) and not prov.banned:
                 raise PeerError(f"answered {received} of {len(batch)} CIDs")
             prov.failures = 0
-            return [c for c in batch if str(c) in prov.lacks]
         except PeerError as e:
             prov.failures += 1
             logger.warning("provider %s failed after %d of %d blocks: %s", prov.peer_id, received, len(batch), e)
-            return batch[received:] + [c for c in batch[:received] if str(c) in prov.lacks]
+        finally:
+            stored = await self._settle(prov, writes)
+        return [c for c in batch if str(c) not in stored]
+
+    def _store_block(self, cid: dag.Cid, data: memoryview) -> bool:
+        try:
+            dag.write_block(self.store, cid, data)
+            return True
+        except IntegrityError:
+            return False
+
+    async def _settle(self, prov: _Provider, writes: list[tuple[dag.Cid, int, asyncio.Future]]) -> set[str]:
+        """Wait for the block writes of one batch; count the good ones, ban on a bad one."""
+        results = await asyncio.gather(*(f for _, _, f in writes), return_exceptions=True)
+        stored = set()
+        for (cid, n_bytes, _), ok in zip(writes, results):
+            if ok is True:
+                stored.add(str(cid))
+                self._count(prov, n_bytes)
+            elif isinstance(ok, BaseException) and not isinstance(ok, asyncio.CancelledError):
+                logger.error("storing block %s failed: %s", cid, ok)
+            elif ok is False:
+                self._ban(prov, f"served a block that does not match its CID {cid}")
+        return stored
 
     def _count(self, prov: _Provider, n_bytes: int) -> None:
         s = self.stats
@@ -296,7 +334,7 @@ async def fetch_dag(peer: Any, root: str | dag.Cid, store: Any, *, providers: Se
     level = [root]
     while level:
         await fetcher.fetch(level)
-        level = [child for cid in level for child in dag.children(store, cid)]
+        level = list(dict.fromkeys(child for cid in level for child in dag.children(store, cid)))  # dedupe
     fetcher.stats.seconds = time.monotonic() - start
     return fetcher.stats
 

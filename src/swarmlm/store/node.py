@@ -147,10 +147,12 @@ class StoreNode:
                 await self._collect_garbage()
             except (SwarmError, OSError) as e:
                 logger.warning("announcing failed: %s", e)
+            # asyncio.wait, not wait_for: on 3.11 wait_for can swallow a cancel that races the event
+            waiter = asyncio.ensure_future(self._wake_announce.wait())
             try:
-                await asyncio.wait_for(self._wake_announce.wait(), self.options.announce_interval_s)
-            except asyncio.TimeoutError:
-                pass
+                await asyncio.wait([waiter], timeout=self.options.announce_interval_s)
+            finally:
+                waiter.cancel()
 
     # ---- replication ----------------------------------------------------------------------------
 
