@@ -49,7 +49,7 @@ def get_from_args(args) -> int:
             size = max((p.record.size_bytes for p in found), default=0)
             progress = not args.no_progress and size >= PROGRESS_MIN_BYTES
             stats = await get_file(peer, args.cid, store, args.output, options=FetchOptions(timeout_s=args.timeout),
-                                   progress=progress)
+                                   progress=progress, total_bytes=size)
             logger.info("fetched %d blocks (%d bytes) from %s in %.1f s; %d were already local",
                         stats.fetched_blocks, stats.fetched_bytes, sorted(stats.blocks_by_peer), stats.seconds,
                         stats.already_local)

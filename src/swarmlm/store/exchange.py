@@ -341,13 +341,16 @@ async def fetch_dag(peer: Any, root: str | dag.Cid, store: Any, *, providers: Se
 
 async def get_file(peer: Any, root: str, store: Any, out: str | os.PathLike | None, *,
                    providers: Sequence[str] | None = None, options: FetchOptions = FetchOptions(),
-                   progress: bool = False) -> FetchStats:
-    """Fetch the file under `root` and write it to `out` (atomically) or to stdout."""
+                   progress: bool = False, total_bytes: int | None = None) -> FetchStats:
+    """Fetch the file under `root` and write it to `out` (atomically) or to stdout.
+
+    `progress` shows a bar on stderr (of `total_bytes`, when the provider records tell it).
+    """
     cid = dag.parse_cid(root)
-    bar = _progress_bar(progress)
+    bar = _progress_bar(progress, total_bytes)
     try:
         stats = await fetch_dag(peer, cid, store, providers=providers, options=options,
-                                on_block=(lambda n: bar.update(n)) if bar else None)
+                                on_block=bar.update if bar is not None else None)
     finally:
         if bar is not None:
             bar.close()
@@ -377,8 +380,9 @@ def write_file(store: Any, root: dag.Cid, out: str | os.PathLike | None) -> None
         raise
 
 
-def _progress_bar(enabled: bool):
+def _progress_bar(enabled: bool, total_bytes: int | None):
     if not enabled:
         return None
     from tqdm import tqdm
-    return tqdm(unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr, desc="fetching", leave=False)
+    return tqdm(total=total_bytes or None, unit="B", unit_scale=True, unit_divisor=1024, file=sys.stderr,
+                desc="fetching", leave=False)
