@@ -2,6 +2,8 @@
 
 import argparse
 
+import pytest
+
 from swarmlm.cli import main
 from swarmlm.parallel.launch import plan_from_args, wants_parallel
 
@@ -25,20 +27,25 @@ def test_any_degree_above_one_goes_parallel(monkeypatch):
     assert wants_parallel(args(cp=2)) and not wants_parallel(args())
 
 
-def test_train_with_a_plan_bigger_than_the_world_exits_with_one_line(monkeypatch, capsys):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
+BAD_PLANS = [
+    (["--tp", "3"], "--tp 3 does not divide the model's 4 attention heads"),
+    (["--tp", "4"], "key/value heads"),
+    (["--tp", "0"], "--tp must be a positive integer, got 0"),
+    (["--pp", "8"], "8 pipeline stages"),
+    (["--pp", "2", "--microbatches", "3"], "do not split into 3 micro-batches"),
+    (["--cp", "3"], "cannot split a sequence of 32 tokens into 3"),
+    (["--dp", "2", "--tp", "2"], "needs 4 processes, but the world has 1"),
+]
 
-    code = main(["train", "--config", "tiny", "--tp", "2", "--steps", "1"])
+
+@pytest.mark.parametrize("flags, message", BAD_PLANS)
+def test_bad_plan_is_one_line_exit_2_and_nothing_runs(flags, message, tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    out = tmp_path / "run"
+
+    code = main(["train", "--config", "tiny", "--steps", "1", "--seq-len", "32", "--out", str(out), *flags])
 
     err = capsys.readouterr().err
     assert code == 2
-    assert "needs 2 processes, but the world has 1" in err and "Traceback" not in err
-
-
-def test_train_with_tp_not_dividing_kv_heads_is_refused(monkeypatch, capsys):
-    monkeypatch.setenv("WORLD_SIZE", "4")
-
-    code = main(["train", "--config", "tiny", "--tp", "4", "--steps", "1"])
-
-    assert code == 2
-    assert "key/value heads" in capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    assert not out.exists()   # refused before any process group, data or run directory

@@ -1,26 +1,12 @@
 """Every technique and hybrid reproduces the single-process losses step by step.
 
-Two launches (2 and 4 gloo processes) run all layouts one after another in the same
-processes, so the suite pays the process start-up twice, not once per layout.
+Two launches (2 and 4 gloo processes, conftest.py) run all layouts one after another in the
+same processes, so the suite pays the process start-up twice, not once per layout.
 """
 
 import pytest
 
-from tests.helpers.dist import spawn
-from tests.parallel.workers import TWO, run_plans
-
-FOUR = {
-    "dp-x-tp": dict(dp=2, tp=2),
-    "fsdp-x-tp": dict(fsdp=2, tp=2),
-    "pp-x-dp": dict(pp=2, dp=2),
-    "pp-x-tp": dict(pp=2, tp=2),
-    "dp-x-cp": dict(dp=2, cp=2),
-}
-
-
-@pytest.fixture(scope="module")
-def four_process_losses():
-    return spawn(run_plans, 4, [dict(name=k, **v) for k, v in FOUR.items()])
+from tests.parallel.workers import FOUR, TWO
 
 
 def assert_close_steps(mine, reference):
@@ -38,6 +24,6 @@ def test_two_process_layout_matches_single_process(layout, two_process_run, refe
 
 @pytest.mark.slow
 @pytest.mark.parametrize("layout", list(FOUR))
-def test_four_process_hybrid_matches_single_process(layout, four_process_losses, reference):
-    assert len(four_process_losses[layout]) == 10
-    assert_close_steps(four_process_losses[layout], reference)
+def test_four_process_hybrid_matches_single_process(layout, four_process_run, reference):
+    assert len(four_process_run[layout]) == 10
+    assert_close_steps(four_process_run[layout], reference)

@@ -15,6 +15,7 @@ from swarmlm.model.config import PRESETS
 from swarmlm.parallel.engine import ParallelTrainer
 from swarmlm.parallel.mesh import ParallelPlan, build_mesh, check_plan
 from swarmlm.train.config import TrainConfig
+from tests.parallel.workers_cp import RING_CASES, ring_vs_full
 
 # the 2-process layouts, run in one launch (with the checkpoint round trip)
 TWO = {
@@ -25,6 +26,15 @@ TWO = {
     "pp-1f1b": dict(pp=2, pp_schedule="1f1b"),
     "pp-interleaved-1f1b": dict(pp=2, pp_schedule="interleaved-1f1b"),
     "cp": dict(cp=2),
+}
+
+# the 4-process hybrids, run in one launch
+FOUR = {
+    "dp-x-tp": dict(dp=2, tp=2),
+    "fsdp-x-tp": dict(fsdp=2, tp=2),
+    "pp-x-dp": dict(pp=2, dp=2),
+    "pp-x-tp": dict(pp=2, tp=2),
+    "dp-x-cp": dict(dp=2, cp=2),
 }
 
 TRAIN = TrainConfig(steps=10, batch_size=4, seq_len=32, lr=3e-3, warmup_steps=2, seed=0)
@@ -80,7 +90,15 @@ def save_then_resume(rank: int, ckpt: str, save_at: int = 5, steps: int = 10) ->
 
 
 def run_two_process_suite(rank: int, plans: list[dict], ckpt: str) -> dict:
-    """All 2-process layouts, then the checkpoint round trip, in one launch."""
+    """All 2-process layouts, the checkpoint round trip and the ring-attention check, in one launch."""
     out = run_plans(rank, plans)
     out["checkpoint"] = save_then_resume(rank, ckpt)
+    out["ring"] = ring_vs_full(rank, RING_CASES)
+    return out
+
+
+def run_four_process_suite(rank: int, plans: list[dict]) -> dict:
+    """All 4-process hybrids and the ring-attention check, in one launch."""
+    out = run_plans(rank, plans)
+    out["ring"] = ring_vs_full(rank, RING_CASES)
     return out

@@ -8,6 +8,12 @@ import torch.nn.functional as F
 
 from swarmlm.parallel.cp import ring_attention
 
+RING_CASES = [
+    dict(B=2, H=4, Hkv=4, T=16, Dh=8, causal=True, seed=0),
+    dict(B=2, H=4, Hkv=2, T=16, Dh=8, causal=True, seed=1),   # grouped-query heads
+    dict(B=1, H=2, Hkv=2, T=8, Dh=4, causal=False, seed=2),
+]
+
 
 def ring_vs_full(rank: int, cases: list[dict]) -> list[dict]:
     """For each case, max |ring - full| of the output and of dq, dk, dv (gathered over ranks)."""

@@ -10,6 +10,8 @@ In reading order:
 - pp.py          cut_stage, Pipeline (GPipe, 1F1B, interleaved 1F1B), tied-embedding sync
 - cp.py          ring_attention (P2P ring, online softmax, causal, backward), apply_cp,
                  cp_context (torch's own context parallel on CUDA)
+- materialize.py build_shell (the model on the meta device), materialize (allocate only this
+                 rank's pieces, filled with the single-process initial weights)
 - engine.py      ParallelTrainer: applies a plan, runs one optimizer step on a global batch
 - checkpoint.py  save_checkpoint / load_checkpoint (DCP, any layout to any layout), export_hf
 - launch.py      run_parallel_training: `swarmlm train` under torchrun

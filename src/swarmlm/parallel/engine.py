@@ -1,9 +1,10 @@
 """ParallelTrainer: one model under a parallel plan, and one optimizer step on a global batch.
 
-It builds the full model with the run's seed on every rank (so all layouts start from the
-same weights as a single process), then applies the plan from outside, in torchtitan's
-order: cut pipeline stages, tensor parallel, context parallel, then data parallel (DDP or
-FSDP2) over the ranks whose gradients must be averaged. `step` takes the *global* batch,
+It builds the model on the meta device (no rank holds it whole), applies the plan from
+outside in torchtitan's order: cut pipeline stages, tensor parallel, context parallel, FSDP2
+over the ranks that shard; then allocates only this rank's pieces and fills them with the
+weights a single process gets from the run's seed (materialize.py), so all layouts start from
+the same model; plain replicas are wrapped in DDP last. `step` takes the *global* batch,
 picks this rank's rows (dp, fsdp) and sequence slice (cp), and returns the global mean loss,
 the same number a single process gets for the same batch. With the all-ones plan and no
 process group it is the single-process reference. Knows nothing of where batches come from.
@@ -11,6 +12,7 @@ process group it is the single-process reference. Knows nothing of where batches
 
 from __future__ import annotations
 
+import copy
 import math
 
 import torch
@@ -19,10 +21,10 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from swarmlm.model.config import ModelConfig
-from swarmlm.model.transformer import Transformer
 from swarmlm.parallel.cp import apply_cp, cp_context
 from swarmlm.parallel.ddp import apply_ddp
 from swarmlm.parallel.fsdp import apply_fsdp
+from swarmlm.parallel.materialize import build_shell, materialize
 from swarmlm.parallel.mesh import ParallelPlan
 from swarmlm.parallel.pp import Pipeline, cut_stage, lm_loss, stage_ids, sync_tied_grads, tied_group
 from swarmlm.parallel.tp import apply_tp
@@ -36,19 +38,22 @@ class ParallelTrainer:
         self.cfg, self.train, self.plan, self.mesh = cfg, train, plan, mesh
         self.device = torch.device(device)
         torch.manual_seed(train.seed)
-        full = Transformer(cfg).to(self.device)
+        shell = build_shell(cfg)                                                 # meta: shapes only
         pp_rank = mesh["pp"].get_local_rank() if plan.pp > 1 else 0
         self.stage_ids = stage_ids(plan, pp_rank) if plan.pp > 1 else [0]
-        parts = [cut_stage(full, s, plan.n_stages) for s in self.stage_ids] if plan.pp > 1 else [full]
-        self.parts = [self._parallelize(p, param_dtype) for p in parts]        # what we call (maybe wrapped)
-        self.modules = [getattr(p, "module", p) for p in self.parts]             # the Transformers inside
+        # the plan changes the parts in place; the shell stays the plain model materialize walks
+        parts = [cut_stage(shell, s, plan.n_stages) for s in self.stage_ids] if plan.pp > 1 else [copy.deepcopy(shell)]
+        self.modules = [self._shard(p, param_dtype) for p in parts]             # the Transformers
+        materialize(self.modules, shell, self.device)                            # this rank's pieces only
+        self.parts = [self._replicate(m, param_dtype) for m in self.modules]    # what we call (maybe DDP)
         self.optimizers = [build_optimizer(m, train) for m in self.modules]
         self.pipeline = Pipeline(self.parts, self.stage_ids, plan, mesh["pp"], self.device) if plan.pp > 1 else None
         self._tied_group = None
         if plan.pp > 1 and cfg.tie_embeddings:
             self._tied_group = tied_group(mesh, plan)
 
-    def _parallelize(self, model: nn.Module, param_dtype) -> nn.Module:
+    def _shard(self, model: nn.Module, param_dtype) -> nn.Module:
+        """Tensor, context and sharded data parallel, applied in place to a meta-device model."""
         plan, mesh = self.plan, self.mesh
         if mesh is None:
             return model
@@ -56,9 +61,7 @@ class ParallelTrainer:
             apply_tp(model, mesh["tp"], sequence_parallel=plan.sequence_parallel)
         if plan.cp > 1:
             apply_cp(model, mesh["cp"])
-        if param_dtype is None and plan.fsdp == 1 and plan.tp == 1 and plan.pp == 1:
-            return apply_ddp(model, mesh["grad"]) if plan.dp * plan.cp > 1 else model
-        if param_dtype is None and plan.batch_degree * plan.cp == 1:
+        if self._uses_ddp(param_dtype) or (param_dtype is None and plan.batch_degree * plan.cp == 1):
             return model
         # (mixed precision is FSDP2's policy: asked for, FSDP2 runs even over a single rank)
         # FSDP2 shards over fsdp x cp; dp > 1 adds a replicate dimension (HSDP). With fsdp == 1
@@ -66,7 +69,16 @@ class ParallelTrainer:
         # parameters under tp; several forwards before a backward under pp).
         dp_mesh = mesh["dp", "fsdp"] if plan.dp > 1 else mesh["fsdp_cp"]  # cp == 1 when dp > 1 (check_plan)
         return apply_fsdp(model, dp_mesh, param_dtype=param_dtype, reshard_after_forward=plan.pp == 1)
-        return model
+
+    def _uses_ddp(self, param_dtype) -> bool:
+        plan = self.plan
+        return (self.mesh is not None and param_dtype is None and plan.fsdp == 1 and plan.tp == 1
+                and plan.pp == 1 and plan.dp * plan.cp > 1)
+
+    def _replicate(self, model: nn.Module, param_dtype) -> nn.Module:
+        """DDP around a materialized model where the plan is plain replicas (it broadcasts rank
+        0's weights at wrap time, so it cannot go on the meta device)."""
+        return apply_ddp(model, self.mesh["grad"]) if self._uses_ddp(param_dtype) else model
 
     # ---- one step -------------------------------------------------------------------------
 

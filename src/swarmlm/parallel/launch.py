@@ -41,10 +41,11 @@ def plan_from_args(args, world_size: int) -> ParallelPlan:
 
 
 def wants_parallel(args) -> bool:
-    """Whether `swarmlm train` should go through this module (torchrun, or any degree given)."""
+    """Whether `swarmlm train` should go through this module (torchrun, or any degree other than
+    1 given: a bad one, like --tp 0, must reach check_plan rather than be ignored)."""
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         return True
-    return any((getattr(args, name, None) or 1) > 1 for name in MESH_DIMS)
+    return any(getattr(args, name, None) not in (None, 1) for name in MESH_DIMS)
 
 
 def run_parallel_training(args) -> int:

@@ -11,7 +11,6 @@ Knows nothing of the model's modules: only its head, layer and width counts.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 from swarmlm.errors import PlanError
@@ -70,9 +69,6 @@ def check_plan(cfg: ModelConfig, world_size: int, plan: ParallelPlan, *, seq_len
             raise PlanError(f"--{name} must be a positive integer, got {value!r}")
     if plan.pp_schedule not in SCHEDULES:
         raise PlanError(f"--pp-schedule must be one of {', '.join(SCHEDULES)}, got {plan.pp_schedule!r}")
-    if plan.world_size != world_size:
-        raise PlanError(f"the mesh {plan.describe()} needs {plan.world_size} processes, but the world has "
-                        f"{world_size} (torchrun --nproc-per-node); make the degrees multiply to {world_size}")
     _check_tp(cfg, plan, seq_len)
     _check_pp(cfg, plan, batch_size)
     if batch_size % plan.batch_degree:
@@ -91,6 +87,10 @@ def check_plan(cfg: ModelConfig, world_size: int, plan: ParallelPlan, *, seq_len
         if plan.dp > 1 and (plan.fsdp > 1 or plan.tp > 1):
             raise PlanError("--cp with --dp > 1 works with plain DDP only; with --fsdp or --tp "
                             "use --fsdp for the data-parallel ranks instead of --dp")
+    # last: a plan the model cannot take is named as such, whatever the world size
+    if plan.world_size != world_size:
+        raise PlanError(f"the mesh {plan.describe()} needs {plan.world_size} processes, but the world has "
+                        f"{world_size} (torchrun --nproc-per-node); make the degrees multiply to {world_size}")
     return plan
 
 

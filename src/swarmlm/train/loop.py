@@ -231,7 +231,7 @@ def train_from_args(args) -> int:
         from swarmlm.collab.run import run_swarm_training   # noqa: layer wiring lives at the edge
         return run_swarm_training(args)
     degrees = [getattr(args, k, None) for k in ("dp", "fsdp", "tp", "pp", "cp")]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or any(d and d > 1 for d in degrees):
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or any(d is not None and d != 1 for d in degrees):
         from swarmlm.parallel.launch import run_parallel_training
         return run_parallel_training(args)
     run = load_run_config(args.config, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
