@@ -2,12 +2,13 @@
 
     python bench/store_get.py [--mib 64] [--repeats 3]
 
-Peer A adds a random file to its block store and serves it (exchange.BlockService); peer B,
-with an empty store each time, fetches the whole DAG and verifies every block (what
-`swarmlm store get` does, minus writing the output file). Beside it, in the same run and
-between the same two peers: the same number of bytes sent over one bare libp2p stream
-(the transport's ceiling: p2pd on both ends), and over a plain TCP socket on 127.0.0.1.
-Prints one JSON line per result (medians over repeats), then the ratio get / bare stream.
+Peer A (a subprocess, as a node would be) adds a random file to its block store and serves
+it (exchange.BlockService); peer B (this process), with an empty store each time, fetches
+the whole DAG and verifies and stores every block (what `swarmlm store get` does, minus
+writing the output file). Beside it, in the same run and between the same two peers: the
+same number of bytes sent by A over one bare libp2p stream (the transport's ceiling: p2pd on
+both ends), and a plain TCP socket copy on 127.0.0.1. Prints one JSON line per result
+(medians over repeats), then the ratio get / bare stream.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import json
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,8 +52,8 @@ async def serve_raw(n_bytes: int):
     return handler
 
 
-async def bare_stream(a, b, n_bytes: int) -> float:
-    reader, writer = await b.open_raw_stream(a.peer_id, RAW)
+async def bare_stream(peer_a: str, b, n_bytes: int) -> float:
+    reader, writer = await b.open_raw_stream(peer_a, RAW)
     start = time.perf_counter()
     got = 0
     while got < n_bytes:
@@ -92,45 +94,62 @@ async def tcp_copy(n_bytes: int) -> float:
     return n_bytes / elapsed
 
 
+async def serve(work: Path, mib: int) -> None:
+    """Peer A: add the file, serve its blocks and a raw stream, print maddr and root, run until stdin closes."""
+    from swarmlm.p2p.peer import Peer
+
+    src = work / "file.bin"
+    with open(src, "wb") as f:
+        for _ in range(mib * 4):
+            f.write(os.urandom(CHUNK))
+    store = dag.open_store(work / "a")
+    root = dag.add_file(store, src)
+    async with await Peer.create() as a:
+        await BlockService(a, store).start()
+        await a.add_raw_stream_handler(RAW, await serve_raw(mib * 1024 * 1024))
+        print(a.maddrs[0], root, flush=True)
+        await asyncio.to_thread(sys.stdin.read)
+
+
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)   # internal: run as peer A
     args = parser.parse_args()
+    if args.serve:
+        return await serve(Path(args.serve), args.mib)
     from swarmlm.p2p.peer import Peer
 
     n_bytes = args.mib * 1024 * 1024
     work = Path(tempfile.mkdtemp(prefix="swarmlm-bench-get-"))
+    server = subprocess.Popen([sys.executable, __file__, "--serve", str(work), "--mib", str(args.mib)],
+                              stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     try:
-        src = work / "file.bin"
-        with open(src, "wb") as f:
-            for _ in range(args.mib * 4):
-                f.write(os.urandom(CHUNK))
-        store_a = dag.open_store(work / "a")
-        root = dag.add_file(store_a, src)
-        a = await Peer.create()
-        b = await Peer.create(initial_peers=a.maddrs)
+        maddr, root = server.stdout.readline().decode().split()
+        root = dag.parse_cid(root)
+        peer_a = maddr.rsplit("/p2p/", 1)[1]
+        b = await Peer.create(initial_peers=[maddr], client_mode=True)
         try:
-            await BlockService(a, store_a).start()
-            await a.add_raw_stream_handler(RAW, await serve_raw(n_bytes))
             get_rates, raw_rates, tcp_rates = [], [], []
             for i in range(args.repeats):
-                raw_rates.append(await bare_stream(a, b, n_bytes))
+                raw_rates.append(await bare_stream(peer_a, b, n_bytes))
                 store_b = dag.open_store(work / f"b{i}")
                 start = time.perf_counter()
-                stats = await fetch_dag(b, root, store_b, providers=[a.peer_id])
+                stats = await fetch_dag(b, root, store_b, providers=[peer_a])
                 get_rates.append(stats.fetched_bytes / (time.perf_counter() - start))
                 tcp_rates.append(await tcp_copy(n_bytes))
                 shutil.rmtree(work / f"b{i}", ignore_errors=True)
         finally:
             await b.shutdown()
-            await a.shutdown()
         get_rate, raw_rate, tcp_rate = map(statistics.median, (get_rates, raw_rates, tcp_rates))
         emit("store_get_throughput", get_rate / 1e9, "GB/s", mib=args.mib)
         emit("bare_libp2p_stream_throughput", raw_rate / 1e9, "GB/s", mib=args.mib)
         emit("tcp_loopback_throughput", tcp_rate / 1e9, "GB/s", mib=args.mib)
         emit("store_get_vs_bare_stream", get_rate / raw_rate, "ratio", target=0.8)
     finally:
+        server.stdin.close()
+        server.wait(30)
         shutil.rmtree(work, ignore_errors=True)
 
 

@@ -209,6 +209,7 @@ class Peer:
         self._claim(name)
 
         async def serve(info: Any, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            _widen(reader, max_request_bytes)
             await rpc.serve_stream(handler, info.peer_id.to_base58(), reader, writer, name=name,
                                    max_request_bytes=max_request_bytes)
 
@@ -249,6 +250,7 @@ class Peer:
             raise PeerTimeout(f"{name} at {peer_id}: no stream in {timeout_s:.1f} s") from None
         except Exception as e:
             raise PeerError(f"{name} at {peer_id}: {e}") from None
+        _widen(reader, max_chunk_bytes)
         try:
             try:
                 await asyncio.wait_for(rpc.write_frame(writer, rpc.REQUEST, request), timeout_s)
@@ -290,6 +292,12 @@ def check_maddr(maddr: str) -> str:
     except Exception:
         raise UserError(f"{maddr!r} is not a peer multiaddr like /ip4/127.0.0.1/tcp/PORT/p2p/PEER_ID") from None
     return str(parsed)
+
+
+def _widen(reader: asyncio.StreamReader, frame_bytes: int) -> None:
+    """Let the reader buffer a whole frame: at asyncio's default 64 KiB it pauses and resumes the
+    socket several times per 256 KiB block (an epoll register/unregister each time)."""
+    reader._limit = max(reader._limit, min(frame_bytes, 8 << 20) + 16)
 
 
 def _parse_peer_id(peer_id: str) -> PeerID:

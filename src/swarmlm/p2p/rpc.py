@@ -87,9 +87,8 @@ def _log_handler_failure(name: str, peer_id: str, e: Exception) -> None:
 # ---- stream frames -----------------------------------------------------------------------
 
 async def write_frame(writer: asyncio.StreamWriter, tag: int, payload: bytes = b"") -> None:
-    writer.write(_HEADER.pack(tag, len(payload)))
-    if payload:
-        writer.write(payload)
+    # one write: a separate 5-byte header would travel as its own tiny libp2p frame
+    writer.write(_HEADER.pack(tag, len(payload)) + payload)
     await writer.drain()
 
 
@@ -121,15 +120,16 @@ async def serve_stream(handler: StreamHandler, peer_id: str, reader: asyncio.Str
                 if not isinstance(chunk, (bytes, bytearray, memoryview)):
                     raise TypeError(f"stream handler {name} yielded {type(chunk).__name__}, not bytes")
                 await write_frame(writer, DATA, chunk)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            return          # the caller went away; nothing to tell it
+        except (ConnectionError, asyncio.IncompleteReadError) as e:
+            logger.debug("%s from %s: the caller went away (%s)", name, peer_id, e)
+            return          # nothing to tell it
         except Exception as e:
             _log_handler_failure(name, peer_id, e)
             await write_frame(writer, ERROR, describe_failure(e).encode("utf-8", "replace")[:MAX_ERROR_BYTES])
             return
         await write_frame(writer, END)
-    except (ConnectionError, asyncio.IncompleteReadError, RuntimeError):
-        pass                # writing to a closed stream
+    except (ConnectionError, asyncio.IncompleteReadError, RuntimeError) as e:
+        logger.debug("%s from %s: stream closed while answering (%s)", name, peer_id, e)
     finally:
         writer.close()
 

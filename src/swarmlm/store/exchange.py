@@ -49,7 +49,7 @@ MAX_REQUEST_BYTES = 64 * 1024       # a request is CIDs only
 MAX_CID_CHARS = 128
 _FOUND, _MISSING = b"\x00", b"\x01"
 _WRITES_IN_FLIGHT = 4               # blocks being hashed and written while the next ones arrive
-_READ_AHEAD = 4                     # blocks a server reads from disk ahead of the one it sends
+_READ_AHEAD = 4                     # blocks a server reads and hashes per worker hand-off, a group ahead
 
 
 # ---- wire messages ---------------------------------------------------------------------------
@@ -106,15 +106,22 @@ class BlockService:
         except WireError:
             self.refused_requests += 1
             raise
-        reads: deque[asyncio.Future] = deque()
+        # disk reads and hashes run in a worker thread, a group of blocks per hand-off, one group
+        # ahead of the one being sent
+        groups = [cids[i:i + _READ_AHEAD] for i in range(0, len(cids), _READ_AHEAD)]
+        ahead = asyncio.ensure_future(asyncio.to_thread(self._read_blocks, groups[0]))
         try:
-            for i, cid in enumerate(cids):
-                while len(reads) <= _READ_AHEAD and i + len(reads) < len(cids):   # disk and hash run ahead
-                    reads.append(asyncio.ensure_future(asyncio.to_thread(self._read_block, cids[i + len(reads)])))
-                yield self._reply(cid, await reads.popleft(), req.max_block_bytes)
+            for n, group in enumerate(groups):
+                blocks = await ahead
+                if n + 1 < len(groups):
+                    ahead = asyncio.ensure_future(asyncio.to_thread(self._read_blocks, groups[n + 1]))
+                for cid, data in zip(group, blocks):
+                    yield self._reply(cid, data, req.max_block_bytes)
         finally:
-            for f in reads:
-                f.cancel()
+            ahead.cancel()
+
+    def _read_blocks(self, cids: list[dag.Cid]) -> list[bytes | None]:
+        return [self._read_block(c) for c in cids]
 
     def _reply(self, cid: dag.Cid, data: bytes | None, max_block_bytes: int) -> bytes:
         if data is None:
@@ -161,8 +168,8 @@ class FetchStats:
 
 @dataclass(frozen=True)
 class FetchOptions:
-    batch: int = 16                   # CIDs per stream request (4 MiB of 256 KiB leaves)
-    streams_per_provider: int = 2     # requests in flight per provider, so one is always queued
+    batch: int = 32                   # CIDs per stream request (8 MiB of 256 KiB leaves)
+    streams_per_provider: int = 3     # requests in flight per provider, so one is always queued
     timeout_s: float = 30.0           # opening a stream, and the wait for each block
     max_failures: int = 2             # broken streams before a provider is dropped for this fetch
 
