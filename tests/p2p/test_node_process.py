@@ -27,14 +27,3 @@ def test_node_prints_maddrs_and_stops_cleanly_on_signal(tmp_path, sig):
         time.sleep(0.1)
     assert not any(pid_alive(p) for p in daemons)
 
-
-def test_restarted_node_keeps_its_peer_id(tmp_path):
-    ids = []
-    for _ in range(2):
-        node = NodeProcess(tmp_path / "n")
-        try:
-            node.wait_ready()
-            ids.append(node.peer_id)
-        finally:
-            node.stop()
-    assert ids[0] == ids[1]
