@@ -4,7 +4,6 @@ import asyncio
 
 import pytest
 
-from swarmlm.errors import WireError
 from swarmlm.p2p import keys
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
 from swarmlm.store.providers import (ProviderRecord, announce, find_providers, plan_replication, rank_providers,

@@ -8,7 +8,6 @@ run beside a node on the same data directory without taking its peer ID.
 from __future__ import annotations
 
 import asyncio
-import sys
 from pathlib import Path
 
 from swarmlm.log import get_logger

@@ -34,7 +34,6 @@ from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 from swarmlm import serialize
 from swarmlm.errors import IntegrityError, NotFoundError, PeerError, WireError
 from swarmlm.log import get_logger
-from swarmlm.p2p import rpc
 from swarmlm.store import dag
 from swarmlm.store.providers import find_providers, rank_providers
 
