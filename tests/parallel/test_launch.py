@@ -5,7 +5,7 @@ import argparse
 import pytest
 
 from swarmlm.cli import main
-from swarmlm.parallel.launch import plan_from_args, wants_parallel
+from swarmlm.parallel.launch import keep_metrics_up_to, plan_from_args, wants_parallel
 
 
 def args(**kw):
@@ -25,6 +25,15 @@ def test_given_degrees_leave_the_rest_at_one():
 def test_any_degree_above_one_goes_parallel(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     assert wants_parallel(args(cp=2)) and not wants_parallel(args())
+
+
+def test_resumed_run_drops_metric_lines_after_its_checkpoint(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(f'{{"step": {s}, "loss": 1.0}}\n' for s in range(1, 6)))
+
+    keep_metrics_up_to(path, 3)
+
+    assert [line[:10] for line in path.read_text().splitlines()] == ['{"step": 1', '{"step": 2', '{"step": 3']
 
 
 BAD_PLANS = [

@@ -70,6 +70,17 @@ def run_parallel_training(args) -> int:
         dist.destroy_process_group()
 
 
+def keep_metrics_up_to(path: Path, last_step: int) -> None:
+    """Drop the lines of `path` (metrics.jsonl) for steps after `last_step` (all of them for 0)."""
+    if not path.exists():
+        return
+    lines = path.read_text(encoding="utf-8").splitlines()
+    kept = [ln for ln in lines if ln.strip() and json.loads(ln)["step"] <= last_step]
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text("".join(ln + "\n" for ln in kept), encoding="utf-8")
+    os.replace(tmp, path)
+
+
 def _device() -> torch.device:
     if torch.cuda.is_available():
         local = int(os.environ.get("LOCAL_RANK", "0"))
@@ -105,7 +116,9 @@ def _train(args, run, plan: ParallelPlan, device: torch.device, out: Path, rank:
     ckpt = out / DCP_DIR
     start = load_checkpoint(trainer, ckpt) if args.resume and ckpt.is_dir() else 0
     batches = Batches(prep.shards.train, cfg.batch_size, cfg.seq_len, cfg.seed)
-    metrics = open(out / "metrics.jsonl", "a" if start else "w", encoding="utf-8") if rank == 0 else None
+    if rank == 0:
+        keep_metrics_up_to(out / "metrics.jsonl", start)   # a resumed run rewrites the steps after its checkpoint
+    metrics = open(out / "metrics.jsonl", "a", encoding="utf-8") if rank == 0 else None
     tokens_per_step = global_batch * cfg.seq_len
     try:
         for step in range(start, cfg.steps):
