@@ -7,7 +7,7 @@ import torch
 
 from swarmlm import serialize
 from swarmlm.collab import compression
-from swarmlm.collab.allreduce import PART_HANDLER, AllReduce, PartRequest, part_bounds
+from swarmlm.collab.allreduce import AllReduce, PartRequest, call_part, part_bounds
 from swarmlm.collab.matchmaking import Group, Matchmaker
 from swarmlm.errors import RoundFailed
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
@@ -80,8 +80,7 @@ def test_round_completes_when_a_member_sends_malformed_tensors():
                 t = junk[part % 3]
                 t = t if t.numel() != 100 or t.dtype != torch.float32 else torch.full((b - a,), float("nan"))
                 req = PartRequest(group.group_id, part, 1.0, serialize.tensor_to_bytes(t))
-                replies.append(bad_peer.call(owner, PART_HANDLER, serialize.encode_message(req), timeout_s=5,
-                                             max_response_bytes=1 << 20))
+                replies.append(call_part(bad_peer, owner, serialize.encode_message(req), timeout_s=5))
             await asyncio.gather(*replies, return_exceptions=True)
 
         # the saboteur owns parts too: let it answer with an honest mean so the round can finish

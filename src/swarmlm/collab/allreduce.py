@@ -5,7 +5,7 @@
 
 The flat (numel,) vector is cut into parts; member i of the sorted member list owns parts
 i, i + n, ... (at least one each; more for big vectors, so no message exceeds `MAX_PART_ELEMS`).
-Every member sends each part to its owner in one `part` call whose reply is the aggregate:
+Every member sends each part to its owner in one `part` call (a libp2p stream) whose reply is the aggregate:
 the owner waits until every member's contribution for that part has arrived, drops the
 malformed ones (wrong shape or dtype, NaN/inf, undecodable) with a logged reason, combines
 the rest with the robust aggregator, and answers each caller with the same encoded result.
@@ -26,7 +26,7 @@ import collections
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, AsyncIterator
 
 import torch
 
@@ -40,10 +40,20 @@ from swarmlm.log import get_logger
 log = get_logger(__name__)
 
 PART_HANDLER = "swarmlm/collab/part/1"
-MAX_PART_ELEMS = 1 << 20           # 4 MiB of float32 per message, well under the 16 MiB unary limit
+MAX_PART_ELEMS = 1 << 18           # 1 MiB of float32 per message: several streams in flight fill the pipe
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
-_IN_FLIGHT = 4                     # concurrent part calls per round
+_IN_FLIGHT = 8                     # concurrent part calls per round
 _FINISHED_KEPT = 256               # group IDs remembered after their round, to refuse late calls
+
+
+async def call_part(peer: Any, owner: str, request: bytes, *, timeout_s: float) -> bytes:
+    """Send one encoded `PartRequest` to the part's owner; its reply (an encoded `PartReply`).
+
+    Parts travel over a libp2p stream each (`Peer.call_stream`): on p2pd that moves several
+    times more bytes per second than a unary call over the daemon's control connection."""
+    chunks = [c async for c in peer.call_stream(owner, PART_HANDLER, request, timeout_s=timeout_s,
+                                                max_chunk_bytes=MAX_REQUEST_BYTES)]
+    return b"".join(chunks)
 
 
 def round_failed(message: str, suspects: set[str] = frozenset()) -> RoundFailed:
@@ -140,7 +150,7 @@ class AllReduce:
     async def create(cls, peer: Any, *, aggregator: str = "mean", compression: str = "none",
                      max_part_elems: int = MAX_PART_ELEMS) -> AllReduce:
         reducer = cls(peer, aggregator=aggregator, compression=compression, max_part_elems=max_part_elems)
-        await peer.add_handler(PART_HANDLER, reducer.rpc_part, max_request_bytes=MAX_REQUEST_BYTES)
+        await peer.add_stream_handler(PART_HANDLER, reducer._serve_part, max_request_bytes=MAX_REQUEST_BYTES)
         return reducer
 
     # ---- one round ----------------------------------------------------------------------------
@@ -198,8 +208,7 @@ class AllReduce:
             rnd.bytes_sent += len(request)
             left = max(0.01, deadline - time.monotonic())
             try:
-                reply_bytes = await self.peer.call(owner, PART_HANDLER, request, timeout_s=left,
-                                                   max_response_bytes=MAX_REQUEST_BYTES)
+                reply_bytes = await call_part(self.peer, owner, request, timeout_s=left)
             except RemoteError as e:          # the owner is up but its part failed
                 raise round_failed(str(e)) from None
             except PeerError as e:            # the owner vanished or timed out
@@ -208,7 +217,8 @@ class AllReduce:
         try:
             reply = serialize.decode_message(reply_bytes, PartReply, max_bytes=MAX_REQUEST_BYTES)
             t = codecs.decode(reply.payload, self.compression, numel=b - a)
-            serialize.check_tensor(t, name=f"part {part}", finite=True)
+            if not math.isfinite(float(t.sum(dtype=torch.float64))):
+                raise WireError(f"part {part} contains NaN or inf")
         except WireError as e:
             raise round_failed(f"{owner} answered part {part} with garbage: {e}", {owner}) from None
         out[a:b] = t
@@ -250,6 +260,9 @@ class AllReduce:
         payload = codecs.encode(agg, self.compression)
         local = agg if self.compression == "none" else codecs.decode(payload, self.compression, numel=own.size)
         return payload, local, sum(w for _, _, w in kept), len(kept)
+
+    async def _serve_part(self, peer_id: str, request: bytes) -> AsyncIterator[bytes]:
+        yield await self.rpc_part(peer_id, request)
 
     async def rpc_part(self, peer_id: str, request: bytes) -> bytes:
         req = serialize.decode_message(request, PartRequest, max_bytes=MAX_REQUEST_BYTES)
