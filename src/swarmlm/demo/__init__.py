@@ -1,9 +1,10 @@
 """`swarmlm demo`: the main job, end to end on one machine.
 
-- local.py: `run_demo` — tokenizer + tiny model trained on the embedded corpus (the Python
-  standard library), a generated sample, and a summary.
+- swarm.py: `run_demo` — a loopback swarm trains the tiny model on the Python standard
+  library, publishes it by CID, serves it as a pipeline over three server processes and
+  generates through them while one server is killed; then a summary.
 """
 
-from swarmlm.demo.local import run_demo
+from swarmlm.demo.swarm import run_demo
 
 __all__ = ["run_demo"]

@@ -43,8 +43,20 @@ class LoopThread:
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
 
     def close(self) -> None:
+        """Cancel what is still running on the loop (and wait for it), then stop the loop."""
         if self.loop.is_closed():
             return
+
+        async def cancel_the_rest() -> None:
+            rest = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in rest:
+                task.cancel()
+            await asyncio.gather(*rest, return_exceptions=True)
+
+        try:
+            self.run(cancel_the_rest(), timeout_s=10)
+        except Exception:   # closing goes on whatever the tasks raised
+            pass
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()

@@ -19,10 +19,7 @@ import asyncio
 import os
 import random
 import signal
-import subprocess
 import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -31,6 +28,7 @@ import torch
 
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
+from swarmlm.p2p.process import PeerProcess, start_peer_process
 from swarmlm.swarm.dht import read_servers
 from swarmlm.swarm.server.announce import Announcer
 from swarmlm.swarm.server.budget import BudgetLimits
@@ -231,68 +229,7 @@ def serve_from_args(args: Any) -> int:
 
 # ---- a server as a child process ---------------------------------------------------------------------
 
-class ServerProcess:
-    """A `swarmlm serve` child. `maddrs` once ready; `stop()` (SIGTERM, clean) or `kill()` (SIGKILL)."""
-
-    def __init__(self, proc: subprocess.Popen, log_path: Path):
-        self.proc = proc
-        self.log_path = log_path
-        self.maddrs: list[str] = []
-        self.started_at = time.monotonic()
-        self.ready_after_s: float | None = None   # launch to announced
-
-    @property
-    def peer_id(self) -> str:
-        return self.maddrs[0].rsplit("/p2p/", 1)[1]
-
-    def wait_ready(self, timeout_s: float) -> list[str]:
-        """Wait for the multiaddr lines; on failure kill the child and raise with its log's tail."""
-        first = threading.Event()
-        lines: list[str] = []
-
-        def read() -> None:                   # until the child closes stdout
-            for raw in self.proc.stdout:
-                if raw.strip():
-                    lines.append(raw.decode(errors="replace").strip())
-                    first.set()
-
-        threading.Thread(target=read, daemon=True).start()
-        deadline = self.started_at + timeout_s
-        while not first.wait(0.1):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.kill()
-                raise RuntimeError(f"server did not start in {timeout_s:.0f} s; its log:\n{self.log_tail()}")
-        self.ready_after_s = time.monotonic() - self.started_at
-        time.sleep(0.1)                       # the other lines were printed and flushed together
-        self.maddrs = list(lines)
-        return self.maddrs
-
-    def log_tail(self, n_chars: int = 4000) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-n_chars:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout_s: float = 20.0) -> int | None:
-        """SIGTERM, then wait (SIGKILL if it does not exit in time)."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.kill()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        self.proc.wait(10)
-
-    def __enter__(self) -> "ServerProcess":
-        return self
-
-    def __exit__(self, *exc: Any) -> None:
-        self.stop()
+ServerProcess = PeerProcess     # a `swarmlm serve` child: maddrs, peer_id, stop() (SIGTERM), kill() (SIGKILL)
 
 
 def start_server_process(model: str, *, blocks: tuple[int, int] | None = None, num_blocks: int | None = None,
@@ -304,24 +241,12 @@ def start_server_process(model: str, *, blocks: tuple[int, int] | None = None, n
     Its stderr goes to `<data_dir>/serve.log`. The caller stops it (`stop()`/`kill()`).
     """
     data_dir = Path(data_dir)
-    data_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "swarmlm", "serve", str(model), "--host", "127.0.0.1", "--data-dir", str(data_dir)]
+    args = ["serve", str(model), "--host", "127.0.0.1", "--data-dir", str(data_dir)]
     if blocks is not None:
-        cmd += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
+        args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
     if num_blocks is not None:
-        cmd += ["--num-blocks", str(num_blocks)]
+        args += ["--num-blocks", str(num_blocks)]
     if initial_peers:
-        cmd += ["--initial-peers", *initial_peers]
-    cmd += list(extra_args)
-    child_env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[3])
-    child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
-    child_env.setdefault("SWARMLM_LOG", "INFO")
-    child_env.update(env or {})
-    log_path = data_dir / "serve.log"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=log, env=child_env)
-    server = ServerProcess(proc, log_path)
-    if wait:
-        server.wait_ready(timeout_s)
-    return server
+        args += ["--initial-peers", *initial_peers]
+    args += list(extra_args)
+    return start_peer_process(args, log_path=data_dir / "serve.log", env=env, wait=wait, timeout_s=timeout_s)
