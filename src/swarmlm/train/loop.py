@@ -107,7 +107,7 @@ def train(run: RunConfig, out: Path, *, data: str | None = None, resume: bool = 
     model = Transformer(prep.model_cfg)
     optimizer = build_optimizer(model, cfg)
     start = _restore(out, model, optimizer, prep.model_cfg) if resume else 0
-    _trim_metrics(out / METRICS_FILE, start)
+    keep_metrics_up_to(out / METRICS_FILE, start)
     batches = Batches(prep.shards.train, cfg.batch_size, cfg.seq_len, cfg.seed)
     windows = eval_windows(prep.shards.val, cfg.seq_len, cfg.eval_windows)
     n_params = sum(p.numel() for p in model.parameters())
@@ -213,7 +213,7 @@ def _weights_digest(out: Path) -> str:
     return h.hexdigest()
 
 
-def _trim_metrics(path: Path, last_step: int) -> None:
+def keep_metrics_up_to(path: Path, last_step: int) -> None:
     """Keep the metric lines of steps ≤ `last_step`: a resumed run rewrites what came after."""
     if not path.exists():
         return
