@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import multiprocessing as mp
 import os
+import queue
 import statistics
 import sys
 import time
-import multiprocessing as mp
 
 import torch
 
@@ -28,6 +29,7 @@ def _ours(rank, n, sizes, rounds, maddr_q, ids_q, members_q, barrier, out_q):
     torch.set_num_threads(1)
     from swarmlm.collab.allreduce import AllReduce
     from swarmlm.collab.matchmaking import Matchmaker
+    from swarmlm.errors import RoundFailed
     from swarmlm.p2p.peer import Peer
 
     async def main():
@@ -49,8 +51,14 @@ def _ours(rank, n, sizes, rounds, maddr_q, ids_q, members_q, barrier, out_q):
             for i in range(1 if numel == 1000 else rounds + 1):    # the first round of a size warms up
                 await asyncio.get_running_loop().run_in_executor(None, barrier.wait)
                 t0 = time.perf_counter()
-                group, _ = await mm.form_group(step, members, timeout_s=600)
-                res = await reducer.run(group, vec, weight=1.0, timeout_s=600)
+                while True:                                 # a failed round is redone, and counted in the time
+                    group, _ = await mm.form_group(step, members, timeout_s=600)
+                    try:
+                        res = await reducer.run(group, vec, weight=1.0, timeout_s=600)
+                        break
+                    except RoundFailed as e:
+                        print(f"# rank {rank}: {e}; again", file=sys.stderr)
+                        await mm.abandon(step)
                 times.append(time.perf_counter() - t0)
                 step += 1
                 await mm.set_step(step)
@@ -134,9 +142,9 @@ def _run(kind, n, sizes, rounds):
     for _ in range(n * len(sizes)):
         while True:
             try:
-                rank, numel, times = out_q.get(timeout=5)
+                _, numel, times = out_q.get(timeout=5)
                 break
-            except Exception:
+            except queue.Empty:
                 if any(p.exitcode not in (None, 0) for p in procs):
                     for p in procs:
                         p.kill()

@@ -1,12 +1,12 @@
 """The averaging round over MemoryPeers: results, malformed updates, peers dying mid-round."""
 
 import asyncio
+import itertools
 
 import pytest
 import torch
 
 from swarmlm import serialize
-from swarmlm.collab import compression
 from swarmlm.collab.allreduce import AllReduce, PartRequest, call_part, part_bounds
 from swarmlm.collab.matchmaking import Group, Matchmaker
 from swarmlm.errors import RoundFailed
@@ -28,7 +28,7 @@ def _group(peers, step=0, gid=b"g" * 16):
 def test_part_bounds_cover_the_vector_in_a_multiple_of_members():
     b = part_bounds(1000, 3, max_part_elems=100)
     assert len(b) % 3 == 0 and b[0][0] == 0 and b[-1][1] == 1000
-    assert all(x[1] == y[0] for x, y in zip(b, b[1:])) and max(e - s for s, e in b) <= 100
+    assert all(x[1] == y[0] for x, y in itertools.pairwise(b)) and max(e - s for s, e in b) <= 100
 
 
 @pytest.mark.parametrize("codec", ["none", "fp16", "int8"])

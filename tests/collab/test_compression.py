@@ -1,9 +1,9 @@
 import pytest
 import torch
 
+from swarmlm import serialize
 from swarmlm.collab import compression
 from swarmlm.errors import WireError
-from swarmlm import serialize
 
 
 @pytest.mark.parametrize("codec,tol", [("none", 0.0), ("fp16", 1e-3), ("int8", 1e-2)])

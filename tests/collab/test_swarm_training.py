@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import itertools
 import re
 
 import pytest
@@ -146,7 +147,7 @@ def test_three_peer_processes_match_one_process_with_the_global_batch(tmp_path, 
     swarm_curve = [r["loss"] for r in peers[0].metrics() if not r.get("final")]
     single_curve = [r["loss"] for r in map(__import__("json").loads,
                                            (tmp_path / "single" / "metrics.jsonl").read_text().splitlines())]
-    tail = lambda c: sum(c[-10:]) / 10                                   # noqa: E731
+    tail = lambda c: sum(c[-10:]) / 10
     print(f"\nafter {steps} steps of {3 * B} samples: val loss swarm {finals[0]['val_loss']:.3f}, "
           f"single {single.final_val_loss:.3f}; train loss (last 10) swarm {tail(swarm_curve):.3f}, "
           f"single {tail(single_curve):.3f}")
@@ -173,7 +174,7 @@ def test_killed_peer_stalls_the_others_at_most_a_round_timeout_and_a_late_joiner
     for p in peers[:2]:
         rows = [r for r in p.metrics() if not r.get("final")]
         assert rows[-1]["step"] == steps
-        gaps = [b["time"] - a["time"] for a, b in zip(rows, rows[1:])]
+        gaps = [b["time"] - a["time"] for a, b in itertools.pairwise(rows)]
         assert max(gaps) < 6 + 3 + 6, max(gaps)          # round timeout + gather + one slow step
     late_rows = [r for r in late.metrics() if not r.get("final")]
     summary = late.lines[-1]

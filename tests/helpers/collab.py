@@ -12,8 +12,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 from tests.helpers.swarm import STARTUP_TIMEOUT_S, _env
 
@@ -22,7 +22,7 @@ class TrainPeer:
     def __init__(self, out: Path, args: Sequence[str]):
         self.out = Path(out)
         self.out.mkdir(parents=True, exist_ok=True)
-        self._log = open(self.out / "peer.log", "wb")
+        self._log = open(self.out / "peer.log", "wb")  # noqa: SIM115 (closed by stop_all)
         cmd = [sys.executable, "-m", "swarmlm", "train", "--swarm", "--no-progress", "--out", str(self.out), *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log,
                                      env=_env({"OMP_NUM_THREADS": "1", "SWARMLM_LOG": "INFO"}))

@@ -23,10 +23,12 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import itertools
 import math
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
-from typing import Any, AsyncIterator
+from typing import Any
 
 import torch
 
@@ -34,7 +36,7 @@ from swarmlm import serialize
 from swarmlm.collab import compression as codecs
 from swarmlm.collab.matchmaking import Group
 from swarmlm.collab.robust import AGGREGATORS, aggregate, validate_updates
-from swarmlm.errors import PeerError, RemoteError, RoundFailed, WireError
+from swarmlm.errors import PeerError, PeerTimeout, RemoteError, RoundFailed, WireError
 from swarmlm.log import get_logger
 
 log = get_logger(__name__)
@@ -43,6 +45,7 @@ PART_HANDLER = "swarmlm/collab/part/1"
 MAX_PART_ELEMS = 1 << 18           # 1 MiB of float32 per message: several streams in flight fill the pipe
 MAX_REQUEST_BYTES = 16 * 1024 * 1024
 _IN_FLIGHT = 8                     # concurrent part calls per round
+_STREAM_RETRIES = 2                # a broken stream is retried; the owner answers a repeat with the same result
 _FINISHED_KEPT = 256               # group IDs remembered after their round, to refuse late calls
 
 
@@ -93,7 +96,7 @@ def part_bounds(numel: int, n_members: int, max_part_elems: int = MAX_PART_ELEMS
     n_parts = max(1, math.ceil(numel / max_part_elems))
     n_parts = math.ceil(n_parts / n_members) * n_members
     edges = [numel * i // n_parts for i in range(n_parts + 1)]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(itertools.pairwise(edges))
 
 
 @dataclass
@@ -207,12 +210,19 @@ class AllReduce:
             del payload
             rnd.bytes_sent += len(request)
             left = max(0.01, deadline - time.monotonic())
-            try:
-                reply_bytes = await call_part(self.peer, owner, request, timeout_s=left)
-            except RemoteError as e:          # the owner is up but its part failed
-                raise round_failed(str(e)) from None
-            except PeerError as e:            # the owner vanished or timed out
-                raise round_failed(str(e), {owner}) from None
+            for attempt in range(_STREAM_RETRIES + 1):
+                try:
+                    reply_bytes = await call_part(self.peer, owner, request, timeout_s=left)
+                    break
+                except RemoteError as e:          # the owner is up but its part failed
+                    raise round_failed(str(e)) from None
+                except PeerTimeout as e:
+                    raise round_failed(str(e), {owner}) from None
+                except PeerError as e:            # the owner vanished, or the stream broke: ask again
+                    left = deadline - time.monotonic()
+                    if attempt == _STREAM_RETRIES or left <= 0:
+                        raise round_failed(str(e), {owner}) from None
+                    log.info("part %d to %s: %s; asking again", part, owner, e)
         rnd.bytes_received += len(reply_bytes)
         try:
             reply = serialize.decode_message(reply_bytes, PartReply, max_bytes=MAX_REQUEST_BYTES)
@@ -272,15 +282,14 @@ class AllReduce:
         own = rnd.owned.get(req.part)
         if own is None:
             raise WireError(f"part {req.part} is not owned by this peer")
-        if peer_id in own.contribs:
-            raise WireError(f"{peer_id} already sent part {req.part}")
         rnd.bytes_received += len(request)
-        try:
-            t, reason = codecs.decode(req.payload, self.compression, numel=own.size), None
-        except WireError as e:
-            t, reason = None, str(e)
-        if not own.result.done():
-            self._add(rnd, req.part, peer_id, t, req.weight, reason)
+        if peer_id not in own.contribs:           # a repeat (the caller's stream broke) keeps the first
+            try:
+                t, reason = codecs.decode(req.payload, self.compression, numel=own.size), None
+            except WireError as e:
+                t, reason = None, str(e)
+            if not own.result.done():
+                self._add(rnd, req.part, peer_id, t, req.weight, reason)
         payload, _, total_weight, n_kept = await asyncio.shield(own.result)
         reply = serialize.encode_message(PartReply(payload, total_weight, n_kept))
         rnd.bytes_sent += len(reply)

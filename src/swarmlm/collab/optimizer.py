@@ -31,8 +31,9 @@ import asyncio
 import hashlib
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -41,8 +42,15 @@ from swarmlm.collab import state as states
 from swarmlm.collab.allreduce import AllReduce, RoundResult
 from swarmlm.collab.compression import CODECS
 from swarmlm.collab.matchmaking import FellBehind, Matchmaker
-from swarmlm.collab.progress import (ProgressRecord, SwarmView, build_view, is_time_to_average, peer_to_follow,
-                                     reference_peer, round_candidates)
+from swarmlm.collab.progress import (
+    ProgressRecord,
+    SwarmView,
+    build_view,
+    is_time_to_average,
+    peer_to_follow,
+    reference_peer,
+    round_candidates,
+)
 from swarmlm.collab.robust import AGGREGATORS
 from swarmlm.errors import PeerError, RoundFailed, UserError
 from swarmlm.log import get_logger

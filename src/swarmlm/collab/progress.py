@@ -16,8 +16,8 @@ Knows nothing of tensors, RPCs or the DHT client; the optimizer does the I/O.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from typing import Iterable, Mapping
 
 from swarmlm.p2p.records import SignedRecord, record_type
 

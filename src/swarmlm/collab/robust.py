@@ -17,7 +17,7 @@ why each dropped update was dropped, and the caller logs it.
 from __future__ import annotations
 
 import math
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 

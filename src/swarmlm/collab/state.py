@@ -14,7 +14,8 @@ model before copying anything. Knows nothing of rounds or matchmaking.
 
 from __future__ import annotations
 
-from typing import Any, AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import torch
 from torch import nn
