@@ -15,7 +15,8 @@ from __future__ import annotations
 import json
 import sys
 import time
-from typing import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -140,6 +141,50 @@ def generate(model: Transformer, prompt_ids: Sequence[int] | Sequence[Sequence[i
 
 # ---- the CLI ---------------------------------------------------------------------------------
 
+def check_sampling_args(args) -> None:
+    """The CLI's sampling options, checked before any model is loaded."""
+    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
+        raise UserError("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+
+
+@dataclass(frozen=True)
+class Emitted:
+    output_ids: list[int]      # generated ids, ending at the first eos if one was generated
+    text: str                  # their text, eos excluded
+    tokens_per_s: float        # decoding rate after the first token
+
+
+def emit_generation(steps: Iterable[list[int | None]], tokenizer, eos_id: int | None, *, stream: bool) -> Emitted:
+    """Consume one row of `stream_tokens`-style steps; with `stream`, write text to stdout as it decodes.
+
+    Shared by local and swarm generation, so `--json` means the same thing for both."""
+    output_ids: list[int] = []
+    times: list[float] = []
+
+    def tokens() -> Iterator[int]:
+        for step in steps:
+            t = step[0]
+            if t is None:
+                return
+            output_ids.append(t)
+            times.append(time.perf_counter())
+            if t != eos_id:
+                yield t
+
+    if not stream:
+        text = tokenizer.decode(list(tokens()))
+    else:
+        pieces = []
+        for piece in tokenizer.decode_stream(tokens()):
+            pieces.append(piece)
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+        text = "".join(pieces)
+    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+    return Emitted(output_ids, text, rate)
+
+
 def generate_from_args(args) -> int:
     """`swarmlm generate MODEL_DIR --prompt ...`: stream text to stdout, or print one JSON object with --json."""
     from swarmlm.model.hf import load_config, load_model
@@ -152,39 +197,15 @@ def generate_from_args(args) -> int:
         raise UserError("the prompt encodes to no tokens")
     if len(prompt_ids) > cfg.context_len:
         raise UserError(f"prompt is {len(prompt_ids)} tokens, longer than the model's context of {cfg.context_len}")
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise UserError("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    check_sampling_args(args)
     model, cfg = load_model(args.model, dtype=DTYPES[getattr(args, "dtype", "float32")])
     eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_id
-    output_ids: list[int] = []
-    times: list[float] = []
-
-    def tokens() -> Iterator[int]:
-        for step in stream_generate(model, prompt_ids, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                    seed=args.seed, eos_id=eos_id):
-            t = step[0]
-            if t is None:
-                return
-            output_ids.append(t)
-            times.append(time.perf_counter())
-            if t != eos_id:
-                yield t
-
+    steps = stream_generate(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                            top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos_id)
+    out = emit_generation(steps, tokenizer, eos_id, stream=not args.json)
     if args.json:
-        text = tokenizer.decode(list(tokens()))
+        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": out.output_ids, "text": out.text,
+                          "tokens_per_s": round(out.tokens_per_s, 3)}))
     else:
-        pieces = []
-        for piece in tokenizer.decode_stream(tokens()):
-            pieces.append(piece)
-            sys.stdout.write(piece)
-            sys.stdout.flush()
-        sys.stdout.write("\n")
-        text = "".join(pieces)
-    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-    if args.json:
-        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text,
-                          "tokens_per_s": round(rate, 3)}))
-    else:
-        print(f"[{len(output_ids)} tokens, {rate:.1f} tokens/s]", file=sys.stderr)
+        print(f"[{len(out.output_ids)} tokens, {out.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
     return 0

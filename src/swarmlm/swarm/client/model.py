@@ -227,15 +227,13 @@ def generate_from_args(args: Any) -> int:
     """`swarmlm generate MODEL --swarm --initial-peers ...`: the same output as local generation."""
     import json
     import sys
-    import time
 
-    from swarmlm.model.generate import DTYPES
+    from swarmlm.model.generate import DTYPES, check_sampling_args, emit_generation
     from swarmlm.model.tokenizer import Tokenizer
 
     if not args.initial_peers:
         raise UserError("--swarm needs --initial-peers MADDR ...")
-    if args.max_new_tokens < 0 or args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1:
-        raise UserError("need --max-new-tokens >= 0, --temperature >= 0, --top-k >= 0 and 0 < --top-p <= 1")
+    check_sampling_args(args)
     if args.connect_timeout <= 0:
         raise UserError("--connect-timeout must be positive")
     with RemoteModel.connect(args.model, initial_peers=args.initial_peers, connect_timeout_s=args.connect_timeout,
@@ -245,37 +243,14 @@ def generate_from_args(args: Any) -> int:
         if not prompt_ids:
             raise UserError("the prompt encodes to no tokens")
         eos_id = model.cfg.eos_token_id if model.cfg.eos_token_id is not None else tokenizer.eos_id
-        output_ids: list[int] = []
-        times: list[float] = []
-
-        def tokens() -> Iterator[int]:
-            for step in model.stream_generate([prompt_ids], max_new_tokens=args.max_new_tokens,
-                                              temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                              seed=args.seed, eos_id=eos_id):
-                t = step[0]
-                if t is None:
-                    return
-                output_ids.append(t)
-                times.append(time.perf_counter())
-                if t != eos_id:
-                    yield t
-
-        if args.json:
-            text = tokenizer.decode(list(tokens()))
-        else:
-            pieces = []
-            for piece in tokenizer.decode_stream(tokens()):
-                pieces.append(piece)
-                sys.stdout.write(piece)
-                sys.stdout.flush()
-            sys.stdout.write("\n")
-            text = "".join(pieces)
+        steps = model.stream_generate([prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                      top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos_id)
+        out = emit_generation(steps, tokenizer, eos_id, stream=not args.json)
         recoveries = model.last_session.recoveries if model.last_session is not None else 0
-    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
     if args.json:
-        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": output_ids, "text": text,
-                          "tokens_per_s": round(rate, 3), "recoveries": recoveries}))
+        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": out.output_ids, "text": out.text,
+                          "tokens_per_s": round(out.tokens_per_s, 3), "recoveries": recoveries}))
     else:
-        print(f"[{len(output_ids)} tokens, {rate:.1f} tokens/s through the swarm, {recoveries} recoveries]",
-              file=sys.stderr)
+        print(f"[{len(out.output_ids)} tokens, {out.tokens_per_s:.1f} tokens/s through the swarm, "
+              f"{recoveries} recoveries]", file=sys.stderr)
     return 0
