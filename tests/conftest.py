@@ -25,3 +25,17 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def _restore_swarmlm_logging():
+    """CLI tests call `main`, which sets swarmlm's log level and handler; undo it after each test so
+    the next one's caplog sees what it expects."""
+    import logging
+    names = ("swarmlm", "swarmlm.swarm")
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers)) for n in names}
+    yield
+    for n, (level, handlers) in saved.items():
+        logger = logging.getLogger(n)
+        logger.setLevel(level)
+        logger.handlers[:] = handlers

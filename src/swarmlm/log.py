@@ -26,5 +26,4 @@ def configure(level: str | None = None) -> None:
         handler = logging.StreamHandler()
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
         root.addHandler(handler)
-        root.propagate = False
         _CONFIGURED = True

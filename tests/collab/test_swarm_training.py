@@ -151,7 +151,8 @@ def test_three_peer_processes_match_one_process_with_the_global_batch(tmp_path, 
     print(f"\nafter {steps} steps of {3 * B} samples: val loss swarm {finals[0]['val_loss']:.3f}, "
           f"single {single.final_val_loss:.3f}; train loss (last 10) swarm {tail(swarm_curve):.3f}, "
           f"single {tail(single_curve):.3f}")
-    assert len(swarm_curve) == steps
+    # a step this peer caught up on by downloading the state (a round it missed) records no loss
+    assert steps - 2 <= len(swarm_curve) <= steps
     assert abs(finals[0]["val_loss"] - single.final_val_loss) < 0.05 * single.final_val_loss
     assert abs(tail(swarm_curve) - tail(single_curve)) < 0.10 * tail(single_curve)
 

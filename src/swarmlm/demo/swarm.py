@@ -149,7 +149,9 @@ def _generate_with_failure(cid: str, initial: list[str], prompt_ids: list[int], 
     tokens: list[int] = []
     killed = ""
     # the failover is reported in the summary; its warning would only break the streamed text
-    logging.getLogger("swarmlm.swarm").setLevel(logging.ERROR)
+    swarm_log = logging.getLogger("swarmlm.swarm")
+    level = swarm_log.level
+    swarm_log.setLevel(logging.ERROR)
     with RemoteModel.connect(cid, initial_peers=initial, connect_timeout_s=60) as remote:
         t0 = time.perf_counter()
         for step in remote.stream_generate([prompt_ids], max_new_tokens=NEW_TOKENS, eos_id=tok.eos_id):
@@ -164,5 +166,6 @@ def _generate_with_failure(cid: str, initial: list[str], prompt_ids: list[int], 
                 print(f" [killed server {killed[:12]}… (blocks 2:4)] ", end="", flush=True)
         gen_s = time.perf_counter() - t0
         recoveries = remote.last_session.recoveries
+    swarm_log.setLevel(level)
     print(flush=True)
     return tokens, killed, recoveries, gen_s

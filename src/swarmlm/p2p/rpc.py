@@ -28,6 +28,7 @@ _OK, _ERR = b"\x00", b"\x01"
 
 # stream frame tags
 REQUEST, DATA, END, ERROR = 0, 1, 2, 3
+LINGER_S = 5.0          # how long a served stream waits for the caller to close its side
 _HEADER = struct.Struct(">BI")
 
 UnaryHandler = Callable[[str, bytes], Awaitable[bytes]]               # (peer_id, request) -> reply
@@ -131,7 +132,22 @@ async def serve_stream(handler: StreamHandler, peer_id: str, reader: asyncio.Str
     except (ConnectionError, asyncio.IncompleteReadError, RuntimeError) as e:
         logger.debug("%s from %s: stream closed while answering (%s)", name, peer_id, e)
     finally:
+        await _linger(reader)
         writer.close()
+
+
+async def _linger(reader: asyncio.StreamReader, timeout_s: float = LINGER_S) -> None:
+    """Wait until the caller closes its side (it does once it has read our last frame), discarding
+    what it still sends, for at most `timeout_s`. Closing first, with the caller's bytes unread
+    (an oversized request it is still writing), lets the daemon reset the stream and drop our
+    last frame: the caller would see a cut stream instead of our END or ERROR."""
+    async def drain() -> None:
+        while await reader.read(1 << 16):
+            pass
+    try:
+        await asyncio.wait_for(drain(), timeout_s)
+    except (asyncio.TimeoutError, ConnectionError, RuntimeError, OSError):
+        pass
 
 
 async def read_stream(reader: asyncio.StreamReader, *, peer_id: str, name: str, timeout_s: float,
