@@ -18,7 +18,7 @@ from swarmlm.errors import SwarmlmError, UserError
 def _add_demo(sub) -> None:
     p = sub.add_parser("demo", help="a local swarm: peers train a tiny model, serve it by CID, generate through a failure")
     p.add_argument("--peers", type=int, default=3, help="peer processes in the local swarm")
-    p.add_argument("--steps", type=int, default=100, help="training steps of the swarm")
+    p.add_argument("--steps", type=int, default=200, help="training steps of the swarm")
     p.add_argument("--out", default=None, help="where to keep the run (default: a temporary folder)")
     p.set_defaults(run=_run_demo)
 

@@ -50,7 +50,7 @@ KILL_AFTER = 12          # tokens generated before a server is killed
 STARTUP_S = 180.0
 
 
-def run_demo(*, peers: int = 3, steps: int = 100, out: str | None = None) -> int:
+def run_demo(*, peers: int = 3, steps: int = 200, out: str | None = None) -> int:
     """Run the whole demo; returns the process exit code (0 when generation survived and matched)."""
     if peers < 1 or steps < 1:
         from swarmlm.errors import UserError
