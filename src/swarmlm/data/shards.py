@@ -136,9 +136,9 @@ class Batches:
 
 def eval_windows(tokens: np.ndarray, seq_len: int, n_windows: int) -> torch.Tensor:
     """Fixed, evenly spaced (N, T+1) windows: the same validation set on every run."""
-    n_windows = max(1, min(n_windows, (len(tokens) - 1) // (seq_len + 1)))
-    if n_windows == 0 or len(tokens) < seq_len + 1:
+    if len(tokens) < seq_len + 1:
         raise DataError(f"validation split has {len(tokens)} tokens, fewer than one window of {seq_len + 1}")
+    n_windows = max(1, min(n_windows, (len(tokens) - 1) // (seq_len + 1)))
     stride = (len(tokens) - seq_len - 1) // n_windows if n_windows > 1 else 0
     rows = [np.asarray(tokens[i * stride:i * stride + seq_len + 1], dtype=np.int64) for i in range(n_windows)]
     return torch.from_numpy(np.stack(rows))
