@@ -61,11 +61,20 @@ def test_corrupted_block_on_disk_is_detected_deleted_and_refetchable(tmp_path, c
     assert store.get(cid) == b"precious bytes"
 
 
+def _overwrite(store, cid, data):
+    """Replace a stored block's bytes in place, loose or packed (bit rot)."""
+    path, offset, length = store.locate(cid)
+    assert len(data) == length
+    with open(path, "r+b") as f:
+        f.seek(offset)
+        f.write(data)
+
+
 def test_corrupted_leaf_stops_a_file_read_before_its_bytes(tmp_path):
     store = BlockStore(tmp_path)
     root = add_bytes(store, b"aaaabbbbcccc", chunk_bytes=4)
     leaf = list(list_blocks(store, root))[2]
-    store.path_of(leaf).write_bytes(b"BBBB")
+    _overwrite(store, leaf, b"BBBB")
     out = []
     with pytest.raises(IntegrityError):
         for piece in iter_file(store, root):
@@ -102,7 +111,7 @@ def _age(store, cids):
     """Make `cids` used in this order (oldest first)."""
     if isinstance(store, BlockStore):
         for i, cid in enumerate(cids):
-            os.utime(store.path_of(cid), (1000 + i, 1000 + i))
+            os.utime(store.locate(cid)[0], (1000 + i, 1000 + i))     # a pack ages as a whole
     else:
         for cid in cids:
             store.get(cid)

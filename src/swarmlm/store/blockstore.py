@@ -2,12 +2,15 @@
 
 Both implement one protocol:
     put(block, cid=None, *, check=True) -> Cid     get(cid) -> bytes      has(cid) -> bool
+    writer() -> a context manager with the same `put`, for many blocks at once
     delete(cid) -> bool     size_bytes() -> int     iter(store) -> Cids    entries()
     pin(cid) / unpin(cid) / pinned() / is_pinned(cid)     gc(limit_bytes) -> freed bytes
 
-On disk a block lives in `<root>/<shard>/<cidv1>`, the shard being the two characters before
-the CID's last one (kubo's flatfs layout), written to a temporary name and renamed into
-place, so a reader never sees half a block. Every `get` hashes the block again: one that no
+On disk a block lives either loose in `<root>/<shard>/<cidv1>`, the shard being the two
+characters before the CID's last one (kubo's flatfs layout), written to a temporary name and
+renamed into place, so a reader never sees half a block; or in a pack file (`packs.py`) with
+many others, when it was written through `store.writer()` — what `add_file` and a fetch do,
+since a file per 256 KiB block costs more than hashing it. Every `get` hashes the block again: one that no
 longer matches its CID (a bad disk, a crash mid-write) is logged, deleted so the exchange can
 fetch it again, and raised as `IntegrityError`, never returned. A v0 and a v1 CID of the same
 dag-pb block name the same stored block; iteration yields CIDv1s.
@@ -32,6 +35,7 @@ from typing import Iterable, Iterator, NamedTuple
 from swarmlm.errors import IntegrityError, NotFoundError, WireError
 from swarmlm.log import get_logger
 from swarmlm.store.cid import RAW, Cid, CidError, block_matches
+from swarmlm.store.packs import PackIndex, PackWriter
 from swarmlm.store.unixfs import links_of
 
 logger = get_logger(__name__)
@@ -151,9 +155,23 @@ class BlockStore(_PinsAndGc):
         self._shards: set[str] = set()
         self._counter = itertools.count()
         self._lock = threading.Lock()
+        self.packs = PackIndex(self.root)
 
     def __repr__(self) -> str:
         return f"BlockStore({str(self.root)!r})"
+
+    def writer(self) -> _BlockWriter:
+        """`with store.writer() as w: w.put(block, cid)`: blocks go to pack files, sealed on exit."""
+        return _BlockWriter(self)
+
+    def locate(self, cid: Cid) -> tuple[Path, int, int] | None:
+        """(file, offset, length) of the stored block, or None: where to look with other tools."""
+        key = cid.to_v1().encode()
+        path = self.path_of(cid)
+        if path.is_file():
+            return path, 0, path.stat().st_size
+        loc = self.packs.find(key)
+        return None if loc is None else (self.packs.path(loc.pack), loc.offset, loc.length)
 
     def path_of(self, cid: Cid) -> Path:
         key = cid.to_v1().encode()
@@ -169,10 +187,8 @@ class BlockStore(_PinsAndGc):
         key = cid.to_v1().encode()
         shard = key[-3:-1]
         path = f"{self._root_str}/{shard}/{key}"      # plain strings: pathlib costs more than the write
-        with contextlib.suppress(OSError):
-            if os.stat(path).st_size == len(block):
-                os.utime(path)               # already here: count it as used
-                return cid
+        if self._present(key, len(block)):
+            return cid
         if shard not in self._shards:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(f"{self._root_str}/{shard}")
@@ -192,6 +208,17 @@ class BlockStore(_PinsAndGc):
         os.replace(tmp, path)
         return cid
 
+    def _present(self, key: str, n_bytes: int) -> bool:
+        """Already stored (loose with this size, or packed): a loose one counts as used."""
+        if key in self.packs._where:
+            return True
+        with contextlib.suppress(OSError):
+            path = f"{self._root_str}/{key[-3:-1]}/{key}"
+            if os.stat(path).st_size == n_bytes:
+                os.utime(path)
+                return True
+        return False
+
     def get(self, cid: Cid) -> bytes:
         """The block, verified against `cid`; `MissingBlock` if absent, `IntegrityError` if corrupted
         (the bad copy is deleted first, so it can be fetched again)."""
@@ -200,7 +227,7 @@ class BlockStore(_PinsAndGc):
             with open(path, "rb") as f:
                 data = f.read()
         except FileNotFoundError:
-            raise MissingBlock(f"block {cid} is not in {self.root}") from None
+            return self._get_packed(cid)
         if not block_matches(cid, data):
             logger.error("block %s on disk is corrupted (%d bytes at %s); deleting it", cid, len(data), path)
             with contextlib.suppress(OSError):
@@ -210,19 +237,50 @@ class BlockStore(_PinsAndGc):
             os.utime(path)
         return data
 
+    def _get_packed(self, cid: Cid) -> bytes:
+        key = cid.to_v1().encode()
+        for _ in range(2):                   # a pack compacted by another process: look again
+            loc = self.packs.find(key)
+            if loc is None:
+                break
+            data = self.packs.read(loc)
+            if data is None:
+                continue
+            if len(data) != loc.length or not block_matches(cid, data):
+                logger.error("block %s in pack %s is corrupted (%d bytes at offset %d); deleting it",
+                             cid, loc.pack, loc.length, loc.offset)
+                self.packs.delete(key)
+                raise IntegrityError(f"stored block {cid} is corrupted; it was deleted and must be fetched again")
+            return data
+        raise MissingBlock(f"block {cid} is not in {self.root}")
+
     def has(self, cid: Cid) -> bool:
-        return self.path_of(cid).is_file()
+        return self.path_of(cid).is_file() or self.packs.find(cid.to_v1().encode()) is not None
 
     def delete(self, cid: Cid) -> bool:
         try:
             os.unlink(self.path_of(cid))
             return True
         except FileNotFoundError:
-            return False
+            return self.packs.delete(cid.to_v1().encode())
+
+    def gc(self, limit_bytes: int, *, min_idle_s: float = 0.0) -> int:
+        """As `_PinsAndGc.gc`; then packs holding deleted blocks are rewritten without them, and
+        packs left by interrupted writes are removed, so the disk shrinks too."""
+        freed = super().gc(limit_bytes, min_idle_s=min_idle_s)
+        for pack, _ in self.packs.packs_with_dead_blocks():
+            self.packs.compact(pack, lambda key, data: block_matches(Cid.parse(key), data))
+        self.packs.remove_orphans()
+        return freed
 
     def entries(self) -> Iterator[Entry]:
+        for key, loc in self.packs.items():
+            try:
+                yield Entry(Cid.parse(key), loc.length, self.packs.last_used(loc.pack))
+            except CidError:
+                continue
         for shard in os.scandir(self.root):
-            if not shard.is_dir(follow_symlinks=False):
+            if not shard.is_dir(follow_symlinks=False) or len(shard.name) != 2:
                 continue
             for item in os.scandir(shard.path):
                 if _TMP_MARK in item.name:
@@ -273,6 +331,33 @@ class BlockStore(_PinsAndGc):
         os.replace(tmp, path)
 
 
+class _BlockWriter:
+    """`BlockStore.writer()`: the store's `put`, into pack files; a context manager."""
+
+    def __init__(self, store: BlockStore):
+        self.store = store
+        self._packs = PackWriter(store.packs)
+
+    def put(self, block: bytes | memoryview, cid: Cid | None = None, *, check: bool = True) -> Cid:
+        if cid is None:
+            cid = Cid.of(block, RAW)
+        elif check and not block_matches(cid, block):
+            raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
+        key = cid.to_v1().encode()
+        if not self.store._present(key, len(block)):
+            self._packs.put(key, block)
+        return cid
+
+    def close(self) -> None:
+        self._packs.close()
+
+    def __enter__(self) -> _BlockWriter:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
 # ---- in memory ----------------------------------------------------------------------------
 
 class MemoryBlockStore(_PinsAndGc):
@@ -309,6 +394,10 @@ class MemoryBlockStore(_PinsAndGc):
 
     def has(self, cid: Cid) -> bool:
         return cid.to_v1() in self.blocks
+
+    def writer(self) -> contextlib.nullcontext:
+        """Many blocks at once: in memory, the store itself."""
+        return contextlib.nullcontext(self)
 
     def delete(self, cid: Cid) -> bool:
         self._used.pop(cid.to_v1(), None)

@@ -21,6 +21,7 @@ functional face of a block store that the exchange and the node use.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,7 +45,7 @@ Link = tuple[Cid, int, int]                            # (cid, tsize: DAG bytes,
 
 __all__ = ["add_file", "add_bytes", "iter_file", "read_file", "list_blocks", "children", "file_size",
            "open_store", "store_root", "parse_cid", "block_matches", "read_block", "write_block", "pin",
-           "unpin", "pinned_roots", "collect_garbage", "Cid", "CHUNK_BYTES", "MAX_LINKS"]
+           "unpin", "pinned_roots", "collect_garbage", "writer", "Cid", "CHUNK_BYTES", "MAX_LINKS"]
 
 
 # ---- building -----------------------------------------------------------------------------
@@ -131,6 +132,18 @@ def add_file(store, src: str | os.PathLike | BinaryIO, *, cid_version: int = 1,
         with open(path, "rb", buffering=0) as f:
             return add_file(store, f, cid_version=cid_version, chunk_bytes=chunk_bytes, max_links=max_links,
                             workers=workers)
+    with writer(store) as sink:
+        return _add(sink, src, cid_version, chunk_bytes, max_links, workers)
+
+
+def writer(store):
+    """The store's bulk writer (`store.writer()`, a context manager with `put`), or the store
+    itself for a store without one."""
+    make = getattr(store, "writer", None)
+    return make() if callable(make) else contextlib.nullcontext(store)
+
+
+def _add(store, src: BinaryIO, cid_version: int, chunk_bytes: int, max_links: int, workers: int) -> Cid:
     tree = _Balanced(store, cid_version, max_links)
     if workers <= 1 or chunk_bytes < 65536:          # tiny chunks: threads would cost more than they save
         for chunk in _chunks(src, chunk_bytes):

@@ -185,13 +185,15 @@ class _Provider:
 class Fetcher:
     """Fetches sets of CIDs into a store from a list of providers; one instance per DAG fetch.
 
-    `on_block(n_bytes)` is called after each verified block (progress bars).
+    `on_block(n_bytes)` is called after each verified block (progress bars). Blocks are written
+    through `sink` (a `store.writer()`), or the store's own `put`.
     """
 
     def __init__(self, peer: Any, store: Any, providers: Sequence[str], *, options: FetchOptions = FetchOptions(),
-                 on_block: Callable[[int], None] | None = None):
+                 on_block: Callable[[int], None] | None = None, sink: Any = None):
         self.peer = peer
         self.store = store
+        self.sink = store if sink is None else sink
         self.options = options
         self.providers = {p: _Provider(p) for p in providers if p != peer.peer_id}
         self.stats = FetchStats()
@@ -283,7 +285,7 @@ class Fetcher:
 
     def _store_block(self, cid: dag.Cid, data: memoryview) -> bool:
         try:
-            dag.write_block(self.store, cid, data)
+            dag.write_block(self.sink, cid, data)
             return True
         except IntegrityError:
             return False
@@ -336,11 +338,12 @@ async def fetch_dag(peer: Any, root: str | dag.Cid, store: Any, *, providers: Se
     if providers is None:
         found = await find_providers(peer, str(root))
         providers = rank_providers(str(root), [p.peer_id for p in found], me=peer.peer_id)
-    fetcher = Fetcher(peer, store, providers, options=options, on_block=on_block)
-    level = [root]
-    while level:
-        await fetcher.fetch(level)
-        level = list(dict.fromkeys(child for cid in level for child in dag.children(store, cid)))  # dedupe
+    with dag.writer(store) as sink:                # verified blocks go to a pack, kept even if the fetch fails
+        fetcher = Fetcher(peer, store, providers, options=options, on_block=on_block, sink=sink)
+        level = [root]
+        while level:
+            await fetcher.fetch(level)
+            level = list(dict.fromkeys(child for cid in level for child in dag.children(store, cid)))  # dedupe
     fetcher.stats.seconds = time.monotonic() - start
     return fetcher.stats
 
