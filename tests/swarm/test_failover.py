@@ -39,6 +39,7 @@ def test_generation_survives_a_killed_server_with_identical_tokens(swarm, checkp
 
     assert rows[0] == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
     assert model.last_session.recoveries == 1
+    assert all(state.channel is not None for state in model.last_session.hops)   # steps went on channels
 
 
 def test_a_lost_server_may_be_replaced_by_two_smaller_ones(swarm, checkpoints):

@@ -6,11 +6,12 @@ import os
 import pytest
 import torch
 
-from swarmlm.errors import RemoteError
+from swarmlm.errors import PeerError, RemoteError
 from swarmlm.model.config import PRESETS
 from swarmlm.model.transformer import Transformer
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
-from swarmlm.p2p.rpc import call_message
+from swarmlm.p2p import rpc
+from swarmlm.p2p.rpc import Channel, call_message
 from swarmlm.swarm import wire
 from swarmlm.swarm.server.budget import BudgetLimits
 from swarmlm.swarm.server.host import BlockHost
@@ -52,6 +53,14 @@ class Harness:
     async def step(self, sid, x, position, start=0, end=2, **kw):
         req = wire.StepRequest(sid, start, end, position, x, **kw)
         return (await self.call(wire.RPC_STEP, req, wire.StepReply)).hidden
+
+    async def channel(self):
+        reader, writer = await self.client.open_raw_stream(self.server.peer_id, wire.RPC_STEPS)
+        return Channel(reader, writer, peer_id=self.server.peer_id, name=wire.RPC_STEPS)
+
+    async def channel_step(self, ch, sid, x, position, start=0, end=2, **kw):
+        req = wire.StepRequest(sid, start, end, position, x, **kw)
+        return (await ch.call_message(req, wire.StepReply, timeout_s=10, max_response_bytes=1 << 24)).hidden
 
 
 def run(coro):
@@ -252,3 +261,75 @@ def test_idle_sessions_time_out_and_free_their_cache(full):
         return h.host.budget.free_tokens
 
     assert run(go()) == h.host.budget.limits.max_cache_tokens
+
+
+# ---- the steps channel ------------------------------------------------------------------------
+
+def test_steps_on_a_channel_equal_the_local_blocks(full):
+    async def go():
+        h = await Harness(full).start()
+        sid, ch = await h.open(batch=2), await h.channel()
+        x = torch.randn(2, 5, D)
+        outs = [await h.channel_step(ch, sid, x[:, :3], 0), await h.channel_step(ch, sid, x[:, 3:4], 3),
+                await h.channel_step(ch, sid, x[:, 4:], 4)]
+        return torch.cat(outs, 1), full.run_blocks(x, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", list(BAD_STEPS) + ["unknown session"])
+def test_bad_step_on_a_channel_gets_an_error_frame_and_the_channel_goes_on(full, case):
+    async def go():
+        h = await Harness(full).start()
+        good, bad, ch = await h.open(), await h.open(), await h.channel()
+        if case == "unknown session":
+            bad, kw = os.urandom(16), dict(x=torch.randn(1, 1, D))
+        else:
+            kw = dict(BAD_STEPS[case])
+        x = torch.randn(1, 3, D)
+        first = await h.channel_step(ch, good, x[:, :2], 0)
+        with pytest.raises(RemoteError):
+            await h.channel_step(ch, bad, kw.pop("x"), kw.pop("position", 0), **kw)
+        second = await h.channel_step(ch, good, x[:, 2:], 2)
+        return torch.cat([first, second], 1), full.run_blocks(x, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_garbage_request_frame_on_a_channel_gets_an_error_frame_and_the_channel_goes_on(full):
+    async def go():
+        h = await Harness(full).start()
+        sid, ch = await h.open(), await h.channel()
+        with pytest.raises(RemoteError):
+            await ch.call(b"\xc1garbage", timeout_s=5, max_response_bytes=1 << 20)
+        return await h.channel_step(ch, sid, torch.randn(1, 1, D), 0)
+
+    assert run(go()).shape == (1, 1, D)
+
+
+def test_oversized_frame_on_a_channel_is_refused_unread_and_the_session_survives(full):
+    async def go():
+        h = await Harness(full).start()
+        sid = await h.open()
+        reader, writer = await h.client.open_raw_stream(h.server.peer_id, wire.RPC_STEPS)
+        writer.write(bytes([rpc.REQUEST]) + (1 << 31).to_bytes(4, "big"))   # claims 2 GiB, sends none
+        tag, payload = await asyncio.wait_for(rpc.read_frame(reader, max_bytes=1 << 16), 5)
+        writer.close()
+        return tag, payload.decode(), await h.step(sid, torch.randn(1, 1, D), 0)
+
+    tag, message, out = run(go())
+    assert tag == rpc.ERROR and "exceeds" in message and out.shape == (1, 1, D)
+
+
+def test_a_channel_to_a_killed_server_fails_with_peer_error(full):
+    async def go():
+        h = await Harness(full).start()
+        sid, ch = await h.open(), await h.channel()
+        await h.channel_step(ch, sid, torch.randn(1, 1, D), 0)
+        h.server.network.kill(h.server.peer_id)
+        with pytest.raises(PeerError):
+            await h.channel_step(ch, sid, torch.randn(1, 1, D), 1)
+
+    run(go())

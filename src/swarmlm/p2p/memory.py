@@ -7,8 +7,9 @@
 
 Records are sealed, signed and checked exactly as on the real DHT (records.py), and requests
 and replies pass through the same framing helpers (rpc.py), so size limits, error replies and
-signature checks behave the same; only the transport is a dictionary. `net.kill(peer_id)`
-makes a peer vanish mid-call, as a crashed process would. Imports no hivemind.
+signature checks behave the same; only the transport is a dictionary. Raw streams
+(`open_raw_stream`) are a pair of in-memory byte pipes. `net.kill(peer_id)` makes a peer
+vanish mid-call and resets its streams, as a crashed process would. Imports no hivemind.
 """
 
 from __future__ import annotations
@@ -40,10 +41,12 @@ class MemoryNetwork:
         self.table: dict[str, dict[str | None, tuple[bytes, float]]] = {}
 
     def kill(self, peer_id: str) -> None:
-        """Make a peer vanish at once: its handlers stop answering, its calls fail."""
+        """Make a peer vanish at once: its handlers stop answering, its calls fail, its streams reset."""
         peer = self.peers.pop(peer_id, None)
         if peer is not None:
             peer._closed = True
+            for stream in list(peer._pipes):
+                stream.reset()
 
     def _peer(self, peer_id: str, name: str) -> MemoryPeer:
         peer = self.peers.get(peer_id)
@@ -73,6 +76,8 @@ class MemoryPeer:
         self._unary: dict[str, tuple[rpc.UnaryHandler, int]] = {}
         self._streams: dict[str, tuple[rpc.StreamHandler, int]] = {}
         self._raw: dict[str, Any] = {}
+        self._pipes: set[_MemoryStream] = set()     # raw streams this peer is an end of
+        self._serving: set[asyncio.Task] = set()    # raw handlers running for callers
         self._closed = False
 
     @classmethod
@@ -204,6 +209,79 @@ class MemoryPeer:
             with contextlib.suppress(Exception):
                 await chunks.aclose()
 
+    async def open_raw_stream(self, peer_id: str, name: str) -> tuple[asyncio.StreamReader, Any]:
+        """A bare in-memory byte stream to `peer_id`'s raw handler `name`, which runs as a task
+        of the serving peer; killing either peer resets the stream (both readers then raise
+        `ConnectionResetError`)."""
+        self._check_alive()
+        target = self.network._peer(peer_id, name)
+        if name not in target._raw:
+            raise PeerError(f"{name} at {peer_id}: protocol not supported")
+        stream = _MemoryStream(self, target)
+        task = asyncio.create_task(target._raw[name](self.peer_id, stream.server_reader, stream.server_writer))
+        target._serving.add(task)
+        task.add_done_callback(target._serving.discard)
+        return stream.client_reader, stream.client_writer
+
     def _check_alive(self) -> None:
         if self._closed:
             raise PeerError(f"peer {self.peer_id} is shut down")
+
+
+class _MemoryStream:
+    """Two in-memory pipes between a caller and a serving peer, registered with both."""
+
+    def __init__(self, caller: MemoryPeer, server: MemoryPeer):
+        self.ends = (caller, server)
+        self.client_reader, self.server_reader = asyncio.StreamReader(), asyncio.StreamReader()
+        self.client_writer = _PipeWriter(self.server_reader, self._closed_one)
+        self.server_writer = _PipeWriter(self.client_reader, self._closed_one)
+        for peer in self.ends:
+            peer._pipes.add(self)
+
+    def reset(self) -> None:
+        """The connection is cut: both readers fail, both writers refuse."""
+        for writer, reader in ((self.client_writer, self.client_reader), (self.server_writer, self.server_reader)):
+            writer.closed = True
+            if not reader.at_eof():
+                reader.set_exception(ConnectionResetError("stream reset"))
+        self._forget()
+
+    def _closed_one(self) -> None:
+        if self.client_writer.closed and self.server_writer.closed:
+            self._forget()
+
+    def _forget(self) -> None:
+        for peer in self.ends:
+            peer._pipes.discard(self)
+
+
+class _PipeWriter:
+    """The writing end of one direction: what it writes appears in the other side's reader."""
+
+    def __init__(self, reader: asyncio.StreamReader, on_close: Any):
+        self._reader = reader
+        self._on_close = on_close
+        self.closed = False
+
+    def write(self, data: bytes) -> None:
+        if self.closed:
+            raise ConnectionResetError("stream closed")
+        self._reader.feed_data(bytes(data))
+
+    async def drain(self) -> None:
+        if self.closed:
+            raise ConnectionResetError("stream closed")
+        await asyncio.sleep(0)
+
+    def close(self) -> None:
+        if not self.closed:
+            self.closed = True
+            self._reader.feed_eof()
+            self._on_close()
+
+    def is_closing(self) -> bool:
+        return self.closed
+
+    async def wait_closed(self) -> None:
+        return None

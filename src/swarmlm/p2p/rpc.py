@@ -5,6 +5,9 @@ a handler's failure reaches the caller as `RemoteError(message)` while the servi
 on. Streams are a sequence of frames, each `tag (1 byte) | length (4 bytes, big-endian) |
 payload`: the caller sends one REQUEST frame, the server answers with DATA frames and ends
 with END or ERROR. Every length is checked against a limit before a byte of payload is read.
+A channel (`serve_channel` / `Channel`) keeps one stream open for many request/reply pairs:
+each REQUEST frame is answered by one DATA or ERROR frame, and END closes it; it saves the
+cost of a new stream (or a unary call through the daemon) per request.
 
 `message_handler` / `call_message` put typed messages (frozen dataclasses through
 `serialize.encode_message`/`decode_message`) on top of the byte-level `Peer.call`. Never
@@ -172,6 +175,119 @@ async def read_stream(reader: asyncio.StreamReader, *, peer_id: str, name: str, 
             raise RemoteError(f"{name} at {peer_id}: {payload.decode('utf-8', 'replace')}")
         else:
             raise PeerError(f"{name} at {peer_id}: unexpected frame tag {tag}")
+
+
+# ---- channels: many requests and replies over one long-lived stream ------------------------
+
+async def serve_channel(handler: UnaryHandler, peer_id: str, reader: asyncio.StreamReader,
+                        writer: asyncio.StreamWriter, *, name: str, max_request_bytes: int,
+                        idle_timeout_s: float) -> None:
+    """Serve one channel (a raw stream): every REQUEST frame gets one DATA frame (the handler's
+    reply) or one ERROR frame, in order, until the caller sends END, closes, or is silent for
+    `idle_timeout_s`. A handler's failure is an ERROR frame and the channel goes on; a frame
+    that cannot be read (unknown tag, over `max_request_bytes`, not a REQUEST) is an ERROR frame
+    and the end of the channel, since the bytes after it cannot be trusted. Never raises
+    (except cancellation)."""
+    try:
+        while True:
+            try:
+                tag, request = await asyncio.wait_for(read_frame(reader, max_bytes=max_request_bytes),
+                                                      idle_timeout_s)
+            except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+                return                  # idle, or the caller closed its side
+            except PeerError as e:
+                await write_frame(writer, ERROR, str(e).encode()[:MAX_ERROR_BYTES])
+                await _linger(reader)
+                return
+            if tag == END:
+                return
+            if tag != REQUEST:
+                await write_frame(writer, ERROR, f"expected a request frame, got tag {tag}".encode())
+                await _linger(reader)
+                return
+            try:
+                reply = await handler(peer_id, request)
+                if not isinstance(reply, (bytes, bytearray)):
+                    raise TypeError(f"handler {name} returned {type(reply).__name__}, not bytes")
+            except Exception as e:
+                _log_handler_failure(name, peer_id, e)
+                await write_frame(writer, ERROR, describe_failure(e).encode("utf-8", "replace")[:MAX_ERROR_BYTES])
+                continue
+            await write_frame(writer, DATA, reply)
+    except (ConnectionError, asyncio.IncompleteReadError, RuntimeError, OSError) as e:
+        logger.debug("%s from %s: channel closed (%s)", name, peer_id, e)
+    finally:
+        writer.close()
+
+
+class Channel:
+    """The caller's side of a channel: `await ch.call(request, timeout_s=..., max_response_bytes=...)`.
+
+    Calls take turns (one request in flight). An ERROR reply is a `RemoteError` and the channel
+    stays usable; a timeout, a cut stream or a malformed frame breaks it for good (a late reply
+    would otherwise answer the next request), and every later call fails at once with `PeerError`.
+    """
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer_id: str, name: str):
+        self.peer_id = peer_id
+        self.name = name
+        self._reader = reader
+        self._writer = writer
+        self._lock = asyncio.Lock()
+        self.broken: str | None = None      # why the channel can no longer be used
+
+    async def call(self, request: bytes, *, timeout_s: float, max_response_bytes: int) -> bytes:
+        """One request, one reply (see the class docstring for the errors)."""
+        where = f"{self.name} at {self.peer_id}"
+        async with self._lock:
+            if self.broken is not None:
+                raise PeerError(f"{where}: the channel is broken ({self.broken})")
+            try:
+                tag, payload = await asyncio.wait_for(self._exchange(request, max_response_bytes), timeout_s)
+            except asyncio.TimeoutError:
+                self._break(f"no reply in {timeout_s:.1f} s")
+                raise PeerTimeout(f"{where}: no reply in {timeout_s:.1f} s") from None
+            except asyncio.IncompleteReadError:
+                self._break("the stream closed")
+                raise PeerError(f"{where}: the stream closed before the reply") from None
+            except (ConnectionError, RuntimeError, OSError, PeerError) as e:
+                self._break(str(e) or type(e).__name__)
+                raise PeerError(f"{where}: {e}") from None
+        if tag == DATA:
+            return payload
+        if tag == ERROR:
+            raise RemoteError(f"{where}: {payload.decode('utf-8', 'replace')}")
+        self._break(f"unexpected frame tag {tag}")
+        raise PeerError(f"{where}: unexpected frame tag {tag}")
+
+    async def call_message(self, request: Any, response_cls: type, *, timeout_s: float,
+                           max_response_bytes: int = 1 << 20) -> Any:
+        """`call` with dataclasses on both sides, as `call_message` is for unary calls."""
+        reply = await self.call(serialize.encode_message(request), timeout_s=timeout_s,
+                                max_response_bytes=max_response_bytes)
+        try:
+            return serialize.decode_message(reply, response_cls, max_bytes=max_response_bytes)
+        except WireError as e:
+            raise PeerError(f"{self.peer_id} answered {self.name} with a malformed {response_cls.__name__}: "
+                            f"{e}") from None
+
+    async def _exchange(self, request: bytes, max_response_bytes: int) -> tuple[int, bytes]:
+        await write_frame(self._writer, REQUEST, request)
+        return await read_frame(self._reader, max_bytes=max_response_bytes)
+
+    def _break(self, why: str) -> None:
+        self.broken = why
+        self._writer.close()
+
+    def close(self) -> None:
+        """Tell the server we are done (best effort) and close the stream. Idempotent."""
+        if self.broken is None:
+            self.broken = "closed"
+            try:
+                self._writer.write(_HEADER.pack(END, 0))
+            except (ConnectionError, RuntimeError, OSError):
+                pass
+        self._writer.close()
 
 
 # ---- typed messages over unary calls -----------------------------------------------------

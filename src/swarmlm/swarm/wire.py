@@ -10,6 +10,10 @@ Inference sessions (stateful, per-server KV cache):
     step  -> StepRequest / StepReply      run only the new positions; `position` is how many
                                           positions the client believes the server's cache holds
     close -> CloseRequest / CloseReply    free it (idle sessions also time out)
+Steps travel on a channel (`RPC_STEPS`, p2p/rpc.py): one long-lived stream per session and
+server carrying StepRequest frames, each answered by a StepReply or an error frame; a round
+trip on an open stream costs a fraction of a unary call's. `RPC_STEP` (unary) stays for
+clients or servers without it.
 Stateless, for training and evaluation:
     forward  -> SpanForwardRequest / SpanForwardReply
     backward -> SpanBackwardRequest / SpanBackwardReply  (gradients w.r.t. the inputs and deep prompts)
@@ -34,6 +38,7 @@ RPC_FORWARD = "swarm/forward"
 RPC_BACKWARD = "swarm/backward"
 RPC_INFO = "swarm/info"
 RPC_NAMES = (RPC_OPEN, RPC_STEP, RPC_CLOSE, RPC_FORWARD, RPC_BACKWARD, RPC_INFO)
+RPC_STEPS = "swarm/steps"        # a channel (raw stream) of StepRequest -> StepReply frames
 
 SESSION_ID_BYTES = 16            # a random id the client picks; the server scopes it by the caller's peer ID
 

@@ -24,9 +24,9 @@ from typing import Any, Callable
 import torch
 
 from swarmlm import serialize
-from swarmlm.errors import NotFoundError, PeerError
+from swarmlm.errors import NotFoundError, PeerError, PeerTimeout
 from swarmlm.log import get_logger
-from swarmlm.p2p.rpc import call_message
+from swarmlm.p2p.rpc import Channel, call_message
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.routing import Hop, ServerInfo, choose_chain, format_blocks, uncovered_blocks
 from swarmlm.swarm.client.session import InferenceSession, SessionOptions
@@ -129,6 +129,18 @@ class RemoteBlocks:
     async def call(self, peer_id: str, name: str, request: Any, reply_cls: type, *, timeout_s: float) -> Any:
         return await call_message(self.peer, peer_id, name, request, reply_cls, timeout_s=timeout_s,
                                   max_response_bytes=self.options.max_response_bytes)
+
+    async def open_channel(self, peer_id: str, name: str, *, timeout_s: float) -> Channel:
+        """A long-lived request/reply stream to `peer_id`'s channel handler `name`."""
+        try:
+            reader, writer = await asyncio.wait_for(self.peer.open_raw_stream(peer_id, name), timeout_s)
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"{name} at {peer_id}: no stream in {timeout_s:.1f} s") from None
+        return Channel(reader, writer, peer_id=peer_id, name=name)
+
+    async def call_channel(self, channel: Channel, request: Any, reply_cls: type, *, timeout_s: float) -> Any:
+        return await channel.call_message(request, reply_cls, timeout_s=timeout_s,
+                                          max_response_bytes=self.options.max_response_bytes)
 
     def dtype_of(self, peer_id: str) -> torch.dtype:
         for s in self._servers:

@@ -1,8 +1,9 @@
 """InferenceSession: one client's decoding session across a chain of servers, surviving their loss.
 
-The session holds, per hop of its chain, the server's session id and every input it sent
-that hop (one tensor per step). A step sends only the new positions' hidden states, hop by
-hop. When a hop fails (its peer vanishes, times out or answers an error), the session asks
+The session holds, per hop of its chain, the server's session id, a steps channel (one
+long-lived stream, so a step costs one frame each way instead of a unary call) and every
+input it sent that hop (one tensor per step). A step sends only the new positions' hidden
+states, hop by hop. When a hop fails (its peer vanishes, times out or answers an error), the session asks
 for a replacement chain for that hop's span, banning the failed peer, opens sessions there
 and replays the recorded inputs in one request cut into the original steps' sizes (`chunks`),
 so the new servers' caches, and every later output, are bit for bit what the lost server's
@@ -16,6 +17,7 @@ twice. Knows nothing of the DHT or of Peer types: it talks to a `Swarm` (client/
 
 from __future__ import annotations
 
+import asyncio
 import os
 import time
 from dataclasses import dataclass, field
@@ -40,6 +42,10 @@ class Swarm(Protocol):
 
     async def call(self, peer_id: str, name: str, request: Any, reply_cls: type, *, timeout_s: float) -> Any: ...
 
+    async def open_channel(self, peer_id: str, name: str, *, timeout_s: float) -> Any: ...
+
+    async def call_channel(self, channel: Any, request: Any, reply_cls: type, *, timeout_s: float) -> Any: ...
+
     def dtype_of(self, peer_id: str) -> torch.dtype: ...
 
     def session_opened(self, peer_id: str, delta: int) -> None: ...
@@ -59,6 +65,7 @@ class _HopState:
     hop: Hop
     session_id: bytes
     dtype: torch.dtype
+    channel: Any = None                  # the steps channel (p2p/rpc.py's Channel), or None: unary steps
     inputs: list[torch.Tensor] = field(default_factory=list)         # per step: (B, T_i, D)
     masks: list[torch.Tensor | None] = field(default_factory=list)   # per step: (B, T_i) or None
 
@@ -121,8 +128,7 @@ class InferenceSession:
                                    position=state.length, hidden=x_in, key_mask=key_mask,
                                    prompts=self._prompts_for(state) if first else None)
             try:
-                reply = await self.swarm.call(state.hop.peer_id, wire.RPC_STEP, req, wire.StepReply,
-                                              timeout_s=self.options.step_timeout_s)
+                reply = await self._call_step(state, req)
                 y = self._checked_output(reply.hidden, x_in, state.hop)
             except PeerError as e:
                 await self._recover(i, e)
@@ -139,6 +145,7 @@ class InferenceSession:
         self.closed = True
         for state in self.hops:
             self.swarm.session_opened(state.hop.peer_id, -1)
+            _close_channel(state)
             try:
                 await self.swarm.call(state.hop.peer_id, wire.RPC_CLOSE, wire.CloseRequest(state.session_id),
                                       wire.CloseReply, timeout_s=2.0)
@@ -155,6 +162,7 @@ class InferenceSession:
         self.banned.add(failed.hop.peer_id)
         self.last_failure = f"{failed.hop.peer_id}: {error}"
         self.swarm.session_opened(failed.hop.peer_id, -1)
+        _close_channel(failed)
         deadline = time.monotonic() + self.options.recovery_timeout_s
         self.hops[i:i + 1] = await self._open_chain(failed.hop.start, failed.hop.end, deadline=deadline,
                                                     history=(failed.inputs, failed.masks))
@@ -180,6 +188,7 @@ class InferenceSession:
                 self.last_failure = f"{e.peer_id}: {e}"
                 for st in states:
                     self.swarm.session_opened(st.hop.peer_id, -1)
+                    _close_channel(st)
                 if time.monotonic() > deadline:
                     raise
 
@@ -187,16 +196,37 @@ class InferenceSession:
         session_id = os.urandom(wire.SESSION_ID_BYTES)
         req = wire.OpenRequest(session_id=session_id, start=hop.start, end=hop.end, batch=self.batch,
                                max_length=self.max_length)
+        opened, channel = await asyncio.gather(
+            self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply, timeout_s=self.options.open_timeout_s),
+            self.swarm.open_channel(hop.peer_id, wire.RPC_STEPS, timeout_s=self.options.open_timeout_s),
+            return_exceptions=True)
+        if isinstance(channel, PeerError):          # e.g. a server without channels: steps go unary
+            logger.debug("no steps channel to %s (%s); steps go by unary calls", hop.peer_id, channel)
+            channel = None
+        elif isinstance(channel, BaseException):
+            raise channel
         try:
-            reply = await self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply,
-                                          timeout_s=self.options.open_timeout_s)
-            dtype = serialize.parse_dtype(reply.dtype)
+            if isinstance(opened, BaseException):
+                raise opened
+            dtype = serialize.parse_dtype(opened.dtype)
         except serialize.WireError as e:
+            if channel is not None:
+                channel.close()
             raise _HopFailed(hop.peer_id, PeerError(f"{hop.peer_id} answered open with a bad dtype: {e}")) from None
         except PeerError as e:
+            if channel is not None:
+                channel.close()
             raise _HopFailed(hop.peer_id, e) from None
         self.swarm.session_opened(hop.peer_id, +1)
-        return _HopState(hop, session_id, dtype)
+        return _HopState(hop, session_id, dtype, channel)
+
+    async def _call_step(self, state: _HopState, req: wire.StepRequest) -> wire.StepReply:
+        """One step at one server: on its channel, or as a unary call where there is none."""
+        if state.channel is not None:
+            return await self.swarm.call_channel(state.channel, req, wire.StepReply,
+                                                 timeout_s=self.options.step_timeout_s)
+        return await self.swarm.call(state.hop.peer_id, wire.RPC_STEP, req, wire.StepReply,
+                                     timeout_s=self.options.step_timeout_s)
 
     async def _replay(self, states: list[_HopState], inputs: list[torch.Tensor],
                       masks: list[torch.Tensor | None]) -> None:
@@ -213,8 +243,7 @@ class InferenceSession:
                                        prompts=self._prompts_for(state) if group[0] == 0 else None,
                                        chunks=[sizes[j] for j in group])
                 try:
-                    reply = await self.swarm.call(state.hop.peer_id, wire.RPC_STEP, req, wire.StepReply,
-                                                  timeout_s=self.options.step_timeout_s)
+                    reply = await self._call_step(state, req)
                     y = self._checked_output(reply.hidden, x, state.hop)
                 except PeerError as e:
                     raise _HopFailed(state.hop.peer_id, e) from None
@@ -243,6 +272,11 @@ class _HopFailed(PeerError):
     def __init__(self, peer_id: str, cause: PeerError):
         super().__init__(str(cause))
         self.peer_id = peer_id
+
+
+def _close_channel(state: _HopState) -> None:
+    if state.channel is not None:
+        state.channel.close()
 
 
 def _groups(xs: list[torch.Tensor], max_bytes: int) -> list[list[int]]:

@@ -3,9 +3,10 @@
 It owns the loaded blocks (frozen), one KV cache per inference session, and the `Budget`
 that bounds them. Its `rpc_*` methods are the handlers of wire.py's RPCs; each checks every
 field it is sent (span, session, shapes, dtypes, sizes, token limits) and raises a typed
-error, which the peer turns into an error reply, so a bad request never disturbs the other
-sessions. Tensor work runs on one worker thread, so the event loop stays free for the DHT
-and for other requests, and requests run one at a time.
+error, which the peer turns into an error reply (or an error frame on a steps channel), so a
+bad request never disturbs the other sessions. Tensor work runs on one worker thread, so the
+event loop stays free for the DHT and for other requests, and requests run one at a time
+there; only short decoding steps (`INLINE_STEP_TOKENS`) run on the loop itself.
 
 Sessions belong to the peer that opened them: the key is (caller's peer ID, session id).
 Knows nothing of the DHT or of routing: server/announce.py publishes what `record()` says.
@@ -26,13 +27,18 @@ from swarmlm.errors import CapacityError, WireError
 from swarmlm.log import get_logger
 from swarmlm.model.cache import KVCache
 from swarmlm.model.transformer import Transformer
-from swarmlm.p2p.rpc import message_handler
+from swarmlm.p2p.rpc import message_handler, serve_channel
 from swarmlm.swarm import wire
 from swarmlm.swarm.blocks import run_span
 from swarmlm.swarm.dht import ServerRecord
 from swarmlm.swarm.server.budget import Budget, BudgetLimits
 
 logger = get_logger(__name__)
+
+# A decoding step of at most this many new tokens (B * T) runs on the event loop itself: it is
+# short, and handing it to the worker thread and back costs two thread wake-ups (0.2-0.4 ms
+# each on a loaded 2-core machine), a large share of a step's time beyond its compute.
+INLINE_STEP_TOKENS = 16
 
 
 @dataclass
@@ -85,6 +91,13 @@ class BlockHost:
         }
         for name, (cls, fn) in handlers.items():
             await peer.add_handler(name, message_handler(cls, fn, max_request_bytes=limit), max_request_bytes=limit)
+        step = message_handler(wire.StepRequest, self.rpc_step, max_request_bytes=limit)
+
+        async def serve_steps(peer_id: str, reader: Any, writer: Any) -> None:
+            await serve_channel(step, peer_id, reader, writer, name=wire.RPC_STEPS, max_request_bytes=limit,
+                                idle_timeout_s=self.budget.limits.idle_timeout_s)
+
+        await peer.add_raw_stream_handler(wire.RPC_STEPS, serve_steps)
 
     def max_request_bytes(self) -> int:
         """The largest request the limits allow: hidden states plus gradients (or prompts) of one request."""
@@ -179,7 +192,7 @@ class BlockHost:
                         at += n
                 return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]   # (B, T, D)
 
-            out = await self._run(compute)
+            out = compute() if B * T <= INLINE_STEP_TOKENS else await self._run(compute)
         return wire.StepReply(hidden=out)
 
     async def rpc_close(self, peer_id: str, req: wire.CloseRequest) -> wire.CloseReply:
