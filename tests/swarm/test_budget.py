@@ -46,3 +46,10 @@ def test_requests_over_the_token_limit_are_refused():
     b = Budget(BudgetLimits(max_request_tokens=64))
     with pytest.raises(CapacityError, match="65 tokens"):
         b.check_request(1, 65)
+
+
+@pytest.mark.parametrize("kw", [dict(max_sessions=0), dict(idle_timeout_s=0.0), dict(kept_timeout_s=-1.0),
+                                dict(max_kept_bytes=-1)])
+def test_bad_limits_are_refused(kw):
+    with pytest.raises(ValueError):
+        BudgetLimits(**kw)

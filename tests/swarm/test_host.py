@@ -107,6 +107,76 @@ def test_a_chunked_replay_reproduces_single_steps_bit_for_bit(full):
     assert torch.equal(singles, replay)
 
 
+def _reference_grads(full, x, g, prompts):
+    from swarmlm.swarm.blocks import run_span
+    xl, pl = x.clone().requires_grad_(True), prompts.clone().requires_grad_(True)
+    with torch.enable_grad():
+        run_span(full, xl, 0, 2, prompts=pl).backward(g)
+    return xl.grad, pl.grad
+
+
+@pytest.mark.parametrize("case", ["kept", "evicted", "other inputs", "other caller"])
+def test_backward_of_a_kept_forward_equals_local_autograd(full, case):
+    async def go():
+        limits = BudgetLimits(max_session_tokens=64, max_request_tokens=256,
+                              max_kept_bytes=1 if case == "evicted" else 1 << 30)
+        h = await Harness(full, limits).start()
+        x, g, prompts = torch.randn(2, 5, D), torch.randn(2, 5, D), torch.randn(2, 1, 3, D)
+        keep_id = os.urandom(wire.KEEP_ID_BYTES)
+        await h.call(wire.RPC_FORWARD, wire.SpanForwardRequest(0, 2, x, None, prompts, keep_id=keep_id),
+                     wire.SpanForwardReply)
+        n_kept = len(h.host.kept)
+        if case == "other inputs":
+            x = torch.randn(2, 5, D)
+        req = wire.SpanBackwardRequest(0, 2, x, g, None, prompts, keep_id=keep_id)
+        if case == "other caller":
+            other = await MemoryPeer.create(h.server.network)
+            bwd = await call_message(other, h.server.peer_id, wire.RPC_BACKWARD, req, wire.SpanBackwardReply,
+                                     timeout_s=10, max_response_bytes=1 << 24)
+        else:
+            bwd = await h.call(wire.RPC_BACKWARD, req, wire.SpanBackwardReply)
+        return x, g, prompts, bwd, n_kept, len(h.host.kept)
+
+    x, g, prompts, bwd, n_kept, n_left = run(go())
+    grad_x, grad_p = _reference_grads(full, x, g, prompts)
+    torch.testing.assert_close(bwd.grad_hidden, grad_x, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bwd.grad_prompts, grad_p, atol=1e-5, rtol=1e-5)
+    assert n_kept == (0 if case == "evicted" else 1)
+    assert n_left == (1 if case == "other caller" else 0)
+
+
+@pytest.mark.parametrize("name,req,cls", [
+    (wire.RPC_FORWARD, wire.SpanForwardRequest(0, 2, torch.randn(1, 2, D), keep_id=b"short"), wire.SpanForwardReply),
+    (wire.RPC_BACKWARD, wire.SpanBackwardRequest(0, 2, torch.randn(1, 2, D), torch.randn(1, 2, D), keep_id=b"x" * 17),
+     wire.SpanBackwardReply),
+])
+def test_a_bad_keep_id_gets_an_error_reply(full, name, req, cls):
+    async def go():
+        h = await Harness(full).start()
+        with pytest.raises(RemoteError, match="keep id"):
+            await h.call(name, req, cls)
+        return len(h.host.kept)
+
+    assert run(go()) == 0
+
+
+def test_kept_forwards_expire_on_sweep(full):
+    now = [0.0]
+    h = Harness(full, BudgetLimits(kept_timeout_s=5.0))
+    h.host.clock = lambda: now[0]
+
+    async def go():
+        await h.start()
+        req = wire.SpanForwardRequest(0, 2, torch.randn(1, 2, D), keep_id=os.urandom(wire.KEEP_ID_BYTES))
+        await h.call(wire.RPC_FORWARD, req, wire.SpanForwardReply)
+        kept = len(h.host.kept)
+        now[0] = 6.0
+        h.host.sweep()
+        return kept, len(h.host.kept), h.host.kept.used_bytes
+
+    assert run(go()) == (1, 0, 0)
+
+
 def test_forward_and_backward_equal_local_autograd(full):
     async def go():
         h = await Harness(full).start()

@@ -4,7 +4,7 @@ Reading order:
     identity.py   Identity: the Ed25519 key in <data_dir>/identity.key; peer IDs; signatures
     keys.py       DHT key formats for every layer (providers_key, peer_subkey)
     records.py    record_type, SignedRecord: typed DHT records in signed envelopes
-    rpc.py        framing: status byte for unary replies, stream frames, typed message calls
+    rpc.py        framing: status byte for unary replies, stream frames, channels, typed message calls
     peer.py       Peer: hivemind DHT node + libp2p daemon; store/get, add_handler/call, streams
     memory.py     MemoryPeer, MemoryNetwork: the same interface in one process, for tests
 

@@ -1,11 +1,13 @@
 """swarm: servers host spans of a model's blocks; clients generate and fine-tune through them.
 
 Reading order:
-    wire.py              the RPC messages both sides import (open/step/close, forward/backward, info)
+    wire.py              the RPC messages both sides import (open/step/close, the steps channel,
+                         forward/backward, info)
     dht.py               ServerRecord: what a server announces per block; read_servers
     blocks.py            run_span: a span of blocks with deep prompts (shared by servers and clients)
     source.py            ModelSource: MODEL as a checkpoint directory or a manifest CID, and its id
     server/budget.py     Budget, BudgetLimits: sessions and cached tokens a server may hold
+    server/saved.py      SavedForwards: forwards kept for their backward, bounded by bytes and age
     server/selection.py  choose_span, should_move: pure span choice and rebalancing
     server/host.py       BlockHost: the rpc_* handlers, per-session KV caches, input checks
     server/announce.py   Announcer: re-announce before expiry, offline on shutdown

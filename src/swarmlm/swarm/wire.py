@@ -17,6 +17,9 @@ clients or servers without it.
 Stateless, for training and evaluation:
     forward  -> SpanForwardRequest / SpanForwardReply
     backward -> SpanBackwardRequest / SpanBackwardReply  (gradients w.r.t. the inputs and deep prompts)
+A forward may ask to be kept (`keep_id`) so that its backward differentiates the kept graph
+instead of recomputing it; the backward still carries its inputs, so a server that evicted it
+recomputes and the result is the same.
 Plus `info` (InfoRequest / InfoReply): the server's span, state and load; clients time it as
 their round-trip measurement. What servers announce in the DHT is in swarm/dht.py.
 
@@ -41,6 +44,7 @@ RPC_NAMES = (RPC_OPEN, RPC_STEP, RPC_CLOSE, RPC_FORWARD, RPC_BACKWARD, RPC_INFO)
 RPC_STEPS = "swarm/steps"        # a channel (raw stream) of StepRequest -> StepReply frames
 
 SESSION_ID_BYTES = 16            # a random id the client picks; the server scopes it by the caller's peer ID
+KEEP_ID_BYTES = 16               # the same for a forward kept for its backward
 
 
 # ---- inference sessions --------------------------------------------------------------------
@@ -97,6 +101,8 @@ class SpanForwardRequest:
     hidden: torch.Tensor                   # (B, T, D) whole sequences
     key_mask: torch.Tensor | None = None   # (B, T) bool
     prompts: torch.Tensor | None = None    # (end-start, B or 1, P, D)
+    keep_id: bytes | None = None           # KEEP_ID_BYTES chosen by the client: keep this forward's autograd
+                                           # state for the backward that names the same id (if memory allows)
 
 
 @dataclass(frozen=True)
@@ -112,6 +118,8 @@ class SpanBackwardRequest:
     grad_output: torch.Tensor              # (B, T, D) dLoss/d(outputs of the span)
     key_mask: torch.Tensor | None = None   # (B, T) bool
     prompts: torch.Tensor | None = None    # (end-start, B or 1, P, D)
+    keep_id: bytes | None = None           # the forward's keep_id: differentiate its kept state if the server
+                                           # still holds it for these very inputs, else recompute the forward
 
 
 @dataclass(frozen=True)

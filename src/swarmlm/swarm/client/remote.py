@@ -16,6 +16,7 @@ Knows nothing of how servers compute; it sees wire.py's messages and Peer calls.
 from __future__ import annotations
 
 import asyncio
+import os
 import random
 import time
 from dataclasses import dataclass, field
@@ -33,6 +34,9 @@ from swarmlm.swarm.client.session import InferenceSession, SessionOptions
 from swarmlm.swarm.dht import read_servers
 
 logger = get_logger(__name__)
+
+# a forward's trace, one entry per hop: (hop, its input (B, T, D), keep ids by row chunk (start, stop))
+Trace = list[tuple[Hop, torch.Tensor, dict[tuple[int, int], bytes]]]
 
 
 @dataclass(frozen=True)
@@ -159,39 +163,43 @@ class RemoteBlocks:
     # ---- stateless forward / backward -------------------------------------------------------------
 
     async def forward(self, x: torch.Tensor, *, key_mask: torch.Tensor | None = None,
-                      prompts: torch.Tensor | None = None, start: int = 0,
-                      end: int | None = None) -> tuple[torch.Tensor, list[tuple[Hop, torch.Tensor]]]:
-        """x (B, T, D) through blocks [start, end) -> (output (B, T, D), trace of (hop, its input))."""
+                      prompts: torch.Tensor | None = None, start: int = 0, end: int | None = None,
+                      keep: bool = False) -> tuple[torch.Tensor, Trace]:
+        """x (B, T, D) through blocks [start, end) -> (output (B, T, D), trace of (hop, its input, kept ids)).
+
+        With `keep` the servers are asked to keep each forward for the backward that follows
+        (wire.py's keep_id); the trace remembers the ids per row chunk."""
         end = self.n_layers if end is None else end
         banned: set[str] = set()
         B, T, _ = x.shape
         hops = await self.route(start, end, banned=banned, n_tokens=B * T)
-        trace: list[tuple[Hop, torch.Tensor]] = []
+        trace: Trace = []
         out_dtype = x.dtype
         while hops:
             hop = hops[0]
+            kept: dict[tuple[int, int], bytes] = {}
             try:
-                y = await self._forward_hop(hop, x, key_mask, _slice(prompts, hop, start))
+                y = await self._forward_hop(hop, x, key_mask, _slice(prompts, hop, start), kept=kept if keep else None)
             except _Failed as e:
                 logger.warning("forward at %s failed: %s; re-routing blocks %d:%d", e.peer_id, e, hop.start, end)
                 banned.add(e.peer_id)
                 hops = await self.route(hop.start, end, banned=banned, n_tokens=B * T)
                 continue
-            trace.append((hop, x))
+            trace.append((hop, x, kept))
             x = y
             hops = hops[1:]
         return x.to(out_dtype), trace
 
-    async def backward(self, trace: list[tuple[Hop, torch.Tensor]], grad: torch.Tensor, *,
+    async def backward(self, trace: Trace, grad: torch.Tensor, *,
                        key_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
                        start: int = 0) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Gradients w.r.t. the forward's input and its deep prompts, given dLoss/d(output) `grad`."""
         grad_prompts = None if prompts is None else torch.zeros_like(prompts)
         out_dtype = grad.dtype
         banned: set[str] = set()
-        for hop, x in reversed(trace):
+        for hop, x, kept in reversed(trace):
             try:
-                grad, gp = await self._backward_hop(hop, x, grad, key_mask, _slice(prompts, hop, start))
+                grad, gp = await self._backward_hop(hop, x, grad, key_mask, _slice(prompts, hop, start), kept=kept)
             except _Failed as e:
                 logger.warning("backward at %s failed: %s; re-running blocks %d:%d elsewhere", e.peer_id, e,
                                hop.start, hop.end)
@@ -227,23 +235,30 @@ class RemoteBlocks:
             return g, gp
 
     async def _forward_hop(self, hop: Hop, x: torch.Tensor, key_mask: torch.Tensor | None,
-                           prompts: torch.Tensor | None) -> torch.Tensor:
+                           prompts: torch.Tensor | None, *, kept: dict[tuple[int, int], bytes] | None = None
+                           ) -> torch.Tensor:
+        """One hop's forward; with `kept`, asks the server to keep each row chunk's forward and records its id."""
         dtype = self.dtype_of(hop.peer_id)
         outs = []
-        for rows in _row_chunks(x, self.options.max_request_bytes, n_tensors=1):
+        for rows in _row_chunks(x, self.options.max_request_bytes, n_tensors=2):
+            keep_id = None
+            if kept is not None:
+                keep_id = kept[(rows.start, rows.stop)] = os.urandom(wire.KEEP_ID_BYTES)
             req = wire.SpanForwardRequest(hop.start, hop.end, x[rows].to(dtype), _rows(key_mask, rows),
-                                          _prompt_rows(prompts, rows, dtype))
+                                          _prompt_rows(prompts, rows, dtype), keep_id=keep_id)
             reply = await self._call_hop(hop, wire.RPC_FORWARD, req, wire.SpanForwardReply)
             outs.append(_checked(reply.hidden, req.hidden, hop))
         return torch.cat(outs, dim=0)          # (B, T, D)
 
     async def _backward_hop(self, hop: Hop, x: torch.Tensor, grad: torch.Tensor, key_mask: torch.Tensor | None,
-                            prompts: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                            prompts: torch.Tensor | None, *, kept: dict[tuple[int, int], bytes] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor | None]:
         dtype = self.dtype_of(hop.peer_id)
         grads, grad_prompts = [], None
         for rows in _row_chunks(x, self.options.max_request_bytes, n_tensors=2):
             req = wire.SpanBackwardRequest(hop.start, hop.end, x[rows].to(dtype), grad[rows].to(dtype),
-                                           _rows(key_mask, rows), _prompt_rows(prompts, rows, dtype))
+                                           _rows(key_mask, rows), _prompt_rows(prompts, rows, dtype),
+                                           keep_id=(kept or {}).get((rows.start, rows.stop)))
             reply = await self._call_hop(hop, wire.RPC_BACKWARD, req, wire.SpanBackwardReply)
             grads.append(_checked(reply.grad_hidden, req.hidden, hop))
             if prompts is not None:
@@ -308,8 +323,10 @@ class SwarmSpan(torch.autograd.Function):
     @staticmethod
     def forward(ctx, h: torch.Tensor, prompts: torch.Tensor | None, blocks: RemoteBlocks,
                 run: Callable[[Any], Any], key_mask: torch.Tensor | None, start: int, end: int) -> torch.Tensor:
+        keep = any(ctx.needs_input_grad[:2])          # a backward will follow: servers keep their forwards
         out, trace = run(blocks.forward(h.detach(), key_mask=key_mask,
-                                        prompts=None if prompts is None else prompts.detach(), start=start, end=end))
+                                        prompts=None if prompts is None else prompts.detach(), start=start, end=end,
+                                        keep=keep))
         ctx.blocks, ctx.run, ctx.trace, ctx.key_mask, ctx.start = blocks, run, trace, key_mask, start
         ctx.prompts = None if prompts is None else prompts.detach()
         return out

@@ -22,13 +22,18 @@ class BudgetLimits:
     max_request_tokens: int = 16384        # B * T of one step / forward / backward request
     max_batch: int = 256                   # rows of one request
     idle_timeout_s: float = 300.0          # a session unused for this long is closed
+    max_kept_bytes: int = 1 << 30          # autograd state of forwards kept for their backward (0: keep none)
+    kept_timeout_s: float = 60.0           # a kept forward whose backward has not come by then is dropped
 
     def __post_init__(self):
         for name in ("max_sessions", "max_cache_tokens", "max_session_tokens", "max_request_tokens", "max_batch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
-        if self.idle_timeout_s <= 0:
-            raise ValueError(f"idle_timeout_s must be positive, got {self.idle_timeout_s}")
+        if self.idle_timeout_s <= 0 or self.kept_timeout_s <= 0:
+            raise ValueError(f"idle_timeout_s and kept_timeout_s must be positive, got {self.idle_timeout_s} "
+                             f"and {self.kept_timeout_s}")
+        if self.max_kept_bytes < 0:
+            raise ValueError(f"max_kept_bytes must not be negative, got {self.max_kept_bytes}")
 
 
 @dataclass

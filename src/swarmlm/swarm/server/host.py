@@ -32,6 +32,7 @@ from swarmlm.swarm import wire
 from swarmlm.swarm.blocks import run_span
 from swarmlm.swarm.dht import ServerRecord
 from swarmlm.swarm.server.budget import Budget, BudgetLimits
+from swarmlm.swarm.server.saved import SavedForwards
 
 logger = get_logger(__name__)
 
@@ -51,6 +52,23 @@ class _Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
 
+@dataclass
+class _KeptForward:
+    """A forward kept for its backward: its inputs (leaves of the graph) and output."""
+    x: torch.Tensor                     # (B, T, D), requires grad
+    p: torch.Tensor | None              # (n_span_blocks, B or 1, P, D), requires grad
+    key_mask: torch.Tensor | None       # (B, T)
+    out: torch.Tensor                   # (B, T, D), carries the graph
+    size_bytes: int                     # activations autograd saved, beyond the weights
+
+    def matches(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, prompts: torch.Tensor | None) -> bool:
+        """Whether a backward's inputs are the ones this forward ran on (else it recomputes)."""
+        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
+            return (a is None) == (b is None) and (a is None or (a.shape == b.shape and torch.equal(a, b)))
+        return same(self.x.detach(), hidden) and same(self.key_mask, key_mask) and same(
+            None if self.p is None else self.p.detach(), prompts)
+
+
 class BlockHost:
     def __init__(self, model: Transformer, *, model_id: str, limits: BudgetLimits | None = None,
                  block_tokens_per_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
@@ -61,6 +79,8 @@ class BlockHost:
         self.on_change: Callable[[], None] = lambda: None   # the announcer's poke
         self._sessions: dict[tuple[str, bytes], _Session] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self.kept = SavedForwards(max_bytes=self.budget.limits.max_kept_bytes,
+                                  max_age_s=self.budget.limits.kept_timeout_s)
         self.swap(model, block_tokens_per_s)
 
     def swap(self, model: Transformer, block_tokens_per_s: float) -> None:
@@ -75,6 +95,8 @@ class BlockHost:
         self.start, self.end = span.start, span.stop
         self.dtype = next(model.parameters()).dtype
         self.block_tokens_per_s = block_tokens_per_s
+        self._weight_ptrs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.kept.clear()
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -108,6 +130,7 @@ class BlockHost:
         """Drop every session and stop the worker thread."""
         self._sessions.clear()
         self.budget.entries.clear()
+        self.kept.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
 
     def record(self) -> ServerRecord:
@@ -118,6 +141,7 @@ class BlockHost:
 
     def sweep(self) -> int:
         """Close sessions idle past the timeout; returns how many."""
+        self.kept.expire(self.clock())
         expired = self.budget.expired(self.clock())
         for key in expired:
             self._drop(key)
@@ -213,12 +237,34 @@ class BlockHost:
         B, T, _ = hidden.shape
         key_mask = self._check_mask(req.key_mask, B, T)
         prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
+        self._check_keep_id(req.keep_id)
+        if req.keep_id is not None and self.kept.max_bytes > 0:
+            kept = await self._run(lambda: self._forward_kept(hidden, req.start, req.end, key_mask, prompts))
+            self.kept.put((peer_id, req.keep_id), kept, size_bytes=kept.size_bytes, now=self.clock())
+            return wire.SpanForwardReply(hidden=kept.out.detach())
 
         def compute() -> torch.Tensor:
             with torch.inference_mode():
                 return run_span(self.model, hidden, req.start, req.end, key_mask=key_mask, prompts=prompts)
 
         return wire.SpanForwardReply(hidden=await self._run(compute))
+
+    def _forward_kept(self, hidden: torch.Tensor, start: int, end: int, key_mask: torch.Tensor | None,
+                      prompts: torch.Tensor | None) -> _KeptForward:
+        """The forward with autograd recording; its size is the storage autograd saved beyond the weights."""
+        x = hidden.detach().requires_grad_(True)
+        p = prompts.detach().requires_grad_(True) if prompts is not None else None
+        storages: dict[int, int] = {}
+
+        def pack(t: torch.Tensor) -> torch.Tensor:
+            storage = t.untyped_storage()
+            if storage.data_ptr() not in self._weight_ptrs:
+                storages[storage.data_ptr()] = storage.nbytes()
+            return t
+
+        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            out = run_span(self.model, x, start, end, key_mask=key_mask, prompts=p)   # (B, T, D)
+        return _KeptForward(x, p, key_mask, out, sum(storages.values()) + out.nelement() * out.element_size())
 
     async def rpc_backward(self, peer_id: str, req: wire.SpanBackwardRequest) -> wire.SpanBackwardReply:
         self._check_span(req.start, req.end)
@@ -229,8 +275,14 @@ class BlockHost:
             raise WireError(f"grad_output has shape {tuple(grad_output.shape)}, hidden {tuple(hidden.shape)}")
         key_mask = self._check_mask(req.key_mask, B, T)
         prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
+        self._check_keep_id(req.keep_id)
+        kept = None if req.keep_id is None else self.kept.take((peer_id, req.keep_id), now=self.clock())
 
         def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
+            if kept is not None and kept.matches(hidden, key_mask, prompts):
+                inputs = (kept.x,) if kept.p is None else (kept.x, kept.p)
+                grads = torch.autograd.grad(kept.out, inputs, grad_outputs=grad_output)
+                return grads[0], (grads[1] if kept.p is not None else None)
             x = hidden.detach().requires_grad_(True)
             p = prompts.detach().requires_grad_(True) if prompts is not None else None
             with torch.enable_grad():
@@ -251,6 +303,11 @@ class BlockHost:
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
+
+    @staticmethod
+    def _check_keep_id(keep_id: bytes | None) -> None:
+        if keep_id is not None and len(keep_id) != wire.KEEP_ID_BYTES:
+            raise WireError(f"a keep id has {wire.KEEP_ID_BYTES} bytes, got {len(keep_id)}")
 
     def _check_span(self, start: int, end: int) -> None:
         if not (self.start <= start < end <= self.end):
