@@ -21,11 +21,40 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ctypes
+import importlib.util
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
+
+
+def _import_hivemind_lightly() -> None:
+    """Let hivemind's DHT and p2p modules import without the package's __init__, which also
+    imports its averager and optimizer (scipy, pydantic: 1-1.5 s of every peer's start-up) that
+    swarmlm never uses. The package's own names (`hivemind.DHT`, ...) still work: the first
+    access to one runs the real __init__. Does nothing if hivemind is already imported."""
+    if "hivemind" in sys.modules:
+        return
+    spec = importlib.util.find_spec("hivemind")
+    if spec is None or spec.loader is None or not spec.submodule_search_locations:
+        return
+    package = importlib.util.module_from_spec(spec)
+
+    def complete(name: str) -> Any:
+        submodule = sys.modules.get(f"hivemind.{name}")
+        if submodule is not None:           # one still being imported (`import hivemind.p2p.x as y`)
+            return submodule
+        del package.__getattr__             # once: the real __init__ defines the rest
+        spec.loader.exec_module(package)
+        return getattr(package, name)
+
+    package.__getattr__ = complete
+    sys.modules["hivemind"] = package
+
+
+_import_hivemind_lightly()
 
 from hivemind.dht.node import DHTNode
 from hivemind.dht.protocol import DHTProtocol

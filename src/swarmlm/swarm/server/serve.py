@@ -2,8 +2,9 @@
 
 `run_server(ServeOptions(...), stop=event)`: join the swarm, resolve MODEL (directory or
 manifest CID), choose the span (`--blocks A:B`, or `--num-blocks N` through selection.py),
-load only those blocks, measure throughput, register the `BlockHost`'s handlers, announce
-"online" and report the peer's multiaddrs; then keep re-announcing, sweeping idle sessions
+load only those blocks, measure throughput (for a directory and `--blocks`, on a worker
+thread while the peer starts), register the `BlockHost`'s handlers, announce "online" and
+report the peer's multiaddrs; then keep re-announcing, sweeping idle sessions
 and (with `--num-blocks`) moving when the swarm would be better balanced, until `stop` is
 set; then announce "offline" and shut the peer down (its p2pd dies with it).
 
@@ -34,7 +35,7 @@ from swarmlm.swarm.server.announce import Announcer
 from swarmlm.swarm.server.budget import BudgetLimits
 from swarmlm.swarm.server.host import BlockHost, measure_throughput
 from swarmlm.swarm.server.selection import block_throughputs, choose_span, should_move
-from swarmlm.swarm.source import ModelSource, open_model_source
+from swarmlm.swarm.source import ModelSource, directory_model_id, open_model_source
 
 logger = get_logger(__name__)
 
@@ -84,21 +85,34 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
     opts.check()
     rng = rng or random.Random()
     own_peer = peer is None
+    # a fixed span of a local directory needs nothing from the swarm: hash, load and measure it on
+    # a worker thread while this one imports hivemind and starts the daemon (start-up time)
+    early = None
+    if opts.blocks is not None and Path(opts.model).expanduser().is_dir():
+        early = asyncio.get_running_loop().run_in_executor(None, _load_local_span, opts)
     if own_peer:
-        from swarmlm.p2p.peer import Peer
-        peer = await Peer.create(initial_peers=opts.initial_peers, host=opts.host, port=opts.port,
-                                 data_dir=opts.data_dir, startup_timeout_s=opts.startup_timeout_s)
+        try:
+            from swarmlm.p2p.peer import Peer
+            peer = await Peer.create(initial_peers=opts.initial_peers, host=opts.host, port=opts.port,
+                                     data_dir=opts.data_dir, startup_timeout_s=opts.startup_timeout_s)
+        except BaseException:
+            if early is not None:
+                await asyncio.gather(early, return_exceptions=True)
+            raise
     host = announcer = None
     try:
-        # a fixed span is fetched at once; for --num-blocks, first only the config (no blocks)
-        source = await open_model_source(opts.model, peer=peer, data_dir=opts.data_dir,
-                                         blocks=range(*opts.blocks) if opts.blocks else range(0, 0),
-                                         with_embed_head=False)
-        cfg = source.config()
-        span = await _first_span(opts, peer, source.model_id, cfg.n_layers, rng)
-        if opts.num_blocks is not None:
-            source = await _source_for(source, opts, peer, span)
-        model, tps = await _load(source, span, opts.dtype)
+        if early is not None:
+            source, model, tps = await early
+        else:
+            # a fixed span is fetched at once; for --num-blocks, first only the config (no blocks)
+            source = await open_model_source(opts.model, peer=peer, data_dir=opts.data_dir,
+                                             blocks=range(*opts.blocks) if opts.blocks else range(0, 0),
+                                             with_embed_head=False)
+            cfg = source.config()
+            span = await _first_span(opts, peer, source.model_id, cfg.n_layers, rng)
+            if opts.num_blocks is not None:
+                source = await _source_for(source, opts, peer, span)
+            model, tps = await _load(source, span, opts.dtype)
         if not source.model_id.startswith("dir-"):
             await _serve_store(peer, opts.data_dir)
         host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps)
@@ -138,14 +152,26 @@ async def _serve_store(peer: Any, data_dir: str | None) -> None:
 
 async def _first_span(opts: ServeOptions, peer: Any, model_id: str, n_layers: int, rng: random.Random) -> range:
     if opts.blocks is not None:
-        if opts.blocks[1] > n_layers:
-            raise UserError(f"--blocks {opts.blocks[0]}:{opts.blocks[1]} is beyond the model's {n_layers} blocks")
-        return range(*opts.blocks)
+        return _fixed_span(opts, n_layers)
     if opts.num_blocks > n_layers:
         raise UserError(f"--num-blocks {opts.num_blocks} is more than the model's {n_layers} blocks")
     if opts.join_delay_s > 0:
         await asyncio.sleep(opts.join_delay_s * rng.random())
     return choose_span(await _swarm_throughputs(peer, model_id, n_layers, exclude=peer.peer_id), opts.num_blocks)
+
+
+def _fixed_span(opts: ServeOptions, n_layers: int) -> range:
+    if opts.blocks[1] > n_layers:
+        raise UserError(f"--blocks {opts.blocks[0]}:{opts.blocks[1]} is beyond the model's {n_layers} blocks")
+    return range(*opts.blocks)
+
+
+def _load_local_span(opts: ServeOptions) -> tuple[ModelSource, Any, float]:
+    """MODEL a directory, --blocks fixed: its source, its loaded span and the span's throughput (blocking)."""
+    directory = Path(opts.model).expanduser()
+    source = ModelSource(directory_model_id(directory), directory)
+    span = _fixed_span(opts, source.config().n_layers)
+    return (source, *_load_span(source, span, opts.dtype))
 
 
 async def _swarm_throughputs(peer: Any, model_id: str, n_layers: int, *, exclude: str | None = None) -> list[float]:
@@ -155,11 +181,13 @@ async def _swarm_throughputs(peer: Any, model_id: str, n_layers: int, *, exclude
 
 
 async def _load(source: ModelSource, span: range, dtype: str) -> tuple[Any, float]:
-    def load() -> tuple[Any, float]:
-        model, _ = source.load(dtype=DTYPES[dtype], layers=span, with_embed=False, with_head=False)
-        model.requires_grad_(False)
-        return model, measure_throughput(model)
-    return await asyncio.get_running_loop().run_in_executor(None, load)
+    return await asyncio.get_running_loop().run_in_executor(None, _load_span, source, span, dtype)
+
+
+def _load_span(source: ModelSource, span: range, dtype: str) -> tuple[Any, float]:
+    model, _ = source.load(dtype=DTYPES[dtype], layers=span, with_embed=False, with_head=False)
+    model.requires_grad_(False)
+    return model, measure_throughput(model)
 
 
 async def _rebalance_forever(opts: ServeOptions, peer: Any, source: ModelSource, host: BlockHost,
