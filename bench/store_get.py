@@ -5,10 +5,11 @@
 Peer A (a subprocess, as a node would be) adds a random file to its block store and serves
 it (exchange.BlockService); peer B (this process), with an empty store each time, fetches
 the whole DAG and verifies and stores every block (what `swarmlm store get` does, minus
-writing the output file). Beside it, in the same run and between the same two peers: the
-same number of bytes sent by A over one bare libp2p stream (the transport's ceiling: p2pd on
+writing the output file): once as it does by default (over A's direct TCP offer, see
+p2p/direct.py) and once over libp2p streams only. Beside them, in the same run and between
+the same two peers: the same number of bytes sent by A over one bare libp2p stream (p2pd on
 both ends), and a plain TCP socket copy on 127.0.0.1. Prints one JSON line per result
-(medians over repeats), then the ratio get / bare stream.
+(medians over repeats), then the ratios get / bare stream (target >= 0.8).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from swarmlm.store import dag  # noqa: E402
-from swarmlm.store.exchange import BlockService, fetch_dag  # noqa: E402
+from swarmlm.store.exchange import BlockService, FetchOptions, fetch_dag  # noqa: E402
 
 CHUNK = 256 * 1024
 RAW = "bench/raw-stream/1"
@@ -131,22 +132,26 @@ async def main() -> None:
         peer_a = maddr.rsplit("/p2p/", 1)[1]
         b = await Peer.create(initial_peers=[maddr], client_mode=True)
         try:
-            get_rates, raw_rates, tcp_rates = [], [], []
-            for i in range(args.repeats):
+            get_rates, libp2p_rates, raw_rates, tcp_rates = [], [], [], []
+            for i in range(args.repeats):           # interleaved, so load changes hit every side alike
                 raw_rates.append(await bare_stream(peer_a, b, n_bytes))
-                store_b = dag.open_store(work / f"b{i}")
-                start = time.perf_counter()
-                stats = await fetch_dag(b, root, store_b, providers=[peer_a])
-                get_rates.append(stats.fetched_bytes / (time.perf_counter() - start))
+                for rates, direct in ((get_rates, True), (libp2p_rates, False)):
+                    store_b = dag.open_store(work / f"b{i}")
+                    start = time.perf_counter()
+                    stats = await fetch_dag(b, root, store_b, providers=[peer_a], options=FetchOptions(direct=direct))
+                    rates.append(stats.fetched_bytes / (time.perf_counter() - start))
+                    shutil.rmtree(work / f"b{i}", ignore_errors=True)
                 tcp_rates.append(await tcp_copy(n_bytes))
-                shutil.rmtree(work / f"b{i}", ignore_errors=True)
         finally:
             await b.shutdown()
-        get_rate, raw_rate, tcp_rate = map(statistics.median, (get_rates, raw_rates, tcp_rates))
-        emit("store_get_throughput", get_rate / 1e9, "GB/s", mib=args.mib)
+        get_rate, libp2p_rate, raw_rate, tcp_rate = map(statistics.median,
+                                                        (get_rates, libp2p_rates, raw_rates, tcp_rates))
+        emit("store_get_throughput", get_rate / 1e9, "GB/s", mib=args.mib, path="direct TCP offer")
+        emit("store_get_libp2p_only_throughput", libp2p_rate / 1e9, "GB/s", mib=args.mib)
         emit("bare_libp2p_stream_throughput", raw_rate / 1e9, "GB/s", mib=args.mib)
         emit("tcp_loopback_throughput", tcp_rate / 1e9, "GB/s", mib=args.mib)
         emit("store_get_vs_bare_stream", get_rate / raw_rate, "ratio", target=0.8)
+        emit("store_get_libp2p_only_vs_bare_stream", libp2p_rate / raw_rate, "ratio")
     finally:
         server.stdin.close()
         server.wait(30)

@@ -115,9 +115,14 @@ class Cid:
         return encode_varint(1) + encode_varint(self.codec) + self.multihash
 
     def encode(self) -> str:
-        if self.version == 0:
-            return _b58encode(self.multihash)
-        return "b" + base64.b32encode(self.to_bytes()).decode("ascii").lower().rstrip("=")
+        text = self.__dict__.get("_text")          # computed once: CIDs are keys and log words everywhere
+        if text is None:
+            if self.version == 0:
+                text = _b58encode(self.multihash)
+            else:
+                text = "b" + base64.b32encode(self.to_bytes()).decode("ascii").lower().rstrip("=")
+            object.__setattr__(self, "_text", text)
+        return text
 
     def to_v1(self) -> "Cid":
         return Cid(1, self.codec, self.digest)

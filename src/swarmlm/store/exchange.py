@@ -1,11 +1,15 @@
 """Block exchange: serve blocks by CID over Peer streams, and fetch DAGs from several providers.
 
-Serving (`BlockService`): three RPCs on a `Peer`:
-    swarmlm/blocks/1  stream  BlockRequest -> one chunk per CID, in order: 0x00+block | 0x01+reason
-    swarmlm/has/1     unary   HasRequest   -> HasReply
+Serving (`BlockService`): RPCs on a `Peer`:
+    swarmlm/blocks/1         stream  BlockRequest -> one chunk per CID, in order: 0x00+block | 0x01+reason
+    swarmlm/has/1            unary   HasRequest   -> HasReply
+    swarmlm/blocks-direct/1  unary   (empty)      -> direct.Offer: a TCP address and ticket
 Every request is checked before any work (types, batch size, CID syntax, size limits); a bad
 one gets an error reply and the service goes on. A block that fails its hash on our own disk
-is reported and never sent.
+is reported and never sent. The direct offer (p2p/direct.py) serves the same `blocks` requests
+over a plain TCP connection, one request per connection: p2pd's streams cap a transfer well
+below what hashing and the disk allow, and blocks need no transport integrity since each is
+checked against its CID. A caller that cannot dial it uses the libp2p stream.
 
 Fetching (`fetch_dag`): walk the DAG level by level (root, inner nodes, leaves), asking the
 providers in parallel, a batch of CIDs per stream. Every block is checked against its CID
@@ -32,8 +36,9 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 from swarmlm import serialize
-from swarmlm.errors import IntegrityError, NotFoundError, PeerError, WireError
+from swarmlm.errors import IntegrityError, NotFoundError, PeerError, PeerTimeout, WireError
 from swarmlm.log import get_logger
+from swarmlm.p2p import direct, rpc
 from swarmlm.store import dag
 from swarmlm.store.providers import find_providers, rank_providers
 
@@ -41,6 +46,7 @@ logger = get_logger(__name__)
 
 BLOCKS = "swarmlm/blocks/1"
 HAS = "swarmlm/has/1"
+DIRECT = "swarmlm/blocks-direct/1"
 
 MAX_BATCH = 64                      # CIDs in one request
 MAX_BLOCK_BYTES = 2 * 1024 * 1024   # bitswap's limit too; our chunks are 256 KiB
@@ -86,15 +92,35 @@ def check_cids(cids: Sequence[Any]) -> list[dag.Cid]:
 class BlockService:
     """Serves the blocks of a block store to the swarm. `await BlockService(peer, store).start()`."""
 
-    def __init__(self, peer: Any, store: Any):
+    def __init__(self, peer: Any, store: Any, *, direct: bool = True):
         self.peer = peer
         self.store = store
+        self.direct = direct            # also offer blocks over direct TCP connections
+        self.listener: direct.DirectListener | None = None
         self.served_blocks = 0          # counters, for logs and tests
         self.refused_requests = 0
 
     async def start(self) -> None:
         await self.peer.add_stream_handler(BLOCKS, self.rpc_blocks, max_request_bytes=MAX_REQUEST_BYTES)
         await self.peer.add_handler(HAS, self.rpc_has, max_request_bytes=MAX_REQUEST_BYTES)
+        host = _ip_of(self.peer.maddrs)
+        if self.direct and host is not None:
+            self.listener = await direct.DirectListener.start(host, self._serve_direct)
+            await self.peer.add_handler(DIRECT, self.rpc_direct, max_request_bytes=16)
+
+    async def close(self) -> None:
+        if self.listener is not None:
+            await self.listener.close()
+            self.listener = None
+
+    async def rpc_direct(self, peer_id: str, request: bytes) -> bytes:
+        if self.listener is None:
+            raise WireError("this peer offers no direct connections")
+        return serialize.encode_message(self.listener.offer(peer_id))
+
+    async def _serve_direct(self, peer_id: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await rpc.serve_stream(self.rpc_blocks, peer_id, reader, writer, name=f"{BLOCKS} (direct)",
+                               max_request_bytes=MAX_REQUEST_BYTES)
 
     async def rpc_blocks(self, peer_id: str, request: bytes) -> AsyncIterator[bytes]:
         try:
@@ -171,6 +197,7 @@ class FetchOptions:
     streams_per_provider: int = 3     # requests in flight per provider, so one is always queued
     timeout_s: float = 30.0           # opening a stream, and the wait for each block
     max_failures: int = 2             # broken streams before a provider is dropped for this fetch
+    direct: bool = True               # ask providers for a direct TCP connection (p2p/direct.py)
 
 
 class _Provider:
@@ -180,6 +207,7 @@ class _Provider:
         self.in_flight = 0
         self.failures = 0
         self.banned = False
+        self.offer: asyncio.Future | None = None     # -> direct.Offer, or None: libp2p streams only
 
 
 class Fetcher:
@@ -255,9 +283,7 @@ class Fetcher:
         received = 0
         writes: list[tuple[dag.Cid, int, asyncio.Future]] = []
         try:
-            async with contextlib.aclosing(self.peer.call_stream(
-                    prov.peer_id, BLOCKS, request, timeout_s=self.options.timeout_s,
-                    max_chunk_bytes=MAX_BLOCK_BYTES + 1)) as chunks:
+            async with contextlib.aclosing(await self._open(prov, request)) as chunks:
                 async for chunk in chunks:
                     if received >= len(batch):
                         raise PeerError("sent more blocks than were asked for")
@@ -282,6 +308,32 @@ class Fetcher:
         finally:
             stored = await self._settle(prov, writes)
         return [c for c in batch if str(c) not in stored]
+
+    async def _open(self, prov: _Provider, request: bytes) -> AsyncIterator[bytes]:
+        """The reply chunks of one blocks request: over the provider's direct offer if it made
+        one that we can dial, else over a libp2p stream."""
+        if self.options.direct and prov.offer is None:
+            prov.offer = asyncio.ensure_future(self._ask_offer(prov.peer_id))
+        offer = await prov.offer if self.options.direct else None
+        if offer is not None:
+            try:
+                reader, writer = await direct.connect(offer, self.peer.peer_id, timeout_s=self.options.timeout_s)
+                return _direct_chunks(reader, writer, request, peer_id=prov.peer_id, timeout_s=self.options.timeout_s)
+            except PeerError as e:
+                logger.info("provider %s: no direct connection (%s); using libp2p streams", prov.peer_id, e)
+                prov.offer.cancel()
+                prov.offer = _done(None)
+        return self.peer.call_stream(prov.peer_id, BLOCKS, request, timeout_s=self.options.timeout_s,
+                                     max_chunk_bytes=MAX_BLOCK_BYTES + 1)
+
+    async def _ask_offer(self, peer_id: str) -> direct.Offer | None:
+        try:
+            reply = await self.peer.call(peer_id, DIRECT, b"", timeout_s=self.options.timeout_s,
+                                         max_response_bytes=direct.MAX_TICKET_BYTES)
+            return direct.check_offer(serialize.decode_message(reply, direct.Offer, max_bytes=direct.MAX_TICKET_BYTES))
+        except (PeerError, WireError) as e:
+            logger.debug("provider %s makes no direct offer: %s", peer_id, e)
+            return None
 
     def _store_block(self, cid: dag.Cid, data: memoryview) -> bool:
         try:
@@ -327,6 +379,38 @@ class Fetcher:
                                  f"{len(queue)} blocks missing, e.g. {example}")
         raise NotFoundError(f"{len(queue)} blocks could not be fetched from any of {len(self.providers)} "
                             f"providers, e.g. {example}")
+
+
+def _done(value: Any) -> asyncio.Future:
+    future = asyncio.get_running_loop().create_future()
+    future.set_result(value)
+    return future
+
+
+async def _direct_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, request: bytes, *,
+                         peer_id: str, timeout_s: float) -> AsyncIterator[bytes]:
+    """A blocks request over a direct connection: the same frames as on a libp2p stream."""
+    try:
+        try:
+            await asyncio.wait_for(rpc.write_frame(writer, rpc.REQUEST, request), timeout_s)
+        except asyncio.TimeoutError:
+            raise PeerTimeout(f"{BLOCKS} at {peer_id} (direct): request not taken in {timeout_s:.1f} s") from None
+        except (ConnectionError, RuntimeError) as e:
+            raise PeerError(f"{BLOCKS} at {peer_id} (direct): {e}") from None
+        async for chunk in rpc.read_stream(reader, peer_id=peer_id, name=f"{BLOCKS} (direct)", timeout_s=timeout_s,
+                                           max_chunk_bytes=MAX_BLOCK_BYTES + 1):
+            yield chunk
+    finally:
+        writer.close()
+
+
+def _ip_of(maddrs: Sequence[str]) -> str | None:
+    """The IP address in the first /ip4/ or /ip6/ multiaddr, or None."""
+    for maddr in maddrs:
+        parts = str(maddr).split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
+            return parts[2]
+    return None
 
 
 async def fetch_dag(peer: Any, root: str | dag.Cid, store: Any, *, providers: Sequence[str] | None = None,

@@ -90,6 +90,7 @@ class StoreNode:
             task.cancel()
         await asyncio.gather(*self._tasks, *self._pinning.values(), return_exceptions=True)
         self._tasks, self._pinning = [], {}
+        await self.service.close()
 
     # ---- pin -------------------------------------------------------------------------------------
 
