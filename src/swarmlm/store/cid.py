@@ -125,7 +125,7 @@ class Cid:
         return text
 
     def to_v1(self) -> "Cid":
-        return Cid(1, self.codec, self.digest)
+        return self if self.version == 1 else Cid(1, self.codec, self.digest)
 
     def __str__(self) -> str:
         return self.encode()
