@@ -6,6 +6,8 @@ Reading order:
     records.py    record_type, SignedRecord: typed DHT records in signed envelopes
     rpc.py        framing: status byte for unary replies, stream frames, channels, typed message calls
     peer.py       Peer: hivemind DHT node + libp2p daemon; store/get, add_handler/call, streams
+    direct.py     DirectListener / connect: plain TCP offered over libp2p with an HMAC ticket, for
+                  bulk bytes verified end to end (content-addressed blocks)
     memory.py     MemoryPeer, MemoryNetwork: the same interface in one process, for tests
 
 Import `Peer` from `swarmlm.p2p.peer` (it pulls in hivemind, which is slow to import);

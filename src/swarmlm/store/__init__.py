@@ -3,7 +3,9 @@
 Reading order:
     cid.py         Cid (v0/v1, raw, dag-pb, dag-json; sha2-256), verify, CidError
     unixfs.py      dag-pb PBNode/PBLink and UnixFS Data: encode/decode; links_of any block
-    blockstore.py  BlockStore (on disk, verified reads, pins, LRU gc), MemoryBlockStore (its twin)
+    packs.py       pack files: many blocks in one file, for bulk writes; their index
+    blockstore.py  BlockStore (on disk: loose files and packs, verified reads, pins, LRU gc),
+                   MemoryBlockStore (its twin)
     paths.py       data_dir / blocks_dir: --data-dir, else $SWARMLM_HOME, else ~/.swarmlm
     dag.py         add_file (the CID `ipfs add` prints), iter_file, list_blocks, children, file_size,
                    and the functional store helpers the exchange uses (open_store, read_block, ...)
