@@ -149,12 +149,130 @@ class DirectListener:
             await self._server.wait_closed()
 
 
-async def connect(offer: Offer, peer_id: str, *, timeout_s: float
-                  ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Dial an offer as `peer_id`; `PeerError` if it cannot be reached or refuses the ticket."""
+class DirectStream(asyncio.BufferedProtocol):
+    """The dialing side of a direct connection: the reader and the writer in one object, with
+    the `readexactly` / `write` / `drain` / `close` that rpc.py's framing uses.
+
+    A large `readexactly(n)` hands the kernel a buffer of exactly n bytes to receive into, so a
+    256 KiB block is copied once (socket to its own bytearray) instead of three times (a new
+    bytes per recv, the StreamReader's buffer, the slice handed out)."""
+
+    def __init__(self, *, max_buffered: int = READ_BUFFER):
+        self._loop = asyncio.get_running_loop()
+        self._transport: asyncio.Transport | None = None
+        self._scratch = bytearray(64 * 1024)
+        self._pending = bytearray()            # received while nobody waits for it
+        self._target: bytearray | None = None  # the buffer of the readexactly in progress
+        self._filled = 0
+        self._waiter: asyncio.Future | None = None
+        self._eof = False
+        self._error: BaseException | None = None
+        self._max_buffered = max_buffered
+        self._paused_reading = False
+        self._drain_waiter: asyncio.Future | None = None
+        self._paused_writing = False
+
+    # ---- protocol callbacks ------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = transport
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        if self._target is not None:
+            return memoryview(self._target)[self._filled:]
+        return memoryview(self._scratch)
+
+    def buffer_updated(self, nbytes: int) -> None:
+        if self._target is not None:
+            self._filled += nbytes
+            if self._filled == len(self._target):
+                self._wake()
+            return
+        self._pending += memoryview(self._scratch)[:nbytes]
+        if len(self._pending) > self._max_buffered and not self._paused_reading:
+            self._paused_reading = True
+            self._transport.pause_reading()
+
+    def eof_received(self) -> bool:
+        self._eof = True
+        self._wake()
+        return False
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._eof = True
+        self._error = exc
+        self._wake()
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_exception(exc or ConnectionResetError("connection lost"))
+
+    def pause_writing(self) -> None:
+        self._paused_writing = True
+
+    def resume_writing(self) -> None:
+        self._paused_writing = False
+        if self._drain_waiter is not None and not self._drain_waiter.done():
+            self._drain_waiter.set_result(None)
+
+    def _wake(self) -> None:
+        if self._waiter is not None and not self._waiter.done():
+            self._waiter.set_result(None)
+
+    # ---- the reader ----------------------------------------------------------------------------
+
+    async def readexactly(self, n: int) -> bytes | bytearray:
+        """n bytes; `asyncio.IncompleteReadError` if the connection ends first."""
+        if len(self._pending) >= n:
+            data = bytes(self._pending[:n])
+            del self._pending[:n]
+            return data
+        target = bytearray(n)
+        have = len(self._pending)
+        target[:have] = self._pending
+        self._pending.clear()
+        self._target, self._filled = target, have
+        if self._paused_reading:
+            self._paused_reading = False
+            self._transport.resume_reading()
+        try:
+            while self._filled < n:
+                if self._eof:
+                    if self._error is not None and not isinstance(self._error, ConnectionError):
+                        raise ConnectionResetError(str(self._error))
+                    raise asyncio.IncompleteReadError(bytes(target[:self._filled]), n)
+                self._waiter = self._loop.create_future()
+                await self._waiter
+        finally:
+            self._target, self._waiter = None, None
+        return target
+
+    # ---- the writer ----------------------------------------------------------------------------
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self._transport.write(data)
+
+    async def drain(self) -> None:
+        if self._eof and self._error is not None:
+            raise ConnectionResetError(str(self._error))
+        if self._paused_writing:
+            self._drain_waiter = self._loop.create_future()
+            await self._drain_waiter
+
+    def close(self) -> None:
+        if self._transport is not None:
+            self._transport.close()
+
+    def is_closing(self) -> bool:
+        return self._transport is None or self._transport.is_closing()
+
+
+async def connect(offer: Offer, peer_id: str, *, timeout_s: float) -> tuple[DirectStream, DirectStream]:
+    """Dial an offer as `peer_id`; `PeerError` if it cannot be reached or refuses the ticket.
+    Returns (reader, writer) for rpc.py's framing (one `DirectStream` twice)."""
     check_offer(offer)
     try:
-        reader, writer = await asyncio.wait_for(asyncio.open_connection(offer.host, offer.port, limit=READ_BUFFER), timeout_s)
+        _, stream = await asyncio.wait_for(
+            asyncio.get_running_loop().create_connection(DirectStream, offer.host, offer.port), timeout_s)
+        reader = writer = stream
     except asyncio.TimeoutError:
         raise PeerTimeout(f"direct {offer.host}:{offer.port}: no connection in {timeout_s:.1f} s") from None
     except OSError as e:
