@@ -121,3 +121,46 @@ def test_a_malformed_offer_is_a_wire_error(bad):
     good = direct.Offer(host="127.0.0.1", port=4001, expires=1e12, ticket=b"t" * 32)
     with pytest.raises(WireError):
         direct.check_offer(dataclasses.replace(good, **bad))
+
+
+async def _serve_frames(frames, *, cut_last: bool = False):
+    """A listener whose handler sends `frames` (then half of one more, if `cut_last`) and closes."""
+    async def handler(peer_id, reader, writer):
+        for payload in frames:
+            await rpc.write_frame(writer, rpc.DATA, payload)
+        if cut_last:
+            writer.write(rpc._HEADER.pack(rpc.DATA, 1000) + b"x" * 10)
+            await writer.drain()
+    return await direct.DirectListener.start("127.0.0.1", handler)
+
+
+def test_large_and_small_frames_arrive_intact_even_when_read_late():
+    import random
+    rng = random.Random(0)
+    frames = [rng.randbytes(n) for n in (5, 300_000, 1, 70_000, 262_144, 0, 3)] * 3
+
+    async def go():
+        listener = await _serve_frames(frames)
+        try:
+            reader, writer = await direct.connect(listener.offer("alice"), "alice", timeout_s=5)
+            await asyncio.sleep(0.2)                     # let the sender run ahead: buffered, then paused
+            got = [bytes((await rpc.read_frame(reader, max_bytes=1 << 20))[1]) for _ in frames]
+            writer.close()
+            assert got == frames
+        finally:
+            await listener.close()
+    asyncio.run(go())
+
+
+def test_a_connection_cut_mid_frame_is_an_incomplete_read():
+    async def go():
+        listener = await _serve_frames([b"whole"], cut_last=True)
+        try:
+            reader, writer = await direct.connect(listener.offer("alice"), "alice", timeout_s=5)
+            assert (await rpc.read_frame(reader, max_bytes=1 << 20))[1] == b"whole"
+            with pytest.raises(asyncio.IncompleteReadError):
+                await rpc.read_frame(reader, max_bytes=1 << 20)
+            writer.close()
+        finally:
+            await listener.close()
+    asyncio.run(go())
