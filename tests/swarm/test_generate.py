@@ -41,3 +41,20 @@ def test_batch_of_prompts_of_different_lengths_generates_like_local(swarm, check
     out = model.generate(BATCH, max_new_tokens=10)
 
     assert out == generate(local_model(ckpt), BATCH, max_new_tokens=10)
+
+
+def test_servers_without_a_steps_channel_are_stepped_by_unary_calls(swarm, checkpoints, monkeypatch):
+    from swarmlm.p2p.memory import MemoryPeer
+
+    async def no_raw_streams(self, name, handler):
+        return None                          # an older server: no steps channel
+    monkeypatch.setattr(MemoryPeer, "add_raw_stream_handler", no_raw_streams)
+    ckpt = checkpoints["llama"]
+    swarm.add_server(ckpt, (0, 2))
+    swarm.add_server(ckpt, (2, 4))
+    model = swarm.remote_model(ckpt)
+
+    out = model.generate(PROMPT, max_new_tokens=12)
+
+    assert out == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
+    assert all(state.channel is None for state in model.last_session.hops)

@@ -200,23 +200,23 @@ class InferenceSession:
             self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply, timeout_s=self.options.open_timeout_s),
             self.swarm.open_channel(hop.peer_id, wire.RPC_STEPS, timeout_s=self.options.open_timeout_s),
             return_exceptions=True)
-        if isinstance(channel, PeerError):          # e.g. a server without channels: steps go unary
+        if isinstance(channel, BaseException):
+            if not isinstance(channel, PeerError):
+                raise channel
             logger.debug("no steps channel to %s (%s); steps go by unary calls", hop.peer_id, channel)
-            channel = None
-        elif isinstance(channel, BaseException):
-            raise channel
+            channel = None                          # e.g. a server without channels
         try:
             if isinstance(opened, BaseException):
                 raise opened
             dtype = serialize.parse_dtype(opened.dtype)
-        except serialize.WireError as e:
+        except BaseException as e:
             if channel is not None:
                 channel.close()
-            raise _HopFailed(hop.peer_id, PeerError(f"{hop.peer_id} answered open with a bad dtype: {e}")) from None
-        except PeerError as e:
-            if channel is not None:
-                channel.close()
-            raise _HopFailed(hop.peer_id, e) from None
+            if isinstance(e, serialize.WireError):
+                raise _HopFailed(hop.peer_id, PeerError(f"{hop.peer_id} answered open with a bad dtype: {e}")) from None
+            if isinstance(e, PeerError):
+                raise _HopFailed(hop.peer_id, e) from None
+            raise
         self.swarm.session_opened(hop.peer_id, +1)
         return _HopState(hop, session_id, dtype, channel)
 
