@@ -79,3 +79,39 @@ def test_get_with_a_malformed_cid_is_a_user_error(tmp_path):
                   "12D3KooWL8FbVjKbKAo8SzKQSMRucU8qeJCXsJnWrWhw3K3SAFHg", "--data-dir", str(tmp_path / "c"))
     assert got.returncode == 2
     assert "Traceback" not in got.stderr
+
+
+def test_a_provider_killed_mid_transfer_over_the_direct_path_is_replaced_without_refetching(tmp_path):
+    from swarmlm.p2p.peer import Peer
+    from swarmlm.store import dag
+    from swarmlm.store.exchange import FetchOptions, fetch_dag
+    from tests.helpers.swarm import LoopThread
+
+    src = tmp_path / "f.bin"
+    src.write_bytes(os.urandom(24 * MIB))
+    for name in ("node0", "node1"):
+        added = run_cli("store", "add", str(src), "--data-dir", str(tmp_path / name))
+        assert added.returncode == 0, added.stderr
+    cid = dag.parse_cid(added.stdout.decode().strip().splitlines()[-1])
+    nodes = start_nodes(2, tmp_path)
+    a, b = nodes
+    loop = LoopThread()
+    try:
+        client = loop.run(Peer.create(initial_peers=[b.maddrs[0]], client_mode=True), timeout_s=120)
+        store = dag.open_store(tmp_path / "client")
+        seen = []
+
+        def on_block(n_bytes):
+            seen.append(n_bytes)
+            if len(seen) == 20:
+                a.kill()                                   # SIGKILL, mid-transfer
+        stats = loop.run(fetch_dag(client, cid, store, providers=[a.peer_id, b.peer_id], on_block=on_block,
+                                   options=FetchOptions(batch=8, streams_per_provider=2, timeout_s=10)))
+        total = len(list(dag.list_blocks(store, cid)))
+        assert stats.fetched_blocks == total                 # each block fetched (and counted) once
+        assert stats.blocks_by_peer.get(b.peer_id, 0) > 0 and stats.blocks_by_peer.get(a.peer_id, 0) > 0
+        assert b"".join(dag.iter_file(store, cid)) == src.read_bytes()
+        loop.run(client.shutdown())
+    finally:
+        loop.close()
+        stop_all(nodes)
