@@ -281,14 +281,8 @@ class Peer:
             raise PeerError(f"{name} at {peer_id}: {e}") from None
         _widen(reader, max_chunk_bytes)
         try:
-            try:
-                await asyncio.wait_for(rpc.write_frame(writer, rpc.REQUEST, request), timeout_s)
-            except asyncio.TimeoutError:
-                raise PeerTimeout(f"{name} at {peer_id}: request not taken in {timeout_s:.1f} s") from None
-            except (ConnectionError, RuntimeError) as e:
-                raise PeerError(f"{name} at {peer_id}: {e}") from None
-            async for chunk in rpc.read_stream(reader, peer_id=peer_id, name=name, timeout_s=timeout_s,
-                                               max_chunk_bytes=max_chunk_bytes):
+            async for chunk in rpc.request_stream(reader, writer, request, peer_id=peer_id, name=name,
+                                                  timeout_s=timeout_s, max_chunk_bytes=max_chunk_bytes):
                 yield chunk
         finally:
             writer.close()

@@ -153,6 +153,20 @@ async def _linger(reader: asyncio.StreamReader, timeout_s: float = LINGER_S) -> 
         pass
 
 
+async def request_stream(reader: Any, writer: Any, request: bytes, *, peer_id: str, name: str, timeout_s: float,
+                         max_chunk_bytes: int) -> AsyncIterator[bytes]:
+    """The caller's side of an open stream: send the REQUEST frame, then yield `read_stream`'s chunks."""
+    try:
+        await asyncio.wait_for(write_frame(writer, REQUEST, request), timeout_s)
+    except asyncio.TimeoutError:
+        raise PeerTimeout(f"{name} at {peer_id}: request not taken in {timeout_s:.1f} s") from None
+    except (ConnectionError, RuntimeError) as e:
+        raise PeerError(f"{name} at {peer_id}: {e}") from None
+    async for chunk in read_stream(reader, peer_id=peer_id, name=name, timeout_s=timeout_s,
+                                   max_chunk_bytes=max_chunk_bytes):
+        yield chunk
+
+
 async def read_stream(reader: asyncio.StreamReader, *, peer_id: str, name: str, timeout_s: float,
                       max_chunk_bytes: int) -> AsyncIterator[bytes]:
     """The caller's side: DATA payloads until END; `RemoteError` on ERROR, `PeerTimeout` if a frame is late."""

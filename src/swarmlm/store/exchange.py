@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any, AsyncIterator, Callable, Iterable, Sequence
 
 from swarmlm import serialize
-from swarmlm.errors import IntegrityError, NotFoundError, PeerError, PeerTimeout, WireError
+from swarmlm.errors import IntegrityError, NotFoundError, PeerError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import direct, rpc
 from swarmlm.store import dag
@@ -391,14 +391,8 @@ async def _direct_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWri
                          peer_id: str, timeout_s: float) -> AsyncIterator[bytes]:
     """A blocks request over a direct connection: the same frames as on a libp2p stream."""
     try:
-        try:
-            await asyncio.wait_for(rpc.write_frame(writer, rpc.REQUEST, request), timeout_s)
-        except asyncio.TimeoutError:
-            raise PeerTimeout(f"{BLOCKS} at {peer_id} (direct): request not taken in {timeout_s:.1f} s") from None
-        except (ConnectionError, RuntimeError) as e:
-            raise PeerError(f"{BLOCKS} at {peer_id} (direct): {e}") from None
-        async for chunk in rpc.read_stream(reader, peer_id=peer_id, name=f"{BLOCKS} (direct)", timeout_s=timeout_s,
-                                           max_chunk_bytes=MAX_BLOCK_BYTES + 1):
+        async for chunk in rpc.request_stream(reader, writer, request, peer_id=peer_id, name=f"{BLOCKS} (direct)",
+                                              timeout_s=timeout_s, max_chunk_bytes=MAX_BLOCK_BYTES + 1):
             yield chunk
     finally:
         writer.close()
