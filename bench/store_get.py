@@ -39,60 +39,52 @@ def emit(name: str, value: float, unit: str, **extra) -> None:
     print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **extra}), flush=True)
 
 
-async def serve_raw(n_bytes: int):
+async def send_bytes(writer, n_bytes: int) -> None:
+    """Write n_bytes (one random 256 KiB piece over and over), then close."""
     payload = os.urandom(CHUNK)
+    sent = 0
+    while sent < n_bytes:
+        piece = payload[:min(CHUNK, n_bytes - sent)]
+        writer.write(piece)
+        await writer.drain()
+        sent += len(piece)
+    writer.close()
 
+
+async def receive_bytes(reader, writer, n_bytes: int, what: str) -> float:
+    """Read until n_bytes have come; bytes per second."""
+    start = time.perf_counter()
+    got = 0
+    while got < n_bytes:
+        piece = await reader.read(1 << 20)
+        if not piece:
+            break
+        got += len(piece)
+    elapsed = time.perf_counter() - start
+    writer.close()
+    assert got == n_bytes, f"{what} moved {got} of {n_bytes} bytes"
+    return n_bytes / elapsed
+
+
+async def serve_raw(n_bytes: int):
     async def handler(peer_id, reader, writer):
-        sent = 0
-        while sent < n_bytes:
-            piece = payload[:min(CHUNK, n_bytes - sent)]
-            writer.write(piece)
-            await writer.drain()
-            sent += len(piece)
-        writer.close()
+        await send_bytes(writer, n_bytes)
     return handler
 
 
 async def bare_stream(peer_a: str, b, n_bytes: int) -> float:
     reader, writer = await b.open_raw_stream(peer_a, RAW)
-    start = time.perf_counter()
-    got = 0
-    while got < n_bytes:
-        piece = await reader.read(1 << 20)
-        if not piece:
-            break
-        got += len(piece)
-    elapsed = time.perf_counter() - start
-    writer.close()
-    assert got == n_bytes, f"bare stream moved {got} of {n_bytes} bytes"
-    return n_bytes / elapsed
+    return await receive_bytes(reader, writer, n_bytes, "bare stream")
 
 
 async def tcp_copy(n_bytes: int) -> float:
-    payload = os.urandom(CHUNK)
-
-    async def handle(reader, writer):
-        sent = 0
-        while sent < n_bytes:
-            piece = payload[:min(CHUNK, n_bytes - sent)]
-            writer.write(piece)
-            await writer.drain()
-            sent += len(piece)
-        writer.close()
-    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    server = await asyncio.start_server(lambda reader, writer: send_bytes(writer, n_bytes), "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    start = time.perf_counter()
-    got = 0
-    while got < n_bytes:
-        piece = await reader.read(1 << 20)
-        if not piece:
-            break
-        got += len(piece)
-    elapsed = time.perf_counter() - start
-    writer.close()
-    server.close()
-    return n_bytes / elapsed
+    try:
+        return await receive_bytes(reader, writer, n_bytes, "tcp copy")
+    finally:
+        server.close()
 
 
 async def serve(work: Path, mib: int) -> None:
