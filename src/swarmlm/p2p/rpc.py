@@ -205,8 +205,7 @@ async def serve_channel(handler: UnaryHandler, peer_id: str, reader: asyncio.Str
     try:
         while True:
             try:
-                tag, request = await asyncio.wait_for(read_frame(reader, max_bytes=max_request_bytes),
-                                                      idle_timeout_s)
+                tag, request = await _within(read_frame(reader, max_bytes=max_request_bytes), idle_timeout_s)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError):
                 return                  # idle, or the caller closed its side
             except PeerError as e:
@@ -234,6 +233,15 @@ async def serve_channel(handler: UnaryHandler, peer_id: str, reader: asyncio.Str
         writer.close()
 
 
+if hasattr(asyncio, "timeout"):            # Python 3.11+: a deadline without wait_for's extra task per frame
+    async def _within(aw: Awaitable[Any], timeout_s: float) -> Any:
+        async with asyncio.timeout(timeout_s):
+            return await aw
+else:
+    async def _within(aw: Awaitable[Any], timeout_s: float) -> Any:
+        return await asyncio.wait_for(aw, timeout_s)
+
+
 class Channel:
     """The caller's side of a channel: `await ch.call(request, timeout_s=..., max_response_bytes=...)`.
 
@@ -257,7 +265,7 @@ class Channel:
             if self.broken is not None:
                 raise PeerError(f"{where}: the channel is broken ({self.broken})")
             try:
-                tag, payload = await asyncio.wait_for(self._exchange(request, max_response_bytes), timeout_s)
+                tag, payload = await _within(self._exchange(request, max_response_bytes), timeout_s)
             except asyncio.TimeoutError:
                 self._break(f"no reply in {timeout_s:.1f} s")
                 raise PeerTimeout(f"{where}: no reply in {timeout_s:.1f} s") from None

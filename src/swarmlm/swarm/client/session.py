@@ -68,10 +68,12 @@ class _HopState:
     channel: Any = None                  # the steps channel (p2p/rpc.py's Channel), or None: unary steps
     inputs: list[torch.Tensor] = field(default_factory=list)         # per step: (B, T_i, D)
     masks: list[torch.Tensor | None] = field(default_factory=list)   # per step: (B, T_i) or None
+    length: int = 0                                                  # sum of T_i: positions the server holds
 
-    @property
-    def length(self) -> int:
-        return sum(x.shape[1] for x in self.inputs)
+    def record(self, x: torch.Tensor, mask: torch.Tensor | None) -> None:
+        self.inputs.append(x)
+        self.masks.append(mask)
+        self.length += x.shape[1]
 
 
 class InferenceSession:
@@ -133,8 +135,7 @@ class InferenceSession:
             except PeerError as e:
                 await self._recover(i, e)
                 continue                  # the same position of the chain, now held by the replacement
-            state.inputs.append(x_in)
-            state.masks.append(key_mask)
+            state.record(x_in, key_mask)
             x, i = y, i + 1
         return x.to(out_dtype)
 
@@ -248,8 +249,8 @@ class InferenceSession:
                 except PeerError as e:
                     raise _HopFailed(state.hop.peer_id, e) from None
                 outs.extend(torch.split(y, [sizes[j] for j in group], dim=1))
-                state.inputs.extend(torch.split(x, [sizes[j] for j in group], dim=1))
-                state.masks.extend(masks[j] for j in group)
+                for x_j, j in zip(torch.split(x, [sizes[j] for j in group], dim=1), group):
+                    state.record(x_j, masks[j])
             xs = outs
 
     def _prompts_for(self, state: _HopState) -> torch.Tensor | None:
