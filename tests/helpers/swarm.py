@@ -10,96 +10,38 @@
 
 from __future__ import annotations
 
-import asyncio
-import os
-import signal
 import subprocess
 import sys
-import threading
-import time
 from pathlib import Path
 from typing import Any, Coroutine, Sequence
+
+from swarmlm.p2p.process import PeerProcess, child_env, spawn
+from swarmlm.swarm.client.model import LoopThread as ClientLoopThread
 
 STARTUP_TIMEOUT_S = 120.0      # p2pd plus hivemind's import can take long on a loaded 2-core machine
 
 
-class LoopThread:
-    """An event loop running in a daemon thread; `run` submits a coroutine and waits for it."""
+class LoopThread(ClientLoopThread):
+    """The client's loop thread, with a default timeout so a stuck test fails instead of hanging."""
 
-    def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self._thread.start()
-
-    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float = 120.0) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
-
-    def close(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._thread.join(10)
-        self.loop.close()
+    def run(self, coro: Coroutine[Any, Any, Any], timeout_s: float | None = 120.0) -> Any:
+        return super().run(coro, timeout_s)
 
 
-def _env(extra: dict[str, str] | None = None) -> dict[str, str]:
-    env = dict(os.environ)
-    src = str(Path(__file__).resolve().parents[2] / "src")
-    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
-    env.setdefault("SWARMLM_LOG", "INFO")
-    env.update(extra or {})
-    return env
-
-
-class NodeProcess:
-    """One `swarmlm node` subprocess; `maddrs` are the lines it printed once reachable."""
+class NodeProcess(PeerProcess):
+    """One `swarmlm node` subprocess on 127.0.0.1 with its own data dir (log: `node.log` in it)."""
 
     def __init__(self, data_dir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None):
         self.data_dir = Path(data_dir)
-        self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.log_path = self.data_dir / "node.log"
-        self._log = open(self.log_path, "wb")
-        cmd = [sys.executable, "-m", "swarmlm", "node", "--host", "127.0.0.1", "--data-dir", str(self.data_dir),
-               *args]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._log, env=_env(env))
-        self.maddrs: list[str] = []
+        log_path = self.data_dir / "node.log"
+        super().__init__(spawn(["node", "--host", "127.0.0.1", "--data-dir", str(self.data_dir), *args],
+                               log_path=log_path, env=env), log_path)
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> list[str]:
-        """Read multiaddr lines from stdout until the first one arrives (all are printed together)."""
-        deadline = time.monotonic() + timeout_s
-        lines: list[str] = []
-        reader = threading.Thread(target=lambda: lines.append(self.proc.stdout.readline().decode()), daemon=True)
-        reader.start()
-        reader.join(max(0.0, deadline - time.monotonic()))
-        if not lines or not lines[0].strip():
-            self.kill()
-            raise RuntimeError(f"node did not start; its log:\n{self.log_text()[-4000:]}")
-        self.maddrs = [lines[0].strip()]
-        return self.maddrs
+        return super().wait_ready(timeout_s)
 
-    @property
-    def peer_id(self) -> str:
-        return self.maddrs[0].rsplit("/p2p/", 1)[1]
-
-    def log_text(self) -> str:
-        self._log.flush()
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, timeout_s: float = 30.0) -> int:
-        """SIGTERM, then wait; SIGKILL if it does not exit in time. Returns the exit code."""
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout_s)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        self._log.close()
-        return self.proc.returncode
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self._log.close()
+    def stop(self, timeout_s: float = 30.0) -> int | None:
+        return super().stop(timeout_s)
 
 
 def start_nodes(n: int, root: Path, *, first_args: Sequence[str] = (), args: Sequence[str] = (),
@@ -133,7 +75,7 @@ def run_cli(*args: str, timeout_s: float = 300.0, env: dict[str, str] | None = N
             input: bytes | None = None) -> subprocess.CompletedProcess:
     """`python -m swarmlm ARGS` with the test environment; stdout as bytes, stderr as text."""
     proc = subprocess.run([sys.executable, "-m", "swarmlm", *args], capture_output=True, timeout=timeout_s,
-                          env=_env(env), input=input)
+                          env=child_env(env), input=input)
     proc.stderr = proc.stderr.decode(errors="replace")
     return proc
 

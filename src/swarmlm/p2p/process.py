@@ -69,11 +69,15 @@ class PeerProcess:
     def describe(self) -> str:
         return " ".join(str(a) for a in self.proc.args[2:5])
 
-    def log_tail(self, n_chars: int = 4000) -> str:
+    def log_text(self) -> str:
+        """Everything the child wrote to its log so far ("" if unreadable)."""
         try:
-            return self.log_path.read_text(errors="replace")[-n_chars:]
+            return self.log_path.read_text(errors="replace")
         except OSError:
             return ""
+
+    def log_tail(self, n_chars: int = 4000) -> str:
+        return self.log_text()[-n_chars:]
 
     def stop(self, timeout_s: float = 20.0) -> int | None:
         """SIGTERM, then wait (SIGKILL if it does not exit in time)."""
@@ -97,20 +101,32 @@ class PeerProcess:
         self.stop()
 
 
+def spawn(args: Sequence[str], *, log_path: str | os.PathLike, env: dict[str, str] | None = None
+          ) -> subprocess.Popen:
+    """`python -m swarmlm ARGS...` with stdout piped and stderr to `log_path`; this checkout's
+    package first on the child's path."""
+    log_path = Path(log_path)
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as log:
+        return subprocess.Popen([sys.executable, "-m", "swarmlm", *map(str, args)], stdout=subprocess.PIPE,
+                                stderr=log, env=child_env(env), stdin=subprocess.DEVNULL)
+
+
+def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    """This process's environment, with this checkout's package first on the path, INFO logs
+    unless set, and `extra` on top."""
+    env = dict(os.environ)
+    src = str(Path(swarmlm.__file__).resolve().parents[1])
+    env["PYTHONPATH"] = src + os.pathsep + env.get("PYTHONPATH", "")
+    env.setdefault("SWARMLM_LOG", "INFO")
+    env.update(extra or {})
+    return env
+
+
 def start_peer_process(args: Sequence[str], *, log_path: str | os.PathLike, env: dict[str, str] | None = None,
                        wait: bool = True, timeout_s: float = 120.0) -> PeerProcess:
     """Start `python -m swarmlm ARGS...` (stderr to `log_path`) and, by default, wait for its multiaddrs."""
-    log_path = Path(log_path)
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    child_env = dict(os.environ)
-    src = str(Path(swarmlm.__file__).resolve().parents[1])
-    child_env["PYTHONPATH"] = src + os.pathsep + child_env.get("PYTHONPATH", "")
-    child_env.setdefault("SWARMLM_LOG", "INFO")
-    child_env.update(env or {})
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen([sys.executable, "-m", "swarmlm", *map(str, args)], stdout=subprocess.PIPE,
-                                stderr=log, env=child_env, stdin=subprocess.DEVNULL)
-    child = PeerProcess(proc, log_path)
+    child = PeerProcess(spawn(args, log_path=log_path, env=env), Path(log_path))
     if wait:
         child.wait_ready(timeout_s)
     return child
