@@ -7,11 +7,13 @@ measures, in one run and over the same bytes:
   - sha256_memory: hashlib.sha256 over the bytes already in memory (the ceiling);
   - sha256_file:   reading the file and hashing it;
   - add_hash_only: add_file with a store that keeps nothing (chunking, CIDs, tree);
-  - write_only:    the filesystem's ceiling for this layout: the same 256 KiB pieces written to
-                   as many files in 1024 shard directories (temp file + rename), no hashing;
-  - add:           add_file into a fresh on-disk BlockStore (every block written and renamed).
+  - write_only:    the same 256 KiB pieces written to as many files in 1024 shard directories
+                   (temp file + rename), no hashing: what a file per block would cost;
+  - add:           add_file into a fresh on-disk BlockStore (blocks appended to a pack file
+                   by the hashing threads, its index renamed into place at the end).
 Prints one JSON line per result (medians, MB/s), then add / sha256_memory (target >= 0.6)
-and add / write_only. On a loaded machine file creation, not hashing, sets the pace.
+and add / write_only. On a machine whose two cores are both busy, the hashing threads cannot
+overlap the reading and writing, and the ratio falls with the free CPU.
 """
 
 from __future__ import annotations
