@@ -91,6 +91,29 @@ def _tensor_from_fields(fields: Any, max_bytes: int) -> torch.Tensor:
     return flat.view(dtype).reshape(shape)
 
 
+def tensor_to_raw(t: torch.Tensor) -> memoryview:
+    """The raw little-endian bytes of `t` (no dtype, no shape: a protocol that fixes both sends
+    them this way); no copy when `t` is a contiguous CPU tensor."""
+    t = t.detach().cpu().contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy())
+
+
+def tensor_from_raw(data: bytearray | memoryview, dtype: torch.dtype, shape: Sequence[int]) -> torch.Tensor:
+    """A `dtype` tensor of `shape` over `data` (a writable buffer, shared, not copied); `WireError`
+    unless its length is exactly what the shape needs."""
+    numel = 1
+    for s in shape:
+        numel *= s
+    need = numel * torch.empty((), dtype=dtype).element_size()
+    if len(data) != need:
+        raise WireError(f"tensor data has {len(data)} bytes, shape {tuple(shape)} of {dtype} needs {need}")
+    if numel == 0:
+        return torch.empty(tuple(shape), dtype=dtype)
+    return torch.frombuffer(data, dtype=torch.uint8).view(dtype).reshape(tuple(shape))
+
+
 def check_tensor(t: Any, *, name: str = "tensor", dtype: torch.dtype | Sequence[torch.dtype] | None = None,
                  shape: Sequence[int | None] | None = None, finite: bool = False) -> torch.Tensor:
     """Raise `WireError` unless `t` is a tensor of the given dtype(s) and shape (None = any size)."""

@@ -56,6 +56,50 @@ def decode(data: bytes, codec: str, *, numel: int) -> torch.Tensor:
     raise WireError(f"unknown compression {codec!r}")
 
 
+def frame_bytes(codec: str, numel: int) -> int:
+    """Length of the raw form (`encode_raw`) of `numel` values: known before a byte is read."""
+    if codec == "none":
+        return 4 * numel
+    if codec == "fp16":
+        return 2 * numel
+    if codec == "int8":
+        return numel + 4 * -(-numel // INT8_CHUNK)
+    raise ValueError(f"unknown compression {codec!r}; expected one of {CODECS}")
+
+
+def encode_raw(t: torch.Tensor, codec: str) -> memoryview:
+    """The raw form for the direct path (direct.py frames carry length and codec): the values'
+    bytes with no msgpack around them, a view of `t` itself for `none`. int8: values, then scales.
+    Decodes to exactly what `decode(encode(t))` gives."""
+    flat = t.detach().reshape(-1).float()
+    if codec == "none":
+        return serialize.tensor_to_raw(flat)
+    if codec == "fp16":
+        return serialize.tensor_to_raw(flat.clamp(-_FP16_MAX, _FP16_MAX).half())
+    if codec == "int8":
+        q, scales = quantize_int8(flat)
+        return memoryview(bytes(serialize.tensor_to_raw(q)) + bytes(serialize.tensor_to_raw(scales)))
+    raise ValueError(f"unknown compression {codec!r}; expected one of {CODECS}")
+
+
+def decode_raw(data: bytearray, codec: str, *, numel: int) -> torch.Tensor:
+    """Inverse of `encode_raw` over a writable buffer (shared for `none`): (numel,) float32, or `WireError`."""
+    if codec == "none":
+        return serialize.tensor_from_raw(data, torch.float32, (numel,))
+    if codec == "fp16":
+        return serialize.tensor_from_raw(data, torch.float16, (numel,)).float()
+    if codec == "int8":
+        n_chunks = -(-numel // INT8_CHUNK)
+        if len(data) != frame_bytes(codec, numel):
+            raise WireError(f"int8 update has {len(data)} bytes, {numel} values need {frame_bytes(codec, numel)}")
+        view = memoryview(data)
+        q = serialize.tensor_from_raw(view[:numel], torch.int8, (numel,))
+        scales = serialize.tensor_from_raw(view[numel:], torch.float32, (n_chunks,))
+        serialize.check_tensor(scales, name="int8 scales", finite=True)
+        return dequantize_int8(q, scales)
+    raise WireError(f"unknown compression {codec!r}")
+
+
 def quantize_int8(flat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(numel,) float32 -> (numel,) int8 values and (n_chunks,) float32 scales."""
     numel = flat.numel()

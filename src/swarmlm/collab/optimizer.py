@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from swarmlm.collab import state as states
-from swarmlm.collab.allreduce import AllReduce, RoundResult
+from swarmlm.collab.allreduce import TRANSPORTS, AllReduce, RoundResult
 from swarmlm.collab.compression import CODECS
 from swarmlm.collab.matchmaking import FellBehind, Matchmaker
 from swarmlm.collab.progress import (
@@ -69,6 +69,8 @@ class CollabOptions:
     outer_momentum: float = 0.9       # ... and its momentum (paper: 0.9)
     compression: str = "none"         # what is averaged travels as: none | fp16 | int8
     aggregator: str = "mean"          # mean | trimmed-mean | centered-clip
+    transport: str = "auto"           # averaging traffic: auto (direct TCP between members where reachable,
+                                      # authenticated, NOT encrypted; else libp2p) | libp2p (always encrypted)
     grad_clip: float = 1.0            # gradient-norm clip (sync: of the averaged gradient); 0: off
     round_timeout_s: float = 30.0     # bound on one all-reduce
     gather_timeout_s: float = 3.0     # how long a leader waits for the peers it expects
@@ -88,6 +90,8 @@ class CollabOptions:
             raise UserError(f"compression must be one of {', '.join(CODECS)}, got {self.compression!r}")
         if self.aggregator not in AGGREGATORS:
             raise UserError(f"aggregator must be one of {', '.join(AGGREGATORS)}, got {self.aggregator!r}")
+        if self.transport not in TRANSPORTS:
+            raise UserError(f"collab transport must be one of {', '.join(TRANSPORTS)}, got {self.transport!r}")
         if min(self.round_timeout_s, self.gather_timeout_s, self.refresh_s, self.progress_ttl_s) <= 0:
             raise UserError("timeouts and intervals must be positive")
         return self
@@ -146,7 +150,8 @@ class CollaborativeOptimizer:
                      lr_at: Callable[[int], float] | None = None) -> CollaborativeOptimizer:
         options.validate()
         mm = await Matchmaker.create(peer, options.run_id, gather_timeout_s=options.gather_timeout_s)
-        reducer = await AllReduce.create(peer, aggregator=options.aggregator, compression=options.compression)
+        reducer = await AllReduce.create(peer, aggregator=options.aggregator, compression=options.compression,
+                                         transport=options.transport)
         reducer.wait_for_round_s = options.gather_timeout_s + options.round_timeout_s
         self = cls(peer, model, opt, options, lr_at=lr_at, matchmaker=mm, reducer=reducer)
         await states.serve_state(peer, self.snapshot)
@@ -184,6 +189,7 @@ class CollaborativeOptimizer:
         except PeerError as e:
             log.info("could not publish the final progress record: %s", e)
         await asyncio.sleep(self.options.linger_s)
+        await self.reducer.close()
 
     @property
     def swarm_size(self) -> int:

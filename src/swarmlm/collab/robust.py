@@ -34,9 +34,15 @@ def validate_update(t: object, *, shape: Sequence[int], dtype: torch.dtype) -> s
         return f"dtype {t.dtype}, expected {dtype}"
     if tuple(t.shape) != tuple(shape):
         return f"shape {tuple(t.shape)}, expected {tuple(shape)}"
-    if t.numel() and not math.isfinite(float(t.sum(dtype=torch.float64))):   # one pass; NaN/inf propagate
+    if not all_finite(t):
         return "contains NaN or inf"
     return None
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """No NaN or inf in `t`. A float32 sum is one fast pass (NaN and inf propagate); only when it
+    is not finite, which huge finite values can also cause, the exact elementwise check runs."""
+    return t.numel() == 0 or math.isfinite(float(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def validate_updates(updates: Sequence[tuple[str, object, float]], *, shape: Sequence[int], dtype: torch.dtype

@@ -93,6 +93,7 @@ async def _train(args: Any, run: Any, prep: Any) -> int:
         options = CollabOptions(
             run_id=args.run_id, micro_batch=cfg.batch_size, target_batch=args.target_batch or None,
             diloco_steps=args.diloco or 0, compression=args.compression, aggregator=args.aggregator,
+            transport=getattr(args, "collab_transport", None) or "auto",
             grad_clip=cfg.grad_clip, round_timeout_s=args.round_timeout or 30.0,
             gather_timeout_s=min(5.0, (args.round_timeout or 30.0) / 3))
         opt = await CollaborativeOptimizer.create(peer, model, build_optimizer(model, cfg), options,
