@@ -255,7 +255,10 @@ class BlockStore(_PinsAndGc):
         raise MissingBlock(f"block {cid} is not in {self.root}")
 
     def has(self, cid: Cid) -> bool:
-        return self.path_of(cid).is_file() or self.packs.find(cid.to_v1().encode()) is not None
+        key = cid.to_v1().encode()
+        if key in self.packs._where:
+            return True
+        return os.path.isfile(f"{self._root_str}/{key[-3:-1]}/{key}") or self.packs.find(key) is not None
 
     def delete(self, cid: Cid) -> bool:
         try:
