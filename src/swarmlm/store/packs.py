@@ -201,7 +201,9 @@ class PackIndex:
         if mtime == self._dir_mtime:
             return False
         with self._lock:
-            self._dir_mtime = mtime
+            # a directory's mtime ticks coarsely (a few ms): one changed less than a second ago may
+            # change again without its mtime moving, so it is listed again next time
+            self._dir_mtime = mtime if time.time_ns() - mtime > 1_000_000_000 else -1
             new = False
             for name in sorted(os.listdir(self.dir)):
                 if name.endswith(".idx") and name not in self._seen_idx:
