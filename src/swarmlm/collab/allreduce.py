@@ -58,6 +58,7 @@ _STREAM_RETRIES = 2                # a broken stream is retried; the owner answe
 _FINISHED_KEPT = 256               # group IDs remembered after their round, to refuse late calls
 TRANSPORTS = ("auto", "libp2p")    # auto: direct TCP where reachable, else libp2p; libp2p: always encrypted
 _OFFER_TIMEOUT_S = 5.0
+_POOL_BYTES = 256 << 20            # receive buffers kept between rounds (direct path)
 _CONNECT_TIMEOUT_S = 2.0
 
 
@@ -156,6 +157,9 @@ class _Round:
         self.dropped: list[tuple[str, int, str]] = []
         self.bytes_sent = 0
         self.bytes_received = 0
+        self.buffers: list[bytearray] = []       # pooled receive buffers the round's contributions sit in
+        self.serving = 0                         # direct connections still being served for this round
+        self.finished = False
 
     def owner(self, part: int) -> str:
         return self.group.members[part % len(self.group.members)]
@@ -184,6 +188,7 @@ class AllReduce:
         self.max_part_elems = max_part_elems
         self.transport = transport
         self.direct: direct.DirectListener | None = None    # set by create() with transport "auto"
+        self._pool = direct.BufferPool(_POOL_BYTES)
         self.bytes_sent = 0                       # totals over all rounds, both directions of every call
         self.bytes_received = 0
         self._rounds: dict[bytes, _Round] = {}
@@ -265,6 +270,8 @@ class AllReduce:
             self._rounds.pop(group.group_id, None)
             self._started.pop(group.group_id, None)
             self._finished.append(group.group_id)
+            rnd.finished = True
+            self._release(rnd)
             self.bytes_sent += rnd.bytes_sent
             self.bytes_received += rnd.bytes_received
         return RoundResult(out, group, min(weights) if weights else float(weight), rnd.dropped,
@@ -473,9 +480,16 @@ class AllReduce:
         def limit(kind: int, part: int) -> int:
             return codecs.frame_bytes(self.compression, rnd.owned[part].size) if part in expected else 0
 
+        def into(kind: int, part: int, length: int) -> memoryview | None:
+            if kind != direct.PART or part not in expected:
+                return None
+            rnd.buffers.append(self._pool.take(length))
+            return memoryview(rnd.buffers[-1])
+
+        rnd.serving += 1
         try:
             while expected:
-                frame, payload = await chan.recv(limit)
+                frame, payload = await chan.recv(limit, into)
                 if frame.kind != direct.PART or frame.part not in expected:
                     raise WireError(f"unexpected frame kind {frame.kind} for part {frame.part}")
                 expected.discard(frame.part)
@@ -498,6 +512,14 @@ class AllReduce:
             await asyncio.gather(*replies, return_exceptions=True)
             rnd.bytes_sent += chan.bytes_sent
             rnd.bytes_received += chan.bytes_received
+            rnd.serving -= 1
+            self._release(rnd)
+
+    def _release(self, rnd: _Round) -> None:
+        """Pool the round's receive buffers once neither its run nor any connection can touch them."""
+        if rnd.finished and rnd.serving == 0 and rnd.buffers:
+            self._pool.give(rnd.buffers)
+            rnd.buffers = []
 
     async def _reply_direct(self, chan: direct.Channel, own: _OwnedPart, part: int) -> None:
         try:
