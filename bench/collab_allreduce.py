@@ -1,8 +1,12 @@
 """Averaging N float32 values among P peer processes on loopback: swarmlm's all-reduce
-(matchmaking + butterfly over libp2p, collab/) against hivemind's DecentralizedAverager
-(the comparison side only) and torch.distributed gloo all_reduce.
+(matchmaking over libp2p + butterfly over the direct TCP path, collab/) against hivemind's
+DecentralizedAverager (the comparison side only) and torch.distributed gloo all_reduce.
 
     python bench/collab_allreduce.py [--sizes 10000000 50000000] [--peers 2 4] [--rounds 3]
+                                     [--sides swarmlm hivemind gloo swarmlm-libp2p]
+
+`swarmlm-libp2p` (not run by default) is swarmlm with `transport="libp2p"`: every part over
+libp2p's encrypted streams, as `--collab-transport libp2p` trains.
 
 Each side starts its P processes, does one untimed warm-up round per size, then times
 `--rounds` rounds, all processes released together by a barrier; a round's time is the
@@ -25,7 +29,7 @@ import time
 import torch
 
 
-def _ours(rank, n, sizes, rounds, maddr_q, ids_q, members_q, barrier, out_q):
+def _ours(rank, n, sizes, rounds, maddr_q, ids_q, members_q, barrier, out_q, transport="auto"):
     torch.set_num_threads(1)
     from swarmlm.collab.allreduce import AllReduce
     from swarmlm.collab.matchmaking import Matchmaker
@@ -39,7 +43,7 @@ def _ours(rank, n, sizes, rounds, maddr_q, ids_q, members_q, barrier, out_q):
         if rank == 0:
             for _ in range(n - 1):
                 maddr_q.put(peer.maddrs[0])
-        reducer = await AllReduce.create(peer)
+        reducer = await AllReduce.create(peer, transport=transport)
         reducer.wait_for_round_s = 600
         mm = await Matchmaker.create(peer, "bench", gather_timeout_s=60)
         ids_q.put(peer.peer_id)
@@ -129,12 +133,14 @@ def _run(kind, n, sizes, rounds):
         procs = [ctx.Process(target=_gloo, args=(r, n, sizes, rounds, port, barrier, out_q)) for r in range(n)]
     else:
         maddr_q, ids_q, members_q = ctx.Queue(), ctx.Queue(), ctx.Queue()
-        target = _ours if kind == "swarmlm" else _hivemind
-        procs = [ctx.Process(target=target, args=(r, n, sizes, rounds, maddr_q, ids_q, members_q, barrier, out_q))
+        target = _hivemind if kind == "hivemind" else _ours
+        extra = ("libp2p",) if kind == "swarmlm-libp2p" else ()
+        procs = [ctx.Process(target=target, args=(r, n, sizes, rounds, maddr_q, ids_q, members_q, barrier, out_q,
+                                                  *extra))
                  for r in range(n)]
     for p in procs:
         p.start()
-    if kind == "swarmlm":
+    if kind.startswith("swarmlm"):
         ids = sorted(ids_q.get(timeout=300) for _ in range(n))
         for _ in range(n):
             members_q.put(ids)
@@ -163,7 +169,8 @@ def main() -> None:
     ap.add_argument("--sizes", type=int, nargs="+", default=[10_000_000, 50_000_000])
     ap.add_argument("--peers", type=int, nargs="+", default=[2, 4])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--sides", nargs="+", default=["swarmlm", "hivemind", "gloo"])
+    ap.add_argument("--sides", nargs="+", default=["swarmlm", "hivemind", "gloo"],
+                    choices=["swarmlm", "hivemind", "gloo", "swarmlm-libp2p"])
     args = ap.parse_args()
     for n in args.peers:
         medians = {side: _run(side, n, args.sizes, args.rounds) for side in args.sides}
@@ -175,6 +182,9 @@ def main() -> None:
             if ours and "hivemind" in medians:
                 print(json.dumps({"name": f"allreduce_speedup_vs_hivemind_{n}peers_{numel // 1_000_000}M",
                                   "value": round(medians["hivemind"][numel] / ours, 2), "unit": "x"}), flush=True)
+            if ours and "swarmlm-libp2p" in medians:
+                print(json.dumps({"name": f"allreduce_direct_vs_libp2p_{n}peers_{numel // 1_000_000}M",
+                                  "value": round(medians["swarmlm-libp2p"][numel] / ours, 2), "unit": "x"}), flush=True)
             if ours and "gloo" in medians:
                 print(json.dumps({"name": f"allreduce_vs_gloo_{n}peers_{numel // 1_000_000}M",
                                   "value": round(medians["gloo"][numel] / ours, 3), "unit": "x (gloo time / ours)"}),

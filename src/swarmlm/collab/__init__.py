@@ -5,6 +5,7 @@ Reading order:
     compression.py   what is averaged, as bytes: none, fp16, int8 with per-chunk scales
     progress.py      ProgressRecord in the DHT, SwarmView; pure "is it time to average" decisions
     matchmaking.py   Matchmaker, Group: the peers of one step agree on a member list (a leader decides)
+    direct.py        the direct path: member-to-member TCP, pair keys sent over libp2p, Poly1305-tagged frames
     allreduce.py     AllReduce: a butterfly all-reduce over parts; completes over the group or RoundFailed
     state.py         snapshots of model + optimizer state, served to and downloaded by late joiners
     optimizer.py     CollaborativeOptimizer, CollabOptions: synchronous averaging or DiLoCo

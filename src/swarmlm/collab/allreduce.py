@@ -5,7 +5,7 @@
 
 The flat (numel,) vector is cut into parts; member i of the sorted member list owns parts
 i, i + n, ... (at least one each; more for big vectors, so no message exceeds `MAX_PART_ELEMS`).
-Every member sends each part to its owner in one `part` call (a libp2p stream) whose reply is the aggregate:
+Every member sends each part to its owner (see Transport) and gets the aggregate back:
 the owner waits until every member's contribution for that part has arrived, drops the
 malformed ones (wrong shape or dtype, NaN/inf, undecodable) with a logged reason, combines
 the rest with the robust aggregator, and answers each caller with the same encoded result.
@@ -488,8 +488,8 @@ class AllReduce:
 
         rnd.serving += 1
         try:
-            while expected:
-                frame, payload = await chan.recv(limit, into)
+            while expected:                       # a member that stalls is let go with its round
+                frame, payload = await asyncio.wait_for(chan.recv(limit, into), self.wait_for_round_s)
                 if frame.kind != direct.PART or frame.part not in expected:
                     raise WireError(f"unexpected frame kind {frame.kind} for part {frame.part}")
                 expected.discard(frame.part)

@@ -323,7 +323,9 @@ class DirectListener:
             chan, peer_id, group_id = opened
             await self._serve(chan, peer_id, group_id)
         except (asyncio.TimeoutError, ConnectionError, OSError, IntegrityError, WireError) as e:
-            log.info("direct connection refused: %s", e)
+            log.info("direct connection ended: %s", e)
+        except Exception as e:                  # never let one connection take the listener down
+            log.warning("direct connection failed", exc_info=e)
         finally:
             if chan is not None:
                 chan.close()
