@@ -488,8 +488,9 @@ class AllReduce:
 
         rnd.serving += 1
         try:
-            while expected:                       # a member that stalls is let go with its round
-                frame, payload = await asyncio.wait_for(chan.recv(limit, into), self.wait_for_round_s)
+            while expected:
+                async with asyncio.timeout(self.wait_for_round_s):   # a member that stalls is let go
+                    frame, payload = await chan.recv(limit, into)
                 if frame.kind != direct.PART or frame.part not in expected:
                     raise WireError(f"unexpected frame kind {frame.kind} for part {frame.part}")
                 expected.discard(frame.part)

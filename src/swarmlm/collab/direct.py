@@ -296,7 +296,8 @@ class DirectListener:
         tasks = [t for t in [self._accepting, *self._tasks] if t is not None]
         for t in tasks:
             t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        if tasks:
+            await asyncio.wait(tasks, timeout=5.0)
         self._sock.close()
 
     async def _accept_forever(self) -> None:
