@@ -43,3 +43,19 @@ def test_int8_with_wrong_dtype_inside_is_a_wire_error():
     bad = serialize.pack({"q": torch.zeros(10, dtype=torch.int16), "scales": torch.ones(1)})
     with pytest.raises(WireError):
         compression.decode(bad, "int8", numel=10)
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
+def test_raw_form_decodes_to_exactly_what_the_message_form_does(codec):
+    t = torch.randn(1500)
+    raw = compression.encode_raw(t, codec)
+    assert len(raw) == compression.frame_bytes(codec, 1500)
+    expected = compression.decode(compression.encode(t, codec), codec, numel=1500)
+    assert torch.equal(compression.decode_raw(bytearray(raw), codec, numel=1500), expected)
+
+
+@pytest.mark.parametrize("codec", ["none", "fp16", "int8"])
+def test_raw_form_of_the_wrong_length_is_a_wire_error(codec):
+    raw = bytearray(compression.encode_raw(torch.randn(100), codec))
+    with pytest.raises(WireError):
+        compression.decode_raw(raw[:-1], codec, numel=100)

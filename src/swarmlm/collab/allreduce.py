@@ -44,7 +44,14 @@ from swarmlm.collab import compression as codecs
 from swarmlm.collab import direct
 from swarmlm.collab.matchmaking import Group
 from swarmlm.collab.robust import AGGREGATORS, aggregate, all_finite, validate_updates
-from swarmlm.errors import IntegrityError, PeerError, PeerTimeout, RemoteError, RoundFailed, WireError
+from swarmlm.errors import (
+    IntegrityError,
+    PeerError,
+    PeerTimeout,
+    RemoteError,
+    RoundFailed,
+    WireError,
+)
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
 
@@ -118,7 +125,7 @@ async def first_failure(coros: list[Any]) -> None:
     """Run `coros` together; on the first exception cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(c) for c in coros]
     try:
-        done, pending = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
             if t.exception() is not None:
                 raise t.exception()

@@ -36,8 +36,9 @@ import ipaddress
 import os
 import socket
 import struct
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Callable
+from typing import Any
 
 from cryptography.hazmat.primitives.poly1305 import Poly1305
 
