@@ -9,7 +9,7 @@ import random
 import pytest
 
 from swarmlm.errors import IntegrityError
-from swarmlm.store import packs
+from swarmlm.store import dag, packs
 from swarmlm.store.blockstore import BlockStore, MissingBlock
 from swarmlm.store.dag import add_bytes, add_file, iter_file, list_blocks
 
@@ -50,9 +50,10 @@ def test_the_threaded_add_on_disk_matches_the_serial_one(tmp_path):
 
 def test_a_writer_seals_a_new_pack_past_the_size_limit(tmp_path, monkeypatch):
     monkeypatch.setattr(packs, "PACK_BYTES", 2500)
+    monkeypatch.setattr(dag, "RUN_BYTES", 2000)            # two chunks per write
     store = BlockStore(tmp_path)
     root = add_bytes(store, _data(10_000), chunk_bytes=1000, workers=1)
-    assert len(list((tmp_path / "packs").glob("*.idx"))) >= 4
+    assert len(list((tmp_path / "packs").glob("*.idx"))) >= 3
     assert b"".join(iter_file(BlockStore(tmp_path), root)) == _data(10_000)
 
 
@@ -122,3 +123,17 @@ def test_a_malformed_pack_index_is_ignored_with_a_warning(tmp_path, caplog, text
         store = BlockStore(tmp_path)
     assert "ignoring pack index" in caplog.text
     assert store.get(root) == b"fine" and list(store) == [root]
+
+
+def test_adding_a_file_again_writes_only_the_blocks_that_are_missing(tmp_path):
+    path = tmp_path / "f.bin"
+    path.write_bytes(_data(6 * 262144 + 11, seed=3))
+    store = BlockStore(tmp_path / "blocks")
+    root = add_file(store, path)
+    leaves = [c for c in list_blocks(store, root) if c != root]
+    packed = sum(p.stat().st_size for p in (tmp_path / "blocks" / "packs").glob("*.pack"))
+    assert store.delete(leaves[2])
+    assert add_file(store, path) == root                  # a run with some blocks present: one by one
+    again = sum(p.stat().st_size for p in (tmp_path / "blocks" / "packs").glob("*.pack"))
+    assert again - packed == 262144                       # only the missing leaf was written
+    assert b"".join(iter_file(BlockStore(tmp_path / "blocks"), root)) == path.read_bytes()

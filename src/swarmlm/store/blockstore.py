@@ -348,8 +348,20 @@ class _BlockWriter:
             raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
         key = cid.to_v1().encode()
         if not self.store._present(key, len(block)):
-            self._packs.put(key, block)
+            self._packs.put_run([key], block, [len(block)])
         return cid
+
+    def put_run(self, run: bytes | memoryview, cids: list[Cid], lengths: list[int]) -> None:
+        """Store consecutive blocks given as one buffer (their bytes back to back), already hashed
+        by the caller: one write, unless some are stored already (then one by one)."""
+        keys = [cid.to_v1().encode() for cid in cids]
+        if any(self.store._present(key, n) for key, n in zip(keys, lengths)):
+            view, at = memoryview(run), 0
+            for cid, n in zip(cids, lengths):
+                self.put(view[at:at + n], cid, check=False)
+                at += n
+            return
+        self._packs.put_run(keys, run, lengths)
 
     def close(self) -> None:
         self._packs.close()

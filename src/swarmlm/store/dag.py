@@ -37,8 +37,9 @@ from swarmlm.store.unixfs import FILE, RAW_TYPE, decode_node, decode_unixfs, fil
 CHUNK_BYTES = 262_144     # kubo's default chunker, size-262144
 MAX_LINKS = 174           # kubo's balanced layout: 8192 / 47 links a node
 READ_BYTES = 16 << 20     # one read from the file: 64 chunks
+RUN_BYTES = 4 << 20       # chunks hashed and written by one worker task (one write into a pack)
 MAX_DEPTH = 32            # far beyond any real file (174^32 chunks)
-WORKERS = min(4, os.cpu_count() or 1)   # threads hashing and writing leaves during add_file
+WORKERS = min(4, (os.cpu_count() or 1) + 1)   # threads hashing and writing leaves (one more than cores: one may wait on the disk)
 
 BlockSource = Union[Callable[[Cid], bytes], object]   # a store with .get, or get_block itself
 Link = tuple[Cid, int, int]                            # (cid, tsize: DAG bytes, file bytes under it)
@@ -84,10 +85,12 @@ class _Balanced:
             level += 1
 
 
-def _chunks(f: BinaryIO, chunk_bytes: int) -> Iterator[memoryview]:
-    """Exactly `chunk_bytes` at a time (the last may be shorter; an empty file gives one empty
-    chunk), read in large pieces and sliced without copying."""
-    read_bytes = max(chunk_bytes, READ_BYTES // chunk_bytes * chunk_bytes)
+def _runs(f: BinaryIO, chunk_bytes: int, run_chunks: int) -> Iterator[memoryview]:
+    """The file in runs of `run_chunks` whole chunks (a last run may be shorter and end in a
+    short chunk; an empty file gives one empty run), read in large pieces and sliced without
+    copying."""
+    run_bytes = chunk_bytes * run_chunks
+    read_bytes = max(run_bytes, READ_BYTES // run_bytes * run_bytes)
     carry = b""
     produced = False
     while True:
@@ -98,20 +101,32 @@ def _chunks(f: BinaryIO, chunk_bytes: int) -> Iterator[memoryview]:
             piece, carry = carry + piece, b""
         view = memoryview(piece)
         whole = len(view) // chunk_bytes * chunk_bytes
-        for start in range(0, whole, chunk_bytes):
+        for start in range(0, whole, run_bytes):
             produced = True
-            yield view[start:start + chunk_bytes]
+            yield view[start:min(start + run_bytes, whole)]
         carry = bytes(view[whole:])           # a short read (pipe): keep the tail for the next one
     if carry or not produced:
         yield memoryview(carry)
 
 
-def _leaf(store, chunk: memoryview, version: int) -> Link:
-    """Hash and store one chunk as a leaf: raw (v1) or a dag-pb UnixFS File (v0)."""
-    if version == 1:
-        return store.put(chunk, Cid.of(chunk, RAW, 1), check=False), len(chunk), len(chunk)
-    leaf = file_leaf(chunk)
-    return store.put(leaf, Cid.of(leaf, DAG_PB, 0), check=False), len(leaf), len(chunk)
+def _leaves(store, run: memoryview, chunk_bytes: int, version: int) -> list[Link]:
+    """Hash and store a run of chunks as leaves: raw (v1), written with one `put_run` where the
+    store has it (the run's bytes are the leaves' bytes, back to back), or dag-pb UnixFS Files (v0)."""
+    chunks = [run[i:i + chunk_bytes] for i in range(0, len(run), chunk_bytes)] or [run]
+    if version == 0:
+        links = []
+        for chunk in chunks:
+            leaf = file_leaf(chunk)
+            links.append((store.put(leaf, Cid.of(leaf, DAG_PB, 0), check=False), len(leaf), len(chunk)))
+        return links
+    cids = [Cid.of(chunk, RAW, 1) for chunk in chunks]
+    put_run = getattr(store, "put_run", None)
+    if put_run is not None:
+        put_run(run, cids, [len(c) for c in chunks])
+    else:
+        for chunk, cid in zip(chunks, cids):
+            store.put(chunk, cid, check=False)
+    return [(cid, len(c), len(c)) for cid, c in zip(cids, chunks)]
 
 
 def add_file(store, src: str | os.PathLike | BinaryIO, *, cid_version: int = 1,
@@ -145,20 +160,24 @@ def writer(store):
 
 def _add(store, src: BinaryIO, cid_version: int, chunk_bytes: int, max_links: int, workers: int) -> Cid:
     tree = _Balanced(store, cid_version, max_links)
+    run_chunks = max(1, RUN_BYTES // chunk_bytes)
     if workers <= 1 or chunk_bytes < 65536:          # tiny chunks: threads would cost more than they save
-        for chunk in _chunks(src, chunk_bytes):
-            tree.add(_leaf(store, chunk, cid_version))
+        for run in _runs(src, chunk_bytes, run_chunks):
+            for link in _leaves(store, run, chunk_bytes, cid_version):
+                tree.add(link)
         return tree.finish()[0]
-    max_pending = max(2 * workers, 2 * READ_BYTES // chunk_bytes)    # about two read buffers
+    max_pending = max(2 * workers, 2 * READ_BYTES // (chunk_bytes * run_chunks))    # about two read buffers
     with ThreadPoolExecutor(workers, thread_name_prefix="store-add") as pool:
         pending: deque[Future] = deque()
         try:
-            for chunk in _chunks(src, chunk_bytes):
-                pending.append(pool.submit(_leaf, store, chunk, cid_version))
+            for run in _runs(src, chunk_bytes, run_chunks):
+                pending.append(pool.submit(_leaves, store, run, chunk_bytes, cid_version))
                 while len(pending) > max_pending or (pending and pending[0].done()):
-                    tree.add(pending.popleft().result())             # leaves join the tree in order
+                    for link in pending.popleft().result():          # leaves join the tree in order
+                        tree.add(link)
             while pending:
-                tree.add(pending.popleft().result())
+                for link in pending.popleft().result():
+                    tree.add(link)
         finally:
             for future in pending:
                 future.cancel()

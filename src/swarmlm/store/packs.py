@@ -273,8 +273,8 @@ class PackIndex:
 class PackWriter:
     """Appends blocks to pack files of one store; use as a context manager (`close` seals).
 
-    `put(key, block)` is safe from several threads: offsets are reserved under a lock and the
-    bytes written outside it. A failed write leaves its range unnamed (never indexed)."""
+    `put_run(keys, data, lengths)` is safe from several threads: offsets are reserved under a
+    lock and the bytes written outside it. A failed write leaves its range unnamed (never indexed)."""
 
     def __init__(self, index: PackIndex, *, pack_bytes: int | None = None):
         self.index = index
@@ -287,17 +287,18 @@ class PackWriter:
         self._entries: list[list] = []
         self.sealed: list[str] = []
 
-    def put(self, key: str, block: bytes | memoryview) -> None:
-        """Append `block` as `key` (a block another thread packed meanwhile is kept once)."""
+    def put_run(self, keys: list[str], data: bytes | memoryview, lengths: list[int]) -> None:
+        """Append blocks given back to back in `data` (`lengths[i]` bytes for `keys[i]`) with one
+        write; a block another thread packed meanwhile is indexed once."""
         with self._lock:
             if self._pack is None:
                 self._open()
             pack, fd, offset = self._pack, self._fd, self._size
-            self._size += len(block)
+            self._size += len(data)
             self._writing += 1
         ok = False
         try:
-            view = memoryview(block)
+            view = memoryview(data)
             at = offset
             while view:
                 n = os.pwrite(fd, view, at)
@@ -306,9 +307,12 @@ class PackWriter:
         finally:
             with self._lock:
                 self._writing -= 1
-                if ok and key not in self.index._where:
-                    self._entries.append([key, offset, len(block)])
-                    self.index.add(key, Location(pack, offset, len(block)))
+                at = offset
+                for key, length in zip(keys, lengths):
+                    if ok and key not in self.index._where:
+                        self._entries.append([key, at, length])
+                        self.index.add(key, Location(pack, at, length))
+                    at += length
                 if self._size >= self.pack_bytes and self._writing == 0:
                     self._seal()
 
