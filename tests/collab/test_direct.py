@@ -101,6 +101,21 @@ def test_a_libp2p_only_member_gets_and_sends_everything_over_libp2p():
     assert set(libp2p_parts) == {(private, o) for o in others} | {(o, private) for o in others}
 
 
+def _two_peer_round():
+    """One averaging round of two peers' random vectors: (vectors, results, parts sent over libp2p)."""
+    async def main():
+        _, peers, reducers, libp2p_parts = await _peers(2)
+        vecs = [torch.randn(2000) for _ in peers]
+        return vecs, await _round(reducers, _group(peers), vecs), libp2p_parts
+    return asyncio.run(main())
+
+
+def _assert_mean(vecs, results):
+    for res in results:
+        assert not isinstance(res, BaseException), res
+        assert torch.allclose(res.vector, torch.stack(vecs).mean(0), atol=1e-6)
+
+
 def test_a_connection_with_a_wrong_key_is_refused_and_the_round_completes_over_libp2p(monkeypatch):
     real_connect = direct.connect
 
@@ -108,14 +123,8 @@ def test_a_connection_with_a_wrong_key_is_refused_and_the_round_completes_over_l
         return await real_connect(answer, direct.new_key(), group_id, peer_id, timeout_s=timeout_s)
     monkeypatch.setattr(allreduce.direct, "connect", connect_with_wrong_key)
 
-    async def main():
-        _, peers, reducers, libp2p_parts = await _peers(2)
-        vecs = [torch.randn(2000) for _ in peers]
-        return vecs, await _round(reducers, _group(peers), vecs), libp2p_parts
-    vecs, results, libp2p_parts = asyncio.run(main())
-    for res in results:
-        assert not isinstance(res, BaseException), res
-        assert torch.allclose(res.vector, torch.stack(vecs).mean(0), atol=1e-6)
+    vecs, results, libp2p_parts = _two_peer_round()
+    _assert_mean(vecs, results)
     assert libp2p_parts                       # the refused pairs fell back
 
 
@@ -138,16 +147,10 @@ def test_a_forged_frame_is_answered_with_an_error_and_never_aggregated(monkeypat
         await asyncio.get_running_loop().sock_sendall(self.sock, header + bytes(altered) + tag)
     monkeypatch.setattr(direct.Channel, "send", send_altered_once)
 
-    async def main():
-        _, peers, reducers, libp2p_parts = await _peers(2)
-        vecs = [torch.randn(2000) for _ in peers]
-        return vecs, await _round(reducers, _group(peers), vecs), libp2p_parts
-    vecs, results, libp2p_parts = asyncio.run(main())
+    vecs, results, libp2p_parts = _two_peer_round()
     assert forged and libp2p_parts
-    for res in results:
-        assert not isinstance(res, BaseException), res
-        assert not res.dropped
-        assert torch.allclose(res.vector, torch.stack(vecs).mean(0), atol=1e-6)
+    _assert_mean(vecs, results)
+    assert not any(res.dropped for res in results)
 
 
 def test_junk_on_the_listener_is_dropped_and_the_listener_keeps_serving():
