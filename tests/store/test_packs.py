@@ -137,3 +137,42 @@ def test_adding_a_file_again_writes_only_the_blocks_that_are_missing(tmp_path):
     again = sum(p.stat().st_size for p in (tmp_path / "blocks" / "packs").glob("*.pack"))
     assert again - packed == 262144                       # only the missing leaf was written
     assert b"".join(iter_file(BlockStore(tmp_path / "blocks"), root)) == path.read_bytes()
+
+
+def test_more_packs_than_open_descriptors_all_read_back(tmp_path, monkeypatch):
+    monkeypatch.setattr(packs, "_OPEN_FDS", 4)
+    store = BlockStore(tmp_path)
+    roots = {add_bytes(store, _data(300, seed=i), chunk_bytes=1000): i for i in range(10)}
+    for _ in range(2):
+        for root, i in roots.items():
+            assert store.get(root) == _data(300, seed=i)
+
+
+def test_reads_from_other_threads_stay_correct_while_gc_compacts(tmp_path):
+    import threading
+    store = BlockStore(tmp_path)
+    with store.writer() as w:
+        kept = add_bytes(w, _data(40_000, seed=1), chunk_bytes=1000)
+        for seed in range(2, 6):
+            add_bytes(w, _data(20_000, seed=seed), chunk_bytes=1000)
+    store.pin(kept)
+    leaves = [c for c in list_blocks(store, kept) if c != kept]
+    errors, stop = [], threading.Event()
+
+    def reader():
+        while not stop.is_set():
+            try:
+                for cid in leaves:
+                    store.get(cid)
+            except Exception as e:          # noqa: BLE001 - any failure is the test's finding
+                errors.append(e)
+                return
+    threads = [threading.Thread(target=reader) for _ in range(2)]
+    for t in threads:
+        t.start()
+    store.gc(0)
+    stop.set()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert b"".join(iter_file(store, kept)) == _data(40_000, seed=1)

@@ -40,6 +40,7 @@ PACK_BYTES = 64 << 20          # a writer seals its pack and starts a new one pa
 ORPHAN_AGE_S = 600.0           # a pack without an index, untouched this long, is a crash's leftover
 _VERSION = 1
 _OPEN_FDS = 64                 # read descriptors kept open (least recently opened closed first)
+_RETIRE_S = 10.0               # a descriptor let go stays open this long for reads in flight
 _ids = itertools.count()
 
 
@@ -68,6 +69,7 @@ class PackIndex:
         self._seen_idx: set[str] = set()
         self._dir_mtime = -1
         self._fds: dict[str, int] = {}
+        self._retired: list[tuple[float, int]] = []      # (when, fd): closed after _RETIRE_S
         self._touched: dict[str, float] = {}
         self._lock = threading.RLock()
         self.refresh()
@@ -243,16 +245,25 @@ class PackIndex:
                 self._where.pop(key, None)
             fd = self._fds.pop(pack, None)
             if fd is not None:
-                os.close(fd)
+                self._retire(fd)
 
     def _fd(self, pack: str) -> int:
         with self._lock:
             fd = self._fds.get(pack)
             if fd is None:
                 if len(self._fds) >= _OPEN_FDS:
-                    os.close(self._fds.pop(next(iter(self._fds))))
+                    self._retire(self._fds.pop(next(iter(self._fds))))
                 fd = self._fds[pack] = os.open(self.path(pack), os.O_RDONLY)
             return fd
+
+    def _retire(self, fd: int) -> None:
+        """Close `fd` only after a grace period: a reader on another thread may have it in hand
+        (closed at once, its number could be reused by another file mid-read). An unlinked
+        pack stays readable through it meanwhile."""
+        now = time.monotonic()
+        self._retired.append((now, fd))
+        while self._retired and now - self._retired[0][0] > _RETIRE_S:
+            os.close(self._retired.pop(0)[1])
 
     def _touch(self, pack: str) -> None:
         """Mark the pack used (its mtime: garbage collection evicts least recently used first),
@@ -265,9 +276,10 @@ class PackIndex:
 
     def close(self) -> None:
         with self._lock:
-            for fd in self._fds.values():
+            for fd in [*self._fds.values(), *(fd for _, fd in self._retired)]:
                 os.close(fd)
             self._fds.clear()
+            self._retired.clear()
 
 
 class PackWriter:
