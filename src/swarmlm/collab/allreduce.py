@@ -54,6 +54,7 @@ from swarmlm.errors import (
 )
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
+from swarmlm.p2p.direct import maddr_hosts
 
 log = get_logger(__name__)
 
@@ -109,16 +110,6 @@ class RoundResult:
     dropped: list[tuple[str, int, str]] = field(default_factory=list)  # (sender, part, reason) dropped here
     bytes_sent: int = 0
     bytes_received: int = 0
-
-
-def maddr_hosts(maddrs: list[str]) -> list[str]:
-    """The IP addresses in multiaddrs like /ip4/10.0.0.5/tcp/4001/p2p/Qm..., in order, once each."""
-    hosts: list[str] = []
-    for m in maddrs:
-        parts = str(m).split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in hosts:
-            hosts.append(parts[2])
-    return hosts
 
 
 async def first_failure(coros: list[Any]) -> None:

@@ -245,25 +245,24 @@ class CollaborativeOptimizer:
         with torch.no_grad():
             for p, g in zip(self.params, unflatten_into(result.vector, self.params)):
                 p.grad = g.clone()
+        self._local_update(self.global_step)
+        await self._advance(result)
+
+    def _local_update(self, step: int) -> None:
+        """Clip the gradients in place, set the learning rate for `step`, take the inner
+        optimizer's step and clear the gradients."""
         if self.options.grad_clip:
             torch.nn.utils.clip_grad_norm_(self.params, self.options.grad_clip)
         if self.lr_at is not None:
             for group in self.opt.param_groups:
-                group["lr"] = self.lr_at(self.global_step)
+                group["lr"] = self.lr_at(step)
         self.opt.step()
         self.opt.zero_grad(set_to_none=True)
-        await self._advance(result)
 
     async def _diloco_step(self) -> None:
         if await self._follow_if_needed():
             return
-        if self.options.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.params, self.options.grad_clip)
-        if self.lr_at is not None:
-            for group in self.opt.param_groups:
-                group["lr"] = self.lr_at(self.local_step)
-        self.opt.step()
-        self.opt.zero_grad(set_to_none=True)
+        self._local_update(self.local_step)
         self.local_step += 1
         if self.local_step % self.options.diloco_steps:
             return

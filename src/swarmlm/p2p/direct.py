@@ -74,6 +74,17 @@ def check_offer(offer: Offer) -> Offer:
     return offer
 
 
+def maddr_hosts(maddrs: list[str]) -> list[str]:
+    """The IP addresses in multiaddrs like /ip4/10.0.0.5/tcp/4001/p2p/Qm..., in order, once each:
+    where a peer may listen for direct connections."""
+    hosts: list[str] = []
+    for m in maddrs:
+        parts = str(m).split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in hosts:
+            hosts.append(parts[2])
+    return hosts
+
+
 class DirectListener:
     """A TCP listener that serves only holders of its own tickets."""
 

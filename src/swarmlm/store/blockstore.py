@@ -71,6 +71,16 @@ def choose_evictions(entries: Iterable[Entry], protected: set[Cid], limit_bytes:
     return victims
 
 
+def checked_cid(block: bytes | memoryview, cid: Cid | None, check: bool) -> Cid:
+    """What `put` stores `block` under: its raw CID if none is given, else `cid`, checked against
+    the bytes unless the caller has just computed it from them (`check=False`)."""
+    if cid is None:
+        return Cid.of(block, RAW)
+    if check and not block_matches(cid, block):
+        raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
+    return cid
+
+
 class _PinsAndGc:
     """Pins and garbage collection over the primitives each store provides."""
 
@@ -180,10 +190,7 @@ class BlockStore(_PinsAndGc):
     def put(self, block: bytes | memoryview, cid: Cid | None = None, *, check: bool = True) -> Cid:
         """Store `block` (as raw if no CID is given); `check=False` skips the hash when the
         caller has just computed `cid` from these very bytes. Returns the CID."""
-        if cid is None:
-            cid = Cid.of(block, RAW)
-        elif check and not block_matches(cid, block):
-            raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
+        cid = checked_cid(block, cid, check)
         key = cid.to_v1().encode()
         shard = key[-3:-1]
         path = f"{self._root_str}/{shard}/{key}"      # plain strings: pathlib costs more than the write
@@ -277,9 +284,12 @@ class BlockStore(_PinsAndGc):
         return freed
 
     def entries(self) -> Iterator[Entry]:
+        used: dict[str, float] = {}                  # one stat per pack, not per block
         for key, loc in self.packs.items():
+            if loc.pack not in used:
+                used[loc.pack] = self.packs.last_used(loc.pack)
             try:
-                yield Entry(Cid.parse(key), loc.length, self.packs.last_used(loc.pack))
+                yield Entry(Cid.parse(key), loc.length, used[loc.pack])
             except CidError:
                 continue
         for shard in os.scandir(self.root):
@@ -342,10 +352,7 @@ class _BlockWriter:
         self._packs = PackWriter(store.packs)
 
     def put(self, block: bytes | memoryview, cid: Cid | None = None, *, check: bool = True) -> Cid:
-        if cid is None:
-            cid = Cid.of(block, RAW)
-        elif check and not block_matches(cid, block):
-            raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
+        cid = checked_cid(block, cid, check)
         key = cid.to_v1().encode()
         if not self.store._present(key, len(block)):
             self._packs.put_run([key], block, [len(block)])
@@ -386,10 +393,7 @@ class MemoryBlockStore(_PinsAndGc):
         self._lock = threading.Lock()
 
     def put(self, block: bytes | memoryview, cid: Cid | None = None, *, check: bool = True) -> Cid:
-        if cid is None:
-            cid = Cid.of(block, RAW)
-        elif check and not block_matches(cid, block):
-            raise IntegrityError(f"block of {len(block)} bytes does not match its CID {cid}")
+        cid = checked_cid(block, cid, check)
         key = cid.to_v1()
         self.blocks[key] = bytes(block)
         self._used[key] = next(self._clock)

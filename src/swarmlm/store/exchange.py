@@ -103,9 +103,9 @@ class BlockService:
     async def start(self) -> None:
         await self.peer.add_stream_handler(BLOCKS, self.rpc_blocks, max_request_bytes=MAX_REQUEST_BYTES)
         await self.peer.add_handler(HAS, self.rpc_has, max_request_bytes=MAX_REQUEST_BYTES)
-        host = _ip_of(self.peer.maddrs)
-        if self.direct and host is not None:
-            self.listener = await direct.DirectListener.start(host, self._serve_direct)
+        hosts = direct.maddr_hosts(self.peer.maddrs)
+        if self.direct and hosts:
+            self.listener = await direct.DirectListener.start(hosts[0], self._serve_direct)
             await self.peer.add_handler(DIRECT, self.rpc_direct, max_request_bytes=16)
 
     async def close(self) -> None:
@@ -396,15 +396,6 @@ async def _direct_chunks(reader: asyncio.StreamReader, writer: asyncio.StreamWri
             yield chunk
     finally:
         writer.close()
-
-
-def _ip_of(maddrs: Sequence[str]) -> str | None:
-    """The IP address in the first /ip4/ or /ip6/ multiaddr, or None."""
-    for maddr in maddrs:
-        parts = str(maddr).split("/")
-        if len(parts) > 2 and parts[1] in ("ip4", "ip6"):
-            return parts[2]
-    return None
 
 
 async def fetch_dag(peer: Any, root: str | dag.Cid, store: Any, *, providers: Sequence[str] | None = None,

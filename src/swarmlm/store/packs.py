@@ -153,30 +153,22 @@ class PackIndex:
         """Rewrite `pack` without its deleted blocks (and without any that fail `check`); the new
         pack is sealed before the old one is removed. Returns the bytes the old file shrank by."""
         with self._lock:
-            live = [(k, self._where[k]) for k in sorted(self._packs[pack].keys)]
+            info = self._packs.get(pack)
+            live = [(k, self._where[k]) for k in sorted(info.keys)] if info else []
             old_size = os.stat(self.path(pack)).st_size
-            moved: list[list] = []
-            writer = PackWriter(self)
-            writer._open()
-            for key, loc in live:
-                data = self.read(loc)
-                if data is None or len(data) != loc.length or not check(key, data):
-                    logger.error("dropping block %s from pack %s while compacting: it is corrupted", key, pack)
-                    continue
-                os.write(writer._fd, data)
-                moved.append([key, writer._size, loc.length])
-                writer._size += loc.length
-            new = writer._pack
-            writer._entries = moved
-            for key, offset, length in moved:           # the writer seals what the index names
-                self._where[key] = Location(new, offset, length)
-            self._packs[new] = _Pack(keys={k for k, _, _ in moved})
-            writer._seal()
-            if not moved:
-                self._packs.pop(new, None)
-            self._packs[pack].keys.clear()
+            kept = 0
+            with PackWriter(self) as writer:
+                for key, loc in live:
+                    data = self.read(loc)
+                    self._where.pop(key, None)          # the writer indexes the new place
+                    info.keys.discard(key)
+                    if data is None or len(data) != loc.length or not check(key, data):
+                        logger.error("dropping block %s from pack %s while compacting: it is corrupted", key, pack)
+                        continue
+                    writer.put_run([key], data, [loc.length])
+                    kept += loc.length
             self.remove_pack(pack)
-            return old_size - sum(length for _, _, length in moved)
+            return old_size - kept
 
     def remove_orphans(self, max_age_s: float = ORPHAN_AGE_S) -> int:
         """Remove pack files without an index that nobody has written for `max_age_s`."""
