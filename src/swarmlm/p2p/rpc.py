@@ -287,11 +287,7 @@ class Channel:
         """`call` with dataclasses on both sides, as `call_message` is for unary calls."""
         reply = await self.call(serialize.encode_message(request), timeout_s=timeout_s,
                                 max_response_bytes=max_response_bytes)
-        try:
-            return serialize.decode_message(reply, response_cls, max_bytes=max_response_bytes)
-        except WireError as e:
-            raise PeerError(f"{self.peer_id} answered {self.name} with a malformed {response_cls.__name__}: "
-                            f"{e}") from None
+        return decode_reply(reply, response_cls, peer_id=self.peer_id, name=self.name, max_bytes=max_response_bytes)
 
     async def _exchange(self, request: bytes, max_response_bytes: int) -> tuple[int, bytes]:
         await write_frame(self._writer, REQUEST, request)
@@ -331,7 +327,12 @@ async def call_message(peer: Any, peer_id: str, name: str, request: Any, respons
     """`peer.call` with dataclasses on both sides; a reply that does not decode is a `PeerError`."""
     reply = await peer.call(peer_id, name, serialize.encode_message(request), timeout_s=timeout_s,
                             max_response_bytes=max_response_bytes)
+    return decode_reply(reply, response_cls, peer_id=peer_id, name=name, max_bytes=max_response_bytes)
+
+
+def decode_reply(reply: bytes, response_cls: type, *, peer_id: str, name: str, max_bytes: int) -> Any:
+    """A reply as `response_cls`; one that does not decode is the peer's fault: `PeerError`."""
     try:
-        return serialize.decode_message(reply, response_cls, max_bytes=max_response_bytes)
+        return serialize.decode_message(reply, response_cls, max_bytes=max_bytes)
     except WireError as e:
         raise PeerError(f"{peer_id} answered {name} with a malformed {response_cls.__name__}: {e}") from None
