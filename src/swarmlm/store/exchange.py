@@ -321,7 +321,6 @@ class Fetcher:
                 return _direct_chunks(reader, writer, request, peer_id=prov.peer_id, timeout_s=self.options.timeout_s)
             except PeerError as e:
                 logger.info("provider %s: no direct connection (%s); using libp2p streams", prov.peer_id, e)
-                prov.offer.cancel()
                 prov.offer = _done(None)
         return self.peer.call_stream(prov.peer_id, BLOCKS, request, timeout_s=self.options.timeout_s,
                                      max_chunk_bytes=MAX_BLOCK_BYTES + 1)
