@@ -247,6 +247,8 @@ def _add_serve(sub) -> None:
     p.add_argument("--announce-ttl", type=float, default=30.0, help="seconds a DHT announcement lives")
     p.add_argument("--rebalance-period", type=float, default=30.0, help="seconds between span reconsiderations")
     p.add_argument("--join-delay", type=float, default=0.0, help="with --num-blocks: wait up to this long first")
+    p.add_argument("--no-direct", dest="direct", action="store_false",
+                   help="offer no encrypted direct TCP steps channel (clients step over libp2p streams)")
     p.set_defaults(run=_run_serve)
 
 

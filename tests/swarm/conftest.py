@@ -17,3 +17,11 @@ def swarm():
     s = InProcessSwarm()
     yield s
     s.close()
+
+
+@pytest.fixture()
+def direct_swarm():
+    """The in-process swarm, with servers that also offer encrypted direct steps channels (real TCP)."""
+    s = InProcessSwarm(direct=True)
+    yield s
+    s.close()

@@ -42,6 +42,20 @@ def test_generation_survives_a_killed_server_with_identical_tokens(swarm, checkp
     assert all(state.channel is not None for state in model.last_session.hops)   # steps went on channels
 
 
+def test_a_killed_server_on_a_direct_channel_is_replaced_with_identical_tokens(direct_swarm, checkpoints):
+    ckpt = checkpoints["llama"]
+    direct_swarm.add_server(ckpt, (0, 2))
+    b = direct_swarm.add_server(ckpt, (2, 4))
+    c = direct_swarm.add_server(ckpt, (2, 4))
+    model = direct_swarm.remote_model(ckpt)
+
+    rows = generate_killing(direct_swarm, model, after=5, victims=[b, c])
+
+    assert rows[0] == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
+    assert model.last_session.recoveries == 1
+    assert all(state.channel.name.endswith("(direct)") for state in model.last_session.hops)
+
+
 def test_a_lost_server_may_be_replaced_by_two_smaller_ones(swarm, checkpoints):
     ckpt = checkpoints["gpt2"]
     swarm.add_server(ckpt, (0, 1))

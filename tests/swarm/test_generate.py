@@ -58,3 +58,31 @@ def test_servers_without_a_steps_channel_are_stepped_by_unary_calls(swarm, check
 
     assert out == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
     assert all(state.channel is None for state in model.last_session.hops)
+
+
+def test_direct_steps_channels_generate_like_local(direct_swarm, checkpoints):
+    ckpt = checkpoints["llama"]
+    direct_swarm.add_server(ckpt, (0, 2))
+    direct_swarm.add_server(ckpt, (2, 4))
+    model = direct_swarm.remote_model(ckpt)
+
+    out = model.generate(BATCH, max_new_tokens=10)
+
+    assert out == generate(local_model(ckpt), BATCH, max_new_tokens=10)
+    assert all(state.channel.name.endswith("(direct)") for state in model.last_session.hops)
+
+
+def test_a_server_that_cannot_be_dialed_is_stepped_over_libp2p(direct_swarm, checkpoints, monkeypatch):
+    from swarmlm.p2p import secure
+
+    async def unreachable(host, port, key, **kwargs):
+        raise secure.PeerError(f"secure {host}:{port}: connection refused")   # a firewall in between
+    monkeypatch.setattr(secure, "connect_secure", unreachable)
+    ckpt = checkpoints["llama"]
+    direct_swarm.add_server(ckpt, (0, 4))
+    model = direct_swarm.remote_model(ckpt)
+
+    out = model.generate(PROMPT, max_new_tokens=12)
+
+    assert out == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
+    assert [state.channel.name for state in model.last_session.hops] == ["swarm/steps"]

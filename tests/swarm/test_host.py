@@ -10,7 +10,7 @@ from swarmlm.errors import PeerError, RemoteError
 from swarmlm.model.config import PRESETS
 from swarmlm.model.transformer import Transformer
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
-from swarmlm.p2p import rpc
+from swarmlm.p2p import rpc, secure
 from swarmlm.p2p.rpc import Channel, call_message
 from swarmlm.swarm import wire
 from swarmlm.swarm.server.budget import BudgetLimits
@@ -35,11 +35,21 @@ class Harness:
         self.host = BlockHost(part, model_id="m", limits=limits or BudgetLimits(max_session_tokens=64,
                                                                              max_request_tokens=256))
 
-    async def start(self):
+    async def start(self, direct_host=None):
         net = MemoryNetwork()
         self.server, self.client = await MemoryPeer.create(net), await MemoryPeer.create(net)
-        await self.host.register(self.server)
+        await self.host.register(self.server, direct_host=direct_host)
         return self
+
+    async def open_direct(self, batch=1, max_length=16, client=None):
+        """A session whose steps channel is an encrypted direct connection; (session id, channel)."""
+        sid, key = os.urandom(16), secure.new_key()
+        req = wire.OpenRequest(sid, 0, 2, batch, max_length, direct_key=key)
+        reply = await call_message(client or self.client, self.server.peer_id, wire.RPC_OPEN, req, wire.OpenReply,
+                                   timeout_s=10)
+        reader, writer = await secure.connect_secure(reply.direct_host, reply.direct_port, key, timeout_s=5,
+                                                     max_record_bytes=1 << 24)
+        return sid, Channel(reader, writer, peer_id=self.server.peer_id, name="direct")
 
     async def call(self, name, req, reply_cls):
         return await call_message(self.client, self.server.peer_id, name, req, reply_cls, timeout_s=10,
@@ -260,6 +270,7 @@ def test_unknown_closed_and_foreign_sessions_are_refused(full):
     wire.OpenRequest(b"x" * 16, 0, 2, 1, 10_000),
     wire.OpenRequest(b"x" * 16, 0, 2, 0, 8),
     wire.OpenRequest(b"x" * 16, 0, 2, 5, 16),
+    wire.OpenRequest(b"x" * 16, 0, 2, 1, 8, direct_key=b"not 32 bytes"),
 ])
 def test_bad_open_gets_an_error_reply(full, req):
     async def go():
@@ -399,6 +410,72 @@ def test_a_channel_to_a_killed_server_fails_with_peer_error(full):
         sid, ch = await h.open(), await h.channel()
         await h.channel_step(ch, sid, torch.randn(1, 1, D), 0)
         h.server.network.kill(h.server.peer_id)
+        with pytest.raises(PeerError):
+            await h.channel_step(ch, sid, torch.randn(1, 1, D), 1)
+
+    run(go())
+
+
+# ---- the direct steps channel ----------------------------------------------------------------------
+
+def test_a_host_without_a_direct_listener_offers_none(full):
+    async def go():
+        h = await Harness(full).start()
+        req = wire.OpenRequest(os.urandom(16), 0, 2, 1, 8, direct_key=secure.new_key())
+        return await h.call(wire.RPC_OPEN, req, wire.OpenReply)
+
+    reply = run(go())
+    assert reply.direct_host is None and reply.direct_port == 0
+
+
+def test_steps_on_a_direct_channel_equal_the_local_blocks_and_bad_ones_get_error_frames(full):
+    async def go():
+        h = await Harness(full).start(direct_host="127.0.0.1")
+        try:
+            sid, ch = await h.open_direct(batch=2)
+            x = torch.randn(2, 5, D)
+            first = await h.channel_step(ch, sid, x[:, :3], 0)
+            for case in ("wrong width", "nan", "wrong dtype", "span not held"):
+                kw = dict(BAD_STEPS[case])
+                kw["x"] = kw["x"].expand(2, *kw["x"].shape[1:]) if kw["x"].dim() == 3 else kw["x"]
+                with pytest.raises(RemoteError):
+                    await h.channel_step(ch, sid, kw.pop("x"), kw.pop("position", 3), **kw)
+            with pytest.raises(RemoteError):
+                await ch.call(b"\xc1garbage", timeout_s=5, max_response_bytes=1 << 20)
+            second = await h.channel_step(ch, sid, x[:, 3:], 3)
+            ch.close()
+            return torch.cat([first, second], 1), full.run_blocks(x, start=0, end=2)
+        finally:
+            h.host.close()
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_direct_channel_speaks_only_for_the_peer_that_sent_its_key(full):
+    async def go():
+        h = await Harness(full).start(direct_host="127.0.0.1")
+        try:
+            alices = await h.open()                          # a session of the client peer
+            mallory = await MemoryPeer.create(h.server.network)
+            _, ch = await h.open_direct(client=mallory)      # mallory's own direct channel
+            with pytest.raises(RemoteError, match="unknown or closed"):
+                await h.channel_step(ch, alices, torch.randn(1, 1, D), 0)
+            ch.close()
+            return await h.step(alices, torch.randn(1, 1, D), 0)
+        finally:
+            h.host.close()
+
+    assert run(go()).shape == (1, 1, D)
+
+
+def test_a_direct_channel_to_a_closed_host_fails_with_peer_error(full):
+    async def go():
+        h = await Harness(full).start(direct_host="127.0.0.1")
+        sid, ch = await h.open_direct()
+        await h.channel_step(ch, sid, torch.randn(1, 1, D), 0)
+        h.host.close()
+        await asyncio.sleep(0.05)
         with pytest.raises(PeerError):
             await h.channel_step(ch, sid, torch.randn(1, 1, D), 1)
 

@@ -8,6 +8,8 @@ Reading order:
     peer.py       Peer: hivemind DHT node + libp2p daemon; store/get, add_handler/call, streams
     direct.py     DirectListener / connect: plain TCP offered over libp2p with an HMAC ticket, for
                   bulk bytes verified end to end (content-addressed blocks)
+    secure.py     SecureListener / connect_secure: TCP with AES-GCM records under a key sent over
+                  libp2p, for small frequent messages that must stay private (inference steps)
     memory.py     MemoryPeer, MemoryNetwork: the same interface in one process, for tests
 
 Import `Peer` from `swarmlm.p2p.peer` (it pulls in hivemind, which is slow to import);

@@ -33,6 +33,7 @@ _OK, _ERR = b"\x00", b"\x01"
 REQUEST, DATA, END, ERROR = 0, 1, 2, 3
 LINGER_S = 5.0          # how long a served stream waits for the caller to close its side
 _HEADER = struct.Struct(">BI")
+FRAME_HEADER_BYTES = _HEADER.size
 
 UnaryHandler = Callable[[str, bytes], Awaitable[bytes]]               # (peer_id, request) -> reply
 StreamHandler = Callable[[str, bytes], AsyncIterator[bytes]]          # (peer_id, request) -> chunks

@@ -13,7 +13,9 @@ Inference sessions (stateful, per-server KV cache):
 Steps travel on a channel (`RPC_STEPS`, p2p/rpc.py): one long-lived stream per session and
 server carrying StepRequest frames, each answered by a StepReply or an error frame; a round
 trip on an open stream costs a fraction of a unary call's. `RPC_STEP` (unary) stays for
-clients or servers without it.
+clients or servers without it. A server that listens for direct connections (p2p/secure.py)
+offers the same channel over encrypted TCP: the client sends a fresh key in its OpenRequest
+(over libp2p) and dials the address in the OpenReply; a step then skips both p2pd daemons.
 Stateless, for training and evaluation:
     forward  -> SpanForwardRequest / SpanForwardReply
     backward -> SpanBackwardRequest / SpanBackwardReply  (gradients w.r.t. the inputs and deep prompts)
@@ -56,12 +58,16 @@ class OpenRequest:
     end: int                     # one past the last block
     batch: int                   # B: rows of every step of this session
     max_length: int              # positions the cache must hold (prompt + new tokens)
+    direct_key: bytes | None = None   # p2p/secure.py's KEY_BYTES: the key of an encrypted direct connection
+                                      # for this session's steps channel, if the server offers one
 
 
 @dataclass(frozen=True)
 class OpenReply:
     session_id: bytes
     dtype: str                   # the dtype the server computes in; steps must send hidden states in it
+    direct_host: str | None = None    # where to dial the direct steps channel keyed by direct_key;
+    direct_port: int = 0              # None / 0: the server has none, use the RPC_STEPS libp2p channel
 
 
 @dataclass(frozen=True)

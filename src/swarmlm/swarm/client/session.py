@@ -1,8 +1,9 @@
 """InferenceSession: one client's decoding session across a chain of servers, surviving their loss.
 
 The session holds, per hop of its chain, the server's session id, a steps channel (one
-long-lived stream, so a step costs one frame each way instead of a unary call) and every
-input it sent that hop (one tensor per step). A step sends only the new positions' hidden
+long-lived connection, so a step costs one frame each way instead of a unary call: an
+encrypted direct TCP connection where the server offers one and it can be dialed, else a
+libp2p stream) and every input it sent that hop (one tensor per step). A step sends only the new positions' hidden
 states, hop by hop. When a hop fails (its peer vanishes, times out or answers an error), the session asks
 for a replacement chain for that hop's span, banning the failed peer, opens sessions there
 and replays the recorded inputs in one request cut into the original steps' sizes (`chunks`),
@@ -28,6 +29,7 @@ import torch
 from swarmlm import serialize
 from swarmlm.errors import PeerError, SwarmError
 from swarmlm.log import get_logger
+from swarmlm.p2p import secure
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.routing import Hop
 
@@ -44,6 +46,8 @@ class Swarm(Protocol):
 
     async def open_channel(self, peer_id: str, name: str, *, timeout_s: float) -> Any: ...
 
+    async def open_direct_channel(self, peer_id: str, host: str, port: int, key: bytes, *, timeout_s: float) -> Any: ...
+
     async def call_channel(self, channel: Any, request: Any, reply_cls: type, *, timeout_s: float) -> Any: ...
 
     def dtype_of(self, peer_id: str) -> torch.dtype: ...
@@ -58,6 +62,8 @@ class SessionOptions:
     recovery_timeout_s: float = 25.0      # the longest one failover may take before the step fails
     replacement_wait_s: float = 10.0      # how long to wait for a server for a lost span to appear
     max_replay_bytes: int = 12 << 20      # cut a replay into several requests above this
+    direct: bool = True                   # ask servers for an encrypted direct steps channel (p2p/secure.py)
+    direct_timeout_s: float = 3.0         # dialing it; a server that cannot be dialed is stepped over libp2p
 
 
 @dataclass
@@ -194,31 +200,33 @@ class InferenceSession:
                     raise
 
     async def _open(self, hop: Hop) -> _HopState:
+        """Open a session at `hop`, with a steps channel: direct where the server offers one, else
+        its libp2p channel, else none (unary steps)."""
         session_id = os.urandom(wire.SESSION_ID_BYTES)
+        key = secure.new_key() if self.options.direct else None
         req = wire.OpenRequest(session_id=session_id, start=hop.start, end=hop.end, batch=self.batch,
-                               max_length=self.max_length)
-        opened, channel = await asyncio.gather(
-            self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply, timeout_s=self.options.open_timeout_s),
-            self.swarm.open_channel(hop.peer_id, wire.RPC_STEPS, timeout_s=self.options.open_timeout_s),
-            return_exceptions=True)
-        if isinstance(channel, BaseException):
-            if not isinstance(channel, PeerError):
-                raise channel
-            logger.debug("no steps channel to %s (%s); steps go by unary calls", hop.peer_id, channel)
-            channel = None                          # e.g. a server without channels
+                               max_length=self.max_length, direct_key=key)
+        timeout_s = self.options.open_timeout_s
         try:
-            if isinstance(opened, BaseException):
-                raise opened
+            opened = await self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply, timeout_s=timeout_s)
             dtype = serialize.parse_dtype(opened.dtype)
-        except BaseException as e:
-            if channel is not None:
-                channel.close()
-            if isinstance(e, serialize.WireError):
-                raise _HopFailed(hop.peer_id, PeerError(f"{hop.peer_id} answered open with a bad dtype: {e}")) from None
-            if isinstance(e, PeerError):
-                raise _HopFailed(hop.peer_id, e) from None
-            raise
+        except serialize.WireError as e:
+            raise _HopFailed(hop.peer_id, PeerError(f"{hop.peer_id} answered open with a bad dtype: {e}")) from None
+        except PeerError as e:
+            raise _HopFailed(hop.peer_id, e) from None
         self.swarm.session_opened(hop.peer_id, +1)
+        channel = None
+        if key is not None and opened.direct_host is not None and opened.direct_port:
+            try:
+                channel = await self.swarm.open_direct_channel(hop.peer_id, opened.direct_host, opened.direct_port,
+                                                               key, timeout_s=self.options.direct_timeout_s)
+            except PeerError as e:
+                logger.info("no direct channel to %s (%s); steps go over libp2p", hop.peer_id, e)
+        if channel is None:
+            try:
+                channel = await self.swarm.open_channel(hop.peer_id, wire.RPC_STEPS, timeout_s=timeout_s)
+            except PeerError as e:
+                logger.debug("no steps channel to %s (%s); steps go by unary calls", hop.peer_id, e)
         return _HopState(hop, session_id, dtype, channel)
 
     async def _call_step(self, state: _HopState, req: wire.StepRequest) -> wire.StepReply:

@@ -27,6 +27,7 @@ from swarmlm.errors import CapacityError, WireError
 from swarmlm.log import get_logger
 from swarmlm.model.cache import KVCache
 from swarmlm.model.transformer import Transformer
+from swarmlm.p2p import rpc, secure
 from swarmlm.p2p.rpc import message_handler, serve_channel
 from swarmlm.swarm import wire
 from swarmlm.swarm.blocks import run_span
@@ -79,6 +80,7 @@ class BlockHost:
         self.on_change: Callable[[], None] = lambda: None   # the announcer's poke
         self._sessions: dict[tuple[str, bytes], _Session] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
+        self.listener: secure.SecureListener | None = None   # direct steps channels, once registered
         self.kept = SavedForwards(max_bytes=self.budget.limits.max_kept_bytes,
                                   max_age_s=self.budget.limits.kept_timeout_s)
         self.swap(model, block_tokens_per_s)
@@ -100,8 +102,9 @@ class BlockHost:
 
     # ---- life cycle ---------------------------------------------------------------------------
 
-    async def register(self, peer: Any) -> None:
-        """Add this host's handlers to `peer`."""
+    async def register(self, peer: Any, *, direct_host: str | None = None) -> None:
+        """Add this host's handlers to `peer`; with `direct_host`, also listen there for encrypted
+        direct steps channels (p2p/secure.py), offered to each session that asks in its open."""
         limit = self.max_request_bytes()
         handlers = {
             wire.RPC_OPEN: (wire.OpenRequest, self.rpc_open),
@@ -120,6 +123,9 @@ class BlockHost:
                                 idle_timeout_s=self.budget.limits.idle_timeout_s)
 
         await peer.add_raw_stream_handler(wire.RPC_STEPS, serve_steps)
+        if direct_host is not None:
+            record_bytes = max(limit, rpc.MAX_ERROR_BYTES) + rpc.FRAME_HEADER_BYTES   # one frame per record
+            self.listener = await secure.SecureListener.start(direct_host, serve_steps, max_record_bytes=record_bytes)
 
     def max_request_bytes(self) -> int:
         """The largest request the limits allow: hidden states plus gradients (or prompts) of one request."""
@@ -127,7 +133,9 @@ class BlockHost:
         return 2 * self.budget.limits.max_request_tokens * self.cfg.dim * itemsize + (1 << 16)
 
     def close(self) -> None:
-        """Drop every session and stop the worker thread."""
+        """Drop every session, cut the direct connections and stop the worker thread."""
+        if self.listener is not None:
+            self.listener.abort()
         self._sessions.clear()
         self.budget.entries.clear()
         self.kept.clear()
@@ -165,6 +173,8 @@ class BlockHost:
         self._check_span(req.start, req.end)
         if len(req.session_id) != wire.SESSION_ID_BYTES:
             raise WireError(f"a session id has {wire.SESSION_ID_BYTES} bytes, got {len(req.session_id)}")
+        if req.direct_key is not None:
+            secure.check_key(req.direct_key)
         if req.max_length > self.cfg.context_len:
             raise CapacityError(f"max_length {req.max_length} exceeds the model's context of {self.cfg.context_len}")
         key = (peer_id, req.session_id)
@@ -177,6 +187,10 @@ class BlockHost:
             raise
         self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache)
         self.on_change()
+        if req.direct_key is not None and self.listener is not None:
+            self.listener.expect(req.direct_key, peer_id)
+            return wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype),
+                                  direct_host=self.listener.host, direct_port=self.listener.port)
         return wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype))
 
     async def rpc_step(self, peer_id: str, req: wire.StepRequest) -> wire.StepReply:

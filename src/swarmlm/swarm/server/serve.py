@@ -29,6 +29,7 @@ import torch
 
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
+from swarmlm.p2p.direct import maddr_hosts
 from swarmlm.p2p.process import PeerProcess, start_peer_process
 from swarmlm.swarm.dht import read_servers
 from swarmlm.swarm.server.announce import Announcer
@@ -58,6 +59,9 @@ class ServeOptions:
     join_delay_s: float = 0.0               # a --num-blocks server waits this long (times a random 0..1)
                                             # before choosing, so servers started together spread out
     startup_timeout_s: float = 60.0         # p2pd start-up
+    direct: bool = True                     # offer sessions an encrypted direct TCP steps channel (p2p/secure.py)
+    direct_host: str | None = None          # where it listens; None: the peer's first IP address (a peer
+                                            # without one, e.g. a MemoryPeer, offers none)
 
     def check(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -116,7 +120,8 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
         if not source.model_id.startswith("dir-"):
             await _serve_store(peer, opts.data_dir)
         host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps)
-        await host.register(peer)
+        hosts = ([opts.direct_host] if opts.direct_host else maddr_hosts(peer.maddrs)) if opts.direct else []
+        await host.register(peer, direct_host=hosts[0] if hosts else None)
         announcer = Announcer(peer, host.record, ttl_s=opts.announce_ttl_s)
         host.on_change = announcer.poke
         host.state = "online"
@@ -231,7 +236,7 @@ def options_from_args(args: Any) -> ServeOptions:
                         num_blocks=args.num_blocks, initial_peers=tuple(args.initial_peers or ()), host=args.host,
                         port=args.port, data_dir=args.data_dir, dtype=args.dtype, limits=limits,
                         announce_ttl_s=args.announce_ttl, rebalance_period_s=args.rebalance_period,
-                        join_delay_s=args.join_delay)
+                        join_delay_s=args.join_delay, direct=args.direct)
 
 
 def serve_from_args(args: Any) -> int:
