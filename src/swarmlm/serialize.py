@@ -13,9 +13,10 @@ import functools
 import sys
 import types
 import typing
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import msgpack
+import numpy as np
 import torch
 
 from swarmlm.errors import WireError
@@ -30,6 +31,7 @@ DTYPES: dict[str, torch.dtype] = {
     "int8": torch.int8, "uint8": torch.uint8, "bool": torch.bool,
 }
 _DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
+_NUMPY_DTYPES = frozenset(DTYPES.values()) - {torch.bfloat16}   # those `Tensor.numpy()` can show
 assert sys.byteorder == "little", "the wire format is little-endian"
 
 
@@ -49,8 +51,17 @@ def parse_dtype(name: Any) -> torch.dtype:
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
     """dtype + shape + raw bytes, as one msgpack array."""
-    t = t.detach().cpu().contiguous()
-    raw = t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    if not t.is_contiguous():
+        t = t.contiguous()
+    if not t.numel():
+        raw = b""
+    elif t.dtype in _NUMPY_DTYPES:       # straight to bytes: the common case costs one call
+        raw = t.numpy().tobytes()
+    else:
+        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
     return msgpack.packb([dtype_name(t.dtype), list(t.shape), raw], use_bin_type=True)
 
 
@@ -80,7 +91,7 @@ def _tensor_from_fields(fields: Any, max_bytes: int) -> torch.Tensor:
     numel = 1
     for s in shape:
         numel *= s
-    itemsize = torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if numel * itemsize > max_bytes:
         raise WireError(f"tensor of {numel * itemsize} bytes exceeds the limit of {max_bytes}")
     if numel * itemsize != len(raw):
@@ -106,7 +117,7 @@ def tensor_from_raw(data: bytearray | memoryview, dtype: torch.dtype, shape: Seq
     numel = 1
     for s in shape:
         numel *= s
-    need = numel * torch.empty((), dtype=dtype).element_size()
+    need = numel * dtype.itemsize
     if len(data) != need:
         raise WireError(f"tensor data has {len(data)} bytes, shape {tuple(shape)} of {dtype} needs {need}")
     if numel == 0:
@@ -127,9 +138,16 @@ def check_tensor(t: Any, *, name: str = "tensor", dtype: torch.dtype | Sequence[
         if t.dim() != len(shape) or any(s is not None and s != d for s, d in zip(shape, t.shape)):
             want = "(" + ", ".join("*" if s is None else str(s) for s in shape) + ")"
             raise WireError(f"{name} has shape {tuple(t.shape)}, expected {want}")
-    if finite and t.is_floating_point() and not torch.isfinite(t).all():
+    if finite and t.is_floating_point() and not _all_finite(t):
         raise WireError(f"{name} contains NaN or inf")
     return t
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # numpy's one call costs a third of torch's two kernels and a sync: it runs on every step
+    if t.dtype in _NUMPY_DTYPES and t.device.type == "cpu" and not t.requires_grad:
+        return bool(np.isfinite(t.numpy()).all())
+    return bool(torch.isfinite(t).all())
 
 
 # ---- generic values (msgpack with tensors inside) ----------------------------------------
@@ -185,72 +203,111 @@ def decode_message(data: bytes, cls: type, *, max_bytes: int = MAX_MESSAGE_BYTES
 def message_from_dict(fields: Any, cls: type) -> Any:
     if not isinstance(fields, dict):
         raise WireError(f"{cls.__name__} must be a map, got {type(fields).__name__}")
-    hints, fields_of_cls = _schema(cls)
+    schema, required = _schema(cls)
     values = {}
-    for f in fields_of_cls:
-        if f.name in fields:
-            values[f.name] = _check_value(fields[f.name], hints[f.name], f"{cls.__name__}.{f.name}")
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise WireError(f"{cls.__name__} lacks field {f.name!r}")
-    unknown = set(fields) - {f.name for f in fields_of_cls}
-    if unknown:
-        raise WireError(f"{cls.__name__} has unknown fields {sorted(map(str, unknown))}")
+    for name, value in fields.items():
+        check = schema.get(name)
+        if check is None:
+            unknown = set(fields) - set(schema)
+            raise WireError(f"{cls.__name__} has unknown fields {sorted(map(str, unknown))}")
+        values[name] = check(value, f"{cls.__name__}.{name}")
+    for name in required:
+        if name not in values:
+            raise WireError(f"{cls.__name__} lacks field {name!r}")
     return cls(**values)
 
 
+Check = Callable[[Any, str], Any]     # (value, where) -> the checked value, or WireError
+
+
 @functools.lru_cache(maxsize=None)
-def _schema(cls: type) -> tuple[dict[str, Any], tuple[dataclasses.Field, ...]]:
-    """A dataclass's resolved type hints and fields, computed once per class (get_type_hints is slow)."""
-    return typing.get_type_hints(cls), dataclasses.fields(cls)
+def _schema(cls: type) -> tuple[dict[str, Check], tuple[str, ...]]:
+    """A dataclass's field checkers and required fields, built once per class (a message is
+    decoded on every step, and reading type hints each time is slow)."""
+    hints = typing.get_type_hints(cls)
+    fields = dataclasses.fields(cls)
+    required = tuple(f.name for f in fields
+                     if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING)
+    return {f.name: _checker(hints[f.name]) for f in fields}, required
 
 
-def _check_value(value: Any, hint: Any, where: str) -> Any:
+@functools.lru_cache(maxsize=None)
+def _checker(hint: Any) -> Check:
+    """The check for values of type `hint`, built once per hint."""
     origin = typing.get_origin(hint)
     args = typing.get_args(hint)
     if hint is Any:
-        return value
+        return lambda value, where: value
     if origin in (typing.Union, types.UnionType):
-        for arg in args:
-            try:
-                return _check_value(value, arg, where)
-            except WireError:
-                continue
-        raise WireError(f"{where}: {type(value).__name__} is not {hint}")
+        options = [_checker(arg) for arg in args]
+
+        def union(value: Any, where: str) -> Any:
+            if value is None and type(None) in args:
+                return None
+            for check in options:
+                try:
+                    return check(value, where)
+                except WireError:
+                    continue
+            raise WireError(f"{where}: {type(value).__name__} is not {hint}")
+        return union
     if hint is type(None):
-        if value is not None:
-            raise WireError(f"{where} must be null")
-        return None
+        def none(value: Any, where: str) -> None:
+            if value is not None:
+                raise WireError(f"{where} must be null")
+        return none
     if origin in (list, tuple, Sequence) or hint in (list, tuple):
-        if not isinstance(value, list):
-            raise WireError(f"{where} must be a list, got {type(value).__name__}")
+        as_tuple = origin is tuple or hint is tuple
         if origin is tuple and args and args[-1] is not Ellipsis:
-            if len(args) != len(value):
-                raise WireError(f"{where} must have {len(args)} items")
-            return tuple(_check_value(v, a, where) for v, a in zip(value, args))
-        item = args[0] if args else Any
-        out = [_check_value(v, item, f"{where}[]") for v in value]
-        return tuple(out) if (origin is tuple or hint is tuple) else out
+            items = [_checker(a) for a in args]
+
+            def fixed(value: Any, where: str) -> tuple:
+                if not isinstance(value, list):
+                    raise WireError(f"{where} must be a list, got {type(value).__name__}")
+                if len(items) != len(value):
+                    raise WireError(f"{where} must have {len(items)} items")
+                return tuple(check(v, where) for v, check in zip(value, items))
+            return fixed
+        item = _checker(args[0] if args else Any)
+
+        def sequence(value: Any, where: str) -> list | tuple:
+            if not isinstance(value, list):
+                raise WireError(f"{where} must be a list, got {type(value).__name__}")
+            out = [item(v, f"{where}[]") for v in value]
+            return tuple(out) if as_tuple else out
+        return sequence
     if origin is dict or hint is dict:
-        if not isinstance(value, dict):
-            raise WireError(f"{where} must be a map")
-        kt, vt = args if args else (Any, Any)
-        return {_check_value(k, kt, where): _check_value(v, vt, where) for k, v in value.items()}
+        key_check, value_check = (_checker(args[0]), _checker(args[1])) if args else (_checker(Any), _checker(Any))
+
+        def mapping(value: Any, where: str) -> dict:
+            if not isinstance(value, dict):
+                raise WireError(f"{where} must be a map")
+            return {key_check(k, where): value_check(v, where) for k, v in value.items()}
+        return mapping
     if dataclasses.is_dataclass(hint):
-        return message_from_dict(value, hint)
+        return lambda value, where: message_from_dict(value, hint)
     if hint is float:
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise WireError(f"{where} must be a number, got {type(value).__name__}")
-        return float(value)
+        def number(value: Any, where: str) -> float:
+            if isinstance(value, bool) or not isinstance(value, (int, float)):
+                raise WireError(f"{where} must be a number, got {type(value).__name__}")
+            return float(value)
+        return number
     if hint is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise WireError(f"{where} must be an integer, got {type(value).__name__}")
-        return value
+        def integer(value: Any, where: str) -> int:
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise WireError(f"{where} must be an integer, got {type(value).__name__}")
+            return value
+        return integer
     if hint is bytes:
-        if not isinstance(value, (bytes, bytearray)):
-            raise WireError(f"{where} must be bytes, got {type(value).__name__}")
-        return bytes(value)
+        def raw(value: Any, where: str) -> bytes:
+            if not isinstance(value, (bytes, bytearray)):
+                raise WireError(f"{where} must be bytes, got {type(value).__name__}")
+            return bytes(value)
+        return raw
     if isinstance(hint, type):
-        if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool) and hint is not int):
-            raise WireError(f"{where} must be {hint.__name__}, got {type(value).__name__}")
-        return value
-    return value
+        def instance(value: Any, where: str) -> Any:
+            if not isinstance(value, hint) or (hint is not bool and isinstance(value, bool) and hint is not int):
+                raise WireError(f"{where} must be {hint.__name__}, got {type(value).__name__}")
+            return value
+        return instance
+    return lambda value, where: value
