@@ -3,7 +3,8 @@
 Builds a random-weight model of `--preset` (default `small`), starts two `swarmlm serve`
 processes on 127.0.0.1 holding half the blocks each, and compares, in this one run:
 
-- greedy decode tokens/s through the two servers vs the same model in this process (ratio);
+- greedy decode tokens/s through the two servers vs the same model in this process (ratio),
+  with decoding steps over encrypted direct channels (the default) and over libp2p streams;
 - time to first token (prompt forward + first token), swarm vs local;
 - aggregate tokens/s of `--clients` concurrent clients (threads sharing one RemoteModel);
 - server start-up, launch to announced (the median of the servers started here);
@@ -18,6 +19,7 @@ Prints one JSON line per result: {"name", "value", "unit"}.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import signal
 import statistics
@@ -96,25 +98,35 @@ def main() -> None:
 
 
 def run_pair(model: RemoteModel, local: Transformer, prompt: list[int], args) -> None:
-    swarm_stats, local_stats = [], []
+    """Greedy decode through the servers, over direct steps channels and over libp2p streams, against
+    the local model: the three interleaved round by round, so a noisy machine slows all alike."""
+    stats: dict[str, list] = {"direct": [], "libp2p": [], "local": []}
     same = True
-    for i in range(args.repeats + 1):                     # the first round warms both up
-        s = timed_stream(model.stream_generate([prompt], max_new_tokens=args.new_tokens))
+    direct_options = model.blocks.options
+    libp2p_options = dataclasses.replace(direct_options,
+                                         session=dataclasses.replace(direct_options.session, direct=False))
+    for i in range(args.repeats + 1):                     # the first round warms everything up
+        for name, options in (("direct", direct_options), ("libp2p", libp2p_options)):
+            model.blocks.options = options
+            s = timed_stream(model.stream_generate([prompt], max_new_tokens=args.new_tokens))
+            if i:
+                stats[name].append(s)
+        model.blocks.options = direct_options
         l_ = timed_stream(stream_generate(local, prompt, max_new_tokens=args.new_tokens))
-        same &= s[2] == l_[2]
+        same &= all(x[-1][2] == l_[2] for x in (stats["direct"], stats["libp2p"]) if x)
         if i:
-            swarm_stats.append(s)
-            local_stats.append(l_)
-    s_rate = statistics.median(x[1] for x in swarm_stats)
-    l_rate = statistics.median(x[1] for x in local_stats)
-    s_ttft = statistics.median(x[0] for x in swarm_stats)
-    l_ttft = statistics.median(x[0] for x in local_stats)
-    emit("swarm_2_servers_tokens_per_s", s_rate, "tokens/s", identical_tokens=same)
-    emit("local_tokens_per_s", l_rate, "tokens/s")
-    emit("swarm_vs_local_tokens_per_s_ratio", s_rate / l_rate, "ratio", target=0.9)
-    emit("swarm_time_to_first_token", s_ttft * 1000, "ms", prompt_len=args.prompt_len)
-    emit("local_time_to_first_token", l_ttft * 1000, "ms", prompt_len=args.prompt_len)
-    emit("per_token_overhead_swarm_minus_local", (1 / s_rate - 1 / l_rate) * 1000, "ms")
+            stats["local"].append(l_)
+    rate = {k: statistics.median(x[1] for x in v) for k, v in stats.items()}
+    ttft = {k: statistics.median(x[0] for x in v) for k, v in stats.items()}
+    emit("swarm_2_servers_tokens_per_s", rate["direct"], "tokens/s", identical_tokens=same, steps="direct")
+    emit("swarm_2_servers_libp2p_tokens_per_s", rate["libp2p"], "tokens/s", steps="libp2p streams")
+    emit("local_tokens_per_s", rate["local"], "tokens/s")
+    emit("swarm_vs_local_tokens_per_s_ratio", rate["direct"] / rate["local"], "ratio", target=0.9)
+    emit("swarm_libp2p_vs_local_tokens_per_s_ratio", rate["libp2p"] / rate["local"], "ratio", target=0.9)
+    emit("swarm_time_to_first_token", ttft["direct"] * 1000, "ms", prompt_len=args.prompt_len)
+    emit("local_time_to_first_token", ttft["local"] * 1000, "ms", prompt_len=args.prompt_len)
+    emit("per_token_overhead_swarm_minus_local", (1 / rate["direct"] - 1 / rate["local"]) * 1000, "ms")
+    emit("per_token_overhead_libp2p_minus_local", (1 / rate["libp2p"] - 1 / rate["local"]) * 1000, "ms")
 
 
 def run_clients(model: RemoteModel, prompt: list[int], args) -> None:
