@@ -155,6 +155,8 @@ def _all_finite(t: torch.Tensor) -> bool:
 def _default(obj: Any) -> Any:
     if isinstance(obj, torch.Tensor):
         return msgpack.ExtType(_TENSOR_EXT, tensor_to_bytes(obj))
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):     # a message inside a message
+        return {f.name: getattr(obj, f.name) for f in dataclasses.fields(obj)}
     raise TypeError(f"cannot serialize {type(obj).__name__}")
 
 

@@ -42,18 +42,21 @@ def test_generation_survives_a_killed_server_with_identical_tokens(swarm, checkp
     assert all(state.channel is not None for state in model.last_session.hops)   # steps went on channels
 
 
-def test_a_killed_server_on_a_direct_channel_is_replaced_with_identical_tokens(direct_swarm, checkpoints):
+@pytest.mark.parametrize("killed", ["first", "second"])
+def test_a_killed_server_of_a_chained_session_is_replaced_with_identical_tokens(direct_swarm, checkpoints, killed):
     ckpt = checkpoints["llama"]
-    direct_swarm.add_server(ckpt, (0, 2))
-    b = direct_swarm.add_server(ckpt, (2, 4))
-    c = direct_swarm.add_server(ckpt, (2, 4))
+    spans = {"first": (0, 2), "second": (2, 4)}
+    other = (2, 4) if killed == "first" else (0, 2)
+    direct_swarm.add_server(ckpt, other)
+    victims = [direct_swarm.add_server(ckpt, spans[killed]) for _ in range(2)]
     model = direct_swarm.remote_model(ckpt)
 
-    rows = generate_killing(direct_swarm, model, after=5, victims=[b, c])
+    rows = generate_killing(direct_swarm, model, after=5, victims=victims)
 
     assert rows[0] == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
-    assert model.last_session.recoveries == 1
-    assert all(state.channel.name.endswith("(direct)") for state in model.last_session.hops)
+    session = model.last_session
+    assert session.recoveries == 1 and not session.chained      # after a failover, steps go hop by hop
+    assert all(state.channel.name.endswith("(direct)") for state in session.hops)
 
 
 def test_a_lost_server_may_be_replaced_by_two_smaller_ones(swarm, checkpoints):

@@ -69,7 +69,23 @@ def test_direct_steps_channels_generate_like_local(direct_swarm, checkpoints):
     out = model.generate(BATCH, max_new_tokens=10)
 
     assert out == generate(local_model(ckpt), BATCH, max_new_tokens=10)
-    assert all(state.channel.name.endswith("(direct)") for state in model.last_session.hops)
+    session = model.last_session
+    assert all(state.channel.name.endswith("(direct)") for state in session.hops)
+    assert session.chained and session.hops[0].pushes                # the first server pushed to the second
+
+
+def test_a_server_whose_push_did_not_leave_is_relayed_by_the_client(direct_swarm, checkpoints, monkeypatch):
+    from swarmlm.swarm.server import chain
+    monkeypatch.setattr(chain.NextLink, "push", lambda self, position, hidden: False)   # a link broken after open
+    ckpt = checkpoints["llama"]
+    direct_swarm.add_server(ckpt, (0, 2))
+    direct_swarm.add_server(ckpt, (2, 4))
+    model = direct_swarm.remote_model(ckpt)
+
+    out = model.generate(PROMPT, max_new_tokens=12)
+
+    assert out == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
+    assert model.last_session.chained and model.last_session.recoveries == 0
 
 
 def test_a_server_that_cannot_be_dialed_is_stepped_over_libp2p(direct_swarm, checkpoints, monkeypatch):

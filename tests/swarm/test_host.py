@@ -480,3 +480,125 @@ def test_a_direct_channel_to_a_closed_host_fails_with_peer_error(full):
             await h.channel_step(ch, sid, torch.randn(1, 1, D), 1)
 
     run(go())
+
+
+# ---- chained steps: pushed inputs --------------------------------------------------------------------
+
+def _pushed(sid, x, position):
+    return wire.StepRequest(sid, 0, 2, position, x, pushed=True)
+
+
+@pytest.mark.parametrize("push_first", [True, False])
+def test_a_step_without_hidden_states_runs_on_its_pushed_input(full, push_first):
+    async def go():
+        h = await Harness(full).start()
+        sid = await h.open()
+        x = torch.randn(1, 2, D)
+        await h.step(sid, x[:, :1], 0)
+        if push_first:
+            await h.call(wire.RPC_STEP, _pushed(sid, x[:, 1:], 1), wire.StepReply)
+            out = await h.step(sid, None, 1)
+        else:
+            waiting = asyncio.create_task(h.step(sid, None, 1))
+            await asyncio.sleep(0.05)
+            assert not waiting.done()
+            await h.call(wire.RPC_STEP, _pushed(sid, x[:, 1:], 1), wire.StepReply)
+            out = await waiting
+        return out, full.run_blocks(x, start=0, end=2)[:, 1:]
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_called_off_or_late_step_fails_and_the_session_goes_on(full, monkeypatch):
+    from swarmlm.swarm.server import chain
+    monkeypatch.setattr(chain, "PUSH_WAIT_S", 0.2)
+
+    async def go():
+        h = await Harness(full).start()
+        sid = await h.open()
+        x = torch.randn(1, 2, D)
+        waiting = asyncio.create_task(h.step(sid, None, 0))
+        await asyncio.sleep(0.05)
+        await h.call(wire.RPC_STEP, _pushed(sid, None, 0), wire.StepReply)     # the client calls it off
+        with pytest.raises(RemoteError, match="called off"):
+            await waiting
+        with pytest.raises(RemoteError, match="no input was pushed"):
+            await h.step(sid, None, 0)                                          # nobody pushes: bounded wait
+        return await h.step(sid, x, 0), full.run_blocks(x, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["wrong width", "nan", "wrong batch", "twice", "far position", "unknown session",
+                                  "too many"])
+def test_a_bad_push_is_refused_to_the_pusher_and_the_session_goes_on(full, case):
+    async def go():
+        h = await Harness(full).start()
+        sid = await h.open()
+        good = torch.randn(1, 1, D)
+        if case == "twice":
+            await h.call(wire.RPC_STEP, _pushed(sid, good, 0), wire.StepReply)
+            req = _pushed(sid, good, 0)
+        elif case == "far position":
+            req = _pushed(sid, good, 10_000)
+        elif case == "unknown session":
+            req = _pushed(os.urandom(16), good, 0)
+        elif case == "too many":
+            for p in range(4):
+                await h.call(wire.RPC_STEP, _pushed(sid, good, p + 1), wire.StepReply)
+            req = _pushed(sid, good, 9)
+        else:
+            req = _pushed(sid, BAD_STEPS[case]["x"], 0)
+        with pytest.raises(RemoteError):
+            await h.call(wire.RPC_STEP, req, wire.StepReply)
+        return await h.step(sid, good, 0), full.run_blocks(good, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("hop", [
+    dict(host="", port=1),
+    dict(host="127.0.0.1", port=0),
+    dict(host="127.0.0.1", port=1, key=b"short"),
+    dict(host="127.0.0.1", port=1, session_id=b"short"),
+    dict(host="127.0.0.1", port=1, start=3, end=3),
+])
+def test_a_malformed_next_hop_gets_an_error_reply(full, hop):
+    async def go():
+        h = await Harness(full).start()
+        fields = dict(key=secure.new_key(), session_id=os.urandom(16), start=2, end=4) | hop
+        req = wire.OpenRequest(os.urandom(16), 0, 2, 1, 8, next_hop=wire.NextHop(**fields))
+        with pytest.raises(RemoteError, match="next hop|32 bytes"):
+            await h.call(wire.RPC_OPEN, req, wire.OpenReply)
+        return h.host.budget.n_sessions
+
+    assert run(go()) == 0
+
+
+def test_an_unreachable_next_hop_opens_a_session_that_does_not_push(full):
+    async def go():
+        h = await Harness(full).start()
+        nxt = wire.NextHop(host="127.0.0.1", port=1, key=secure.new_key(), session_id=os.urandom(16), start=2, end=4)
+        reply = await h.call(wire.RPC_OPEN, wire.OpenRequest(os.urandom(16), 0, 2, 1, 8, next_hop=nxt),
+                             wire.OpenReply)
+        return reply.pushes, h.host.budget.n_sessions
+
+    assert run(go()) == (False, 1)
+
+
+def test_a_step_waiting_for_a_push_fails_cleanly_when_its_session_closes(full):
+    async def go():
+        h = await Harness(full).start()
+        sid = await h.open()
+        waiting = asyncio.create_task(h.step(sid, None, 0))
+        await asyncio.sleep(0.05)
+        await h.call(wire.RPC_CLOSE, wire.CloseRequest(sid), wire.CloseReply)
+        with pytest.raises(RemoteError, match="closed"):
+            await waiting
+        other = await h.open()
+        return await h.step(other, torch.randn(1, 1, D), 0)
+
+    assert run(go()).shape == (1, 1, D)

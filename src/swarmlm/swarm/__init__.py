@@ -9,11 +9,12 @@ Reading order:
     server/budget.py     Budget, BudgetLimits: sessions and cached tokens a server may hold
     server/saved.py      SavedForwards: forwards kept for their backward, bounded by bytes and age
     server/selection.py  choose_span, should_move: pure span choice and rebalancing
+    server/chain.py      Inbox, NextLink: chained steps (inputs pushed in, outputs pushed to the next server)
     server/host.py       BlockHost: the rpc_* handlers, per-session KV caches, input checks
     server/announce.py   Announcer: re-announce before expiry, offline on shutdown
     server/serve.py      run_server, serve_from_args (`swarmlm serve`), start_server_process
     client/routing.py    choose_chain: least expected latency over announced servers (pure)
-    client/session.py    InferenceSession: per-hop sessions, replay onto replacements
+    client/session.py    InferenceSession: per-hop sessions, chained steps, replay onto replacements
     client/remote.py     RemoteBlocks (discovery, routing, forward/backward with failover), SwarmSpan
     client/model.py      RemoteModel: embeddings and head here, blocks in the swarm; generate_from_args
     finetune.py          Adapters (prompts, deep prompts, LoRA head), lm_loss, finetune (`swarmlm finetune`)

@@ -16,6 +16,12 @@ trip on an open stream costs a fraction of a unary call's. `RPC_STEP` (unary) st
 clients or servers without it. A server that listens for direct connections (p2p/secure.py)
 offers the same channel over encrypted TCP: the client sends a fresh key in its OpenRequest
 (over libp2p) and dials the address in the OpenReply; a step then skips both p2pd daemons.
+Chained steps: a client may open its chain from the last server backwards, giving each server
+the next one's `NextHop`; a step then goes to every server at once, the first with its hidden
+states (`push=True`), the others with none: each server pushes its outputs straight to the next
+(over a direct connection keyed by that session's `push_key`) and replies to the client too, so
+the client keeps every hop's inputs for failover, but waits for no hop in between. A step
+waiting for a push that never comes is ended by the client (a `pushed` step with no hidden).
 Stateless, for training and evaluation:
     forward  -> SpanForwardRequest / SpanForwardReply
     backward -> SpanBackwardRequest / SpanBackwardReply  (gradients w.r.t. the inputs and deep prompts)
@@ -60,6 +66,20 @@ class OpenRequest:
     max_length: int              # positions the cache must hold (prompt + new tokens)
     direct_key: bytes | None = None   # p2p/secure.py's KEY_BYTES: the key of an encrypted direct connection
                                       # for this session's steps channel, if the server offers one
+    push_key: bytes | None = None     # another such key: a direct connection under it (the previous server's)
+                                      # speaks for the client, and pushes inputs into this session
+    next_hop: NextHop | None = None   # where this server pushes its outputs when a step asks it to
+
+
+@dataclass(frozen=True)
+class NextHop:
+    """The next server of the client's chain, as the server before it needs to know it."""
+    host: str                    # its direct listener (OpenReply.direct_host / direct_port)
+    port: int
+    key: bytes                   # the push_key the client sent it
+    session_id: bytes            # its session of this client
+    start: int                   # its span
+    end: int
 
 
 @dataclass(frozen=True)
@@ -68,6 +88,7 @@ class OpenReply:
     dtype: str                   # the dtype the server computes in; steps must send hidden states in it
     direct_host: str | None = None    # where to dial the direct steps channel keyed by direct_key;
     direct_port: int = 0              # None / 0: the server has none, use the RPC_STEPS libp2p channel
+    pushes: bool = False              # it reached next_hop, and will push outputs there when asked
 
 
 @dataclass(frozen=True)
@@ -76,16 +97,22 @@ class StepRequest:
     start: int                   # must equal the span the session was opened on
     end: int
     position: int                # cache length the client expects; the server trims a longer cache to it
-    hidden: torch.Tensor         # (B, T, D) the new positions only
+    hidden: torch.Tensor | None  # (B, T, D) the new positions only; None: they arrive by a push (below)
     key_mask: torch.Tensor | None = None   # (B, T) bool; None = every new position is a real token
     prompts: torch.Tensor | None = None    # (end-start, B or 1, P, D) deep prompts; only at position 0
     chunks: list[int] | None = None        # run the T positions in pieces of these sizes, in order, as the
                                            # original steps did, so a replay reproduces them bit for bit
+    push: bool = False                     # also push the outputs to this session's next hop (as a `pushed`
+                                           # step there), before replying
+    pushed: bool = False                   # only deliver `hidden` as the input of the step at `position` that
+                                           # waits for it (hidden None: make that step fail); nothing runs
 
 
 @dataclass(frozen=True)
 class StepReply:
     hidden: torch.Tensor         # (B, T, D) outputs of the span's last block for the new positions
+                                 # (empty for a `pushed` step)
+    pushed: bool = False         # the outputs went to the next hop too
 
 
 @dataclass(frozen=True)

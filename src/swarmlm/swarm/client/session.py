@@ -11,6 +11,13 @@ so the new servers' caches, and every later output, are bit for bit what the los
 would have been. Then the step goes on. With no replacement the `Swarm` raises
 `NotFoundError` naming the uncovered blocks after a bounded wait.
 
+Where every server was reached directly and the chain was opened back to front (each server
+told how to reach the next, wire.py's `NextHop`), a step is chained: sent to every hop at once,
+the first with the hidden states, each server pushing its outputs to the next itself. The
+client still receives every hop's outputs (the next hop's inputs, kept for replay); when a hop
+fails, the steps still waiting for its push are called off, the step goes on hop by hop from
+there, and the session no longer chains.
+
 Each step tells a server how many positions it should already hold (`position`); a server
 that ran a step whose reply got lost trims back to it, so a retried step is never counted
 twice. Knows nothing of the DHT or of Peer types: it talks to a `Swarm` (client/remote.py).
@@ -64,6 +71,7 @@ class SessionOptions:
     max_replay_bytes: int = 12 << 20      # cut a replay into several requests above this
     direct: bool = True                   # ask servers for an encrypted direct steps channel (p2p/secure.py)
     direct_timeout_s: float = 3.0         # dialing it; a server that cannot be dialed is stepped over libp2p
+    chain: bool = True                    # servers push outputs to the next server (wire.py's chained steps)
 
 
 @dataclass
@@ -72,6 +80,8 @@ class _HopState:
     session_id: bytes
     dtype: torch.dtype
     channel: Any = None                  # the steps channel (p2p/rpc.py's Channel), or None: unary steps
+    next_hop: wire.NextHop | None = None  # how the server before this one reaches it (direct servers only)
+    pushes: bool = False                 # this server pushes its outputs to the next one when asked
     inputs: list[torch.Tensor] = field(default_factory=list)         # per step: (B, T_i, D)
     masks: list[torch.Tensor | None] = field(default_factory=list)   # per step: (B, T_i) or None
     length: int = 0                                                  # sum of T_i: positions the server holds
@@ -98,6 +108,7 @@ class InferenceSession:
         self.recoveries = 0               # failovers so far
         self.last_failure: str | None = None
         self.closed = False
+        self.chained = options.chain      # steps go to every hop at once; off after the first failover
 
     @classmethod
     async def create(cls, swarm: Swarm, start: int, end: int, *, batch: int, max_length: int,
@@ -126,9 +137,16 @@ class InferenceSession:
             raise ValueError(f"the session has {self.batch} rows, the step {B}")
         if self.position + T > self.max_length:
             raise ValueError(f"the session holds at most {self.max_length} positions; {self.position} + {T} is more")
-        out_dtype = hidden.dtype
-        x, i = hidden, 0
         first = self.position == 0
+        if self._can_chain(first):
+            return (await self._step_chained(hidden, key_mask)).to(hidden.dtype)
+        return (await self._run_from(0, hidden, key_mask, first=first)).to(hidden.dtype)
+
+    async def _run_from(self, i: int, x: torch.Tensor, key_mask: torch.Tensor | None, *, first: bool,
+                        failed: PeerError | None = None) -> torch.Tensor:
+        """The step from hop i on, hop by hop (replacing hop i first if it `failed`)."""
+        if failed is not None:
+            await self._recover(i, failed)
         while i < len(self.hops):
             state = self.hops[i]
             x_in = x.to(state.dtype)
@@ -143,7 +161,60 @@ class InferenceSession:
                 continue                  # the same position of the chain, now held by the replacement
             state.record(x_in, key_mask)
             x, i = y, i + 1
-        return x.to(out_dtype)
+        return x
+
+    # ---- chained steps --------------------------------------------------------------------------------
+
+    def _can_chain(self, first: bool) -> bool:
+        return (self.chained and len(self.hops) > 1 and not (first and self.prompts is not None)
+                and all(st.channel is not None for st in self.hops) and all(st.pushes for st in self.hops[:-1]))
+
+    async def _step_chained(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+        """The step sent to every hop at once: the first gets the hidden states, each pushes its outputs
+        to the next, and each replies here (its outputs are the next hop's recorded inputs). On a
+        failure the hops still waiting for a push are called off and the step goes on hop by hop."""
+        hops, position, last = list(self.hops), self.position, len(self.hops) - 1
+        tasks = [asyncio.ensure_future(self._call_step(st, wire.StepRequest(
+            session_id=st.session_id, start=st.hop.start, end=st.hop.end, position=position,
+            hidden=x.to(st.dtype) if i == 0 else None, key_mask=key_mask, push=i < last)))
+            for i, st in enumerate(hops)]
+        try:
+            for i, state in enumerate(hops):
+                x_in = x.to(state.dtype)
+                try:
+                    reply = await tasks[i]
+                    y = self._checked_output(reply.hidden, x_in, state.hop)
+                except PeerError as e:
+                    self.chained = False
+                    await self._call_off(hops[i + 1:], tasks[i + 1:], position)
+                    return await self._run_from(self.hops.index(state), x_in, key_mask, first=position == 0, failed=e)
+                state.record(x_in, key_mask)
+                if i < last and not reply.pushed:     # the push did not leave: deliver it ourselves
+                    await self._push(hops[i + 1], position, y.to(hops[i + 1].dtype))
+                x = y
+            return x
+        finally:
+            for task in tasks:
+                task.cancel()                         # only the ones still running: none on success
+
+    async def _push(self, state: _HopState, position: int, hidden: torch.Tensor | None) -> None:
+        """Deliver the input of `state`'s waiting step (None: call it off), by a unary call. A failure here
+        shows as that hop's own step failing."""
+        req = wire.StepRequest(session_id=state.session_id, start=state.hop.start, end=state.hop.end,
+                               position=position, hidden=hidden, pushed=True)
+        try:
+            await self.swarm.call(state.hop.peer_id, wire.RPC_STEP, req, wire.StepReply,
+                                  timeout_s=self.options.open_timeout_s)
+        except PeerError as e:
+            logger.debug("push to %s: %s", state.hop.peer_id, e)
+
+    async def _call_off(self, states: list[_HopState], tasks: list[asyncio.Future], position: int) -> None:
+        """End the steps of `states` still waiting for a push, and wait for all of theirs to settle
+        (a hop that already ran is run again, hop by hop: a step at `position` trims its cache back)."""
+        for state, task in zip(states, tasks):
+            if not task.done():
+                await self._push(state, position, None)
+        await asyncio.gather(*tasks, return_exceptions=True)
 
     async def close(self) -> None:
         """Free the servers' caches (best effort: a server that is gone frees it on its idle timeout)."""
@@ -184,8 +255,10 @@ class InferenceSession:
                                           need_cache_tokens=self.batch * self.max_length, wait_s=wait_s)
             states: list[_HopState] = []
             try:
-                for hop in hops:
-                    states.append(await self._open(hop))
+                link = self.chained and history is None and len(hops) > 1
+                for j in reversed(range(len(hops))):        # back to front: each server learns the next
+                    nxt = states[0].next_hop if states and link else None
+                    states.insert(0, await self._open(hops[j], next_hop=nxt, pushed_into=link and j > 0))
                 if history is not None and history[0]:
                     await self._replay(states, *history)
                 return states
@@ -199,13 +272,16 @@ class InferenceSession:
                 if time.monotonic() > deadline:
                     raise
 
-    async def _open(self, hop: Hop) -> _HopState:
+    async def _open(self, hop: Hop, *, next_hop: wire.NextHop | None = None,
+                    pushed_into: bool = False) -> _HopState:
         """Open a session at `hop`, with a steps channel: direct where the server offers one, else
-        its libp2p channel, else none (unary steps)."""
+        its libp2p channel, else none (unary steps). `next_hop`: where the server pushes its outputs;
+        `pushed_into`: the server before it will push (it gets a push key)."""
         session_id = os.urandom(wire.SESSION_ID_BYTES)
         key = secure.new_key() if self.options.direct else None
+        push_key = secure.new_key() if self.options.direct and pushed_into else None
         req = wire.OpenRequest(session_id=session_id, start=hop.start, end=hop.end, batch=self.batch,
-                               max_length=self.max_length, direct_key=key)
+                               max_length=self.max_length, direct_key=key, push_key=push_key, next_hop=next_hop)
         timeout_s = self.options.open_timeout_s
         try:
             opened = await self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply, timeout_s=timeout_s)
@@ -227,7 +303,10 @@ class InferenceSession:
                 channel = await self.swarm.open_channel(hop.peer_id, wire.RPC_STEPS, timeout_s=timeout_s)
             except PeerError as e:
                 logger.debug("no steps channel to %s (%s); steps go by unary calls", hop.peer_id, e)
-        return _HopState(hop, session_id, dtype, channel)
+        reachable = push_key is not None and opened.direct_host is not None and opened.direct_port
+        here = (wire.NextHop(host=opened.direct_host, port=opened.direct_port, key=push_key, session_id=session_id,
+                             start=hop.start, end=hop.end) if reachable else None)
+        return _HopState(hop, session_id, dtype, channel, next_hop=here, pushes=next_hop is not None and opened.pushes)
 
     async def _call_step(self, state: _HopState, req: wire.StepRequest) -> wire.StepReply:
         """One step at one server: on its channel, or as a unary call where there is none."""

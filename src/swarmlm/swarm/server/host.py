@@ -15,6 +15,7 @@ Knows nothing of the DHT or of routing: server/announce.py publishes what `recor
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ from typing import Any, Callable
 import torch
 
 from swarmlm import serialize
-from swarmlm.errors import CapacityError, WireError
+from swarmlm.errors import CapacityError, PeerError, WireError
 from swarmlm.log import get_logger
 from swarmlm.model.cache import KVCache
 from swarmlm.model.transformer import Transformer
@@ -33,6 +34,7 @@ from swarmlm.swarm import wire
 from swarmlm.swarm.blocks import run_span
 from swarmlm.swarm.dht import ServerRecord
 from swarmlm.swarm.server.budget import Budget, BudgetLimits
+from swarmlm.swarm.server.chain import Inbox, NextLink, check_next_hop
 from swarmlm.swarm.server.saved import SavedForwards
 
 logger = get_logger(__name__)
@@ -41,6 +43,7 @@ logger = get_logger(__name__)
 # short, and handing it to the worker thread and back costs two thread wake-ups (0.2-0.4 ms
 # each on a loaded 2-core machine), a large share of a step's time beyond its compute.
 INLINE_STEP_TOKENS = 16
+_NOTHING = torch.empty(0)       # the hidden states of a reply to a pushed input
 
 
 @dataclass
@@ -51,6 +54,13 @@ class _Session:
     max_length: int
     cache: KVCache
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    inbox: Inbox = field(default_factory=Inbox)       # inputs pushed by the previous server
+    next: NextLink | None = None                      # where outputs are pushed when a step asks
+
+    def close(self) -> None:
+        self.inbox.close()
+        if self.next is not None:
+            self.next.close()
 
 
 @dataclass
@@ -136,6 +146,8 @@ class BlockHost:
         """Drop every session, cut the direct connections and stop the worker thread."""
         if self.listener is not None:
             self.listener.abort()
+        for session in self._sessions.values():
+            session.close()
         self._sessions.clear()
         self.budget.entries.clear()
         self.kept.clear()
@@ -173,8 +185,11 @@ class BlockHost:
         self._check_span(req.start, req.end)
         if len(req.session_id) != wire.SESSION_ID_BYTES:
             raise WireError(f"a session id has {wire.SESSION_ID_BYTES} bytes, got {len(req.session_id)}")
-        if req.direct_key is not None:
-            secure.check_key(req.direct_key)
+        for k in (req.direct_key, req.push_key):
+            if k is not None:
+                secure.check_key(k)
+        if req.next_hop is not None:
+            check_next_hop(req.next_hop)
         if req.max_length > self.cfg.context_len:
             raise CapacityError(f"max_length {req.max_length} exceeds the model's context of {self.cfg.context_len}")
         key = (peer_id, req.session_id)
@@ -185,13 +200,21 @@ class BlockHost:
         except BaseException:
             self.budget.release(key)
             raise
-        self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache)
+        session = self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache)
         self.on_change()
-        if req.direct_key is not None and self.listener is not None:
-            self.listener.expect(req.direct_key, peer_id)
-            return wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype),
-                                  direct_host=self.listener.host, direct_port=self.listener.port)
-        return wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype))
+        if req.next_hop is not None:
+            try:
+                session.next = await NextLink.connect(req.next_hop, max_response_bytes=1 << 16)
+            except PeerError as e:
+                logger.info("cannot reach the next hop of a session of %s: %s", peer_id, e)
+        reply = wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype),
+                               pushes=session.next is not None)
+        if self.listener is None:
+            return reply
+        for k in (req.direct_key, req.push_key):
+            if k is not None:
+                self.listener.expect(k, peer_id)     # a connection under either speaks for peer_id
+        return dataclasses.replace(reply, direct_host=self.listener.host, direct_port=self.listener.port)
 
     async def rpc_step(self, peer_id: str, req: wire.StepRequest) -> wire.StepReply:
         key = (peer_id, req.session_id)
@@ -200,7 +223,13 @@ class BlockHost:
             raise WireError("unknown or closed session")
         if (req.start, req.end) != (session.start, session.end):
             raise WireError(f"session runs blocks {session.start}:{session.end}, step asked for {req.start}:{req.end}")
-        hidden = self._check_hidden(req.hidden, batch=session.batch)
+        if req.pushed:
+            return self._deliver(session, req)
+        if req.hidden is None:
+            hidden = self._check_hidden(await session.inbox.wait(req.position), batch=session.batch)
+        else:
+            session.inbox.forget_delivered()
+            hidden = self._check_hidden(req.hidden, batch=session.batch)
         B, T, _ = hidden.shape
         key_mask = self._check_mask(req.key_mask, B, T)
         prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
@@ -231,7 +260,19 @@ class BlockHost:
                 return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]   # (B, T, D)
 
             out = compute() if B * T <= INLINE_STEP_TOKENS else await self._run(compute)
-        return wire.StepReply(hidden=out)
+        pushed = req.push and session.next is not None and session.next.push(req.position, out)
+        if pushed:
+            await asyncio.sleep(0)          # the push task writes its frame now, before our reply
+        return wire.StepReply(hidden=out, pushed=pushed)
+
+    def _deliver(self, session: _Session, req: wire.StepRequest) -> wire.StepReply:
+        """A pushed input: checked now, so a bad one is refused to whoever pushed it."""
+        if req.hidden is not None:
+            self._check_hidden(req.hidden, batch=session.batch)
+        if not 0 <= req.position < session.max_length:
+            raise WireError(f"a push for position {req.position}; the session allows {session.max_length}")
+        session.inbox.deliver(req.position, req.hidden)
+        return wire.StepReply(hidden=_NOTHING)
 
     async def rpc_close(self, peer_id: str, req: wire.CloseRequest) -> wire.CloseReply:
         closed = self._drop((peer_id, req.session_id))
@@ -241,7 +282,10 @@ class BlockHost:
 
     def _drop(self, key: tuple[str, bytes]) -> bool:
         self.budget.release(key)
-        return self._sessions.pop(key, None) is not None
+        session = self._sessions.pop(key, None)
+        if session is not None:
+            session.close()
+        return session is not None
 
     # ---- stateless forward / backward -----------------------------------------------------------------
 

@@ -1,0 +1,131 @@
+"""Chained steps at a server: inputs pushed in by the previous server, outputs pushed on to the next.
+
+- `Inbox`: one session's pushed inputs by position. A step sent without hidden states waits
+  for its own (bounded by `PUSH_WAIT_S`); a `pushed` step delivers one; a `pushed` step with no
+  hidden states (the client's) ends the wait with an error, so a chain whose previous server
+  died never leaves a step hanging.
+- `NextLink`: the encrypted direct connection to the next server of the client's chain
+  (p2p/secure.py, keyed by the push key the client gave that server), and the pushes in flight
+  on it. A push that fails is logged and dropped: the client still gets this server's reply and
+  pushes the outputs itself, or replaces the next server.
+
+Knows nothing of blocks or caches: host.py checks what arrives and runs it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import torch
+
+from swarmlm.errors import CapacityError, PeerError, WireError
+from swarmlm.log import get_logger
+from swarmlm.p2p import rpc, secure
+from swarmlm.swarm import wire
+
+logger = get_logger(__name__)
+
+PUSH_WAIT_S = 30.0           # how long a step waits for its pushed input
+PUSH_ACK_S = 10.0            # how long a push waits for the next server to take it
+CONNECT_TIMEOUT_S = 2.0      # dialing the next server while opening a session
+MAX_WAITING = 4              # positions of one session with a pushed input or a step waiting for one
+_CLOSED = object()           # what a waiting step finds when its session is dropped
+
+
+class Inbox:
+    def __init__(self) -> None:
+        self._slots: dict[int, asyncio.Future] = {}
+
+    def _slot(self, position: int) -> asyncio.Future:
+        slot = self._slots.get(position)
+        if slot is None:
+            if len(self._slots) >= MAX_WAITING:
+                raise CapacityError(f"{MAX_WAITING} pushed inputs are already waiting in this session")
+            slot = self._slots[position] = asyncio.get_running_loop().create_future()
+        return slot
+
+    def deliver(self, position: int, hidden: torch.Tensor | None) -> None:
+        """The input of the step at `position` (None: call that step off)."""
+        slot = self._slot(position)
+        if slot.done():
+            raise WireError(f"the step at position {position} already has its input")
+        slot.set_result(hidden)
+
+    async def wait(self, position: int, timeout_s: float | None = None) -> torch.Tensor:
+        """The pushed input of the step at `position`; `WireError` if called off or late."""
+        timeout_s = PUSH_WAIT_S if timeout_s is None else timeout_s
+        slot = self._slot(position)
+        try:
+            hidden = await asyncio.wait_for(slot, timeout_s)
+        except asyncio.TimeoutError:
+            raise WireError(f"no input was pushed for position {position} within {timeout_s:.0f} s") from None
+        finally:
+            self._slots.pop(position, None)
+        if hidden is None:
+            raise WireError(f"the step at position {position} was called off")
+        if hidden is _CLOSED:
+            raise WireError("the session was closed")
+        return hidden
+
+    def forget_delivered(self) -> None:
+        """Drop inputs nobody waits for (a step that came with its own hidden states replaces them)."""
+        for position in [p for p, slot in self._slots.items() if slot.done()]:
+            del self._slots[position]
+
+    def close(self) -> None:
+        """Wake every waiting step with an error (a dropped session)."""
+        for slot in self._slots.values():
+            if not slot.done():
+                slot.set_result(_CLOSED)
+        self._slots.clear()
+
+
+def check_next_hop(hop: wire.NextHop) -> wire.NextHop:
+    """`WireError` unless `hop` is well formed (it comes from a client)."""
+    secure.check_key(hop.key)
+    if not 0 < len(hop.host) <= 64 or not 0 < hop.port < 65536:
+        raise WireError(f"next hop: bad address {hop.host!r}:{hop.port}")
+    if len(hop.session_id) != wire.SESSION_ID_BYTES:
+        raise WireError(f"next hop: a session id has {wire.SESSION_ID_BYTES} bytes")
+    if not 0 <= hop.start < hop.end:
+        raise WireError(f"next hop: bad span {hop.start}:{hop.end}")
+    return hop
+
+
+class NextLink:
+    """Build with `await NextLink.connect(hop, max_request_bytes=...)` (`PeerError` if unreachable)."""
+
+    def __init__(self, hop: wire.NextHop, channel: rpc.Channel):
+        self.hop = hop
+        self.channel = channel
+        self._tasks: set[asyncio.Task] = set()
+
+    @classmethod
+    async def connect(cls, hop: wire.NextHop, *, max_response_bytes: int) -> NextLink:
+        reader, writer = await secure.connect_secure(
+            hop.host, hop.port, hop.key, timeout_s=CONNECT_TIMEOUT_S,
+            max_record_bytes=max(max_response_bytes, rpc.MAX_ERROR_BYTES) + rpc.FRAME_HEADER_BYTES)
+        return cls(hop, rpc.Channel(reader, writer, peer_id=f"{hop.host}:{hop.port}", name="swarm/push"))
+
+    def push(self, position: int, hidden: torch.Tensor) -> bool:
+        """Start pushing `hidden` as the input of the next server's step at `position`; False if the
+        link is already broken. The frame is written once the caller yields to the loop."""
+        if self.channel.broken is not None:
+            return False
+        req = wire.StepRequest(session_id=self.hop.session_id, start=self.hop.start, end=self.hop.end,
+                               position=position, hidden=hidden, pushed=True)
+        task = asyncio.create_task(self._push(req))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+        return True
+
+    async def _push(self, req: wire.StepRequest) -> None:
+        try:
+            await self.channel.call_message(req, wire.StepReply, timeout_s=PUSH_ACK_S)
+        except PeerError as e:
+            logger.info("push to %s refused or lost: %s", self.channel.peer_id, e)
+
+    def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        self.channel.close()
