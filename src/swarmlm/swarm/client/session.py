@@ -174,10 +174,12 @@ class InferenceSession:
         to the next, and each replies here (its outputs are the next hop's recorded inputs). On a
         failure the hops still waiting for a push are called off and the step goes on hop by hop."""
         hops, position, last = list(self.hops), self.position, len(self.hops) - 1
+        # last hop first: the first hop's request wakes a server that may take this very core, so it
+        # leaves once everything else is sent (the others only start waiting for their pushes)
         tasks = [asyncio.ensure_future(self._call_step(st, wire.StepRequest(
             session_id=st.session_id, start=st.hop.start, end=st.hop.end, position=position,
             hidden=x.to(st.dtype) if i == 0 else None, key_mask=key_mask, push=i < last)))
-            for i, st in enumerate(hops)]
+            for i, st in reversed(list(enumerate(hops)))][::-1]
         try:
             for i, state in enumerate(hops):
                 x_in = x.to(state.dtype)
