@@ -27,9 +27,10 @@ async def _listener(**kwargs):
     return await secure.SecureListener.start("127.0.0.1", _echo_channel, max_record_bytes=(1 << 20) + 16, **kwargs)
 
 
-async def _channel(listener, key, **kwargs):
-    reader, writer = await secure.connect_secure("127.0.0.1", listener.port, key, timeout_s=5,
-                                                 max_record_bytes=(1 << 20) + 16, **kwargs)
+async def _channel(listener, key, *, port=None):
+    """A channel to `listener` (or through whatever listens on `port`) keyed by `key`."""
+    reader, writer = await secure.connect_secure("127.0.0.1", port or listener.port, key, timeout_s=5,
+                                                 max_record_bytes=(1 << 20) + 16)
     return rpc.Channel(reader, writer, peer_id="server", name="echo")
 
 
@@ -125,9 +126,7 @@ def test_nothing_crosses_the_wire_in_the_clear():
         try:
             key = secure.new_key()
             listener.expect(key, "alice")
-            reader, writer = await secure.connect_secure("127.0.0.1", port, key, timeout_s=5,
-                                                         max_record_bytes=1 << 20)
-            channel = rpc.Channel(reader, writer, peer_id="server", name="echo")
+            channel = await _channel(listener, key, port=port)
             assert await channel.call(SECRET, timeout_s=5, max_response_bytes=1 << 20) == b"alice:" + SECRET
             channel.close()
             assert SECRET not in tap.seen and key not in tap.seen and len(tap.seen) > len(SECRET)
@@ -160,9 +159,7 @@ def test_a_tampered_record_breaks_the_connection_and_nothing_forged_is_served():
         try:
             key = secure.new_key()
             listener.expect(key, "alice")
-            reader, writer = await secure.connect_secure("127.0.0.1", port, key, timeout_s=5,
-                                                         max_record_bytes=1 << 20)
-            channel = rpc.Channel(reader, writer, peer_id="server", name="x")
+            channel = await _channel(listener, key, port=port)
             with pytest.raises(PeerError):
                 await channel.call(b"transfer 10 coins", timeout_s=5, max_response_bytes=1 << 20)
             assert served == []

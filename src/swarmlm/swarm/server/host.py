@@ -204,9 +204,14 @@ class BlockHost:
         self.on_change()
         if req.next_hop is not None:
             try:
-                session.next = await NextLink.connect(req.next_hop, max_response_bytes=1 << 16)
+                link = await NextLink.connect(req.next_hop, max_response_bytes=1 << 16)
             except PeerError as e:
                 logger.info("cannot reach the next hop of a session of %s: %s", peer_id, e)
+            else:
+                if self._sessions.get(key) is session:
+                    session.next = link
+                else:
+                    link.close()                 # the session was closed while we dialed
         reply = wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype),
                                pushes=session.next is not None)
         if self.listener is None:
