@@ -231,7 +231,7 @@ class BlockHost:
         if req.pushed:
             return self._deliver(session, req)
         if req.hidden is None:
-            hidden = self._check_hidden(await session.inbox.wait(req.position), batch=session.batch)
+            hidden = await session.inbox.wait(req.position)      # checked by _deliver when it arrived
         else:
             session.inbox.forget_delivered()
             hidden = self._check_hidden(req.hidden, batch=session.batch)
