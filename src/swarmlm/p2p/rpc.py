@@ -35,6 +35,12 @@ LINGER_S = 5.0          # how long a served stream waits for the caller to close
 _HEADER = struct.Struct(">BI")
 FRAME_HEADER_BYTES = _HEADER.size
 
+
+def frame_bytes(max_payload_bytes: int) -> int:
+    """The largest frame (header included) a reader allowing `max_payload_bytes` may get: an
+    ERROR frame may be longer than a small payload limit."""
+    return max(max_payload_bytes, MAX_ERROR_BYTES) + FRAME_HEADER_BYTES
+
 UnaryHandler = Callable[[str, bytes], Awaitable[bytes]]               # (peer_id, request) -> reply
 StreamHandler = Callable[[str, bytes], AsyncIterator[bytes]]          # (peer_id, request) -> chunks
 

@@ -28,7 +28,7 @@ from swarmlm import serialize
 from swarmlm.errors import NotFoundError, PeerError, PeerTimeout
 from swarmlm.log import get_logger
 from swarmlm.p2p import secure
-from swarmlm.p2p.rpc import FRAME_HEADER_BYTES, MAX_ERROR_BYTES, Channel, call_message
+from swarmlm.p2p.rpc import Channel, call_message, frame_bytes
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.routing import Hop, ServerInfo, choose_chain, format_blocks, uncovered_blocks
 from swarmlm.swarm.client.session import InferenceSession, SessionOptions
@@ -149,7 +149,7 @@ class RemoteBlocks:
         which the server was sent over libp2p."""
         reader, writer = await secure.connect_secure(
             host, port, key, timeout_s=timeout_s,
-            max_record_bytes=max(self.options.max_response_bytes, MAX_ERROR_BYTES) + FRAME_HEADER_BYTES)
+            max_record_bytes=frame_bytes(self.options.max_response_bytes))
         return Channel(reader, writer, peer_id=peer_id, name=f"{wire.RPC_STEPS} (direct)")
 
     async def call_channel(self, channel: Channel, request: Any, reply_cls: type, *, timeout_s: float) -> Any:

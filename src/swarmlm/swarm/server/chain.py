@@ -104,7 +104,7 @@ class NextLink:
     async def connect(cls, hop: wire.NextHop, *, max_response_bytes: int) -> NextLink:
         reader, writer = await secure.connect_secure(
             hop.host, hop.port, hop.key, timeout_s=CONNECT_TIMEOUT_S,
-            max_record_bytes=max(max_response_bytes, rpc.MAX_ERROR_BYTES) + rpc.FRAME_HEADER_BYTES)
+            max_record_bytes=rpc.frame_bytes(max_response_bytes))
         return cls(hop, rpc.Channel(reader, writer, peer_id=f"{hop.host}:{hop.port}", name="swarm/push"))
 
     def push(self, position: int, hidden: torch.Tensor) -> bool:

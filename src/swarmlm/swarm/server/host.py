@@ -134,8 +134,8 @@ class BlockHost:
 
         await peer.add_raw_stream_handler(wire.RPC_STEPS, serve_steps)
         if direct_host is not None:
-            record_bytes = max(limit, rpc.MAX_ERROR_BYTES) + rpc.FRAME_HEADER_BYTES   # one frame per record
-            self.listener = await secure.SecureListener.start(direct_host, serve_steps, max_record_bytes=record_bytes)
+            self.listener = await secure.SecureListener.start(direct_host, serve_steps,
+                                                              max_record_bytes=rpc.frame_bytes(limit))  # a frame a record
 
     def max_request_bytes(self) -> int:
         """The largest request the limits allow: hidden states plus gradients (or prompts) of one request."""
