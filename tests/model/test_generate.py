@@ -123,3 +123,26 @@ def test_cli_bad_input_exits_2_with_one_line(model_dir, tmp_path, capsys, case):
     captured = capsys.readouterr()
     assert rc == 2 and captured.out == ""
     assert len(captured.err.strip().splitlines()) == 1 and "error" in captured.err
+
+
+def test_token_loop_driven_by_hand_equals_stream_generate(model):
+    from swarmlm.model.cache import KVCache
+    from swarmlm.model.generate import TokenLoop, local_step
+
+    prompts = [[5, 6, 7], [9]]
+    cache = KVCache.empty(model.cfg, 2, 3 + 6)
+    step = local_step(model, cache)
+    loop = TokenLoop(prompts, max_new_tokens=6, eos_id=None)
+    rows = []
+    assert loop.key_mask is not None                 # the first step is the padded prompts
+    while not loop.finished:
+        rows.append(loop.take(step(loop.ids, loop.key_mask)))
+        assert loop.key_mask is None and loop.ids.shape == (2, 1)
+    assert rows == list(stream_generate(model, prompts, max_new_tokens=6))
+    assert loop.steps == 6 and loop.last
+
+
+def test_token_loop_with_no_tokens_to_make_is_finished_at_once():
+    from swarmlm.model.generate import TokenLoop
+
+    assert TokenLoop([[1, 2]], max_new_tokens=0).finished

@@ -102,3 +102,38 @@ def test_a_server_that_cannot_be_dialed_is_stepped_over_libp2p(direct_swarm, che
 
     assert out == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
     assert [state.channel.name for state in model.last_session.hops] == ["swarm/steps"]
+
+
+def test_steps_sent_ahead_to_the_later_hops_are_used_or_called_off(direct_swarm, checkpoints):
+    import torch
+
+    ckpt = checkpoints["llama"]
+    direct_swarm.add_server(ckpt, (0, 2))
+    direct_swarm.add_server(ckpt, (2, 4))
+    model = direct_swarm.remote_model(ckpt)
+    local = local_model(ckpt)
+    h = torch.randn(1, 5, local.cfg.dim, generator=torch.Generator().manual_seed(0))
+    session = model.inference_session(batch=1, max_length=16).session
+    called_off = []
+    real_call_off = session._call_off
+
+    async def call_off(states, tasks, position):
+        called_off.append(position)
+        await real_call_off(states, tasks, position)
+    session._call_off = call_off
+
+    out = [model.runner.run(session.step(h[:, :3], more=True))]
+    assert session._ahead is not None and session._ahead[0] == 3      # waiting at the second server
+    out.append(model.runner.run(session.step(h[:, 3:4], more=True)))   # uses it
+    assert called_off == []
+    out.append(model.runner.run(session.step(h[:, 4:5], torch.ones(1, 1, dtype=torch.bool))))  # cannot use it
+    assert called_off == [4] and session._ahead is None
+    assert session.chained and session.recoveries == 0
+
+    from swarmlm.model.cache import KVCache
+    cache = KVCache.empty(local.cfg, 1, 16)
+    with torch.inference_mode():
+        want = [local.run_blocks(h[:, :3], cache=cache), local.run_blocks(h[:, 3:4], cache=cache),
+                local.run_blocks(h[:, 4:5], cache=cache, key_mask=torch.ones(1, 1, dtype=torch.bool))]
+    torch.testing.assert_close(torch.cat(out, dim=1), torch.cat(want, dim=1), atol=1e-6, rtol=1e-6)
+    model.runner.run(session.close())

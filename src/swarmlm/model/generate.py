@@ -62,23 +62,54 @@ def left_pad(prompts: Sequence[Sequence[int]], *, pad_id: int = 0,
     return ids.to(device), mask.to(device)
 
 
+class TokenLoop:
+    """The decode loop's bookkeeping, for a caller that runs each step itself (synchronously, as
+    `stream_tokens` does, or on an event loop, as the swarm client does):
+
+        loop = TokenLoop(prompts, max_new_tokens=...)
+        while not loop.finished:
+            tokens = loop.take(step(loop.ids, loop.key_mask))    # yield tokens
+
+    `ids` / `key_mask` are the next step's input: the left-padded prompts first, then each
+    row's new token (key_mask None). `take` samples from that step's last logits (B, V).
+    """
+
+    def __init__(self, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                 top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
+                 eos_id: int | None = None, device: torch.device | str = "cpu"):
+        self.ids, self.key_mask = left_pad(prompts, device=device)
+        self.max_new_tokens = max_new_tokens
+        self.sampling = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "generator": generator}
+        self.eos_id = eos_id
+        self.done = [False] * len(prompts)
+        self.steps = 0
+        self.finished = max_new_tokens <= 0
+
+    @property
+    def last(self) -> bool:
+        """The step about to run is the last one whatever it samples (its tokens end the loop)."""
+        return self.steps >= self.max_new_tokens - 1
+
+    def take(self, logits: torch.Tensor) -> list[int | None]:
+        """One new token per row (None for rows that already ended at eos) from the step's logits."""
+        next_ids = sample_next(logits, **self.sampling)
+        tokens = next_ids.tolist()
+        out = [None if d else t for d, t in zip(self.done, tokens)]
+        self.done = [d or t == self.eos_id for d, t in zip(self.done, tokens)]
+        self.steps += 1
+        self.finished = all(self.done) or self.steps >= self.max_new_tokens
+        self.ids, self.key_mask = next_ids[:, None], None
+        return out
+
+
 def stream_tokens(step: StepFn, prompts: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                   top_k: int = 0, top_p: float = 1.0, generator: torch.Generator | None = None,
                   eos_id: int | None = None, device: torch.device | str = "cpu") -> Iterator[list[int | None]]:
     """Yield, per decoding step, one new token per row (None for rows that already ended at eos)."""
-    if max_new_tokens <= 0:
-        return
-    ids, key_mask = left_pad(prompts, device=device)
-    logits = step(ids, key_mask)  # (B, V)
-    done = [False] * len(prompts)
-    for i in range(max_new_tokens):
-        next_ids = sample_next(logits, temperature=temperature, top_k=top_k, top_p=top_p, generator=generator)
-        tokens = next_ids.tolist()
-        yield [None if d else t for d, t in zip(done, tokens)]
-        done = [d or t == eos_id for d, t in zip(done, tokens)]
-        if all(done) or i == max_new_tokens - 1:
-            return
-        logits = step(next_ids[:, None], None)
+    loop = TokenLoop(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                     generator=generator, eos_id=eos_id, device=device)
+    while not loop.finished:
+        yield loop.take(step(loop.ids, loop.key_mask))
 
 
 def local_step(model: Transformer, cache: KVCache) -> StepFn:

@@ -8,22 +8,25 @@ thread, so the API is plain synchronous Python:
         out = model.generate([[1, 2, 3]], max_new_tokens=20)          # as model/generate.py's
         logits = model(input_ids)                                     # differentiable (see finetune.py)
 
-`generate` feeds model/generate.py's decode loop (`stream_tokens`) with a step function
-over an `InferenceSession`, so sampling and stopping are exactly local generation's, and
-greedy tokens equal a local run's. Knows nothing of how the servers compute.
+`generate` drives model/generate.py's decode loop (`TokenLoop`) over an `InferenceSession`,
+so sampling and stopping are exactly local generation's, and greedy tokens equal a local
+run's. The loop runs on the event loop's thread, ahead of the caller, who gets each step's
+tokens through a queue: no step waits for a hop between threads. Knows nothing of how the
+servers compute.
 """
 
 from __future__ import annotations
 
 import asyncio
+import queue
 import threading
-from typing import Any, Coroutine, Iterator, Sequence
+from typing import Any, AsyncIterator, Coroutine, Iterator, Sequence
 
 import torch
 
 from swarmlm.errors import UserError
 from swarmlm.model.cache import KVCache
-from swarmlm.model.generate import StepFn, check_context, stream_tokens
+from swarmlm.model.generate import TokenLoop, check_context
 from swarmlm.model.transformer import Transformer
 from swarmlm.swarm.client.remote import ClientOptions, RemoteBlocks, SwarmSpan
 from swarmlm.swarm.client.session import InferenceSession
@@ -41,6 +44,48 @@ class LoopThread:
         if threading.current_thread() is self._thread:
             raise RuntimeError("LoopThread.run called from its own loop (would deadlock)")
         return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout_s)
+
+    def stream(self, items: AsyncIterator[Any], *, window: int = 2, stop_timeout_s: float = 30.0) -> Iterator[Any]:
+        """The items of an async iterator run on the loop, as a plain iterator. The loop runs up to
+        `window` items ahead of the caller (handing them over through a queue), so its own steps
+        do not wait for this thread while the caller keeps up; its exceptions are raised here.
+        Closing the iterator early cancels it and waits (up to `stop_timeout_s`) until it has ended."""
+        if threading.current_thread() is self._thread:
+            raise RuntimeError("LoopThread.stream called from its own loop (would deadlock)")
+        handed: queue.SimpleQueue = queue.SimpleQueue()
+        ended = object()
+        credit = _Credit(self.loop, window)
+
+        async def pump() -> None:
+            try:
+                async for item in items:
+                    handed.put((True, item))
+                    await credit.spend()
+            except Exception as e:           # raised at the caller; cancellation only ends the pump
+                handed.put((False, e))
+            finally:
+                handed.put((False, ended))
+
+        future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
+        item = None
+        try:
+            while True:
+                ok, item = handed.get()
+                if ok:
+                    credit.give()
+                    yield item
+                elif item is ended:
+                    return
+                else:
+                    raise item
+        finally:
+            if item is not ended:              # closed early, or the iterator raised: the pump ends next
+                future.cancel()
+                try:
+                    while handed.get(timeout=stop_timeout_s)[1] is not ended:
+                        pass
+                except queue.Empty:
+                    pass
 
     def close(self) -> None:
         """Cancel what is still running on the loop (and wait for it), then stop the loop."""
@@ -60,6 +105,37 @@ class LoopThread:
         self.loop.call_soon_threadsafe(self.loop.stop)
         self._thread.join(10)
         self.loop.close()
+
+
+class _Credit:
+    """How many more items a producer on `loop` may hand over before the consumer (another thread)
+    takes one: the producer waits only when it has none, and only then is the loop woken for it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, window: int):
+        self._loop = loop
+        self._left = window
+        self._lock = threading.Lock()
+        self._waiter: asyncio.Future | None = None
+
+    async def spend(self) -> None:
+        with self._lock:
+            self._left -= 1
+            if self._left >= 0:
+                return
+            self._waiter = waiter = self._loop.create_future()
+        await waiter
+
+    def give(self) -> None:
+        with self._lock:
+            self._left += 1
+            waiter, self._waiter = (self._waiter, None) if self._left >= 0 else (None, self._waiter)
+        if waiter is not None:
+            self._loop.call_soon_threadsafe(_wake, waiter)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class RemoteModel:
@@ -145,19 +221,24 @@ class RemoteModel:
         session = self.runner.run(self.blocks.open_session(batch=batch, max_length=max_length, prompts=prompts))
         return SyncSession(session, self.runner)
 
-    def step_fn(self, session: "SyncSession") -> StepFn:
-        """A model/generate.py step function over `session`: ids (B, T) -> last logits (B, V)."""
-        tracker = KVCache.empty(self.cfg, session.batch, session.max_length, layers=range(0, 0))  # positions only
-
-        def step(ids: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    async def _decode(self, session: InferenceSession, loop: TokenLoop) -> AsyncIterator[list[int | None]]:
+        """`loop`'s steps through `session`, on the event loop: embeddings and head here (with no
+        await inside, so inference mode covers them alone), blocks in the swarm."""
+        with torch.inference_mode():
+            tracker = KVCache.empty(self.cfg, session.batch, session.max_length, layers=range(0, 0))  # positions
+        while not loop.finished:
+            ids, key_mask = loop.ids, loop.key_mask
             T = ids.shape[1]
             new_mask = None if key_mask is None else key_mask[:, -T:]
-            positions = self.local.default_positions(T, cache=tracker, key_mask=key_mask, device=ids.device)
-            tracker.key_mask(new_mask, T)
-            tracker.advance(T, new_mask)
-            h = session.step(self.local.embed(ids, positions), new_mask)   # (B, T, D)
-            return self.local.head(h[:, -1:])[:, 0]                         # (B, V)
-        return step
+            with torch.inference_mode():
+                positions = self.local.default_positions(T, cache=tracker, key_mask=key_mask, device=ids.device)
+                tracker.key_mask(new_mask, T)
+                tracker.advance(T, new_mask)
+                h = self.local.embed(ids, positions)                        # (B, T, D)
+            h = await session.step(h, new_mask, more=not loop.last)
+            with torch.inference_mode():
+                tokens = loop.take(self.local.head(h[:, -1:])[:, 0])        # from (B, V)
+            yield tokens
 
     def stream_generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
                         top_k: int = 0, top_p: float = 1.0, seed: int = 0,
@@ -169,14 +250,12 @@ class RemoteModel:
         max_new_tokens = check_context(self.local, prompts, max_new_tokens)
         if max_new_tokens <= 0:
             return
-        generator = torch.Generator().manual_seed(seed)
+        loop = TokenLoop(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
+                         top_p=top_p, generator=torch.Generator().manual_seed(seed), eos_id=eos_id)
         session = self.inference_session(batch=len(prompts), max_length=max(map(len, prompts)) + max_new_tokens)
         self.last_session = session.session
         try:
-            with torch.inference_mode():
-                yield from stream_tokens(self.step_fn(session), prompts, max_new_tokens=max_new_tokens,
-                                         temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                                         eos_id=eos_id)
+            yield from self.runner.stream(self._decode(session.session, loop))
         finally:
             session.close()
 

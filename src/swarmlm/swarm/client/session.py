@@ -18,6 +18,11 @@ client still receives every hop's outputs (the next hop's inputs, kept for repla
 fails, the steps still waiting for its push are called off, the step goes on hop by hop from
 there, and the session no longer chains.
 
+A step that says more will follow (`more=True`, as the decode loop's do) sends the next step's
+requests to every hop but the first as soon as it ends: they wait at their servers for the
+pushes, and the next step only has to reach the first hop. A next step that cannot use them
+(another position, a key mask) calls them off first.
+
 Each step tells a server how many positions it should already hold (`position`); a server
 that ran a step whose reply got lost trims back to it, so a retried step is never counted
 twice. Knows nothing of the DHT or of Peer types: it talks to a `Swarm` (client/remote.py).
@@ -109,6 +114,7 @@ class InferenceSession:
         self.last_failure: str | None = None
         self.closed = False
         self.chained = options.chain      # steps go to every hop at once; off after the first failover
+        self._ahead: tuple[int, list[asyncio.Future]] | None = None  # (position, steps sent to hops[1:] for it)
 
     @classmethod
     async def create(cls, swarm: Swarm, start: int, end: int, *, batch: int, max_length: int,
@@ -128,8 +134,10 @@ class InferenceSession:
     def chain(self) -> list[Hop]:
         return [s.hop for s in self.hops]
 
-    async def step(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the new positions hidden (B, T, D) through [start, end) -> (B, T, D)."""
+    async def step(self, hidden: torch.Tensor, key_mask: torch.Tensor | None = None, *,
+                   more: bool = False) -> torch.Tensor:
+        """Run the new positions hidden (B, T, D) through [start, end) -> (B, T, D). `more`: another
+        step (without a key mask) follows at once; its requests to the later hops leave now."""
         if self.closed:
             raise SwarmError("this inference session is closed")
         B, T, _ = hidden.shape
@@ -138,8 +146,9 @@ class InferenceSession:
         if self.position + T > self.max_length:
             raise ValueError(f"the session holds at most {self.max_length} positions; {self.position} + {T} is more")
         first = self.position == 0
+        ahead = await self._take_ahead(key_mask)
         if self._can_chain(first):
-            return (await self._step_chained(hidden, key_mask)).to(hidden.dtype)
+            return (await self._step_chained(hidden, key_mask, ahead=ahead, more=more)).to(hidden.dtype)
         return (await self._run_from(0, hidden, key_mask, first=first)).to(hidden.dtype)
 
     async def _run_from(self, i: int, x: torch.Tensor, key_mask: torch.Tensor | None, *, first: bool,
@@ -169,17 +178,20 @@ class InferenceSession:
         return (self.chained and len(self.hops) > 1 and not (first and self.prompts is not None)
                 and all(st.channel is not None for st in self.hops) and all(st.pushes for st in self.hops[:-1]))
 
-    async def _step_chained(self, x: torch.Tensor, key_mask: torch.Tensor | None) -> torch.Tensor:
+    async def _step_chained(self, x: torch.Tensor, key_mask: torch.Tensor | None, *,
+                            ahead: list[asyncio.Future] | None, more: bool) -> torch.Tensor:
         """The step sent to every hop at once: the first gets the hidden states, each pushes its outputs
         to the next, and each replies here (its outputs are the next hop's recorded inputs). On a
-        failure the hops still waiting for a push are called off and the step goes on hop by hop."""
+        failure the hops still waiting for a push are called off and the step goes on hop by hop.
+        `ahead`: the later hops' requests, already sent; `more`: send the next step's now."""
         hops, position, last = list(self.hops), self.position, len(self.hops) - 1
         # last hop first: the first hop's request wakes a server that may take this very core, so it
         # leaves once everything else is sent (the others only start waiting for their pushes)
-        tasks = [asyncio.ensure_future(self._call_step(st, wire.StepRequest(
-            session_id=st.session_id, start=st.hop.start, end=st.hop.end, position=position,
-            hidden=x.to(st.dtype) if i == 0 else None, key_mask=key_mask, push=i < last)))
-            for i, st in reversed(list(enumerate(hops)))][::-1]
+        tasks = (ahead or self._send_waiting(position, key_mask)) + [
+            asyncio.ensure_future(self._call_step(hops[0], wire.StepRequest(
+                session_id=hops[0].session_id, start=hops[0].hop.start, end=hops[0].hop.end, position=position,
+                hidden=x.to(hops[0].dtype), key_mask=key_mask, push=True)))]
+        tasks = tasks[-1:] + tasks[:-1]
         try:
             for i, state in enumerate(hops):
                 x_in = x.to(state.dtype)
@@ -194,10 +206,32 @@ class InferenceSession:
                 if i < last and not reply.pushed:     # the push did not leave: deliver it ourselves
                     await self._push(hops[i + 1], position, y.to(hops[i + 1].dtype))
                 x = y
+            if more and self.chained:
+                self._ahead = (self.position, self._send_waiting(self.position, None))
             return x
         finally:
             for task in tasks:
                 task.cancel()                         # only the ones still running: none on success
+
+    def _send_waiting(self, position: int, key_mask: torch.Tensor | None) -> list[asyncio.Future]:
+        """The requests of a chained step at `position` to every hop but the first, last hop first:
+        each waits at its server for the push of the hop before."""
+        hops, last = self.hops, len(self.hops) - 1
+        return [asyncio.ensure_future(self._call_step(st, wire.StepRequest(
+            session_id=st.session_id, start=st.hop.start, end=st.hop.end, position=position,
+            hidden=None, key_mask=key_mask, push=i < last)))
+            for i, st in reversed(list(enumerate(hops))) if i > 0][::-1]
+
+    async def _take_ahead(self, key_mask: torch.Tensor | None) -> list[asyncio.Future] | None:
+        """The later hops' requests sent ahead for this step, if it can use them; else they are called off."""
+        if self._ahead is None:
+            return None
+        (position, tasks), self._ahead = self._ahead, None
+        if (position == self.position and key_mask is None and self._can_chain(False)
+                and not any(t.done() for t in tasks)):
+            return tasks
+        await self._call_off(self.hops[1:], tasks, position)      # a task already done is only awaited
+        return None
 
     async def _push(self, state: _HopState, position: int, hidden: torch.Tensor | None) -> None:
         """Deliver the input of `state`'s waiting step (None: call it off), by a unary call. A failure here
@@ -223,6 +257,11 @@ class InferenceSession:
         if self.closed:
             return
         self.closed = True
+        if self._ahead is not None:
+            for task in self._ahead[1]:
+                task.cancel()                  # their channels close below
+            await asyncio.gather(*self._ahead[1], return_exceptions=True)
+            self._ahead = None
         for state in self.hops:
             self.swarm.session_opened(state.hop.peer_id, -1)
             _close_channel(state)

@@ -229,7 +229,7 @@ class BlockHost:
         if (req.start, req.end) != (session.start, session.end):
             raise WireError(f"session runs blocks {session.start}:{session.end}, step asked for {req.start}:{req.end}")
         if req.pushed:
-            return self._deliver(session, req)
+            return await self._deliver(session, req)
         if req.hidden is None:
             hidden = await session.inbox.wait(req.position)      # checked by _deliver when it arrived
         else:
@@ -270,13 +270,15 @@ class BlockHost:
             await asyncio.sleep(0)          # the push task writes its frame now, before our reply
         return wire.StepReply(hidden=out, pushed=pushed)
 
-    def _deliver(self, session: _Session, req: wire.StepRequest) -> wire.StepReply:
-        """A pushed input: checked now, so a bad one is refused to whoever pushed it."""
+    async def _deliver(self, session: _Session, req: wire.StepRequest) -> wire.StepReply:
+        """A pushed input: checked now, so a bad one is refused to whoever pushed it. The step waiting
+        for it runs before the pusher gets its acknowledgement (nobody waits for that)."""
         if req.hidden is not None:
             self._check_hidden(req.hidden, batch=session.batch)
         if not 0 <= req.position < session.max_length:
             raise WireError(f"a push for position {req.position}; the session allows {session.max_length}")
         session.inbox.deliver(req.position, req.hidden)
+        await asyncio.sleep(0)
         return wire.StepReply(hidden=_NOTHING)
 
     async def rpc_close(self, peer_id: str, req: wire.CloseRequest) -> wire.CloseReply:
