@@ -137,6 +137,32 @@ def test_channel_timeout_breaks_it_for_later_calls():
     asyncio.run(go())
 
 
+def test_channel_requests_in_flight_together_get_their_own_replies_in_order():
+    async def go():
+        _, _, ch, _ = await _channel_pair(_upper)
+        replies = [ch.send(r, timeout_s=5, max_response_bytes=64) for r in (b"ab", b"boom", b"cd")]  # all written now
+        got = await asyncio.gather(*replies, return_exceptions=True)
+        return got[0], type(got[1]).__name__, got[2], ch.broken
+
+    assert asyncio.run(go()) == (b"AB", "RemoteError", b"CD", None)
+
+
+def test_a_call_given_up_before_its_reply_breaks_the_channel_and_the_calls_behind_it():
+    async def go():
+        _, _, ch, _ = await _channel_pair(_upper)
+        slow = asyncio.ensure_future(ch.send(b"slow", timeout_s=30, max_response_bytes=64))
+        behind = asyncio.ensure_future(ch.send(b"ab", timeout_s=30, max_response_bytes=64))
+        await asyncio.sleep(0.05)
+        slow.cancel()
+        with pytest.raises(PeerError, match="broken"):
+            await behind                  # its reply would be the slow one's
+        with pytest.raises(PeerError, match="broken"):
+            await ch.call(b"cd", timeout_s=5, max_response_bytes=64)
+        return ch.broken
+
+    assert "given up" in asyncio.run(go())
+
+
 def test_channel_to_a_killed_peer_fails_with_peer_error():
     async def go():
         net, server, ch, _ = await _channel_pair(_upper)

@@ -212,7 +212,7 @@ async def serve_channel(handler: UnaryHandler, peer_id: str, reader: asyncio.Str
     try:
         while True:
             try:
-                tag, request = await _within(read_frame(reader, max_bytes=max_request_bytes), idle_timeout_s)
+                tag, request = await within(read_frame(reader, max_bytes=max_request_bytes), idle_timeout_s)
             except (asyncio.TimeoutError, asyncio.IncompleteReadError):
                 return                  # idle, or the caller closed its side
             except PeerError as e:
@@ -241,20 +241,24 @@ async def serve_channel(handler: UnaryHandler, peer_id: str, reader: asyncio.Str
 
 
 if hasattr(asyncio, "timeout"):            # Python 3.11+: a deadline without wait_for's extra task per frame
-    async def _within(aw: Awaitable[Any], timeout_s: float) -> Any:
+    async def within(aw: Awaitable[Any], timeout_s: float) -> Any:
+        """`aw`'s result, or `asyncio.TimeoutError` after `timeout_s`."""
         async with asyncio.timeout(timeout_s):
             return await aw
 else:
-    async def _within(aw: Awaitable[Any], timeout_s: float) -> Any:
+    async def within(aw: Awaitable[Any], timeout_s: float) -> Any:
         return await asyncio.wait_for(aw, timeout_s)
 
 
 class Channel:
     """The caller's side of a channel: `await ch.call(request, timeout_s=..., max_response_bytes=...)`.
 
-    Calls take turns (one request in flight). An ERROR reply is a `RemoteError` and the channel
-    stays usable; a timeout, a cut stream or a malformed frame breaks it for good (a late reply
-    would otherwise answer the next request), and every later call fails at once with `PeerError`.
+    A request is written the moment it is made (`send` writes before it returns) and replies are
+    read in the order the requests went out, which is the order a server answers them in, so
+    several calls may be in flight. An ERROR reply is a `RemoteError` and the channel stays
+    usable; a timeout, a cut stream, a malformed frame or a call given up on before its reply was
+    read breaks it for good (a late reply would otherwise answer the next request), and every
+    later call fails at once with `PeerError`.
     """
 
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *, peer_id: str, name: str):
@@ -262,26 +266,47 @@ class Channel:
         self.name = name
         self._reader = reader
         self._writer = writer
-        self._lock = asyncio.Lock()
+        self._last_turn: asyncio.Future | None = None   # done once the latest request's reply is read
         self.broken: str | None = None      # why the channel can no longer be used
 
     async def call(self, request: bytes, *, timeout_s: float, max_response_bytes: int) -> bytes:
         """One request, one reply (see the class docstring for the errors)."""
+        return await self.send(request, timeout_s=timeout_s, max_response_bytes=max_response_bytes)
+
+    def send(self, request: bytes, *, timeout_s: float, max_response_bytes: int) -> Awaitable[bytes]:
+        """Write `request` now; await the result for its reply (as `call`'s)."""
         where = f"{self.name} at {self.peer_id}"
-        async with self._lock:
-            if self.broken is not None:
-                raise PeerError(f"{where}: the channel is broken ({self.broken})")
+        if self.broken is None:
             try:
-                tag, payload = await _within(self._exchange(request, max_response_bytes), timeout_s)
+                self._writer.write(_HEADER.pack(REQUEST, len(request)) + request)
+            except (ConnectionError, RuntimeError, OSError) as e:
+                self._break(str(e) or type(e).__name__)
+        if self.broken is not None:
+            return _raise(PeerError(f"{where}: the channel is broken ({self.broken})"))
+        before, self._last_turn = self._last_turn, asyncio.get_running_loop().create_future()
+        return self._reply(before, self._last_turn, where, timeout_s, max_response_bytes)
+
+    async def _reply(self, before: asyncio.Future | None, turn: asyncio.Future, where: str, timeout_s: float,
+                     max_response_bytes: int) -> bytes:
+        try:
+            try:
+                tag, payload = await within(self._read_reply(before, where, max_response_bytes), timeout_s)
             except asyncio.TimeoutError:
                 self._break(f"no reply in {timeout_s:.1f} s")
                 raise PeerTimeout(f"{where}: no reply in {timeout_s:.1f} s") from None
             except asyncio.IncompleteReadError:
                 self._break("the stream closed")
                 raise PeerError(f"{where}: the stream closed before the reply") from None
-            except (ConnectionError, RuntimeError, OSError, PeerError) as e:
+            except PeerError:
+                raise                            # the channel is broken already
+            except (ConnectionError, RuntimeError, OSError) as e:
                 self._break(str(e) or type(e).__name__)
                 raise PeerError(f"{where}: {e}") from None
+            except BaseException:               # cancelled: our reply will never be read
+                self._break("a call was given up before its reply")
+                raise
+        finally:
+            turn.set_result(None)
         if tag == DATA:
             return payload
         if tag == ERROR:
@@ -289,19 +314,39 @@ class Channel:
         self._break(f"unexpected frame tag {tag}")
         raise PeerError(f"{where}: unexpected frame tag {tag}")
 
+    async def _read_reply(self, before: asyncio.Future | None, where: str, max_response_bytes: int
+                          ) -> tuple[int, bytes]:
+        await self._writer.drain()
+        if before is not None and not before.done():
+            await asyncio.wait([before])          # not `await before`: cancelling us must not cancel it
+        if self.broken is not None:
+            raise PeerError(f"{where}: the channel is broken ({self.broken})")
+        try:
+            return await read_frame(self._reader, max_bytes=max_response_bytes)
+        except PeerError as e:
+            self._break(str(e))
+            raise PeerError(f"{where}: {e}") from None
+
     async def call_message(self, request: Any, response_cls: type, *, timeout_s: float,
                            max_response_bytes: int = 1 << 20) -> Any:
         """`call` with dataclasses on both sides, as `call_message` is for unary calls."""
-        reply = await self.call(serialize.encode_message(request), timeout_s=timeout_s,
-                                max_response_bytes=max_response_bytes)
-        return decode_reply(reply, response_cls, peer_id=self.peer_id, name=self.name, max_bytes=max_response_bytes)
+        return await self.send_message(request, response_cls, timeout_s=timeout_s,
+                                       max_response_bytes=max_response_bytes)
 
-    async def _exchange(self, request: bytes, max_response_bytes: int) -> tuple[int, bytes]:
-        await write_frame(self._writer, REQUEST, request)
-        return await read_frame(self._reader, max_bytes=max_response_bytes)
+    def send_message(self, request: Any, response_cls: type, *, timeout_s: float,
+                     max_response_bytes: int = 1 << 20) -> Awaitable[Any]:
+        """`send` with dataclasses on both sides: the request is written before this returns."""
+        reply = self.send(serialize.encode_message(request), timeout_s=timeout_s,
+                          max_response_bytes=max_response_bytes)
+
+        async def decoded() -> Any:
+            return decode_reply(await reply, response_cls, peer_id=self.peer_id, name=self.name,
+                                max_bytes=max_response_bytes)
+        return decoded()
 
     def _break(self, why: str) -> None:
-        self.broken = why
+        if self.broken is None:
+            self.broken = why
         self._writer.close()
 
     def close(self) -> None:
@@ -313,6 +358,10 @@ class Channel:
             except (ConnectionError, RuntimeError, OSError):
                 pass
         self._writer.close()
+
+
+async def _raise(error: BaseException) -> Any:
+    raise error
 
 
 # ---- typed messages over unary calls -----------------------------------------------------

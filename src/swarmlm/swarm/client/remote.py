@@ -20,7 +20,7 @@ import os
 import random
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import torch
 
@@ -153,8 +153,12 @@ class RemoteBlocks:
         return Channel(reader, writer, peer_id=peer_id, name=f"{wire.RPC_STEPS} (direct)")
 
     async def call_channel(self, channel: Channel, request: Any, reply_cls: type, *, timeout_s: float) -> Any:
-        return await channel.call_message(request, reply_cls, timeout_s=timeout_s,
-                                          max_response_bytes=self.options.max_response_bytes)
+        return await self.send_channel(channel, request, reply_cls, timeout_s=timeout_s)
+
+    def send_channel(self, channel: Channel, request: Any, reply_cls: type, *, timeout_s: float) -> Awaitable[Any]:
+        """Write `request` on `channel` now; the result awaits its reply."""
+        return channel.send_message(request, reply_cls, timeout_s=timeout_s,
+                                    max_response_bytes=self.options.max_response_bytes)
 
     def dtype_of(self, peer_id: str) -> torch.dtype:
         for s in self._servers:

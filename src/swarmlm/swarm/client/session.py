@@ -34,7 +34,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import Any, Awaitable, Protocol
 
 import torch
 
@@ -61,6 +61,8 @@ class Swarm(Protocol):
     async def open_direct_channel(self, peer_id: str, host: str, port: int, key: bytes, *, timeout_s: float) -> Any: ...
 
     async def call_channel(self, channel: Any, request: Any, reply_cls: type, *, timeout_s: float) -> Any: ...
+
+    def send_channel(self, channel: Any, request: Any, reply_cls: type, *, timeout_s: float) -> Awaitable[Any]: ...
 
     def dtype_of(self, peer_id: str) -> torch.dtype: ...
 
@@ -188,9 +190,9 @@ class InferenceSession:
         # last hop first: the first hop's request wakes a server that may take this very core, so it
         # leaves once everything else is sent (the others only start waiting for their pushes)
         tasks = (ahead or self._send_waiting(position, key_mask)) + [
-            asyncio.ensure_future(self._call_step(hops[0], wire.StepRequest(
+            self._send_step(hops[0], wire.StepRequest(
                 session_id=hops[0].session_id, start=hops[0].hop.start, end=hops[0].hop.end, position=position,
-                hidden=x.to(hops[0].dtype), key_mask=key_mask, push=True)))]
+                hidden=x.to(hops[0].dtype), key_mask=key_mask, push=True))]
         tasks = tasks[-1:] + tasks[:-1]
         try:
             for i, state in enumerate(hops):
@@ -217,9 +219,9 @@ class InferenceSession:
         """The requests of a chained step at `position` to every hop but the first, last hop first:
         each waits at its server for the push of the hop before."""
         hops, last = self.hops, len(self.hops) - 1
-        return [asyncio.ensure_future(self._call_step(st, wire.StepRequest(
+        return [self._send_step(st, wire.StepRequest(
             session_id=st.session_id, start=st.hop.start, end=st.hop.end, position=position,
-            hidden=None, key_mask=key_mask, push=i < last)))
+            hidden=None, key_mask=key_mask, push=i < last))
             for i, st in reversed(list(enumerate(hops))) if i > 0][::-1]
 
     async def _take_ahead(self, key_mask: torch.Tensor | None) -> list[asyncio.Future] | None:
@@ -356,6 +358,13 @@ class InferenceSession:
                                                  timeout_s=self.options.step_timeout_s)
         return await self.swarm.call(state.hop.peer_id, wire.RPC_STEP, req, wire.StepReply,
                                      timeout_s=self.options.step_timeout_s)
+
+    def _send_step(self, state: _HopState, req: wire.StepRequest) -> asyncio.Future:
+        """`_call_step` as a task; on a channel the request is written before this returns."""
+        if state.channel is not None:
+            return asyncio.ensure_future(self.swarm.send_channel(state.channel, req, wire.StepReply,
+                                                                 timeout_s=self.options.step_timeout_s))
+        return asyncio.ensure_future(self._call_step(state, req))
 
     async def _replay(self, states: list[_HopState], inputs: list[torch.Tensor],
                       masks: list[torch.Tensor | None]) -> None:

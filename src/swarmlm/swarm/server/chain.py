@@ -15,6 +15,7 @@ Knows nothing of blocks or caches: host.py checks what arrives and runs it.
 from __future__ import annotations
 
 import asyncio
+from typing import Awaitable
 
 import torch
 
@@ -56,7 +57,7 @@ class Inbox:
         timeout_s = PUSH_WAIT_S if timeout_s is None else timeout_s
         slot = self._slot(position)
         try:
-            hidden = await asyncio.wait_for(slot, timeout_s)
+            hidden = await rpc.within(slot, timeout_s)   # one wake-up (wait_for's takes two)
         except asyncio.TimeoutError:
             raise WireError(f"no input was pushed for position {position} within {timeout_s:.0f} s") from None
         finally:
@@ -108,20 +109,20 @@ class NextLink:
         return cls(hop, rpc.Channel(reader, writer, peer_id=f"{hop.host}:{hop.port}", name="swarm/push"))
 
     def push(self, position: int, hidden: torch.Tensor) -> bool:
-        """Start pushing `hidden` as the input of the next server's step at `position`; False if the
-        link is already broken. The frame is written once the caller yields to the loop."""
+        """Push `hidden` as the input of the next server's step at `position` (written before this
+        returns; a task waits for the acknowledgement); False if the link is already broken."""
         if self.channel.broken is not None:
             return False
         req = wire.StepRequest(session_id=self.hop.session_id, start=self.hop.start, end=self.hop.end,
                                position=position, hidden=hidden, pushed=True)
-        task = asyncio.create_task(self._push(req))
+        task = asyncio.ensure_future(self._acked(self.channel.send_message(req, wire.StepReply, timeout_s=PUSH_ACK_S)))
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
-        return True
+        return self.channel.broken is None
 
-    async def _push(self, req: wire.StepRequest) -> None:
+    async def _acked(self, reply: Awaitable[wire.StepReply]) -> None:
         try:
-            await self.channel.call_message(req, wire.StepReply, timeout_s=PUSH_ACK_S)
+            await reply
         except PeerError as e:
             logger.info("push to %s refused or lost: %s", self.channel.peer_id, e)
 

@@ -265,9 +265,7 @@ class BlockHost:
                 return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]   # (B, T, D)
 
             out = compute() if B * T <= INLINE_STEP_TOKENS else await self._run(compute)
-        pushed = req.push and session.next is not None and session.next.push(req.position, out)
-        if pushed:
-            await asyncio.sleep(0)          # the push task writes its frame now, before our reply
+        pushed = req.push and session.next is not None and session.next.push(req.position, out)  # written now
         return wire.StepReply(hidden=out, pushed=pushed)
 
     async def _deliver(self, session: _Session, req: wire.StepRequest) -> wire.StepReply:
