@@ -19,9 +19,9 @@ fails, the steps still waiting for its push are called off, the step goes on hop
 there, and the session no longer chains.
 
 A step that says more will follow (`more=True`, as the decode loop's do) sends the next step's
-requests to every hop but the first as soon as it ends: they wait at their servers for the
-pushes, and the next step only has to reach the first hop. A next step that cannot use them
-(another position, a key mask) calls them off first.
+request to each hop but the first as soon as the hop before it has replied (the server reads it
+once it has answered this one, then waits for the push), so the next step only has to reach the
+first hop. A next step that cannot use them (another position, a key mask) calls them off first.
 
 Each step tells a server how many positions it should already hold (`position`); a server
 that ran a step whose reply got lost trims back to it, so a retried step is never counted
@@ -185,7 +185,9 @@ class InferenceSession:
         """The step sent to every hop at once: the first gets the hidden states, each pushes its outputs
         to the next, and each replies here (its outputs are the next hop's recorded inputs). On a
         failure the hops still waiting for a push are called off and the step goes on hop by hop.
-        `ahead`: the later hops' requests, already sent; `more`: send the next step's now."""
+        `ahead`: the later hops' requests, already sent. `more`: the next step's request to each later
+        hop leaves once the hop before it has replied (while that hop computes this step: the
+        server reads it when done, and then waits for the next push)."""
         hops, position, last = list(self.hops), self.position, len(self.hops) - 1
         # last hop first: the first hop's request wakes a server that may take this very core, so it
         # leaves once everything else is sent (the others only start waiting for their pushes)
@@ -194,6 +196,8 @@ class InferenceSession:
                 session_id=hops[0].session_id, start=hops[0].hop.start, end=hops[0].hop.end, position=position,
                 hidden=x.to(hops[0].dtype), key_mask=key_mask, push=True))]
         tasks = tasks[-1:] + tasks[:-1]
+        following: list[asyncio.Future] = []          # the next step's, to hops[1:]
+        after = position + x.shape[1]
         try:
             for i, state in enumerate(hops):
                 x_in = x.to(state.dtype)
@@ -202,27 +206,32 @@ class InferenceSession:
                     y = self._checked_output(reply.hidden, x_in, state.hop)
                 except PeerError as e:
                     self.chained = False
+                    await self._call_off(hops[1:1 + len(following)], following, after)
                     await self._call_off(hops[i + 1:], tasks[i + 1:], position)
                     return await self._run_from(self.hops.index(state), x_in, key_mask, first=position == 0, failed=e)
                 state.record(x_in, key_mask)
                 if i < last and not reply.pushed:     # the push did not leave: deliver it ourselves
                     await self._push(hops[i + 1], position, y.to(hops[i + 1].dtype))
+                if more and i < last:
+                    following.append(self._send_waiting_to(i + 1, after, None))
                 x = y
-            if more and self.chained:
-                self._ahead = (self.position, self._send_waiting(self.position, None))
+            if more:
+                self._ahead = (after, following)
             return x
         finally:
             for task in tasks:
                 task.cancel()                         # only the ones still running: none on success
 
     def _send_waiting(self, position: int, key_mask: torch.Tensor | None) -> list[asyncio.Future]:
-        """The requests of a chained step at `position` to every hop but the first, last hop first:
-        each waits at its server for the push of the hop before."""
-        hops, last = self.hops, len(self.hops) - 1
-        return [self._send_step(st, wire.StepRequest(
+        """The requests of a chained step at `position` to every hop but the first, last hop first."""
+        return [self._send_waiting_to(i, position, key_mask) for i in reversed(range(1, len(self.hops)))][::-1]
+
+    def _send_waiting_to(self, i: int, position: int, key_mask: torch.Tensor | None) -> asyncio.Future:
+        """Hop i's request of a chained step at `position`: it waits at the server for hop i-1's push."""
+        st = self.hops[i]
+        return self._send_step(st, wire.StepRequest(
             session_id=st.session_id, start=st.hop.start, end=st.hop.end, position=position,
-            hidden=None, key_mask=key_mask, push=i < last))
-            for i, st in reversed(list(enumerate(hops))) if i > 0][::-1]
+            hidden=None, key_mask=key_mask, push=i < len(self.hops) - 1))
 
     async def _take_ahead(self, key_mask: torch.Tensor | None) -> list[asyncio.Future] | None:
         """The later hops' requests sent ahead for this step, if it can use them; else they are called off."""
