@@ -3,8 +3,9 @@
 Builds a random-weight model of `--preset` (default `small`), starts two `swarmlm serve`
 processes on 127.0.0.1 holding half the blocks each, and compares, in this one run:
 
-- greedy decode tokens/s through the two servers vs the same model in this process (ratio),
-  with decoding steps over encrypted direct channels (the default) and over libp2p streams;
+- greedy decode tokens/s through the two servers vs the same model in this process (ratio: the
+  median of per-round ratios, each round running swarm and local back to back), with decoding
+  steps over encrypted direct channels (the default) and over libp2p streams;
 - time to first token (prompt forward + first token), swarm vs local;
 - aggregate tokens/s of `--clients` concurrent clients (threads sharing one RemoteModel);
 - server start-up, launch to announced (the median of the servers started here);
@@ -13,7 +14,7 @@ processes on 127.0.0.1 holding half the blocks each, and compares, in this one r
 
 Prints one JSON line per result: {"name", "value", "unit"}.
 
-    python bench/swarm_inference.py [--preset small] [--prompt-len 32] [--new-tokens 64] [--repeats 3] [--clients 8]
+    python bench/swarm_inference.py [--preset small] [--prompt-len 32] [--new-tokens 64] [--repeats 7] [--clients 8]
 """
 
 from __future__ import annotations
@@ -59,7 +60,7 @@ def main() -> None:
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="torch threads here and in each server")
     parser.add_argument("--skip-recovery", action="store_true")
@@ -99,30 +100,40 @@ def main() -> None:
 
 def run_pair(model: RemoteModel, local: Transformer, prompt: list[int], args) -> None:
     """Greedy decode through the servers, over direct steps channels and over libp2p streams, against
-    the local model: the three interleaved round by round, so a noisy machine slows all alike."""
+    the local model: the three interleaved round by round, the local run between the two swarm runs
+    (their order alternating), and each ratio is the median of the rounds' ratios, so a noisy
+    machine's drift slows both sides of a ratio alike."""
     stats: dict[str, list] = {"direct": [], "libp2p": [], "local": []}
     same = True
     direct_options = model.blocks.options
     libp2p_options = dataclasses.replace(direct_options,
                                          session=dataclasses.replace(direct_options.session, direct=False))
+    runs = {"direct": lambda: swarm_run(direct_options), "libp2p": lambda: swarm_run(libp2p_options),
+            "local": lambda: timed_stream(stream_generate(local, prompt, max_new_tokens=args.new_tokens))}
+
+    def swarm_run(options):
+        model.blocks.options = options
+        try:
+            return timed_stream(model.stream_generate([prompt], max_new_tokens=args.new_tokens))
+        finally:
+            model.blocks.options = direct_options
+
     for i in range(args.repeats + 1):                     # the first round warms everything up
-        for name, options in (("direct", direct_options), ("libp2p", libp2p_options)):
-            model.blocks.options = options
-            s = timed_stream(model.stream_generate([prompt], max_new_tokens=args.new_tokens))
-            if i:
-                stats[name].append(s)
-        model.blocks.options = direct_options
-        l_ = timed_stream(stream_generate(local, prompt, max_new_tokens=args.new_tokens))
-        same &= all(x[-1][2] == l_[2] for x in (stats["direct"], stats["libp2p"]) if x)
+        order = ("direct", "local", "libp2p") if i % 2 else ("libp2p", "local", "direct")   # local in the middle
+        got = {name: runs[name]() for name in order}
+        same &= got["direct"][2] == got["local"][2] == got["libp2p"][2]
         if i:
-            stats["local"].append(l_)
+            for name, s in got.items():
+                stats[name].append(s)
+    paired = {k: statistics.median(a[1] / b[1] for a, b in zip(stats[k], stats["local"])) for k in ("direct", "libp2p")}
     rate = {k: statistics.median(x[1] for x in v) for k, v in stats.items()}
     ttft = {k: statistics.median(x[0] for x in v) for k, v in stats.items()}
     emit("swarm_2_servers_tokens_per_s", rate["direct"], "tokens/s", identical_tokens=same, steps="direct")
     emit("swarm_2_servers_libp2p_tokens_per_s", rate["libp2p"], "tokens/s", steps="libp2p streams")
     emit("local_tokens_per_s", rate["local"], "tokens/s")
-    emit("swarm_vs_local_tokens_per_s_ratio", rate["direct"] / rate["local"], "ratio", target=0.9)
-    emit("swarm_libp2p_vs_local_tokens_per_s_ratio", rate["libp2p"] / rate["local"], "ratio", target=0.9)
+    emit("swarm_vs_local_tokens_per_s_ratio", paired["direct"], "ratio", target=0.9, of="median of per-round ratios")
+    emit("swarm_libp2p_vs_local_tokens_per_s_ratio", paired["libp2p"], "ratio", target=0.9,
+         of="median of per-round ratios")
     emit("swarm_time_to_first_token", ttft["direct"] * 1000, "ms", prompt_len=args.prompt_len)
     emit("local_time_to_first_token", ttft["local"] * 1000, "ms", prompt_len=args.prompt_len)
     emit("per_token_overhead_swarm_minus_local", (1 / rate["direct"] - 1 / rate["local"]) * 1000, "ms")
