@@ -67,3 +67,14 @@ def test_check_tensor_names_the_problem():
         check_tensor(torch.ones(2, 7), name="hidden", shape=(None, 8))
     with pytest.raises(WireError, match="NaN"):
         check_tensor(torch.tensor([float("nan")]), finite=True)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_finite_values_whose_sum_overflows_pass_the_finite_check(dtype):
+    big = torch.full((8,), torch.finfo(dtype).max, dtype=dtype)
+    assert check_tensor(big, name="h", finite=True) is big
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        t = big.clone()
+        t[3] = bad
+        with pytest.raises(WireError, match="NaN or inf"):
+            check_tensor(t, name="h", finite=True)

@@ -42,6 +42,8 @@ from dataclasses import dataclass
 
 import torch
 
+from swarmlm.compact import compact
+
 RPC_OPEN = "swarm/open"
 RPC_STEP = "swarm/step"
 RPC_CLOSE = "swarm/close"
@@ -91,6 +93,7 @@ class OpenReply:
     pushes: bool = False              # it reached next_hop, and will push outputs there when asked
 
 
+@compact
 @dataclass(frozen=True)
 class StepRequest:
     session_id: bytes
@@ -108,6 +111,7 @@ class StepRequest:
                                            # waits for it (hidden None: make that step fail); nothing runs
 
 
+@compact
 @dataclass(frozen=True)
 class StepReply:
     hidden: torch.Tensor         # (B, T, D) outputs of the span's last block for the new positions
