@@ -14,9 +14,11 @@ Reading order:
     server/announce.py   Announcer: re-announce before expiry, offline on shutdown
     server/serve.py      run_server, serve_from_args (`swarmlm serve`), start_server_process
     client/routing.py    choose_chain: least expected latency over announced servers (pure)
-    client/session.py    InferenceSession: per-hop sessions, chained steps, replay onto replacements
+    client/chained.py    ChainedSteps: a step sent to every hop at once, the next step's requests sent ahead
+    client/session.py    InferenceSession: per-hop sessions, replay onto replacements
     client/remote.py     RemoteBlocks (discovery, routing, forward/backward with failover), SwarmSpan
-    client/model.py      RemoteModel: embeddings and head here, blocks in the swarm; generate_from_args
+    client/model.py      RemoteModel: embeddings and head here, blocks in the swarm, the decode loop on the
+                         client's loop thread (LoopThread.stream); generate_from_args
     finetune.py          Adapters (prompts, deep prompts, LoRA head), lm_loss, finetune (`swarmlm finetune`)
 
 The client side never imports server/, and neither imports collab/, privacy/ or ledger/.
