@@ -163,6 +163,26 @@ def test_a_call_given_up_before_its_reply_breaks_the_channel_and_the_calls_behin
     assert "given up" in asyncio.run(go())
 
 
+def test_a_reply_nobody_awaits_is_still_read_in_its_turn():
+    async def go():
+        _, _, ch, _ = await _channel_pair(_upper)
+        ch.send(b"ab", timeout_s=5, max_response_bytes=64)          # fire and forget
+        return await ch.call(b"cd", timeout_s=5, max_response_bytes=64), ch.broken
+
+    assert asyncio.run(go()) == (b"CD", None)
+
+
+def test_a_call_cancelled_before_it_ran_breaks_the_channel_instead_of_stalling_the_next():
+    async def go():
+        _, _, ch, _ = await _channel_pair(_upper)
+        ch.send(b"ab", timeout_s=30, max_response_bytes=64).cancel()   # the loop never ran it
+        with pytest.raises(PeerError):                                  # at once, not after 30 s
+            await asyncio.wait_for(ch.call(b"cd", timeout_s=30, max_response_bytes=64), 5)
+        return ch.broken
+
+    assert "given up" in asyncio.run(go())
+
+
 def test_channel_to_a_killed_peer_fails_with_peer_error():
     async def go():
         net, server, ch, _ = await _channel_pair(_upper)

@@ -273,8 +273,9 @@ class Channel:
         """One request, one reply (see the class docstring for the errors)."""
         return await self.send(request, timeout_s=timeout_s, max_response_bytes=max_response_bytes)
 
-    def send(self, request: bytes, *, timeout_s: float, max_response_bytes: int) -> Awaitable[bytes]:
-        """Write `request` now; await the result for its reply (as `call`'s)."""
+    def send(self, request: bytes, *, timeout_s: float, max_response_bytes: int,
+             decode: Callable[[bytes], Any] | None = None) -> Awaitable[Any]:
+        """Write `request` now; await the result for its reply (as `call`'s), passed through `decode`."""
         where = f"{self.name} at {self.peer_id}"
         if self.broken is None:
             try:
@@ -283,32 +284,37 @@ class Channel:
                 self._break(str(e) or type(e).__name__)
         if self.broken is not None:
             return _raise(PeerError(f"{where}: the channel is broken ({self.broken})"))
-        before, self._last_turn = self._last_turn, asyncio.get_running_loop().create_future()
-        return self._reply(before, self._last_turn, where, timeout_s, max_response_bytes)
+        turn = asyncio.get_running_loop().create_future()
+        before, self._last_turn = self._last_turn, turn
+        # a task from now on: its reply is read in its turn even if nobody awaits it yet
+        reply = asyncio.ensure_future(self._reply(before, where, timeout_s, max_response_bytes, decode))
 
-    async def _reply(self, before: asyncio.Future | None, turn: asyncio.Future, where: str, timeout_s: float,
-                     max_response_bytes: int) -> bytes:
-        try:
-            try:
-                tag, payload = await within(self._read_reply(before, where, max_response_bytes), timeout_s)
-            except asyncio.TimeoutError:
-                self._break(f"no reply in {timeout_s:.1f} s")
-                raise PeerTimeout(f"{where}: no reply in {timeout_s:.1f} s") from None
-            except asyncio.IncompleteReadError:
-                self._break("the stream closed")
-                raise PeerError(f"{where}: the stream closed before the reply") from None
-            except PeerError:
-                raise                            # the channel is broken already
-            except (ConnectionError, RuntimeError, OSError) as e:
-                self._break(str(e) or type(e).__name__)
-                raise PeerError(f"{where}: {e}") from None
-            except BaseException:               # cancelled: our reply will never be read
+        def settled(task: asyncio.Future) -> None:
+            if task.cancelled():              # given up, maybe before it started: its reply stays unread
                 self._break("a call was given up before its reply")
-                raise
-        finally:
+            else:
+                task.exception()              # whoever awaits it still gets it; nobody else is told
             turn.set_result(None)
+        reply.add_done_callback(settled)
+        return reply
+
+    async def _reply(self, before: asyncio.Future | None, where: str, timeout_s: float,
+                     max_response_bytes: int, decode: Callable[[bytes], Any] | None) -> Any:
+        try:
+            tag, payload = await within(self._read_reply(before, where, max_response_bytes), timeout_s)
+        except asyncio.TimeoutError:
+            self._break(f"no reply in {timeout_s:.1f} s")
+            raise PeerTimeout(f"{where}: no reply in {timeout_s:.1f} s") from None
+        except asyncio.IncompleteReadError:
+            self._break("the stream closed")
+            raise PeerError(f"{where}: the stream closed before the reply") from None
+        except PeerError:
+            raise                            # the channel is broken already
+        except (ConnectionError, RuntimeError, OSError) as e:
+            self._break(str(e) or type(e).__name__)
+            raise PeerError(f"{where}: {e}") from None
         if tag == DATA:
-            return payload
+            return payload if decode is None else decode(payload)
         if tag == ERROR:
             raise RemoteError(f"{where}: {payload.decode('utf-8', 'replace')}")
         self._break(f"unexpected frame tag {tag}")
@@ -336,13 +342,10 @@ class Channel:
     def send_message(self, request: Any, response_cls: type, *, timeout_s: float,
                      max_response_bytes: int = 1 << 20) -> Awaitable[Any]:
         """`send` with dataclasses on both sides: the request is written before this returns."""
-        reply = self.send(serialize.encode_message(request), timeout_s=timeout_s,
-                          max_response_bytes=max_response_bytes)
-
-        async def decoded() -> Any:
-            return decode_reply(await reply, response_cls, peer_id=self.peer_id, name=self.name,
-                                max_bytes=max_response_bytes)
-        return decoded()
+        def decode(reply: bytes) -> Any:
+            return decode_reply(reply, response_cls, peer_id=self.peer_id, name=self.name, max_bytes=max_response_bytes)
+        return self.send(serialize.encode_message(request), timeout_s=timeout_s, max_response_bytes=max_response_bytes,
+                         decode=decode)
 
     def _break(self, why: str) -> None:
         if self.broken is None:
