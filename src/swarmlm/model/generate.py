@@ -2,9 +2,10 @@
 
 Three layers, each usable alone:
 - `sample_next` is pure: logits in, token ids out (randomness only from the generator given).
-- `stream_tokens(step, prompts, ...)` is the decode loop. It knows nothing of where the
-  model runs: `step(ids, key_mask) -> last logits` may run a local model with a KV cache
-  (`local_step`) or remote blocks in the swarm.
+- `TokenLoop` is the decode loop's bookkeeping (the next step's input, sampling, stopping) and
+  `stream_tokens(step, prompts, ...)` drives it. Neither knows where the model runs:
+  `step(ids, key_mask) -> last logits` may run a local model with a KV cache (`local_step`),
+  and the swarm client drives a `TokenLoop` itself, on its event loop.
 - `generate` / `stream_generate` tie them to a local Transformer; `generate_from_args` is the CLI.
 
 Batches of different-length prompts are left padded; each row stops at its first eos.
