@@ -27,6 +27,13 @@ async def _listener(**kwargs):
     return await secure.SecureListener.start("127.0.0.1", _echo_channel, max_record_bytes=(1 << 20) + 16, **kwargs)
 
 
+async def _keyed_channel(listener, peer="alice", *, port=None):
+    """A fresh key, expected by `listener` for `peer`, and a channel under it."""
+    key = secure.new_key()
+    listener.expect(key, peer)
+    return await _channel(listener, key, port=port)
+
+
 async def _channel(listener, key, *, port=None):
     """A channel to `listener` (or through whatever listens on `port`) keyed by `key`."""
     reader, writer = await secure.connect_secure("127.0.0.1", port or listener.port, key, timeout_s=5,
@@ -38,9 +45,7 @@ def test_an_expected_key_opens_a_channel_that_names_the_key_sender():
     async def go():
         listener = await _listener()
         try:
-            key = secure.new_key()
-            listener.expect(key, "alice")
-            channel = await _channel(listener, key)
+            channel = await _keyed_channel(listener)
             assert await channel.call(b"hi", timeout_s=5, max_response_bytes=1 << 20) == b"alice:hi"
             with pytest.raises(RemoteError, match="asked to fail"):
                 await channel.call(b"fail", timeout_s=5, max_response_bytes=1 << 20)
@@ -157,9 +162,7 @@ def test_a_tampered_record_breaks_the_connection_and_nothing_forged_is_served():
         tap = _Tap(listener.port, flip_after_hello)
         port = await tap.start()
         try:
-            key = secure.new_key()
-            listener.expect(key, "alice")
-            channel = await _channel(listener, key, port=port)
+            channel = await _keyed_channel(listener, port=port)
             with pytest.raises(PeerError):
                 await channel.call(b"transfer 10 coins", timeout_s=5, max_response_bytes=1 << 20)
             assert served == []
@@ -209,9 +212,7 @@ def test_an_oversized_record_is_refused_before_it_is_read():
 def test_a_listener_killed_mid_channel_is_a_peer_error_at_the_caller():
     async def go():
         listener = await _listener()
-        key = secure.new_key()
-        listener.expect(key, "alice")
-        channel = await _channel(listener, key)
+        channel = await _keyed_channel(listener)
         assert await channel.call(b"one", timeout_s=5, max_response_bytes=1 << 20) == b"alice:one"
         listener.abort()
         await asyncio.sleep(0.05)

@@ -9,12 +9,17 @@ PROMPT = [5, 17, 42, 99, 3, 250]
 BATCH = [[5, 17, 42], [7, 8, 9, 10, 11, 12, 13], [300]]
 
 
+def two_halves(swarm, ckpt):
+    """Two servers holding blocks 0:2 and 2:4 of `ckpt`, and a client model over them."""
+    swarm.add_server(ckpt, (0, 2))
+    swarm.add_server(ckpt, (2, 4))
+    return swarm.remote_model(ckpt)
+
+
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_two_half_servers_generate_like_local(swarm, checkpoints, family):
     ckpt = checkpoints[family]
-    swarm.add_server(ckpt, (0, 2))
-    swarm.add_server(ckpt, (2, 4))
-    model = swarm.remote_model(ckpt)
+    model = two_halves(swarm, ckpt)
 
     out = model.generate(PROMPT, max_new_tokens=12)
 
@@ -34,9 +39,7 @@ def test_one_server_with_every_block_generates_like_local(swarm, checkpoints):
 @pytest.mark.parametrize("family", ["gpt2", "llama"])
 def test_batch_of_prompts_of_different_lengths_generates_like_local(swarm, checkpoints, family):
     ckpt = checkpoints[family]
-    swarm.add_server(ckpt, (0, 2))
-    swarm.add_server(ckpt, (2, 4))
-    model = swarm.remote_model(ckpt)
+    model = two_halves(swarm, ckpt)
 
     out = model.generate(BATCH, max_new_tokens=10)
 
@@ -50,9 +53,7 @@ def test_servers_without_a_steps_channel_are_stepped_by_unary_calls(swarm, check
         return None                          # an older server: no steps channel
     monkeypatch.setattr(MemoryPeer, "add_raw_stream_handler", no_raw_streams)
     ckpt = checkpoints["llama"]
-    swarm.add_server(ckpt, (0, 2))
-    swarm.add_server(ckpt, (2, 4))
-    model = swarm.remote_model(ckpt)
+    model = two_halves(swarm, ckpt)
 
     out = model.generate(PROMPT, max_new_tokens=12)
 
@@ -62,9 +63,7 @@ def test_servers_without_a_steps_channel_are_stepped_by_unary_calls(swarm, check
 
 def test_direct_steps_channels_generate_like_local(direct_swarm, checkpoints):
     ckpt = checkpoints["llama"]
-    direct_swarm.add_server(ckpt, (0, 2))
-    direct_swarm.add_server(ckpt, (2, 4))
-    model = direct_swarm.remote_model(ckpt)
+    model = two_halves(direct_swarm, ckpt)
 
     out = model.generate(BATCH, max_new_tokens=10)
 
@@ -78,9 +77,7 @@ def test_a_server_whose_push_did_not_leave_is_relayed_by_the_client(direct_swarm
     from swarmlm.swarm.server import chain
     monkeypatch.setattr(chain.NextLink, "push", lambda self, position, hidden: False)   # a link broken after open
     ckpt = checkpoints["llama"]
-    direct_swarm.add_server(ckpt, (0, 2))
-    direct_swarm.add_server(ckpt, (2, 4))
-    model = direct_swarm.remote_model(ckpt)
+    model = two_halves(direct_swarm, ckpt)
 
     out = model.generate(PROMPT, max_new_tokens=12)
 
@@ -108,9 +105,7 @@ def test_steps_sent_ahead_to_the_later_hops_are_used_or_called_off(direct_swarm,
     import torch
 
     ckpt = checkpoints["llama"]
-    direct_swarm.add_server(ckpt, (0, 2))
-    direct_swarm.add_server(ckpt, (2, 4))
-    model = direct_swarm.remote_model(ckpt)
+    model = two_halves(direct_swarm, ckpt)
     local = local_model(ckpt)
     h = torch.randn(1, 5, local.cfg.dim, generator=torch.Generator().manual_seed(0))
     session = model.inference_session(batch=1, max_length=16).session

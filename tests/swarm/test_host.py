@@ -602,3 +602,17 @@ def test_a_step_waiting_for_a_push_fails_cleanly_when_its_session_closes(full):
         return await h.step(other, torch.randn(1, 1, D), 0)
 
     assert run(go()).shape == (1, 1, D)
+
+
+@pytest.mark.parametrize("position", [-1, 10_000])
+def test_a_step_waiting_for_a_push_at_a_position_out_of_range_is_refused_at_once(full, position):
+    async def go():
+        h = await Harness(full).start()
+        sid = await h.open()
+        with pytest.raises(RemoteError, match="the session allows"):
+            await asyncio.wait_for(h.step(sid, None, position), 5)       # not after the 30 s push wait
+        good = torch.randn(1, 1, D)
+        return await h.step(sid, good, 0), full.run_blocks(good, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

@@ -231,6 +231,7 @@ class BlockHost:
         if req.pushed:
             return await self._deliver(session, req)
         if req.hidden is None:
+            self._check_push_position(session, req.position)     # before a 30 s wait, not after
             hidden = await session.inbox.wait(req.position)      # checked by _deliver when it arrived
         else:
             session.inbox.forget_delivered()
@@ -273,11 +274,15 @@ class BlockHost:
         for it runs before the pusher gets its acknowledgement (nobody waits for that)."""
         if req.hidden is not None:
             self._check_hidden(req.hidden, batch=session.batch)
-        if not 0 <= req.position < session.max_length:
-            raise WireError(f"a push for position {req.position}; the session allows {session.max_length}")
+        self._check_push_position(session, req.position)
         session.inbox.deliver(req.position, req.hidden)
         await asyncio.sleep(0)
         return wire.StepReply(hidden=_NOTHING)
+
+    @staticmethod
+    def _check_push_position(session: _Session, position: int) -> None:
+        if not 0 <= position < session.max_length:
+            raise WireError(f"a pushed input for position {position}; the session allows {session.max_length}")
 
     async def rpc_close(self, peer_id: str, req: wire.CloseRequest) -> wire.CloseReply:
         closed = self._drop((peer_id, req.session_id))
