@@ -167,11 +167,15 @@ def _write_tensor(t: Any, parts: list) -> None:
     shape = t.shape
     if len(shape) > _MAX_NDIM:
         raise WireError(f"a tensor of rank {len(shape)} cannot be sent")
+    parts += (_TENSOR_HEAD.pack(code, len(shape)), _SHAPES[len(shape)].pack(*shape), raw_bytes(t))
+
+
+def raw_bytes(t: torch.Tensor) -> bytes:
+    """`t`'s elements as little-endian bytes in C order (serialize.py's tensors use it too)."""
     try:
-        raw = t.numpy().tobytes()       # C order whatever the strides: the common case is this one call
+        return t.numpy().tobytes()      # C order whatever the strides: the common case is this one call
     except (TypeError, RuntimeError):   # bfloat16, on a GPU, or requiring grad
-        raw = t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
-    parts += (_TENSOR_HEAD.pack(code, len(shape)), _SHAPES[len(shape)].pack(*shape), raw)
+        return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
 def _read_tensor(view: memoryview, at: int, max_bytes: int) -> tuple[torch.Tensor, int]:

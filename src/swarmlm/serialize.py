@@ -54,18 +54,7 @@ def parse_dtype(name: Any) -> torch.dtype:
 
 def tensor_to_bytes(t: torch.Tensor) -> bytes:
     """dtype + shape + raw bytes, as one msgpack array."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    if not t.is_contiguous():
-        t = t.contiguous()
-    if not t.numel():
-        raw = b""
-    elif t.dtype in _NUMPY_DTYPES:       # straight to bytes: the common case costs one call
-        raw = t.numpy().tobytes()
-    else:
-        raw = t.reshape(-1).view(torch.uint8).numpy().tobytes()
-    return msgpack.packb([dtype_name(t.dtype), list(t.shape), raw], use_bin_type=True)
+    return msgpack.packb([dtype_name(t.dtype), list(t.shape), compact.raw_bytes(t)], use_bin_type=True)
 
 
 def tensor_from_bytes(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> torch.Tensor:
