@@ -6,6 +6,10 @@ processes on 127.0.0.1 holding half the blocks each, and compares, in this one r
 - greedy decode tokens/s through the two servers vs the same model in this process (ratio: the
   median of per-round ratios, each round running swarm and local back to back), with decoding
   steps over encrypted direct channels (the default) and over libp2p streams;
+- the same against the ideal two-server pipeline (ideal_pipeline.py: the same halves in two
+  processes, raw bytes over OS pipes, nothing else): its ratio to local is the most any
+  two-server swarm can reach on this machine, and the swarm's ratio to it is what the swarm's
+  own protocol costs;
 - time to first token (prompt forward + first token), swarm vs local;
 - aggregate tokens/s of `--clients` concurrent clients (threads sharing one RemoteModel);
 - server start-up, launch to announced (the median of the servers started here);
@@ -31,6 +35,7 @@ from pathlib import Path
 
 import torch
 
+from ideal_pipeline import IdealPipeline
 from swarmlm.model.config import PRESETS
 from swarmlm.model.generate import stream_generate
 from swarmlm.model.hf import load_model, save_model
@@ -85,8 +90,9 @@ def main() -> None:
             servers += [a, b]
             emit("server_startup_launch_to_announced", statistics.median([a.ready_after_s, b.ready_after_s]), "s",
                  preset=args.preset, target_s=4.0)
-            with RemoteModel.connect(str(ckpt), initial_peers=a.maddrs) as model:
-                run_pair(model, local, prompt, args)
+            with RemoteModel.connect(str(ckpt), initial_peers=a.maddrs) as model, \
+                    IdealPipeline(str(ckpt), n, threads=args.threads) as ideal:
+                run_pair(model, local, ideal, prompt, args)
                 run_clients(model, prompt, args)
                 if not args.skip_recovery:
                     c = start_server_process(str(ckpt), blocks=(n // 2, n), initial_peers=a.maddrs,
@@ -98,18 +104,19 @@ def main() -> None:
                 s.stop()
 
 
-def run_pair(model: RemoteModel, local: Transformer, prompt: list[int], args) -> None:
+def run_pair(model: RemoteModel, local: Transformer, ideal: IdealPipeline, prompt: list[int], args) -> None:
     """Greedy decode through the servers, over direct steps channels and over libp2p streams, against
-    the local model: the three interleaved round by round, the local run between the two swarm runs
-    (their order alternating), and each ratio is the median of the rounds' ratios, so a noisy
-    machine's drift slows both sides of a ratio alike."""
-    stats: dict[str, list] = {"direct": [], "libp2p": [], "local": []}
+    the local model and the ideal pipeline: the four interleaved round by round, local and ideal
+    between the two swarm runs (their orders alternating), and each ratio is the median of the
+    rounds' ratios, so a noisy machine's drift slows both sides of a ratio alike."""
+    stats: dict[str, list] = {"direct": [], "libp2p": [], "local": [], "ideal": []}
     same = True
     direct_options = model.blocks.options
     libp2p_options = dataclasses.replace(direct_options,
                                          session=dataclasses.replace(direct_options.session, direct=False))
     runs = {"direct": lambda: swarm_run(direct_options), "libp2p": lambda: swarm_run(libp2p_options),
-            "local": lambda: timed_stream(stream_generate(local, prompt, max_new_tokens=args.new_tokens))}
+            "local": lambda: timed_stream(stream_generate(local, prompt, max_new_tokens=args.new_tokens)),
+            "ideal": lambda: timed_stream(ideal.stream_generate(local, prompt, max_new_tokens=args.new_tokens))}
 
     def swarm_run(options):
         model.blocks.options = options
@@ -119,25 +126,35 @@ def run_pair(model: RemoteModel, local: Transformer, prompt: list[int], args) ->
             model.blocks.options = direct_options
 
     for i in range(args.repeats + 1):                     # the first round warms everything up
-        order = ("direct", "local", "libp2p") if i % 2 else ("libp2p", "local", "direct")   # local in the middle
+        middle = ("local", "ideal") if i % 2 else ("ideal", "local")
+        order = ("direct", *middle, "libp2p") if i % 2 else ("libp2p", *middle, "direct")
         got = {name: runs[name]() for name in order}
-        same &= got["direct"][2] == got["local"][2] == got["libp2p"][2]
+        same &= got["direct"][2] == got["local"][2] == got["libp2p"][2] == got["ideal"][2]
         if i:
             for name, s in got.items():
                 stats[name].append(s)
-    paired = {k: statistics.median(a[1] / b[1] for a, b in zip(stats[k], stats["local"])) for k in ("direct", "libp2p")}
+    def paired(k: str, base: str) -> float:
+        return statistics.median(a[1] / b[1] for a, b in zip(stats[k], stats[base]))
+
     rate = {k: statistics.median(x[1] for x in v) for k, v in stats.items()}
     ttft = {k: statistics.median(x[0] for x in v) for k, v in stats.items()}
     emit("swarm_2_servers_tokens_per_s", rate["direct"], "tokens/s", identical_tokens=same, steps="direct")
     emit("swarm_2_servers_libp2p_tokens_per_s", rate["libp2p"], "tokens/s", steps="libp2p streams")
     emit("local_tokens_per_s", rate["local"], "tokens/s")
-    emit("swarm_vs_local_tokens_per_s_ratio", paired["direct"], "ratio", target=0.9, of="median of per-round ratios")
-    emit("swarm_libp2p_vs_local_tokens_per_s_ratio", paired["libp2p"], "ratio", target=0.9,
+    emit("ideal_pipeline_tokens_per_s", rate["ideal"], "tokens/s")
+    emit("swarm_vs_local_tokens_per_s_ratio", paired("direct", "local"), "ratio", target=0.9,
          of="median of per-round ratios")
+    emit("swarm_libp2p_vs_local_tokens_per_s_ratio", paired("libp2p", "local"), "ratio", target=0.9,
+         of="median of per-round ratios")
+    emit("ideal_pipeline_vs_local_tokens_per_s_ratio", paired("ideal", "local"), "ratio",
+         of="median of per-round ratios", meaning="the most a two-server swarm can reach on this machine")
+    emit("swarm_vs_ideal_pipeline_tokens_per_s_ratio", paired("direct", "ideal"), "ratio",
+         of="median of per-round ratios", meaning="what the swarm's protocol keeps of the ideal")
     emit("swarm_time_to_first_token", ttft["direct"] * 1000, "ms", prompt_len=args.prompt_len)
     emit("local_time_to_first_token", ttft["local"] * 1000, "ms", prompt_len=args.prompt_len)
     emit("per_token_overhead_swarm_minus_local", (1 / rate["direct"] - 1 / rate["local"]) * 1000, "ms")
     emit("per_token_overhead_libp2p_minus_local", (1 / rate["libp2p"] - 1 / rate["local"]) * 1000, "ms")
+    emit("per_token_overhead_swarm_minus_ideal", (1 / rate["direct"] - 1 / rate["ideal"]) * 1000, "ms")
 
 
 def run_clients(model: RemoteModel, prompt: list[int], args) -> None:
