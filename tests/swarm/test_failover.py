@@ -11,8 +11,9 @@ from tests.helpers.swarm_servers import local_model
 PROMPT = [5, 17, 42, 99, 3, 250]
 
 
-def generate_killing(swarm, model, *, after: int, victims, max_new_tokens: int = 12, prompts=None):
-    """Generate, killing whichever of `victims` the session uses after `after` tokens; returns the tokens."""
+def generate_killing(swarm, model, *, after: int, victims, max_new_tokens: int = 12, prompts=None, on_kill=None):
+    """Generate, killing whichever of `victims` the session uses after `after` tokens (calling
+    `on_kill(session)` first); returns the tokens."""
     prompts = prompts or [PROMPT]
     rows = [[] for _ in prompts]
     for i, tokens in enumerate(model.stream_generate(prompts, max_new_tokens=max_new_tokens)):
@@ -21,6 +22,8 @@ def generate_killing(swarm, model, *, after: int, victims, max_new_tokens: int =
                 row.append(t)
         if i + 1 == after:
             session = model.last_session
+            if on_kill is not None:
+                on_kill(session)
             used = {h.peer_id for h in session.chain}
             for peer_id in victims:
                 if peer_id in used:
@@ -51,15 +54,22 @@ def test_a_killed_server_of_a_chained_session_is_replaced_with_identical_tokens(
     victims = [direct_swarm.add_server(ckpt, spans[killed]) for _ in range(2)]
     model = direct_swarm.remote_model(ckpt)
 
-    rows = generate_killing(direct_swarm, model, after=5, victims=victims)
+    chained_before = []
+    rows = generate_killing(direct_swarm, model, after=5, victims=victims,
+                            on_kill=lambda s: chained_before.append(s.chained_steps))
 
     assert rows[0] == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
     session = model.last_session
-    assert session.recoveries == 1 and not session.chained      # after a failover, steps go hop by hop
+    assert session.recoveries == 1
     assert all(state.channel.name.endswith("(direct)") for state in session.hops)
+    # re-linked around the replacement: the steps after the failed one went chained again
+    assert session.chained and all(state.pushes for state in session.hops[:-1])
+    assert session.chained_steps >= chained_before[0] + 12 - 5 - 2
 
 
-def test_a_lost_server_may_be_replaced_by_two_smaller_ones(swarm, checkpoints):
+@pytest.mark.parametrize("kind", ["swarm", "direct_swarm"])
+def test_a_lost_server_may_be_replaced_by_two_smaller_ones(kind, request, checkpoints):
+    swarm = request.getfixturevalue(kind)
     ckpt = checkpoints["gpt2"]
     swarm.add_server(ckpt, (0, 1))
     whole = swarm.add_server(ckpt, (1, 4))
@@ -72,11 +82,16 @@ def test_a_lost_server_may_be_replaced_by_two_smaller_ones(swarm, checkpoints):
             swarm.add_server(ckpt, (1, 3))
             swarm.add_server(ckpt, (3, 4))
         if i == 3:
+            chained_before = model.last_session.chained_steps
             swarm.kill(whole)
     got = [[t[r] for t in rows if t[r] is not None] for r in range(3)]
 
     assert got == generate(local_model(ckpt), batch, max_new_tokens=10)
-    assert model.last_session.recoveries == 1 and len(model.last_session.chain) == 3
+    session = model.last_session
+    assert session.recoveries == 1 and len(session.chain) == 3
+    if kind == "direct_swarm":           # the three re-chained: the two new ones, and the first into them
+        assert all(state.pushes for state in session.hops[:-1])
+        assert session.chained_steps >= chained_before + 10 - 4 - 2
 
 
 def test_no_replacement_fails_naming_the_missing_blocks(swarm, checkpoints):

@@ -616,3 +616,67 @@ def test_a_step_waiting_for_a_push_at_a_position_out_of_range_is_refused_at_once
 
     got, want = run(go())
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# ---- re-linking a chain around a replaced server ------------------------------------------------------
+
+def test_link_makes_a_session_push_to_a_new_next_hop_that_expects_it(full):
+    """Session a pushes into session b (both here): linked once, then re-linked under a fresh key
+    as after a failover (b expects a new pusher, a is pointed at it)."""
+    async def go():
+        h = await Harness(full).start(direct_host="127.0.0.1")
+        a, b = await h.open(), os.urandom(16)
+        opened = await h.call(wire.RPC_OPEN, wire.OpenRequest(b, 0, 2, 1, 16, push_key=secure.new_key()),
+                              wire.OpenReply)
+        x = torch.randn(1, 2, D)
+        outs = []
+        for position in range(2):
+            key = secure.new_key()
+            into = await h.call(wire.RPC_LINK, wire.LinkRequest(b, push_key=key), wire.LinkReply)
+            assert (into.direct_host, into.direct_port) == (opened.direct_host, opened.direct_port)
+            hop = wire.NextHop(into.direct_host, into.direct_port, key, b, 0, 2)
+            linked = await h.call(wire.RPC_LINK, wire.LinkRequest(a, next_hop=hop), wire.LinkReply)
+            assert linked.pushes
+            waiting = asyncio.create_task(h.step(b, None, position))
+            reply = await h.call(wire.RPC_STEP, wire.StepRequest(a, 0, 2, position, x[:, position:position + 1],
+                                                                 push=True), wire.StepReply)
+            assert reply.pushed
+            outs.append(await asyncio.wait_for(waiting, 10))
+        return torch.cat(outs, dim=1), full.run_blocks(full.run_blocks(x, start=0, end=2), start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("case", ["unknown session", "short push key", "malformed next hop", "no listener"])
+def test_a_bad_link_gets_an_error_reply_and_the_session_goes_on(full, case):
+    async def go():
+        h = await Harness(full).start(direct_host=None if case == "no listener" else "127.0.0.1")
+        sid = await h.open()
+        hop = wire.NextHop("127.0.0.1", 0, secure.new_key(), os.urandom(16), 2, 4)
+        req = {"unknown session": wire.LinkRequest(os.urandom(16), push_key=secure.new_key()),
+               "short push key": wire.LinkRequest(sid, push_key=b"short"),
+               "malformed next hop": wire.LinkRequest(sid, next_hop=hop),
+               "no listener": wire.LinkRequest(sid, push_key=secure.new_key())}[case]
+        with pytest.raises(RemoteError):
+            await h.call(wire.RPC_LINK, req, wire.LinkReply)
+        good = torch.randn(1, 1, D)
+        return await h.step(sid, good, 0), full.run_blocks(good, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_link_to_an_unreachable_next_hop_leaves_a_session_that_does_not_push(full):
+    async def go():
+        h = await Harness(full).start(direct_host="127.0.0.1")
+        sid = await h.open()
+        hop = wire.NextHop("127.0.0.1", 1, secure.new_key(), os.urandom(16), 2, 4)
+        linked = await h.call(wire.RPC_LINK, wire.LinkRequest(sid, next_hop=hop), wire.LinkReply)
+        good = torch.randn(1, 1, D)
+        reply = await h.call(wire.RPC_STEP, wire.StepRequest(sid, 0, 2, 0, good, push=True), wire.StepReply)
+        return linked.pushes, reply.pushed, reply.hidden, full.run_blocks(good, start=0, end=2)
+
+    pushes, pushed, got, want = run(go())
+    assert not pushes and not pushed
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)

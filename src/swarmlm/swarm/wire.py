@@ -22,6 +22,9 @@ states (`push=True`), the others with none: each server pushes its outputs strai
 (over a direct connection keyed by that session's `push_key`) and replies to the client too, so
 the client keeps every hop's inputs for failover, but waits for no hop in between. A step
 waiting for a push that never comes is ended by the client (a `pushed` step with no hidden).
+    link  -> LinkRequest / LinkReply      after a failover, re-chain the servers next to the
+                                          replacement: the one after it expects a new pusher
+                                          (`push_key`), the one before it pushes to it (`next_hop`)
 Stateless, for training and evaluation:
     forward  -> SpanForwardRequest / SpanForwardReply
     backward -> SpanBackwardRequest / SpanBackwardReply  (gradients w.r.t. the inputs and deep prompts)
@@ -50,7 +53,8 @@ RPC_CLOSE = "swarm/close"
 RPC_FORWARD = "swarm/forward"
 RPC_BACKWARD = "swarm/backward"
 RPC_INFO = "swarm/info"
-RPC_NAMES = (RPC_OPEN, RPC_STEP, RPC_CLOSE, RPC_FORWARD, RPC_BACKWARD, RPC_INFO)
+RPC_LINK = "swarm/link"
+RPC_NAMES = (RPC_OPEN, RPC_STEP, RPC_CLOSE, RPC_FORWARD, RPC_BACKWARD, RPC_INFO, RPC_LINK)
 RPC_STEPS = "swarm/steps"        # a channel (raw stream) of StepRequest -> StepReply frames
 
 SESSION_ID_BYTES = 16            # a random id the client picks; the server scopes it by the caller's peer ID
@@ -117,6 +121,20 @@ class StepReply:
     hidden: torch.Tensor         # (B, T, D) outputs of the span's last block for the new positions
                                  # (empty for a `pushed` step)
     pushed: bool = False         # the outputs went to the next hop too
+
+
+@dataclass(frozen=True)
+class LinkRequest:
+    session_id: bytes
+    push_key: bytes | None = None     # as OpenRequest.push_key: a new previous server will push in under it
+    next_hop: NextHop | None = None   # push outputs here from now on (the old next hop is dropped)
+
+
+@dataclass(frozen=True)
+class LinkReply:
+    direct_host: str | None = None    # where the new previous server dials in (None: no direct listener)
+    direct_port: int = 0
+    pushes: bool = False              # the server reaches its next hop (the new one, or the one it had)
 
 
 @dataclass(frozen=True)

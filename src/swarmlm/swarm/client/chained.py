@@ -4,8 +4,9 @@ Where every server was reached directly and the chain was opened back to front (
 told how to reach the next, wire.py's `NextHop`), a step is chained: sent to every hop at once,
 the first with the hidden states, each server pushing its outputs to the next itself. The
 client still receives every hop's outputs (the next hop's inputs, kept for replay); when a hop
-fails, the steps still waiting for its push are called off, the step goes on hop by hop from
-there (session.py's failover), and the session no longer chains.
+fails, the steps still waiting for its push are called off and the step goes on hop by hop from
+there (session.py's failover, which re-links the chain around the replacement, so the next step
+is chained again).
 
 A step that says more will follow (`more=True`, as the decode loop's do) sends the next step's
 request to each hop but the first as soon as the hop before it has replied (the server reads it
@@ -39,6 +40,7 @@ class ChainedSteps:
 
     hops: list[Any]
     chained: bool
+    chained_steps: int
     _ahead: tuple[int, list[asyncio.Future]] | None
 
     def _can_chain(self, first: bool) -> bool:
@@ -82,6 +84,7 @@ class ChainedSteps:
                 x = y
             if more:
                 self._ahead = (after, following)
+            self.chained_steps += 1
             return x
         finally:
             for task in tasks:

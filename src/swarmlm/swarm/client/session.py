@@ -13,6 +13,10 @@ would have been. Then the step goes on. With no replacement the `Swarm` raises
 
 Where every server was reached directly and the chain was opened back to front (each server
 told how to reach the next, wire.py's `NextHop`), a step is chained instead (client/chained.py).
+A failover re-links such a chain: the replacement is opened back to front too, pushing into the
+server after it (which is told to expect it, under a fresh key), and the server before it is told
+to push into the replacement (`RPC_LINK`). A link that cannot be made leaves the chain stepping
+hop by hop.
 
 Each step tells a server how many positions it should already hold (`position`); a server
 that ran a step whose reply got lost trims back to it, so a retried step is never counted
@@ -107,7 +111,8 @@ class InferenceSession(ChainedSteps):
         self.recoveries = 0               # failovers so far
         self.last_failure: str | None = None
         self.closed = False
-        self.chained = options.chain      # steps go to every hop at once; off after the first failover
+        self.chained = options.chain      # steps go to every hop at once (off while a failover re-links)
+        self.chained_steps = 0            # steps that went to every hop at once
         self._ahead: tuple[int, list[asyncio.Future]] | None = None  # (position, steps sent to hops[1:] for it)
 
     @classmethod
@@ -197,23 +202,66 @@ class InferenceSession(ChainedSteps):
         self.swarm.session_opened(failed.hop.peer_id, -1)
         _close_channel(failed)
         deadline = time.monotonic() + self.options.recovery_timeout_s
-        self.hops[i:i + 1] = await self._open_chain(failed.hop.start, failed.hop.end, deadline=deadline,
-                                                    history=(failed.inputs, failed.masks))
+        before = self.hops[i - 1] if i > 0 else None
+        after = self.hops[i + 1] if i + 1 < len(self.hops) else None
+        link = self.options.chain and self.options.direct
+        into = await self._expect_pusher(after) if link and after is not None and after.next_hop else None
+        replaced = await self._open_chain(failed.hop.start, failed.hop.end, deadline=deadline,
+                                          history=(failed.inputs, failed.masks), link=link, next_hop=into,
+                                          pushed_into=link and before is not None)
+        self.hops[i:i + 1] = replaced
+        if before is not None:
+            before.pushes = link and await self._push_to(before, replaced[0].next_hop)
         self.recoveries += 1
+        self.chained = link              # _can_chain still asks every link and channel
+
+    async def _expect_pusher(self, state: _HopState) -> wire.NextHop | None:
+        """Tell `state`'s server a new server will push into it, under a fresh key: how to reach it
+        (None where it cannot be: a failure here shows in its next step)."""
+        key = secure.new_key()
+        try:
+            reply = await self.swarm.call(state.hop.peer_id, wire.RPC_LINK,
+                                          wire.LinkRequest(session_id=state.session_id, push_key=key),
+                                          wire.LinkReply, timeout_s=self.options.open_timeout_s)
+        except PeerError as e:
+            logger.info("%s cannot take pushes from a replacement: %s", state.hop.peer_id, e)
+            return None
+        if reply.direct_host is None or not reply.direct_port:
+            return None
+        return wire.NextHop(host=reply.direct_host, port=reply.direct_port, key=key, session_id=state.session_id,
+                            start=state.hop.start, end=state.hop.end)
+
+    async def _push_to(self, state: _HopState, hop: wire.NextHop | None) -> bool:
+        """Have `state`'s server push its outputs to `hop` from now on; whether it can."""
+        if hop is None:
+            return False
+        try:
+            reply = await self.swarm.call(state.hop.peer_id, wire.RPC_LINK,
+                                          wire.LinkRequest(session_id=state.session_id, next_hop=hop),
+                                          wire.LinkReply, timeout_s=self.options.open_timeout_s)
+        except PeerError as e:
+            logger.info("%s cannot push to its replaced next server: %s", state.hop.peer_id, e)
+            return False
+        return reply.pushes
 
     async def _open_chain(self, start: int, end: int, *, deadline: float,
-                          history: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None) -> list[_HopState]:
-        """Open sessions on a chain covering [start, end) and replay `history` into them, retrying on failures."""
+                          history: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None,
+                          link: bool | None = None, next_hop: wire.NextHop | None = None,
+                          pushed_into: bool = False) -> list[_HopState]:
+        """Open sessions on a chain covering [start, end) and replay `history` into them, retrying on
+        failures. `link`: each server is told the next (default: the session chains); `next_hop`: where
+        the last one pushes; `pushed_into`: the server before the first will push into it."""
+        link = self.chained if link is None else link
         while True:
             wait_s = min(self.options.replacement_wait_s, max(0.0, deadline - time.monotonic()))
             hops = await self.swarm.route(start, end, banned=self.banned,
                                           need_cache_tokens=self.batch * self.max_length, wait_s=wait_s)
             states: list[_HopState] = []
             try:
-                link = self.chained and history is None and len(hops) > 1
                 for j in reversed(range(len(hops))):        # back to front: each server learns the next
-                    nxt = states[0].next_hop if states and link else None
-                    states.insert(0, await self._open(hops[j], next_hop=nxt, pushed_into=link and j > 0))
+                    nxt = (states[0].next_hop if states else next_hop) if link else None
+                    states.insert(0, await self._open(hops[j], next_hop=nxt,
+                                                      pushed_into=link and (j > 0 or pushed_into)))
                 if history is not None and history[0]:
                     await self._replay(states, *history)
                 return states

@@ -123,6 +123,7 @@ class BlockHost:
             wire.RPC_FORWARD: (wire.SpanForwardRequest, self.rpc_forward),
             wire.RPC_BACKWARD: (wire.SpanBackwardRequest, self.rpc_backward),
             wire.RPC_INFO: (wire.InfoRequest, self.rpc_info),
+            wire.RPC_LINK: (wire.LinkRequest, self.rpc_link),
         }
         for name, (cls, fn) in handlers.items():
             await peer.add_handler(name, message_handler(cls, fn, max_request_bytes=limit), max_request_bytes=limit)
@@ -203,15 +204,7 @@ class BlockHost:
         session = self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache)
         self.on_change()
         if req.next_hop is not None:
-            try:
-                link = await NextLink.connect(req.next_hop, max_response_bytes=1 << 16)
-            except PeerError as e:
-                logger.info("cannot reach the next hop of a session of %s: %s", peer_id, e)
-            else:
-                if self._sessions.get(key) is session:
-                    session.next = link
-                else:
-                    link.close()                 # the session was closed while we dialed
+            await self._link_next(key, session, req.next_hop)
         reply = wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype),
                                pushes=session.next is not None)
         if self.listener is None:
@@ -220,6 +213,41 @@ class BlockHost:
             if k is not None:
                 self.listener.expect(k, peer_id)     # a connection under either speaks for peer_id
         return dataclasses.replace(reply, direct_host=self.listener.host, direct_port=self.listener.port)
+
+    async def rpc_link(self, peer_id: str, req: wire.LinkRequest) -> wire.LinkReply:
+        """Re-chain a session around a replaced server: expect a new pusher, or push to a new next hop."""
+        key = (peer_id, req.session_id)
+        session = self._sessions.get(key)
+        if session is None:
+            raise WireError("unknown or closed session")
+        if req.push_key is not None:
+            secure.check_key(req.push_key)
+            if self.listener is None:
+                raise WireError("this server takes no direct connections, so nothing can push into it")
+        if req.next_hop is not None:
+            check_next_hop(req.next_hop)
+            if session.next is not None:
+                session.next.close()            # it pushed to the server the client replaced
+                session.next = None
+            await self._link_next(key, session, req.next_hop)
+        if self.listener is None:
+            return wire.LinkReply(pushes=session.next is not None)
+        if req.push_key is not None:
+            self.listener.expect(req.push_key, peer_id)
+        return wire.LinkReply(direct_host=self.listener.host, direct_port=self.listener.port,
+                              pushes=session.next is not None)
+
+    async def _link_next(self, key: tuple[str, bytes], session: _Session, hop: wire.NextHop) -> None:
+        """Dial `hop` as where `session` pushes its outputs; unreachable, it just does not push."""
+        try:
+            link = await NextLink.connect(hop, max_response_bytes=1 << 16)
+        except PeerError as e:
+            logger.info("cannot reach the next hop of a session of %s: %s", key[0], e)
+            return
+        if self._sessions.get(key) is session and session.next is None:
+            session.next = link
+        else:
+            link.close()                         # the session was closed (or re-linked) while we dialed
 
     async def rpc_step(self, peer_id: str, req: wire.StepRequest) -> wire.StepReply:
         key = (peer_id, req.session_id)
