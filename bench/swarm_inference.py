@@ -14,7 +14,8 @@ processes on 127.0.0.1 holding half the blocks each, and compares, in this one r
 - aggregate tokens/s of `--clients` concurrent clients (threads sharing one RemoteModel);
 - server start-up, launch to announced (the median of the servers started here);
 - recovery: a third server covering the second half joins, the serving one is SIGKILLed
-  mid-generation, and the time from the kill to the next token is measured.
+  mid-generation, and the time from the kill to the next token is measured, and the decoding
+  rate after it against the rate before (the chain re-linked around the replacement).
 
 Prints one JSON line per result: {"name", "value", "unit"}.
 
@@ -189,9 +190,12 @@ def run_recovery(model: RemoteModel, prompt: list[int], args, second_half: dict)
             victim = next(h.peer_id for h in model.last_session.chain if h.peer_id in second_half)
             kill_at = time.perf_counter()
             second_half[victim].proc.send_signal(signal.SIGKILL)
-    after = next(t for t in times if t > kill_at)
-    emit("recovery_sigkill_to_next_token", after - kill_at, "s", target_s=5.0,
+    k = next(i for i, t in enumerate(times) if t > kill_at)
+    emit("recovery_sigkill_to_next_token", times[k] - kill_at, "s", target_s=5.0,
          recoveries=model.last_session.recoveries)
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    emit("recovery_after_vs_before_tokens_per_s_ratio", statistics.median(gaps[:k - 1]) / statistics.median(gaps[k:]),
+         "ratio", of="median gaps between tokens", chained_again=model.last_session.chained)
 
 
 if __name__ == "__main__":
