@@ -111,13 +111,14 @@ class InProcessSwarm:
 
     def kill(self, peer_id: str) -> None:
         """The peer vanishes at once, announcing nothing (as a SIGKILLed process)."""
-        async def go() -> None:
-            self.net.kill(peer_id)
-            stop, task = self.servers.pop(peer_id)
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
+        self.runner.run(self.vanish(peer_id), timeout_s=30)
 
-        self.runner.run(go(), timeout_s=30)
+    async def vanish(self, peer_id: str) -> None:
+        """`kill`, from code already on the swarm's event loop."""
+        self.net.kill(peer_id)
+        stop, task = self.servers.pop(peer_id)
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
 
     def remote_model(self, model: str | Path, *, options: ClientOptions = FAST_CLIENT, seed: int = 0,
                      data_dir: str | None = None) -> RemoteModel:

@@ -6,6 +6,7 @@ import pytest
 
 from swarmlm.errors import NotFoundError
 from swarmlm.model.generate import generate
+from swarmlm.swarm.client.session import InferenceSession
 from tests.helpers.swarm_servers import local_model
 
 PROMPT = [5, 17, 42, 99, 3, 250]
@@ -64,6 +65,35 @@ def test_a_killed_server_of_a_chained_session_is_replaced_with_identical_tokens(
     assert all(state.channel.name.endswith("(direct)") for state in session.hops)
     # re-linked around the replacement: the steps after the failed one went chained again
     assert session.chained and all(state.pushes for state in session.hops[:-1])
+    assert session.chained_steps >= chained_before[0] + 12 - 5 - 2
+
+
+@pytest.mark.parametrize("killed", ["first", "second"])
+def test_a_replacement_lost_during_its_replay_is_replaced_too_and_the_chain_relinked(direct_swarm, checkpoints,
+                                                                                      monkeypatch, killed):
+    ckpt = checkpoints["llama"]
+    spans = {"first": (0, 2), "second": (2, 4)}
+    direct_swarm.add_server(ckpt, (2, 4) if killed == "first" else (0, 2))
+    victims = [direct_swarm.add_server(ckpt, spans[killed]) for _ in range(3)]
+    model = direct_swarm.remote_model(ckpt)
+    lost = []
+    replay = InferenceSession._replay
+
+    async def replay_losing_the_first(self, states, inputs, masks):
+        if not lost:                     # the first replacement vanishes as its replay starts
+            lost.append(states[0].hop.peer_id)
+            await direct_swarm.vanish(lost[0])
+        return await replay(self, states, inputs, masks)
+
+    monkeypatch.setattr(InferenceSession, "_replay", replay_losing_the_first)
+    chained_before = []
+    rows = generate_killing(direct_swarm, model, after=5, victims=victims,
+                            on_kill=lambda s: chained_before.append(s.chained_steps))
+
+    assert rows[0] == generate(local_model(ckpt), PROMPT, max_new_tokens=12)
+    session = model.last_session
+    assert lost and lost[0] not in {h.peer_id for h in session.chain}
+    assert session.recoveries == 1 and session.hops[0].pushes   # into, or as, the second replacement
     assert session.chained_steps >= chained_before[0] + 12 - 5 - 2
 
 

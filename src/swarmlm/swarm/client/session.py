@@ -29,7 +29,7 @@ import asyncio
 import os
 import time
 from dataclasses import dataclass, field
-from typing import Any, Awaitable, Protocol
+from typing import Any, Awaitable, Callable, Protocol
 
 import torch
 
@@ -205,7 +205,10 @@ class InferenceSession(ChainedSteps):
         before = self.hops[i - 1] if i > 0 else None
         after = self.hops[i + 1] if i + 1 < len(self.hops) else None
         link = self.options.chain and self.options.direct
-        into = await self._expect_pusher(after) if link and after is not None and after.next_hop else None
+        into = None
+        if link and after is not None and after.next_hop is not None:   # its server takes direct pushes
+            async def into() -> wire.NextHop | None:
+                return await self._expect_pusher(after)
         replaced = await self._open_chain(failed.hop.start, failed.hop.end, deadline=deadline,
                                           history=(failed.inputs, failed.masks), link=link, next_hop=into,
                                           pushed_into=link and before is not None)
@@ -246,20 +249,23 @@ class InferenceSession(ChainedSteps):
 
     async def _open_chain(self, start: int, end: int, *, deadline: float,
                           history: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None,
-                          link: bool | None = None, next_hop: wire.NextHop | None = None,
+                          link: bool | None = None,
+                          next_hop: Callable[[], Awaitable[wire.NextHop | None]] | None = None,
                           pushed_into: bool = False) -> list[_HopState]:
         """Open sessions on a chain covering [start, end) and replay `history` into them, retrying on
         failures. `link`: each server is told the next (default: the session chains); `next_hop`: where
-        the last one pushes; `pushed_into`: the server before the first will push into it."""
+        the last one pushes, asked anew for each try (its key is good for one connection);
+        `pushed_into`: the server before the first will push into it."""
         link = self.chained if link is None else link
         while True:
             wait_s = min(self.options.replacement_wait_s, max(0.0, deadline - time.monotonic()))
             hops = await self.swarm.route(start, end, banned=self.banned,
                                           need_cache_tokens=self.batch * self.max_length, wait_s=wait_s)
             states: list[_HopState] = []
+            tail = await next_hop() if link and next_hop is not None else None
             try:
                 for j in reversed(range(len(hops))):        # back to front: each server learns the next
-                    nxt = (states[0].next_hop if states else next_hop) if link else None
+                    nxt = (states[0].next_hop if states else tail) if link else None
                     states.insert(0, await self._open(hops[j], next_hop=nxt,
                                                       pushed_into=link and (j > 0 or pushed_into)))
                 if history is not None and history[0]:
