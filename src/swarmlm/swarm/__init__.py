@@ -2,20 +2,22 @@
 
 Reading order:
     wire.py              the RPC messages both sides import (open/step/close, the steps channel,
-                         forward/backward, info)
+                         link, forward/backward, info)
     dht.py               ServerRecord: what a server announces per block; read_servers
-    blocks.py            run_span: a span of blocks with deep prompts (shared by servers and clients)
+    blocks.py            run_span: a span of blocks with deep prompts (shared by servers and clients);
+                         measure_throughput
     source.py            ModelSource: MODEL as a checkpoint directory or a manifest CID, and its id
     server/budget.py     Budget, BudgetLimits: sessions and cached tokens a server may hold
     server/saved.py      SavedForwards: forwards kept for their backward, bounded by bytes and age
     server/selection.py  choose_span, should_move: pure span choice and rebalancing
     server/chain.py      Inbox, NextLink: chained steps (inputs pushed in, outputs pushed to the next server)
-    server/host.py       BlockHost: the rpc_* handlers, per-session KV caches, input checks
+    server/spans.py      StatelessSpans: the stateless forward and backward handlers (kept forwards)
+    server/host.py       BlockHost: the rpc_* handlers, per-session KV caches, re-linking, input checks
     server/announce.py   Announcer: re-announce before expiry, offline on shutdown
     server/serve.py      run_server, serve_from_args (`swarmlm serve`), start_server_process
     client/routing.py    choose_chain: least expected latency over announced servers (pure)
     client/chained.py    ChainedSteps: a step sent to every hop at once, the next step's requests sent ahead
-    client/session.py    InferenceSession: per-hop sessions, replay onto replacements
+    client/session.py    InferenceSession: per-hop sessions, replay onto replacements, re-linked chains
     client/remote.py     RemoteBlocks (discovery, routing, forward/backward with failover), SwarmSpan
     client/model.py      RemoteModel: embeddings and head here, blocks in the swarm, the decode loop on the
                          client's loop thread (LoopThread.stream); generate_from_args

@@ -4,10 +4,13 @@ A server runs `run_span` on its blocks; the client runs it on the blocks it keep
 in the local reference a swarm result is compared against, so both sides compute exactly the
 same thing. Deep prompts (n_span_blocks, B or 1, P, D) are added to the first P positions of
 the hidden states before each block (P-tuning v2); without them the span runs in one
-`Transformer.run_blocks` call. Knows nothing of peers or the wire.
+`Transformer.run_blocks` call. `measure_throughput` times a span's one-token step, what a server
+announces. Knows nothing of peers or the wire.
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 
@@ -33,3 +36,21 @@ def run_span(model: Transformer, h: torch.Tensor, start: int, end: int, *, cache
     if cache is not None:
         cache.advance(T, None if key_mask is None else key_mask[:, -T:])
     return h
+
+
+def measure_throughput(model: Transformer, *, n_tokens: int = 1, repeats: int = 5) -> float:
+    """Decode throughput of one block, tokens/s: the median time of a one-token step through the span."""
+    span = model.layer_range
+    dtype = next(model.parameters()).dtype
+    cache = KVCache.empty(model.cfg, 1, repeats + 2, layers=span, dtype=dtype)
+    h = torch.randn(1, n_tokens, model.cfg.dim, dtype=dtype)
+    times = []
+    with torch.inference_mode():
+        for i in range(repeats + 1):
+            t0 = time.perf_counter()
+            model.run_blocks(h, cache=cache)
+            if i:                                # the first call warms up kernels and allocations
+                times.append(time.perf_counter() - t0)
+    times.sort()
+    per_block_s = times[len(times) // 2] / len(span)
+    return n_tokens / max(per_block_s, 1e-9)

@@ -9,6 +9,7 @@ event loop stays free for the DHT and for other requests, and requests run one a
 there; only short decoding steps (`INLINE_STEP_TOKENS`) run on the loop itself.
 
 Sessions belong to the peer that opened them: the key is (caller's peer ID, session id).
+The stateless forward and backward handlers are in spans.py (`StatelessSpans`, mixed in).
 Knows nothing of the DHT or of routing: server/announce.py publishes what `record()` says.
 """
 
@@ -36,6 +37,7 @@ from swarmlm.swarm.dht import ServerRecord
 from swarmlm.swarm.server.budget import Budget, BudgetLimits
 from swarmlm.swarm.server.chain import Inbox, NextLink, check_next_hop
 from swarmlm.swarm.server.saved import SavedForwards
+from swarmlm.swarm.server.spans import StatelessSpans
 
 logger = get_logger(__name__)
 
@@ -63,24 +65,7 @@ class _Session:
             self.next.close()
 
 
-@dataclass
-class _KeptForward:
-    """A forward kept for its backward: its inputs (leaves of the graph) and output."""
-    x: torch.Tensor                     # (B, T, D), requires grad
-    p: torch.Tensor | None              # (n_span_blocks, B or 1, P, D), requires grad
-    key_mask: torch.Tensor | None       # (B, T)
-    out: torch.Tensor                   # (B, T, D), carries the graph
-    size_bytes: int                     # activations autograd saved, beyond the weights
-
-    def matches(self, hidden: torch.Tensor, key_mask: torch.Tensor | None, prompts: torch.Tensor | None) -> bool:
-        """Whether a backward's inputs are the ones this forward ran on (else it recomputes)."""
-        def same(a: torch.Tensor | None, b: torch.Tensor | None) -> bool:
-            return (a is None) == (b is None) and (a is None or (a.shape == b.shape and torch.equal(a, b)))
-        return same(self.x.detach(), hidden) and same(self.key_mask, key_mask) and same(
-            None if self.p is None else self.p.detach(), prompts)
-
-
-class BlockHost:
+class BlockHost(StatelessSpans):
     def __init__(self, model: Transformer, *, model_id: str, limits: BudgetLimits | None = None,
                  block_tokens_per_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.model_id = model_id
@@ -325,71 +310,6 @@ class BlockHost:
             session.close()
         return session is not None
 
-    # ---- stateless forward / backward -----------------------------------------------------------------
-
-    async def rpc_forward(self, peer_id: str, req: wire.SpanForwardRequest) -> wire.SpanForwardReply:
-        self._check_span(req.start, req.end)
-        hidden = self._check_hidden(req.hidden)
-        B, T, _ = hidden.shape
-        key_mask = self._check_mask(req.key_mask, B, T)
-        prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
-        self._check_keep_id(req.keep_id)
-        if req.keep_id is not None and self.kept.max_bytes > 0:
-            kept = await self._run(lambda: self._forward_kept(hidden, req.start, req.end, key_mask, prompts))
-            self.kept.put((peer_id, req.keep_id), kept, size_bytes=kept.size_bytes, now=self.clock())
-            return wire.SpanForwardReply(hidden=kept.out.detach())
-
-        def compute() -> torch.Tensor:
-            with torch.inference_mode():
-                return run_span(self.model, hidden, req.start, req.end, key_mask=key_mask, prompts=prompts)
-
-        return wire.SpanForwardReply(hidden=await self._run(compute))
-
-    def _forward_kept(self, hidden: torch.Tensor, start: int, end: int, key_mask: torch.Tensor | None,
-                      prompts: torch.Tensor | None) -> _KeptForward:
-        """The forward with autograd recording; its size is the storage autograd saved beyond the weights."""
-        x = hidden.detach().requires_grad_(True)
-        p = prompts.detach().requires_grad_(True) if prompts is not None else None
-        storages: dict[int, int] = {}
-
-        def pack(t: torch.Tensor) -> torch.Tensor:
-            storage = t.untyped_storage()
-            if storage.data_ptr() not in self._weight_ptrs:
-                storages[storage.data_ptr()] = storage.nbytes()
-            return t
-
-        with torch.enable_grad(), torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-            out = run_span(self.model, x, start, end, key_mask=key_mask, prompts=p)   # (B, T, D)
-        return _KeptForward(x, p, key_mask, out, sum(storages.values()) + out.nelement() * out.element_size())
-
-    async def rpc_backward(self, peer_id: str, req: wire.SpanBackwardRequest) -> wire.SpanBackwardReply:
-        self._check_span(req.start, req.end)
-        hidden = self._check_hidden(req.hidden)
-        B, T, D = hidden.shape
-        grad_output = self._check_hidden(req.grad_output, name="grad_output")
-        if grad_output.shape != hidden.shape:
-            raise WireError(f"grad_output has shape {tuple(grad_output.shape)}, hidden {tuple(hidden.shape)}")
-        key_mask = self._check_mask(req.key_mask, B, T)
-        prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
-        self._check_keep_id(req.keep_id)
-        kept = None if req.keep_id is None else self.kept.take((peer_id, req.keep_id), now=self.clock())
-
-        def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
-            if kept is not None and kept.matches(hidden, key_mask, prompts):
-                inputs = (kept.x,) if kept.p is None else (kept.x, kept.p)
-                grads = torch.autograd.grad(kept.out, inputs, grad_outputs=grad_output)
-                return grads[0], (grads[1] if kept.p is not None else None)
-            x = hidden.detach().requires_grad_(True)
-            p = prompts.detach().requires_grad_(True) if prompts is not None else None
-            with torch.enable_grad():
-                out = run_span(self.model, x, req.start, req.end, key_mask=key_mask, prompts=p)  # (B, T, D)
-                inputs = (x,) if p is None else (x, p)
-                grads = torch.autograd.grad(out, inputs, grad_outputs=grad_output)
-            return grads[0], (grads[1] if p is not None else None)
-
-        grad_hidden, grad_prompts = await self._run(compute)
-        return wire.SpanBackwardReply(grad_hidden=grad_hidden, grad_prompts=grad_prompts)
-
     async def rpc_info(self, peer_id: str, req: wire.InfoRequest) -> wire.InfoReply:
         return wire.InfoReply(model=self.model_id, start=self.start, end=self.end, state=self.state,
                               dtype=serialize.dtype_name(self.dtype), block_tokens_per_s=self.block_tokens_per_s,
@@ -439,21 +359,3 @@ class BlockHost:
         if not chunks or any(n <= 0 for n in chunks) or sum(chunks) != T:
             raise WireError(f"chunks must be positive sizes summing to {T}")
         return chunks
-
-
-def measure_throughput(model: Transformer, *, n_tokens: int = 1, repeats: int = 5) -> float:
-    """Decode throughput of one block, tokens/s: the median time of a one-token step through the span."""
-    span = model.layer_range
-    dtype = next(model.parameters()).dtype
-    cache = KVCache.empty(model.cfg, 1, repeats + 2, layers=span, dtype=dtype)
-    h = torch.randn(1, n_tokens, model.cfg.dim, dtype=dtype)
-    times = []
-    with torch.inference_mode():
-        for i in range(repeats + 1):
-            t0 = time.perf_counter()
-            model.run_blocks(h, cache=cache)
-            if i:                                # the first call warms up kernels and allocations
-                times.append(time.perf_counter() - t0)
-    times.sort()
-    per_block_s = times[len(times) // 2] / len(span)
-    return n_tokens / max(per_block_s, 1e-9)

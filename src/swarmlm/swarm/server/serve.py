@@ -31,10 +31,11 @@ from swarmlm.errors import UserError
 from swarmlm.log import get_logger
 from swarmlm.p2p.direct import maddr_hosts
 from swarmlm.p2p.process import PeerProcess, start_peer_process
+from swarmlm.swarm.blocks import measure_throughput
 from swarmlm.swarm.dht import read_servers
 from swarmlm.swarm.server.announce import Announcer
 from swarmlm.swarm.server.budget import BudgetLimits
-from swarmlm.swarm.server.host import BlockHost, measure_throughput
+from swarmlm.swarm.server.host import BlockHost
 from swarmlm.swarm.server.selection import block_throughputs, choose_span, should_move
 from swarmlm.swarm.source import ModelSource, directory_model_id, open_model_source
 
