@@ -14,6 +14,7 @@ from swarmlm.p2p import rpc, secure
 from swarmlm.p2p.rpc import Channel, call_message
 from swarmlm.swarm import wire
 from swarmlm.swarm.server.budget import BudgetLimits
+from swarmlm.swarm.server import chain
 from swarmlm.swarm.server.host import BlockHost
 
 CFG = PRESETS["tiny"].replace(vocab_size=64)
@@ -511,7 +512,6 @@ def test_a_step_without_hidden_states_runs_on_its_pushed_input(full, push_first)
 
 
 def test_a_called_off_or_late_step_fails_and_the_session_goes_on(full, monkeypatch):
-    from swarmlm.swarm.server import chain
     monkeypatch.setattr(chain, "PUSH_WAIT_S", 0.2)
 
     async def go():
@@ -648,13 +648,18 @@ def test_link_makes_a_session_push_to_a_new_next_hop_that_expects_it(full):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["unknown session", "short push key", "malformed next hop", "no listener"])
+@pytest.mark.parametrize("case", ["unknown session", "short push key", "malformed next hop", "no listener",
+                                  "too many"])
 def test_a_bad_link_gets_an_error_reply_and_the_session_goes_on(full, case):
     async def go():
         h = await Harness(full).start(direct_host=None if case == "no listener" else "127.0.0.1")
         sid = await h.open()
         hop = wire.NextHop("127.0.0.1", 0, secure.new_key(), os.urandom(16), 2, 4)
-        req = {"unknown session": wire.LinkRequest(os.urandom(16), push_key=secure.new_key()),
+        if case == "too many":        # each may dial an address the client names: a bounded number
+            for _ in range(chain.MAX_LINKS):
+                await h.call(wire.RPC_LINK, wire.LinkRequest(sid, push_key=secure.new_key()), wire.LinkReply)
+        req = {"too many": wire.LinkRequest(sid, push_key=secure.new_key()),
+               "unknown session": wire.LinkRequest(os.urandom(16), push_key=secure.new_key()),
                "short push key": wire.LinkRequest(sid, push_key=b"short"),
                "malformed next hop": wire.LinkRequest(sid, next_hop=hop),
                "no listener": wire.LinkRequest(sid, push_key=secure.new_key())}[case]

@@ -30,6 +30,7 @@ PUSH_WAIT_S = 30.0           # how long a step waits for its pushed input
 PUSH_ACK_S = 10.0            # how long a push waits for the next server to take it
 CONNECT_TIMEOUT_S = 2.0      # dialing the next server while opening a session
 MAX_WAITING = 4              # positions of one session with a pushed input or a step waiting for one
+MAX_LINKS = 16               # re-links one session may ask for (each may dial an address the client names)
 _CLOSED = object()           # what a waiting step finds when its session is dropped
 
 

@@ -35,7 +35,7 @@ from swarmlm.swarm import wire
 from swarmlm.swarm.blocks import run_span
 from swarmlm.swarm.dht import ServerRecord
 from swarmlm.swarm.server.budget import Budget, BudgetLimits
-from swarmlm.swarm.server.chain import Inbox, NextLink, check_next_hop
+from swarmlm.swarm.server.chain import MAX_LINKS, Inbox, NextLink, check_next_hop
 from swarmlm.swarm.server.saved import SavedForwards
 from swarmlm.swarm.server.spans import StatelessSpans
 
@@ -58,6 +58,7 @@ class _Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     inbox: Inbox = field(default_factory=Inbox)       # inputs pushed by the previous server
     next: NextLink | None = None                      # where outputs are pushed when a step asks
+    links: int = 0                                    # re-links asked for so far (MAX_LINKS)
 
     def close(self) -> None:
         self.inbox.close()
@@ -205,6 +206,9 @@ class BlockHost(StatelessSpans):
         session = self._sessions.get(key)
         if session is None:
             raise WireError("unknown or closed session")
+        if session.links >= MAX_LINKS:
+            raise CapacityError(f"a session may be re-linked {MAX_LINKS} times")
+        session.links += 1
         if req.push_key is not None:
             secure.check_key(req.push_key)
             if self.listener is None:
