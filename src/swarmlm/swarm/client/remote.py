@@ -30,13 +30,7 @@ from swarmlm.log import get_logger
 from swarmlm.p2p import secure
 from swarmlm.p2p.rpc import Channel, call_message, frame_bytes
 from swarmlm.swarm import wire
-from swarmlm.swarm.client.routing import (
-    Hop,
-    ServerInfo,
-    choose_chain,
-    format_blocks,
-    uncovered_blocks,
-)
+from swarmlm.swarm.client.routing import Hop, ServerInfo, choose_chain, format_blocks, uncovered_blocks
 from swarmlm.swarm.client.session import InferenceSession, SessionOptions
 from swarmlm.swarm.dht import read_servers
 

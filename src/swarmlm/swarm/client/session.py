@@ -205,10 +205,8 @@ class InferenceSession(ChainedSteps):
         before = self.hops[i - 1] if i > 0 else None
         after = self.hops[i + 1] if i + 1 < len(self.hops) else None
         link = self.options.chain and self.options.direct
-        into = None
-        if link and after is not None and after.next_hop is not None:   # its server takes direct pushes
-            async def into() -> wire.NextHop | None:
-                return await self._expect_pusher(after)
+        takes_pushes = after is not None and after.next_hop is not None     # its server listens directly
+        into = (lambda: self._expect_pusher(after)) if link and takes_pushes else None
         replaced = await self._open_chain(failed.hop.start, failed.hop.end, deadline=deadline,
                                           history=(failed.inputs, failed.masks), link=link, next_hop=into,
                                           pushed_into=link and before is not None)
