@@ -8,7 +8,9 @@ any pipeline of processes loses here (the hand-offs, and each half's compute slo
 the core the other half left idle), so its ratio to local is the bound a swarm can reach on this
 machine, and the swarm's ratio to it is what the swarm's own protocol costs.
 
-Greedy decoding only. As a script it prints the ideal pipeline against one local process:
+Greedy decoding only. As a script it prints the ideal pipeline against one local process, and
+the blocks' compute per token in the pipeline (its two stages' median steps) against all of
+them computed in one process, which is where most of what it loses goes:
 
     python bench/ideal_pipeline.py [--preset small] [--prompt-len 32] [--new-tokens 64] [--repeats 7]
 """
@@ -28,8 +30,9 @@ from typing import Iterator
 import torch
 
 _HEADER = struct.Struct("<I")       # the number of new positions; 0 starts a new sequence
-_STOP = b"stop"
+_STOP = b"stop"                     # then each stage's median one-token compute time, in order
 _READY = b"ready"
+_MEDIAN = struct.Struct("<d")
 
 
 def _stage(ckpt: str, start: int, end: int, inbox, outbox, threads: int) -> None:
@@ -43,17 +46,22 @@ def _stage(ckpt: str, start: int, end: int, inbox, outbox, threads: int) -> None
     if start > 0:
         assert inbox.recv_bytes() == _READY          # the stages before are loaded too
     outbox.send_bytes(_READY)
+    steps = []                                        # seconds of compute of each one-token step
     with torch.inference_mode():
-        while (msg := inbox.recv_bytes()) != _STOP:
+        while not (msg := inbox.recv_bytes()).startswith(_STOP):
             (T,) = _HEADER.unpack_from(msg)
             if T == 0:
                 cache.trim(0)
                 outbox.send_bytes(msg)
                 continue
             h = torch.frombuffer(bytearray(msg[_HEADER.size:]), dtype=torch.float32).view(1, T, cfg.dim)
+            t0 = time.perf_counter()
             out = model.run_blocks(h, start=start, end=end, cache=cache)
+            if T == 1:
+                steps.append(time.perf_counter() - t0)
             outbox.send_bytes(_HEADER.pack(T) + out.numpy().tobytes())
-    outbox.send_bytes(_STOP)                          # on to the next stage, then back here
+    median = statistics.median(steps) if steps else float("nan")
+    outbox.send_bytes(msg + _MEDIAN.pack(median))     # on to the next stage with ours, then back here
 
 
 class IdealPipeline:
@@ -68,6 +76,7 @@ class IdealPipeline:
         self._procs = [ctx.Process(target=_stage, args=(ckpt, 0, half, to_a, a_out, threads), daemon=True),
                        ctx.Process(target=_stage, args=(ckpt, half, n_layers, to_b, b_out, threads), daemon=True)]
         self._send, self._recv = a_in, back
+        self.stage_step_s: list[float] = []       # once closed: each stage's median one-token compute
         for p in self._procs:
             p.start()
         if not back.poll(120) or back.recv_bytes() != _READY:
@@ -97,8 +106,12 @@ class IdealPipeline:
     def close(self) -> None:
         try:
             self._send.send_bytes(_STOP)
-            while self._recv.poll(10) and self._recv.recv_bytes() != _STOP:
-                pass
+            while self._recv.poll(10):
+                msg = self._recv.recv_bytes()
+                if msg.startswith(_STOP):
+                    tail = msg[len(_STOP):]
+                    self.stage_step_s = [_MEDIAN.unpack_from(tail, i)[0] for i in range(0, len(tail), _MEDIAN.size)]
+                    break
         finally:
             for p in self._procs:
                 if p.is_alive():
@@ -134,15 +147,46 @@ def main() -> None:
         local, _ = load_model(ckpt)
         prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
         with IdealPipeline(str(ckpt), cfg.n_layers, threads=args.threads) as ideal:
-            ratios, same = [], True
+            ratios, same, one_process = [], True, []
             for i in range(args.repeats + 1):
                 a = decode_rate(ideal.stream_generate(local, prompt, max_new_tokens=args.new_tokens))
                 b = decode_rate(stream_generate(local, prompt, max_new_tokens=args.new_tokens))
+                c = blocks_step_s(local, prompt, args.new_tokens)
                 same &= a[1] == b[1]
                 if i:
                     ratios.append(a[0] / b[0])
-    print(json.dumps({"name": "ideal_pipeline_vs_local_tokens_per_s_ratio", "value": round(statistics.median(ratios), 4),
-                      "unit": "ratio", "identical_tokens": same, "of": "median of per-round ratios"}))
+                    one_process.append(c)
+    emit("ideal_pipeline_vs_local_tokens_per_s_ratio", statistics.median(ratios), "ratio", identical_tokens=same,
+         of="median of per-round ratios")
+    pipeline_ms, local_ms = sum(ideal.stage_step_s) * 1000, statistics.median(one_process) * 1000
+    emit("pipeline_blocks_compute_per_token", pipeline_ms, "ms", of="sum of the stages' median one-token steps")
+    emit("one_process_blocks_compute_per_token", local_ms, "ms", of="median one-token step of all blocks")
+    emit("pipeline_vs_one_process_compute_ratio", pipeline_ms / local_ms, "ratio",
+         meaning="how much slower the same blocks compute split over two processes")
+
+
+def emit(name: str, value: float, unit: str, **extra) -> None:
+    print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **extra}), flush=True)
+
+
+def blocks_step_s(local, prompt: list[int], new_tokens: int) -> float:
+    """The median time of the one-token steps through all of `local`'s blocks in a greedy decode in
+    this process (embedding and head between them, as in local generation)."""
+    from swarmlm.model.cache import KVCache
+
+    cache = KVCache.empty(local.cfg, 1, len(prompt) + new_tokens)
+    ids, position, steps = torch.tensor([prompt]), 0, []
+    with torch.inference_mode():
+        for _ in range(new_tokens):
+            T = ids.shape[1]
+            h = local.embed(ids, torch.arange(position, position + T)[None])
+            t0 = time.perf_counter()
+            h = local.run_blocks(h, cache=cache)
+            if T == 1:
+                steps.append(time.perf_counter() - t0)
+            position += T
+            ids = local.head(h[:, -1:])[:, 0].argmax(-1, keepdim=True)     # (1, 1)
+    return statistics.median(steps)
 
 
 def decode_rate(stream) -> tuple[float, list[int]]:
