@@ -14,4 +14,5 @@ def test_demo_trains_serves_survives_a_killed_server_and_matches_local(tmp_path,
     out = capsys.readouterr().out
     assert code == 0, out
     assert "recoveries  1" in out and "identical to local greedy: yes" in out
+    assert "re-linked after the failover: yes" in out
     assert "manifest baguqeera" in out

@@ -10,7 +10,8 @@
 5. a client generates through the servers; the server it uses for the second half is killed
    (SIGKILL) mid-generation, the client fails over and finishes, and the tokens are checked
    against local greedy decoding of the same weights;
-6. a summary, and every child process is stopped.
+6. a summary (with the steps that were chained, and whether the chain was re-linked around the
+   replica), and every child process is stopped.
 
 Wires library calls and child processes together and prints; holds no logic of its own.
 """
@@ -103,7 +104,7 @@ def run_demo(*, peers: int = 3, steps: int = 200, out: str | None = None) -> int
         _say(5, f"generating through the swarm; killing a server after {KILL_AFTER} tokens")
         tok = Tokenizer.load(root / "trainer0")
         prompt_ids = tok.encode(PROMPT)
-        tokens, killed, recoveries, gen_s = _generate_with_failure(cid, initial, prompt_ids, servers, tok)
+        tokens, killed, recoveries, chain, gen_s = _generate_with_failure(cid, initial, prompt_ids, servers, tok)
         local_model, cfg = load_model(root / "trainer0")
         expected = generate(local_model, prompt_ids, max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=tok.eos_id)
         print("\n" + "-" * 60 + f"\n{PROMPT}{tok.decode(tokens)}\n" + "-" * 60, flush=True)
@@ -116,6 +117,8 @@ def run_demo(*, peers: int = 3, steps: int = 200, out: str | None = None) -> int
         print(f"  generation  {len(tokens)} tokens, {len(tokens) / gen_s:.1f} tokens/s through the swarm")
         print(f"  recoveries  {recoveries} (killed {killed[:16]}…); output identical to local greedy: "
               f"{'yes' if same else 'NO'}")
+        print(f"  chained     {chain[0]} of {len(tokens)} steps (servers pushing straight to the next); "
+              f"re-linked after the failover: {'yes' if chain[1] else 'no'}")
         print(f"  total       {time.perf_counter() - t0:.0f} s")
     return 0 if same and recoveries >= 1 else 1
 
@@ -144,7 +147,7 @@ def _follow_training(trainers: list[PeerProcess], metrics: Path, steps: int) -> 
 
 
 def _generate_with_failure(cid: str, initial: list[str], prompt_ids: list[int], servers: list[PeerProcess],
-                           tok: Tokenizer) -> tuple[list[int], str, int, float]:
+                           tok: Tokenizer) -> tuple[list[int], str, int, tuple[int, bool], float]:
     by_peer = {s.peer_id: s for s in servers}
     tokens: list[int] = []
     killed = ""
@@ -165,7 +168,8 @@ def _generate_with_failure(cid: str, initial: list[str], prompt_ids: list[int], 
                 killed = hop.peer_id
                 print(f" [killed server {killed[:12]}… (blocks 2:4)] ", end="", flush=True)
         gen_s = time.perf_counter() - t0
-        recoveries = remote.last_session.recoveries
+        session = remote.last_session
+        recoveries, chain = session.recoveries, (session.chained_steps, session.chained)
     swarm_log.setLevel(level)
     print(flush=True)
-    return tokens, killed, recoveries, gen_s
+    return tokens, killed, recoveries, chain, gen_s
