@@ -36,7 +36,7 @@ from pathlib import Path
 
 import torch
 
-from ideal_pipeline import IdealPipeline
+from ideal_pipeline import IdealPipeline, timed_stream
 from swarmlm.model.config import PRESETS
 from swarmlm.model.generate import stream_generate
 from swarmlm.model.hf import load_model, save_model
@@ -47,18 +47,6 @@ from swarmlm.swarm.server.serve import start_server_process
 
 def emit(name: str, value: float, unit: str, **extra) -> None:
     print(json.dumps({"name": name, "value": round(value, 4), "unit": unit, **extra}), flush=True)
-
-
-def timed_stream(stream) -> tuple[float, float, list[int]]:
-    """(time to first token, decode tokens/s after the first, tokens) of a stream of per-step token lists."""
-    t0 = time.perf_counter()
-    times, tokens = [], []
-    for step in stream:
-        times.append(time.perf_counter())
-        tokens.append(step[0])
-    ttft = times[0] - t0
-    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 else 0.0
-    return ttft, rate, tokens
 
 
 def main() -> None:

@@ -220,14 +220,9 @@ class InferenceSession(ChainedSteps):
         """Tell `state`'s server a new server will push into it, under a fresh key: how to reach it
         (None where it cannot be: a failure here shows in its next step)."""
         key = secure.new_key()
-        try:
-            reply = await self.swarm.call(state.hop.peer_id, wire.RPC_LINK,
-                                          wire.LinkRequest(session_id=state.session_id, push_key=key),
-                                          wire.LinkReply, timeout_s=self.options.open_timeout_s)
-        except PeerError as e:
-            logger.info("%s cannot take pushes from a replacement: %s", state.hop.peer_id, e)
-            return None
-        if reply.direct_host is None or not reply.direct_port:
+        reply = await self._link(state, wire.LinkRequest(session_id=state.session_id, push_key=key),
+                                 "cannot take pushes from a replacement")
+        if reply is None or reply.direct_host is None or not reply.direct_port:
             return None
         return wire.NextHop(host=reply.direct_host, port=reply.direct_port, key=key, session_id=state.session_id,
                             start=state.hop.start, end=state.hop.end)
@@ -236,14 +231,18 @@ class InferenceSession(ChainedSteps):
         """Have `state`'s server push its outputs to `hop` from now on; whether it can."""
         if hop is None:
             return False
+        reply = await self._link(state, wire.LinkRequest(session_id=state.session_id, next_hop=hop),
+                                 "cannot push to its replaced next server")
+        return reply is not None and reply.pushes
+
+    async def _link(self, state: _HopState, req: wire.LinkRequest, failing: str) -> wire.LinkReply | None:
+        """`req` to `state`'s server; None (logged) if it fails."""
         try:
-            reply = await self.swarm.call(state.hop.peer_id, wire.RPC_LINK,
-                                          wire.LinkRequest(session_id=state.session_id, next_hop=hop),
-                                          wire.LinkReply, timeout_s=self.options.open_timeout_s)
+            return await self.swarm.call(state.hop.peer_id, wire.RPC_LINK, req, wire.LinkReply,
+                                         timeout_s=self.options.open_timeout_s)
         except PeerError as e:
-            logger.info("%s cannot push to its replaced next server: %s", state.hop.peer_id, e)
-            return False
-        return reply.pushes
+            logger.info("%s %s: %s", state.hop.peer_id, failing, e)
+            return None
 
     async def _open_chain(self, start: int, end: int, *, deadline: float,
                           history: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None,
