@@ -39,3 +39,8 @@ def collab_progress_key(run_id: str) -> str:
 def collab_model_key(run_id: str) -> str:
     """The latest model of run `run_id` published into the store: one `collab.model` record per publisher."""
     return f"{PREFIX}/collab/{run_id}/model"
+
+
+def endpoint_key(peer_id: str) -> str:
+    """Where `peer_id`'s side channel listens: one `p2p.endpoint` record, under its own subkey."""
+    return f"{PREFIX}/endpoint/{peer_id}"

@@ -24,6 +24,7 @@ from typing import Any, AsyncIterator
 from swarmlm.errors import IntegrityError, PeerError, PeerTimeout, RemoteError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
+from swarmlm.p2p.channel.service import SideChannel, close_started, start_once
 from swarmlm.p2p.identity import IDENTITY_FILE, Identity
 from swarmlm.p2p.records import SignedRecord, open_record, seal, unseal
 
@@ -47,6 +48,9 @@ class MemoryNetwork:
             peer._closed = True
             for stream in list(peer._pipes):
                 stream.reset()
+            if peer._side is not None and peer._side.done() and not peer._side.cancelled() \
+                    and peer._side.exception() is None:
+                peer._side.result().abort()             # its direct connections die with it
 
     def _peer(self, peer_id: str, name: str) -> MemoryPeer:
         peer = self.peers.get(peer_id)
@@ -79,6 +83,8 @@ class MemoryPeer:
         self._pipes: set[_MemoryStream] = set()     # raw streams this peer is an end of
         self._serving: set[asyncio.Task] = set()    # raw handlers running for callers
         self._closed = False
+        self.host = "127.0.0.1"                     # where its side channel listens (real TCP)
+        self._side: asyncio.Future | None = None
 
     @classmethod
     async def create(cls, network: MemoryNetwork, *, data_dir: str | os.PathLike | None = None,
@@ -94,6 +100,12 @@ class MemoryPeer:
 
     async def shutdown(self) -> None:
         self.network.kill(self.peer_id)
+        await close_started(self._side)
+
+    async def side_channel(self) -> SideChannel:
+        self._check_alive()
+        self._side = start_once(self._side, self)
+        return await asyncio.shield(self._side)
 
     async def __aenter__(self) -> MemoryPeer:
         return self

@@ -67,6 +67,7 @@ from hivemind.utils.multiaddr import Multiaddr
 from swarmlm.errors import IntegrityError, PeerError, PeerTimeout, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
+from swarmlm.p2p.channel.service import SideChannel, close_started, start_once
 from swarmlm.p2p.identity import IDENTITY_FILE, Identity
 from swarmlm.p2p.records import SignedRecord, open_record, seal, unseal
 
@@ -80,14 +81,17 @@ _PR_SET_PDEATHSIG = 1
 class Peer:
     """One peer: identity, DHT membership, RPC handlers and calls. Build with `await Peer.create(...)`."""
 
-    def __init__(self, *, identity: Identity, p2p: P2P, node: DHTNode, maddrs: list[str], client_mode: bool):
+    def __init__(self, *, identity: Identity, p2p: P2P, node: DHTNode, maddrs: list[str], client_mode: bool,
+                 host: str = "127.0.0.1"):
         self.identity = identity
+        self.host = host                   # where this peer listens: libp2p and its side channel
         self.client_mode = client_mode     # a client stores nothing for others and serves no DHT requests
         self._p2p = p2p
         self._node = node
         self._maddrs = maddrs
         self._handlers: set[str] = set()
         self._closed = False
+        self._side: asyncio.Future | None = None
 
     # ---- life cycle ------------------------------------------------------------------------
 
@@ -137,13 +141,14 @@ class Peer:
             raise
         assert p2p.peer_id.to_base58() == identity.peer_id, "p2pd runs under a different key"
         logger.info("peer %s up at %s", identity.peer_id, maddrs)
-        return cls(identity=identity, p2p=p2p, node=node, maddrs=maddrs, client_mode=client_mode)
+        return cls(identity=identity, p2p=p2p, node=node, maddrs=maddrs, client_mode=client_mode, host=host)
 
     async def shutdown(self) -> None:
         """Stop the DHT node and the daemon, and wait for the daemon to exit. Idempotent."""
         if self._closed:
             return
         self._closed = True
+        await close_started(self._side)
         try:
             await asyncio.wait_for(self._node.shutdown(), 10.0)
         except Exception as e:
@@ -170,6 +175,11 @@ class Peer:
     @property
     def is_alive(self) -> bool:
         return not self._closed and self._p2p.is_alive
+
+    async def side_channel(self) -> SideChannel:
+        """This peer's one side channel (channel/service.py), listening on its host; started on first use."""
+        self._side = start_once(self._side, self)
+        return await asyncio.shield(self._side)
 
     async def known_peers(self) -> list[str]:
         """Peer IDs of the DHT servers this peer knows of (its routing table), itself excluded."""

@@ -1,0 +1,298 @@
+"""The side channel: keys offered over libp2p (here MemoryPeer's), real TCP on 127.0.0.1.
+
+Only the dialer that offered a key gets through, as itself; every record is sealed (nothing in
+the clear on the wire); a record altered, replayed, reordered, cut, oversized or under a wrong
+key ends that connection with a PeerError while the listener goes on serving others; and a peer
+dials only what its target announced, under its signature."""
+
+import asyncio
+import socket
+
+import pytest
+
+from swarmlm.errors import IntegrityError, PeerError
+from swarmlm.p2p import keys, rpc
+from swarmlm.p2p.channel import policy
+from swarmlm.p2p.channel.conn import Connection
+from swarmlm.p2p.channel.service import Endpoint, SideChannel
+from swarmlm.p2p.identity import Identity
+from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
+from swarmlm.p2p.records import seal
+
+SECRET = b"the prompt nobody else may read" * 8
+LIMIT = 1 << 20
+
+
+async def _echo(conn: Connection) -> None:
+    async def echo(pid, request):
+        if request == b"fail":
+            raise ValueError("asked to fail")
+        return pid.encode() + b":" + request
+    await rpc.serve_channel(echo, conn.peer_id, conn, conn, name="echo", max_request_bytes=LIMIT, idle_timeout_s=30)
+
+
+async def _pair():
+    """A listener peer serving "echo", and a dialer peer."""
+    net = MemoryNetwork()
+    server, client = await MemoryPeer.create(net), await MemoryPeer.create(net)
+    side = await server.side_channel()
+    side.serve("echo", _echo, max_record_bytes=LIMIT + 64)
+    return net, server, client, side
+
+
+async def _channel(client, server):
+    conn = await (await client.side_channel()).open(server.peer_id, "echo", timeout_s=5, max_record_bytes=LIMIT + 64)
+    return conn, rpc.Channel(conn, conn, peer_id=server.peer_id, name="echo")
+
+
+async def _still_serves(client, server):
+    _, channel = await _channel(client, server)
+    assert await channel.call(b"again", timeout_s=5, max_response_bytes=LIMIT) == client.peer_id.encode() + b":again"
+    channel.close()
+
+
+def _capture(conn: Connection, send) -> bytes:
+    """What `send()` would put on the wire through `conn`, kept back instead."""
+    sent = []
+    real = conn.write_raw
+    conn.write_raw = lambda data: sent.append(bytes(data))
+    try:
+        send()
+    finally:
+        conn.write_raw = real
+    return b"".join(sent)
+
+
+def test_an_offered_key_opens_a_connection_that_names_the_dialer():
+    async def go():
+        _, server, client, side = await _pair()
+        conn, channel = await _channel(client, server)
+        assert conn.peer_id == server.peer_id
+        assert await channel.call(b"hi", timeout_s=5, max_response_bytes=LIMIT) == client.peer_id.encode() + b":hi"
+        big = bytes(range(256)) * 4096                          # 1 MiB: one record, many TCP segments
+        assert await channel.call(big, timeout_s=5, max_response_bytes=2 * LIMIT) == client.peer_id.encode() + b":" + big
+        channel.close()
+        assert side.accepted == 1 and side.refused == 0
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+def test_nothing_readable_crosses_the_wire():
+    async def go():
+        _, server, client, side = await _pair()
+        conn, channel = await _channel(client, server)
+        wire = _capture(conn, lambda: rpc.Channel(conn, conn, peer_id="x", name="echo").send(
+            SECRET, timeout_s=5, max_response_bytes=LIMIT).cancel())
+        assert SECRET[:16] not in wire and len(wire) > len(SECRET)
+        channel.close()
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+@pytest.mark.parametrize("attack", ["altered", "replayed", "reordered", "cut", "oversized"])
+def test_a_tampered_record_ends_the_connection_and_the_listener_goes_on(attack):
+    async def go():
+        _, server, client, side = await _pair()
+        conn, _ = await _channel(client, server)
+        one = _capture(conn, lambda: conn.write(rpc._HEADER.pack(rpc.REQUEST, 3) + b"one"))
+        two = _capture(conn, lambda: conn.write(rpc._HEADER.pack(rpc.REQUEST, 3) + b"two"))
+        if attack == "altered":
+            wire = one[:-1] + bytes([one[-1] ^ 1])
+        elif attack == "replayed":
+            wire = one + one
+        elif attack == "reordered":
+            wire = two + one
+        elif attack == "cut":
+            wire = one[:len(one) // 2]
+        else:
+            wire = (LIMIT + 64 + 17).to_bytes(4, "big") + b"x" * 32
+        conn.write_raw(wire)
+        if attack == "cut":
+            conn._transport.write_eof()
+        got = []
+        while True:          # the listener answers what was genuine, then an error, and ends the connection
+            try:
+                record = await asyncio.wait_for(conn.read_record(), 5)
+            except (asyncio.IncompleteReadError, ConnectionError, PeerError):
+                break
+            got.append(record)
+            if record[:1] == bytes([rpc.ERROR]):
+                break
+        assert all(b"two" not in r for r in got)
+        if attack == "replayed":
+            assert got[0].endswith(b":one")                 # the genuine record, once
+            got = got[1:]
+        assert all(b":one" not in r for r in got)
+        conn.close()
+        await _still_serves(client, server)
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+def test_a_wrong_or_used_key_is_refused_before_anything_is_served():
+    async def go():
+        _, server, client, side = await _pair()
+        conn, channel = await _channel(client, server)
+        channel.close()
+        loop = asyncio.get_running_loop()
+        for hello in (b"SLC1" + b"\0" * 16, b"XXXX" + b"\0" * 16):
+            _, raw = await loop.create_connection(Connection, "127.0.0.1", side.port)
+            raw.write_raw(hello)
+            with pytest.raises(asyncio.IncompleteReadError):
+                await asyncio.wait_for(raw.read_raw(1), 5)
+        assert side.refused == 2 and side.accepted == 1
+        await _still_serves(client, server)
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+def test_a_key_is_bound_to_both_peers():
+    """A key offered to one peer, presented at another's listener, opens nothing there."""
+    async def go():
+        net, server, client, side = await _pair()
+        other = await MemoryPeer.create(net)
+        other_side = await other.side_channel()
+        other_side.serve("echo", _echo, max_record_bytes=LIMIT)
+        # the client believes `server` listens where `other` does (a forged hint is refused first,
+        # so plant it in the cache as a bug elsewhere might)
+        client_side = await client.side_channel()
+        client_side._resolved[server.peer_id] = (other_side.addrs, client_side.clock() + 60)
+        with pytest.raises(PeerError):
+            await client_side.open(server.peer_id, "echo", timeout_s=5, max_record_bytes=LIMIT)
+        assert other_side.accepted == 0 and other_side.refused == 1
+        for p in (client, server, other):
+            await p.shutdown()
+    asyncio.run(go())
+
+
+def test_an_unserved_purpose_is_refused_over_libp2p():
+    async def go():
+        _, server, client, side = await _pair()
+        with pytest.raises(PeerError, match="no side-channel purpose"):
+            await (await client.side_channel()).open(server.peer_id, "nope", timeout_s=5, max_record_bytes=LIMIT)
+        assert side.accepted == 0
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+def test_a_record_decrypts_straight_into_the_callers_buffer():
+    async def go():
+        net, server, client, _ = await _pair()
+        got = asyncio.get_running_loop().create_future()
+
+        async def sink(conn):
+            buf = bytearray(300_000)
+            n = await conn.read_record_into(buf)
+            got.set_result(bytes(buf[:n]))
+        (await server.side_channel()).serve("sink", sink, max_record_bytes=LIMIT)
+        conn = await (await client.side_channel()).open(server.peer_id, "sink", timeout_s=5, max_record_bytes=LIMIT)
+        payload = bytes(range(256)) * 1024
+        conn.write(payload)
+        assert await asyncio.wait_for(got, 5) == payload
+        conn.close()
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+# ---- dial policy ---------------------------------------------------------------------------------
+
+def test_only_ip_literals_with_a_port_are_dialable():
+    assert policy.dialable(["/ip4/127.0.0.1/tcp/5"], local_host="127.0.0.1") == [("127.0.0.1", 5)]
+    assert policy.dialable(["/ip6/::1/tcp/7"], local_host="::1") == [("::1", 7)]
+    for bad in ["/dns4/localhost/tcp/5", "/ip4/localhost/tcp/5", "/ip4/127.0.0.1/tcp/0", "/ip4/0.0.0.0/tcp/5",
+                "/ip4/127.0.0.1/udp/5", "/ip4/127.0.0.1/tcp/5/p2p/Qm", "/ip6/127.0.0.1/tcp/5", "127.0.0.1:5"]:
+        assert policy.dialable([bad], local_host="127.0.0.1") == [], bad
+    # a remote peer cannot steer a peer on a real interface into its own loopback services
+    assert policy.dialable(["/ip4/127.0.0.1/tcp/5", "/ip4/10.1.2.3/tcp/5"], local_host="10.0.0.1") == [("10.1.2.3", 5)]
+
+
+def test_dials_per_asking_peer_are_capped_in_a_window():
+    now = [0.0]
+    limiter = policy.DialLimiter(max_dials=2, window_s=10, clock=lambda: now[0])
+    assert limiter.allow("a") and limiter.allow("a") and not limiter.allow("a")
+    assert limiter.allow("b")
+    now[0] = 10.5
+    assert limiter.allow("a")
+
+
+class _CountingListener:
+    """A plain TCP listener that counts the connections it accepts."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    def accepted(self) -> int:
+        n = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return n
+            conn.close()
+            n += 1
+
+
+def test_a_peer_dials_only_what_its_target_announced_under_its_signature():
+    async def go():
+        net, server, client, side = await _pair()
+        trap = _CountingListener()
+        client_side = await client.side_channel()
+        stranger = Identity.generate()
+        forged = {
+            # a port of 127.0.0.1 the target never announced, signed by someone else
+            "unannounced port": seal(stranger, keys.endpoint_key(server.peer_id),
+                                     Endpoint([f"/ip4/127.0.0.1/tcp/{trap.port}"]), expires_at=2e9,
+                                     subkey=keys.peer_subkey(stranger.peer_id)),
+            # another peer's own genuine record, passed off as the target's
+            "another peer's address": (await client.side_channel()).sealed_endpoint(),
+            # a host name, even signed by the target itself: no DNS look-up on a peer's word
+            "host name": seal(server.identity, keys.endpoint_key(server.peer_id),
+                              Endpoint([f"/dns4/localhost/tcp/{trap.port}"]), expires_at=2e9,
+                              subkey=keys.peer_subkey(server.peer_id)),
+        }
+        for why, sealed in forged.items():
+            with pytest.raises(PeerError, match="refusing to dial"):
+                await client_side.open(server.peer_id, "echo", timeout_s=5, max_record_bytes=LIMIT, endpoint=sealed)
+        assert trap.accepted() == 0
+        # what the target does announce is dialed (here a port where nobody holds our key)
+        await server.store(keys.endpoint_key(server.peer_id), Endpoint([f"/ip4/127.0.0.1/tcp/{trap.port}"]),
+                           ttl_s=1200, subkey=keys.peer_subkey(server.peer_id))
+        client_side._resolved.clear()
+        with pytest.raises(PeerError):
+            await client_side.open(server.peer_id, "echo", timeout_s=2, max_record_bytes=LIMIT)
+        assert trap.accepted() == 1                      # the announced (if useless) address, nothing else
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+def test_a_sealed_endpoint_of_another_peer_or_expired_is_not_learned():
+    async def go():
+        _, server, client, side = await _pair()
+        client_side = await client.side_channel()
+        with pytest.raises(IntegrityError):
+            client_side.learn(server.peer_id, client_side.sealed_endpoint())
+        assert client_side.learn(server.peer_id, side.sealed_endpoint()) == side.addrs
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+def test_the_listener_binds_the_peers_host_only():
+    async def go():
+        _, server, client, side = await _pair()
+        sockname = side._server.sockets[0].getsockname()
+        assert sockname[0] == "127.0.0.1"
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
