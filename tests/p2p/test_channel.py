@@ -36,7 +36,7 @@ async def _pair():
     net = MemoryNetwork()
     server, client = await MemoryPeer.create(net), await MemoryPeer.create(net)
     side = await server.side_channel()
-    side.serve("echo", _echo, max_record_bytes=LIMIT + 64)
+    await side.serve("echo", _echo, max_record_bytes=LIMIT + 64)
     return net, server, client, side
 
 
@@ -156,7 +156,7 @@ def test_a_key_is_bound_to_both_peers():
         net, server, client, side = await _pair()
         other = await MemoryPeer.create(net)
         other_side = await other.side_channel()
-        other_side.serve("echo", _echo, max_record_bytes=LIMIT)
+        await other_side.serve("echo", _echo, max_record_bytes=LIMIT)
         # the client believes `server` listens where `other` does (a forged hint is refused first,
         # so plant it in the cache as a bug elsewhere might)
         client_side = await client.side_channel()
@@ -189,7 +189,7 @@ def test_a_record_decrypts_straight_into_the_callers_buffer():
             buf = bytearray(300_000)
             n = await conn.read_record_into(buf)
             got.set_result(bytes(buf[:n]))
-        (await server.side_channel()).serve("sink", sink, max_record_bytes=LIMIT)
+        await (await server.side_channel()).serve("sink", sink, max_record_bytes=LIMIT)
         conn = await (await client.side_channel()).open(server.peer_id, "sink", timeout_s=5, max_record_bytes=LIMIT)
         payload = bytes(range(256)) * 1024
         conn.write(payload)
@@ -247,6 +247,9 @@ def test_a_peer_dials_only_what_its_target_announced_under_its_signature():
         net, server, client, side = await _pair()
         trap = _CountingListener()
         client_side = await client.side_channel()
+        other = await MemoryPeer.create(net)
+        await (await other.side_channel()).serve("echo", _echo, max_record_bytes=LIMIT)
+        other_endpoint = (await other.side_channel()).sealed_endpoint()
         stranger = Identity.generate()
         forged = {
             # a port of 127.0.0.1 the target never announced, signed by someone else
@@ -254,7 +257,7 @@ def test_a_peer_dials_only_what_its_target_announced_under_its_signature():
                                      Endpoint([f"/ip4/127.0.0.1/tcp/{trap.port}"]), expires_at=2e9,
                                      subkey=keys.peer_subkey(stranger.peer_id)),
             # another peer's own genuine record, passed off as the target's
-            "another peer's address": (await client.side_channel()).sealed_endpoint(),
+            "another peer's address": other_endpoint,
             # a host name, even signed by the target itself: no DNS look-up on a peer's word
             "host name": seal(server.identity, keys.endpoint_key(server.peer_id),
                               Endpoint([f"/dns4/localhost/tcp/{trap.port}"]), expires_at=2e9,
@@ -280,6 +283,7 @@ def test_a_sealed_endpoint_of_another_peer_or_expired_is_not_learned():
     async def go():
         _, server, client, side = await _pair()
         client_side = await client.side_channel()
+        await client_side.serve("echo", _echo, max_record_bytes=LIMIT)
         with pytest.raises(IntegrityError):
             client_side.learn(server.peer_id, client_side.sealed_endpoint())
         assert client_side.learn(server.peer_id, side.sealed_endpoint()) == side.addrs
@@ -288,11 +292,12 @@ def test_a_sealed_endpoint_of_another_peer_or_expired_is_not_learned():
     asyncio.run(go())
 
 
-def test_the_listener_binds_the_peers_host_only():
+def test_the_listener_binds_the_peers_host_only_and_a_peer_that_only_dials_listens_nowhere():
     async def go():
         _, server, client, side = await _pair()
-        sockname = side._server.sockets[0].getsockname()
-        assert sockname[0] == "127.0.0.1"
+        assert [s.getsockname()[0] for s in side._server.sockets] == ["127.0.0.1"]
+        await _still_serves(client, server)
+        assert (await client.side_channel())._server is None
         await client.shutdown()
         await server.shutdown()
     asyncio.run(go())

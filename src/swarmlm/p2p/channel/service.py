@@ -116,41 +116,59 @@ class SideChannel:
         self._tasks: set[asyncio.Task] = set()
         self._conns: set[Connection] = set()
         self._announcing: asyncio.Task | None = None
+        self._listening: asyncio.Future | None = None
+        self._announce = True
         self.refused = 0              # connections dropped for a bad hello (tests, logs)
         self.accepted = 0
 
     @classmethod
-    async def create(cls, peer: Any, *, host: str = "127.0.0.1", port: int = 0, announce: bool = True,
+    async def create(cls, peer: Any, *, host: str = "127.0.0.1", announce: bool = True,
                      clock: Callable[[], float] = time.monotonic) -> SideChannel:
-        """Listen on `host` (an IP literal) and take offers over `peer`; with `announce`, keep this
-        peer's endpoint in the DHT."""
+        """A side channel of `peer` that listens on `host` (an IP literal) once it serves a purpose,
+        and (with `announce`) keeps this peer's endpoint in the DHT from then on. A peer that only
+        dials never listens."""
         policy.format_addr(host, 1)                                  # an IP literal, or ValueError
         self = cls(peer, host=host, clock=clock)
-        await peer.add_handler(OFFER_HANDLER, rpc.message_handler(ChannelOffer, self.rpc_offer, max_request_bytes=256),
-                               max_request_bytes=256)
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(self._accepted, host, port)
+        self._announce = announce
+        return self
+
+    async def _listen(self) -> None:
+        await self.peer.add_handler(OFFER_HANDLER, rpc.message_handler(ChannelOffer, self.rpc_offer,
+                                                                       max_request_bytes=256), max_request_bytes=256)
+        self._server = await asyncio.get_running_loop().create_server(self._accepted, self.host, 0)
         self.port = self._server.sockets[0].getsockname()[1]
-        if announce:
+        if self._announce:
             await self.announce()
             self._announcing = asyncio.ensure_future(self._announce_forever())
-        logger.debug("side channel of %s on %s:%d", peer.peer_id, host, self.port)
-        return self
+        logger.debug("side channel of %s on %s:%d", self.peer.peer_id, self.host, self.port)
 
     @property
     def addrs(self) -> list[str]:
         return [policy.format_addr(self.host, self.port)]
 
-    def serve(self, purpose: str, handler: Handler, *, max_record_bytes: int) -> None:
-        """Hand each connection opened for `purpose` to `handler`; records above `max_record_bytes` are refused."""
+    async def serve(self, purpose: str, handler: Handler, *, max_record_bytes: int) -> None:
+        """Hand each connection opened for `purpose` to `handler`; records above `max_record_bytes` are
+        refused. The first purpose starts the listener."""
         if not 0 < len(purpose.encode()) <= MAX_PURPOSE_BYTES or purpose in self._purposes:
             raise ValueError(f"bad or taken side-channel purpose {purpose!r}")
         self._purposes[purpose] = _Purpose(handler, max_record_bytes)
+        if self._listening is None:
+            self._listening = asyncio.ensure_future(self._listen())
+        try:
+            await asyncio.shield(self._listening)
+        except BaseException:
+            del self._purposes[purpose]
+            if self._listening.done():
+                self._listening = None
+            raise
 
     # ---- the endpoint in the DHT -------------------------------------------------------------------
 
-    def sealed_endpoint(self) -> bytes:
-        """This peer's endpoint record, signed: what a message may carry so its reader need not ask the DHT."""
+    def sealed_endpoint(self) -> bytes | None:
+        """This peer's endpoint record, signed: what a message may carry so its reader need not ask the
+        DHT (None while it listens for nothing)."""
+        if not self.port:
+            return None
         return seal(self.peer.identity, keys.endpoint_key(self.peer.peer_id), Endpoint(self.addrs),
                     expires_at=time.time() + ENDPOINT_TTL_S, subkey=keys.peer_subkey(self.peer.peer_id))
 
