@@ -69,7 +69,7 @@ class InProcessSwarm:
     """Servers and clients on MemoryPeers, driven from synchronous test code."""
 
     def __init__(self, *, direct: bool = False) -> None:
-        self.direct = direct               # servers also offer encrypted direct steps channels on 127.0.0.1
+        self.direct = direct               # servers also serve steps over their side channels on 127.0.0.1
         self.runner = LoopThread()
         self.net = MemoryNetwork()
         self.servers: dict[str, tuple[asyncio.Event, Any]] = {}   # peer id -> (stop, task)
@@ -82,8 +82,7 @@ class InProcessSwarm:
         async def start() -> str:
             peer = await MemoryPeer.create(self.net)
             stop, ready = asyncio.Event(), asyncio.Event()
-            if self.direct:
-                options.setdefault("direct_host", "127.0.0.1")
+            options.setdefault("direct", self.direct)
             opts = ServeOptions(model=str(model), blocks=blocks, num_blocks=num_blocks,
                                 limits=limits or BudgetLimits(), **options)
             task = asyncio.create_task(run_server(opts, stop=stop, on_ready=lambda m: ready.set(), peer=peer,

@@ -86,11 +86,12 @@ def test_a_server_whose_push_did_not_leave_is_relayed_by_the_client(direct_swarm
 
 
 def test_a_server_that_cannot_be_dialed_is_stepped_over_libp2p(direct_swarm, checkpoints, monkeypatch):
-    from swarmlm.p2p import secure
+    from swarmlm.errors import PeerError
+    from swarmlm.p2p.channel.service import SideChannel
 
-    async def unreachable(host, port, key, **kwargs):
-        raise secure.PeerError(f"secure {host}:{port}: connection refused")   # a firewall in between
-    monkeypatch.setattr(secure, "connect_secure", unreachable)
+    async def unreachable(self, host, port, *args, **kwargs):
+        raise PeerError(f"side channel {host}:{port}: connection refused")   # a firewall in between
+    monkeypatch.setattr(SideChannel, "_dial", unreachable)
     ckpt = checkpoints["llama"]
     direct_swarm.add_server(ckpt, (0, 4))
     model = direct_swarm.remote_model(ckpt)

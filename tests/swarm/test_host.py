@@ -10,7 +10,11 @@ from swarmlm.errors import PeerError, RemoteError
 from swarmlm.model.config import PRESETS
 from swarmlm.model.transformer import Transformer
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
-from swarmlm.p2p import rpc, secure
+from swarmlm.p2p import keys, rpc
+from swarmlm.p2p.channel.policy import DialLimiter
+from swarmlm.p2p.channel.service import Endpoint
+from swarmlm.p2p.identity import Identity
+from swarmlm.p2p.records import seal
 from swarmlm.p2p.rpc import Channel, call_message
 from swarmlm.swarm import wire
 from swarmlm.swarm.server.budget import BudgetLimits
@@ -36,21 +40,29 @@ class Harness:
         self.host = BlockHost(part, model_id="m", limits=limits or BudgetLimits(max_session_tokens=64,
                                                                              max_request_tokens=256))
 
-    async def start(self, direct_host=None):
+    async def start(self, direct=False):
         net = MemoryNetwork()
         self.server, self.client = await MemoryPeer.create(net), await MemoryPeer.create(net)
-        await self.host.register(self.server, direct_host=direct_host)
+        await self.host.register(self.server, side=await self.server.side_channel() if direct else None)
         return self
 
     async def open_direct(self, batch=1, max_length=16, client=None):
-        """A session whose steps channel is an encrypted direct connection; (session id, channel)."""
-        sid, key = os.urandom(16), secure.new_key()
-        req = wire.OpenRequest(sid, 0, 2, batch, max_length, direct_key=key)
-        reply = await call_message(client or self.client, self.server.peer_id, wire.RPC_OPEN, req, wire.OpenReply,
-                                   timeout_s=10)
-        reader, writer = await secure.connect_secure(reply.direct_host, reply.direct_port, key, timeout_s=5,
-                                                     max_record_bytes=1 << 24)
-        return sid, Channel(reader, writer, peer_id=self.server.peer_id, name="direct")
+        """A session whose steps channel goes over the side channel; (session id, channel)."""
+        sid, client = os.urandom(16), client or self.client
+        req = wire.OpenRequest(sid, 0, 2, batch, max_length)
+        reply = await call_message(client, self.server.peer_id, wire.RPC_OPEN, req, wire.OpenReply, timeout_s=10)
+        conn = await (await client.side_channel()).open(self.server.peer_id, wire.PURPOSE_STEPS, timeout_s=5,
+                                                        max_record_bytes=1 << 24, endpoint=reply.endpoint)
+        return sid, Channel(conn, conn, peer_id=self.server.peer_id, name="direct")
+
+    async def until_waiting(self, sid, position):
+        """Until the server holds a step of session `sid` waiting for its pushed input at `position`."""
+        inbox = self.host._sessions[(self.client.peer_id, sid)].inbox
+        for _ in range(10_000):
+            if inbox.waiting(position):
+                return
+            await asyncio.sleep(0)
+        raise AssertionError(f"no step came to wait at position {position}")
 
     async def call(self, name, req, reply_cls):
         return await call_message(self.client, self.server.peer_id, name, req, reply_cls, timeout_s=10,
@@ -271,7 +283,7 @@ def test_unknown_closed_and_foreign_sessions_are_refused(full):
     wire.OpenRequest(b"x" * 16, 0, 2, 1, 10_000),
     wire.OpenRequest(b"x" * 16, 0, 2, 0, 8),
     wire.OpenRequest(b"x" * 16, 0, 2, 5, 16),
-    wire.OpenRequest(b"x" * 16, 0, 2, 1, 8, direct_key=b"not 32 bytes"),
+    wire.OpenRequest(b"x" * 16, 0, 2, 1, 8, pusher="not a peer id"),
 ])
 def test_bad_open_gets_an_error_reply(full, req):
     async def go():
@@ -419,19 +431,17 @@ def test_a_channel_to_a_killed_server_fails_with_peer_error(full):
 
 # ---- the direct steps channel ----------------------------------------------------------------------
 
-def test_a_host_without_a_direct_listener_offers_none(full):
+def test_a_host_without_a_side_channel_offers_none(full):
     async def go():
         h = await Harness(full).start()
-        req = wire.OpenRequest(os.urandom(16), 0, 2, 1, 8, direct_key=secure.new_key())
-        return await h.call(wire.RPC_OPEN, req, wire.OpenReply)
+        return await h.call(wire.RPC_OPEN, wire.OpenRequest(os.urandom(16), 0, 2, 1, 8), wire.OpenReply)
 
-    reply = run(go())
-    assert reply.direct_host is None and reply.direct_port == 0
+    assert run(go()).endpoint is None
 
 
 def test_steps_on_a_direct_channel_equal_the_local_blocks_and_bad_ones_get_error_frames(full):
     async def go():
-        h = await Harness(full).start(direct_host="127.0.0.1")
+        h = await Harness(full).start(direct=True)
         try:
             sid, ch = await h.open_direct(batch=2)
             x = torch.randn(2, 5, D)
@@ -453,9 +463,9 @@ def test_steps_on_a_direct_channel_equal_the_local_blocks_and_bad_ones_get_error
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-def test_a_direct_channel_speaks_only_for_the_peer_that_sent_its_key(full):
+def test_a_direct_channel_speaks_only_for_the_peer_that_dialed_it(full):
     async def go():
-        h = await Harness(full).start(direct_host="127.0.0.1")
+        h = await Harness(full).start(direct=True)
         try:
             alices = await h.open()                          # a session of the client peer
             mallory = await MemoryPeer.create(h.server.network)
@@ -470,13 +480,12 @@ def test_a_direct_channel_speaks_only_for_the_peer_that_sent_its_key(full):
     assert run(go()).shape == (1, 1, D)
 
 
-def test_a_direct_channel_to_a_closed_host_fails_with_peer_error(full):
+def test_a_direct_channel_to_a_killed_server_fails_with_peer_error(full):
     async def go():
-        h = await Harness(full).start(direct_host="127.0.0.1")
+        h = await Harness(full).start(direct=True)
         sid, ch = await h.open_direct()
         await h.channel_step(ch, sid, torch.randn(1, 1, D), 0)
-        h.host.close()
-        await asyncio.sleep(0.05)
+        h.server.network.kill(h.server.peer_id)           # its side channel's connections are cut
         with pytest.raises(PeerError):
             await h.channel_step(ch, sid, torch.randn(1, 1, D), 1)
 
@@ -501,8 +510,7 @@ def test_a_step_without_hidden_states_runs_on_its_pushed_input(full, push_first)
             out = await h.step(sid, None, 1)
         else:
             waiting = asyncio.create_task(h.step(sid, None, 1))
-            await asyncio.sleep(0.05)
-            assert not waiting.done()
+            await h.until_waiting(sid, 1)
             await h.call(wire.RPC_STEP, _pushed(sid, x[:, 1:], 1), wire.StepReply)
             out = await waiting
         return out, full.run_blocks(x, start=0, end=2)[:, 1:]
@@ -519,7 +527,7 @@ def test_a_called_off_or_late_step_fails_and_the_session_goes_on(full, monkeypat
         sid = await h.open()
         x = torch.randn(1, 2, D)
         waiting = asyncio.create_task(h.step(sid, None, 0))
-        await asyncio.sleep(0.05)
+        await h.until_waiting(sid, 0)
         await h.call(wire.RPC_STEP, _pushed(sid, None, 0), wire.StepReply)     # the client calls it off
         with pytest.raises(RemoteError, match="called off"):
             await waiting
@@ -560,28 +568,28 @@ def test_a_bad_push_is_refused_to_the_pusher_and_the_session_goes_on(full, case)
 
 
 @pytest.mark.parametrize("hop", [
-    dict(host="", port=1),
-    dict(host="127.0.0.1", port=0),
-    dict(host="127.0.0.1", port=1, key=b"short"),
-    dict(host="127.0.0.1", port=1, session_id=b"short"),
-    dict(host="127.0.0.1", port=1, start=3, end=3),
+    dict(peer_id=""),
+    dict(peer_id="not/a peer"),
+    dict(session_id=b"short"),
+    dict(start=3, end=3),
+    dict(endpoint=b""),
 ])
 def test_a_malformed_next_hop_gets_an_error_reply(full, hop):
     async def go():
-        h = await Harness(full).start()
-        fields = dict(key=secure.new_key(), session_id=os.urandom(16), start=2, end=4) | hop
+        h = await Harness(full).start(direct=True)
+        fields = dict(peer_id=h.client.peer_id, session_id=os.urandom(16), start=2, end=4) | hop
         req = wire.OpenRequest(os.urandom(16), 0, 2, 1, 8, next_hop=wire.NextHop(**fields))
-        with pytest.raises(RemoteError, match="next hop|32 bytes"):
+        with pytest.raises(RemoteError, match="next hop"):
             await h.call(wire.RPC_OPEN, req, wire.OpenReply)
         return h.host.budget.n_sessions
 
     assert run(go()) == 0
 
 
-def test_an_unreachable_next_hop_opens_a_session_that_does_not_push(full):
+def test_a_next_hop_that_announces_no_side_channel_opens_a_session_that_does_not_push(full):
     async def go():
-        h = await Harness(full).start()
-        nxt = wire.NextHop(host="127.0.0.1", port=1, key=secure.new_key(), session_id=os.urandom(16), start=2, end=4)
+        h = await Harness(full).start(direct=True)
+        nxt = wire.NextHop(h.client.peer_id, os.urandom(16), 2, 4)      # the client listens nowhere
         reply = await h.call(wire.RPC_OPEN, wire.OpenRequest(os.urandom(16), 0, 2, 1, 8, next_hop=nxt),
                              wire.OpenReply)
         return reply.pushes, h.host.budget.n_sessions
@@ -589,14 +597,109 @@ def test_an_unreachable_next_hop_opens_a_session_that_does_not_push(full):
     assert run(go()) == (False, 1)
 
 
+class _Trap:
+    """A plain TCP listener on 127.0.0.1 that counts the connections it gets."""
+
+    def __init__(self):
+        import socket
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(8)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    def accepted(self):
+        n = 0
+        while True:
+            try:
+                self.sock.accept()[0].close()
+            except BlockingIOError:
+                return n
+            n += 1
+
+
+@pytest.mark.parametrize("rpc_name", [wire.RPC_OPEN, wire.RPC_LINK])
+@pytest.mark.parametrize("case", ["an unannounced port", "a host name", "another peer's address"])
+def test_a_next_hop_address_its_peer_did_not_announce_is_refused_and_never_dialed(full, case, rpc_name):
+    async def go():
+        h = await Harness(full).start(direct=True)
+        trap = _Trap()
+        target = await MemoryPeer.create(h.server.network)           # a real peer: the named next hop
+        bystander = await MemoryPeer.create(h.server.network)
+        await (await bystander.side_channel()).serve("x", lambda conn: asyncio.sleep(0), max_record_bytes=64)
+        forged = {
+            "an unannounced port": seal(Identity.generate(), keys.endpoint_key(target.peer_id),
+                                        Endpoint([f"/ip4/127.0.0.1/tcp/{trap.port}"]), expires_at=2e9),
+            "a host name": seal(target.identity, keys.endpoint_key(target.peer_id),
+                                Endpoint([f"/dns4/localhost/tcp/{trap.port}"]), expires_at=2e9,
+                                subkey=keys.peer_subkey(target.peer_id)),
+            "another peer's address": (await bystander.side_channel()).sealed_endpoint(),
+        }[case]
+        hop = wire.NextHop(target.peer_id, os.urandom(16), 2, 4, endpoint=forged)
+        if rpc_name == wire.RPC_OPEN:
+            req = wire.OpenRequest(os.urandom(16), 0, 2, 1, 8, next_hop=hop)
+            reply_cls = wire.OpenReply
+        else:
+            req, reply_cls = wire.LinkRequest(await h.open(), next_hop=hop), wire.LinkReply
+        with pytest.raises(RemoteError, match="refusing to dial"):
+            await h.call(rpc_name, req, reply_cls)
+        return trap.accepted(), (await bystander.side_channel()).accepted, h.host.budget.n_sessions
+
+    accepted, bystander_accepted, n_sessions = run(go())
+    assert accepted == 0 and bystander_accepted == 0
+    assert n_sessions == (0 if rpc_name == wire.RPC_OPEN else 1)
+
+
+def test_next_hop_dials_are_capped_per_client_across_its_sessions(full):
+    """Closing and reopening sessions does not reset how many next hops one client may have dialed."""
+    async def go():
+        h = await Harness(full).start(direct=True)
+        h.host.dials = DialLimiter(max_dials=2, window_s=3600, clock=h.host.clock)
+        side = await h.server.side_channel()
+        pushes = []
+        for _ in range(3):
+            into = os.urandom(16)             # a session here that the same server pushes into
+            opened = await h.call(wire.RPC_OPEN, wire.OpenRequest(into, 0, 2, 1, 8, pusher=h.server.peer_id),
+                                  wire.OpenReply)
+            hop = wire.NextHop(h.server.peer_id, into, 0, 2, endpoint=opened.endpoint)
+            sid = os.urandom(16)
+            reply = await h.call(wire.RPC_OPEN, wire.OpenRequest(sid, 0, 2, 1, 8, next_hop=hop), wire.OpenReply)
+            pushes.append(reply.pushes)
+            for s in (sid, into):
+                await h.call(wire.RPC_CLOSE, wire.CloseRequest(s), wire.CloseReply)
+        return pushes, side.accepted
+
+    pushes, accepted = run(go())
+    assert pushes == [True, True, False]
+    assert accepted == 2 * 1 + 0        # the two allowed push connections; the third was never dialed
+
+
+def test_a_push_connection_from_a_peer_the_client_did_not_name_is_refused(full):
+    async def go():
+        h = await Harness(full).start(direct=True)
+        sid = await h.open()                                  # no pusher named
+        opened = await h.call(wire.RPC_OPEN, wire.OpenRequest(os.urandom(16), 0, 2, 1, 8), wire.OpenReply)
+        mallory = await MemoryPeer.create(h.server.network)
+        conn = await (await mallory.side_channel()).open(h.server.peer_id, wire.PURPOSE_PUSH, timeout_s=5,
+                                                         max_record_bytes=1 << 20, endpoint=opened.endpoint)
+        ch = Channel(conn, conn, peer_id=h.server.peer_id, name="push")
+        with pytest.raises(RemoteError, match="no session here takes pushes from you"):
+            await ch.call_message(wire.PushBind(h.client.peer_id, sid), wire.PushBound, timeout_s=5)
+        good = torch.randn(1, 1, D)
+        return await h.step(sid, good, 0), full.run_blocks(good, start=0, end=2)
+
+    got, want = run(go())
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
 def test_a_step_waiting_for_a_push_fails_cleanly_when_its_session_closes(full):
     async def go():
         h = await Harness(full).start()
         sid = await h.open()
         waiting = asyncio.create_task(h.step(sid, None, 0))
-        await asyncio.sleep(0.05)
+        await h.until_waiting(sid, 0)
         await h.call(wire.RPC_CLOSE, wire.CloseRequest(sid), wire.CloseReply)
-        with pytest.raises(RemoteError, match="closed"):
+        with pytest.raises(RemoteError, match="the session was closed"):
             await waiting
         other = await h.open()
         return await h.step(other, torch.randn(1, 1, D), 0)
@@ -621,20 +724,17 @@ def test_a_step_waiting_for_a_push_at_a_position_out_of_range_is_refused_at_once
 # ---- re-linking a chain around a replaced server ------------------------------------------------------
 
 def test_link_makes_a_session_push_to_a_new_next_hop_that_expects_it(full):
-    """Session a pushes into session b (both here): linked once, then re-linked under a fresh key
-    as after a failover (b expects a new pusher, a is pointed at it)."""
+    """Session a pushes into session b (both here): linked, then re-linked as after a failover (b told to
+    take pushes from the pusher again, a pointed at it)."""
     async def go():
-        h = await Harness(full).start(direct_host="127.0.0.1")
+        h = await Harness(full).start(direct=True)
         a, b = await h.open(), os.urandom(16)
-        opened = await h.call(wire.RPC_OPEN, wire.OpenRequest(b, 0, 2, 1, 16, push_key=secure.new_key()),
-                              wire.OpenReply)
+        opened = await h.call(wire.RPC_OPEN, wire.OpenRequest(b, 0, 2, 1, 16), wire.OpenReply)
         x = torch.randn(1, 2, D)
         outs = []
         for position in range(2):
-            key = secure.new_key()
-            into = await h.call(wire.RPC_LINK, wire.LinkRequest(b, push_key=key), wire.LinkReply)
-            assert (into.direct_host, into.direct_port) == (opened.direct_host, opened.direct_port)
-            hop = wire.NextHop(into.direct_host, into.direct_port, key, b, 0, 2)
+            await h.call(wire.RPC_LINK, wire.LinkRequest(b, pusher=h.server.peer_id), wire.LinkReply)
+            hop = wire.NextHop(h.server.peer_id, b, 0, 2, endpoint=opened.endpoint)
             linked = await h.call(wire.RPC_LINK, wire.LinkRequest(a, next_hop=hop), wire.LinkReply)
             assert linked.pushes
             waiting = asyncio.create_task(h.step(b, None, position))
@@ -648,21 +748,22 @@ def test_link_makes_a_session_push_to_a_new_next_hop_that_expects_it(full):
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("case", ["unknown session", "short push key", "malformed next hop", "no listener",
+@pytest.mark.parametrize("case", ["unknown session", "bad pusher", "malformed next hop", "no side channel",
                                   "too many"])
 def test_a_bad_link_gets_an_error_reply_and_the_session_goes_on(full, case):
     async def go():
-        h = await Harness(full).start(direct_host=None if case == "no listener" else "127.0.0.1")
+        h = await Harness(full).start(direct=case != "no side channel")
         sid = await h.open()
-        hop = wire.NextHop("127.0.0.1", 0, secure.new_key(), os.urandom(16), 2, 4)
-        if case == "too many":        # each may dial an address the client names: a bounded number
+        me = h.server.peer_id
+        hop = wire.NextHop("", os.urandom(16), 2, 4)
+        if case == "too many":        # each may dial a peer the client names: a bounded number
             for _ in range(chain.MAX_LINKS):
-                await h.call(wire.RPC_LINK, wire.LinkRequest(sid, push_key=secure.new_key()), wire.LinkReply)
-        req = {"too many": wire.LinkRequest(sid, push_key=secure.new_key()),
-               "unknown session": wire.LinkRequest(os.urandom(16), push_key=secure.new_key()),
-               "short push key": wire.LinkRequest(sid, push_key=b"short"),
+                await h.call(wire.RPC_LINK, wire.LinkRequest(sid, pusher=me), wire.LinkReply)
+        req = {"too many": wire.LinkRequest(sid, pusher=me),
+               "unknown session": wire.LinkRequest(os.urandom(16), pusher=me),
+               "bad pusher": wire.LinkRequest(sid, pusher="a b"),
                "malformed next hop": wire.LinkRequest(sid, next_hop=hop),
-               "no listener": wire.LinkRequest(sid, push_key=secure.new_key())}[case]
+               "no side channel": wire.LinkRequest(sid, pusher=me)}[case]
         with pytest.raises(RemoteError):
             await h.call(wire.RPC_LINK, req, wire.LinkReply)
         good = torch.randn(1, 1, D)
@@ -674,9 +775,9 @@ def test_a_bad_link_gets_an_error_reply_and_the_session_goes_on(full, case):
 
 def test_a_link_to_an_unreachable_next_hop_leaves_a_session_that_does_not_push(full):
     async def go():
-        h = await Harness(full).start(direct_host="127.0.0.1")
+        h = await Harness(full).start(direct=True)
         sid = await h.open()
-        hop = wire.NextHop("127.0.0.1", 1, secure.new_key(), os.urandom(16), 2, 4)
+        hop = wire.NextHop(h.client.peer_id, os.urandom(16), 2, 4)        # announces no side channel
         linked = await h.call(wire.RPC_LINK, wire.LinkRequest(sid, next_hop=hop), wire.LinkReply)
         good = torch.randn(1, 1, D)
         reply = await h.call(wire.RPC_STEP, wire.StepRequest(sid, 0, 2, 0, good, push=True), wire.StepReply)

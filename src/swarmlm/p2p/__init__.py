@@ -6,10 +6,9 @@ Reading order:
     records.py    record_type, SignedRecord: typed DHT records in signed envelopes
     rpc.py        framing: status byte for unary replies, stream frames, channels, typed message calls
     peer.py       Peer: hivemind DHT node + libp2p daemon; store/get, add_handler/call, streams
-    direct.py     DirectListener / connect: plain TCP offered over libp2p with an HMAC ticket, for
-                  bulk bytes verified end to end (content-addressed blocks)
-    secure.py     SecureListener / connect_secure: TCP with AES-GCM records under a key sent over
-                  libp2p, for small frequent messages that must stay private (inference steps)
+    channel/      SideChannel: the one encrypted TCP listener per peer (AES-256-GCM records under one-use
+                  keys offered over libp2p), dialed only where a peer announced itself; blocks,
+                  inference steps and averaging parts are its purposes
     memory.py     MemoryPeer, MemoryNetwork: the same interface in one process, for tests
 
 Import `Peer` from `swarmlm.p2p.peer` (it pulls in hivemind, which is slow to import);

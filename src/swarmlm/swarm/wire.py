@@ -13,18 +13,21 @@ Inference sessions (stateful, per-server KV cache):
 Steps travel on a channel (`RPC_STEPS`, p2p/rpc.py): one long-lived stream per session and
 server carrying StepRequest frames, each answered by a StepReply or an error frame; a round
 trip on an open stream costs a fraction of a unary call's. `RPC_STEP` (unary) stays for
-clients or servers without it. A server that listens for direct connections (p2p/secure.py)
-offers the same channel over encrypted TCP: the client sends a fresh key in its OpenRequest
-(over libp2p) and dials the address in the OpenReply; a step then skips both p2pd daemons.
+clients or servers without it. A server with a side channel (p2p/channel/) offers the same
+channel over it (`PURPOSE_STEPS`): its OpenReply carries its signed endpoint record, and a
+step then skips both p2pd daemons, encrypted.
 Chained steps: a client may open its chain from the last server backwards, giving each server
-the next one's `NextHop`; a step then goes to every server at once, the first with its hidden
-states (`push=True`), the others with none: each server pushes its outputs straight to the next
-(over a direct connection keyed by that session's `push_key`) and replies to the client too, so
-the client keeps every hop's inputs for failover, but waits for no hop in between. A step
-waiting for a push that never comes is ended by the client (a `pushed` step with no hidden).
+the next one's `NextHop` (a peer ID, never an address: the server dials only what that peer
+announced under its own signature) and telling each server which peer will push into it
+(`pusher`); a step then goes to every server at once, the first with its hidden states
+(`push=True`), the others with none: each server pushes its outputs straight to the next (on its
+own side-channel connection, `PURPOSE_PUSH`, which opens with a `PushBind` naming the session)
+and replies to the client too, so the client keeps every hop's inputs for failover, but waits
+for no hop in between. A step waiting for a push that never comes is ended by the client (a
+`pushed` step with no hidden).
     link  -> LinkRequest / LinkReply      after a failover, re-chain the servers next to the
-                                          replacement: the one after it expects a new pusher
-                                          (`push_key`), the one before it pushes to it (`next_hop`)
+                                          replacement: the one after it takes pushes from a new
+                                          `pusher`, the one before it pushes to it (`next_hop`)
 Stateless, for training and evaluation:
     forward  -> SpanForwardRequest / SpanForwardReply
     backward -> SpanBackwardRequest / SpanBackwardReply  (gradients w.r.t. the inputs and deep prompts)
@@ -56,6 +59,8 @@ RPC_INFO = "swarm/info"
 RPC_LINK = "swarm/link"
 RPC_NAMES = (RPC_OPEN, RPC_STEP, RPC_CLOSE, RPC_FORWARD, RPC_BACKWARD, RPC_INFO, RPC_LINK)
 RPC_STEPS = "swarm/steps"        # a channel (raw stream) of StepRequest -> StepReply frames
+PURPOSE_STEPS = "swarm/steps"    # the same channel over the side channel
+PURPOSE_PUSH = "swarm/push"      # a server's pushes into the next server: PushBind, then pushed StepRequests
 
 SESSION_ID_BYTES = 16            # a random id the client picks; the server scopes it by the caller's peer ID
 KEEP_ID_BYTES = 16               # the same for a forward kept for its backward
@@ -70,31 +75,39 @@ class OpenRequest:
     end: int                     # one past the last block
     batch: int                   # B: rows of every step of this session
     max_length: int              # positions the cache must hold (prompt + new tokens)
-    direct_key: bytes | None = None   # p2p/secure.py's KEY_BYTES: the key of an encrypted direct connection
-                                      # for this session's steps channel, if the server offers one
-    push_key: bytes | None = None     # another such key: a direct connection under it (the previous server's)
-                                      # speaks for the client, and pushes inputs into this session
+    pusher: str | None = None         # the peer (the previous server) allowed to push inputs into this session
     next_hop: NextHop | None = None   # where this server pushes its outputs when a step asks it to
 
 
 @dataclass(frozen=True)
 class NextHop:
     """The next server of the client's chain, as the server before it needs to know it."""
-    host: str                    # its direct listener (OpenReply.direct_host / direct_port)
-    port: int
-    key: bytes                   # the push_key the client sent it
+    peer_id: str                 # the next server: dialed only where it announced itself
     session_id: bytes            # its session of this client
     start: int                   # its span
     end: int
+    endpoint: bytes | None = None     # its signed endpoint record (OpenReply.endpoint), saving a DHT look-up
 
 
 @dataclass(frozen=True)
 class OpenReply:
     session_id: bytes
     dtype: str                   # the dtype the server computes in; steps must send hidden states in it
-    direct_host: str | None = None    # where to dial the direct steps channel keyed by direct_key;
-    direct_port: int = 0              # None / 0: the server has none, use the RPC_STEPS libp2p channel
+    endpoint: bytes | None = None     # the server's signed side-channel endpoint record (p2p/channel/);
+                                      # None: it has none, use the RPC_STEPS libp2p channel
     pushes: bool = False              # it reached next_hop, and will push outputs there when asked
+
+
+@dataclass(frozen=True)
+class PushBind:
+    """The first request on a `PURPOSE_PUSH` connection: whose session the pushes are for."""
+    owner: str                   # the client that opened the session (and named the pusher)
+    session_id: bytes
+
+
+@dataclass(frozen=True)
+class PushBound:
+    pass
 
 
 @compact
@@ -126,14 +139,12 @@ class StepReply:
 @dataclass(frozen=True)
 class LinkRequest:
     session_id: bytes
-    push_key: bytes | None = None     # as OpenRequest.push_key: a new previous server will push in under it
+    pusher: str | None = None         # as OpenRequest.pusher: a new previous server will push in
     next_hop: NextHop | None = None   # push outputs here from now on (the old next hop is dropped)
 
 
 @dataclass(frozen=True)
 class LinkReply:
-    direct_host: str | None = None    # where the new previous server dials in (None: no direct listener)
-    direct_port: int = 0
     pushes: bool = False              # the server reaches its next hop (the new one, or the one it had)
 
 

@@ -144,7 +144,12 @@ class SideChannel:
 
     @property
     def addrs(self) -> list[str]:
-        return [policy.format_addr(self.host, self.port)]
+        """What this peer announces: its host, or (listening on all interfaces, as asked with
+        `--host 0.0.0.0`) the IP literals of its libp2p multiaddrs."""
+        if not policy.is_unspecified(self.host):
+            return [policy.format_addr(self.host, self.port)]
+        hosts = [h for h in policy.maddr_hosts(self.peer.maddrs) if not policy.is_unspecified(h)]
+        return [policy.format_addr(h, self.port) for h in hosts[:policy.MAX_ADDRS]]
 
     async def serve(self, purpose: str, handler: Handler, *, max_record_bytes: int) -> None:
         """Hand each connection opened for `purpose` to `handler`; records above `max_record_bytes` are

@@ -27,7 +27,6 @@ import torch
 from swarmlm import serialize
 from swarmlm.errors import NotFoundError, PeerError, PeerTimeout
 from swarmlm.log import get_logger
-from swarmlm.p2p import secure
 from swarmlm.p2p.rpc import Channel, call_message, frame_bytes
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.routing import Hop, ServerInfo, choose_chain, format_blocks, uncovered_blocks
@@ -143,14 +142,13 @@ class RemoteBlocks:
             raise PeerTimeout(f"{name} at {peer_id}: no stream in {timeout_s:.1f} s") from None
         return Channel(reader, writer, peer_id=peer_id, name=name)
 
-    async def open_direct_channel(self, peer_id: str, host: str, port: int, key: bytes, *,
-                                  timeout_s: float) -> Channel:
-        """The same channel over an encrypted direct TCP connection keyed by `key` (p2p/secure.py),
-        which the server was sent over libp2p."""
-        reader, writer = await secure.connect_secure(
-            host, port, key, timeout_s=timeout_s,
-            max_record_bytes=frame_bytes(self.options.max_response_bytes))
-        return Channel(reader, writer, peer_id=peer_id, name=f"{wire.RPC_STEPS} (direct)")
+    async def open_direct_channel(self, peer_id: str, endpoint: bytes, *, timeout_s: float) -> Channel:
+        """The same channel over this peer's side channel (p2p/channel/), dialed where the server's
+        signed `endpoint` record says it listens."""
+        side = await self.peer.side_channel()
+        conn = await side.open(peer_id, wire.PURPOSE_STEPS, timeout_s=timeout_s, endpoint=endpoint,
+                               max_record_bytes=frame_bytes(self.options.max_response_bytes))
+        return Channel(conn, conn, peer_id=peer_id, name=f"{wire.RPC_STEPS} (direct)")
 
     async def call_channel(self, channel: Channel, request: Any, reply_cls: type, *, timeout_s: float) -> Any:
         return await self.send_channel(channel, request, reply_cls, timeout_s=timeout_s)

@@ -14,8 +14,8 @@ would have been. Then the step goes on. With no replacement the `Swarm` raises
 Where every server was reached directly and the chain was opened back to front (each server
 told how to reach the next, wire.py's `NextHop`), a step is chained instead (client/chained.py).
 A failover re-links such a chain: the replacement is opened back to front too, pushing into the
-server after it (which is told to expect it, under a fresh key), and the server before it is told
-to push into the replacement (`RPC_LINK`). A link that cannot be made leaves the chain stepping
+server after it (which is told to take pushes from it), and the server before it is told to push
+into the replacement (`RPC_LINK`). A link that cannot be made leaves the chain stepping
 hop by hop.
 
 Each step tells a server how many positions it should already hold (`position`); a server
@@ -36,7 +36,6 @@ import torch
 from swarmlm import serialize
 from swarmlm.errors import PeerError, SwarmError
 from swarmlm.log import get_logger
-from swarmlm.p2p import secure
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.chained import ChainedSteps
 from swarmlm.swarm.client.routing import Hop
@@ -54,7 +53,7 @@ class Swarm(Protocol):
 
     async def open_channel(self, peer_id: str, name: str, *, timeout_s: float) -> Any: ...
 
-    async def open_direct_channel(self, peer_id: str, host: str, port: int, key: bytes, *, timeout_s: float) -> Any: ...
+    async def open_direct_channel(self, peer_id: str, endpoint: bytes, *, timeout_s: float) -> Any: ...
 
     async def call_channel(self, channel: Any, request: Any, reply_cls: type, *, timeout_s: float) -> Any: ...
 
@@ -72,7 +71,7 @@ class SessionOptions:
     recovery_timeout_s: float = 25.0      # the longest one failover may take before the step fails
     replacement_wait_s: float = 10.0      # how long to wait for a server for a lost span to appear
     max_replay_bytes: int = 12 << 20      # cut a replay into several requests above this
-    direct: bool = True                   # ask servers for an encrypted direct steps channel (p2p/secure.py)
+    direct: bool = True                   # step over servers' side channels (p2p/channel/) where they have one
     direct_timeout_s: float = 3.0         # dialing it; a server that cannot be dialed is stepped over libp2p
     chain: bool = True                    # servers push outputs to the next server (wire.py's chained steps)
 
@@ -205,27 +204,23 @@ class InferenceSession(ChainedSteps):
         before = self.hops[i - 1] if i > 0 else None
         after = self.hops[i + 1] if i + 1 < len(self.hops) else None
         link = self.options.chain and self.options.direct
-        takes_pushes = after is not None and after.next_hop is not None     # its server listens directly
-        into = (lambda: self._expect_pusher(after)) if link and takes_pushes else None
+        takes_pushes = after is not None and after.next_hop is not None     # its server has a side channel
+        into = (lambda pusher: self._expect_pusher(after, pusher)) if link and takes_pushes else None
         replaced = await self._open_chain(failed.hop.start, failed.hop.end, deadline=deadline,
                                           history=(failed.inputs, failed.masks), link=link, next_hop=into,
-                                          pushed_into=link and before is not None)
+                                          pushed_by=before.hop.peer_id if link and before is not None else None)
         self.hops[i:i + 1] = replaced
         if before is not None:
             before.pushes = link and await self._push_to(before, replaced[0].next_hop)
         self.recoveries += 1
         self.chained = link              # _can_chain still asks every link and channel
 
-    async def _expect_pusher(self, state: _HopState) -> wire.NextHop | None:
-        """Tell `state`'s server a new server will push into it, under a fresh key: how to reach it
+    async def _expect_pusher(self, state: _HopState, pusher: str) -> wire.NextHop | None:
+        """Tell `state`'s server that `pusher` (a replacement) will push into it: how to reach it
         (None where it cannot be: a failure here shows in its next step)."""
-        key = secure.new_key()
-        reply = await self._link(state, wire.LinkRequest(session_id=state.session_id, push_key=key),
+        reply = await self._link(state, wire.LinkRequest(session_id=state.session_id, pusher=pusher),
                                  "cannot take pushes from a replacement")
-        if reply is None or reply.direct_host is None or not reply.direct_port:
-            return None
-        return wire.NextHop(host=reply.direct_host, port=reply.direct_port, key=key, session_id=state.session_id,
-                            start=state.hop.start, end=state.hop.end)
+        return None if reply is None else state.next_hop
 
     async def _push_to(self, state: _HopState, hop: wire.NextHop | None) -> bool:
         """Have `state`'s server push its outputs to `hop` from now on; whether it can."""
@@ -247,24 +242,25 @@ class InferenceSession(ChainedSteps):
     async def _open_chain(self, start: int, end: int, *, deadline: float,
                           history: tuple[list[torch.Tensor], list[torch.Tensor | None]] | None,
                           link: bool | None = None,
-                          next_hop: Callable[[], Awaitable[wire.NextHop | None]] | None = None,
-                          pushed_into: bool = False) -> list[_HopState]:
+                          next_hop: Callable[[str], Awaitable[wire.NextHop | None]] | None = None,
+                          pushed_by: str | None = None) -> list[_HopState]:
         """Open sessions on a chain covering [start, end) and replay `history` into them, retrying on
         failures. `link`: each server is told the next (default: the session chains); `next_hop`: where
-        the last one pushes, asked anew for each try (its key is good for one connection);
-        `pushed_into`: the server before the first will push into it."""
+        the last one pushes, asked anew for each try with the peer that will push there (the server
+        after it must take pushes from that one); `pushed_by`: the server before the first, which will
+        push into it."""
         link = self.chained if link is None else link
         while True:
             wait_s = min(self.options.replacement_wait_s, max(0.0, deadline - time.monotonic()))
             hops = await self.swarm.route(start, end, banned=self.banned,
                                           need_cache_tokens=self.batch * self.max_length, wait_s=wait_s)
             states: list[_HopState] = []
-            tail = await next_hop() if link and next_hop is not None else None
+            tail = await next_hop(hops[-1].peer_id) if link and next_hop is not None else None
             try:
                 for j in reversed(range(len(hops))):        # back to front: each server learns the next
                     nxt = (states[0].next_hop if states else tail) if link else None
-                    states.insert(0, await self._open(hops[j], next_hop=nxt,
-                                                      pushed_into=link and (j > 0 or pushed_into)))
+                    pusher = (hops[j - 1].peer_id if j > 0 else pushed_by) if link else None
+                    states.insert(0, await self._open(hops[j], next_hop=nxt, pusher=pusher))
                 if history is not None and history[0]:
                     await self._replay(states, *history)
                 return states
@@ -278,16 +274,13 @@ class InferenceSession(ChainedSteps):
                 if time.monotonic() > deadline:
                     raise
 
-    async def _open(self, hop: Hop, *, next_hop: wire.NextHop | None = None,
-                    pushed_into: bool = False) -> _HopState:
-        """Open a session at `hop`, with a steps channel: direct where the server offers one, else
-        its libp2p channel, else none (unary steps). `next_hop`: where the server pushes its outputs;
-        `pushed_into`: the server before it will push (it gets a push key)."""
+    async def _open(self, hop: Hop, *, next_hop: wire.NextHop | None = None, pusher: str | None = None) -> _HopState:
+        """Open a session at `hop`, with a steps channel: over its side channel where the server has
+        one, else its libp2p channel, else none (unary steps). `next_hop`: where the server pushes its
+        outputs; `pusher`: the server before it, which will push into it."""
         session_id = os.urandom(wire.SESSION_ID_BYTES)
-        key = secure.new_key() if self.options.direct else None
-        push_key = secure.new_key() if self.options.direct and pushed_into else None
         req = wire.OpenRequest(session_id=session_id, start=hop.start, end=hop.end, batch=self.batch,
-                               max_length=self.max_length, direct_key=key, push_key=push_key, next_hop=next_hop)
+                               max_length=self.max_length, pusher=pusher, next_hop=next_hop)
         timeout_s = self.options.open_timeout_s
         try:
             opened = await self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply, timeout_s=timeout_s)
@@ -298,10 +291,11 @@ class InferenceSession(ChainedSteps):
             raise _HopFailed(hop.peer_id, e) from None
         self.swarm.session_opened(hop.peer_id, +1)
         channel = None
-        if key is not None and opened.direct_host is not None and opened.direct_port:
+        direct = self.options.direct and opened.endpoint is not None
+        if direct:
             try:
-                channel = await self.swarm.open_direct_channel(hop.peer_id, opened.direct_host, opened.direct_port,
-                                                               key, timeout_s=self.options.direct_timeout_s)
+                channel = await self.swarm.open_direct_channel(hop.peer_id, opened.endpoint,
+                                                               timeout_s=self.options.direct_timeout_s)
             except PeerError as e:
                 logger.info("no direct channel to %s (%s); steps go over libp2p", hop.peer_id, e)
         if channel is None:
@@ -309,9 +303,8 @@ class InferenceSession(ChainedSteps):
                 channel = await self.swarm.open_channel(hop.peer_id, wire.RPC_STEPS, timeout_s=timeout_s)
             except PeerError as e:
                 logger.debug("no steps channel to %s (%s); steps go by unary calls", hop.peer_id, e)
-        reachable = push_key is not None and opened.direct_host is not None and opened.direct_port
-        here = (wire.NextHop(host=opened.direct_host, port=opened.direct_port, key=push_key, session_id=session_id,
-                             start=hop.start, end=hop.end) if reachable else None)
+        here = (wire.NextHop(peer_id=hop.peer_id, session_id=session_id, start=hop.start, end=hop.end,
+                             endpoint=opened.endpoint) if direct else None)
         return _HopState(hop, session_id, dtype, channel, next_hop=here, pushes=next_hop is not None and opened.pushes)
 
     async def _call_step(self, state: _HopState, req: wire.StepRequest) -> wire.StepReply:

@@ -4,10 +4,11 @@
   for its own (bounded by `PUSH_WAIT_S`); a `pushed` step delivers one; a `pushed` step with no
   hidden states (the client's) ends the wait with an error, so a chain whose previous server
   died never leaves a step hanging.
-- `NextLink`: the encrypted direct connection to the next server of the client's chain
-  (p2p/secure.py, keyed by the push key the client gave that server), and the pushes in flight
-  on it. A push that fails is logged and dropped: the client still gets this server's reply and
-  pushes the outputs itself, or replaces the next server.
+- `NextLink`: this server's side-channel connection to the next server of the client's chain
+  (p2p/channel/, `PURPOSE_PUSH`, dialed only where that server announced itself; it opens with
+  a `PushBind` the next server checks against the pusher the client named there), and the
+  pushes in flight on it. A push that fails is logged and dropped: the client still gets this
+  server's reply and pushes the outputs itself, or replaces the next server.
 
 Knows nothing of blocks or caches: host.py checks what arrives and runs it.
 """
@@ -15,13 +16,13 @@ Knows nothing of blocks or caches: host.py checks what arrives and runs it.
 from __future__ import annotations
 
 import asyncio
-from typing import Awaitable
+from typing import Any, Awaitable
 
 import torch
 
 from swarmlm.errors import CapacityError, PeerError, WireError
 from swarmlm.log import get_logger
-from swarmlm.p2p import rpc, secure
+from swarmlm.p2p import rpc
 from swarmlm.swarm import wire
 
 logger = get_logger(__name__)
@@ -30,7 +31,11 @@ PUSH_WAIT_S = 30.0           # how long a step waits for its pushed input
 PUSH_ACK_S = 10.0            # how long a push waits for the next server to take it
 CONNECT_TIMEOUT_S = 2.0      # dialing the next server while opening a session
 MAX_WAITING = 4              # positions of one session with a pushed input or a step waiting for one
-MAX_LINKS = 16               # re-links one session may ask for (each may dial an address the client names)
+MAX_LINKS = 16               # re-links one session may ask for (each may dial a peer the client names)
+MAX_DIALS_PER_PEER = 64      # next hops one client may have this server dial per DIAL_WINDOW_S (all sessions)
+DIAL_WINDOW_S = 60.0
+MAX_PEER_ID_CHARS = 128
+MAX_ENDPOINT_BYTES = 4096
 _CLOSED = object()           # what a waiting step finds when its session is dropped
 
 
@@ -69,6 +74,11 @@ class Inbox:
             raise WireError("the session was closed")
         return hidden
 
+    def waiting(self, position: int) -> bool:
+        """Whether a step at `position` is waiting for its input (tests; logs)."""
+        slot = self._slots.get(position)
+        return slot is not None and not slot.done()
+
     def forget_delivered(self) -> None:
         """Drop inputs nobody waits for (a step that came with its own hidden states replaces them)."""
         for position in [p for p, slot in self._slots.items() if slot.done()]:
@@ -84,9 +94,9 @@ class Inbox:
 
 def check_next_hop(hop: wire.NextHop) -> wire.NextHop:
     """`WireError` unless `hop` is well formed (it comes from a client)."""
-    secure.check_key(hop.key)
-    if not 0 < len(hop.host) <= 64 or not 0 < hop.port < 65536:
-        raise WireError(f"next hop: bad address {hop.host!r}:{hop.port}")
+    check_peer_id(hop.peer_id, "next hop")
+    if hop.endpoint is not None and not 0 < len(hop.endpoint) <= MAX_ENDPOINT_BYTES:
+        raise WireError("next hop: bad endpoint record")
     if len(hop.session_id) != wire.SESSION_ID_BYTES:
         raise WireError(f"next hop: a session id has {wire.SESSION_ID_BYTES} bytes")
     if not 0 <= hop.start < hop.end:
@@ -94,8 +104,14 @@ def check_next_hop(hop: wire.NextHop) -> wire.NextHop:
     return hop
 
 
+def check_peer_id(peer_id: str, what: str) -> str:
+    if not 0 < len(peer_id) <= MAX_PEER_ID_CHARS or not peer_id.isalnum():
+        raise WireError(f"{what}: {peer_id[:MAX_PEER_ID_CHARS]!r} is not a peer ID")
+    return peer_id
+
+
 class NextLink:
-    """Build with `await NextLink.connect(hop, max_request_bytes=...)` (`PeerError` if unreachable)."""
+    """Build with `await NextLink.connect(side, hop, owner=...)` (`PeerError` if unreachable)."""
 
     def __init__(self, hop: wire.NextHop, channel: rpc.Channel):
         self.hop = hop
@@ -103,11 +119,19 @@ class NextLink:
         self._tasks: set[asyncio.Task] = set()
 
     @classmethod
-    async def connect(cls, hop: wire.NextHop, *, max_response_bytes: int) -> NextLink:
-        reader, writer = await secure.connect_secure(
-            hop.host, hop.port, hop.key, timeout_s=CONNECT_TIMEOUT_S,
-            max_record_bytes=rpc.frame_bytes(max_response_bytes))
-        return cls(hop, rpc.Channel(reader, writer, peer_id=f"{hop.host}:{hop.port}", name="swarm/push"))
+    async def connect(cls, side: Any, hop: wire.NextHop, *, owner: str, max_response_bytes: int) -> NextLink:
+        """Dial `hop`'s server for pushes into `owner`'s session there. `PeerError` if it cannot be
+        reached; `IntegrityError`-born `PeerError` ("refusing to dial") if its endpoint record is not its own."""
+        conn = await side.open(hop.peer_id, wire.PURPOSE_PUSH, timeout_s=CONNECT_TIMEOUT_S,
+                               max_record_bytes=rpc.frame_bytes(max_response_bytes), endpoint=hop.endpoint)
+        channel = rpc.Channel(conn, conn, peer_id=hop.peer_id, name=wire.PURPOSE_PUSH)
+        try:
+            await channel.call_message(wire.PushBind(owner=owner, session_id=hop.session_id), wire.PushBound,
+                                       timeout_s=CONNECT_TIMEOUT_S, max_response_bytes=max_response_bytes)
+        except BaseException:
+            channel.close()
+            raise
+        return cls(hop, channel)
 
     def push(self, position: int, hidden: torch.Tensor) -> bool:
         """Push `hidden` as the input of the next server's step at `position` (written before this

@@ -29,13 +29,22 @@ from swarmlm.errors import CapacityError, PeerError, WireError
 from swarmlm.log import get_logger
 from swarmlm.model.cache import KVCache
 from swarmlm.model.transformer import Transformer
-from swarmlm.p2p import rpc, secure
+from swarmlm.p2p import rpc
+from swarmlm.p2p.channel.policy import DialLimiter
 from swarmlm.p2p.rpc import message_handler, serve_channel
 from swarmlm.swarm import wire
 from swarmlm.swarm.blocks import run_span
 from swarmlm.swarm.dht import ServerRecord
 from swarmlm.swarm.server.budget import Budget, BudgetLimits
-from swarmlm.swarm.server.chain import MAX_LINKS, Inbox, NextLink, check_next_hop
+from swarmlm.swarm.server.chain import (
+    DIAL_WINDOW_S,
+    MAX_DIALS_PER_PEER,
+    MAX_LINKS,
+    Inbox,
+    NextLink,
+    check_next_hop,
+    check_peer_id,
+)
 from swarmlm.swarm.server.saved import SavedForwards
 from swarmlm.swarm.server.spans import StatelessSpans
 
@@ -45,6 +54,7 @@ logger = get_logger(__name__)
 # short, and handing it to the worker thread and back costs two thread wake-ups (0.2-0.4 ms
 # each on a loaded 2-core machine), a large share of a step's time beyond its compute.
 INLINE_STEP_TOKENS = 16
+MAX_SESSIONS_PER_PEER = 64      # open sessions of one client (closing one frees its place)
 _NOTHING = torch.empty(0)       # the hidden states of a reply to a pushed input
 
 
@@ -58,6 +68,7 @@ class _Session:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
     inbox: Inbox = field(default_factory=Inbox)       # inputs pushed by the previous server
     next: NextLink | None = None                      # where outputs are pushed when a step asks
+    pusher: str | None = None                         # the peer the client allows to push into it
     links: int = 0                                    # re-links asked for so far (MAX_LINKS)
 
     def close(self) -> None:
@@ -76,7 +87,8 @@ class BlockHost(StatelessSpans):
         self.on_change: Callable[[], None] = lambda: None   # the announcer's poke
         self._sessions: dict[tuple[str, bytes], _Session] = {}
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
-        self.listener: secure.SecureListener | None = None   # direct steps channels, once registered
+        self.side: Any = None                 # the peer's side channel (p2p/channel/), once registered with one
+        self.dials = DialLimiter(max_dials=MAX_DIALS_PER_PEER, window_s=DIAL_WINDOW_S, clock=clock)
         self.kept = SavedForwards(max_bytes=self.budget.limits.max_kept_bytes,
                                   max_age_s=self.budget.limits.kept_timeout_s)
         self.swap(model, block_tokens_per_s)
@@ -98,9 +110,9 @@ class BlockHost(StatelessSpans):
 
     # ---- life cycle ---------------------------------------------------------------------------
 
-    async def register(self, peer: Any, *, direct_host: str | None = None) -> None:
-        """Add this host's handlers to `peer`; with `direct_host`, also listen there for encrypted
-        direct steps channels (p2p/secure.py), offered to each session that asks in its open."""
+    async def register(self, peer: Any, *, side: Any = None) -> None:
+        """Add this host's handlers to `peer`; with `side` (the peer's side channel), also serve steps
+        channels and pushes over it."""
         limit = self.max_request_bytes()
         handlers = {
             wire.RPC_OPEN: (wire.OpenRequest, self.rpc_open),
@@ -120,9 +132,12 @@ class BlockHost(StatelessSpans):
                                 idle_timeout_s=self.budget.limits.idle_timeout_s)
 
         await peer.add_raw_stream_handler(wire.RPC_STEPS, serve_steps)
-        if direct_host is not None:
-            self.listener = await secure.SecureListener.start(direct_host, serve_steps,
-                                                              max_record_bytes=rpc.frame_bytes(limit))  # a frame a record
+        if side is not None:
+            self.side = side
+            record_bytes = rpc.frame_bytes(limit)                                 # a frame a record
+            await side.serve(wire.PURPOSE_STEPS, lambda conn: serve_steps(conn.peer_id, conn, conn),
+                             max_record_bytes=record_bytes)
+            await side.serve(wire.PURPOSE_PUSH, self._serve_pushes, max_record_bytes=record_bytes)
 
     def max_request_bytes(self) -> int:
         """The largest request the limits allow: hidden states plus gradients (or prompts) of one request."""
@@ -130,9 +145,7 @@ class BlockHost(StatelessSpans):
         return 2 * self.budget.limits.max_request_tokens * self.cfg.dim * itemsize + (1 << 16)
 
     def close(self) -> None:
-        """Drop every session, cut the direct connections and stop the worker thread."""
-        if self.listener is not None:
-            self.listener.abort()
+        """Drop every session (and their pushes onward) and stop the worker thread."""
         for session in self._sessions.values():
             session.close()
         self._sessions.clear()
@@ -172,13 +185,14 @@ class BlockHost(StatelessSpans):
         self._check_span(req.start, req.end)
         if len(req.session_id) != wire.SESSION_ID_BYTES:
             raise WireError(f"a session id has {wire.SESSION_ID_BYTES} bytes, got {len(req.session_id)}")
-        for k in (req.direct_key, req.push_key):
-            if k is not None:
-                secure.check_key(k)
+        if req.pusher is not None:
+            check_peer_id(req.pusher, "pusher")
         if req.next_hop is not None:
             check_next_hop(req.next_hop)
         if req.max_length > self.cfg.context_len:
             raise CapacityError(f"max_length {req.max_length} exceeds the model's context of {self.cfg.context_len}")
+        if sum(owner == peer_id for owner, _ in self._sessions) >= MAX_SESSIONS_PER_PEER:
+            raise CapacityError(f"{MAX_SESSIONS_PER_PEER} sessions of yours are already open here")
         key = (peer_id, req.session_id)
         self.budget.reserve(key, batch=req.batch, max_length=req.max_length, now=self.clock())
         try:
@@ -187,21 +201,21 @@ class BlockHost(StatelessSpans):
         except BaseException:
             self.budget.release(key)
             raise
-        session = self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache)
+        session = self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache,
+                                                 pusher=req.pusher)
         self.on_change()
         if req.next_hop is not None:
-            await self._link_next(key, session, req.next_hop)
-        reply = wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype),
-                               pushes=session.next is not None)
-        if self.listener is None:
-            return reply
-        for k in (req.direct_key, req.push_key):
-            if k is not None:
-                self.listener.expect(k, peer_id)     # a connection under either speaks for peer_id
-        return dataclasses.replace(reply, direct_host=self.listener.host, direct_port=self.listener.port)
+            try:
+                await self._link_next(key, session, req.next_hop)
+            except WireError:
+                self._drop(key)
+                raise
+        return wire.OpenReply(session_id=req.session_id, dtype=serialize.dtype_name(self.dtype),
+                              endpoint=self.side.sealed_endpoint() if self.side is not None else None,
+                              pushes=session.next is not None)
 
     async def rpc_link(self, peer_id: str, req: wire.LinkRequest) -> wire.LinkReply:
-        """Re-chain a session around a replaced server: expect a new pusher, or push to a new next hop."""
+        """Re-chain a session around a replaced server: take pushes from a new pusher, or push to a new next hop."""
         key = (peer_id, req.session_id)
         session = self._sessions.get(key)
         if session is None:
@@ -209,34 +223,65 @@ class BlockHost(StatelessSpans):
         if session.links >= MAX_LINKS:
             raise CapacityError(f"a session may be re-linked {MAX_LINKS} times")
         session.links += 1
-        if req.push_key is not None:
-            secure.check_key(req.push_key)
-            if self.listener is None:
-                raise WireError("this server takes no direct connections, so nothing can push into it")
+        if req.pusher is not None:
+            check_peer_id(req.pusher, "pusher")
+            if self.side is None:
+                raise WireError("this server takes no side-channel connections, so nothing can push into it")
+            session.pusher = req.pusher
         if req.next_hop is not None:
             check_next_hop(req.next_hop)
             if session.next is not None:
                 session.next.close()            # it pushed to the server the client replaced
                 session.next = None
             await self._link_next(key, session, req.next_hop)
-        if self.listener is None:
-            return wire.LinkReply(pushes=session.next is not None)
-        if req.push_key is not None:
-            self.listener.expect(req.push_key, peer_id)
-        return wire.LinkReply(direct_host=self.listener.host, direct_port=self.listener.port,
-                              pushes=session.next is not None)
+        return wire.LinkReply(pushes=session.next is not None)
 
     async def _link_next(self, key: tuple[str, bytes], session: _Session, hop: wire.NextHop) -> None:
-        """Dial `hop` as where `session` pushes its outputs; unreachable, it just does not push."""
+        """Dial `hop` as where `session` pushes its outputs; unreachable, it just does not push. A hop
+        whose endpoint record is not its own is refused (`WireError`): nothing is dialed."""
+        if self.side is None:
+            return
+        if not self.dials.allow(key[0]):
+            logger.info("%s asked for more than %d next-hop dials in %.0f s; this session does not push",
+                        key[0], MAX_DIALS_PER_PEER, DIAL_WINDOW_S)
+            return
         try:
-            link = await NextLink.connect(hop, max_response_bytes=1 << 16)
+            link = await NextLink.connect(self.side, hop, owner=key[0], max_response_bytes=1 << 16)
         except PeerError as e:
+            if str(e).startswith("refusing to dial"):
+                raise WireError(f"next hop {hop.peer_id}: {e}") from None
             logger.info("cannot reach the next hop of a session of %s: %s", key[0], e)
             return
         if self._sessions.get(key) is session and session.next is None:
             session.next = link
         else:
             link.close()                         # the session was closed (or re-linked) while we dialed
+
+    async def _serve_pushes(self, conn: Any) -> None:
+        """A previous server's pushes (`PURPOSE_PUSH`): a `PushBind` naming a session whose client named
+        this very dialer as its pusher, then pushed steps into that session only."""
+        bound: list[tuple[str, bytes]] = []
+        limit = self.max_request_bytes()
+
+        async def handle(pusher: str, request: bytes) -> bytes:
+            if not bound:
+                bind = serialize.decode_message(request, wire.PushBind, max_bytes=1024)
+                session = self._sessions.get((bind.owner, bind.session_id))
+                if session is None or session.pusher != pusher:
+                    raise WireError("no session here takes pushes from you")
+                bound.append((bind.owner, bind.session_id))
+                return serialize.encode_message(wire.PushBound())
+            req = serialize.decode_message(request, wire.StepRequest, max_bytes=limit)
+            key = (bound[0][0], req.session_id)
+            session = self._sessions.get(key)
+            if key != bound[0] or not req.pushed or session is None or session.pusher != pusher:
+                raise WireError("a push for another session, or not a push, or no longer allowed")
+            if (req.start, req.end) != (session.start, session.end):
+                raise WireError(f"session runs blocks {session.start}:{session.end}, push for {req.start}:{req.end}")
+            return serialize.encode_message(await self._deliver(session, req))
+
+        await serve_channel(handle, conn.peer_id, conn, conn, name=wire.PURPOSE_PUSH, max_request_bytes=limit,
+                            idle_timeout_s=self.budget.limits.idle_timeout_s)
 
     async def rpc_step(self, peer_id: str, req: wire.StepRequest) -> wire.StepReply:
         key = (peer_id, req.session_id)

@@ -29,7 +29,6 @@ import torch
 
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
-from swarmlm.p2p.direct import maddr_hosts
 from swarmlm.p2p.process import PeerProcess, start_peer_process
 from swarmlm.swarm.blocks import measure_throughput
 from swarmlm.swarm.dht import read_servers
@@ -60,9 +59,8 @@ class ServeOptions:
     join_delay_s: float = 0.0               # a --num-blocks server waits this long (times a random 0..1)
                                             # before choosing, so servers started together spread out
     startup_timeout_s: float = 60.0         # p2pd start-up
-    direct: bool = True                     # offer sessions an encrypted direct TCP steps channel (p2p/secure.py)
-    direct_host: str | None = None          # where it listens; None: the peer's first IP address (a peer
-                                            # without one, e.g. a MemoryPeer, offers none)
+    direct: bool = True                     # serve steps and pushes over the peer's side channel (p2p/channel/),
+                                            # listening on its --host
 
     def check(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -121,8 +119,7 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
         if not source.model_id.startswith("dir-"):
             await _serve_store(peer, opts.data_dir)
         host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps)
-        hosts = ([opts.direct_host] if opts.direct_host else maddr_hosts(peer.maddrs)) if opts.direct else []
-        await host.register(peer, direct_host=hosts[0] if hosts else None)
+        await host.register(peer, side=await peer.side_channel() if opts.direct else None)
         announcer = Announcer(peer, host.record, ttl_s=opts.announce_ttl_s)
         host.on_change = announcer.poke
         host.state = "online"
