@@ -1,7 +1,7 @@
 """One error tree for all of swarmlm.
 
-User mistakes (a bad path, a bad flag) are `UserError`s: the CLI prints them as one line and
-exits non-zero. Everything a remote peer can do wrong is a `PeerError`. Content that fails a
+User mistakes (a bad path, a bad flag) are `UserError`s. The CLI prints any error of this tree
+that reaches it as one line naming the object (the CID, the path), and exits 2. Everything a remote peer can do wrong is a `PeerError`. Content that fails a
 check against its CID, signature or share is an `IntegrityError`. Imports nothing from swarmlm.
 """
 

@@ -126,7 +126,7 @@ def test_generate_for_a_model_nobody_serves_fails_within_the_connect_timeout(who
                    "--connect-timeout", "3", "--prompt", "hi", "--json")
     _, err = gen.communicate(timeout=300)
 
-    assert gen.returncode == 1 and "no server holds blocks 0..3" in err and "Traceback" not in err
+    assert gen.returncode == 2 and "no server holds blocks 0..3" in err and "Traceback" not in err
 
 
 def test_sigterm_stops_the_server_and_its_daemon(whole_server):

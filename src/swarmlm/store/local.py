@@ -13,7 +13,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from swarmlm.errors import UserError
+from swarmlm.errors import NotFoundError, UserError
+from swarmlm.store.blockstore import MissingBlock
 from swarmlm.store.cid import Cid
 from swarmlm.store.dag import add_file, iter_file, open_store
 
@@ -58,12 +59,25 @@ def cat_from_args(args) -> int:
     """`swarmlm store cat CID [-o OUT]`: write a file from the local store, every block verified."""
     store = open_store(args.data_dir)
     root = Cid.parse(args.cid)
-    if args.output is None:
+    if not store.has(root):
+        raise NotFoundError(f"{args.cid} is not in the local store {store.root} "
+                            f"(`swarmlm store get` fetches it from the swarm)")
+    try:
+        _write(store, root, args.output)
+    except MissingBlock as e:
+        raise NotFoundError(f"{args.cid} is incomplete in the local store: {e}") from None
+    return 0
+
+
+def _write(store, root: Cid, output: str | None) -> None:
+    if output is None:
         for piece in iter_file(store, root):
             sys.stdout.buffer.write(piece)
         sys.stdout.buffer.flush()
-        return 0
-    out = Path(args.output)
+        return
+    out = Path(output)
+    if not out.parent.is_dir():
+        raise UserError(f"the folder of {output} does not exist")
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".part", dir=out.parent)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -74,4 +88,3 @@ def cat_from_args(args) -> int:
         with contextlib.suppress(OSError):
             os.remove(tmp)
         raise
-    return 0
