@@ -282,9 +282,18 @@ async def pin_replicas(peer: Any, root: str, replicas: int, *, timeout_s: float 
 
 # ---- `swarmlm node` --------------------------------------------------------------------------
 
+def ready_line(store: Any) -> str:
+    """The line `swarmlm node` prints after its multiaddrs: what it stores and that it serves it."""
+    n_blocks = sum(1 for _ in store.entries())
+    n_roots = len(store.pinned())
+    return (f"ready: storing {n_blocks} block{'s' * (n_blocks != 1)} ({n_roots} pinned "
+            f"root{'s' * (n_roots != 1)}) in {store.root}; serving them to the swarm")
+
+
 async def run_node(*, initial_peers: Sequence[str], host: str, port: int, data_dir: str,
                    options: NodeOptions, out=sys.stdout) -> None:
-    """Start a peer and a store node on `data_dir`, print the multiaddrs, run until SIGINT/SIGTERM."""
+    """Start a peer and a store node on `data_dir`, print the multiaddrs (one a line) and then a
+    `ready: ...` line, run until SIGINT/SIGTERM."""
     from swarmlm.p2p.peer import Peer
 
     stop = asyncio.Event()
@@ -298,6 +307,7 @@ async def run_node(*, initial_peers: Sequence[str], host: str, port: int, data_d
         await node.start()
         for maddr in peer.maddrs:
             print(maddr, file=out)
+        print(await asyncio.to_thread(ready_line, store), file=out)
         out.flush()
         await stop.wait()
         logger.info("stopping node %s", peer.peer_id)
