@@ -222,6 +222,9 @@ def _add_store_pin(store_sub) -> None:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a peer may take to fetch and pin")
+    p.add_argument("--data-dir", default=None,
+                   help="accepted like the other store commands; pin keeps nothing locally (it joins the "
+                        "swarm with a throwaway identity and asks peers to hold the CID)")
     p.set_defaults(run=_run_store_pin)
 
 

@@ -131,3 +131,10 @@ def test_publish_model_prints_the_manifest_cid(tmp_path, capsys):
     assert main(["store", "publish-model", str(ckpt), "--data-dir", str(tmp_path / "d")]) == 0
     cid = Cid.parse(last_line(capsys))
     assert BlockStore(tmp_path / "d" / "blocks").is_pinned(cid)
+
+
+def test_pin_accepts_data_dir_like_the_other_store_commands(tmp_path):
+    from swarmlm.cli import build_parser
+    args = build_parser().parse_args(["store", "pin", HELLO_V1, "--data-dir", str(tmp_path), "--initial-peers",
+                                      "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWL8FbVjKbKAo8SzKQSMRucU8qeJCXsJnWrWhw3K3SAFHg"])
+    assert args.store_command == "pin" and args.data_dir == str(tmp_path)
