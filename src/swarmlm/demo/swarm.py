@@ -141,8 +141,8 @@ def _follow_training(trainers: list[PeerProcess], metrics: Path, steps: int) -> 
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         if lines and len(lines) >= last + max(1, steps // 6):
             rec = json.loads(lines[-1])
-            print(f"      step {rec['step']:>4}/{steps}  training loss {rec['loss']:.3f}  peers {rec.get('peers', '?')}",
-                  flush=True)
+            print(f"      step {rec['step']:>4}/{steps}  training loss {rec['loss']:.3f}  "
+                  f"peers {rec.get('peers', '?')}", flush=True)
             last = len(lines)
     for t in trainers:
         if t.wait_exit(30) != 0:
