@@ -1,6 +1,8 @@
-"""Shared pytest set-up: keep torch to the machine's two cores and skip gpu tests without one."""
+"""Shared pytest set-up: keep torch to the machine's two cores, give the run its own SWARMLM_HOME (removed
+at the end), and skip gpu tests without one."""
 
 import os
+import shutil
 import tempfile
 
 import pytest
@@ -12,10 +14,23 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(1)
 
 
+_made_home: str | None = None       # the per-run SWARMLM_HOME this run made, removed at its end
+
+
 def pytest_configure(config):
     # caches (token shards, tokenizers) and peer identities go to a per-run folder, never to ~
+    global _made_home
     if "SWARMLM_HOME" not in os.environ:
-        os.environ["SWARMLM_HOME"] = tempfile.mkdtemp(prefix="swarmlm-test-home-")
+        _made_home = os.environ["SWARMLM_HOME"] = tempfile.mkdtemp(prefix="swarmlm-test-home-")
+
+
+def pytest_unconfigure(config):
+    global _made_home
+    if _made_home is not None:
+        shutil.rmtree(_made_home, ignore_errors=True)
+        if os.environ.get("SWARMLM_HOME") == _made_home:
+            del os.environ["SWARMLM_HOME"]
+        _made_home = None
 
 
 def pytest_collection_modifyitems(config, items):

@@ -1,7 +1,9 @@
 """The `swarmlm` command: parses `swarmlm <verb> ...` and calls one library function per verb.
 
 Each verb has an `_add_<verb>` (its arguments) and a `_run_<verb>` (the call). Library code
-raises `UserError` for bad input; `main` prints it as one line and exits 2, never a traceback.
+raises `UserError` for bad input and other `SwarmlmError`s for what went wrong in the swarm;
+`main` prints any of them (and an OSError about a path) as one line naming the object, and
+exits 2, never with a traceback.
 Heavy imports happen inside `_run_*`, so `swarmlm --help` stays fast.
 """
 
@@ -10,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarmlm.errors import SwarmlmError, UserError
+from swarmlm.errors import SwarmlmError
 
 
 # ---- demo ---------------------------------------------------------------------------------
@@ -220,6 +222,9 @@ def _add_store_pin(store_sub) -> None:
     p.add_argument("--replicas", type=int, default=2)
     p.add_argument("--initial-peers", nargs="+", required=True, metavar="MADDR")
     p.add_argument("--timeout", type=float, default=600.0, help="seconds a peer may take to fetch and pin")
+    p.add_argument("--data-dir", default=None,
+                   help="accepted like the other store commands; pin keeps nothing locally (it joins the "
+                        "swarm with a throwaway identity and asks peers to hold the CID)")
     p.set_defaults(run=_run_store_pin)
 
 
@@ -301,12 +306,26 @@ def main(argv: list[str] | None = None) -> int:
     log.configure(args.log_level)
     try:
         return int(args.run(args) or 0)
-    except UserError as e:
-        print(f"swarmlm {args.verb}: error: {e}", file=sys.stderr)
-        return 2
     except SwarmlmError as e:
-        print(f"swarmlm {args.verb}: {type(e).__name__}: {e}", file=sys.stderr)
-        return 1
+        print(f"{_command(args)}: error: {one_line(e)}", file=sys.stderr)
+        return 2
+    except OSError as e:
+        if e.filename is None:              # not about a path the user named: a bug, keep its traceback
+            raise
+        print(f"{_command(args)}: error: {e.strerror or e}: {e.filename}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"swarmlm {args.verb}: interrupted", file=sys.stderr)
+        print(f"{_command(args)}: interrupted", file=sys.stderr)
         return 130
+
+
+def _command(args) -> str:
+    """The command as typed: "swarmlm store cat" for a store command, else "swarmlm VERB"."""
+    sub = getattr(args, "store_command", None)
+    return f"swarmlm {args.verb}" + (f" {sub}" if sub else "")
+
+
+def one_line(error: BaseException) -> str:
+    """The error's message on one line (a peer's multi-line message folded; the type if it has none)."""
+    text = " ".join(part.strip() for part in str(error).splitlines() if part.strip())
+    return text or type(error).__name__

@@ -1,8 +1,10 @@
 """One error tree for all of swarmlm.
 
-User mistakes (a bad path, a bad flag) are `UserError`s: the CLI prints them as one line and
-exits non-zero. Everything a remote peer can do wrong is a `PeerError`. Content that fails a
-check against its CID, signature or share is an `IntegrityError`. Imports nothing from swarmlm.
+User mistakes (a bad path, a bad flag) are `UserError`s. Everything a remote peer can do wrong
+is a `PeerError`. Content that fails a check against its CID, signature or share is an
+`IntegrityError`. The CLI prints any error of this tree that reaches it as one line naming the
+object (the CID, the path), and exits 2; so messages name what they are about. Imports nothing
+from swarmlm.
 """
 
 

@@ -1,3 +1,5 @@
+import json
+
 import pytest
 
 from swarmlm.cli import main
@@ -10,9 +12,27 @@ def test_demo_rejects_bad_counts(capsys):
 
 @pytest.mark.slow
 def test_demo_trains_serves_survives_a_killed_server_and_matches_local(tmp_path, capsys):
+    from swarmlm.demo.swarm import NEW_TOKENS, PROMPT
+    from swarmlm.model.generate import generate
+    from swarmlm.model.hf import load_model
+    from swarmlm.model.tokenizer import Tokenizer
+
     code = main(["demo", "--peers", "2", "--steps", "8", "--out", str(tmp_path)])
     out = capsys.readouterr().out
+
     assert code == 0, out
-    assert "recoveries  1" in out and "identical to local greedy: yes" in out
-    assert "re-linked after the failover: yes" in out
+    assert "recoveries  1" in out and "re-linked after the failover: yes" in out
+    assert "identical to local greedy: yes" in out
     assert "manifest baguqeera" in out
+    # the step count and losses, labelled: the trainer's final (validation) record is not a step
+    steps = [json.loads(ln) for ln in (tmp_path / "trainer0" / "metrics.jsonl").read_text().splitlines()]
+    assert len([r for r in steps if not r.get("final")]) == 8
+    assert "training    8 steps; training loss " in out and "validation loss " in out and "expect gibberish" in out
+    # the swarm's tokens against greedy decoding of the published checkpoint, recomputed here
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    tok = Tokenizer.load(tmp_path / "trainer0")
+    model, _ = load_model(tmp_path / "trainer0")
+    local = generate(model, tok.encode(PROMPT), max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=tok.eos_id)
+    assert summary["generation"]["prompt_ids"] == tok.encode(PROMPT)
+    assert summary["generation"]["swarm_tokens"] == local and len(local) > 0
+    assert summary["training"]["steps"] == 8 and summary["problems"] == []

@@ -9,6 +9,7 @@ import pytest
 from swarmlm.errors import IntegrityError, NotFoundError
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
 from swarmlm.store import dag
+from swarmlm.store import node as node_module
 from swarmlm.store.exchange import BlockService, FetchOptions, fetch_dag, get_file
 from swarmlm.store.node import NodeOptions, StoreNode, pin_replicas
 from swarmlm.store.providers import announce
@@ -178,3 +179,33 @@ def test_pin_replicas_copies_to_another_node_and_re_replicates_when_a_holder_lea
     asked, third, root = asyncio.run(go())
     assert asked == [third.peer.peer_id]
     assert str(root) in {str(r) for r in dag.pinned_roots(third.store)}
+
+
+def test_pin_replicas_passes_calmly_over_peers_that_store_nothing(tmp_path, caplog, monkeypatch):
+    caplog.set_level(logging.INFO, logger="swarmlm.store.node")
+
+    async def go():
+        net = MemoryNetwork()
+        nodes = []
+        for i in range(2):
+            node = StoreNode(await MemoryPeer.create(net), dag.open_store(tmp_path / f"n{i}"),
+                             NodeOptions(announce_interval_s=3600, replication_interval_s=3600))
+            await node.start()
+            nodes.append(node)
+        bystanders = [(await MemoryPeer.create(net)).peer_id for _ in range(3)]     # no store, no pin handler
+        monkeypatch.setattr(node_module, "rendezvous_rank",                           # ask them first
+                            lambda root, peers: sorted(peers, key=lambda p: p not in bystanders))
+        root = dag.add_file(nodes[0].store, _make_file(tmp_path))
+        dag.pin(nodes[0].store, root)
+        await nodes[0].announce_all()
+        holders = await pin_replicas(await MemoryPeer.create(net, client_mode=True), str(root), 2, timeout_s=30)
+        for n in nodes:
+            await n.close()
+        return holders, [n.peer.peer_id for n in nodes], bystanders
+    holders, node_ids, bystanders = asyncio.run(go())
+
+    assert sorted(holders) == sorted(node_ids)
+    calm = [r for r in caplog.records if "does not store blocks" in r.getMessage()]
+    assert {b for b in bystanders if any(b in r.getMessage() for r in calm)} == set(bystanders)
+    assert all(r.levelno == logging.INFO for r in calm)
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]

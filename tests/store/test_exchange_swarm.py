@@ -67,8 +67,9 @@ def test_get_of_an_unknown_cid_fails_cleanly_without_output(tmp_path):
         missing = "bafkreigh2akiscaildcqabsyg3dfr6chu3fgpregiymsck7e7aqa4s52zy"
         got = run_cli("store", "get", missing, "-o", str(out), "--initial-peers", nodes[0].maddrs[0],
                       "--data-dir", str(tmp_path / "client"), timeout_s=120)
-        assert got.returncode == 1
-        assert "Traceback" not in got.stderr and "NotFoundError" in got.stderr
+        assert got.returncode == 2
+        assert "Traceback" not in got.stderr
+        assert f"swarmlm store get: error: cannot get {missing}: nobody in the swarm provides it" in got.stderr
         assert not out.exists()
     finally:
         stop_all(nodes)

@@ -1,8 +1,11 @@
 """`swarmlm store add | ls | cat | publish-model`: the local commands, through cli.main."""
 
+import os
+
 import pytest
 
 from swarmlm.cli import main
+from swarmlm.store import dag
 from swarmlm.store.blockstore import BlockStore
 from swarmlm.store.cid import Cid
 
@@ -19,6 +22,17 @@ def hello(tmp_path):
 
 def last_line(capsys) -> str:
     return capsys.readouterr().out.strip().splitlines()[-1]
+
+
+def rows_of(out: str, section: str) -> list[list[str]]:
+    """The tab-separated rows of one section of `store ls` (its header starts with `section`)."""
+    rows, inside = [], False
+    for line in out.splitlines():
+        if line.startswith("#"):
+            inside = line.startswith(section)
+        elif inside:
+            rows.append(line.split("\t"))
+    return rows
 
 
 @pytest.mark.parametrize("version,expected", [("1", HELLO_V1), ("0", HELLO_V0)])
@@ -41,9 +55,46 @@ def test_ls_lists_blocks_with_sizes_and_pins(hello, tmp_path, capsys):
     main(["store", "add", str(hello), "--data-dir", data_dir])
     capsys.readouterr()
     assert main(["store", "ls", "--data-dir", data_dir]) == 0
-    assert capsys.readouterr().out.split() == [HELLO_V1, "6", "pinned"]
+    out = capsys.readouterr().out
+    assert rows_of(out, "# files") == [[HELLO_V1, "6", "pinned", "hello.txt"]]
+    assert rows_of(out, "# other blocks") == []                          # a one-chunk file is its only block
     assert main(["store", "ls", "--pins", "--data-dir", data_dir]) == 0
     assert capsys.readouterr().out.split() == [HELLO_V1, "6", "pinned"]
+
+
+def test_ls_lists_added_files_as_add_printed_them_apart_from_their_inner_blocks(tmp_path, capsys):
+    data_dir = str(tmp_path / "d")
+    big = tmp_path / "big.bin"
+    big.write_bytes(os.urandom(512 * 1024))                          # two leaves under a root
+    small = tmp_path / "hello.txt"
+    small.write_bytes(b"hello\n")
+    main(["store", "add", str(small), "--data-dir", data_dir, "--cid-version", "0"])
+    main(["store", "add", str(big), "--data-dir", data_dir])
+    big_cid = last_line(capsys)
+
+    assert main(["store", "ls", "--data-dir", data_dir]) == 0
+    out = capsys.readouterr().out
+    files = rows_of(out, "# files")
+    blocks = rows_of(out, "# other blocks")
+    assert files == [[HELLO_V0, "6", "pinned", "hello.txt"], [big_cid, str(512 * 1024), "pinned", "big.bin"]]
+    store = BlockStore(tmp_path / "d" / "blocks")
+    leaves = [str(c) for c in dag.children(store, Cid.parse(big_cid))]
+    assert sorted(b[0] for b in blocks) == sorted(leaves) and all(b[1:] == [str(256 * 1024), "pinned"] for b in blocks)
+
+
+def test_ls_survives_a_damaged_list_of_files_and_add_starts_a_new_one(hello, tmp_path, capsys):
+    data_dir = str(tmp_path / "d")
+    main(["store", "add", str(hello), "--data-dir", data_dir, "--cid-version", "0"])
+    (tmp_path / "d" / "blocks" / "roots.json").write_text("{not json")
+    capsys.readouterr()
+
+    assert main(["store", "ls", "--data-dir", data_dir]) == 0
+    assert rows_of(capsys.readouterr().out, "# files")[0][:3] == [HELLO_V0, "6", "pinned"]   # still a pinned root
+    assert main(["store", "add", str(hello), "--data-dir", data_dir, "--cid-version", "0"]) == 0
+    capsys.readouterr()
+    assert main(["store", "ls", "--data-dir", data_dir]) == 0
+    assert rows_of(capsys.readouterr().out, "# files") == [[HELLO_V0, "6", "pinned", "hello.txt"]]
+    assert (tmp_path / "d" / "blocks" / "roots.json.damaged").read_text() == "{not json"
 
 
 def test_cat_writes_the_file_back(hello, tmp_path, capsys):
@@ -63,7 +114,7 @@ def test_cat_writes_the_file_back(hello, tmp_path, capsys):
 def test_bad_input_is_one_line_and_no_traceback(argv, tmp_path, capsys):
     rc = main(argv + ["--data-dir", str(tmp_path / "d")])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc in (1, 2) and len(err) == 1 and "Traceback" not in err[0]
+    assert rc == 2 and len(err) == 1 and "Traceback" not in err[0]
 
 
 def test_publish_model_prints_the_manifest_cid(tmp_path, capsys):
@@ -80,3 +131,10 @@ def test_publish_model_prints_the_manifest_cid(tmp_path, capsys):
     assert main(["store", "publish-model", str(ckpt), "--data-dir", str(tmp_path / "d")]) == 0
     cid = Cid.parse(last_line(capsys))
     assert BlockStore(tmp_path / "d" / "blocks").is_pinned(cid)
+
+
+def test_pin_accepts_data_dir_like_the_other_store_commands(tmp_path):
+    from swarmlm.cli import build_parser
+    args = build_parser().parse_args(["store", "pin", HELLO_V1, "--data-dir", str(tmp_path), "--initial-peers",
+                                      "/ip4/127.0.0.1/tcp/1/p2p/12D3KooWL8FbVjKbKAo8SzKQSMRucU8qeJCXsJnWrWhw3K3SAFHg"])
+    assert args.store_command == "pin" and args.data_dir == str(tmp_path)

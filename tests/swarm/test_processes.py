@@ -126,7 +126,17 @@ def test_generate_for_a_model_nobody_serves_fails_within_the_connect_timeout(who
                    "--connect-timeout", "3", "--prompt", "hi", "--json")
     _, err = gen.communicate(timeout=300)
 
-    assert gen.returncode == 1 and "no server holds blocks 0..3" in err and "Traceback" not in err
+    assert gen.returncode == 2 and "no server holds blocks 0..3" in err and "Traceback" not in err
+
+
+def test_serve_prints_its_maddrs_then_what_it_serves(whole_server, checkpoints):
+    deadline = time.monotonic() + 30                      # printed with the multiaddrs, read by another thread
+    while not any(line.startswith("ready:") for line in whole_server.output) and time.monotonic() < deadline:
+        time.sleep(0.05)
+
+    n = len(whole_server.maddrs)
+    assert n >= 1 and whole_server.output[:n] == whole_server.maddrs   # scripts take the multiaddr lines
+    assert whole_server.output[n] == f"ready: serving blocks 0:4 of {checkpoints['llama']}"
 
 
 def test_sigterm_stops_the_server_and_its_daemon(whole_server):

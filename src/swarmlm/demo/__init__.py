@@ -3,6 +3,9 @@
 - swarm.py: `run_demo` — a loopback swarm trains the tiny model on the Python standard
   library, publishes it by CID, serves it as a pipeline over three server processes and
   generates through them while one server is killed; then a summary.
+- summary.py: `Training` (from metrics.jsonl), `Generation`, `problems`, `report` — the summary
+  and the verdict (exit code 1 when the swarm's tokens differ from local greedy decoding), also
+  written to summary.json.
 """
 
 from swarmlm.demo.swarm import run_demo

@@ -10,8 +10,9 @@
 5. a client generates through the servers; the server it uses for the second half is killed
    (SIGKILL) mid-generation, the client fails over and finishes, and the tokens are checked
    against local greedy decoding of the same weights;
-6. a summary (with the steps that were chained, and whether the chain was re-linked around the
-   replica), and every child process is stopped.
+6. a summary (summary.py: training and validation loss, the steps that were chained, whether the
+   chain was re-linked around the replica, whether the tokens matched), also written to
+   summary.json; every child process is stopped.
 
 Wires library calls and child processes together and prints; holds no logic of its own.
 """
@@ -25,6 +26,7 @@ import time
 from contextlib import ExitStack
 from pathlib import Path
 
+from swarmlm.demo.summary import SUMMARY_FILE, Generation, Training, report
 from swarmlm.model.generate import generate
 from swarmlm.model.hf import load_model
 from swarmlm.model.tokenizer import Tokenizer
@@ -52,7 +54,9 @@ STARTUP_S = 180.0
 
 
 def run_demo(*, peers: int = 3, steps: int = 200, out: str | None = None) -> int:
-    """Run the whole demo; returns the process exit code (0 when generation survived and matched)."""
+    """Run the whole demo; returns the process exit code (0 when generation survived and matched).
+    With `out`, the run is kept there, with summary.json: the training record and the swarm's and
+    local greedy decoding's tokens."""
     if peers < 1 or steps < 1:
         from swarmlm.errors import UserError
         raise UserError("--peers and --steps must be at least 1")
@@ -83,7 +87,8 @@ def run_demo(*, peers: int = 3, steps: int = 200, out: str | None = None) -> int
         _follow_training(trainers, root / "trainer0" / "metrics.jsonl", steps)
         summary_line = next((ln for ln in reversed(trainers[0].output) if ln.startswith("trained")), "")
         print(f"      {summary_line}", flush=True)
-        losses = [json.loads(ln) for ln in (root / "trainer0" / "metrics.jsonl").read_text().splitlines()]
+        records = [json.loads(ln) for ln in (root / "trainer0" / "metrics.jsonl").read_text().splitlines()]
+        training = Training.from_metrics(records)
 
         _say(3, "publishing the trained model into the content store")
         cid = str(publish_model(open_store(root / "store"), root / "trainer0", name="swarmlm-demo-tiny"))
@@ -109,18 +114,16 @@ def run_demo(*, peers: int = 3, steps: int = 200, out: str | None = None) -> int
         expected = generate(local_model, prompt_ids, max_new_tokens=NEW_TOKENS, temperature=0.0, eos_id=tok.eos_id)
         print("\n" + "-" * 60 + f"\n{PROMPT}{tok.decode(tokens)}\n" + "-" * 60, flush=True)
 
-        same = tokens == expected
-        print("summary:")
-        print(f"  peers       1 bootstrap, {peers} trainers, 1 storage node, {len(servers)} servers (all on 127.0.0.1)")
-        print(f"  model       {cfg.architecture}, {cfg.n_layers} blocks, manifest {cid}")
-        print(f"  training    {len(losses)} steps; loss {losses[0]['loss']:.3f} → {losses[-1]['loss']:.3f}")
-        print(f"  generation  {len(tokens)} tokens, {len(tokens) / gen_s:.1f} tokens/s through the swarm")
-        print(f"  recoveries  {recoveries} (killed {killed[:16]}…); output identical to local greedy: "
-              f"{'yes' if same else 'NO'}")
-        print(f"  chained     {chain[0]} of {len(tokens)} steps (servers pushing straight to the next); "
-              f"re-linked after the failover: {'yes' if chain[1] else 'no'}")
+        gen = Generation(prompt_ids=prompt_ids, swarm_tokens=tokens, local_tokens=expected, seconds=gen_s,
+                         recoveries=recoveries, killed=killed, chained_steps=chain[0], relinked=chain[1])
+        n_params = sum(p.numel() for p in local_model.parameters())
+        code = report(swarm=f"1 bootstrap, {peers} trainers, 1 storage node, {len(servers)} servers (all on 127.0.0.1)",
+                      model=f"{cfg.architecture}, {cfg.n_layers} blocks, manifest {cid}", n_params=n_params,
+                      training=training, gen=gen, path=root / SUMMARY_FILE)
+        if out:
+            print(f"  details     {root / SUMMARY_FILE}")
         print(f"  total       {time.perf_counter() - t0:.0f} s")
-    return 0 if same and recoveries >= 1 else 1
+    return code
 
 
 def _say(n: int, text: str) -> None:
@@ -138,8 +141,8 @@ def _follow_training(trainers: list[PeerProcess], metrics: Path, steps: int) -> 
         lines = metrics.read_text().splitlines() if metrics.exists() else []
         if lines and len(lines) >= last + max(1, steps // 6):
             rec = json.loads(lines[-1])
-            print(f"      step {rec['step']:>4}/{steps}  loss {rec['loss']:.3f}  peers {rec.get('peers', '?')}",
-                  flush=True)
+            print(f"      step {rec['step']:>4}/{steps}  training loss {rec['loss']:.3f}  "
+                  f"peers {rec.get('peers', '?')}", flush=True)
             last = len(lines)
     for t in trainers:
         if t.wait_exit(30) != 0:

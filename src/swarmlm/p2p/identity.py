@@ -15,11 +15,11 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-import base58
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from swarmlm import base58
 from swarmlm.errors import IntegrityError, UserError
 
 IDENTITY_FILE = "identity.key"
@@ -37,14 +37,14 @@ def _key_protobuf(data: bytes) -> bytes:
 def peer_id_of(public_key: bytes) -> str:
     """The base58 libp2p peer ID of a raw 32-byte Ed25519 public key ("12D3KooW...")."""
     encoded = _key_protobuf(public_key)
-    return base58.b58encode(bytes([_IDENTITY_MULTIHASH, len(encoded)]) + encoded).decode()
+    return base58.encode(bytes([_IDENTITY_MULTIHASH, len(encoded)]) + encoded)
 
 
 def public_key_of(peer_id: str) -> bytes:
     """The raw Ed25519 public key inside a peer ID; `IntegrityError` for any other kind of ID."""
     try:
-        raw = base58.b58decode(peer_id)
-    except Exception:
+        raw = base58.decode(peer_id)
+    except (ValueError, TypeError):
         raise IntegrityError(f"peer ID {peer_id!r} is not base58") from None
     if (len(raw) != 2 + _PUBLIC_PB_LEN or raw[0] != _IDENTITY_MULTIHASH or raw[1] != _PUBLIC_PB_LEN
             or raw[2:6] != _PUBLIC_PB_PREFIX):

@@ -10,6 +10,7 @@ Reading order:
     dag.py         add_file (the CID `ipfs add` prints), iter_file, list_blocks, children, file_size,
                    and the functional store helpers the exchange uses (open_store, read_block, ...)
     manifest.py    ModelManifest: publish_model, materialize_model, fetch_model
+    roots.py       Root, record_root / load_roots: the files `store add` added, as it printed them
     local.py       the local commands: store add | ls | cat | publish-model
     providers.py   provider records in the DHT, replication planning
     exchange.py    BlockService (serve blocks), Fetcher / fetch_dag / get_file (fetch verified)

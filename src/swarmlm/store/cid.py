@@ -4,9 +4,10 @@
     CIDv0 bytes   0x12 0x20 digest[32]  (dag-pb implied)         text: base58btc, always "Qm..."
 
 Codecs: raw (0x55) for file chunks, dag-pb (0x70) for UnixFS nodes, dag-json (0x0129) for
-model manifests. `Cid.parse` / `Cid.from_bytes` raise `CidError` on anything malformed; it
-is both a `UserError` (a CID typed on the command line) and a `WireError` (a CID from a
-peer), so either kind of caller catches it. Knows nothing of blocks on disk or files.
+model manifests. `Cid.parse` / `Cid.from_bytes` raise `CidError` on anything malformed (`parse`
+quoting the text); it is both a `UserError` (a CID typed on the command line) and a `WireError`
+(a CID from a peer), so either kind of caller catches it. base58 is the leaf `swarmlm.base58`.
+Knows nothing of blocks on disk or files.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import binascii
 import hashlib
 from dataclasses import dataclass
 
+from swarmlm import base58
 from swarmlm.errors import IntegrityError, UserError, WireError
 
 RAW = 0x55
@@ -27,8 +29,6 @@ SHA2_256 = 0x12
 DIGEST_BYTES = 32
 MAX_CID_CHARS = 128          # a sha2-256 CIDv1 is 59 characters; anything far longer is garbage
 
-_B58 = "123456789ABCDEFGHJKLMNPQRSTUVWXYZabcdefghijkmnopqrstuvwxyz"
-_B58_INDEX = {c: i for i, c in enumerate(_B58)}
 _B32 = frozenset("abcdefghijklmnopqrstuvwxyz234567")
 
 
@@ -61,26 +61,37 @@ class Cid:
 
     @classmethod
     def parse(cls, text: str) -> "Cid":
-        """A CID from its text form ("Qm..." or "b..."); `CidError` if malformed."""
+        """A CID from its text form ("Qm..." or "b..."); `CidError` quoting the text if malformed."""
         if not isinstance(text, str):
             raise CidError(f"a CID must be a string, got {type(text).__name__}")
-        shown = text if len(text) <= 70 else text[:67] + "..."
+        try:
+            return cls._parse(text)
+        except CidError as e:
+            shown = text if len(text) <= 70 else text[:67] + "..."
+            raise CidError(f"malformed CID {shown!r}: {e}") from None
+
+    @classmethod
+    def _parse(cls, text: str) -> "Cid":
+        """`parse` without the quoting: each `CidError` says only what is wrong."""
         if not text or len(text) > MAX_CID_CHARS:
-            raise CidError(f"malformed CID {shown!r}: wrong length")
+            raise CidError("wrong length")
         if len(text) == 46 and text.startswith("Qm"):
-            return cls.from_bytes(_b58decode(text, shown))
+            try:
+                return cls._decode(base58.decode(text))
+            except ValueError:
+                raise CidError("not base58") from None
         if text[0] != "b":
-            raise CidError(f"malformed CID {shown!r}: expected 'Qm...' (v0) or base32 'b...' (v1)")
+            raise CidError("expected 'Qm...' (v0) or base32 'b...' (v1)")
         body = text[1:]
         if not body or not set(body) <= _B32:
-            raise CidError(f"malformed CID {shown!r}: not lower-case base32")
+            raise CidError("not lower-case base32")
         try:
             raw = base64.b32decode(body.upper() + "=" * (-len(body) % 8))
         except (binascii.Error, ValueError):
-            raise CidError(f"malformed CID {shown!r}: bad base32") from None
-        cid = cls.from_bytes(raw)
+            raise CidError("bad base32") from None
+        cid = cls._decode(raw)
         if cid.version == 0:
-            raise CidError(f"malformed CID {shown!r}: a v0 CID cannot be written in base32")
+            raise CidError("a v0 CID cannot be written in base32")
         return cid
 
     @classmethod
@@ -88,19 +99,25 @@ class Cid:
         """A CID from its binary form (as in a dag-pb link); `CidError` if malformed."""
         if not isinstance(data, (bytes, bytearray, memoryview)):
             raise CidError(f"a binary CID must be bytes, got {type(data).__name__}")
-        data = bytes(data)
+        try:
+            return cls._decode(bytes(data))
+        except CidError as e:
+            raise CidError(f"malformed binary CID: {e}") from None
+
+    @classmethod
+    def _decode(cls, data: bytes) -> "Cid":
         if len(data) == 2 + DIGEST_BYTES and data[0] == SHA2_256 and data[1] == DIGEST_BYTES:
             return cls(0, DAG_PB, data[2:])
         version, pos = read_varint(data, 0, CidError)
         if version != 1:
-            raise CidError(f"malformed binary CID: version {version}")
+            raise CidError(f"version {version} (only 0 and 1)")
         codec, pos = read_varint(data, pos, CidError)
         hash_code, pos = read_varint(data, pos, CidError)
         size, pos = read_varint(data, pos, CidError)
         if hash_code != SHA2_256:
             raise CidError(f"unsupported multihash 0x{hash_code:x} (only sha2-256)")
         if size != DIGEST_BYTES or len(data) - pos != DIGEST_BYTES:
-            raise CidError("malformed binary CID: digest length")
+            raise CidError(f"a {len(data) - pos}-byte digest where sha2-256 has {DIGEST_BYTES}")
         return cls(1, codec, data[pos:])
 
     # ---- encoding ---------------------------------------------------------------------------
@@ -118,7 +135,7 @@ class Cid:
         text = self.__dict__.get("_text")          # computed once: CIDs are keys and log words everywhere
         if text is None:
             if self.version == 0:
-                text = _b58encode(self.multihash)
+                text = base58.encode(self.multihash)
             else:
                 text = "b" + base64.b32encode(self.to_bytes()).decode("ascii").lower().rstrip("=")
             object.__setattr__(self, "_text", text)
@@ -173,25 +190,3 @@ def read_varint(data: bytes | memoryview, pos: int, error: type[Exception] = Wir
         shift += 7
     raise error("truncated or oversized varint")
 
-
-# ---- base58btc (CIDv0 only) ---------------------------------------------------------------
-
-def _b58encode(data: bytes) -> str:
-    n = int.from_bytes(data, "big")
-    out = []
-    while n:
-        n, r = divmod(n, 58)
-        out.append(_B58[r])
-    zeros = len(data) - len(data.lstrip(b"\0"))
-    return "1" * zeros + "".join(reversed(out))
-
-
-def _b58decode(text: str, shown: str) -> bytes:
-    n = 0
-    for c in text:
-        if c not in _B58_INDEX:
-            raise CidError(f"malformed CID {shown!r}: not base58")
-        n = n * 58 + _B58_INDEX[c]
-    zeros = len(text) - len(text.lstrip("1"))
-    body = n.to_bytes((n.bit_length() + 7) // 8, "big") if n else b""
-    return b"\0" * zeros + body

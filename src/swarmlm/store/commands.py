@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 from pathlib import Path
 
+from swarmlm.errors import IntegrityError, NotFoundError, UserError
 from swarmlm.log import get_logger
 from swarmlm.store import dag, paths
 from swarmlm.store.exchange import FetchOptions, get_file
@@ -37,7 +38,6 @@ def get_from_args(args) -> int:
     store = dag.open_store(data_dir_of(args.data_dir))
     dag.parse_cid(args.cid)
     if args.output is not None and not Path(args.output).expanduser().resolve().parent.is_dir():
-        from swarmlm.errors import UserError
         raise UserError(f"the folder of {args.output} does not exist")
 
     async def fetch() -> None:
@@ -47,8 +47,14 @@ def get_from_args(args) -> int:
             found = await find_providers(peer, args.cid)
             size = max((p.record.size_bytes for p in found), default=0)
             progress = not args.no_progress and size >= PROGRESS_MIN_BYTES
-            stats = await get_file(peer, args.cid, store, args.output, options=FetchOptions(timeout_s=args.timeout),
-                                   progress=progress, total_bytes=size)
+            try:
+                stats = await get_file(peer, args.cid, store, args.output, options=FetchOptions(timeout_s=args.timeout),
+                                       progress=progress, total_bytes=size)
+            except NotFoundError as e:
+                why = str(e) if found else "nobody in the swarm provides it"
+                raise NotFoundError(f"cannot get {args.cid}: {why}") from None
+            except IntegrityError as e:
+                raise IntegrityError(f"cannot get {args.cid}: {e}") from None
             logger.info("fetched %d blocks (%d bytes) from %s in %.1f s; %d were already local",
                         stats.fetched_blocks, stats.fetched_bytes, sorted(stats.blocks_by_peer), stats.seconds,
                         stats.already_local)

@@ -142,6 +142,8 @@ def add_file(store, src: str | os.PathLike | BinaryIO, *, cid_version: int = 1,
         raise UserError("chunk_bytes must be >= 1 and max_links >= 2")
     if isinstance(src, (str, os.PathLike)):
         path = Path(src)
+        if path.is_dir():
+            raise UserError(f"{path} is a directory; add the files in it one at a time")
         if not path.is_file():
             raise UserError(f"no such file: {path}")
         with open(path, "rb", buffering=0) as f:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 import sys
 from dataclasses import dataclass
@@ -179,7 +180,7 @@ class StoreNode:
                                 len(holders), target)
                     asked.append(peer_id)
                 except PeerError as e:
-                    logger.warning("asking %s to pin %s failed: %s", peer_id, key, e)
+                    _log_pin_failure(peer_id, key, e)
         return asked
 
     async def _replicate_forever(self) -> None:
@@ -274,17 +275,39 @@ async def pin_replicas(peer: Any, root: str, replicas: int, *, timeout_s: float 
             await call_pin(peer, peer_id, root, replicas, done or holders, timeout_s=timeout_s)
             done.append(peer_id)
         except PeerError as e:
-            logger.warning("%s could not pin %s: %s", peer_id, root, e)
+            _log_pin_failure(peer_id, root, e)
     if len(done) < replicas:
         raise SwarmError(f"only {len(done)} of {replicas} peers hold {root} (peers known: {len(candidates) + len(holders)})")
     return done
 
 
+def does_not_store(error: PeerError) -> bool:
+    """True if the peer has no pin handler: a trainer or a server, not a storage node. libp2p says
+    "protocols not supported", the in-memory twin "protocol not supported"."""
+    return re.search(r"protocols? not supported", str(error)) is not None
+
+
+def _log_pin_failure(peer_id: str, root: str, error: PeerError) -> None:
+    if does_not_store(error):                 # an ordinary outcome: most peers of a swarm store nothing
+        logger.info("%s does not store blocks; asking the next peer to pin %s", peer_id, root)
+    else:
+        logger.warning("%s could not pin %s: %s", peer_id, root, error)
+
+
 # ---- `swarmlm node` --------------------------------------------------------------------------
+
+def ready_line(store: Any) -> str:
+    """The line `swarmlm node` prints after its multiaddrs: what it stores and that it serves it."""
+    n_blocks = sum(1 for _ in store.entries())
+    n_roots = len(store.pinned())
+    return (f"ready: storing {n_blocks} block{'s' * (n_blocks != 1)} ({n_roots} pinned "
+            f"root{'s' * (n_roots != 1)}) in {store.root}; serving them to the swarm")
+
 
 async def run_node(*, initial_peers: Sequence[str], host: str, port: int, data_dir: str,
                    options: NodeOptions, out=sys.stdout) -> None:
-    """Start a peer and a store node on `data_dir`, print the multiaddrs, run until SIGINT/SIGTERM."""
+    """Start a peer and a store node on `data_dir`, print the multiaddrs (one a line) and then a
+    `ready: ...` line, run until SIGINT/SIGTERM."""
     from swarmlm.p2p.peer import Peer
 
     stop = asyncio.Event()
@@ -298,6 +321,7 @@ async def run_node(*, initial_peers: Sequence[str], host: str, port: int, data_d
         await node.start()
         for maddr in peer.maddrs:
             print(maddr, file=out)
+        print(await asyncio.to_thread(ready_line, store), file=out)
         out.flush()
         await stop.wait()
         logger.info("stopping node %s", peer.peer_id)

@@ -1,6 +1,7 @@
 """Where a peer keeps its things: one data directory, `--data-dir`, else $SWARMLM_HOME, else ~/.swarmlm.
 
-    <data_dir>/blocks/      the block store (store/blockstore.py), its pins.json included
+    <data_dir>/blocks/      the block store (store/blockstore.py), its pins.json included, and
+                            roots.json, the files `store add` added (store/roots.py)
     <data_dir>/...          other layers add their own entries (identity key, fetched models)
 
 Every command resolves the directory through `data_dir`, so they all agree.

@@ -245,6 +245,8 @@ def serve_from_args(args: Any) -> int:
     def ready(maddrs: list[str]) -> None:
         for m in maddrs:
             print(m)
+        span = f"blocks {opts.blocks[0]}:{opts.blocks[1]}" if opts.blocks else f"{opts.num_blocks} blocks (where needed)"
+        print(f"ready: serving {span} of {opts.model}")
         sys.stdout.flush()
 
     async def main() -> None:
