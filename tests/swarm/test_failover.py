@@ -6,7 +6,7 @@ import pytest
 
 from swarmlm.errors import NotFoundError
 from swarmlm.model.generate import generate
-from swarmlm.swarm.client.session import InferenceSession
+from swarmlm.swarm.client.hops import HopClient
 from tests.helpers.swarm_servers import local_model
 
 PROMPT = [5, 17, 42, 99, 3, 250]
@@ -77,7 +77,7 @@ def test_a_replacement_lost_during_its_replay_is_replaced_too_and_the_chain_reli
     victims = [direct_swarm.add_server(ckpt, spans[killed]) for _ in range(3)]
     model = direct_swarm.remote_model(ckpt)
     lost = []
-    replay = InferenceSession._replay
+    replay = HopClient.replay
 
     async def replay_losing_the_first(self, states, inputs, masks):
         if not lost:                     # the first replacement vanishes as its replay starts
@@ -85,7 +85,7 @@ def test_a_replacement_lost_during_its_replay_is_replaced_too_and_the_chain_reli
             await direct_swarm.vanish(lost[0])
         return await replay(self, states, inputs, masks)
 
-    monkeypatch.setattr(InferenceSession, "_replay", replay_losing_the_first)
+    monkeypatch.setattr(HopClient, "replay", replay_losing_the_first)
     chained_before = []
     rows = generate_killing(direct_swarm, model, after=5, victims=victims,
                             on_kill=lambda s: chained_before.append(s.chained_steps))
