@@ -12,7 +12,7 @@ request to each hop but the first as soon as the hop before it has replied (the 
 once it has answered this one, then waits for the push), so the next step only has to reach the
 first hop. A next step that cannot use them (another position, a key mask) calls them off first.
 
-`ChainedSteps` is handed its hops (session.py's `HopState`s, in chain order) with each call and
+`ChainedSteps` is handed its hops (hops.py's `HopState`s, in chain order) with each call and
 talks to them through a `HopClient` (hops.py); what it owns is the requests sent ahead. It knows
 nothing of failover, routing or the session's state.
 """
