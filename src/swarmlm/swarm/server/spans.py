@@ -3,10 +3,10 @@
 `StatelessSpans` answers wire.py's `forward` and `backward` for a `BlockHost` (host.py), which
 builds one for the model it serves and hands it everything it uses: the model, the request
 checks, the store of kept forwards, the runner that puts tensor work on the host's worker
-thread, and the clock. No session, no cache; the client sends the whole sequence each time. A forward may
-be kept (`keep_id`, in the host's `SavedForwards`) so that its backward differentiates the kept
-graph instead of recomputing it; a backward whose kept forward was evicted, or whose inputs
-differ from it, recomputes, with the same result. Gradients are those of the inputs and the
+thread, and the clock. No session, no cache; the client sends the whole sequence each time.
+A forward may be kept (`keep_id`, in the host's `SavedForwards`) so that its backward
+differentiates the kept graph instead of recomputing it; a backward whose kept forward was
+evicted, or whose inputs differ from it, recomputes, with the same result. Gradients are those of the inputs and the
 deep prompts: the blocks stay frozen.
 """
 
