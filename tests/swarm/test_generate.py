@@ -111,19 +111,20 @@ def test_steps_sent_ahead_to_the_later_hops_are_used_or_called_off(direct_swarm,
     h = torch.randn(1, 5, local.cfg.dim, generator=torch.Generator().manual_seed(0))
     session = model.inference_session(batch=1, max_length=16).session
     called_off = []
-    real_call_off = session._call_off
+    chained = session._chained
+    real_call_off = chained.call_off
 
     async def call_off(states, tasks, position):
         called_off.append(position)
         await real_call_off(states, tasks, position)
-    session._call_off = call_off
+    chained.call_off = call_off
 
     out = [model.runner.run(session.step(h[:, :3], more=True))]
-    assert session._ahead is not None and session._ahead[0] == 3      # waiting at the second server
+    assert chained.ahead is not None and chained.ahead[0] == 3      # waiting at the second server
     out.append(model.runner.run(session.step(h[:, 3:4], more=True)))   # uses it
     assert called_off == []
     out.append(model.runner.run(session.step(h[:, 4:5], torch.ones(1, 1, dtype=torch.bool))))  # cannot use it
-    assert called_off == [4] and session._ahead is None
+    assert called_off == [4] and chained.ahead is None
     assert session.chained and session.recoveries == 0
 
     from swarmlm.model.cache import KVCache

@@ -11,13 +11,20 @@ Reading order:
     server/saved.py      SavedForwards: forwards kept for their backward, bounded by bytes and age
     server/selection.py  choose_span, should_move: pure span choice and rebalancing
     server/chain.py      Inbox, NextLink: chained steps (inputs pushed in, outputs pushed to the next server)
-    server/spans.py      StatelessSpans: the stateless forward and backward handlers (kept forwards)
-    server/host.py       BlockHost: the rpc_* handlers, per-session KV caches, re-linking, input checks
+    server/checks.py     RequestChecks: what a request must fit (span, shapes, dtypes, the budget's limits)
+    server/spans.py      StatelessSpans: the stateless forward and backward handlers (kept forwards),
+                         given the model, the checks, the kept forwards and the worker thread
+    server/host.py       BlockHost: the rpc_* handlers, per-session KV caches, re-linking
     server/announce.py   Announcer: re-announce before expiry, offline on shutdown
     server/serve.py      run_server, serve_from_args (`swarmlm serve`), start_server_process
     client/routing.py    choose_chain: least expected latency over announced servers (pure)
+    client/states.py     SessionState, NEXT, check_transition: a session's life (open, chained or hop-by-hop
+                         steps, failover: recover, replay, re-link, closed); StepRecord
+    client/hops.py       HopState, HopClient: what a session holds per hop, and the calls to one hop
+                         (open, step, pushed input, replay)
     client/chained.py    ChainedSteps: a step sent to every hop at once, the next step's requests sent ahead
-    client/session.py    InferenceSession: per-hop sessions, replay onto replacements, re-linked chains
+    client/session.py    InferenceSession: the state machine over the hops; failover onto replacements and
+                         re-linked chains
     client/remote.py     RemoteBlocks (discovery, routing, forward/backward with failover), SwarmSpan
     client/model.py      RemoteModel: embeddings and head here, blocks in the swarm, the decode loop on the
                          client's loop thread (LoopThread.stream); generate_from_args

@@ -9,14 +9,15 @@ event loop stays free for the DHT and for other requests, and requests run one a
 there; only short decoding steps (`INLINE_STEP_TOKENS`) run on the loop itself.
 
 Sessions belong to the peer that opened them: the key is (caller's peer ID, session id).
-The stateless forward and backward handlers are in spans.py (`StatelessSpans`, mixed in).
+The stateless forward and backward are answered by a `StatelessSpans` (spans.py) the host builds
+for the model it serves, handing it the model, the request checks (checks.py), the kept forwards,
+its worker thread and its clock.
 Knows nothing of the DHT or of routing: server/announce.py publishes what `record()` says.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -45,6 +46,7 @@ from swarmlm.swarm.server.chain import (
     check_next_hop,
     check_peer_id,
 )
+from swarmlm.swarm.server.checks import RequestChecks
 from swarmlm.swarm.server.saved import SavedForwards
 from swarmlm.swarm.server.spans import StatelessSpans
 
@@ -77,7 +79,7 @@ class _Session:
             self.next.close()
 
 
-class BlockHost(StatelessSpans):
+class BlockHost:
     def __init__(self, model: Transformer, *, model_id: str, limits: BudgetLimits | None = None,
                  block_tokens_per_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
         self.model_id = model_id
@@ -105,8 +107,10 @@ class BlockHost(StatelessSpans):
         self.start, self.end = span.start, span.stop
         self.dtype = next(model.parameters()).dtype
         self.block_tokens_per_s = block_tokens_per_s
-        self._weight_ptrs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+        self.checks = RequestChecks(self.start, self.end, self.dtype, self.cfg.dim, self.budget)
         self.kept.clear()
+        self.spans = StatelessSpans(self.model, checks=self.checks, kept=self.kept, run=self._run,
+                                    clock=lambda: self.clock())     # the host's clock as it is then
 
     # ---- life cycle ---------------------------------------------------------------------------
 
@@ -179,10 +183,18 @@ class BlockHost(StatelessSpans):
     def n_sessions(self) -> int:
         return len(self._sessions)
 
+    # ---- stateless forward and backward (spans.py) -----------------------------------------------------
+
+    async def rpc_forward(self, peer_id: str, req: wire.SpanForwardRequest) -> wire.SpanForwardReply:
+        return await self.spans.rpc_forward(peer_id, req)
+
+    async def rpc_backward(self, peer_id: str, req: wire.SpanBackwardRequest) -> wire.SpanBackwardReply:
+        return await self.spans.rpc_backward(peer_id, req)
+
     # ---- inference sessions -----------------------------------------------------------------------
 
     async def rpc_open(self, peer_id: str, req: wire.OpenRequest) -> wire.OpenReply:
-        self._check_span(req.start, req.end)
+        self.checks.span(req.start, req.end)
         if len(req.session_id) != wire.SESSION_ID_BYTES:
             raise WireError(f"a session id has {wire.SESSION_ID_BYTES} bytes, got {len(req.session_id)}")
         if req.pusher is not None:
@@ -297,11 +309,11 @@ class BlockHost(StatelessSpans):
             hidden = await session.inbox.wait(req.position)      # checked by _deliver when it arrived
         else:
             session.inbox.forget_delivered()
-            hidden = self._check_hidden(req.hidden, batch=session.batch)
+            hidden = self.checks.hidden(req.hidden, batch=session.batch)
         B, T, _ = hidden.shape
-        key_mask = self._check_mask(req.key_mask, B, T)
-        prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
-        chunks = self._check_chunks(req.chunks, T)
+        key_mask = self.checks.mask(req.key_mask, B, T)
+        prompts = self.checks.prompts(req.prompts, req.start, req.end, B, T)
+        chunks = self.checks.chunks(req.chunks, T)
         if prompts is not None and prompts.shape[2] > chunks[0]:
             raise WireError(f"{prompts.shape[2]} deep prompt positions do not fit the first chunk of {chunks[0]}")
         async with session.lock:
@@ -335,7 +347,7 @@ class BlockHost(StatelessSpans):
         """A pushed input: checked now, so a bad one is refused to whoever pushed it. The step waiting
         for it runs before the pusher gets its acknowledgement (nobody waits for that)."""
         if req.hidden is not None:
-            self._check_hidden(req.hidden, batch=session.batch)
+            self.checks.hidden(req.hidden, batch=session.batch)
         self._check_push_position(session, req.position)
         session.inbox.deliver(req.position, req.hidden)
         await asyncio.sleep(0)
@@ -364,47 +376,7 @@ class BlockHost(StatelessSpans):
                               dtype=serialize.dtype_name(self.dtype), block_tokens_per_s=self.block_tokens_per_s,
                               free_cache_tokens=self.budget.free_tokens, sessions=self.budget.n_sessions)
 
-    # ---- checks ---------------------------------------------------------------------------------------
+    # ---- the worker thread ---------------------------------------------------------------------------
 
     async def _run(self, fn: Callable[[], Any]) -> Any:
         return await asyncio.get_running_loop().run_in_executor(self._pool, fn)
-
-    @staticmethod
-    def _check_keep_id(keep_id: bytes | None) -> None:
-        if keep_id is not None and len(keep_id) != wire.KEEP_ID_BYTES:
-            raise WireError(f"a keep id has {wire.KEEP_ID_BYTES} bytes, got {len(keep_id)}")
-
-    def _check_span(self, start: int, end: int) -> None:
-        if not (self.start <= start < end <= self.end):
-            raise WireError(f"this server holds blocks {self.start}:{self.end}, not {start}:{end}")
-
-    def _check_hidden(self, t: Any, *, batch: int | None = None, name: str = "hidden") -> torch.Tensor:
-        serialize.check_tensor(t, name=name, dtype=self.dtype, shape=(batch, None, self.cfg.dim), finite=True)
-        B, T, _ = t.shape
-        if B == 0 or T == 0:
-            raise WireError(f"{name} is empty: shape {tuple(t.shape)}")
-        self.budget.check_request(B, B * T)
-        return t
-
-    def _check_mask(self, mask: Any, B: int, T: int) -> torch.Tensor | None:
-        if mask is None:
-            return None
-        return serialize.check_tensor(mask, name="key_mask", dtype=torch.bool, shape=(B, T))
-
-    def _check_prompts(self, prompts: Any, start: int, end: int, B: int, T: int) -> torch.Tensor | None:
-        if prompts is None:
-            return None
-        serialize.check_tensor(prompts, name="prompts", dtype=self.dtype, shape=(end - start, None, None, self.cfg.dim),
-                               finite=True)
-        if prompts.shape[1] not in (1, B) or not 0 < prompts.shape[2] <= T:
-            raise WireError(f"prompts have shape {tuple(prompts.shape)}; need ({end - start}, 1 or {B}, P <= {T}, "
-                            f"{self.cfg.dim})")
-        return prompts
-
-    @staticmethod
-    def _check_chunks(chunks: list[int] | None, T: int) -> list[int]:
-        if chunks is None:
-            return [T]
-        if not chunks or any(n <= 0 for n in chunks) or sum(chunks) != T:
-            raise WireError(f"chunks must be positive sizes summing to {T}")
-        return chunks

@@ -1,23 +1,26 @@
 """Stateless forward and backward over a server's span, for fine-tuning and evaluation.
 
-`StatelessSpans` is the part of `BlockHost` (host.py) that answers wire.py's `forward` and
-`backward`: no session, no cache; the client sends the whole sequence each time. A forward may
-be kept (`keep_id`, in the host's `SavedForwards`) so that its backward differentiates the kept
-graph instead of recomputing it; a backward whose kept forward was evicted, or whose inputs
-differ from it, recomputes, with the same result. Gradients are those of the inputs and the
+`StatelessSpans` answers wire.py's `forward` and `backward` for a `BlockHost` (host.py), which
+builds one for the model it serves and hands it everything it uses: the model, the request
+checks, the store of kept forwards, the runner that puts tensor work on the host's worker
+thread, and the clock. No session, no cache; the client sends the whole sequence each time.
+A forward may be kept (`keep_id`, in the host's `SavedForwards`) so that its backward
+differentiates the kept graph instead of recomputing it; a backward whose kept forward was
+evicted, or whose inputs differ from it, recomputes, with the same result. Gradients are those of the inputs and the
 deep prompts: the blocks stay frozen.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import torch
 
 from swarmlm.errors import WireError
 from swarmlm.swarm import wire
 from swarmlm.swarm.blocks import run_span
+from swarmlm.swarm.server.checks import RequestChecks
 from swarmlm.swarm.server.saved import SavedForwards
 
 
@@ -39,20 +42,26 @@ class _KeptForward:
 
 
 class StatelessSpans:
-    """Mixed into `BlockHost`: needs its `model`, `kept`, `clock`, `_weight_ptrs`, `_run` and checks."""
+    """The stateless handlers over `model`'s span: forwards are kept in `kept`, tensor work goes
+    through `run` (a callable's result, computed off the event loop)."""
 
-    model: Any
-    kept: SavedForwards
-    clock: Callable[[], float]
-    _weight_ptrs: set[int]
+    def __init__(self, model: Any, *, checks: RequestChecks, kept: SavedForwards,
+                 run: Callable[[Callable[[], Any]], Awaitable[Any]], clock: Callable[[], float]):
+        self.model = model
+        self.checks = checks
+        self.kept = kept
+        self._run = run
+        self.clock = clock
+        # storage that is the model's own: not counted as what a kept forward costs
+        self._weight_ptrs = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
 
     async def rpc_forward(self, peer_id: str, req: wire.SpanForwardRequest) -> wire.SpanForwardReply:
-        self._check_span(req.start, req.end)
-        hidden = self._check_hidden(req.hidden)
+        self.checks.span(req.start, req.end)
+        hidden = self.checks.hidden(req.hidden)
         B, T, _ = hidden.shape
-        key_mask = self._check_mask(req.key_mask, B, T)
-        prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
-        self._check_keep_id(req.keep_id)
+        key_mask = self.checks.mask(req.key_mask, B, T)
+        prompts = self.checks.prompts(req.prompts, req.start, req.end, B, T)
+        self.checks.keep_id(req.keep_id)
         if req.keep_id is not None and self.kept.max_bytes > 0:
             kept = await self._run(lambda: self._forward_kept(hidden, req.start, req.end, key_mask, prompts))
             self.kept.put((peer_id, req.keep_id), kept, size_bytes=kept.size_bytes, now=self.clock())
@@ -82,15 +91,15 @@ class StatelessSpans:
         return _KeptForward(x, p, key_mask, out, sum(storages.values()) + out.nelement() * out.element_size())
 
     async def rpc_backward(self, peer_id: str, req: wire.SpanBackwardRequest) -> wire.SpanBackwardReply:
-        self._check_span(req.start, req.end)
-        hidden = self._check_hidden(req.hidden)
+        self.checks.span(req.start, req.end)
+        hidden = self.checks.hidden(req.hidden)
         B, T, D = hidden.shape
-        grad_output = self._check_hidden(req.grad_output, name="grad_output")
+        grad_output = self.checks.hidden(req.grad_output, name="grad_output")
         if grad_output.shape != hidden.shape:
             raise WireError(f"grad_output has shape {tuple(grad_output.shape)}, hidden {tuple(hidden.shape)}")
-        key_mask = self._check_mask(req.key_mask, B, T)
-        prompts = self._check_prompts(req.prompts, req.start, req.end, B, T)
-        self._check_keep_id(req.keep_id)
+        key_mask = self.checks.mask(req.key_mask, B, T)
+        prompts = self.checks.prompts(req.prompts, req.start, req.end, B, T)
+        self.checks.keep_id(req.keep_id)
         kept = None if req.keep_id is None else self.kept.take((peer_id, req.keep_id), now=self.clock())
 
         def compute() -> tuple[torch.Tensor, torch.Tensor | None]:
