@@ -194,6 +194,10 @@ def test_a_killed_server_is_never_offered_a_session_again(swarm, checkpoints, mo
     assert model.last_session.recoveries == 1 and victim not in {h.peer_id for h in model.last_session.chain}
     assert victim in opens[:opened_before_kill[0]]
     assert victim not in opens[opened_before_kill[0]:] and far in opens[opened_before_kill[0]:]
+    # and the next session of the same client does not try it first: it stays avoided until it answers
+    after_first = len(opens)
+    assert model.generate(PROMPT, max_new_tokens=4) == generate(local_model(ckpt), PROMPT, max_new_tokens=4)
+    assert victim not in opens[after_first:] and far in opens[after_first:]
 
 
 @pytest.mark.parametrize("kind", ["swarm", "direct_swarm"])

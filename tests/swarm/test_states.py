@@ -22,6 +22,7 @@ class FakeSwarm:
 
     def __init__(self, order, n_layers=2):
         self.order, self.n_layers = list(order), n_layers
+        self.failed = []
         self.dead: set[str] = set()
         self.calls: list[tuple[str, str]] = []        # (peer id, rpc name)
 
@@ -48,6 +49,9 @@ class FakeSwarm:
 
     def session_opened(self, peer_id, delta):
         pass
+
+    def peer_failed(self, peer_id):
+        self.failed.append(peer_id)
 
 
 def open_session(swarm):

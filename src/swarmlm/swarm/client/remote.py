@@ -71,7 +71,7 @@ class RemoteBlocks:
         self._read_at = -float("inf")
         self.rtt_s: dict[str, float] = {}
         self.own_load: dict[str, int] = {}
-        self.unreachable: set[str] = set()      # did not answer a ping since the last refresh
+        self.unreachable: set[str] = set()      # failed a session or a ping; avoided until it answers a ping
 
     # ---- discovery ------------------------------------------------------------------------------
 
@@ -163,6 +163,10 @@ class RemoteBlocks:
             if s.peer_id == peer_id:
                 return serialize.parse_dtype(s.dtype)
         return torch.float32
+
+    def peer_failed(self, peer_id: str) -> None:
+        """A session lost `peer_id`: route around it until a ping at a refresh finds it answering."""
+        self.unreachable.add(peer_id)
 
     def session_opened(self, peer_id: str, delta: int) -> None:
         self.own_load[peer_id] = max(0, self.own_load.get(peer_id, 0) + delta)

@@ -60,6 +60,8 @@ class Swarm(Protocol):
 
     def session_opened(self, peer_id: str, delta: int) -> None: ...
 
+    def peer_failed(self, peer_id: str) -> None: ...
+
 
 @dataclass(frozen=True)
 class SessionOptions:
@@ -211,6 +213,7 @@ class InferenceSession:
         logger.warning("server %s (blocks %d:%d) failed: %s; replacing it", failed.hop.peer_id, failed.hop.start,
                        failed.hop.end, error)
         self.banned.add(failed.hop.peer_id)
+        self.swarm.peer_failed(failed.hop.peer_id)          # later sessions avoid it too, until it answers again
         self.last_failure = f"{failed.hop.peer_id}: {error}"
         self.calls.forget(failed)
         deadline = time.monotonic() + self.options.recovery_timeout_s
