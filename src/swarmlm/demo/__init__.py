@@ -3,6 +3,8 @@
 - swarm.py: `run_demo` — a loopback swarm trains the tiny model on the Python standard
   library, publishes it by CID, serves it as a pipeline over three server processes and
   generates through them while one server is killed; then a summary.
+- children.py: `start_peer_process` — the `swarmlm node` and `swarmlm train --swarm` children
+  it starts (the command line is known here, not in p2p/).
 """
 
 from swarmlm.demo.swarm import run_demo

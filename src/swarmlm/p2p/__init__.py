@@ -11,6 +11,8 @@ Reading order:
     secure.py     SecureListener / connect_secure: TCP with AES-GCM records under a key sent over
                   libp2p, for small frequent messages that must stay private (inference steps)
     memory.py     MemoryPeer, MemoryNetwork: the same interface in one process, for tests
+    process.py    PeerProcess, start_child: a peer as a child process (any command line); reads the
+                  multiaddrs it prints, stops or kills it
 
 Import `Peer` from `swarmlm.p2p.peer` (it pulls in hivemind, which is slow to import);
 everything else here is light.
