@@ -5,6 +5,8 @@
 - `NodeProcess` / `start_nodes(n, tmp_path)`: `swarmlm node` subprocesses on 127.0.0.1, each
   with its own data dir; their printed multiaddrs are read back (the node prints them once
   reachable). `stop()` sends SIGTERM and waits, `kill()` sends SIGKILL; `stop_all` in teardown.
+- `pid_alive(pid)`, `wait_until_dead(pids, timeout_s)`, `p2pd_children(pid)`: for checking that
+  nothing is left behind.
 - `run_cli(*args)`: `python -m swarmlm ...` as a subprocess, returning the CompletedProcess;
   `swarmlm_command(args)` is that command line.
 """
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Coroutine, Sequence
 
@@ -109,3 +112,12 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"      # a zombie is dead, just not yet reaped
+
+
+def wait_until_dead(pids: Sequence[int], timeout_s: float) -> list[int]:
+    """Poll until none of `pids` is alive or `timeout_s` has passed; returns those still alive.
+    (They need not be our children, so there is nothing to waitpid on.)"""
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive
