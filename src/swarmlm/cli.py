@@ -81,6 +81,13 @@ def _add_swarm_train_flags(p) -> None:
 
 
 def _run_train(args) -> int:
+    # three trainers, one verb: the choice is made here so that train/ knows nothing of the layers above it
+    if args.swarm:
+        from swarmlm.collab.run import run_swarm_training
+        return run_swarm_training(args)
+    from swarmlm.parallel.launch import run_parallel_training, wants_parallel
+    if wants_parallel(args):
+        return run_parallel_training(args)
     from swarmlm.train.loop import train_from_args
     return train_from_args(args)
 

@@ -27,9 +27,14 @@ def test_sizes_shrink():
     assert sizes["fp16"] < 0.51 * sizes["none"] and sizes["int8"] < 0.27 * sizes["none"]
 
 
-def test_fp16_saturates_instead_of_overflowing():
-    back = compression.roundtrip(torch.tensor([1e9, -1e9]), "fp16")
-    assert torch.isfinite(back).all()
+@pytest.mark.parametrize("form", ["message", "raw"])
+def test_fp16_saturates_at_its_largest_value_instead_of_overflowing(form):
+    t = torch.tensor([1e9, -1e9, 7e4, -65504.0, 1.5])   # beyond, beyond, just beyond, at the edge, inside
+    if form == "message":
+        back = compression.decode(compression.encode(t, "fp16"), "fp16", numel=5)
+    else:
+        back = compression.decode_raw(bytearray(compression.encode_raw(t, "fp16")), "fp16", numel=5)
+    assert back.tolist() == [65504.0, -65504.0, 65504.0, -65504.0, 1.5]
 
 
 @pytest.mark.parametrize("codec", compression.CODECS)

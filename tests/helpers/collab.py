@@ -12,16 +12,17 @@ import json
 from collections.abc import Sequence
 from pathlib import Path
 
-from swarmlm.p2p.process import PeerProcess, spawn
-from tests.helpers.swarm import STARTUP_TIMEOUT_S
+from swarmlm.p2p.process import PeerProcess, open_child
+from tests.helpers.swarm import STARTUP_TIMEOUT_S, swarmlm_command
 
 
 class TrainPeer(PeerProcess):
     def __init__(self, out: Path, args: Sequence[str]):
         self.out = Path(out)
         log_path = self.out / "peer.log"
-        super().__init__(spawn(["train", "--swarm", "--no-progress", "--out", str(self.out), *args],
-                               log_path=log_path, env={"OMP_NUM_THREADS": "1", "SWARMLM_LOG": "INFO"}), log_path)
+        command = swarmlm_command(["train", "--swarm", "--no-progress", "--out", self.out, *args])
+        super().__init__(open_child(command, log_path=log_path, env={"OMP_NUM_THREADS": "1", "SWARMLM_LOG": "INFO"}),
+                         log_path)
 
     @property
     def lines(self) -> list[str]:

@@ -5,17 +5,21 @@
 - `NodeProcess` / `start_nodes(n, tmp_path)`: `swarmlm node` subprocesses on 127.0.0.1, each
   with its own data dir; their printed multiaddrs are read back (the node prints them once
   reachable). `stop()` sends SIGTERM and waits, `kill()` sends SIGKILL; `stop_all` in teardown.
-- `run_cli(*args)`: `python -m swarmlm ...` as a subprocess, returning the CompletedProcess.
+- `pid_alive(pid)`, `wait_until_dead(pids, timeout_s)`, `p2pd_children(pid)`: for checking that
+  nothing is left behind.
+- `run_cli(*args)`: `python -m swarmlm ...` as a subprocess, returning the CompletedProcess;
+  `swarmlm_command(args)` is that command line.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any, Coroutine, Sequence
 
-from swarmlm.p2p.process import PeerProcess, child_env, spawn
+from swarmlm.p2p.process import PeerProcess, child_env, open_child
 from swarmlm.swarm.client.model import LoopThread as ClientLoopThread
 
 STARTUP_TIMEOUT_S = 120.0      # p2pd plus hivemind's import can take long on a loaded 2-core machine
@@ -34,8 +38,8 @@ class NodeProcess(PeerProcess):
     def __init__(self, data_dir: Path, args: Sequence[str] = (), env: dict[str, str] | None = None):
         self.data_dir = Path(data_dir)
         log_path = self.data_dir / "node.log"
-        super().__init__(spawn(["node", "--host", "127.0.0.1", "--data-dir", str(self.data_dir), *args],
-                               log_path=log_path, env=env), log_path)
+        command = swarmlm_command(["node", "--host", "127.0.0.1", "--data-dir", self.data_dir, *args])
+        super().__init__(open_child(command, log_path=log_path, env=env), log_path)
 
     def wait_ready(self, timeout_s: float = STARTUP_TIMEOUT_S) -> list[str]:
         return super().wait_ready(timeout_s)
@@ -71,10 +75,15 @@ def stop_all(nodes: Sequence[NodeProcess]) -> None:
             node.kill()
 
 
+def swarmlm_command(args: Sequence[str | Path]) -> list[str]:
+    """`python -m swarmlm ARGS...` with this interpreter."""
+    return [sys.executable, "-m", "swarmlm", *map(str, args)]
+
+
 def run_cli(*args: str, timeout_s: float = 300.0, env: dict[str, str] | None = None,
             input: bytes | None = None) -> subprocess.CompletedProcess:
     """`python -m swarmlm ARGS` with the test environment; stdout as bytes, stderr as text."""
-    proc = subprocess.run([sys.executable, "-m", "swarmlm", *args], capture_output=True, timeout=timeout_s,
+    proc = subprocess.run(swarmlm_command(args), capture_output=True, timeout=timeout_s,
                           env=child_env(env), input=input)
     proc.stderr = proc.stderr.decode(errors="replace")
     return proc
@@ -103,3 +112,12 @@ def pid_alive(pid: int) -> bool:
     except OSError:
         return False
     return stat[stat.rindex(")") + 2] != "Z"      # a zombie is dead, just not yet reaped
+
+
+def wait_until_dead(pids: Sequence[int], timeout_s: float) -> list[int]:
+    """Poll until none of `pids` is alive or `timeout_s` has passed; returns those still alive.
+    (They need not be our children, so there is nothing to waitpid on.)"""
+    deadline = time.monotonic() + timeout_s
+    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return alive

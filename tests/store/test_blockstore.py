@@ -6,9 +6,10 @@ import os
 import pytest
 
 from swarmlm.errors import IntegrityError
-from swarmlm.store.blockstore import BlockStore, Entry, MemoryBlockStore, MissingBlock, choose_evictions
+from swarmlm.store.blockstore import BlockStore, MemoryBlockStore, MissingBlock
 from swarmlm.store.cid import DAG_PB, Cid
 from swarmlm.store.dag import add_bytes, iter_file, list_blocks
+from swarmlm.store.retention import Entry, choose_evictions
 
 
 @pytest.fixture(params=["disk", "memory"])

@@ -5,12 +5,14 @@ import json
 import logging
 import os
 import random
+import threading
 
 import pytest
 
 from swarmlm.errors import IntegrityError
 from swarmlm.store import dag, packs
 from swarmlm.store.blockstore import BlockStore, MissingBlock
+from swarmlm.store.cid import RAW, Cid
 from swarmlm.store.dag import add_bytes, add_file, iter_file, list_blocks
 
 
@@ -148,31 +150,100 @@ def test_more_packs_than_open_descriptors_all_read_back(tmp_path, monkeypatch):
             assert store.get(root) == _data(300, seed=i)
 
 
-def test_reads_from_other_threads_stay_correct_while_gc_compacts(tmp_path):
-    import threading
-    store = BlockStore(tmp_path)
+class _WatchedLock:
+    """The pack index's lock, telling when a thread starts waiting for it while another holds it."""
+
+    def __init__(self, contended: threading.Event):
+        self._lock = threading.RLock()
+        self.contended = contended
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        if self._lock.acquire(blocking=False):
+            return True
+        self.contended.set()
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self):
+        self.acquire()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+def _pinned_file_and_four_collectable_ones_in_one_pack(path):
+    store = BlockStore(path)
     with store.writer() as w:
         kept = add_bytes(w, _data(40_000, seed=1), chunk_bytes=1000)
         for seed in range(2, 6):
             add_bytes(w, _data(20_000, seed=seed), chunk_bytes=1000)
     store.pin(kept)
-    leaves = [c for c in list_blocks(store, kept) if c != kept]
-    errors, stop = [], threading.Event()
+    (pack,) = store.packs.dir.glob("*.pack")
+    return store, kept, pack
 
-    def reader():
-        while not stop.is_set():
-            try:
-                for cid in leaves:
-                    store.get(cid)
-            except Exception as e:          # noqa: BLE001 - any failure is the test's finding
-                errors.append(e)
-                return
-    threads = [threading.Thread(target=reader) for _ in range(2)]
-    for t in threads:
-        t.start()
+
+def test_a_read_while_gc_moves_its_block_to_a_new_pack_waits_and_gets_it(tmp_path, monkeypatch):
+    store, kept, old_pack = _pinned_file_and_four_collectable_ones_in_one_pack(tmp_path)
+    first_chunk = _data(40_000, seed=1)[:1000]
+    leaf = Cid.of(first_chunk, RAW)
+    assert leaf in list_blocks(store, kept)
+    reader_stuck_or_done = threading.Event()
+    store.packs._lock = _WatchedLock(reader_stuck_or_done)
+    got = []
+
+    def read_leaf():
+        try:
+            got.append(store.get(leaf))
+        except Exception as e:                          # noqa: BLE001 - any failure is the finding
+            got.append(e)
+        reader_stuck_or_done.set()
+
+    moving, readers = packs.PackWriter.put_run, []
+
+    def put_run(self, keys, data, lengths):          # compaction: keys[0] has left the old pack's index
+        if keys == [leaf.to_v1().encode()]:
+            reader = threading.Thread(target=read_leaf)
+            reader.start()
+            assert reader_stuck_or_done.wait(30)     # the read has looked (and now waits, or has failed)
+            readers.append(reader)
+        return moving(self, keys, data, lengths)
+
+    monkeypatch.setattr(packs.PackWriter, "put_run", put_run)
     store.gc(0)
-    stop.set()
-    for t in threads:
-        t.join()
-    assert not errors
-    assert b"".join(iter_file(store, kept)) == _data(40_000, seed=1)
+    monkeypatch.undo()
+    assert len(readers) == 1 and not old_pack.exists()
+    readers[0].join(30)
+    assert got == [first_chunk]
+
+
+def test_a_read_holding_a_place_in_a_pack_gc_removed_looks_again(tmp_path, monkeypatch):
+    store, kept, old_pack = _pinned_file_and_four_collectable_ones_in_one_pack(tmp_path)
+    located, gc_done = threading.Event(), threading.Event()
+    read_pack = store.packs.read
+
+    def read(loc):                                    # the reader pauses between `find` and the read
+        if threading.current_thread() is not threading.main_thread():
+            located.set()
+            assert gc_done.wait(30)
+        return read_pack(loc)
+
+    monkeypatch.setattr(store.packs, "read", read)
+    got = []
+
+    def read_file():
+        try:
+            got.append(b"".join(iter_file(store, kept)))
+        except Exception as e:                          # noqa: BLE001 - any failure is the finding
+            got.append(e)
+
+    reader = threading.Thread(target=read_file)
+    reader.start()
+    assert located.wait(30)
+    store.gc(0)                                       # compacts the pack the reader is about to read
+    assert not old_pack.exists()
+    gc_done.set()
+    reader.join(30)
+    assert got == [_data(40_000, seed=1)]

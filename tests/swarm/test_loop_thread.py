@@ -39,18 +39,22 @@ def test_an_exception_is_raised_in_the_caller_after_the_items_before_it(runner):
     assert got == [1]
 
 
-def test_the_producer_runs_at_most_window_items_ahead(runner):
+def test_the_producer_runs_exactly_window_items_ahead_and_then_waits(runner):
     produced = []
+    four_made = threading.Event()
 
-    async def items():
+    async def items():        # awaits nothing: only the stream's credit can make it stop
         for i in range(20):
             produced.append(i)
+            if len(produced) == 4:
+                four_made.set()
             yield i
 
     stream = runner.stream(items(), window=2)
     assert next(stream) == 0
-    time.sleep(0.3)                              # the producer had all the time it wanted
-    assert len(produced) <= 4                    # the one taken, `window` waiting, one blocked on its credit
+    assert four_made.wait(10)                    # the one taken, `window` waiting, one blocked on its credit
+    runner.run(asyncio.sleep(0), timeout_s=10)   # runs after the producer's step: it is parked, or done
+    assert produced == [0, 1, 2, 3]
     assert list(stream) == list(range(1, 20))
 
 

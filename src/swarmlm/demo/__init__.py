@@ -6,6 +6,8 @@
 - summary.py: `Training` (from metrics.jsonl), `Generation`, `problems`, `report` — the summary
   and the verdict (exit code 1 when the swarm's tokens differ from local greedy decoding), also
   written to summary.json.
+- children.py: `start_peer_process` — the `swarmlm node` and `swarmlm train --swarm` children
+  it starts (the command line is known here, not in p2p/).
 """
 
 from swarmlm.demo.swarm import run_demo

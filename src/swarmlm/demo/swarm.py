@@ -30,7 +30,8 @@ from swarmlm.demo.summary import SUMMARY_FILE, Generation, Training, report
 from swarmlm.model.generate import generate
 from swarmlm.model.hf import load_model
 from swarmlm.model.tokenizer import Tokenizer
-from swarmlm.p2p.process import PeerProcess, start_peer_process
+from swarmlm.demo.children import start_peer_process
+from swarmlm.p2p.process import PeerProcess
 from swarmlm.store.dag import open_store
 from swarmlm.store.manifest import publish_model
 from swarmlm.swarm.client.model import RemoteModel

@@ -10,6 +10,8 @@ Reading order:
                   keys offered over libp2p), dialed only where a peer announced itself; blocks,
                   inference steps and averaging parts are its purposes
     memory.py     MemoryPeer, MemoryNetwork: the same interface in one process, for tests
+    process.py    PeerProcess, start_child: a peer as a child process (any command line); reads the
+                  multiaddrs it prints, stops or kills it
 
 Import `Peer` from `swarmlm.p2p.peer` (it pulls in hivemind, which is slow to import);
 everything else here is light.

@@ -1,8 +1,10 @@
-"""swarmlm peers as child processes: start `python -m swarmlm <verb> ...`, read the multiaddrs it
-prints once reachable, stop it cleanly (SIGTERM) or kill it (SIGKILL).
+"""Peers as child processes: start a command line, read the multiaddrs the child prints once
+reachable, stop it cleanly (SIGTERM) or kill it (SIGKILL).
 
-Used by the demo, the benchmarks and the multi-process tests for every verb that prints its
-multiaddrs (`node`, `serve`, `train --swarm`). Knows nothing of what the child does.
+Knows nothing of what the child runs: the callers build the command line, each in the layer
+that owns the command (`swarm.server.serve.start_server_process` for `swarmlm serve`,
+`demo/children.py` for the demo's `swarmlm node` and `swarmlm train --swarm`, the test helpers
+for theirs). `child_env` puts this checkout's package first on a Python child's path.
 """
 
 from __future__ import annotations
@@ -10,7 +12,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -67,7 +68,10 @@ class PeerProcess:
         return code
 
     def describe(self) -> str:
-        return " ".join(str(a) for a in self.proc.args[2:5])
+        """A few words of the command: `swarmlm serve MODEL` for `python -m swarmlm serve MODEL ...`."""
+        argv = [str(a) for a in self.proc.args]
+        words = argv[2:5] if argv[1:2] == ["-m"] else [Path(argv[0]).name, *argv[1:3]]
+        return " ".join(words)
 
     def log_text(self) -> str:
         """Everything the child wrote to its log so far ("" if unreadable)."""
@@ -101,15 +105,14 @@ class PeerProcess:
         self.stop()
 
 
-def spawn(args: Sequence[str], *, log_path: str | os.PathLike, env: dict[str, str] | None = None
-          ) -> subprocess.Popen:
-    """`python -m swarmlm ARGS...` with stdout piped and stderr to `log_path`; this checkout's
-    package first on the child's path."""
+def open_child(command: Sequence[str | os.PathLike], *, log_path: str | os.PathLike,
+               env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Run `command` with stdout piped, stderr to `log_path`, no stdin, and `child_env(env)`."""
     log_path = Path(log_path)
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
-        return subprocess.Popen([sys.executable, "-m", "swarmlm", *map(str, args)], stdout=subprocess.PIPE,
-                                stderr=log, env=child_env(env), stdin=subprocess.DEVNULL)
+        return subprocess.Popen([str(a) for a in command], stdout=subprocess.PIPE, stderr=log, env=child_env(env),
+                                stdin=subprocess.DEVNULL)
 
 
 def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
@@ -123,10 +126,10 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
-def start_peer_process(args: Sequence[str], *, log_path: str | os.PathLike, env: dict[str, str] | None = None,
-                       wait: bool = True, timeout_s: float = 120.0) -> PeerProcess:
-    """Start `python -m swarmlm ARGS...` (stderr to `log_path`) and, by default, wait for its multiaddrs."""
-    child = PeerProcess(spawn(args, log_path=log_path, env=env), Path(log_path))
+def start_child(command: Sequence[str | os.PathLike], *, log_path: str | os.PathLike,
+                env: dict[str, str] | None = None, wait: bool = True, timeout_s: float = 120.0) -> PeerProcess:
+    """Start `command` (stderr to `log_path`) and, by default, wait for the multiaddrs it prints."""
+    child = PeerProcess(open_child(command, log_path=log_path, env=env), Path(log_path))
     if wait:
         child.wait_ready(timeout_s)
     return child

@@ -4,8 +4,10 @@ Reading order:
     cid.py         Cid (v0/v1, raw, dag-pb, dag-json; sha2-256), verify, CidError
     unixfs.py      dag-pb PBNode/PBLink and UnixFS Data: encode/decode; links_of any block
     packs.py       pack files: many blocks in one file, for bulk writes; their index
-    blockstore.py  BlockStore (on disk: loose files and packs, verified reads, pins, LRU gc),
-                   MemoryBlockStore (its twin)
+    retention.py   pins and LRU gc, shared by both stores: choose_evictions (the pure decision),
+                   PinsAndGc
+    blockstore.py  BlockStore (on disk: loose files and packs, verified reads, pins in pins.json),
+                   MemoryBlockStore (its twin), MissingBlock
     paths.py       data_dir / blocks_dir: --data-dir, else $SWARMLM_HOME, else ~/.swarmlm
     dag.py         add_file (the CID `ipfs add` prints), iter_file, list_blocks, children, file_size,
                    and the functional store helpers the exchange uses (open_store, read_block, ...)

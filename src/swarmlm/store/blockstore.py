@@ -15,9 +15,9 @@ longer matches its CID (a bad disk, a crash mid-write) is logged, deleted so the
 fetch it again, and raised as `IntegrityError`, never returned. A v0 and a v1 CID of the same
 dag-pb block name the same stored block; iteration yields CIDv1s.
 
-Pins are roots: `gc` never deletes a block reachable from a pinned root (walking the links
-of dag-pb and dag-json blocks present), and deletes the other blocks least recently used
-first until the store fits the limit. Knows nothing of files or the network.
+Pins and gc are the same for both stores and live in retention.py: `gc` keeps every block
+reachable from a pinned root and deletes the others least recently used first. Knows nothing
+of files or the network.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, NamedTuple
+from typing import Iterator
 
-from swarmlm.errors import IntegrityError, NotFoundError, WireError
+from swarmlm.errors import IntegrityError, NotFoundError
 from swarmlm.log import get_logger
 from swarmlm.store.cid import RAW, Cid, CidError, block_matches
 from swarmlm.store.packs import PackIndex, PackWriter
-from swarmlm.store.unixfs import links_of
+from swarmlm.store.retention import Entry, PinsAndGc
 
 logger = get_logger(__name__)
 
@@ -51,26 +51,6 @@ class MissingBlock(NotFoundError, KeyError):
         return str(self.args[0]) if self.args else "missing block"
 
 
-class Entry(NamedTuple):
-    cid: Cid              # CIDv1
-    size_bytes: int
-    last_used: float      # comparable within one store: larger is more recent
-
-
-def choose_evictions(entries: Iterable[Entry], protected: set[Cid], limit_bytes: int) -> list[Cid]:
-    """Unprotected blocks to delete, least recently used first, until the total is <= limit_bytes."""
-    entries = list(entries)
-    excess = sum(e.size_bytes for e in entries) - limit_bytes
-    victims = []
-    for e in sorted(entries, key=lambda e: (e.last_used, e.cid.digest)):
-        if excess <= 0:
-            break
-        if e.cid not in protected:
-            victims.append(e.cid)
-            excess -= e.size_bytes
-    return victims
-
-
 def checked_cid(block: bytes | memoryview, cid: Cid | None, check: bool) -> Cid:
     """What `put` stores `block` under: its raw CID if none is given, else `cid`, checked against
     the bytes unless the caller has just computed it from them (`check=False`)."""
@@ -81,81 +61,9 @@ def checked_cid(block: bytes | memoryview, cid: Cid | None, check: bool) -> Cid:
     return cid
 
 
-class _PinsAndGc:
-    """Pins and garbage collection over the primitives each store provides."""
-
-    def _load_pins(self) -> list[str]: raise NotImplementedError
-    def _save_pins(self, pins: list[str]) -> None: raise NotImplementedError
-    def _pins_lock(self): raise NotImplementedError
-
-    def pin(self, cid: Cid) -> None:
-        """Keep `cid` and every block under it through GC (persistently, for BlockStore)."""
-        with self._pins_lock():
-            pins = self._load_pins()
-            if all(Cid.parse(p).to_v1() != cid.to_v1() for p in pins):
-                self._save_pins(pins + [cid.encode()])
-
-    def unpin(self, cid: Cid) -> bool:
-        with self._pins_lock():
-            pins = self._load_pins()
-            kept = [p for p in pins if Cid.parse(p).to_v1() != cid.to_v1()]
-            if len(kept) != len(pins):
-                self._save_pins(kept)
-            return len(kept) != len(pins)
-
-    def pinned(self) -> list[Cid]:
-        """The pinned roots, as they were pinned (v0 stays v0)."""
-        return [Cid.parse(p) for p in self._load_pins()]
-
-    def is_pinned(self, cid: Cid) -> bool:
-        return any(p.to_v1() == cid.to_v1() for p in self.pinned())
-
-    def protected(self) -> set[Cid]:
-        """CIDv1s of every present block reachable from a pinned root."""
-        seen: set[Cid] = set()
-        stack = [p.to_v1() for p in self.pinned()]
-        while stack:
-            cid = stack.pop()
-            if cid in seen or not self.has(cid):
-                continue
-            seen.add(cid)
-            if cid.codec == RAW:
-                continue                 # raw leaves have no links: no need to read them
-            try:
-                stack.extend(c.to_v1() for c in links_of(cid, self.get(cid)))
-            except (IntegrityError, MissingBlock):
-                seen.discard(cid)        # corrupted (now deleted) or gone meanwhile
-            except WireError as e:
-                logger.warning("pinned block %s does not decode, its children are not protected: %s", cid, e)
-        return seen
-
-    def gc(self, limit_bytes: int, *, min_idle_s: float = 0.0) -> int:
-        """Delete unpinned blocks, least recently used first, until the store holds <= limit_bytes.
-
-        Blocks used within the last `min_idle_s` seconds are kept (a fetch in progress, not yet
-        pinned). Returns the bytes freed.
-        """
-        protected = self.protected()
-        cutoff = self._recent_cutoff(min_idle_s)
-        everything = list(self.entries())
-        idle = [e for e in everything if e.last_used < cutoff]
-        busy_bytes = sum(e.size_bytes for e in everything) - sum(e.size_bytes for e in idle)
-        freed = 0
-        sizes = {e.cid: e.size_bytes for e in idle}
-        for cid in choose_evictions(idle, protected, max(0, limit_bytes - busy_bytes)):
-            if self.delete(cid):
-                freed += sizes[cid]
-        if freed:
-            logger.info("gc freed %d bytes", freed)
-        return freed
-
-    def _recent_cutoff(self, min_idle_s: float) -> float:
-        return float("inf")
-
-
 # ---- on disk ------------------------------------------------------------------------------
 
-class BlockStore(_PinsAndGc):
+class BlockStore(PinsAndGc):
     """Blocks in files under `root_dir` (usually `<data_dir>/blocks`, see paths.py)."""
 
     def __init__(self, root_dir: str | os.PathLike):
@@ -275,7 +183,7 @@ class BlockStore(_PinsAndGc):
             return self.packs.delete(cid.to_v1().encode())
 
     def gc(self, limit_bytes: int, *, min_idle_s: float = 0.0) -> int:
-        """As `_PinsAndGc.gc`; then packs holding deleted blocks are rewritten without them, and
+        """As `PinsAndGc.gc`; then packs holding deleted blocks are rewritten without them, and
         packs left by interrupted writes are removed, so the disk shrinks too."""
         freed = super().gc(limit_bytes, min_idle_s=min_idle_s)
         for pack, _ in self.packs.packs_with_dead_blocks():
@@ -382,7 +290,7 @@ class _BlockWriter:
 
 # ---- in memory ----------------------------------------------------------------------------
 
-class MemoryBlockStore(_PinsAndGc):
+class MemoryBlockStore(PinsAndGc):
     """The same protocol in a dict; `last_used` is a counter, not a clock. For tests."""
 
     def __init__(self):

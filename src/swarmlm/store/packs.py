@@ -15,7 +15,9 @@ garbage collection. The store that owns the writer sees each block as soon as it
 
 Reads hash every block as loose ones do; a corrupted packed block is deleted like a loose one
 (its CID goes to the `.dead` list) so it can be fetched again. A pack whose blocks are all
-deleted is removed; garbage collection rewrites packs that hold deleted blocks (`compact`).
+deleted is removed; garbage collection rewrites packs that hold deleted blocks (`compact`),
+holding the index's lock: a lookup that misses waits for it, so a block being moved is found
+in its new pack, and a read of a pack removed meanwhile tells its caller to look again.
 Knows nothing of CIDs beyond their string form; `blockstore.py` does the hashing.
 """
 
@@ -78,8 +80,10 @@ class PackIndex:
 
     def find(self, key: str) -> Location | None:
         loc = self._where.get(key)
-        if loc is None and self.refresh():
-            loc = self._where.get(key)
+        if loc is None:
+            self.refresh()
+            with self._lock:        # a compaction moving this block holds the lock until it is indexed again
+                loc = self._where.get(key)
         return loc
 
     def items(self) -> list[tuple[str, Location]]:

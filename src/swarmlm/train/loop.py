@@ -226,14 +226,7 @@ def keep_metrics_up_to(path: Path, last_step: int) -> None:
 # ---- CLI --------------------------------------------------------------------------------------
 
 def train_from_args(args) -> int:
-    """`swarmlm train`: one process, or hands over to torchrun / the swarm when asked."""
-    if getattr(args, "swarm", False):
-        from swarmlm.collab.run import run_swarm_training   # noqa: layer wiring lives at the edge
-        return run_swarm_training(args)
-    degrees = [getattr(args, k, None) for k in ("dp", "fsdp", "tp", "pp", "cp")]
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or any(d is not None and d != 1 for d in degrees):
-        from swarmlm.parallel.launch import run_parallel_training
-        return run_parallel_training(args)
+    """`swarmlm train` in one process (cli.py sends torchrun and `--swarm` runs elsewhere)."""
     run = load_run_config(args.config, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                           seq_len=args.seq_len)
     out = Path(args.out or f"runs/{Path(args.config).stem}")

@@ -29,7 +29,7 @@ import torch
 
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
-from swarmlm.p2p.process import PeerProcess, start_peer_process
+from swarmlm.p2p.process import PeerProcess, start_child
 from swarmlm.swarm.blocks import measure_throughput
 from swarmlm.swarm.dht import read_servers
 from swarmlm.swarm.server.announce import Announcer
@@ -274,12 +274,12 @@ def start_server_process(model: str, *, blocks: tuple[int, int] | None = None, n
     Its stderr goes to `<data_dir>/serve.log`. The caller stops it (`stop()`/`kill()`).
     """
     data_dir = Path(data_dir)
-    args = ["serve", str(model), "--host", "127.0.0.1", "--data-dir", str(data_dir)]
+    command = [sys.executable, "-m", "swarmlm", "serve", str(model), "--host", "127.0.0.1", "--data-dir", str(data_dir)]
     if blocks is not None:
-        args += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
+        command += ["--blocks", f"{blocks[0]}:{blocks[1]}"]
     if num_blocks is not None:
-        args += ["--num-blocks", str(num_blocks)]
+        command += ["--num-blocks", str(num_blocks)]
     if initial_peers:
-        args += ["--initial-peers", *initial_peers]
-    args += list(extra_args)
-    return start_peer_process(args, log_path=data_dir / "serve.log", env=env, wait=wait, timeout_s=timeout_s)
+        command += ["--initial-peers", *initial_peers]
+    command += list(extra_args)
+    return start_child(command, log_path=data_dir / "serve.log", env=env, wait=wait, timeout_s=timeout_s)
