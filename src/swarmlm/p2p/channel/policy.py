@@ -60,6 +60,17 @@ def dialable(addrs: list[str], *, local_host: str) -> list[tuple[str, int]]:
     return out
 
 
+def maddr_hosts(maddrs: list[str]) -> list[str]:
+    """The IP addresses in multiaddrs like /ip4/10.0.0.5/tcp/4001/p2p/Qm..., in order, once each:
+    where a peer's own listeners may bind (never used to choose whom to dial)."""
+    hosts: list[str] = []
+    for m in maddrs:
+        parts = str(m).split("/")
+        if len(parts) > 2 and parts[1] in ("ip4", "ip6") and parts[2] not in hosts:
+            hosts.append(parts[2])
+    return hosts
+
+
 def _is_loopback(host: str) -> bool:
     try:
         return ipaddress.ip_address(host).is_loopback

@@ -29,7 +29,7 @@ import torch
 
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
-from swarmlm.p2p.direct import maddr_hosts
+from swarmlm.p2p.channel.policy import maddr_hosts
 from swarmlm.p2p.process import PeerProcess, start_peer_process
 from swarmlm.swarm.blocks import measure_throughput
 from swarmlm.swarm.dht import read_servers
