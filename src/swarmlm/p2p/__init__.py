@@ -6,8 +6,8 @@ Reading order:
     records.py    record_type, SignedRecord: typed DHT records in signed envelopes
     rpc.py        framing: status byte for unary replies, stream frames, channels, typed message calls
     peer.py       Peer: hivemind DHT node + libp2p daemon; store/get, add_handler/call, streams
-    direct.py     DirectListener / connect: plain TCP offered over libp2p with an HMAC ticket, for
-                  bulk bytes verified end to end (content-addressed blocks)
+    channel/      the side channel: one encrypted TCP listener per peer on its host, for every
+                  direct connection (blocks, inference steps, averaging parts); peer.side_channel()
     secure.py     SecureListener / connect_secure: TCP with AES-GCM records under a key sent over
                   libp2p, for small frequent messages that must stay private (inference steps)
     memory.py     MemoryPeer, MemoryNetwork: the same interface in one process, for tests
