@@ -167,6 +167,7 @@ def test_provider_killed_mid_transfer_is_replaced_without_refetching(tmp_path):
     assert second.already_local > 0
     assert second.already_local + second.fetched_blocks == total
     assert set(second.blocks_by_peer) == {honest_id}
+    assert second.side_channel_blocks == second.fetched_blocks
 
 
 def test_parallel_fetch_survives_a_provider_dying_and_fetches_each_block_once(tmp_path):
@@ -182,6 +183,7 @@ def test_parallel_fetch_survives_a_provider_dying_and_fetches_each_block_once(tm
     path, out, stats, dying_id = asyncio.run(go())
     assert out.read_bytes() == path.read_bytes()
     assert stats.fetched_blocks == N_CHUNKS + 2                # every block exactly once
+    assert stats.side_channel_blocks == stats.fetched_blocks   # the dying one's too, until it died
     assert stats.blocks_by_peer.get(dying_id, 0) <= 3
 
 

@@ -84,7 +84,8 @@ class Fetcher:
     """Fetches sets of CIDs into a store from a list of providers; one instance per DAG fetch.
 
     `on_block(n_bytes)` is called after each verified block (progress bars). Blocks are written
-    through `sink` (a `store.writer()`), or the store's own `put`.
+    through `sink` (a `store.writer()`), or the store's own `put`. A provider's side-channel
+    connections carry one request after another and are closed when `fetch` returns.
     """
 
     def __init__(self, peer: Any, store: Any, providers: Sequence[str], *, options: FetchOptions = FetchOptions(),
