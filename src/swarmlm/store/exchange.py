@@ -22,6 +22,7 @@ names still import from here too.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import struct
 from dataclasses import dataclass
 from typing import Any, AsyncIterator, Callable, Sequence
@@ -121,9 +122,10 @@ class BlockService:
                 await rpc.write_frame(conn, rpc.ERROR, str(e).encode()[:rpc.MAX_ERROR_BYTES])
                 return
             try:
-                async for frame in self.rpc_blocks(conn.peer_id, request, framed=True):
-                    conn.write(frame)                    # one frame, one record
-                    await conn.drain()
+                async with contextlib.aclosing(self.rpc_blocks(conn.peer_id, request, framed=True)) as frames:
+                    async for frame in frames:
+                        conn.write(frame)                # one frame, one record
+                        await conn.drain()
             except WireError as e:
                 logger.info("%s (side channel) from %s refused: %s", BLOCKS, conn.peer_id, e)
                 await rpc.write_frame(conn, rpc.ERROR, str(e).encode("utf-8", "replace")[:rpc.MAX_ERROR_BYTES])
