@@ -37,7 +37,8 @@ from swarmlm.store.providers import find_providers, rank_providers
 
 logger = get_logger(__name__)
 
-_WRITES_IN_FLIGHT = 4               # blocks being hashed and written while the next ones arrive
+_WRITE_GROUP = 4                    # received blocks handed to a worker thread at a time (to hash and write)
+_WRITES_IN_FLIGHT = 2               # groups being hashed and written while the next ones arrive
 
 
 @dataclass
@@ -149,13 +150,19 @@ class Fetcher:
     async def _fetch_batch(self, prov: _Provider, batch: list[dag.Cid]) -> list[dag.Cid]:
         """Ask `prov` for `batch`; store what verifies; return the CIDs not stored.
 
-        Each block is hashed and written in a worker thread while the next one arrives (the
-        store's `put` checks it against its CID: one hash per block).
+        Blocks are hashed and written in a worker thread, a few at a time, while the next ones
+        arrive (the store's `put` checks each against its CID: one hash per block).
         """
         request = serialize.encode_message(BlockRequest(cids=[str(c) for c in batch],
                                                         max_block_bytes=MAX_BLOCK_BYTES))
         received = 0
-        writes: list[tuple[dag.Cid, int, asyncio.Future]] = []
+        group: list[tuple[dag.Cid, memoryview]] = []
+        writes: list[tuple[list[tuple[dag.Cid, int]], asyncio.Future]] = []
+
+        def write_group() -> None:
+            writes.append(([(cid, len(data)) for cid, data in group],
+                           asyncio.ensure_future(asyncio.to_thread(self._store_blocks, list(group)))))
+            group.clear()
         over_side = False
         try:
             replies, over_side = await self._open(prov, request)
@@ -171,10 +178,11 @@ class Fetcher:
                     if chunk[:1] != FOUND:
                         self._ban(prov, f"sent a malformed reply for {cid}")
                         break
-                    writes.append((cid, len(chunk) - 1, asyncio.ensure_future(
-                        asyncio.to_thread(self._store_block, cid, memoryview(chunk)[1:]))))
-                    if len(writes) > _WRITES_IN_FLIGHT and not await writes[-_WRITES_IN_FLIGHT - 1][2]:
-                        break               # a bad block: stop reading from this provider
+                    group.append((cid, memoryview(chunk)[1:]))
+                    if len(group) == _WRITE_GROUP:
+                        write_group()
+                        if len(writes) > _WRITES_IN_FLIGHT and not all(await writes[-_WRITES_IN_FLIGHT - 1][1]):
+                            break           # a bad block: stop reading from this provider
             if received < len(batch) and not prov.banned:
                 raise PeerError(f"answered {received} of {len(batch)} CIDs")
             prov.failures = 0
@@ -182,6 +190,8 @@ class Fetcher:
             prov.failures += 1
             logger.warning("provider %s failed after %d of %d blocks: %s", prov.peer_id, received, len(batch), e)
         finally:
+            if group:
+                write_group()
             stored = await self._settle(prov, writes)
             self.stats.side_channel_blocks += len(stored) if over_side else 0
         return [c for c in batch if str(c) not in stored]
@@ -206,25 +216,33 @@ class Fetcher:
         return await side.open(prov.peer_id, PURPOSE, timeout_s=self.options.side_open_timeout_s,
                                max_record_bytes=REPLY_RECORD_BYTES)
 
-    def _store_block(self, cid: dag.Cid, data: memoryview) -> bool:
-        try:
-            dag.write_block(self.sink, cid, data)
-            return True
-        except IntegrityError:
-            return False
+    def _store_blocks(self, blocks: list[tuple[dag.Cid, memoryview]]) -> list[bool]:
+        """Whether each block matched its CID (and was written)."""
+        ok = []
+        for cid, data in blocks:
+            try:
+                dag.write_block(self.sink, cid, data)
+                ok.append(True)
+            except IntegrityError:
+                ok.append(False)
+        return ok
 
-    async def _settle(self, prov: _Provider, writes: list[tuple[dag.Cid, int, asyncio.Future]]) -> set[str]:
+    async def _settle(self, prov: _Provider, writes: list[tuple[list[tuple[dag.Cid, int]], asyncio.Future]]
+                      ) -> set[str]:
         """Wait for the block writes of one batch; count the good ones, ban on a bad one."""
-        results = await asyncio.gather(*(f for _, _, f in writes), return_exceptions=True)
+        results = await asyncio.gather(*(f for _, f in writes), return_exceptions=True)
         stored = set()
-        for (cid, n_bytes, _), ok in zip(writes, results):
-            if ok is True:
-                stored.add(str(cid))
-                self._count(prov, n_bytes)
-            elif isinstance(ok, BaseException) and not isinstance(ok, asyncio.CancelledError):
-                logger.error("storing block %s failed: %s", cid, ok)
-            elif ok is False:
-                self._ban(prov, f"served a block that does not match its CID {cid}")
+        for (blocks, _), oks in zip(writes, results):
+            if isinstance(oks, BaseException):
+                if not isinstance(oks, asyncio.CancelledError):
+                    logger.error("storing blocks %s... failed: %s", blocks[0][0], oks)
+                continue
+            for (cid, n_bytes), ok in zip(blocks, oks):
+                if ok:
+                    stored.add(str(cid))
+                    self._count(prov, n_bytes)
+                else:
+                    self._ban(prov, f"served a block that does not match its CID {cid}")
         return stored
 
     def _count(self, prov: _Provider, n_bytes: int) -> None:
