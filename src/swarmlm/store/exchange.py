@@ -10,8 +10,9 @@ one gets an error reply and the service goes on. A block that fails its hash on 
 is reported and never sent. The side channel exists because p2pd's streams cap a transfer well
 below what hashing and the disk allow; a fetcher that cannot open it uses the libp2p stream.
 Blocks are encrypted there like everything else, though each is checked against its CID anyway:
-bench/store_get.py finds encryption costs a transfer about 9% more CPU and under 5% of its
-throughput (against the same records in the clear), short of the 15% a plain mode would need.
+against the same records in the clear, bench/store_get.py finds encryption costs a transfer
+1-10% of its throughput (about 5% typically) and about 10% more CPU: short of the 15% that a
+plain mode would need.
 
 `side_replies` is the asking end of one request on a side-channel connection: each reply frame
 is one record, and a block is handed on as a view into its decrypted record (no copy).
