@@ -1,15 +1,22 @@
-"""`store get` between two peers on loopback, against a bare libp2p stream and a plain TCP copy.
+"""`store get` between two peers on loopback, against a bare libp2p stream, and what encryption costs it.
 
-    python bench/store_get.py [--mib 64] [--repeats 3]
+    python bench/store_get.py [--mib 64] [--repeats 5]
 
 Peer A (a subprocess, as a node would be) adds a random file to its block store and serves
 it (exchange.BlockService); peer B (this process), with an empty store each time, fetches
 the whole DAG and verifies and stores every block (what `swarmlm store get` does, minus
-writing the output file): once as it does by default (over A's direct TCP offer, see
-p2p/direct.py) and once over libp2p streams only. Beside them, in the same run and between
-the same two peers: the same number of bytes sent by A over one bare libp2p stream (p2pd on
-both ends), and a plain TCP socket copy on 127.0.0.1. Prints one JSON line per result
-(medians over repeats), then the ratios get / bare stream (target >= 0.8).
+writing the output file):
+- as it does by default: over A's side channel (p2p/channel: AES-256-GCM records);
+- over the same side channel with the cipher swapped for a copy (`NullCipher`, both ends,
+  this bench only): the same connections, framing and records in the clear, so the
+  difference is what encryption costs the transfer;
+- over libp2p streams only.
+Beside them, in the same run and between the same two peers: the same number of bytes sent by
+A over one bare libp2p stream (p2pd on both ends), and a plain TCP socket copy on 127.0.0.1.
+Every side runs once per round, rounds interleaved (the order alternating), so load changes on
+a shared machine hit every side alike. Prints one JSON line per result (medians over rounds),
+then the ratios get / bare stream (target >= 0.8) and encrypted / plain side channel (a plain
+mode for content-addressed blocks is worth having only below 0.85).
 """
 
 from __future__ import annotations
@@ -28,11 +35,72 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from swarmlm.store import dag  # noqa: E402
-from swarmlm.store.exchange import BlockService, FetchOptions, fetch_dag  # noqa: E402
+from swarmlm.p2p.channel import service  # noqa: E402
+from swarmlm.store import dag, fetch  # noqa: E402
+from swarmlm.store.exchange import BlockService  # noqa: E402
+from swarmlm.store.fetch import FetchOptions, fetch_dag  # noqa: E402
 
 CHUNK = 256 * 1024
 RAW = "bench/raw-stream/1"
+PLAIN = "bench/store-blocks-plain"      # a side-channel purpose whose records are not encrypted
+TAG = bytes(16)
+
+
+class NullCipher:
+    """AES-GCM's interface with no cipher: the plaintext, copied, and 16 zero bytes for a tag."""
+
+    def encrypt(self, nonce, data, aad):
+        return bytes(data) + TAG
+
+    def encrypt_into(self, nonce, data, aad, out):
+        out[:len(data)] = data
+        out[len(data):] = TAG
+
+    def decrypt(self, nonce, data, aad):
+        return bytes(memoryview(data)[:-len(TAG)])
+
+    def decrypt_into(self, nonce, data, aad, out):
+        out[:] = memoryview(data)[:-len(TAG)]
+
+
+def allow_plain_purpose() -> None:
+    """Connections opened for PLAIN, in this process, skip the cipher (both ends call this)."""
+    real = service.direction_keys
+
+    def keys(key, *, dialer, listener, purpose):
+        return (NullCipher(), NullCipher()) if purpose == PLAIN else real(key, dialer=dialer, listener=listener,
+                                                                          purpose=purpose)
+    service.direction_keys = keys
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and its descendants (peer A's process, the p2pd daemons), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        try:
+            stat = (entry / "stat").read_text() if entry.name.isdigit() else ""
+            if stat:
+                children.setdefault(int(stat[stat.rindex(")") + 2:].split()[1]), []).append(int(entry.name))
+        except (OSError, ValueError):
+            pass
+    out, todo = [], [pid]
+    while todo:
+        out.append(todo.pop())
+        todo.extend(children.get(out[-1], []))
+    return out
+
+
+def cpu_seconds(pids: list[int]) -> float:
+    """User + system CPU time of these processes (all their threads) so far."""
+    total = 0
+    for pid in pids:
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:
+            continue
+        fields = stat[stat.rindex(")") + 2:].split()
+        total += int(fields[11]) + int(fields[12])
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def emit(name: str, value: float, unit: str, **extra) -> None:
@@ -97,8 +165,11 @@ async def serve(work: Path, mib: int) -> None:
             f.write(os.urandom(CHUNK))
     store = dag.open_store(work / "a")
     root = dag.add_file(store, src)
+    allow_plain_purpose()
     async with await Peer.create() as a:
-        await BlockService(a, store).start()
+        blocks = BlockService(a, store)
+        await blocks.start()
+        (await a.side_channel()).serve(PLAIN, blocks._serve_side, max_record_bytes=1 << 20)
         await a.add_raw_stream_handler(RAW, await serve_raw(mib * 1024 * 1024))
         print(a.maddrs[0], root, flush=True)
         await asyncio.to_thread(sys.stdin.read)
@@ -107,7 +178,7 @@ async def serve(work: Path, mib: int) -> None:
 async def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=64)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--serve", default=None, help=argparse.SUPPRESS)   # internal: run as peer A
     args = parser.parse_args()
     if args.serve:
@@ -123,27 +194,57 @@ async def main() -> None:
         root = dag.parse_cid(root)
         peer_a = maddr.rsplit("/p2p/", 1)[1]
         b = await Peer.create(initial_peers=[maddr], client_mode=True)
+        allow_plain_purpose()
+
+        async def get(side_channel: bool, purpose: str = fetch.PURPOSE) -> float:
+            store_b = dag.open_store(work / "b")
+            fetch.PURPOSE = purpose
+            try:
+                start = time.perf_counter()
+                stats = await fetch_dag(b, root, store_b, providers=[peer_a],
+                                        options=FetchOptions(side_channel=side_channel))
+                assert stats.fetched_bytes >= n_bytes and not stats.banned
+                return stats.fetched_bytes / (time.perf_counter() - start)
+            finally:
+                fetch.PURPOSE = service_purpose
+                shutil.rmtree(work / "b", ignore_errors=True)
+
+        service_purpose = fetch.PURPOSE
+        sides = {"get": lambda: get(True), "plain": lambda: get(True, PLAIN), "libp2p": lambda: get(False),
+                 "bare": lambda: bare_stream(peer_a, b, n_bytes), "tcp": lambda: tcp_copy(n_bytes)}
+        rates: dict[str, list[float]] = {k: [] for k in sides}
+        cpu: dict[str, list[float]] = {k: [] for k in sides}     # CPU seconds per GiB, both peers and their p2pd
+        pids = process_tree(os.getpid())         # B, its p2pd, A (a child of B) and A's p2pd
         try:
-            get_rates, libp2p_rates, raw_rates, tcp_rates = [], [], [], []
-            for i in range(args.repeats):           # interleaved, so load changes hit every side alike
-                raw_rates.append(await bare_stream(peer_a, b, n_bytes))
-                for rates, direct in ((get_rates, True), (libp2p_rates, False)):
-                    store_b = dag.open_store(work / f"b{i}")
-                    start = time.perf_counter()
-                    stats = await fetch_dag(b, root, store_b, providers=[peer_a], options=FetchOptions(direct=direct))
-                    rates.append(stats.fetched_bytes / (time.perf_counter() - start))
-                    shutil.rmtree(work / f"b{i}", ignore_errors=True)
-                tcp_rates.append(await tcp_copy(n_bytes))
+            await get(True)                          # warm-up: side channels, DHT look-ups, page cache
+            for i in range(args.repeats):
+                for k in (list(sides) if i % 2 == 0 else list(reversed(sides))):
+                    before = cpu_seconds(pids)
+                    rates[k].append(await sides[k]())
+                    cpu[k].append((cpu_seconds(pids) - before) / (n_bytes / 2**30))
         finally:
             await b.shutdown()
-        get_rate, libp2p_rate, raw_rate, tcp_rate = map(statistics.median,
-                                                        (get_rates, libp2p_rates, raw_rates, tcp_rates))
-        emit("store_get_throughput", get_rate / 1e9, "GB/s", mib=args.mib, path="direct TCP offer")
-        emit("store_get_libp2p_only_throughput", libp2p_rate / 1e9, "GB/s", mib=args.mib)
-        emit("bare_libp2p_stream_throughput", raw_rate / 1e9, "GB/s", mib=args.mib)
-        emit("tcp_loopback_throughput", tcp_rate / 1e9, "GB/s", mib=args.mib)
-        emit("store_get_vs_bare_stream", get_rate / raw_rate, "ratio", target=0.8)
-        emit("store_get_libp2p_only_vs_bare_stream", libp2p_rate / raw_rate, "ratio")
+        rate = {k: statistics.median(v) for k, v in rates.items()}
+        cpu_per_gib = {k: round(statistics.median(v), 3) for k, v in cpu.items()}
+        emit("store_get_throughput", rate["get"] / 1e9, "GB/s", mib=args.mib, path="side channel, AES-256-GCM",
+             cpu_s_per_gib=cpu_per_gib["get"])
+        emit("store_get_plain_side_channel_throughput", rate["plain"] / 1e9, "GB/s", mib=args.mib,
+             path="side channel, records in the clear", cpu_s_per_gib=cpu_per_gib["plain"])
+        emit("store_get_libp2p_only_throughput", rate["libp2p"] / 1e9, "GB/s", mib=args.mib,
+             cpu_s_per_gib=cpu_per_gib["libp2p"])
+        emit("bare_libp2p_stream_throughput", rate["bare"] / 1e9, "GB/s", mib=args.mib,
+             cpu_s_per_gib=cpu_per_gib["bare"])
+        emit("tcp_loopback_throughput", rate["tcp"] / 1e9, "GB/s", mib=args.mib, cpu_s_per_gib=cpu_per_gib["tcp"])
+
+        def paired(a: str, b: str) -> float:       # the median of the rounds' own ratios: less hit by load swings
+            return round(statistics.median(x / y for x, y in zip(rates[a], rates[b])), 4)
+        emit("store_get_vs_bare_stream", rate["get"] / rate["bare"], "ratio", target=0.8,
+             paired_median=paired("get", "bare"))
+        emit("store_get_libp2p_only_vs_bare_stream", rate["libp2p"] / rate["bare"], "ratio",
+             paired_median=paired("libp2p", "bare"))
+        emit("store_get_encrypted_vs_plain_side_channel", rate["get"] / rate["plain"], "ratio",
+             paired_median=paired("get", "plain"),
+             cpu_plain_vs_encrypted=round(cpu_per_gib["plain"] / cpu_per_gib["get"], 4), plain_mode_worth_it_below=0.85)
     finally:
         server.stdin.close()
         server.wait(30)

@@ -1,14 +1,16 @@
-"""Every RPC a storage node serves, sent bad input over real libp2p: an error reply each time, and
-the node keeps serving good requests."""
+"""Every RPC a storage node serves, sent bad input over real libp2p and over its side channel: an
+error each time, and the node keeps serving good requests."""
 
 import asyncio
 
 import pytest
 
 from swarmlm import serialize
-from swarmlm.errors import RemoteError
+from swarmlm.errors import PeerError, RemoteError
+from swarmlm.p2p import rpc
 from swarmlm.store import dag
-from swarmlm.store.exchange import BLOCKS, DIRECT, HAS, MAX_BATCH, BlockRequest, HasReply, HasRequest
+from swarmlm.store.exchange import (BLOCKS, HAS, MAX_BATCH, PURPOSE, REPLY_RECORD_BYTES, BlockRequest, HasReply,
+                                    HasRequest)
 from swarmlm.store.node import PIN, NodeOptions, PinRequest, StoreNode
 from tests.helpers.swarm import LoopThread
 
@@ -158,73 +160,68 @@ def test_pin_rpc_answers_bad_input_with_an_error(node, case):
     _assert_still_serving(loop, client, server, root)
 
 
-# ---- the direct path: an offer over libp2p, then blocks over plain TCP -----------------------
+# ---- the side channel: the same blocks requests, over an encrypted TCP connection ---------------
 
-def _direct_blocks(loop, client, server, request: bytes) -> list[bytes]:
-    from swarmlm.p2p import direct
-    from swarmlm.p2p.rpc import REQUEST, read_stream, write_frame
+async def _side_requests(client, server, *requests: bytes) -> list:
+    """Send `requests` one after another over one side-channel connection; per request its reply
+    chunks, or the exception that ended it (the connection is not used after that)."""
+    side = await client.side_channel()
+    conn = await side.open(server.peer_id, PURPOSE, timeout_s=20, max_record_bytes=REPLY_RECORD_BYTES)
+    out = []
+    try:
+        for request in requests:
+            try:
+                await rpc.write_frame(conn, rpc.REQUEST, request)
+                out.append([c async for c in rpc.read_stream(conn, peer_id=server.peer_id, name="side", timeout_s=20,
+                                                             max_chunk_bytes=4 << 20)])
+            except PeerError as e:
+                out.append(e)
+                break
+    finally:
+        conn.close()
+    return out
 
-    async def go():
-        offer = serialize.decode_message(await client.call(server.peer_id, DIRECT, b"", timeout_s=20,
-                                                           max_response_bytes=1024), direct.Offer)
-        reader, writer = await direct.connect(offer, client.peer_id, timeout_s=20)
-        try:
-            await write_frame(writer, REQUEST, request)
-            return [c async for c in read_stream(reader, peer_id=server.peer_id, name="direct", timeout_s=20,
-                                                 max_chunk_bytes=4 << 20)]
-        finally:
-            writer.close()
-    return loop.run(go())
+
+def _blocks(*cids) -> bytes:
+    return serialize.encode_message(BlockRequest(cids=[str(c) for c in cids], max_block_bytes=1 << 20))
 
 
-def test_direct_offer_serves_the_same_blocks_over_tcp(node):
+def test_side_channel_serves_the_same_blocks_one_request_after_another(node):
     loop, server, client, root = node
-    chunks = _direct_blocks(loop, client, server, serialize.encode_message(
-        BlockRequest(cids=[str(root), UNKNOWN], max_block_bytes=1 << 20)))
-    assert chunks[0][:1] == b"\x00" and dag.block_matches(root, chunks[0][1:]) and chunks[1][:1] == b"\x01"
-
-
-def test_direct_offer_rpc_refuses_an_oversized_request(node):
-    loop, server, client, root = node
-    with pytest.raises(RemoteError):
-        _unary(loop, client, server, DIRECT, b"x" * 100)
-    _assert_still_serving(loop, client, server, root)
+    first, second = loop.run(_side_requests(client, server, _blocks(root, UNKNOWN), _blocks(root)))
+    assert first[0][:1] == b"\x00" and dag.block_matches(root, first[0][1:]) and first[1][:1] == b"\x01"
+    assert len(second) == 1 and dag.block_matches(root, second[0][1:])
 
 
 @pytest.mark.parametrize("case", ["oversized", "truncated", "malformed_cid", "too_many_cids", "negative_size"])
-def test_direct_blocks_answer_bad_input_with_an_error(node, case):
+def test_side_channel_blocks_answer_bad_input_with_an_error(node, case):
     loop, server, client, root = node
-    with pytest.raises(RemoteError):
-        _direct_blocks(loop, client, server, BAD_BLOCK_REQUESTS[case])
-    chunks = _direct_blocks(loop, client, server, serialize.encode_message(
-        BlockRequest(cids=[str(root)], max_block_bytes=1 << 20)))
+    got, = loop.run(_side_requests(client, server, BAD_BLOCK_REQUESTS[case], _blocks(root)))
+    assert isinstance(got, PeerError)             # an ERROR frame (RemoteError), or the connection cut
+    (chunks,) = loop.run(_side_requests(client, server, _blocks(root)))
     assert dag.block_matches(root, chunks[0][1:])
 
 
-def test_fetch_goes_direct_and_falls_back_to_libp2p_when_the_offer_cannot_be_dialed(node, tmp_path, monkeypatch,
-                                                                                     caplog):
+def test_fetch_goes_over_the_side_channel_and_falls_back_to_libp2p_when_it_cannot_be_opened(node, tmp_path,
+                                                                                           monkeypatch, caplog):
     import logging
 
-    from swarmlm.errors import PeerError
-    from swarmlm.p2p import direct
-    from swarmlm.store.exchange import fetch_dag
+    from swarmlm.p2p.channel.service import SideChannel
+    from swarmlm.store.fetch import fetch_dag
     loop, server, client, root = node
-    listener_served = []
-    real_connect = direct.connect
-
-    async def counting_connect(*args, **kwargs):
-        listener_served.append(1)
-        return await real_connect(*args, **kwargs)
-    monkeypatch.setattr(direct, "connect", counting_connect)
+    side = loop.run(server.side_channel())
+    before = side.accepted
     store = dag.open_store(tmp_path / "a")
     loop.run(fetch_dag(client, root, store, providers=[server.peer_id]))
-    assert listener_served and dag.block_matches(root, store.get(root))
+    assert side.accepted > before and dag.block_matches(root, store.get(root))
 
     async def unreachable(*args, **kwargs):
         raise PeerError("connection refused")
-    monkeypatch.setattr(direct, "connect", unreachable)
+    monkeypatch.setattr(SideChannel, "open", unreachable)
+    before = side.accepted
     store = dag.open_store(tmp_path / "b")
     with caplog.at_level(logging.INFO, logger="swarmlm"):
         stats = loop.run(fetch_dag(client, root, store, providers=[server.peer_id]))
-    assert "using libp2p streams" in caplog.text
+    assert "using libp2p streams" in caplog.text and side.accepted == before
     assert stats.fetched_blocks == len(list(dag.list_blocks(store, root)))
+    assert b"".join(dag.iter_file(store, root)) == b"hello swarm" * 50_000

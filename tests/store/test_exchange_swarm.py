@@ -82,10 +82,10 @@ def test_get_with_a_malformed_cid_is_a_user_error(tmp_path):
     assert "Traceback" not in got.stderr
 
 
-def test_a_provider_killed_mid_transfer_over_the_direct_path_is_replaced_without_refetching(tmp_path):
+def test_a_provider_killed_mid_transfer_over_the_side_channel_is_replaced_without_refetching(tmp_path):
     from swarmlm.p2p.peer import Peer
     from swarmlm.store import dag
-    from swarmlm.store.exchange import FetchOptions, fetch_dag
+    from swarmlm.store.fetch import FetchOptions, fetch_dag
     from tests.helpers.swarm import LoopThread
 
     src = tmp_path / "f.bin"
@@ -110,6 +110,7 @@ def test_a_provider_killed_mid_transfer_over_the_direct_path_is_replaced_without
                                    options=FetchOptions(batch=8, streams_per_provider=2, timeout_s=10)))
         total = len(list(dag.list_blocks(store, cid)))
         assert stats.fetched_blocks == total                 # each block fetched (and counted) once
+        assert stats.side_channel_blocks == total            # all of them over the side channels
         assert stats.blocks_by_peer.get(b.peer_id, 0) > 0 and stats.blocks_by_peer.get(a.peer_id, 0) > 0
         assert b"".join(dag.iter_file(store, cid)) == src.read_bytes()
         loop.run(client.shutdown())

@@ -54,7 +54,7 @@ from swarmlm.errors import (
 )
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
-from swarmlm.p2p.direct import maddr_hosts
+from swarmlm.p2p.channel.policy import maddr_hosts
 
 log = get_logger(__name__)
 

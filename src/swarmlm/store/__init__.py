@@ -15,9 +15,12 @@ Reading order:
     roots.py       Root, record_root / load_roots: the files `store add` added, as it printed them
     local.py       the local commands: store add | ls | cat | publish-model
     providers.py   provider records in the DHT, replication planning
-    exchange.py    BlockService (serve blocks), Fetcher / fetch_dag / get_file (fetch verified)
+    exchange.py    the block exchange's wire messages; BlockService: serve blocks over libp2p streams
+                   and the side channel (purpose "store/blocks")
+    fetch.py       Fetcher / fetch_dag / get_file: fetch DAGs verified, over providers' side
+                   channels where they open, else libp2p streams
     node.py        StoreNode: announce, pin RPC, re-replication, gc; run_node (`swarmlm node`)
     commands.py    the network commands: node, store get, store pin
 
-Everything above dag.py is local and synchronous; only providers/exchange/node talk to peers.
+Everything above dag.py is local and synchronous; only providers/exchange/fetch/node talk to peers.
 """

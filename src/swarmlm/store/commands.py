@@ -13,7 +13,7 @@ from pathlib import Path
 from swarmlm.errors import IntegrityError, NotFoundError, UserError
 from swarmlm.log import get_logger
 from swarmlm.store import dag, paths
-from swarmlm.store.exchange import FetchOptions, get_file
+from swarmlm.store.fetch import FetchOptions, get_file
 from swarmlm.store.node import NodeOptions, pin_replicas, run_node
 
 logger = get_logger(__name__)
@@ -55,9 +55,9 @@ def get_from_args(args) -> int:
                 raise NotFoundError(f"cannot get {args.cid}: {why}") from None
             except IntegrityError as e:
                 raise IntegrityError(f"cannot get {args.cid}: {e}") from None
-            logger.info("fetched %d blocks (%d bytes) from %s in %.1f s; %d were already local",
-                        stats.fetched_blocks, stats.fetched_bytes, sorted(stats.blocks_by_peer), stats.seconds,
-                        stats.already_local)
+            logger.info("fetched %d blocks (%d bytes, %d blocks over side channels) from %s in %.1f s; "
+                        "%d were already local", stats.fetched_blocks, stats.fetched_bytes, stats.side_channel_blocks,
+                        sorted(stats.blocks_by_peer), stats.seconds, stats.already_local)
 
     asyncio.run(fetch())
     return 0

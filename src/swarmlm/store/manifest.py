@@ -318,7 +318,7 @@ async def fetch_model(peer: Any, manifest_cid: str | Cid, out_dir: str | os.Path
     import asyncio
 
     from swarmlm.store.dag import open_store
-    from swarmlm.store.exchange import Fetcher, fetch_dag
+    from swarmlm.store.fetch import Fetcher, fetch_dag
     from swarmlm.store.providers import find_providers, rank_providers
 
     root = Cid.parse(str(manifest_cid))

@@ -30,8 +30,8 @@ from swarmlm.errors import PeerError, SwarmError, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
 from swarmlm.store import dag
-from swarmlm.store.exchange import (HAS, MAX_REQUEST_BYTES, BlockService, FetchOptions, HasReply, HasRequest,
-                                    fetch_dag)
+from swarmlm.store.exchange import HAS, MAX_REQUEST_BYTES, BlockService, HasReply, HasRequest
+from swarmlm.store.fetch import FetchOptions, fetch_dag
 from swarmlm.store.providers import (MAX_REPLICAS, announce, find_providers, plan_replication, rendezvous_rank,
                                      replication_target)
 

@@ -61,7 +61,8 @@ def dialable(addrs: list[str], *, local_host: str) -> list[tuple[str, int]]:
 
 
 def maddr_hosts(maddrs: list[str]) -> list[str]:
-    """The IP literals of multiaddrs like /ip4/10.0.0.5/tcp/4001/p2p/Qm..., in order, once each."""
+    """The IP addresses in multiaddrs like /ip4/10.0.0.5/tcp/4001/p2p/Qm..., in order, once each:
+    where a peer's own listeners may bind (never used to choose whom to dial)."""
     hosts: list[str] = []
     for m in maddrs:
         parts = str(m).split("/")
