@@ -100,7 +100,7 @@ class BlockService:
         if self.side_channel:
             try:
                 side = await self.peer.side_channel()
-                side.serve(PURPOSE, self._serve_side, max_record_bytes=rpc.frame_bytes(MAX_REQUEST_BYTES))
+                await side.serve(PURPOSE, self._serve_side, max_record_bytes=rpc.frame_bytes(MAX_REQUEST_BYTES))
             except (PeerError, OSError, ValueError) as e:
                 logger.warning("blocks go over libp2p streams only: no side channel (%s)", e)
 
@@ -236,13 +236,3 @@ async def _read_frame(conn: Any, *, name: str, timeout_s: float) -> tuple[int, m
         raise PeerError(f"{name}: a frame of {length} bytes in a record of {len(record)}")
     return tag, record[_FRAME.size:]
 
-
-_MOVED = ("FetchOptions", "FetchStats", "Fetcher", "fetch_dag", "get_file", "write_file")
-
-
-def __getattr__(name: str) -> Any:
-    """The fetching side's names, moved to fetch.py, for callers that still import them from here."""
-    if name in _MOVED:
-        from swarmlm.store import fetch
-        return getattr(fetch, name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

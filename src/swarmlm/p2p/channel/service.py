@@ -1,7 +1,7 @@
 """`SideChannel`: this peer's one listener for direct connections, and how it dials others.
 
     side = await SideChannel.create(peer, host="127.0.0.1")        # one per peer process (Peer.side_channel)
-    side.serve("store/blocks", handler, max_record_bytes=1 << 20)   # handler(conn): conn.peer_id is proven
+    await side.serve("store/blocks", handler, max_record_bytes=1 << 20)   # handler(conn): conn.peer_id is proven
     conn = await side.open(other_peer_id, "store/blocks", timeout_s=5, max_record_bytes=1 << 20)
 
 Why: a libp2p stream crosses two unix sockets and two Go daemons each way; for bulk bytes
