@@ -301,3 +301,16 @@ def test_the_listener_binds_the_peers_host_only_and_a_peer_that_only_dials_liste
         await client.shutdown()
         await server.shutdown()
     asyncio.run(go())
+
+
+def test_a_side_channel_on_all_interfaces_announces_the_peers_own_addresses_not_the_wildcard():
+    class Stub:                       # nothing listens: only what would be announced is computed
+        peer_id = "stub"
+        maddrs = ["/ip4/0.0.0.0/tcp/4001/p2p/x", "/ip4/10.1.2.3/tcp/4001/p2p/x", "/dns4/example/tcp/1/p2p/x",
+                  "/ip6/fd00::5/tcp/4001/p2p/x"]
+    side = SideChannel(Stub(), host="0.0.0.0", clock=lambda: 0.0)
+    side.port = 5555
+    assert side.addrs == ["/ip4/10.1.2.3/tcp/5555", "/ip6/fd00::5/tcp/5555"]
+    Stub.maddrs = ["/ip4/0.0.0.0/tcp/4001/p2p/x"]
+    assert side.addrs == [] and side.sealed_endpoint() is None
+    assert SideChannel(Stub(), host="127.0.0.1", clock=lambda: 0.0).addrs == ["/ip4/127.0.0.1/tcp/0"]

@@ -172,12 +172,16 @@ class SideChannel:
     def sealed_endpoint(self) -> bytes | None:
         """This peer's endpoint record, signed: what a message may carry so its reader need not ask the
         DHT (None while it listens for nothing)."""
-        if not self.port:
+        if not self.port or not self.addrs:
             return None
         return seal(self.peer.identity, keys.endpoint_key(self.peer.peer_id), Endpoint(self.addrs),
                     expires_at=time.time() + ENDPOINT_TTL_S, subkey=keys.peer_subkey(self.peer.peer_id))
 
     async def announce(self) -> None:
+        if not self.addrs:
+            logger.warning("the side channel listens on %s, but this peer has no IP address to announce: "
+                           "others reach it over libp2p only", self.host)
+            return
         await self.peer.store(keys.endpoint_key(self.peer.peer_id), Endpoint(self.addrs), ttl_s=ENDPOINT_TTL_S,
                               subkey=keys.peer_subkey(self.peer.peer_id))
 
