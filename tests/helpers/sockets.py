@@ -2,12 +2,14 @@
 
 `listening(pid)` -> [(ip, port), ...] for `pid` and every descendant (a peer's p2pd), from
 /proc/<pid>/fd (socket inodes) and /proc/net/tcp{,6} (state 0A = LISTEN). Linux only.
+`CountingListener()`: a trap port that counts the connections it gets.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import os
+import socket
 from pathlib import Path
 
 _LISTEN = "0A"
@@ -73,3 +75,26 @@ def listening(pid: int) -> list[tuple[str, int]]:
             if fields[3] == _LISTEN and fields[9] in inodes:
                 out.append(_address(fields[1]))
     return sorted(out)
+
+
+class CountingListener:
+    """A plain TCP listener on 127.0.0.1 that counts the connections made to it: a port nobody
+    announced, to prove that nothing dials it."""
+
+    def __init__(self):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.sock.setblocking(False)
+        self.port = self.sock.getsockname()[1]
+
+    def accepted(self) -> int:
+        """Connections accepted since the last call (each closed at once)."""
+        n = 0
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except BlockingIOError:
+                return n
+            conn.close()
+            n += 1

@@ -6,7 +6,6 @@ key ends that connection with a PeerError while the listener goes on serving oth
 dials only what its target announced, under its signature."""
 
 import asyncio
-import socket
 
 import pytest
 
@@ -18,6 +17,7 @@ from swarmlm.p2p.channel.service import Endpoint, SideChannel
 from swarmlm.p2p.identity import Identity
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
 from swarmlm.p2p.records import seal
+from tests.helpers.sockets import CountingListener
 
 SECRET = b"the prompt nobody else may read" * 8
 LIMIT = 1 << 20
@@ -221,31 +221,10 @@ def test_dials_per_asking_peer_are_capped_in_a_window():
     assert limiter.allow("a")
 
 
-class _CountingListener:
-    """A plain TCP listener that counts the connections it accepts."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.setblocking(False)
-        self.port = self.sock.getsockname()[1]
-
-    def accepted(self) -> int:
-        n = 0
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return n
-            conn.close()
-            n += 1
-
-
 def test_a_peer_dials_only_what_its_target_announced_under_its_signature():
     async def go():
         net, server, client, side = await _pair()
-        trap = _CountingListener()
+        trap = CountingListener()
         client_side = await client.side_channel()
         other = await MemoryPeer.create(net)
         await (await other.side_channel()).serve("echo", _echo, max_record_bytes=LIMIT)

@@ -4,7 +4,6 @@ bad providers, dead providers, fallback to libp2p streams, who is dialed, atomic
 import asyncio
 import logging
 import random
-import socket
 
 import pytest
 
@@ -20,6 +19,7 @@ from swarmlm.store.exchange import BlockService
 from swarmlm.store.fetch import FetchOptions, fetch_dag, get_file
 from swarmlm.store.node import NodeOptions, StoreNode, pin_replicas
 from swarmlm.store.providers import announce
+from tests.helpers.sockets import CountingListener
 
 CHUNK = 256 * 1024
 N_CHUNKS = 10
@@ -67,27 +67,6 @@ async def _provider(net, tmp_path, name, path, service_cls=BlockService, **kw):
 async def _accepted(peer) -> int:
     """Side-channel connections `peer` accepted so far."""
     return (await peer.side_channel()).accepted
-
-
-class _CountingListener:
-    """A plain TCP listener on 127.0.0.1 that counts the connections made to it."""
-
-    def __init__(self):
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(16)
-        self.sock.setblocking(False)
-        self.port = self.sock.getsockname()[1]
-
-    def accepted(self) -> int:
-        n = 0
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except BlockingIOError:
-                return n
-            conn.close()
-            n += 1
 
 
 def test_fetch_from_two_providers_returns_identical_bytes(tmp_path):
@@ -216,7 +195,7 @@ def test_a_provider_is_dialed_only_at_an_ip_it_announced_itself(tmp_path, endpoi
     port counts no connection), and the blocks still come, over libp2p."""
     async def go():
         net = MemoryNetwork()
-        trap = _CountingListener()
+        trap = CountingListener()
         path = _make_file(tmp_path)
         prov, _, root, _ = await _provider(net, tmp_path, "p", path)
         key, subkey = keys.endpoint_key(prov.peer_id), keys.peer_subkey(prov.peer_id)

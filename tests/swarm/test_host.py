@@ -20,6 +20,7 @@ from swarmlm.swarm import wire
 from swarmlm.swarm.server.budget import BudgetLimits
 from swarmlm.swarm.server import chain
 from swarmlm.swarm.server.host import BlockHost
+from tests.helpers.sockets import CountingListener
 
 CFG = PRESETS["tiny"].replace(vocab_size=64)
 D = CFG.dim
@@ -597,33 +598,12 @@ def test_a_next_hop_that_announces_no_side_channel_opens_a_session_that_does_not
     assert run(go()) == (False, 1)
 
 
-class _Trap:
-    """A plain TCP listener on 127.0.0.1 that counts the connections it gets."""
-
-    def __init__(self):
-        import socket
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(8)
-        self.sock.setblocking(False)
-        self.port = self.sock.getsockname()[1]
-
-    def accepted(self):
-        n = 0
-        while True:
-            try:
-                self.sock.accept()[0].close()
-            except BlockingIOError:
-                return n
-            n += 1
-
-
 @pytest.mark.parametrize("rpc_name", [wire.RPC_OPEN, wire.RPC_LINK])
 @pytest.mark.parametrize("case", ["an unannounced port", "a host name", "another peer's address"])
 def test_a_next_hop_address_its_peer_did_not_announce_is_refused_and_never_dialed(full, case, rpc_name):
     async def go():
         h = await Harness(full).start(direct=True)
-        trap = _Trap()
+        trap = CountingListener()
         target = await MemoryPeer.create(h.server.network)           # a real peer: the named next hop
         bystander = await MemoryPeer.create(h.server.network)
         await (await bystander.side_channel()).serve("x", lambda conn: asyncio.sleep(0), max_record_bytes=64)
