@@ -43,8 +43,7 @@ def _ours(rank, n, sizes, rounds, maddr_q, ids_q, members_q, barrier, out_q, tra
         if rank == 0:
             for _ in range(n - 1):
                 maddr_q.put(peer.maddrs[0])
-        reducer = await AllReduce.create(peer, transport=transport)
-        reducer.wait_for_round_s = 600
+        reducer = await AllReduce.create(peer, transport=transport, wait_for_round_s=600)
         mm = await Matchmaker.create(peer, "bench", gather_timeout_s=60)
         ids_q.put(peer.peer_id)
         members = await loop.run_in_executor(None, members_q.get)     # keep serving the DHT meanwhile
