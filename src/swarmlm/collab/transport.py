@@ -47,8 +47,10 @@ def round_failed(message: str, suspects: set[str] | frozenset[str] = frozenset()
 async def first_failure(aws: list[Awaitable[Any]]) -> None:
     """Run `aws` together; on the first exception cancel the rest and raise it."""
     tasks = [asyncio.ensure_future(a) for a in aws]
+    if not tasks:
+        return
     try:
-        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION) if tasks else (set(), set())
+        done, _ = await asyncio.wait(tasks, return_when=asyncio.FIRST_EXCEPTION)
         for t in done:
             if t.exception() is not None:
                 raise t.exception()
