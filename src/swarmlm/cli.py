@@ -69,8 +69,8 @@ def _add_swarm_train_flags(p) -> None:
     g.add_argument("--compression", default="none", choices=["none", "fp16", "int8"])
     g.add_argument("--aggregator", default="mean", choices=["mean", "trimmed-mean", "centered-clip"])
     g.add_argument("--collab-transport", default="auto", choices=["auto", "libp2p"],
-                   help="averaging traffic: auto = direct TCP between group members where reachable "
-                        "(authenticated, not encrypted), else libp2p; libp2p = always libp2p's encrypted streams")
+                   help="averaging traffic: auto = the peers' encrypted side channel (AES-256-GCM over direct TCP) "
+                        "between group members where reachable, else libp2p; libp2p = libp2p's encrypted streams only")
     g.add_argument("--host", default="127.0.0.1")
     g.add_argument("--port", type=int, default=0)
     g.add_argument("--data-dir", default=None, help="peer identity and block store (default: $SWARMLM_HOME)")

@@ -293,3 +293,30 @@ def test_a_side_channel_on_all_interfaces_announces_the_peers_own_addresses_not_
     Stub.maddrs = ["/ip4/0.0.0.0/tcp/4001/p2p/x"]
     assert side.addrs == [] and side.sealed_endpoint() is None
     assert SideChannel(Stub(), host="127.0.0.1", clock=lambda: 0.0).addrs == ["/ip4/127.0.0.1/tcp/0"]
+
+
+def test_a_killed_peer_loses_its_dialed_connections_too():
+    async def go():
+        net, server, client, side = await _pair()
+        conn, channel = await _channel(client, server)
+        net.kill(client.peer_id)                      # as a SIGKILL: every socket of the client goes
+        await asyncio.wait_for(conn.closed.wait(), 5)
+        await _still_serves(await MemoryPeer.create(net), server)
+        await server.shutdown()
+    asyncio.run(go())
+
+
+def test_several_writers_may_wait_for_one_drain():
+    async def go():
+        _, server, client, side = await _pair()
+        conn, _ = await _channel(client, server)
+        conn.pause_writing()                          # as the transport does with a full send buffer
+        waiters = [asyncio.ensure_future(conn.drain()) for _ in range(3)]
+        await asyncio.sleep(0)
+        assert not any(w.done() for w in waiters)
+        conn.resume_writing()
+        await asyncio.wait_for(asyncio.gather(*waiters), 5)
+        conn.close()
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())

@@ -5,12 +5,16 @@ Reading order:
     compression.py   what is averaged, as bytes: none, fp16, int8 with per-chunk scales
     progress.py      ProgressRecord in the DHT, SwarmView; pure "is it time to average" decisions
     matchmaking.py   Matchmaker, Group: the peers of one step agree on a member list (a leader decides)
-    direct.py        the direct path: member-to-member TCP, pair keys sent over libp2p, Poly1305-tagged frames
-    allreduce.py     AllReduce: a butterfly all-reduce over parts; completes over the group or RoundFailed
+    parts.py         PartPlan, OwnedPart, combine, Assembly: who owns which part, when a part is
+                     complete, the robust aggregate, the result as it comes together (pure)
+    transport.py     PartTransport (the interface), Round, RoundTable: the round state transports share
+    side.py          SideTransport: parts over the peer's encrypted side channel (p2p/channel/)
+    streams.py       StreamTransport: parts over libp2p streams, the fallback and `--collab-transport libp2p`
+    allreduce.py     AllReduce: drives a butterfly all-reduce over parts; completes over the group or RoundFailed
     state.py         snapshots of model + optimizer state, served to and downloaded by late joiners
     optimizer.py     CollaborativeOptimizer, CollabOptions: synchronous averaging or DiLoCo
     run.py           run_swarm_training: `swarmlm train --swarm`, progress bar, publishing to the store
 
-Talks to the swarm only through a `Peer` (or `MemoryPeer`); imports nothing from swarm/,
-privacy/ or ledger/.
+Talks to the swarm only through a `Peer` (or `MemoryPeer`) and its side channel, and opens no
+socket of its own; imports nothing from swarm/, privacy/ or ledger/.
 """

@@ -68,8 +68,8 @@ def frame_bytes(codec: str, numel: int) -> int:
 
 
 def encode_raw(t: torch.Tensor, codec: str) -> memoryview:
-    """The raw form for the direct path (direct.py frames carry length and codec): the values'
-    bytes with no msgpack around them, a view of `t` itself for `none`. int8: values, then scales.
+    """The raw form for the side channel (side.py's headers carry the length): the values' bytes
+    with no msgpack around them, a view of `t` itself for `none`. int8: values, then scales.
     Decodes to exactly what `decode(encode(t))` gives."""
     flat = t.detach().reshape(-1).float()
     if codec == "none":

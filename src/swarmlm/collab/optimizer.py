@@ -69,8 +69,8 @@ class CollabOptions:
     outer_momentum: float = 0.9       # ... and its momentum (paper: 0.9)
     compression: str = "none"         # what is averaged travels as: none | fp16 | int8
     aggregator: str = "mean"          # mean | trimmed-mean | centered-clip
-    transport: str = "auto"           # averaging traffic: auto (direct TCP between members where reachable,
-                                      # authenticated, NOT encrypted; else libp2p) | libp2p (always encrypted)
+    transport: str = "auto"           # averaging traffic: auto (the encrypted side channel between members
+                                      # where reachable, else libp2p streams) | libp2p (libp2p streams only)
     grad_clip: float = 1.0            # gradient-norm clip (sync: of the averaged gradient); 0: off
     round_timeout_s: float = 30.0     # bound on one all-reduce
     gather_timeout_s: float = 3.0     # how long a leader waits for the peers it expects
@@ -151,8 +151,8 @@ class CollaborativeOptimizer:
         options.validate()
         mm = await Matchmaker.create(peer, options.run_id, gather_timeout_s=options.gather_timeout_s)
         reducer = await AllReduce.create(peer, aggregator=options.aggregator, compression=options.compression,
-                                         transport=options.transport)
-        reducer.wait_for_round_s = options.gather_timeout_s + options.round_timeout_s
+                                         transport=options.transport,
+                                         wait_for_round_s=options.gather_timeout_s + options.round_timeout_s)
         self = cls(peer, model, opt, options, lr_at=lr_at, matchmaker=mm, reducer=reducer)
         await states.serve_state(peer, self.snapshot)
         return self

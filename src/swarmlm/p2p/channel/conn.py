@@ -240,8 +240,9 @@ class Connection(asyncio.BufferedProtocol):
         if self._eof and self._error is not None:
             raise ConnectionResetError(str(self._error))
         if self._paused_writing:
-            self._drain_waiter = self._loop.create_future()
-            await self._drain_waiter
+            if self._drain_waiter is None or self._drain_waiter.done():
+                self._drain_waiter = self._loop.create_future()
+            await asyncio.shield(self._drain_waiter)      # several writers may wait on the one resume
 
     def close(self) -> None:
         if self._transport is not None:

@@ -30,6 +30,7 @@ import hashlib
 import hmac
 import os
 import time
+import weakref
 from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Awaitable, Callable
@@ -114,7 +115,8 @@ class SideChannel:
         self._resolved: dict[str, tuple[list[str], float]] = {}     # peer -> (addrs, trusted until)
         self._server: asyncio.base_events.Server | None = None
         self._tasks: set[asyncio.Task] = set()
-        self._conns: set[Connection] = set()
+        self._conns: set[Connection] = set()                    # accepted, being served
+        self._dialed: weakref.WeakSet[Connection] = weakref.WeakSet()   # opened by this peer
         self._announcing: asyncio.Task | None = None
         self._listening: asyncio.Future | None = None
         self._announce = True
@@ -321,6 +323,7 @@ class SideChannel:
         to_them, to_us = direction_keys(key, dialer=self.peer.peer_id, listener=peer_id, purpose=purpose)
         conn.start(to_them, to_us, peer_id=peer_id, purpose=purpose, max_record_bytes=max_record_bytes)
         try:
+            self._dialed.add(conn)
             conn.write_raw(MAGIC + key_id(key))
             if await rpc.within(conn.read_record(), timeout_s):
                 raise PeerError("unexpected welcome")
@@ -338,12 +341,12 @@ class SideChannel:
     # ---- closing -----------------------------------------------------------------------------------
 
     def abort(self) -> None:
-        """Stop listening and cut every accepted connection at once (a dying peer: nothing awaited)."""
+        """Stop listening and cut every connection, accepted or dialed, at once (a dying peer: nothing awaited)."""
         if self._announcing is not None:
             self._announcing.cancel()
         if self._server is not None:
             self._server.close()
-        for conn in list(self._conns):
+        for conn in [*self._conns, *self._dialed]:
             conn.abort()
         for task in list(self._tasks):
             task.cancel()
