@@ -14,7 +14,7 @@ Each side starts its P processes, does one untimed warm-up round per size, then 
 `--rounds` rounds, all processes released together by a barrier; a round's time is the
 slowest process's. Prints one JSON line per result with the median, and the ratios
 hivemind / swarmlm (how many times faster swarmlm is), swarmlm-libp2p / swarmlm and
-swarmlm / gloo. bench/collab_encryption.py measures what the encryption itself costs.
+swarmlm / gloo. bench/p2p_channel_cost.py measures what the encryption itself costs.
 """
 
 from __future__ import annotations

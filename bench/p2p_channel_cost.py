@@ -1,11 +1,18 @@
-"""What encryption costs the averaging parts: the side channel's AES-256-GCM records against the
-same bytes sent in the clear, on the same kind of connection, between two processes on loopback.
+"""What encryption costs each of the side channel's three transfers: its AES-256-GCM records
+against the same bytes sent in the clear, on the same kind of connection, between two processes
+on loopback.
 
-    python bench/collab_encryption.py [--record-bytes 1048576 262144] [--total-mib 64] [--trials 9]
+    python bench/p2p_channel_cost.py [--record-bytes 1048576 262144] [--total-mib 64] [--trials 9]
+                                     [--step-bytes 2070] [--steps 2000]
 
-A receiver process listens; the sender connects and, per trial, sends `--total-mib` MiB as
-records of `--record-bytes` (an averaging part: 1 MiB is a float32 part of MAX_PART_ELEMS
-values, 256 KiB about an int8 one), two ways over the same p2p/channel `Connection` class:
+- Decoding steps (swarm/): `--steps` round trips of a `--step-bytes` request answered by a reply of
+  the same size (a one-token step of the `small` preset: 1 x 1 x 512 float32 plus its header),
+  one at a time, as a client and a server trade them; the median round trip each way, and the
+  ratio. This is latency, not bandwidth: per message, a record costs a seal and an open.
+- Blocks (store/, 256 KiB records) and averaging parts (collab/, 1 MiB: a float32 part of
+  MAX_PART_ELEMS values) in bulk: a receiver process listens; the sender connects and, per
+  trial, sends `--total-mib` MiB as records of `--record-bytes`, two ways over the same
+  p2p/channel `Connection` class:
 `aead` with `write` / `read_record_into` (encrypted and authenticated, decrypted into the
 receiver's buffer, as collab/side.py does) and `clear` with `write_raw` / `read_raw` into the
 same buffer (no encryption, no tag). The receiver answers each trial with one byte; a trial's
@@ -90,6 +97,85 @@ async def _send(port: int, record_bytes: int, n_records: int, n_trials: int) -> 
     return times
 
 
+def _echo(port_q, step_bytes: int, n_steps: int, n_rounds: int) -> None:
+    """The server of the step round trips: answers each request with a reply of the same size."""
+    from swarmlm.p2p.channel.conn import Connection
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        served = loop.create_future()
+
+        async def serve(conn: Connection) -> None:
+            buf = bytearray(step_bytes)
+            for way in ("aead", "clear") * n_rounds:
+                for _ in range(n_steps):
+                    if way == "aead":
+                        await conn.read_record_into(buf)
+                        conn.write(buf)
+                    else:
+                        await conn.read_raw(step_bytes, memoryview(buf))
+                        conn.write_raw(buf)
+            served.set_result(None)
+
+        def accepted() -> Connection:
+            conn = Connection()
+            send, recv = _ciphers(sender=False)
+            conn.start(send, recv, peer_id=PEERS[0], purpose="bench", max_record_bytes=step_bytes)
+            asyncio.ensure_future(serve(conn))
+            return conn
+        server = await loop.create_server(accepted, "127.0.0.1", 0)
+        port_q.put(server.sockets[0].getsockname()[1])
+        await served
+        server.close()
+    asyncio.run(main())
+
+
+async def _steps(port: int, step_bytes: int, n_steps: int, n_rounds: int) -> dict[str, list[float]]:
+    """Round-trip times, each way's median per round (rounds alternate the two ways)."""
+    from swarmlm.p2p.channel.conn import Connection
+    loop = asyncio.get_running_loop()
+    _, conn = await loop.create_connection(Connection, "127.0.0.1", port)
+    send, recv = _ciphers(sender=True)
+    conn.start(send, recv, peer_id=PEERS[1], purpose="bench", max_record_bytes=step_bytes)
+    payload, buf = os.urandom(step_bytes), bytearray(step_bytes)
+    medians: dict[str, list[float]] = {"aead": [], "clear": []}
+    for _ in range(n_rounds):
+        for way in ("aead", "clear"):
+            times = []
+            for _ in range(n_steps):
+                t0 = time.perf_counter()
+                if way == "aead":
+                    conn.write(payload)
+                    await conn.read_record_into(buf)
+                else:
+                    conn.write_raw(payload)
+                    await conn.read_raw(step_bytes, memoryview(buf))
+                times.append(time.perf_counter() - t0)
+            medians[way].append(statistics.median(times))
+    conn.close()
+    return medians
+
+
+def _step_round_trips(step_bytes: int, n_steps: int, n_rounds: int) -> None:
+    ctx = mp.get_context("spawn")
+    port_q = ctx.Queue()
+    server = ctx.Process(target=_echo, args=(port_q, step_bytes, n_steps, n_rounds))
+    server.start()
+    try:
+        medians = asyncio.run(_steps(port_q.get(timeout=60), step_bytes, n_steps, n_rounds))
+    finally:
+        server.join(60)
+        if server.is_alive():
+            server.kill()
+    rtt = {way: statistics.median(ts[1:]) for way, ts in medians.items()}       # the first round warms up
+    for way, t in rtt.items():
+        print(json.dumps({"name": f"channel_{way}_step_round_trip", "value": round(t * 1e6, 1), "unit": "us",
+                          "step_bytes": step_bytes}), flush=True)
+    print(json.dumps({"name": "channel_aead_vs_clear_step_round_trip", "value": round(rtt["aead"] / rtt["clear"], 3),
+                      "unit": "x (time encrypted / time in the clear)",
+                      "extra_us": round((rtt["aead"] - rtt["clear"]) * 1e6, 1)}), flush=True)
+
+
 def _cipher_alone(record_bytes: int, repeats: int = 50) -> float:
     """Seconds to encrypt and decrypt one record, median."""
     from swarmlm.p2p.channel.conn import TAG_BYTES
@@ -112,7 +198,10 @@ def main() -> None:
     ap.add_argument("--record-bytes", type=int, nargs="+", default=[1 << 20, 1 << 18])
     ap.add_argument("--total-mib", type=int, default=64)
     ap.add_argument("--trials", type=int, default=9)
+    ap.add_argument("--step-bytes", type=int, default=2070)
+    ap.add_argument("--steps", type=int, default=2000, help="round trips per round (5 rounds, each way)")
     args = ap.parse_args()
+    _step_round_trips(args.step_bytes, args.steps, 5)
     ctx = mp.get_context("spawn")
     for record_bytes in args.record_bytes:
         n_records = max(1, (args.total_mib << 20) // record_bytes)
