@@ -766,3 +766,22 @@ def test_a_link_to_an_unreachable_next_hop_leaves_a_session_that_does_not_push(f
     pushes, pushed, got, want = run(go())
     assert not pushes and not pushed
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_a_refused_push_ends_the_link_and_later_pushes_report_they_could_not_leave(full):
+    async def go():
+        h = await Harness(full).start(direct=True)
+        a, b = await h.open(), os.urandom(16)
+        opened = await h.call(wire.RPC_OPEN, wire.OpenRequest(b, 0, 2, 1, 16, pusher=h.server.peer_id),
+                              wire.OpenReply)
+        hop = wire.NextHop(h.server.peer_id, b, 0, 2, endpoint=opened.endpoint)
+        assert (await h.call(wire.RPC_LINK, wire.LinkRequest(a, next_hop=hop), wire.LinkReply)).pushes
+        link = h.host._sessions[(h.client.peer_id, a)].next
+        await h.call(wire.RPC_CLOSE, wire.CloseRequest(b), wire.CloseReply)    # b is gone: its pushes are refused
+        good = torch.randn(1, 1, D)
+        first = await h.call(wire.RPC_STEP, wire.StepRequest(a, 0, 2, 0, good, push=True), wire.StepReply)
+        await asyncio.wait_for(link.conn.closed.wait(), 10)                      # the refusal closed the link
+        second = await h.call(wire.RPC_STEP, wire.StepRequest(a, 0, 2, 1, good, push=True), wire.StepReply)
+        return first.pushed, second.pushed
+
+    assert run(go()) == (True, False)

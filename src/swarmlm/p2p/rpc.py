@@ -97,9 +97,14 @@ def _log_handler_failure(name: str, peer_id: str, e: Exception) -> None:
 
 # ---- stream frames -----------------------------------------------------------------------
 
+def frame(tag: int, payload: bytes = b"") -> bytes:
+    """A frame's bytes, header and payload in one piece (one write: a separate 5-byte header would
+    travel as its own tiny libp2p frame, or side-channel record)."""
+    return _HEADER.pack(tag, len(payload)) + payload
+
+
 async def write_frame(writer: asyncio.StreamWriter, tag: int, payload: bytes = b"") -> None:
-    # one write: a separate 5-byte header would travel as its own tiny libp2p frame
-    writer.write(_HEADER.pack(tag, len(payload)) + payload)
+    writer.write(frame(tag, payload))
     await writer.drain()
 
 

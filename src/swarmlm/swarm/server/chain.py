@@ -16,10 +16,12 @@ Knows nothing of blocks or caches: host.py checks what arrives and runs it.
 from __future__ import annotations
 
 import asyncio
-from typing import Any, Awaitable
+import contextlib
+from typing import Any
 
 import torch
 
+from swarmlm import serialize
 from swarmlm.errors import CapacityError, PeerError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
@@ -28,7 +30,6 @@ from swarmlm.swarm import wire
 logger = get_logger(__name__)
 
 PUSH_WAIT_S = 30.0           # how long a step waits for its pushed input
-PUSH_ACK_S = 10.0            # how long a push waits for the next server to take it
 CONNECT_TIMEOUT_S = 2.0      # dialing the next server while opening a session
 MAX_WAITING = 4              # positions of one session with a pushed input or a step waiting for one
 MAX_LINKS = 16               # re-links one session may ask for (each may dial a peer the client names)
@@ -111,17 +112,21 @@ def check_peer_id(peer_id: str, what: str) -> str:
 
 
 class NextLink:
-    """Build with `await NextLink.connect(side, hop, owner=...)` (`PeerError` if unreachable)."""
+    """Build with `await NextLink.connect(side, hop, owner=...)` (`PeerError` if unreachable).
 
-    def __init__(self, hop: wire.NextHop, channel: rpc.Channel):
+    After the `PushBind` (a request and its reply), pushes are one-way frames: nobody waits for an
+    acknowledgement (the client learns of a lost input from the next server's step), so a push
+    costs one record, not a round trip. The next server closes the connection on a push it
+    refuses; every later push then reports it could not leave, and the client relays."""
+
+    def __init__(self, hop: wire.NextHop, conn: Any):
         self.hop = hop
-        self.channel = channel
-        self._tasks: set[asyncio.Task] = set()
+        self.conn = conn
 
     @classmethod
     async def connect(cls, side: Any, hop: wire.NextHop, *, owner: str, max_response_bytes: int) -> NextLink:
         """Dial `hop`'s server for pushes into `owner`'s session there. `PeerError` if it cannot be
-        reached; `IntegrityError`-born `PeerError` ("refusing to dial") if its endpoint record is not its own."""
+        reached; `PeerError` "refusing to dial ..." if its endpoint record is not its own."""
         conn = await side.open(hop.peer_id, wire.PURPOSE_PUSH, timeout_s=CONNECT_TIMEOUT_S,
                                max_record_bytes=rpc.frame_bytes(max_response_bytes), endpoint=hop.endpoint)
         channel = rpc.Channel(conn, conn, peer_id=hop.peer_id, name=wire.PURPOSE_PUSH)
@@ -131,27 +136,28 @@ class NextLink:
         except BaseException:
             channel.close()
             raise
-        return cls(hop, channel)
+        return cls(hop, conn)
+
+    @property
+    def broken(self) -> bool:
+        return self.conn.is_closing() or self.conn.closed.is_set()
 
     def push(self, position: int, hidden: torch.Tensor) -> bool:
         """Push `hidden` as the input of the next server's step at `position` (written before this
-        returns; a task waits for the acknowledgement); False if the link is already broken."""
-        if self.channel.broken is not None:
+        returns); False if the link is broken (the next server refused a push, or is gone)."""
+        if self.broken:
             return False
         req = wire.StepRequest(session_id=self.hop.session_id, start=self.hop.start, end=self.hop.end,
                                position=position, hidden=hidden, pushed=True)
-        task = asyncio.ensure_future(self._acked(self.channel.send_message(req, wire.StepReply, timeout_s=PUSH_ACK_S)))
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
-        return self.channel.broken is None
-
-    async def _acked(self, reply: Awaitable[wire.StepReply]) -> None:
         try:
-            await reply
-        except PeerError as e:
-            logger.info("push to %s refused or lost: %s", self.channel.peer_id, e)
+            self.conn.write(rpc.frame(rpc.REQUEST, serialize.encode_message(req)))
+        except ConnectionError as e:
+            logger.info("push to %s lost: %s", self.hop.peer_id, e)
+            return False
+        return True
 
     def close(self) -> None:
-        for task in self._tasks:
-            task.cancel()
-        self.channel.close()
+        if not self.broken:
+            with contextlib.suppress(ConnectionError):
+                self.conn.write(rpc.frame(rpc.END))
+        self.conn.close()

@@ -271,29 +271,49 @@ class BlockHost:
 
     async def _serve_pushes(self, conn: Any) -> None:
         """A previous server's pushes (`PURPOSE_PUSH`): a `PushBind` naming a session whose client named
-        this very dialer as its pusher, then pushed steps into that session only."""
-        bound: list[tuple[str, bytes]] = []
+        this very dialer as its pusher (answered), then one-way pushed steps into that session only. A
+        push refused ends the connection (with an ERROR frame), so the pusher stops pushing."""
         limit = self.max_request_bytes()
-
-        async def handle(pusher: str, request: bytes) -> bytes:
-            if not bound:
+        idle_s = self.budget.limits.idle_timeout_s
+        pusher = conn.peer_id
+        try:
+            tag, request = await rpc.within(rpc.read_frame(conn, max_bytes=1024), idle_s)
+            if tag != rpc.REQUEST:
+                return
+            try:
                 bind = serialize.decode_message(request, wire.PushBind, max_bytes=1024)
-                session = self._sessions.get((bind.owner, bind.session_id))
+                key = (bind.owner, bind.session_id)
+                session = self._sessions.get(key)
                 if session is None or session.pusher != pusher:
                     raise WireError("no session here takes pushes from you")
-                bound.append((bind.owner, bind.session_id))
-                return serialize.encode_message(wire.PushBound())
-            req = serialize.decode_message(request, wire.StepRequest, max_bytes=limit)
-            key = (bound[0][0], req.session_id)
-            session = self._sessions.get(key)
-            if key != bound[0] or not req.pushed or session is None or session.pusher != pusher:
-                raise WireError("a push for another session, or not a push, or no longer allowed")
-            if (req.start, req.end) != (session.start, session.end):
-                raise WireError(f"session runs blocks {session.start}:{session.end}, push for {req.start}:{req.end}")
-            return serialize.encode_message(await self._deliver(session, req))
+            except WireError as e:
+                conn.write(rpc.frame(rpc.ERROR, str(e).encode()[:rpc.MAX_ERROR_BYTES]))
+                return
+            conn.write(rpc.frame(rpc.DATA, serialize.encode_message(wire.PushBound())))
+            while True:
+                tag, request = await rpc.within(rpc.read_frame(conn, max_bytes=limit), idle_s)
+                if tag == rpc.END:
+                    return
+                try:
+                    await self._push_into(key, pusher, tag, request, limit)
+                except WireError as e:
+                    logger.info("a push from %s refused: %s", pusher, e)
+                    conn.write(rpc.frame(rpc.ERROR, str(e).encode()[:rpc.MAX_ERROR_BYTES]))
+                    return
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, PeerError) as e:
+            logger.debug("push connection from %s ended: %s", pusher, e)
 
-        await serve_channel(handle, conn.peer_id, conn, conn, name=wire.PURPOSE_PUSH, max_request_bytes=limit,
-                            idle_timeout_s=self.budget.limits.idle_timeout_s)
+    async def _push_into(self, key: tuple[str, bytes], pusher: str, tag: int, request: bytes, limit: int) -> None:
+        """One pushed step into the bound session `key`; `WireError` if it is not one, or not allowed."""
+        if tag != rpc.REQUEST:
+            raise WireError(f"expected a request frame, got tag {tag}")
+        req = serialize.decode_message(request, wire.StepRequest, max_bytes=limit)
+        session = self._sessions.get(key)
+        if req.session_id != key[1] or not req.pushed or session is None or session.pusher != pusher:
+            raise WireError("a push for another session, or not a push, or no longer allowed")
+        if (req.start, req.end) != (session.start, session.end):
+            raise WireError(f"session runs blocks {session.start}:{session.end}, push for {req.start}:{req.end}")
+        await self._deliver(session, req)
 
     async def rpc_step(self, peer_id: str, req: wire.StepRequest) -> wire.StepReply:
         key = (peer_id, req.session_id)
@@ -345,7 +365,7 @@ class BlockHost:
 
     async def _deliver(self, session: _Session, req: wire.StepRequest) -> wire.StepReply:
         """A pushed input: checked now, so a bad one is refused to whoever pushed it. The step waiting
-        for it runs before the pusher gets its acknowledgement (nobody waits for that)."""
+        for it runs before anything else is read from the pusher."""
         if req.hidden is not None:
             self.checks.hidden(req.hidden, batch=session.batch)
         self._check_push_position(session, req.position)
