@@ -292,7 +292,7 @@ class SideChannel:
             try:
                 self.learn(peer_id, endpoint)
             except (IntegrityError, WireError) as e:
-                raise PeerError(f"refusing to dial {peer_id}: {e}") from None
+                raise EndpointRefused(f"refusing to dial {peer_id}: {e}") from None
         addrs = await self.resolve(peer_id)
         if not addrs:
             raise PeerError(f"{peer_id} announces no side-channel address this peer may dial")
@@ -357,6 +357,10 @@ class SideChannel:
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5.0)
+
+
+class EndpointRefused(PeerError):
+    """The endpoint record a message carried for a peer is not that peer's own (or not valid): nothing was dialed."""
 
 
 class _Unreachable(PeerError):

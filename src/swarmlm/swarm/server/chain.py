@@ -126,7 +126,7 @@ class NextLink:
     @classmethod
     async def connect(cls, side: Any, hop: wire.NextHop, *, owner: str, max_response_bytes: int) -> NextLink:
         """Dial `hop`'s server for pushes into `owner`'s session there. `PeerError` if it cannot be
-        reached; `PeerError` "refusing to dial ..." if its endpoint record is not its own."""
+        reached; `EndpointRefused` (nothing dialed) if its endpoint record is not its own."""
         conn = await side.open(hop.peer_id, wire.PURPOSE_PUSH, timeout_s=CONNECT_TIMEOUT_S,
                                max_record_bytes=rpc.frame_bytes(max_response_bytes), endpoint=hop.endpoint)
         channel = rpc.Channel(conn, conn, peer_id=hop.peer_id, name=wire.PURPOSE_PUSH)

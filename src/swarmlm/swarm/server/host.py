@@ -32,6 +32,7 @@ from swarmlm.model.cache import KVCache
 from swarmlm.model.transformer import Transformer
 from swarmlm.p2p import rpc
 from swarmlm.p2p.channel.policy import DialLimiter
+from swarmlm.p2p.channel.service import EndpointRefused
 from swarmlm.p2p.rpc import message_handler, serve_channel
 from swarmlm.swarm import wire
 from swarmlm.swarm.blocks import run_span
@@ -259,9 +260,9 @@ class BlockHost:
             return
         try:
             link = await NextLink.connect(self.side, hop, owner=key[0], max_response_bytes=1 << 16)
+        except EndpointRefused as e:
+            raise WireError(f"next hop {hop.peer_id}: {e}") from None
         except PeerError as e:
-            if str(e).startswith("refusing to dial"):
-                raise WireError(f"next hop {hop.peer_id}: {e}") from None
             logger.info("cannot reach the next hop of a session of %s: %s", key[0], e)
             return
         if self._sessions.get(key) is session and session.next is None:
