@@ -34,6 +34,7 @@ from swarmlm.log import get_logger
 logger = get_logger(__name__)
 
 MAX_BODY_BYTES = 1 << 20          # a request body past this is refused with 413
+DRAIN_BODY_BYTES = 16 << 20       # how much of an oversized body is read (and dropped) before answering
 
 
 @dataclass
@@ -155,14 +156,16 @@ class ApiApp:
             raise ApiError(401, "Incorrect API key provided.", code="invalid_api_key")
 
     async def _read_json(self, request: Request) -> Any:
-        length = request.headers.get("content-length")
-        if length is not None and length.isdigit() and int(length) > MAX_BODY_BYTES:
-            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
-        body = bytearray()
+        # an oversized body is read on (not kept) up to a bound, so the client, still sending, gets the 413
+        body, seen = bytearray(), 0
         async for chunk in request.stream():
-            body += chunk
-            if len(body) > MAX_BODY_BYTES:
-                raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
+            seen += len(chunk)
+            if seen <= MAX_BODY_BYTES:
+                body += chunk
+            elif seen > DRAIN_BODY_BYTES:
+                break
+        if seen > MAX_BODY_BYTES:
+            raise ApiError(413, f"the request body is larger than {MAX_BODY_BYTES} bytes", code="body_too_large")
         try:
             return json.loads(body)
         except ValueError as e:
