@@ -296,13 +296,35 @@ def _run_finetune(args) -> int:
     return finetune_from_args(args)
 
 
+# ---- api ----------------------------------------------------------------------------------
+
+def _add_api(sub) -> None:
+    p = sub.add_parser("api", help="an OpenAI-compatible HTTP API over a model directory (or the swarm)")
+    p.add_argument("model", help="a checkpoint directory (or, with --swarm, a manifest CID)")
+    p.add_argument("--swarm", action="store_true", help="run the blocks through the swarm's servers")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --swarm: join through these")
+    p.add_argument("--connect-timeout", type=float, default=60.0,
+                   help="with --swarm: seconds to wait until every block is served")
+    p.add_argument("--host", default="127.0.0.1", help="interface to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
+    p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.set_defaults(run=_run_api)
+
+
+def _run_api(args) -> int:
+    from swarmlm.api.run import api_from_args
+    return api_from_args(args)
+
+
 # ---- entry point --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmlm", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune):
+    for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune,
+                _add_api):
         add(sub)
     return parser
 

@@ -240,10 +240,12 @@ class RemoteModel:
                 tokens = loop.take(self.local.head(h[:, -1:])[:, 0])        # from (B, V)
             yield tokens
 
-    def stream_generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
-                        top_k: int = 0, top_p: float = 1.0, seed: int = 0,
-                        eos_id: int | None = None) -> Iterator[list[int | None]]:
-        """Per-step tokens, one per row (None once a row has ended), as model.generate.stream_generate."""
+    async def generate_steps(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,
+                             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                             eos_id: int | None = None) -> AsyncIterator[list[int | None]]:
+        """`stream_generate`'s steps as an async iterator to run on this model's event loop
+        (`runner.loop`). Its session opens at the first step and closes as soon as the iterator
+        ends, fails, is closed or is cancelled (a caller that went away frees the servers' caches)."""
         prompts = [list(p) for p in prompt_ids]
         if not prompts or any(len(p) == 0 for p in prompts):
             raise UserError("every prompt needs at least one token")
@@ -252,12 +254,22 @@ class RemoteModel:
             return
         loop = TokenLoop(prompts, max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k,
                          top_p=top_p, generator=torch.Generator().manual_seed(seed), eos_id=eos_id)
-        session = self.inference_session(batch=len(prompts), max_length=max(map(len, prompts)) + max_new_tokens)
-        self.last_session = session.session
+        session = await self.blocks.open_session(batch=len(prompts),
+                                                 max_length=max(map(len, prompts)) + max_new_tokens)
+        self.last_session = session
         try:
-            yield from self.runner.stream(self._decode(session.session, loop))
+            async for tokens in self._decode(session, loop):
+                yield tokens
         finally:
-            session.close()
+            await session.close()
+
+    def stream_generate(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int, temperature: float = 0.0,
+                        top_k: int = 0, top_p: float = 1.0, seed: int = 0,
+                        eos_id: int | None = None) -> Iterator[list[int | None]]:
+        """Per-step tokens, one per row (None once a row has ended), as model.generate.stream_generate."""
+        yield from self.runner.stream(self.generate_steps(prompt_ids, max_new_tokens=max_new_tokens,
+                                                          temperature=temperature, top_k=top_k, top_p=top_p,
+                                                          seed=seed, eos_id=eos_id))
 
     def generate(self, prompt_ids: Sequence[int] | Sequence[Sequence[int]], *, max_new_tokens: int,
                  temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0, seed: int = 0,

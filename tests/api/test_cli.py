@@ -1,0 +1,38 @@
+"""`swarmlm api`: bad input is one line and exit 2; the command prints its base URL and serves."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from swarmlm.cli import main
+
+
+def test_a_missing_model_directory_is_one_line_and_exit_2(tmp_path, capsys):
+    code = main(["api", str(tmp_path / "nope"), "--port", "0"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert len(err) == 1 and err[0].startswith("swarmlm api: error:") and "nope" in err[0]
+
+
+def test_swarm_without_initial_peers_is_exit_2(ckpt, capsys):
+    assert main(["api", str(ckpt), "--swarm"]) == 2
+    assert "--initial-peers" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_the_command_prints_its_base_url_and_serves(ckpt):
+    from openai import OpenAI
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
+    proc = subprocess.Popen([sys.executable, "-m", "swarmlm", "api", str(ckpt), "--port", "0", "--api-key", "k"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        url = proc.stdout.readline().strip()
+        assert url.startswith("http://127.0.0.1:") and url.endswith("/v1")
+        out = OpenAI(base_url=url, api_key="k", max_retries=0).completions.create(
+            model=ckpt.name, prompt="the quick", max_tokens=4, temperature=0)
+        assert out.usage.completion_tokens == 4
+    finally:
+        proc.terminate()
+        assert proc.wait(30) == 0
