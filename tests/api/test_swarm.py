@@ -127,3 +127,23 @@ def test_a_client_killed_mid_stream_leaves_no_session(swarm_api, hosts, monkeypa
     sock.close()                                    # the client is gone
 
     wait_until(lambda: open_sessions(hosts) == 0 and swarm_api.api.active == 0)
+
+
+def test_a_swarm_that_no_longer_covers_the_model_answers_503_and_the_server_goes_on(ckpt, hosts):
+    swarm = InProcessSwarm()
+    swarm.add_server(ckpt, (0, 2))
+    second_half = swarm.add_server(ckpt, (2, 4))
+    remote = swarm.remote_model(ckpt)
+    running = RunningApi(build_app(SwarmBackend(remote), ckpt, "tiny-llama", api_key=None, eos_id=None))
+    try:
+        from openai import APIStatusError
+        client = openai_client(running.url)
+        swarm.stop_server(second_half)                  # blocks 2:4 are served by nobody now
+        with pytest.raises(APIStatusError) as failed:
+            client.completions.create(model="tiny-llama", prompt=PROMPT, max_tokens=4, temperature=0)
+        assert failed.value.status_code == 503
+        assert failed.value.body["code"] == "swarm_unavailable" and "blocks 2..3" in failed.value.body["message"]
+        assert [m.id for m in client.models.list().data] == ["tiny-llama"]          # still serving
+    finally:
+        running.close()
+        swarm.close()
