@@ -8,7 +8,13 @@ alternating. Prints one JSON line per result ({"name", "value", "unit"}): the de
 the first token and the time to first token of each side (medians), their ratio, and the total
 tokens/s of `--clients` concurrent streaming clients.
 
+With `--swarm`, the blocks run on two `swarmlm serve` processes on 127.0.0.1 (half the blocks
+each) and both sides go through them: the API's streaming against `RemoteModel.stream_generate`
+in this process (the same swarm, the same client), so the ratio is what the API adds to swarm
+generation.
+
     python bench/api_generate.py [--preset small] [--new-tokens 64] [--repeats 5] [--clients 8] [--threads 1]
+                                 [--swarm]
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import shutil
 import statistics
 import sysconfig
 import tempfile
@@ -25,7 +32,7 @@ from pathlib import Path
 
 import torch
 
-from swarmlm.api.backends import LocalBackend
+from swarmlm.api.backends import LocalBackend, SwarmBackend
 from swarmlm.api.run import build_app
 from swarmlm.api.server import serve
 from swarmlm.model.config import PRESETS
@@ -33,7 +40,8 @@ from swarmlm.model.generate import stream_generate
 from swarmlm.model.hf import load_model, save_model
 from swarmlm.model.tokenizer import Tokenizer
 from swarmlm.model.transformer import Transformer
-from swarmlm.swarm.client.model import LoopThread
+from swarmlm.swarm.client.model import LoopThread, RemoteModel
+from swarmlm.swarm.server.serve import start_server_process
 
 PROMPT = "def main(argv):\n    parser = argparse.ArgumentParser("
 
@@ -50,7 +58,10 @@ def rate(times: list[float], start: float) -> tuple[float, float]:
 
 def in_process(model, prompt_ids: list[int], n: int) -> tuple[float, float]:
     start = time.perf_counter()
-    times = [time.perf_counter() for _ in stream_generate(model, prompt_ids, max_new_tokens=n)]
+    if isinstance(model, RemoteModel):
+        times = [time.perf_counter() for _ in model.stream_generate([prompt_ids], max_new_tokens=n)]
+    else:
+        times = [time.perf_counter() for _ in stream_generate(model, prompt_ids, max_new_tokens=n)]
     return rate(times, start)
 
 
@@ -74,6 +85,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--swarm", action="store_true", help="both sides through two `swarmlm serve` processes")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     from openai import OpenAI
@@ -82,13 +94,25 @@ def main() -> None:
     tokenizer = Tokenizer.train_bpe(corpus, vocab_size=2048)
     cfg = PRESETS[args.preset].replace(vocab_size=tokenizer.vocab_size, eos_token_id=None, bos_token_id=None)
     torch.manual_seed(0)
-    with tempfile.TemporaryDirectory() as directory:
-        save_model(Transformer(cfg), cfg, directory)
-        tokenizer.save(directory)
+    directory = tempfile.mkdtemp(prefix="swarmlm-bench-api-")
+    save_model(Transformer(cfg), cfg, directory)
+    tokenizer.save(directory)
+    servers = []
+    if args.swarm:
+        env = {"OMP_NUM_THREADS": str(args.threads)}
+        n_layers = cfg.n_layers
+        a = start_server_process(directory, blocks=(0, n_layers // 2), data_dir=Path(directory) / "a", env=env)
+        servers.append(a)
+        servers.append(start_server_process(directory, blocks=(n_layers // 2, n_layers), initial_peers=a.maddrs,
+                                            data_dir=Path(directory) / "b", env=env))
+        model = RemoteModel.connect(directory, initial_peers=a.maddrs)
+        backend = SwarmBackend(model)
+    else:
         model, _ = load_model(directory)
         model.requires_grad_(False)
-        # eos never stops the random model early, so every run decodes exactly --new-tokens
-        api = build_app(LocalBackend(model), directory, "bench", api_key=None, eos_id=-1)
+        backend = LocalBackend(model)
+    # eos never stops the random model early, so every run decodes exactly --new-tokens
+    api = build_app(backend, directory, "bench", api_key=None, eos_id=-1)
     prompt_ids = tokenizer.encode(PROMPT)
     n = args.new_tokens
 
@@ -108,11 +132,12 @@ def main() -> None:
             remote.append(through_api(client, "bench", prompt_ids, n))
         local_tps = statistics.median(r for r, _ in local)
         api_tps = statistics.median(r for r, _, _ in remote)
-        emit("in_process_tokens_per_s", local_tps, "tokens/s")
-        emit("api_stream_tokens_per_s", api_tps, "tokens/s")
-        emit("api_over_in_process_rate", api_tps / local_tps, "ratio")
-        emit("in_process_ttft", statistics.median(t for _, t in local) * 1e3, "ms")
-        emit("api_stream_ttft", statistics.median(t for _, t, _ in remote) * 1e3, "ms")
+        where = "swarm_" if args.swarm else ""
+        emit(f"{where}in_process_tokens_per_s", local_tps, "tokens/s")
+        emit(f"{where}api_stream_tokens_per_s", api_tps, "tokens/s")
+        emit(f"{where}api_over_in_process_rate", api_tps / local_tps, "ratio")
+        emit(f"{where}in_process_ttft", statistics.median(t for _, t in local) * 1e3, "ms")
+        emit(f"{where}api_stream_ttft", statistics.median(t for _, t, _ in remote) * 1e3, "ms")
 
         totals: list[int] = [0] * args.clients
         barrier = threading.Barrier(args.clients + 1)
@@ -129,11 +154,16 @@ def main() -> None:
         for t in threads:
             t.join()
         elapsed = time.perf_counter() - start
-        emit(f"api_{args.clients}_clients_total_tokens_per_s", sum(totals) / elapsed, "tokens/s")
+        emit(f"{where}api_{args.clients}_clients_total_tokens_per_s", sum(totals) / elapsed, "tokens/s")
     finally:
         runner.loop.call_soon_threadsafe(stop.set)
         server.result(30)
         runner.close()
+        if isinstance(model, RemoteModel):
+            model.close()
+        for s in servers:
+            s.stop()
+        shutil.rmtree(directory, ignore_errors=True)
 
 
 if __name__ == "__main__":
