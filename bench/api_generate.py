@@ -2,8 +2,9 @@
 `stream_generate` in process, in one run; then several streaming clients at once.
 
 A random-weight model of `--preset` with a small BPE tokenizer (trained on the Python standard
-library's own source) is served by `swarmlm.api` on a free port; the official `openai` client
-streams a greedy completion of `--new-tokens` tokens. Both sides are timed `--repeats` times,
+library's own source) is served by `swarmlm api` (its own process, as a user runs it) on a free
+port; the official `openai` client here streams a greedy completion of `--new-tokens` tokens,
+against the same model generating in this process. Both sides are timed `--repeats` times,
 alternating. Prints one JSON line per result ({"name", "value", "unit"}): the decode rate after
 the first token and the time to first token of each side (medians), their ratio, and the total
 tokens/s of `--clients` concurrent streaming clients.
@@ -22,7 +23,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import shutil
+import subprocess
+import sys
 import statistics
 import sysconfig
 import tempfile
@@ -106,30 +110,38 @@ def main() -> None:
         servers.append(start_server_process(directory, blocks=(n_layers // 2, n_layers), initial_peers=a.maddrs,
                                             data_dir=Path(directory) / "b", env=env))
         model = RemoteModel.connect(directory, initial_peers=a.maddrs)
-        backend = SwarmBackend(model)
     else:
         model, _ = load_model(directory)
         model.requires_grad_(False)
-        backend = LocalBackend(model)
-    # eos never stops the random model early, so every run decodes exactly --new-tokens
-    api = build_app(backend, directory, "bench", api_key=None, eos_id=-1)
+        api_process = subprocess.Popen([sys.executable, "-m", "swarmlm", "api", directory, "--port", "0"],
+                                       stdout=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS":
+                                                                               str(args.threads)})
+        url = []
+        for line in api_process.stdout:             # its base URL is its last line once it is ready
+            if line.startswith("http"):
+                url.append(line.strip())
+                break
     prompt_ids = tokenizer.encode(PROMPT)
     n = args.new_tokens
 
-    runner = LoopThread()
-    stop = asyncio.Event()
-    ready = threading.Event()
-    url: list[str] = []
-    server = asyncio.run_coroutine_threadsafe(
-        serve(api.app, "127.0.0.1", 0, stop=stop, on_ready=lambda u: (url.append(u), ready.set())), runner.loop)
-    ready.wait(30)
+    if args.swarm:
+        # eos never stops the random model early, so every run decodes exactly --new-tokens
+        api = build_app(SwarmBackend(model), directory, "bench", api_key=None, eos_id=-1)
+        runner = LoopThread()
+        stop = asyncio.Event()
+        ready = threading.Event()
+        url = []
+        server = asyncio.run_coroutine_threadsafe(
+            serve(api.app, "127.0.0.1", 0, stop=stop, on_ready=lambda u: (url.append(u), ready.set())), runner.loop)
+        ready.wait(30)
+    name = "bench" if args.swarm else Path(directory).name
     client = OpenAI(base_url=url[0], api_key="x", max_retries=0, timeout=600)
     try:
-        in_process(model, prompt_ids, n), through_api(client, "bench", prompt_ids, n)      # warm-up
+        in_process(model, prompt_ids, n), through_api(client, name, prompt_ids, n)      # warm-up
         local, remote = [], []
         for _ in range(args.repeats):
             local.append(in_process(model, prompt_ids, n))
-            remote.append(through_api(client, "bench", prompt_ids, n))
+            remote.append(through_api(client, name, prompt_ids, n))
         local_tps = statistics.median(r for r, _ in local)
         api_tps = statistics.median(r for r, _, _ in remote)
         where = "swarm_" if args.swarm else ""
@@ -144,7 +156,7 @@ def main() -> None:
 
         def one(i: int) -> None:
             barrier.wait()
-            totals[i] = through_api(client, "bench", prompt_ids, n)[2]
+            totals[i] = through_api(client, name, prompt_ids, n)[2]
 
         threads = [threading.Thread(target=one, args=(i,)) for i in range(args.clients)]
         for t in threads:
@@ -156,11 +168,14 @@ def main() -> None:
         elapsed = time.perf_counter() - start
         emit(f"{where}api_{args.clients}_clients_total_tokens_per_s", sum(totals) / elapsed, "tokens/s")
     finally:
-        runner.loop.call_soon_threadsafe(stop.set)
-        server.result(30)
-        runner.close()
-        if isinstance(model, RemoteModel):
+        if args.swarm:
+            runner.loop.call_soon_threadsafe(stop.set)
+            server.result(30)
+            runner.close()
             model.close()
+        else:
+            api_process.terminate()
+            api_process.wait(30)
         for s in servers:
             s.stop()
         shutil.rmtree(directory, ignore_errors=True)
