@@ -169,7 +169,7 @@ async def serve(work: Path, mib: int) -> None:
     async with await Peer.create() as a:
         blocks = BlockService(a, store)
         await blocks.start()
-        (await a.side_channel()).serve(PLAIN, blocks._serve_side, max_record_bytes=1 << 20)
+        await (await a.side_channel()).serve(PLAIN, blocks._serve_side, max_record_bytes=1 << 20)
         await a.add_raw_stream_handler(RAW, await serve_raw(mib * 1024 * 1024))
         print(a.maddrs[0], root, flush=True)
         await asyncio.to_thread(sys.stdin.read)
