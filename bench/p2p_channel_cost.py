@@ -42,36 +42,45 @@ def _ciphers(*, sender: bool):
     return (to_receiver, to_sender) if sender else (to_sender, to_receiver)
 
 
-def _receiver(port_q, record_bytes: int, n_records: int, n_trials: int) -> None:
+def _serve_one(port_q, serve, max_record_bytes: int) -> None:
+    """Listen on 127.0.0.1 (the port goes to `port_q`), hand the first connection to `serve(conn)`,
+    and return once it is done: the receiving process of either measurement."""
     from swarmlm.p2p.channel.conn import Connection
 
     async def main():
         loop = asyncio.get_running_loop()
         served = loop.create_future()
 
-        async def serve(conn: Connection) -> None:
-            buf = bytearray(record_bytes)
-            for _ in range(n_trials):
-                for way in ("aead", "clear"):
-                    for _ in range(n_records):
-                        if way == "aead":
-                            await conn.read_record_into(buf)
-                        else:
-                            await conn.read_raw(record_bytes, memoryview(buf))
-                    conn.write_raw(b"!")
+        async def run(conn: Connection) -> None:
+            await serve(conn)
             served.set_result(None)
 
         def accepted() -> Connection:
             conn = Connection()
             send, recv = _ciphers(sender=False)
-            conn.start(send, recv, peer_id=PEERS[0], purpose="bench", max_record_bytes=record_bytes)
-            asyncio.ensure_future(serve(conn))
+            conn.start(send, recv, peer_id=PEERS[0], purpose="bench", max_record_bytes=max_record_bytes)
+            asyncio.ensure_future(run(conn))
             return conn
         server = await loop.create_server(accepted, "127.0.0.1", 0)
         port_q.put(server.sockets[0].getsockname()[1])
         await served
         server.close()
     asyncio.run(main())
+
+
+def _receiver(port_q, record_bytes: int, n_records: int, n_trials: int) -> None:
+    """Takes the bulk records, both ways, and answers each trial with one byte."""
+    async def serve(conn) -> None:
+        buf = bytearray(record_bytes)
+        for _ in range(n_trials):
+            for way in ("aead", "clear"):
+                for _ in range(n_records):
+                    if way == "aead":
+                        await conn.read_record_into(buf)
+                    else:
+                        await conn.read_raw(record_bytes, memoryview(buf))
+                conn.write_raw(b"!")
+    _serve_one(port_q, serve, record_bytes)
 
 
 async def _send(port: int, record_bytes: int, n_records: int, n_trials: int) -> dict[str, list[float]]:
@@ -99,35 +108,17 @@ async def _send(port: int, record_bytes: int, n_records: int, n_trials: int) -> 
 
 def _echo(port_q, step_bytes: int, n_steps: int, n_rounds: int) -> None:
     """The server of the step round trips: answers each request with a reply of the same size."""
-    from swarmlm.p2p.channel.conn import Connection
-
-    async def main():
-        loop = asyncio.get_running_loop()
-        served = loop.create_future()
-
-        async def serve(conn: Connection) -> None:
-            buf = bytearray(step_bytes)
-            for way in ("aead", "clear") * n_rounds:
-                for _ in range(n_steps):
-                    if way == "aead":
-                        await conn.read_record_into(buf)
-                        conn.write(buf)
-                    else:
-                        await conn.read_raw(step_bytes, memoryview(buf))
-                        conn.write_raw(buf)
-            served.set_result(None)
-
-        def accepted() -> Connection:
-            conn = Connection()
-            send, recv = _ciphers(sender=False)
-            conn.start(send, recv, peer_id=PEERS[0], purpose="bench", max_record_bytes=step_bytes)
-            asyncio.ensure_future(serve(conn))
-            return conn
-        server = await loop.create_server(accepted, "127.0.0.1", 0)
-        port_q.put(server.sockets[0].getsockname()[1])
-        await served
-        server.close()
-    asyncio.run(main())
+    async def serve(conn) -> None:
+        buf = bytearray(step_bytes)
+        for way in ("aead", "clear") * n_rounds:
+            for _ in range(n_steps):
+                if way == "aead":
+                    await conn.read_record_into(buf)
+                    conn.write(buf)
+                else:
+                    await conn.read_raw(step_bytes, memoryview(buf))
+                    conn.write_raw(buf)
+    _serve_one(port_q, serve, step_bytes)
 
 
 async def _steps(port: int, step_bytes: int, n_steps: int, n_rounds: int) -> dict[str, list[float]]:
