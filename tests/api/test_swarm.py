@@ -5,7 +5,6 @@ import asyncio
 import json
 import socket
 import threading
-import time
 
 import pytest
 
@@ -16,6 +15,7 @@ from swarmlm.swarm.server import serve as serve_module
 from swarmlm.swarm.server.host import BlockHost
 from tests.api.conftest import RunningApi
 from tests.api.test_completions import PROMPT, generate_cli
+from tests.helpers.swarm import poll_until
 from tests.helpers.swarm_servers import InProcessSwarm
 
 
@@ -47,13 +47,6 @@ def swarm_api(ckpt, hosts):
 
 def open_sessions(hosts):
     return sum(h.n_sessions for h in hosts)
-
-
-def wait_until(condition, timeout_s=20.0):
-    deadline = time.monotonic() + timeout_s
-    while not condition():
-        assert time.monotonic() < deadline, "timed out"
-        time.sleep(0.01)
 
 
 def openai_client(url):
@@ -126,7 +119,7 @@ def test_a_client_killed_mid_stream_leaves_no_session(swarm_api, hosts, monkeypa
 
     sock.close()                                    # the client is gone
 
-    wait_until(lambda: open_sessions(hosts) == 0 and swarm_api.api.active == 0)
+    assert poll_until(lambda: open_sessions(hosts) == 0 and swarm_api.api.active == 0, 20, every_s=0.01)
 
 
 def test_a_swarm_that_no_longer_covers_the_model_answers_503_and_the_server_goes_on(ckpt, hosts):

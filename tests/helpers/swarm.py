@@ -17,7 +17,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from typing import Any, Coroutine, Sequence
+from typing import Any, Callable, Coroutine, Sequence
 
 from swarmlm.p2p.process import PeerProcess, child_env, open_child
 from swarmlm.swarm.client.model import LoopThread as ClientLoopThread
@@ -114,10 +114,18 @@ def pid_alive(pid: int) -> bool:
     return stat[stat.rindex(")") + 2] != "Z"      # a zombie is dead, just not yet reaped
 
 
-def wait_until_dead(pids: Sequence[int], timeout_s: float) -> list[int]:
-    """Poll until none of `pids` is alive or `timeout_s` has passed; returns those still alive.
-    (They need not be our children, so there is nothing to waitpid on.)"""
+def poll_until(condition: Callable[[], Any], timeout_s: float, *, every_s: float = 0.05) -> Any:
+    """`condition()` once it is truthy, or its last (falsy) value after `timeout_s`. For state that
+    another process or thread changes and that offers no event to wait on (/proc, a child's
+    output read by a reader thread): the caller asserts on the value returned."""
     deadline = time.monotonic() + timeout_s
-    while (alive := [p for p in pids if pid_alive(p)]) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return alive
+    while not (value := condition()) and time.monotonic() < deadline:
+        time.sleep(every_s)
+    return value
+
+
+def wait_until_dead(pids: Sequence[int], timeout_s: float) -> list[int]:
+    """Those of `pids` still alive after waiting up to `timeout_s` for all to exit. (They need not
+    be our children, so there is nothing to waitpid on.)"""
+    poll_until(lambda: not any(pid_alive(p) for p in pids), timeout_s)
+    return [p for p in pids if pid_alive(p)]

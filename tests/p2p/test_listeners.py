@@ -5,14 +5,13 @@ their p2pd children listen on are read from /proc, and each must be 127.0.0.1 (n
 or ::). A side channel is counted: each process listens on exactly two TCP ports, p2pd's and
 the side channel's."""
 
-import time
 from pathlib import Path
 
 import pytest
 
 from tests.helpers.collab import TrainPeer
 from tests.helpers.sockets import listening
-from tests.helpers.swarm import NodeProcess
+from tests.helpers.swarm import NodeProcess, poll_until
 from tests.helpers.swarm_servers import build_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -20,12 +19,8 @@ pytestmark = pytest.mark.slow
 
 def _wait_listening(pid: int, n: int, timeout_s: float = 120.0) -> list[tuple[str, int]]:
     """The process's listeners, once it has `n` of them (the side channel starts with its first purpose)."""
-    deadline = time.monotonic() + timeout_s
-    while True:
-        found = listening(pid)
-        if len(found) >= n or time.monotonic() > deadline:
-            return found
-        time.sleep(0.1)
+    poll_until(lambda: len(listening(pid)) >= n, timeout_s)
+    return listening(pid)
 
 
 def _assert_bound_to_loopback(found):

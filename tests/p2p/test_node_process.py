@@ -5,13 +5,12 @@ import contextlib
 import os
 import signal
 import socket
-import time
 from pathlib import Path
 
 import pytest
 
 from swarmlm.store import dag
-from tests.helpers.swarm import NodeProcess, p2pd_children, pid_alive
+from tests.helpers.swarm import NodeProcess, p2pd_children, wait_until_dead
 
 pytestmark = pytest.mark.slow
 
@@ -35,10 +34,7 @@ def test_node_prints_maddrs_then_a_ready_line_and_stops_cleanly_on_signal(tmp_pa
     assert node.output[:len(maddrs)] == maddrs           # multiaddrs first, one a line (scripts take them)
     assert node.output[len(maddrs)] == (f"ready: storing 1 block (1 pinned root) in {tmp_path / 'n' / 'blocks'}; "
                                         f"serving them to the swarm")
-    deadline = time.monotonic() + 10
-    while any(pid_alive(p) for p in daemons) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    assert not any(pid_alive(p) for p in daemons)
+    assert wait_until_dead(daemons, 10) == []
 
 
 

@@ -15,7 +15,7 @@ from swarmlm.model.generate import generate
 from swarmlm.swarm.client.model import RemoteModel
 from swarmlm.swarm.client.remote import ClientOptions
 from swarmlm.swarm.client.session import SessionOptions
-from tests.helpers.swarm import wait_until_dead
+from tests.helpers.swarm import poll_until, wait_until_dead
 from tests.helpers.swarm_servers import ServerProcesses, local_model
 
 pytestmark = pytest.mark.slow
@@ -131,9 +131,8 @@ def test_generate_for_a_model_nobody_serves_fails_within_the_connect_timeout(who
 
 
 def test_serve_prints_its_maddrs_then_what_it_serves(whole_server, checkpoints):
-    deadline = time.monotonic() + 30                      # printed with the multiaddrs, read by another thread
-    while not any(line.startswith("ready:") for line in whole_server.output) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    # printed with the multiaddrs, read by another thread
+    poll_until(lambda: any(line.startswith("ready:") for line in whole_server.output), 30)
 
     n = len(whole_server.maddrs)
     assert n >= 1 and whole_server.output[:n] == whole_server.maddrs   # scripts take the multiaddr lines
