@@ -1,0 +1,1 @@
+"""privacy: federated learning (rounds, secure aggregation, differential privacy) and MPC inference."""
