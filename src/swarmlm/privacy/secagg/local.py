@@ -3,7 +3,8 @@ the in-process SecAgg+ scale measurement. Moves the same signed bytes a networke
 
     total, survivors = run_round(identities, updates, config=SecAggConfig(...), drop={Stage.SHARE_KEYS: {id}})
 
-`drop[stage]` names clients that vanish instead of sending their message of that stage.
+`drop[stage]` names clients that vanish instead of sending their message of that stage; a client
+that refuses a step (its checks failed) drops out the same way.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Sequence
 
 import numpy as np
 
+from swarmlm.errors import SwarmlmError
 from swarmlm.p2p.identity import Identity
 from swarmlm.privacy.secagg.client import SecAggClient
 from swarmlm.privacy.secagg.server import SecAggConfig, SecAggServer
@@ -28,15 +30,18 @@ class RoundTimes:
 
 def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, config: SecAggConfig,
               coordinator: Identity | None = None, drop: dict[Stage, set[str]] | None = None,
-              run_id: str = "local", round: int = 0, times: RoundTimes | None = None
-              ) -> tuple[np.ndarray, list[str]]:
-    """The float sum of the survivors' updates and who they are; `RoundFailed` below the threshold."""
+              run_id: str = "local", round: int = 0, times: RoundTimes | None = None,
+              server_box: dict | None = None) -> tuple[np.ndarray, list[str]]:
+    """The float sum of the survivors' updates and who they are; `RoundFailed` below the threshold.
+    `server_box["server"]` receives the coordinator's state (what it saw), for tests."""
     coordinator = coordinator or Identity.generate()
     drop = drop or {}
     times = times if times is not None else RoundTimes()
     length = int(np.asarray(updates[0]).size)
     server = SecAggServer(coordinator, run_id=run_id, round=round, config=config, length=length,
                           expected=[i.peer_id for i in identities])
+    if server_box is not None:
+        server_box["server"] = server
     clients = {i.peer_id: SecAggClient(i, run_id=run_id, round=round, coordinator=coordinator.peer_id, update=u)
                for i, u in zip(identities, updates)}
     steps = {Stage.SETUP: lambda c, m: c.advertise(), Stage.SHARE_KEYS: SecAggClient.share_keys,
@@ -47,8 +52,12 @@ def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, 
             if cid in drop.get(stage, ()):
                 continue
             t0 = time.perf_counter()
-            out = steps[stage](clients[cid], msg)
-            times.client_s[cid] = times.client_s.get(cid, 0.0) + time.perf_counter() - t0
+            try:
+                out = steps[stage](clients[cid], msg)
+            except SwarmlmError:             # a client that refuses to go on is one more dropout
+                continue
+            finally:
+                times.client_s[cid] = times.client_s.get(cid, 0.0) + time.perf_counter() - t0
             t0 = time.perf_counter()
             server.receive(out)
             times.server_s += time.perf_counter() - t0
