@@ -4,7 +4,7 @@ Trainable parameters live on the client only (`Adapters`):
 - prompt tuning: P embeddings (P, D) put before every sequence;
 - deep prompts (P-tuning v2): (n_layers, P, D) added to those P positions before every block;
   the servers run them and send their gradients back;
-- LoRA on the client's own layers (the lm head): y = W x + (alpha / r) * B A x, B starting at 0.
+- LoRA (model/lora.py) on the client's own layers (the lm head): y = W x + (alpha / r) * B A x, B starting at 0.
 
 `lm_loss` is the one definition of the training loss, written over a `run_blocks(h, prompts=)`
 callable, so a step through the swarm (`RemoteModel.run_blocks`, gradients from the servers'
@@ -16,7 +16,6 @@ gradients can be compared. `finetune` is the loop (AdamW over the adapters only)
 from __future__ import annotations
 
 import json
-import math
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -29,6 +28,7 @@ from torch import nn
 from swarmlm.errors import DataError, UserError
 from swarmlm.log import get_logger
 from swarmlm.model.config import ModelConfig
+from swarmlm.model.lora import LoRALinear
 from swarmlm.model.transformer import Transformer
 from swarmlm.swarm.blocks import run_span
 
@@ -61,20 +61,6 @@ class TuneConfig:
         if self.steps <= 0 or self.batch_size <= 0 or self.seq_len < 2 or not self.lr > 0:
             raise UserError("need --steps > 0, --batch-size > 0, --seq-len >= 2 and --lr > 0")
         return self
-
-
-class LoRALinear(nn.Module):
-    """A frozen nn.Linear plus a trainable low-rank update."""
-
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, generator: torch.Generator | None = None):
-        super().__init__()
-        self.base = base
-        self.scale = alpha / rank
-        self.lora_a = nn.Parameter(torch.randn(rank, base.in_features, generator=generator) / math.sqrt(base.in_features))
-        self.lora_b = nn.Parameter(torch.zeros(base.out_features, rank))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.base(x) + (x @ self.lora_a.t() @ self.lora_b.t()) * self.scale  # (..., out)
 
 
 class Adapters(nn.Module):

@@ -1,0 +1,28 @@
+"""LoRA from model/lora.py: a fresh adapter changes nothing, only adapters train, bad targets are refused."""
+
+import pytest
+import torch
+
+from swarmlm.model.config import PRESETS
+from swarmlm.model.lora import LoRALinear, apply_lora
+from swarmlm.model.transformer import Transformer
+
+
+def test_fresh_lora_model_computes_the_same_and_trains_only_adapters():
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"])
+    ids = torch.randint(0, PRESETS["tiny"].vocab_size, (2, 16))
+    before = model(ids)
+    trainable = apply_lora(model, rank=4, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(model(ids), before)                       # B = 0
+    assert {n.rsplit(".", 2)[-2] for n in trainable} == {"q_proj", "v_proj"}
+    model(ids).sum().backward()
+    grads = [n for n, p in model.named_parameters() if p.grad is not None]
+    assert grads and all(".lora_" in n for n in grads)
+
+
+def test_lora_needs_a_target_and_a_rank():
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        apply_lora(Transformer(PRESETS["tiny"]), rank=2, targets=("nope",))
+    with pytest.raises(ValueError, match="rank"):
+        LoRALinear(torch.nn.Linear(4, 4), 0, 1.0)
