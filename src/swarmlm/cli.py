@@ -317,6 +317,56 @@ def _run_api(args) -> int:
     return api_from_args(args)
 
 
+# ---- fl -----------------------------------------------------------------------------------
+# `swarmlm fl coordinate|join`: federated learning (swarmlm.privacy)
+
+def _add_fl(sub) -> None:
+    p = sub.add_parser("fl", help="federated learning: data stays with its owner; secure aggregation, DP")
+    fl_sub = p.add_subparsers(dest="fl_command", required=True)
+    c = fl_sub.add_parser("coordinate", help="run the rounds of a federated run; the model ends in --out")
+    c.add_argument("model_dir", help="the initial model (a checkpoint directory with tokenizer.json)")
+    c.add_argument("--rounds", type=int, required=True)
+    c.add_argument("--clients-per-round", type=int, required=True, metavar="K")
+    c.add_argument("--min-clients", type=int, default=None, metavar="M", help="a round needs this many (default 2)")
+    c.add_argument("--local-steps", type=int, default=5, metavar="E")
+    c.add_argument("--fedprox", type=float, default=0.0, metavar="MU", help="FedProx proximal weight (0: FedAvg)")
+    c.add_argument("--secure-aggregation", action="store_true", help="the coordinator learns only the sum")
+    c.add_argument("--dp-clip", type=float, default=None, metavar="C", help="client-level DP: clip each update to C")
+    c.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA", help="noise multiplier of the sum")
+    c.add_argument("--dp-delta", type=float, default=1e-5, metavar="D")
+    c.add_argument("--lr", type=float, default=0.5, help="clients' local SGD learning rate")
+    c.add_argument("--batch-size", type=int, default=8)
+    c.add_argument("--seq-len", type=int, default=64)
+    c.add_argument("--coord-clip", type=float, default=4.0, help="each update coordinate is clipped to this")
+    c.add_argument("--round-timeout", type=float, default=120.0, metavar="S", help="bound on each stage of a round")
+    c.add_argument("--out", required=True, help="rounds.jsonl and the final checkpoint")
+    _add_fl_common(c)
+    c.set_defaults(run=_run_fl_coordinate)
+    j = fl_sub.add_parser("join", help="take part in a federated run with local data that never leaves this peer")
+    j.add_argument("--data", required=True, help="a text file or directory: this client's private data")
+    _add_fl_common(j)
+    j.set_defaults(run=_run_fl_join)
+
+
+def _add_fl_common(p) -> None:
+    p.add_argument("--run-id", required=True)
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--data-dir", default=None, help="identity and block store (default: $SWARMLM_HOME or ~/.swarmlm)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=0)
+
+
+def _run_fl_coordinate(args) -> int:
+    from swarmlm.privacy.commands import coordinate_from_args
+    return coordinate_from_args(args)
+
+
+def _run_fl_join(args) -> int:
+    from swarmlm.privacy.commands import join_from_args
+    return join_from_args(args)
+
+
 # ---- entry point --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,7 +374,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune,
-                _add_api):
+                _add_api, _add_fl):
         add(sub)
     return parser
 
@@ -349,8 +399,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _command(args) -> str:
-    """The command as typed: "swarmlm store cat" for a store command, else "swarmlm VERB"."""
-    sub = getattr(args, "store_command", None)
+    """The command as typed: "swarmlm store cat" for a store or fl command, else "swarmlm VERB"."""
+    sub = getattr(args, "store_command", None) or getattr(args, "fl_command", None)
     return f"swarmlm {args.verb}" + (f" {sub}" if sub else "")
 
 

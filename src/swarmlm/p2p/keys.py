@@ -44,3 +44,8 @@ def collab_model_key(run_id: str) -> str:
 def endpoint_key(peer_id: str) -> str:
     """Where `peer_id`'s side channel listens: one `p2p.endpoint` record, under its own subkey."""
     return f"{PREFIX}/endpoint/{peer_id}"
+
+
+def fl_run_key(run_id: str) -> str:
+    """Federated run `run_id`: its coordinator's `privacy.fl` record (the round, the global model's CID)."""
+    return f"{PREFIX}/fl/{run_id}"

@@ -1,0 +1,320 @@
+"""`Coordinator`: runs the rounds of a federated run over the swarm (`swarmlm fl coordinate`).
+
+Each round: publish the global model into this peer's block store (clients fetch it by its
+manifest CID, verified block by block) and announce the round in the DHT; sample clients among
+those connected; send them the round; collect their updates (plain) or drive the secure
+aggregation stages (secagg/server.py) with a deadline per stage; divide the sum and step the
+model. A client whose connection ends, or that misses a deadline, has dropped; a round left
+with fewer than `min_clients` fails with a clear line and is retried (a new attempt, new keys,
+a new sample) once enough clients are connected again. Every completed round appends one
+line to `rounds.jsonl`. Knows nothing of how a client trains.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from swarmlm.errors import PeerError, RoundFailed, SwarmlmError, WireError
+from swarmlm.log import get_logger
+from swarmlm.p2p import keys
+from swarmlm.p2p.records import record_type
+from swarmlm.privacy import dp, federated, wire
+from swarmlm.privacy.federated import FlConfig
+from swarmlm.privacy.secagg.server import SecAggConfig, SecAggServer
+from swarmlm.privacy.secagg.stages import TERMINAL
+
+log = get_logger(__name__)
+
+JOIN_TIMEOUT_S = 10.0
+ANNOUNCE_TTL_S = 600.0
+
+
+@record_type("privacy.fl")
+@dataclass(frozen=True)
+class RunRecord:
+    """The coordinator of a federated run and its current global model."""
+    round: int
+    manifest_cid: str
+    secure: bool
+
+
+@dataclass
+class _Member:
+    conn: Any
+    joined_at: float
+
+
+@dataclass
+class RoundResult:
+    round: int
+    attempt: int
+    sampled: list[str]
+    survivors: list[str]
+    train_loss: float
+    val_loss: float
+    seconds: float
+    extra: dict = field(default_factory=dict)
+
+
+class Coordinator:
+    def __init__(self, peer: Any, store: Any, node: Any, cfg: FlConfig, *, run_id: str, model: Any, model_cfg: Any,
+                 tokenizer: Any, out: Path, printer: Any = print):
+        self.peer, self.store, self.node, self.cfg, self.run_id = peer, store, node, cfg, run_id
+        self.model, self.model_cfg, self.tokenizer, self.out = model, model_cfg, tokenizer, Path(out)
+        self.print = printer
+        self.members: dict[str, _Member] = {}
+        self.inbox: asyncio.Queue = asyncio.Queue()        # (peer_id, message | None when it left)
+        self.member_event = asyncio.Event()
+        self.params = federated.flatten(model)
+        self.rounds_done = 0
+        self._tasks: set[asyncio.Task] = set()
+
+    async def start(self) -> None:
+        side = await self.peer.side_channel()
+        await side.serve(wire.PURPOSE, self._serve, max_record_bytes=wire.MAX_RECORD_BYTES)
+
+    # ---- members -------------------------------------------------------------------------------
+
+    async def _serve(self, conn: Any) -> None:
+        """One client's connection for the whole run: its JOIN, then everything it sends, into the inbox."""
+        pid = conn.peer_id
+        try:
+            first = wire.decode(await asyncio.wait_for(conn.read_record(), JOIN_TIMEOUT_S))
+            if not isinstance(first, wire.Join) or first.run_id != self.run_id:
+                raise WireError(f"expected a JOIN for run {self.run_id!r}")
+            if pid in self.members:
+                raise WireError(f"{pid} has already joined this run")
+        except (SwarmlmError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError) as e:
+            log.info("refusing %s: %s", pid, e)
+            with contextlib.suppress(Exception):
+                conn.write(wire.encode(wire.Error(str(e) or "no JOIN in time")))
+                await conn.drain()
+            conn.close()
+            return
+        self.members[pid] = _Member(conn, time.time())
+        self.member_event.set()
+        self.print(f"fl: client {pid[-8:]} joined ({len(self.members)} connected)")
+        try:
+            conn.write(wire.encode(wire.Welcome(self.run_id, len(self.members))))
+            await conn.drain()
+            while True:
+                data = await conn.read_record()
+                try:
+                    msg = wire.decode(data)
+                except WireError as e:
+                    log.warning("a bad record from %s: %s", pid, e)
+                    conn.write(wire.encode(wire.Error(f"bad record: {e}")))
+                    continue
+                self.inbox.put_nowait((pid, msg))
+        except (asyncio.IncompleteReadError, ConnectionError, PeerError, OSError) as e:
+            log.info("client %s left: %s", pid, e)
+        finally:
+            if self.members.get(pid) is not None and self.members[pid].conn is conn:
+                del self.members[pid]
+            self.inbox.put_nowait((pid, None))
+            conn.close()
+
+    async def wait_for_members(self, n: int, *, timeout_s: float | None = None) -> None:
+        last = -1
+        deadline = None if timeout_s is None else time.monotonic() + timeout_s
+        while len(self.members) < n:
+            if len(self.members) != last:
+                last = len(self.members)
+                self.print(f"fl: waiting for clients: {last}/{n} joined")
+            self.member_event.clear()
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise RoundFailed(f"only {len(self.members)} of the {n} clients needed are connected")
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self.member_event.wait(), left)
+
+    async def _send(self, pid: str, msg: object) -> bool:
+        member = self.members.get(pid)
+        if member is None:
+            return False
+        try:
+            member.conn.write(wire.encode(msg))
+            await member.conn.drain()
+            return True
+        except (ConnectionError, PeerError, OSError) as e:
+            log.info("sending to %s failed: %s", pid, e)
+            return False
+
+    # ---- the run -------------------------------------------------------------------------------
+
+    async def run(self) -> Path:
+        self.out.mkdir(parents=True, exist_ok=True)
+        rounds_path = self.out / "rounds.jsonl"
+        rounds_path.write_text("")
+        await self.wait_for_members(self.cfg.min_clients)
+        for r in range(self.cfg.rounds):
+            result = await self._round_with_retries(r)
+            record = self._record(result)
+            with rounds_path.open("a") as f:
+                f.write(json.dumps(record) + "\n")
+            eps = f", eps {record['epsilon']:.3f}" if "epsilon" in record else ""
+            self.print(f"fl: round {r + 1}/{self.cfg.rounds}: {len(result.survivors)} clients, "
+                       f"{len(result.sampled) - len(result.survivors)} dropped, train loss {result.train_loss:.4f}, "
+                       f"val loss {result.val_loss:.4f}{eps} ({result.seconds:.1f} s)")
+        final = self._save(self.out)
+        for pid in list(self.members):
+            await self._send(pid, wire.End("the run is complete"))
+        return final
+
+    async def _round_with_retries(self, r: int) -> RoundResult:
+        for attempt in range(self.cfg.max_attempts):
+            await self.wait_for_members(self.cfg.min_clients)
+            try:
+                return await self._round(r, attempt)
+            except RoundFailed as e:
+                self.print(f"fl: round {r + 1} attempt {attempt + 1} failed: {e}; retrying")
+        raise RoundFailed(f"round {r + 1} failed {self.cfg.max_attempts} times; giving up")
+
+    def _record(self, res: RoundResult) -> dict:
+        rec = {"round": res.round, "attempt": res.attempt, "clients": len(res.survivors),
+               "dropped": len(res.sampled) - len(res.survivors), "sampled": len(res.sampled),
+               "train_loss": res.train_loss, "val_loss": res.val_loss, "secure": self.cfg.secure,
+               "seconds": res.seconds, **res.extra}
+        if self.cfg.dp is not None:
+            rec.update(dp.event_record(self.cfg.dp, res.extra["sampling_rate"], self.rounds_done))
+        return rec
+
+    async def _round(self, r: int, attempt: int) -> RoundResult:
+        t0 = time.perf_counter()
+        joined = sorted(self.members)
+        chosen = federated.choose_clients(joined, self.cfg, round=r, attempt=attempt)
+        if len(chosen) < self.cfg.min_clients:
+            raise RoundFailed(f"{len(chosen)} clients sampled, fewer than --min-clients {self.cfg.min_clients}")
+        cid = await self._publish(r)
+        start = wire.RoundStart(
+            round=r, attempt=attempt, manifest_cid=cid, length=int(self.params.size), local_steps=self.cfg.local_steps,
+            lr=self.cfg.lr, fedprox_mu=self.cfg.fedprox_mu, batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
+            secure=self.cfg.secure, coord_clip=self.cfg.coord_clip, dp_clip=self.cfg.dp_clip,
+            dp_noise=self.cfg.dp_noise, min_clients=self.cfg.min_clients, max_clients=len(chosen))
+        self._drain_stale()
+        sent = [pid for pid in chosen if await self._send(pid, start)]
+        reports: dict[str, wire.Report] = {}
+        if self.cfg.secure:
+            total, survivors = await self._secure_sum(r, attempt, sent, reports)
+        else:
+            total, survivors = await self._plain_sum(r, attempt, sent, reports)
+        denom = federated.denominator(self.cfg, len(survivors), len(joined))
+        self.params = federated.apply_sum(self.params, total, denom)
+        federated.load_flat(self.model, self.params)
+        self.rounds_done += 1
+        got = [reports[p] for p in survivors if p in reports]
+        weights = np.array([max(rep.n_samples, 1) for rep in got], dtype=np.float64)
+        mean = (lambda xs: float(np.average(xs, weights=weights))) if got else (lambda xs: float("nan"))
+        extra = {"sampling_rate": federated.sampling_rate(self.cfg, len(joined)), "joined": len(joined),
+                 "manifest_cid": cid}
+        return RoundResult(r, attempt, chosen, survivors, mean([g.train_loss for g in got]),
+                           mean([g.val_loss for g in got]), time.perf_counter() - t0, extra)
+
+    def _drain_stale(self) -> None:
+        while not self.inbox.empty():
+            self.inbox.get_nowait()
+
+    async def _next(self, deadline: float) -> tuple[str, object | None] | None:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return None
+        try:
+            return await asyncio.wait_for(self.inbox.get(), left)
+        except asyncio.TimeoutError:
+            return None
+
+    async def _plain_sum(self, r: int, attempt: int, sent: list[str], reports: dict) -> tuple[np.ndarray, list[str]]:
+        d = self.params.size
+        updates: dict[str, np.ndarray] = {}
+        waiting = set(sent)
+        deadline = time.monotonic() + self.cfg.round_timeout_s
+        while waiting:
+            item = await self._next(deadline)
+            if item is None:
+                break
+            pid, msg = item
+            if msg is None:
+                waiting.discard(pid)
+            elif pid in waiting and isinstance(msg, wire.Report) and (msg.round, msg.attempt) == (r, attempt):
+                reports[pid] = msg
+            elif pid in waiting and isinstance(msg, wire.Update) and (msg.round, msg.attempt) == (r, attempt):
+                try:
+                    updates[pid] = check_plain_update(msg.vector, d, self.cfg.coord_clip)
+                except WireError as e:
+                    await self._send(pid, wire.Error(str(e)))
+                    log.warning("update from %s refused: %s", pid, e)
+                waiting.discard(pid)
+        survivors = sorted(updates)
+        if len(survivors) < self.cfg.min_clients:
+            raise RoundFailed(f"{len(survivors)} of {len(sent)} clients sent updates, fewer than --min-clients "
+                              f"{self.cfg.min_clients}")
+        total = np.zeros(d, dtype=np.float64)
+        for pid in survivors:                  # in a fixed order: the same sum every run
+            total += updates[pid]
+        return total, survivors
+
+    async def _secure_sum(self, r: int, attempt: int, sent: list[str], reports: dict) -> tuple[np.ndarray, list[str]]:
+        server = SecAggServer(self.peer.identity, run_id=f"{self.run_id}/{attempt}", round=r,
+                              config=SecAggConfig(clip=self.cfg.coord_clip, max_clients=max(len(sent), 1),
+                                                  min_clients=self.cfg.min_clients, graph_seed=self.cfg.seed + r),
+                              length=int(self.params.size), expected=sent)
+        alive = set(sent)
+        while server.stage not in TERMINAL:
+            deadline = time.monotonic() + self.cfg.round_timeout_s
+            while server.waiting_for() & alive:
+                item = await self._next(deadline)
+                if item is None:
+                    break
+                pid, msg = item
+                if msg is None:
+                    alive.discard(pid)
+                elif isinstance(msg, wire.Report) and (msg.round, msg.attempt) == (r, attempt):
+                    reports[pid] = msg
+                elif isinstance(msg, wire.SecAgg) and (msg.round, msg.attempt) == (r, attempt):
+                    try:
+                        server.receive(msg.data)
+                    except (SwarmlmError, ValueError) as e:
+                        log.warning("secure aggregation message from %s refused: %s", pid, e)
+                        await self._send(pid, wire.Error(f"refused: {e}"))
+            out = server.advance()                           # RoundFailed below the minimum
+            for pid, data in out.items():
+                if pid in alive and not await self._send(pid, wire.SecAgg(r, attempt, data)):
+                    alive.discard(pid)
+        return server.result, list(server.survivors)
+
+    # ---- the model -----------------------------------------------------------------------------
+
+    def _save(self, directory: Path) -> Path:
+        from swarmlm.model.hf import save_model
+        save_model(self.model, self.model_cfg, directory, tokenizer=self.tokenizer)
+        return directory
+
+    async def _publish(self, r: int) -> str:
+        from swarmlm.store.manifest import publish_model
+        with tempfile.TemporaryDirectory(prefix="swarmlm-fl-") as tmp:
+            self._save(Path(tmp))
+            cid = str(await asyncio.to_thread(publish_model, self.store, tmp, name=f"{self.run_id}-round{r}"))
+        await self.node.announce_all()
+        await self.peer.store(keys.fl_run_key(self.run_id), RunRecord(r, cid, self.cfg.secure),
+                              ttl_s=ANNOUNCE_TTL_S, subkey=keys.peer_subkey(self.peer.peer_id))
+        return cid
+
+
+def check_plain_update(data: bytes, length: int, clip: float) -> np.ndarray:
+    """A plain update: exactly `length` finite float32 coordinates within [-clip, clip]; else `WireError`."""
+    if len(data) != 4 * length:
+        raise WireError(f"an update of {len(data) // 4} coordinates; this model has {length}")
+    v = np.frombuffer(data, dtype="<f4").astype(np.float64)
+    if not np.isfinite(v).all() or np.abs(v).max(initial=0) > clip * (1 + 1e-6):
+        raise WireError(f"an update with coordinates outside [-{clip}, {clip}] or not finite")
+    return v

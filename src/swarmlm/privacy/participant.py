@@ -1,0 +1,171 @@
+"""`Participant`: one client of a federated run (`swarmlm fl join`); its data never leaves it.
+
+It finds the run's coordinator in the DHT, joins over the side channel and keeps that
+connection for the run. Per round: fetch the global model by its manifest CID (verified by the
+store), evaluate it on the local validation split, train E local steps, clip and add its DP
+noise share, and send the update: in the clear to the coordinator (plain rounds) or as a
+SecAgg client (secagg/client.py), answering each stage the coordinator opens. A round's local
+batches come from (the run's seed, this client's seed, the round), so two runs with the same
+seeds train the same way. Knows nothing of other clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from swarmlm.errors import RemoteError, SwarmlmError, UserError, WireError
+from swarmlm.log import get_logger
+from swarmlm.p2p import keys
+from swarmlm.privacy import federated, wire
+from swarmlm.privacy.coordinator import RunRecord
+from swarmlm.privacy.secagg.client import SecAggClient
+
+log = get_logger(__name__)
+
+FIND_TIMEOUT_S = 120.0
+EVAL_WINDOWS = 16
+
+
+async def find_coordinator(peer: Any, run_id: str, *, timeout_s: float = FIND_TIMEOUT_S) -> str:
+    """The peer ID of the coordinator announcing `run_id` (waits for one, polling the DHT)."""
+    deadline = time.monotonic() + timeout_s
+    delay = 0.2
+    while True:
+        found = [r for r in await peer.get(keys.fl_run_key(run_id)) if isinstance(r.value, RunRecord)]
+        if found:
+            return max(found, key=lambda r: r.value.round).signer
+        if time.monotonic() > deadline:
+            raise UserError(f"no coordinator announces federated run {run_id!r} (waited {timeout_s:.0f} s)")
+        await asyncio.sleep(delay)
+        delay = min(delay * 1.5, 2.0)
+
+
+class Participant:
+    def __init__(self, peer: Any, *, run_id: str, data: str, data_dir: str | None, seed: int | None,
+                 printer: Callable[[str], None] = print, stop_in: Callable[[str], None] | None = None):
+        self.peer, self.run_id, self.data, self.data_dir = peer, run_id, data, data_dir
+        self.seed = seed
+        self.print = printer
+        self.stop_in = stop_in or (lambda stage: None)      # a test hook: called as each stage begins
+        self.tokens = None
+        self.model_dir = Path(tempfile.mkdtemp(prefix="swarmlm-fl-client-"))
+        self.current_cid: str | None = None
+        self.rounds = 0
+
+    async def run(self) -> int:
+        coordinator = await find_coordinator(self.peer, self.run_id)
+        side = await self.peer.side_channel()
+        conn = await side.open(coordinator, wire.PURPOSE, timeout_s=30.0, max_record_bytes=wire.MAX_RECORD_BYTES)
+        try:
+            conn.write(wire.encode(wire.Join(self.run_id)))
+            await conn.drain()
+            welcome = wire.decode(await conn.read_record())
+            if isinstance(welcome, wire.Error):
+                raise RemoteError(f"the coordinator refused to let this client join: {welcome.message}")
+            if not isinstance(welcome, wire.Welcome):
+                raise WireError("the coordinator did not answer JOIN with WELCOME")
+            self.print(f"fl: joined run {self.run_id} ({welcome.members} clients connected)")
+            return await self._serve(conn, coordinator)
+        finally:
+            conn.close()
+
+    async def _serve(self, conn: Any, coordinator: str) -> int:
+        pending: object | None = None
+        while True:
+            msg = pending if pending is not None else wire.decode(await conn.read_record())
+            pending = None
+            if isinstance(msg, wire.End):
+                self.print(f"fl: run over after {self.rounds} rounds: {msg.reason}")
+                return 0
+            if isinstance(msg, wire.Error):
+                log.warning("the coordinator says: %s", msg.message)
+                continue
+            if not isinstance(msg, wire.RoundStart):
+                continue                                     # a stage message of an abandoned attempt
+            pending = await self._round(conn, coordinator, msg)
+
+    async def _round(self, conn: Any, coordinator: str, start: wire.RoundStart) -> object | None:
+        """Train and contribute to one round; returns a message that arrived for a later round, if any."""
+        self.stop_in("train")
+        model = await self._global_model(start.manifest_cid)
+        if federated.flatten(model).size != start.length:
+            raise WireError(f"the round aggregates {start.length} coordinates, this model has "
+                            f"{federated.flatten(model).size}")
+        update, train_loss, val_loss = await asyncio.to_thread(self._train, model, start)
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, start.round, start.attempt, 0xD9])
+        vector = federated.prepare_update(update, start.coord_clip, dp_clip=start.dp_clip, dp_noise=start.dp_noise,
+                                          min_clients=start.min_clients, rng=rng)
+        conn.write(wire.encode(wire.Report(start.round, start.attempt, train_loss, val_loss,
+                                           start.local_steps * start.batch_size)))
+        if not start.secure:
+            self.stop_in("update")
+            conn.write(wire.encode(wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes())))
+            await conn.drain()
+            self.rounds += 1
+            return None
+        client = SecAggClient(self.peer.identity, run_id=f"{self.run_id}/{start.attempt}", round=start.round,
+                              coordinator=coordinator, update=vector)
+        self.stop_in("setup")
+        conn.write(wire.encode(wire.SecAgg(start.round, start.attempt, client.advertise())))
+        await conn.drain()
+        steps = [("share_keys", client.share_keys), ("collect_masked", client.masked_input), ("unmask", client.unmask)]
+        for stage, step in steps:
+            msg = wire.decode(await conn.read_record())
+            while isinstance(msg, wire.Error):
+                log.warning("the coordinator says: %s", msg.message)
+                msg = wire.decode(await conn.read_record())
+            if not isinstance(msg, wire.SecAgg) or (msg.round, msg.attempt) != (start.round, start.attempt):
+                return msg                                   # the coordinator moved on without us
+            self.stop_in(stage)
+            try:
+                out = step(msg.data)
+            except (SwarmlmError, ValueError) as e:
+                self.print(f"fl: leaving round {start.round + 1}: {e}")
+                return None
+            conn.write(wire.encode(wire.SecAgg(start.round, start.attempt, out)))
+            await conn.drain()
+        self.rounds += 1
+        return None
+
+    async def _global_model(self, cid: str) -> Any:
+        from swarmlm.model.hf import load_model
+        from swarmlm.store.manifest import fetch_model
+        if cid != self.current_cid:
+            await fetch_model(self.peer, cid, self.model_dir, data_dir=self.data_dir)
+            self.current_cid = cid
+        model, _ = load_model(self.model_dir)
+        for p in model.parameters():
+            p.requires_grad_(True)
+        return model
+
+    def _train(self, model: Any, start: wire.RoundStart) -> tuple[np.ndarray, float, float]:
+        import torch
+
+        from swarmlm.data.shards import Batches, eval_windows
+        from swarmlm.train.loop import evaluate, lm_loss
+        tokens = self._tokens()
+        torch.manual_seed(0)
+        windows = eval_windows(tokens.val, start.seq_len, EVAL_WINDOWS)
+        val_loss = evaluate(model, windows, batch_size=EVAL_WINDOWS)
+        batches = Batches(tokens.train, start.batch_size, start.seq_len, seed=self.seed or 0, stream=start.round)
+        update, train_loss = federated.local_train(model, lambda step: batches.get(step), steps=start.local_steps,
+                                                   lr=start.lr, mu=start.fedprox_mu, loss_fn=lm_loss)
+        return update, train_loss, val_loss
+
+    def _tokens(self):
+        if self.tokens is None:
+            from swarmlm.data.corpus import open_corpus
+            from swarmlm.data.shards import prepare_tokens
+            from swarmlm.model.tokenizer import Tokenizer
+            if not (self.model_dir / "tokenizer.json").is_file():
+                raise UserError("the run's model carries no tokenizer.json: clients cannot read their text")
+            cache = Path(self.data_dir).expanduser() / "fl-tokens" if self.data_dir else None
+            self.tokens = prepare_tokens(open_corpus(self.data), Tokenizer.load(self.model_dir), cache_dir=cache,
+                                         progress=False)
+        return self.tokens

@@ -1,0 +1,99 @@
+"""Messages of a federated run on one side-channel connection (purpose `privacy/fl`) between a
+client and the coordinator, held open for the whole run: the connection is the membership.
+
+    client -> coordinator   JOIN, then per round: REPORT, and UPDATE (plain) or SECAGG records
+    coordinator -> client   WELCOME, then per round: ROUND, SECAGG records (secure rounds), and END
+
+A record is one kind byte then `serialize.encode_message` of the kind's dataclass. The side
+channel already proves who dialed (`conn.peer_id`) and encrypts and orders every record;
+secure-aggregation payloads are signed besides (secagg/messages.py), since the coordinator is
+not trusted with them. Knows nothing of models or training.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from swarmlm import serialize
+from swarmlm.errors import WireError
+
+PURPOSE = "privacy/fl"
+MAX_RECORD_BYTES = 256 << 20       # an update of 64M float32 coordinates
+
+
+@dataclass(frozen=True)
+class Join:
+    run_id: str
+
+
+@dataclass(frozen=True)
+class Welcome:
+    run_id: str
+    members: int                   # clients joined so far, this one included
+
+
+@dataclass(frozen=True)
+class RoundStart:
+    round: int
+    attempt: int                   # a failed round is retried under a new attempt number
+    manifest_cid: str              # the global model, in the store
+    length: int                    # coordinates of an update
+    local_steps: int               # E
+    lr: float                      # local SGD learning rate
+    fedprox_mu: float              # FedProx proximal term (0: FedAvg)
+    batch_size: int
+    seq_len: int
+    secure: bool                   # secure aggregation: SECAGG records follow
+    coord_clip: float              # every coordinate of an update is clipped to this (the fixed-point range)
+    dp_clip: float                 # 0: no DP; else each update's L2 norm is clipped to this
+    dp_noise: float                # σ: each client adds N(0, (σ·dp_clip)² / min_clients)
+    min_clients: int
+    max_clients: int               # the fixed-point ring holds this many updates
+
+
+@dataclass(frozen=True)
+class Report:
+    round: int
+    attempt: int
+    train_loss: float              # mean loss over the local steps
+    val_loss: float                # the received global model on this client's validation split
+    n_samples: int                 # sequences trained on this round
+
+
+@dataclass(frozen=True)
+class Update:                      # plain rounds only
+    round: int
+    attempt: int
+    vector: bytes                  # float32 little-endian, `length` coordinates
+
+
+@dataclass(frozen=True)
+class SecAgg:
+    round: int
+    attempt: int
+    data: bytes                    # a signed secagg message (secagg/messages.py)
+
+
+@dataclass(frozen=True)
+class End:
+    reason: str
+
+
+@dataclass(frozen=True)
+class Error:
+    message: str
+
+
+KINDS: dict[int, type] = {1: Join, 2: Welcome, 3: RoundStart, 4: Report, 5: Update, 6: SecAgg, 7: End, 8: Error}
+_CODES = {cls: code for code, cls in KINDS.items()}
+
+
+def encode(msg: object) -> bytes:
+    return bytes([_CODES[type(msg)]]) + serialize.encode_message(msg)
+
+
+def decode(data: bytes, *, max_bytes: int = MAX_RECORD_BYTES) -> object:
+    """The message in one record, or `WireError`."""
+    if not data or data[0] not in KINDS:
+        raise WireError("a federated-learning record must start with a known kind byte")
+    return serialize.decode_message(memoryview(data)[1:], KINDS[data[0]], max_bytes=max_bytes)
