@@ -1,0 +1,1 @@
+"""Privacy services: federated learning and MPC private inference (mpc/)."""
