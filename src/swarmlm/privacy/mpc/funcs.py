@@ -85,24 +85,55 @@ def _cross_sum(pairs: list[tuple[AShare, AShare]]) -> torch.Tensor:
 
 # ---- 1/v and 1/sqrt(v) ------------------------------------------------------------------------
 
+INV_OUT_BITS = F + 8         # fractional bits of inverse_power's result (1/sqrt(2^20) keeps 14 bits)
+
+
 def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, frac_in: int = F) -> Protocol:
-    """v^-1 (half=False) or v^-1/2 (half=True) for v in [2^lo_exp, 2^hi_exp] (fixed point with
-    `frac_in` fractional bits); the result has f fractional bits. 20 rounds."""
+    """v^-1 (half=False) or v^-1/2 (half=True) for v in [2^lo_exp, 2^hi_exp] (even exponents; v
+    fixed point with `frac_in` fractional bits); the result has INV_OUT_BITS fractional bits.
+
+    v is compared with 2^(k/2) for every k at once; the bits give v's interval of the form
+    [4^i, 4^(i+1)), so m = v / 4^i in [1, 4) is one bit-times-value product and a truncation by a
+    per-element public amount (exact, no matter how large or small v is); the finer bits give a
+    first guess y0 of m^-a within 2^(1/4), then m^-a = y0 (1 - e)^-a with e = 1 - m y0^(1/a),
+    |e| < 0.19, summed to e^5; the result is m^-a times the public 4^(-a i). 23 rounds."""
+    assert lo_exp % 2 == 0 and hi_exp % 2 == 0
     ks = list(range(2 * lo_exp, 2 * hi_exp + 1))                      # thresholds 2^(k/2)
     thresholds = encode(torch.tensor([2.0 ** (k / 2) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
     bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds))
-    # below the first threshold, or in [2^(k/2), 2^((k+1)/2)): the answer at the midpoint
-    mids = [2.0 ** ((ks[0] - 0.5) / 2)] + [2.0 ** ((k + 0.5) / 2) for k in ks]
-    guess = [m ** -a for m in mids]
+    # the 4^i intervals: one-hot from the bits at k = 4i (below the range counts as the first)
+    quads = list(range(lo_exp // 2, hi_exp // 2))
+    at = {k: bits.map(lambda t, j=j: t[..., j]) for j, k in enumerate(ks)}
+    onehot = []
+    for n, i in enumerate(quads):
+        lo = _public(p, v.shape, 1.0, 0) if n == 0 else at[4 * i]
+        onehot.append(lo - at[4 * i + 4] if n + 1 < len(quads) else lo)
+    picked = yield from mul(p, _stack(onehot), _stack([v] * len(quads)))   # (Q, ...): v in its own slot
+    shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
+    view = (-1,) + (1,) * len(v.shape)
+    up = torch.where(shifts < 0, 1 << (-shifts).clamp(min=0), torch.ones_like(shifts)).view(view)
+    m = yield from trunc(p, picked.scale(up), shifts.clamp(min=0).view(view))
+    m = m.map(lambda t: t.sum(0))                                      # v / 4^i, in [1, 4), f bits
+    # per threshold interval (below the first, then [2^(k/2), 2^((k+1)/2))): m's midpoint, 4^i
+    starts = [ks[0] - 1] + ks
+    mids = [2.0 ** ((k - 4 * _quad(k, quads) + 0.5) / 2) for k in starts]
+    guess = [md ** -a for md in mids]
+    outer = [4.0 ** (-a * _quad(k, quads)) for k in starts]
     y0_pow = _bits_combination(p, bits, [g ** (1 / a) for g in guess])
-    e = yield from mul_trunc(p, v, y0_pow, shift=frac_in)           # v y0^(1/a), close to 1
+    e = yield from mul_trunc(p, m, y0_pow)                              # m y0^(1/a), close to 1
     e = (-e).add_public(p.index, encode(1.0))
     series = [math.comb(2 * k, k) / 4 ** k if half else 1.0 for k in range(SERIES_DEGREE + 1)]
     pw = yield from _powers(p, e, SERIES_DEGREE)
-    coeffs = [_bits_combination(p, bits, [c * g for g in guess]) for c in series[1:]]
+    coeffs = [_bits_combination(p, bits, [c * g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
+              for c in series[1:]]
     out = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))))
-    return out + _bits_combination(p, bits, guess)
+    return out + _bits_combination(p, bits, [g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
+
+
+def _quad(k: int, quads: list[int]) -> int:
+    """The 4^i interval holding threshold interval k (clamped to the covered ones)."""
+    return min(max(k // 4, quads[0]), quads[-1])
 
 
 # ---- exp ---------------------------------------------------------------------------------------
@@ -203,7 +234,7 @@ def silu(p: Party, x: AShare) -> Protocol:
 
 # ---- norms, softmax ------------------------------------------------------------------------------
 
-RSQRT_RANGE = (-12, 24)      # sums of squares the norms handle: 2^-12 .. 2^24
+RSQRT_RANGE = (-12, 20)      # sums of squares the norms handle: 2^-12 .. 2^20
 
 
 def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
@@ -219,7 +250,7 @@ def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
     ss = ss.add_public(p.index, encode(D * eps, F + NORM_EXTRA_BITS))
     r = yield from inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1],
                                  frac_in=F + NORM_EXTRA_BITS)
-    return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1))))
+    return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
 def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -30000.0) -> Protocol:
@@ -234,6 +265,6 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     total = e.map(lambda t: t.sum(-1))
     S = scores.shape[-1]
     inv, ev = yield from parallel(
-        inverse_power(p, total, half=False, lo_exp=0, hi_exp=max(1, math.ceil(math.log2(S)))),
+        inverse_power(p, total, half=False, lo_exp=-2, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),
         mul_trunc(p, e, v, torch.matmul))
-    return (yield from mul_trunc(p, ev, inv.map(lambda t: t.unsqueeze(-1))))
+    return (yield from mul_trunc(p, ev, inv.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))

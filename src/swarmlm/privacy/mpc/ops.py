@@ -74,8 +74,9 @@ def trunc_sum(p: Party, z: torch.Tensor, shift: int = FRAC_BITS) -> Protocol:
     return AShare(-(r >> shift), got[0][0])
 
 
-def trunc(p: Party, x: AShare, shift: int = FRAC_BITS) -> Protocol:
-    """Replicated x -> replicated floor(x / 2^shift) (+0 or +1). Two rounds; party 0 needs only x_2 + r."""
+def trunc(p: Party, x: AShare, shift: int | torch.Tensor = FRAC_BITS) -> Protocol:
+    """Replicated x -> replicated floor(x / 2^shift) (+0 or +1). Two rounds; party 0 needs only x_2 + r.
+    `shift` may be a tensor broadcasting against x (a public amount per element)."""
     shape = x.shape
     if p.index == 0:
         got = yield Round(recv={1: _spec(shape)})
