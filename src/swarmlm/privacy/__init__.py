@@ -1,1 +1,1 @@
-"""privacy: federated learning (rounds, secure aggregation, differential privacy) and MPC inference."""
+"""privacy: federated learning (rounds, secure aggregation, differential privacy) and MPC private inference (mpc/)."""

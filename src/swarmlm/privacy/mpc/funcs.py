@@ -1,0 +1,270 @@
+"""Nonlinear functions on shares: exp, reciprocal, rsqrt, GELU, SiLU, softmax, the norms.
+
+How each is approximated (all inputs and outputs fixed point with f fractional bits):
+- `inverse_power` (1/v and 1/sqrt(v) over a wide range): v is compared with public
+  thresholds 2^(k/2) all at once (one comparison depth); the bits select, by a public linear
+  combination (no message), a first guess y0 within 2^(1/4) of the answer, then
+  v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.2, summed to e^5 (binomial series).
+- `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (one
+  comparison), read as x/32 with 5 more fractional bits (no truncation), a degree-4 minimax
+  polynomial gives e^(x/32) on [-1/2, 0], and five squarings give e^x.
+- `gelu` and `silu` in PUMA's manner: f(x) = x/2 + E(x) where E(x) = x (sigmoid-like(x) - 1/2)
+  is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (degree 8, B a power
+  of two so x/B is free), evaluated on x clamped to [-B, B] (so nothing overflows and every
+  truncation hides its input); outside, f is relu. GELU: one piece, B = 4 (error 1.4e-4);
+  SiLU: |x| < 4 and 4 <= |x| < 8 (error 2e-5), relu beyond 8 (error 2.7e-3). Coefficients are
+  fitted here, at import, by least squares on a dense grid. 21 rounds.
+- `softmax_av` subtracts the row max (tournament), takes exp_neg, sums, and multiplies
+  (e @ v) by the reciprocal of the sum, so the reciprocal and e @ v share rounds.
+Knows nothing of models; model.py folds norm weights and scales into the linear layers.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from numpy.polynomial import chebyshev as cheb
+
+from swarmlm.privacy.mpc import compare
+from swarmlm.privacy.mpc.ops import mul, mul_trunc, square, trunc, trunc_sum
+from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
+from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel
+from swarmlm.privacy.mpc.shares import AShare
+
+F = FRAC_BITS
+NORM_EXTRA_BITS = 8          # the sum of squares keeps 8 more fractional bits (tiny variances)
+EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
+EXP_EXTRA_BITS = 5           # x/32 as the same integer with 5 more fractional bits
+SERIES_DEGREE = 5            # (1 - e)^-a summed to e^5; |e| < 0.19 -> error < 6e-5 (1/v), 1e-5 (rsqrt)
+
+
+# ---- helpers --------------------------------------------------------------------------------
+
+def _public(p: Party, shape, value: float, frac: int = F) -> AShare:
+    """A public constant as a share (in component 0)."""
+    zero = torch.zeros(shape, dtype=torch.int64)
+    return AShare(zero, zero.clone()).add_public(p.index, encode(value, frac))
+
+
+def _bits_combination(p: Party, bits: AShare, values: list[float], frac: int = F) -> AShare:
+    """values_0 + sum_k bits_k (values_{k+1} - values_k): a piecewise-constant function of the
+    compared value, from its comparison bits (..., K) and public values. Local."""
+    v = torch.tensor(values, dtype=torch.float64)
+    deltas = encode(v[1:] - v[:-1], frac)
+    return bits.map(lambda t: (t * deltas).sum(-1)).add_public(p.index, encode(values[0], frac))
+
+
+def _stack(shares: list[AShare]) -> AShare:
+    return AShare(torch.stack([s.a for s in shares]), torch.stack([s.b for s in shares]))
+
+
+def _unstack(s: AShare, n: int) -> list[AShare]:
+    return [s.map(lambda t, i=i: t[i]) for i in range(n)]
+
+
+def _powers(p: Party, e: AShare, degree: int, frac: int = F) -> Protocol:
+    """[e, e^2, ..., e^degree], in ceil(log2(degree)) multiplication depths."""
+    pw = {1: e}
+    have = 1
+    while have < degree:
+        todo = list(range(have + 1, min(2 * have, degree) + 1))
+        out = yield from mul_trunc(p, _stack([pw[have]] * len(todo)), _stack([pw[k - have] for k in todo]),
+                                   shift=frac)
+        for k, v in zip(todo, _unstack(out, len(todo))):
+            pw[k] = v
+        have = todo[-1]
+    return [pw[k] for k in range(1, degree + 1)]
+
+
+def _cross_sum(pairs: list[tuple[AShare, AShare]]) -> torch.Tensor:
+    """This party's 3-out-of-3 component of sum_k x_k y_k."""
+    return sum(x.a * y.a + x.a * y.b + x.b * y.a for x, y in pairs)
+
+
+# ---- 1/v and 1/sqrt(v) ------------------------------------------------------------------------
+
+INV_OUT_BITS = F + 8         # fractional bits of inverse_power's result (1/sqrt(2^20) keeps 14 bits)
+
+
+def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, frac_in: int = F) -> Protocol:
+    """v^-1 (half=False) or v^-1/2 (half=True) for v in [2^lo_exp, 2^hi_exp] (even exponents; v
+    fixed point with `frac_in` fractional bits); the result has INV_OUT_BITS fractional bits.
+
+    v is compared with 2^(k/2) for every k at once; the bits give v's interval of the form
+    [4^i, 4^(i+1)), so m = v / 4^i in [1, 4) is one bit-times-value product and a truncation by a
+    per-element public amount (exact, no matter how large or small v is); the finer bits give a
+    first guess y0 of m^-a within 2^(1/4), then m^-a = y0 (1 - e)^-a with e = 1 - m y0^(1/a),
+    |e| < 0.19, summed to e^5; the result is m^-a times the public 4^(-a i). 23 rounds."""
+    assert lo_exp % 2 == 0 and hi_exp % 2 == 0
+    ks = list(range(2 * lo_exp, 2 * hi_exp + 1))                      # thresholds 2^(k/2)
+    thresholds = encode(torch.tensor([2.0 ** (k / 2) for k in ks], dtype=torch.float64), frac_in)
+    a = 0.5 if half else 1.0
+    bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds))
+    # the 4^i intervals: one-hot from the bits at k = 4i (below the range counts as the first)
+    quads = list(range(lo_exp // 2, hi_exp // 2))
+    at = {k: bits.map(lambda t, j=j: t[..., j]) for j, k in enumerate(ks)}
+    onehot = []
+    for n, i in enumerate(quads):
+        lo = _public(p, v.shape, 1.0, 0) if n == 0 else at[4 * i]
+        onehot.append(lo - at[4 * i + 4] if n + 1 < len(quads) else lo)
+    picked = yield from mul(p, _stack(onehot), _stack([v] * len(quads)))   # (Q, ...): v in its own slot
+    shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
+    view = (-1,) + (1,) * len(v.shape)
+    up = torch.where(shifts < 0, 1 << (-shifts).clamp(min=0), torch.ones_like(shifts)).view(view)
+    m = yield from trunc(p, picked.scale(up), shifts.clamp(min=0).view(view))
+    m = m.map(lambda t: t.sum(0))                                      # v / 4^i, in [1, 4), f bits
+    # per threshold interval (below the first, then [2^(k/2), 2^((k+1)/2))): m's midpoint, 4^i
+    starts = [ks[0] - 1] + ks
+    mids = [2.0 ** ((k - 4 * _quad(k, quads) + 0.5) / 2) for k in starts]
+    guess = [md ** -a for md in mids]
+    outer = [4.0 ** (-a * _quad(k, quads)) for k in starts]
+    y0_pow = _bits_combination(p, bits, [g ** (1 / a) for g in guess])
+    e = yield from mul_trunc(p, m, y0_pow)                              # m y0^(1/a), close to 1
+    e = (-e).add_public(p.index, encode(1.0))
+    series = [math.comb(2 * k, k) / 4 ** k if half else 1.0 for k in range(SERIES_DEGREE + 1)]
+    pw = yield from _powers(p, e, SERIES_DEGREE)
+    coeffs = [_bits_combination(p, bits, [c * g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
+              for c in series[1:]]
+    out = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))))
+    return out + _bits_combination(p, bits, [g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
+
+
+def _quad(k: int, quads: list[int]) -> int:
+    """The 4^i interval holding threshold interval k (clamped to the covered ones)."""
+    return min(max(k // 4, quads[0]), quads[-1])
+
+
+# ---- exp ---------------------------------------------------------------------------------------
+
+def _fit_exp() -> np.ndarray:
+    y = np.linspace(-0.5, 0.0, 4001)
+    return cheb.cheb2poly(cheb.chebfit(4 * y + 1, np.exp(y), 4))   # in s = 4y + 1, s in [-1, 1]
+
+
+_EXP_POLY = _fit_exp()
+
+
+def exp_neg(p: Party, x: AShare) -> Protocol:
+    """e^x for x <= 0 (clamped at -EXP_CLAMP). 25 rounds."""
+    keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)))
+    x = yield from compare.select(p, keep, x, _public(p, x.shape, -EXP_CLAMP))
+    fb = F + EXP_EXTRA_BITS                                     # the same integers read as x/32
+    s = x.scale(4).add_public(p.index, encode(1.0, fb))
+    pw = yield from _powers(p, s, len(_EXP_POLY) - 1, frac=fb)
+    coeffs = [_public(p, x.shape, float(c), fb) for c in _EXP_POLY[1:]]
+    e = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))), fb)
+    e = e.add_public(p.index, encode(float(_EXP_POLY[0]), fb))
+    for i in range(5):                                          # (e^(x/32))^32
+        e = yield from square(p, e, shift=fb if i < 4 else fb + EXP_EXTRA_BITS)
+    return e
+
+
+# ---- GELU, SiLU ------------------------------------------------------------------------------
+
+def _gelu_f(x: np.ndarray) -> np.ndarray:
+    return 0.5 * x * (1 + np.tanh(math.sqrt(2 / math.pi) * (x + 0.044715 * x ** 3)))
+
+
+def _silu_f(x: np.ndarray) -> np.ndarray:
+    return x / (1 + np.exp(-x))
+
+
+def _fit_even(fn, lo: float, hi: float, degree: int = 8) -> np.ndarray:
+    """Chebyshev coefficients of fn(x) - x/2 on lo <= x <= hi, in t = 2 (x/hi)^2 - 1."""
+    x = np.linspace(lo, hi, 8001)
+    return cheb.chebfit(2 * (x / hi) ** 2 - 1, fn(x) - x / 2, degree)
+
+
+GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0))]                  # (lo, hi: a power of two, coefficients)
+SILU_PIECES = [(0, 4, _fit_even(_silu_f, 0.0, 4.0)), (4, 8, _fit_even(_silu_f, 4.0, 8.0))]
+_CHEB_PLAN = [[(2, 1, 1)], [(3, 1, 2), (4, 2, 2)], [(5, 2, 3), (6, 3, 3), (7, 3, 4), (8, 4, 4)]]
+
+
+def _chebyshev_raw(p: Party, t: AShare, coeffs: np.ndarray) -> Protocol:
+    """sum_k c_k T_k(t) for |t| <= 1 (degree 8), T_{m+n} = 2 T_m T_n - T_{n-m}; returned with 2f
+    fractional bits, untruncated, so the caller folds it into its own truncation."""
+    T = {1: t}
+    for level in _CHEB_PLAN:
+        out = yield from mul_trunc(p, _stack([T[m] for _, m, _ in level]).scale(2), _stack([T[n] for _, _, n in level]))
+        for (k, m, n), prod in zip(level, _unstack(out, len(level))):
+            T[k] = prod.add_public(p.index, -encode(1.0)) if m == n else prod - T[n - m]
+    acc = sum((T[k].scale(int(encode(float(coeffs[k])))) for k in range(2, len(coeffs))),
+              T[1].scale(int(encode(float(coeffs[1])))))
+    return acc.add_public(p.index, encode(float(coeffs[0]), 2 * F))
+
+
+def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
+    """x/2 + E_k(x) on piece k (lo_k <= |x| < hi_k), relu(x) beyond the last piece."""
+    edges = sorted({lo for lo, _, _ in pieces if lo > 0} | {hi for _, hi, _ in pieces})
+    signed = [-e for e in reversed(edges)] + edges
+    bits = yield from compare.ge0(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
+        p.index, -encode(torch.tensor(signed, dtype=torch.float64))))
+    ge = {e: bits.map(lambda t, i=i: t[..., i]) for i, e in enumerate(signed)}     # e -> [x >= e]
+    his = sorted({hi for _, hi, _ in pieces})
+    inside = {hi: ge[-hi] - ge[hi] for hi in his}
+    clamped = yield from parallel(*[mul(p, inside[hi], x) for hi in his])
+    chains = []
+    for lo, hi, coeffs in pieces:
+        xc = clamped[his.index(hi)] + ge[hi].scale(int(encode(hi))) - (-ge[-hi]).add_public(p.index, 1).scale(
+            int(encode(hi)))                                           # x clamped to [-hi, hi]
+        chains.append((lo, hi, coeffs, xc))
+    sqs = yield from parallel(*[trunc_sum(p, xc.a * xc.a + 2 * xc.a * xc.b, F + 2 * int(math.log2(hi)))
+                                for _, hi, _, xc in chains])           # (x / hi)^2
+    raws = yield from parallel(*[_chebyshev_raw(p, sq.scale(2).add_public(p.index, -encode(1.0)), coeffs)
+                                 for (_, _, coeffs, _), sq in zip(chains, sqs)])
+    top = max(his)
+    twice_half = ge[-top] + ge[top]                                    # 2 * (x/2 coefficient): 1 inside, 2 above
+    pairs = [(twice_half.scale(1 << (F - 1)), x)]
+    for (lo, hi, _, _), raw in zip(chains, raws):
+        region = inside[hi] if lo == 0 else inside[hi] - inside[lo]
+        pairs.append((region, raw))
+    return (yield from trunc_sum(p, _cross_sum(pairs)))
+
+
+def gelu(p: Party, x: AShare) -> Protocol:
+    """GELU, tanh form (GPT-2's)."""
+    return (yield from _piecewise_even(p, x, GELU_PIECES))
+
+
+def silu(p: Party, x: AShare) -> Protocol:
+    return (yield from _piecewise_even(p, x, SILU_PIECES))
+
+
+# ---- norms, softmax ------------------------------------------------------------------------------
+
+RSQRT_RANGE = (-12, 20)      # sums of squares the norms handle: 2^-12 .. 2^20
+
+
+def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
+    """RMSNorm (center=False) or LayerNorm without its affine part, over the last dim D, times
+    1/sqrt(D): (x - mean) / sqrt(sum (x - mean)^2 + D eps). The caller folds sqrt(D) and the
+    norm's weight and bias into the next linear layer."""
+    D = x.shape[-1]
+    if center:
+        inv_d = encode(1.0 / D, F + NORM_EXTRA_BITS)
+        mean = yield from trunc(p, x.map(lambda t: t.sum(-1, keepdim=True) * inv_d), F + NORM_EXTRA_BITS)
+        x = x - mean
+    ss = yield from trunc_sum(p, (x.a * x.a + 2 * x.a * x.b).sum(-1), F - NORM_EXTRA_BITS)   # f + 8 bits
+    ss = ss.add_public(p.index, encode(D * eps, F + NORM_EXTRA_BITS))
+    r = yield from inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1],
+                                 frac_in=F + NORM_EXTRA_BITS)
+    return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
+
+
+def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -30000.0) -> Protocol:
+    """softmax(scores) @ v over keys the 0/1 public `allowed` (..., T, S) lets each query see.
+
+    scores (B, H, T, S), v (B, H, S, Dh) -> (B, H, T, Dh)."""
+    allowed = allowed.to(torch.int64)
+    masked = scores.scale(allowed).add_public(p.index, (1 - allowed) * encode(fill))
+    top = yield from compare.maximum(p, masked, int(encode(fill)))
+    e = yield from exp_neg(p, masked - top)
+    e = e.scale(allowed)
+    total = e.map(lambda t: t.sum(-1))
+    S = scores.shape[-1]
+    inv, ev = yield from parallel(
+        inverse_power(p, total, half=False, lo_exp=-2, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),
+        mul_trunc(p, e, v, torch.matmul))
+    return (yield from mul_trunc(p, ev, inv.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))

@@ -1,0 +1,197 @@
+"""The Transformer's forward pass on shares, mirroring model/ (block.py, layers.py, transformer.py).
+
+`PublicWeights.from_model(model)` encodes a plaintext `Transformer`'s weights once, folding
+everything public and linear into the linear layers so the protocol has fewer steps:
+- a norm's weight (and LayerNorm's bias) and the sqrt(D) that funcs.norm leaves out go into
+  the next linear layer (W diag(g sqrt D), W b + bias);
+- the attention scale 1/sqrt(Dh) goes into q's weights;
+- RoPE is linear per position: q_t = R_t (W_q n_t + b_q), so each position gets its own
+  rotated weight matrix R_t W_q (computed in float64 at each forward for the positions at hand).
+Then a step is: embedding (one-hot shares times the public table: local), per block norm ->
+q/k/v (local, one truncation) -> scores q k^T (secret x secret) -> softmax -> @ v -> o_proj
+-> residual -> norm -> MLP (GELU, or SiLU(gate) * up) -> residual; the final norm and the
+head run on the last position only. `KVShares` keeps each block's rotated k and v in shares
+between steps. Everything here is a protocol run by every party on its own shares.
+Knows nothing of messages or of the client.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+
+from swarmlm.model.config import ModelConfig
+from swarmlm.model.transformer import Transformer
+from swarmlm.privacy.mpc import funcs
+from swarmlm.privacy.mpc.ops import linear, mul_trunc, trunc
+from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
+from swarmlm.privacy.mpc.runtime import Party, Protocol
+from swarmlm.privacy.mpc.shares import AShare, cat
+
+F = FRAC_BITS
+
+
+@dataclass
+class Linear:
+    weight: torch.Tensor            # (K, N) float64, already folded
+    bias: torch.Tensor | None       # (N,) float64
+
+    def encoded(self) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return encode(self.weight), None if self.bias is None else encode(self.bias, 2 * F)
+
+
+def _fold(lin: torch.nn.Linear | list[torch.nn.Linear], norm: torch.nn.Module | None, D: int,
+          scale: torch.Tensor | None = None) -> Linear:
+    """nn.Linear(s) applied to norm(x) -> one Linear on funcs.norm's output (see module doc)."""
+    lins = lin if isinstance(lin, list) else [lin]
+    w = torch.cat([m.weight.detach().double() for m in lins], 0)                  # (N, K)
+    b = torch.cat([m.bias.detach().double() if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float64)
+                   for m in lins])
+    has_bias = any(m.bias is not None for m in lins)
+    if norm is not None:
+        g = norm.weight.detach().double()
+        nb = getattr(norm, "bias", None)
+        if nb is not None:
+            b = b + w @ nb.detach().double()
+            has_bias = True
+        w = w * (g * math.sqrt(D))[None, :]
+    if scale is not None:
+        w, b = w * scale[:, None], b * scale
+    return Linear(w.t().contiguous(), b if has_bias else None)
+
+
+@dataclass
+class BlockWeights:
+    qkv: Linear                    # norm folded in; q rows scaled by 1/sqrt(Dh)
+    o: Linear
+    up: Linear                     # gpt2: up; llama: gate and up side by side (N = 2F)
+    down: Linear
+    eps: float
+
+
+@dataclass
+class PublicWeights:
+    cfg: ModelConfig
+    tok: torch.Tensor                       # (V, D) encoded
+    pos: torch.Tensor | None                # (max_seq_len, D) encoded (gpt2)
+    blocks: dict[int, BlockWeights]
+    head: Linear                            # final norm folded in
+    inv_freq_model: Transformer | None = None   # for RoPE tables (llama)
+    _enc: dict = field(default_factory=dict)
+
+    @classmethod
+    def from_model(cls, model: Transformer) -> "PublicWeights":
+        cfg = model.cfg
+        D, Dh = cfg.dim, cfg.dh
+        blocks = {}
+        for key, blk in model.layers.items():
+            att = blk.attention
+            q_scale = torch.cat([torch.full((cfg.n_heads * Dh,), 1 / math.sqrt(Dh), dtype=torch.float64),
+                                 torch.ones(2 * cfg.n_kv_heads * Dh, dtype=torch.float64)])
+            mlp = blk.feed_forward
+            ups = [mlp.gate_proj, mlp.up_proj] if mlp.gated else [mlp.up_proj]
+            blocks[int(key)] = BlockWeights(
+                qkv=_fold([att.q_proj, att.k_proj, att.v_proj], blk.attention_norm, D, q_scale),
+                o=_fold(att.o_proj, None, D), up=_fold(ups, blk.ffn_norm, D), down=_fold(mlp.down_proj, None, D),
+                eps=float(getattr(blk.attention_norm, "eps", cfg.norm_eps)))
+        tok = encode(model.tok_embeddings.weight.detach().double())
+        pos = encode(model.pos_embeddings.weight.detach().double()) if model.pos_embeddings is not None else None
+        head = _fold(model.output, model.norm, D)
+        return cls(cfg, tok, pos, blocks, head, model if cfg.family == "llama" else None)
+
+    def enc(self, name: str, lin: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+        if name not in self._enc:
+            self._enc[name] = lin.encoded()
+        return self._enc[name]
+
+
+@dataclass
+class KVShares:
+    """Each block's k and v (B, Hkv, S, Dh) in shares, grown by each step."""
+    k: dict[int, AShare] = field(default_factory=dict)
+    v: dict[int, AShare] = field(default_factory=dict)
+    length: int = 0
+
+
+def _rope_qkv(w: PublicWeights, lin: Linear, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-position (T, N, K) weights and (T, N) biases with RoPE applied to the q and k rows."""
+    cfg = w.cfg
+    Dh, H, Hkv = cfg.dh, cfg.n_heads, cfg.n_kv_heads
+    cos, sin = w.inv_freq_model.rotary.tables(positions[None], torch.float64)   # (1, 1, T, Dh) each
+    cos, sin = cos[0, 0], sin[0, 0]                                            # (T, Dh)
+    wt = lin.weight.t()                                                        # (N, K)
+    n_rot = (H + Hkv) * Dh
+    rows = wt[:n_rot].view(H + Hkv, Dh, -1)                                    # (heads, Dh, K)
+    rot = cos[:, None, :, None] * rows[None] + sin[:, None, :, None] * torch.roll(rows, Dh // 2, 1)[None]
+    T = positions.shape[0]
+    full = torch.cat([rot.reshape(T, n_rot, -1), wt[n_rot:][None].expand(T, -1, -1)], 1)   # (T, N, K)
+    bias = None
+    if lin.bias is not None:
+        bh = lin.bias[:n_rot].view(H + Hkv, Dh)
+        brot = cos[:, None, :] * bh[None] + sin[:, None, :] * torch.roll(bh, Dh // 2, 1)[None]
+        bias = torch.cat([brot.reshape(T, n_rot), lin.bias[n_rot:][None].expand(T, -1)], 1)
+    return encode(full), None if bias is None else encode(bias, 2 * F)
+
+
+def _qkv(p: Party, w: PublicWeights, i: int, n: AShare, positions: torch.Tensor) -> Protocol:
+    lin = w.blocks[i].qkv
+    if w.inv_freq_model is None:
+        weight, bias = w.enc(f"qkv{i}", lin)
+        return (yield from linear(p, n, weight, bias))
+    weight, bias = _rope_qkv(w, lin, positions)
+    z = n.map(lambda t: torch.einsum("btk,tnk->btn", t, weight))           # (B, T, N)
+    if bias is not None:
+        z = z.add_public(p.index, bias)
+    return (yield from trunc(p, z))
+
+
+def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positions: torch.Tensor) -> Protocol:
+    """h (B, T, D) -> (B, T, D) for block i; k/v appended to the cache (the caller advances it)."""
+    cfg = w.cfg
+    B, T, _ = h.shape
+    Dh, H, Hkv = cfg.dh, cfg.n_heads, cfg.n_kv_heads
+    bw = w.blocks[i]
+    n = yield from funcs.norm(p, h, eps=bw.eps, center=cfg.family == "gpt2")
+    qkv = yield from _qkv(p, w, i, n, positions)
+    q = qkv.map(lambda t: t[..., :H * Dh].reshape(B, T, H, Dh).transpose(1, 2))                   # (B, H, T, Dh)
+    k = qkv.map(lambda t: t[..., H * Dh:(H + Hkv) * Dh].reshape(B, T, Hkv, Dh).transpose(1, 2))  # (B, Hkv, T, Dh)
+    v = qkv.map(lambda t: t[..., (H + Hkv) * Dh:].reshape(B, T, Hkv, Dh).transpose(1, 2))       # (B, Hkv, T, Dh)
+    if i in cache.k:
+        k, v = cat([cache.k[i], k], 2), cat([cache.v[i], v], 2)                                     # (B, Hkv, S, Dh)
+    cache.k[i], cache.v[i] = k, v
+    rep = H // Hkv
+    k = k.map(lambda t: t.repeat_interleave(rep, 1))                                                # (B, H, S, Dh)
+    v = v.map(lambda t: t.repeat_interleave(rep, 1))
+    S = k.shape[2]
+    scores = yield from mul_trunc(p, q, k, lambda a, b: a @ b.transpose(-1, -2))                   # (B, H, T, S)
+    past = S - T
+    allowed = torch.arange(S)[None, :] <= (past + torch.arange(T))[:, None]                        # (T, S)
+    att = yield from funcs.softmax_av(p, scores, allowed, v)                                        # (B, H, T, Dh)
+    att = att.map(lambda t: t.transpose(1, 2).reshape(B, T, H * Dh))
+    h = h + (yield from linear(p, att, *w.enc(f"o{i}", bw.o)))
+    n = yield from funcs.norm(p, h, eps=bw.eps, center=cfg.family == "gpt2")
+    up = yield from linear(p, n, *w.enc(f"up{i}", bw.up))
+    if cfg.family == "gpt2":
+        act = yield from funcs.gelu(p, up)
+    else:
+        Fd = up.shape[-1] // 2
+        gate = yield from funcs.silu(p, up.map(lambda t: t[..., :Fd]))
+        act = yield from mul_trunc(p, gate, up.map(lambda t: t[..., Fd:]))
+    return h + (yield from linear(p, act, *w.enc(f"down{i}", bw.down)))
+
+
+def forward(p: Party, w: PublicWeights, onehot: AShare, cache: KVShares) -> Protocol:
+    """One-hot token shares (B, T, V) (integers) -> logit shares (B, V) of the last position."""
+    T = onehot.shape[1]
+    positions = torch.arange(cache.length, cache.length + T)
+    h = onehot.map(lambda t: t @ w.tok)                                   # (B, T, D): integer x fixed point
+    if w.pos is not None:
+        h = h.add_public(p.index, w.pos[positions][None])
+    for i in sorted(w.blocks):
+        h = yield from block(p, w, i, h, cache, positions)
+    cache.length += T
+    last = h.map(lambda t: t[:, -1])                                      # (B, D)
+    n = yield from funcs.norm(p, last, eps=w.cfg.norm_eps, center=w.cfg.family == "gpt2")
+    return (yield from linear(p, n, *w.enc("head", w.head)))

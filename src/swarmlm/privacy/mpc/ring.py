@@ -1,0 +1,64 @@
+"""The ring Z_2^64 on torch.int64 tensors, fixed-point encoding, and the parties' PRG.
+
+Values are fixed point with `FRAC_BITS` fractional bits: x -> round(x * 2^f) as int64, and
+torch's int64 add / mul / matmul wrap modulo 2^64, which is the ring's arithmetic. A product
+of two encoded values carries 2f fractional bits until it is truncated (ops.py).
+
+`Prg` is AES-256 in counter mode keyed by a seed two parties share: both draw the same
+stream, in the same order, so correlated randomness (zero shares, truncation masks) costs no
+message. Knows nothing of parties or messages.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
+
+FRAC_BITS = 16                 # f: fractional bits of every shared value
+SCALE = 1 << FRAC_BITS
+MASK_BITS = 62                 # truncation / comparison masks are uniform in [0, 2^62): statistical hiding
+SEED_BYTES = 32
+
+
+def encode(x: torch.Tensor | float, frac_bits: int = FRAC_BITS) -> torch.Tensor:
+    """Real values -> fixed point int64 (rounded to nearest), computed in float64."""
+    t = torch.as_tensor(x, dtype=torch.float64)
+    return torch.round(t * float(1 << frac_bits)).to(torch.int64)
+
+
+def decode(x: torch.Tensor, frac_bits: int = FRAC_BITS) -> torch.Tensor:
+    """Fixed point int64 -> float64."""
+    return x.to(torch.float64) / float(1 << frac_bits)
+
+
+class Prg:
+    """A deterministic stream of uniform ring elements (or bits) from a 32-byte seed."""
+
+    def __init__(self, seed: bytes, label: str = ""):
+        if len(seed) != SEED_BYTES:
+            raise ValueError(f"a PRG seed is {SEED_BYTES} bytes")
+        self._key = hashlib.sha256(seed + b"\0" + label.encode()).digest()
+        self._counter = 0
+
+    def _bytes(self, n: int) -> bytes:
+        nonce = self._counter.to_bytes(16, "big")
+        self._counter += 1
+        return Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor().update(bytes(n))
+
+    def ring(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Uniform int64 over the whole ring."""
+        n = int(np.prod(shape, dtype=np.int64))
+        return torch.from_numpy(np.frombuffer(self._bytes(8 * n), dtype=np.int64).copy()).view(*shape)
+
+    def below(self, shape: tuple[int, ...] | torch.Size, bits: int = MASK_BITS) -> torch.Tensor:
+        """Uniform int64 in [0, 2^bits)."""
+        return self.ring(shape) & ((1 << bits) - 1)
+
+    def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
+        """Uniform bool tensor."""
+        n = int(np.prod(shape, dtype=np.int64))
+        raw = np.unpackbits(np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8), count=n)
+        return torch.from_numpy(raw.astype(np.bool_)).view(*shape)

@@ -1,0 +1,227 @@
+"""How one party runs a protocol: rounds of messages, and the in-process three-party runtime.
+
+A protocol is a generator run by every party on its own shares. Each `yield Round(...)` is
+one communication round: the messages this party sends (to party j: a list of tensors) and
+the ones it expects (from party j: a list of (shape, dtype)); the generator receives what
+arrived. Every party yields the same number of rounds in the same order (a party with
+nothing to say yields an empty part), so independent protocols can run side by side in
+the same rounds: `parallel(a, b)` merges their rounds into one. `run` drives a generator
+over a `Comm`, checking each received tensor's size and dtype before the protocol sees it.
+
+`LocalComm` joins three parties in one process (one thread each, queues between them): the
+protocols' numbers, rounds and bytes are those of the networked parties, fast to test.
+Knows nothing of models or of the network.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Generator, Sequence
+
+import numpy as np
+import torch
+
+from swarmlm.errors import PeerError, PeerTimeout, WireError
+from swarmlm.privacy.mpc.ring import Prg
+
+N_PARTIES = 3
+Spec = tuple[tuple[int, ...], torch.dtype]
+Protocol = Generator["Round", dict[int, list[torch.Tensor]], Any]
+
+
+@dataclass
+class Round:
+    send: dict[int, list[torch.Tensor]] = field(default_factory=dict)   # to party -> tensors
+    recv: dict[int, list[Spec]] = field(default_factory=dict)           # from party -> expected (shape, dtype)
+
+
+def parallel(*protocols: Protocol) -> Protocol:
+    """Run protocols in lockstep: round k of each goes out in one round; returns their results in order."""
+    results: list[Any] = [None] * len(protocols)
+    active: dict[int, Round] = {}
+    for k, p in enumerate(protocols):
+        try:
+            active[k] = next(p)
+        except StopIteration as stop:
+            results[k] = stop.value
+    while active:
+        merged = Round()
+        for rnd in active.values():
+            for to, ts in rnd.send.items():
+                merged.send.setdefault(to, []).extend(ts)
+            for fr, specs in rnd.recv.items():
+                merged.recv.setdefault(fr, []).extend(specs)
+        got = yield merged
+        offsets = {fr: 0 for fr in got}
+        nxt: dict[int, Round] = {}
+        for k, rnd in active.items():
+            mine = {}
+            for fr, specs in rnd.recv.items():
+                mine[fr] = got[fr][offsets[fr]:offsets[fr] + len(specs)]
+                offsets[fr] += len(specs)
+            try:
+                nxt[k] = protocols[k].send(mine)
+            except StopIteration as stop:
+                results[k] = stop.value
+        active = nxt
+    return results
+
+
+# ---- encoding of one message: the tensors' raw bytes; shapes and dtypes are the receiver's to know --
+
+def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
+    parts = []
+    for t in tensors:
+        if t.dtype == torch.bool:
+            parts.append(np.packbits(t.contiguous().numpy().reshape(-1)).tobytes())
+        elif t.dtype == torch.int64:
+            parts.append(t.contiguous().numpy().tobytes())
+        else:
+            raise WireError(f"shares travel as int64 or bool, not {t.dtype}")
+    return b"".join(parts)
+
+
+def spec_bytes(spec: Spec) -> int:
+    shape, dtype = spec
+    n = int(np.prod(shape, dtype=np.int64))
+    return (n + 7) // 8 if dtype == torch.bool else 8 * n
+
+
+def decode_message(data: bytes, specs: Sequence[Spec]) -> list[torch.Tensor]:
+    """Bytes -> tensors of exactly the expected shapes and dtypes, or WireError."""
+    want = sum(spec_bytes(s) for s in specs)
+    if len(data) != want:
+        raise WireError(f"a share message of {len(data)} bytes where {want} were expected")
+    out, pos = [], 0
+    for shape, dtype in specs:
+        size = spec_bytes((shape, dtype))
+        chunk = np.frombuffer(data, dtype=np.uint8, count=size, offset=pos)
+        pos += size
+        n = int(np.prod(shape, dtype=np.int64))
+        if dtype == torch.bool:
+            arr = np.unpackbits(chunk, count=n).astype(np.bool_)
+        else:
+            arr = chunk.view(np.int64).copy()
+        out.append(torch.from_numpy(arr).view(*shape))
+    return out
+
+
+class Comm:
+    """One party's links to the two others: whole messages, in order, per peer."""
+
+    def send(self, to: int, data: bytes) -> None:
+        raise NotImplementedError
+
+    def recv(self, fr: int) -> bytes:
+        raise NotImplementedError
+
+
+class Party:
+    """What a protocol knows of the party running it: its index, its links and its seeds.
+
+    seeds[j] is the 32-byte seed shared with party j (j != index); the PRG streams drawn from
+    it are the same on both sides as long as both run the same protocol.
+    """
+
+    def __init__(self, index: int, comm: Comm, seeds: dict[int, bytes]):
+        self.index = index
+        self.next = (index + 1) % N_PARTIES
+        self.prev = (index - 1) % N_PARTIES
+        self.comm = comm
+        self._seeds = seeds
+        self._prgs: dict[tuple[int, str], Prg] = {}
+        self.rounds = 0
+        self.bytes_sent = 0
+
+    def prg(self, other: int, label: str) -> Prg:
+        """The stream shared with party `other` for `label`."""
+        key = (other, label)
+        if key not in self._prgs:
+            self._prgs[key] = Prg(self._seeds[other], label)
+        return self._prgs[key]
+
+    def run(self, protocol: Protocol) -> Any:
+        """Drive `protocol` to its end over this party's links; return its result."""
+        try:
+            rnd = next(protocol)
+        except StopIteration as stop:
+            return stop.value
+        while True:
+            for to, tensors in rnd.send.items():
+                data = encode_message(tensors)
+                self.bytes_sent += len(data)
+                self.comm.send(to, data)
+            got = {fr: decode_message(self.comm.recv(fr), specs) for fr, specs in rnd.recv.items()}
+            self.rounds += 1
+            try:
+                rnd = protocol.send(got)
+            except StopIteration as stop:
+                return stop.value
+
+
+# ---- three parties in one process --------------------------------------------------------
+
+class LocalComm(Comm):
+    def __init__(self, index: int, boxes: dict[tuple[int, int], "queue.Queue[bytes]"], timeout_s: float):
+        self.index = index
+        self.boxes = boxes
+        self.timeout_s = timeout_s
+        self.received: list[bytes] = []        # everything this party received, for tests of what it learns
+
+    def send(self, to: int, data: bytes) -> None:
+        self.boxes[(self.index, to)].put(data)
+
+    def recv(self, fr: int) -> bytes:
+        try:
+            data = self.boxes[(fr, self.index)].get(timeout=self.timeout_s)
+        except queue.Empty:
+            raise PeerTimeout(f"party {fr} sent nothing for {self.timeout_s:.0f} s") from None
+        self.received.append(data)
+        return data
+
+
+def make_seeds(rng: Callable[[int], bytes]) -> list[dict[int, bytes]]:
+    """Pairwise seeds for three parties: seeds[i][j] == seeds[j][i]."""
+    pair = {(i, j): rng(32) for i in range(N_PARTIES) for j in range(i + 1, N_PARTIES)}
+    return [{j: pair[(min(i, j), max(i, j))] for j in range(N_PARTIES) if j != i} for i in range(N_PARTIES)]
+
+
+class LocalParties:
+    """Three parties in threads of this process; `run(make)` runs `make(party) -> protocol` on each."""
+
+    def __init__(self, *, timeout_s: float = 30.0, seed_rng: Callable[[int], bytes] | None = None):
+        import os
+        boxes = {(i, j): queue.Queue() for i in range(N_PARTIES) for j in range(N_PARTIES) if i != j}
+        seeds = make_seeds(seed_rng or os.urandom)
+        self.comms = [LocalComm(i, boxes, timeout_s) for i in range(N_PARTIES)]
+        self.parties = [Party(i, self.comms[i], seeds[i]) for i in range(N_PARTIES)]
+
+    def run(self, make: Callable[[Party], Protocol]) -> list[Any]:
+        results: list[Any] = [None] * N_PARTIES
+        errors: list[BaseException] = []
+
+        def work(i: int) -> None:
+            try:
+                results[i] = self.parties[i].run(make(self.parties[i]))
+            except BaseException as exc:   # handed to the caller below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, N_PARTIES)]
+        for t in threads:
+            t.start()
+        work(0)
+        for t in threads:
+            t.join()
+        if errors:
+            raise errors[0]
+        return results
+
+    @property
+    def rounds(self) -> int:
+        return max(p.rounds for p in self.parties)
+
+    @property
+    def bytes_sent(self) -> int:
+        return sum(p.bytes_sent for p in self.parties)

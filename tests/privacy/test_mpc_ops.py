@@ -1,0 +1,132 @@
+"""Each MPC operation against its plaintext value, at the edges of its approximation, and the
+runtime's checks on what arrives."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from swarmlm.errors import WireError
+from swarmlm.privacy.mpc import compare, funcs, ops
+from swarmlm.privacy.mpc.ring import Prg, decode, encode
+from swarmlm.privacy.mpc.runtime import LocalParties, Round, decode_message, encode_message
+from swarmlm.privacy.mpc.shares import combine, split
+
+
+@pytest.fixture(scope="module")
+def parties():
+    return LocalParties(timeout_s=20)
+
+
+def _run(parties, fn, *values):
+    shares = [split(encode(v)) for v in values]
+    out = parties.run(lambda p: fn(p, *[s[p.index] for s in shares]))
+    return combine([o.a for o in out])
+
+
+def _real(parties, fn, *values):
+    return decode(_run(parties, fn, *values))
+
+
+def test_shares_hide_and_rebuild():
+    x = encode(torch.randn(100))
+    s = split(x)
+    assert torch.equal(combine([s[0].a, s[1].a, s[2].a]), x)
+    assert torch.equal(s[0].b, s[1].a) and torch.equal(s[1].b, s[2].a) and torch.equal(s[2].b, s[0].a)
+    assert not torch.equal(s[0].a, x)
+
+
+def test_prg_is_shared_and_uniform():
+    seed = bytes(range(32))
+    a, b = Prg(seed, "x"), Prg(seed, "x")
+    assert torch.equal(a.ring((1000,)), b.ring((1000,)))
+    r = Prg(seed, "y").ring((20000,))
+    assert 0.45 < float((r < 0).float().mean()) < 0.55            # the sign bit is random too
+    assert int(Prg(seed, "z").below((1000,)).min()) >= 0
+
+
+def test_multiplication_and_truncation(parties):
+    x, y = torch.randn(500) * 8, torch.randn(500) * 8
+    got = _real(parties, ops.mul_trunc, x, y)
+    assert (got - x.double() * y.double()).abs().max() < 1e-3
+    got = _real(parties, lambda p, a: ops.trunc(p, a, 3), x)
+    assert (got - x.double() / 8).abs().max() < 1e-4
+
+
+def test_linear_with_public_weights_needs_only_the_truncation_round(parties):
+    x, w, b = torch.randn(4, 16), torch.randn(16, 8), torch.randn(8)
+    before = parties.rounds
+    got = _real(parties, lambda p, a: ops.linear(p, a, encode(w), encode(b, 32)), x)
+    assert parties.rounds - before == 2
+    assert (got - (x.double() @ w.double() + b)).abs().max() < 1e-3
+
+
+def test_comparison_is_exact_including_zero_and_extremes(parties):
+    x = torch.cat([torch.randn(300) * 100, torch.tensor([0.0, 1 / 65536, -1 / 65536, 30000.0, -30000.0])])
+    bits = _run(parties, compare.ge0, x)
+    assert torch.equal(bits, (encode(x) >= 0).long())
+
+
+def test_maximum_of_rows_of_any_length(parties):
+    x = torch.randn(3, 5, 13) * 20
+    got = _real(parties, lambda p, a: compare.maximum(p, a, int(encode(-30000.0))), x)
+    assert (got[..., 0] - x.double().max(-1).values).abs().max() < 1e-4
+
+
+def test_exp_over_its_whole_range(parties):
+    x = torch.linspace(-40, 0, 801)
+    got = _real(parties, funcs.exp_neg, x)
+    assert (got - x.double().exp()).abs().max() < 1e-4
+
+
+@pytest.mark.parametrize("half,lo,hi,frac", [(False, -2, 10, 16), (True, -12, 20, 24)])
+def test_inverse_and_inverse_sqrt_over_their_ranges(parties, half, lo, hi, frac):
+    x = torch.logspace(lo + 0.01, hi - 0.01, 400, base=2).double()
+    shares = split(encode(x, frac))
+    out = parties.run(lambda p: funcs.inverse_power(p, shares[p.index], half=half, lo_exp=lo, hi_exp=hi,
+                                                    frac_in=frac))
+    got = decode(combine([o.a for o in out]), funcs.INV_OUT_BITS)
+    ref = x.rsqrt() if half else 1 / x
+    assert ((got - ref).abs() / ref).max() < 5e-4
+
+
+def test_gelu_and_silu_everywhere(parties):
+    x = torch.cat([torch.linspace(-30, 30, 1201), torch.tensor([0.0, 3.99, 4.0, 4.01, 7.99, 8.0, -8.0])])
+    assert (_real(parties, funcs.gelu, x) - F.gelu(x.double(), approximate="tanh")).abs().max() < 5e-4
+    assert (_real(parties, funcs.silu, x) - F.silu(x.double())).abs().max() < 3e-3
+
+
+def test_softmax_with_large_scores(parties):
+    scores = torch.randn(1, 2, 4, 9) * 30                    # a spread of hundreds between scores
+    v = torch.randn(1, 2, 9, 8)
+    allowed = torch.ones(4, 9, dtype=torch.bool)
+    allowed[:, 7:] = False
+    ref = (scores.double().masked_fill(~allowed, float("-inf")).softmax(-1)) @ v.double()
+    got = _real(parties, lambda p, s, w: funcs.softmax_av(p, s, allowed, w), scores, v)
+    assert (got - ref).abs().max() < 1e-3
+
+
+def test_messages_of_the_wrong_size_or_dtype_are_refused():
+    specs = [((3, 4), torch.int64), ((5,), torch.bool)]
+    good = encode_message([torch.zeros(3, 4, dtype=torch.int64), torch.ones(5, dtype=torch.bool)])
+    assert [t.shape for t in decode_message(good, specs)] == [(3, 4), (5,)]
+    with pytest.raises(WireError):
+        decode_message(good + b"\0", specs)
+    with pytest.raises(WireError):
+        decode_message(good[:-1], specs)
+    with pytest.raises(WireError):
+        encode_message([torch.zeros(2, dtype=torch.float32)])
+
+
+def test_a_silent_party_is_a_timeout_not_a_hang():
+    from swarmlm.errors import PeerTimeout
+    lp = LocalParties(timeout_s=0.5)
+
+    def protocol(p):
+        if p.index == 0:
+            yield Round(recv={1: [((1,), torch.int64)]})
+        return None
+
+    with pytest.raises(PeerTimeout):
+        lp.run(protocol)
