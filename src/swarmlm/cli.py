@@ -12,7 +12,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from swarmlm.errors import SwarmlmError
+from swarmlm.errors import SwarmlmError, UserError
 
 
 # ---- demo ---------------------------------------------------------------------------------
@@ -109,12 +109,19 @@ def _add_generate(sub) -> None:
     p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --swarm: join through these")
     p.add_argument("--connect-timeout", type=float, default=60.0,
                    help="with --swarm: seconds to wait until every block is served")
+    _add_ledger_flags(p, "with --swarm: sign receipts for the servers of this ledger (account in $SWARMLM_HOME)")
     p.set_defaults(run=_run_generate)
 
 
 def _run_generate(args) -> int:
+    if args.ledger and not args.swarm:
+        raise UserError("--ledger meters swarm use: add --swarm")
     if args.swarm:
         from swarmlm.swarm.client.model import generate_from_args as swarm_generate_from_args
+        if args.ledger:
+            from swarmlm.ledger.commands import payer_from_args
+            payer = payer_from_args(args)
+            return swarm_generate_from_args(args, ticket=payer.ticket, ticket_accepted=payer.accepted)
         return swarm_generate_from_args(args)
     from swarmlm.model.generate import generate_from_args
     return generate_from_args(args)
@@ -261,12 +268,77 @@ def _add_serve(sub) -> None:
     p.add_argument("--join-delay", type=float, default=0.0, help="with --num-blocks: wait up to this long first")
     p.add_argument("--no-direct", dest="direct", action="store_false",
                    help="offer no encrypted direct TCP steps channel (clients step over libp2p streams)")
+    _add_ledger_flags(p, "admit sessions by this ledger's quotas, deposits and priority slots")
     p.set_defaults(run=_run_serve)
 
 
 def _run_serve(args) -> int:
     from swarmlm.swarm.server.serve import serve_from_args
+    if args.ledger:
+        from swarmlm.ledger.commands import gate_from_args
+        gate = gate_from_args(args)
+        return serve_from_args(args, admit=gate.admit, background=gate.run_forever)
     return serve_from_args(args)
+
+
+# ---- ledger ---------------------------------------------------------------------------------
+
+def _add_ledger_flags(p, what: str) -> None:
+    p.add_argument("--ledger", default=None, metavar="ADDR", help=what)
+    p.add_argument("--chain-rpc", default="http://127.0.0.1:8545", metavar="URL", help="Ethereum JSON-RPC node")
+
+
+def _add_ledger(sub) -> None:
+    p = sub.add_parser("ledger", help="fair access on an EVM ledger: dev chain, deploy, status, deposits, auctions")
+    verbs = p.add_subparsers(dest="ledger_verb", required=True)
+    c = verbs.add_parser("chain", help="run the embedded dev chain (py-evm) on loopback; prints its RPC URL")
+    c.add_argument("--host", default="127.0.0.1")
+    c.add_argument("--port", type=int, default=8545, help="0: any free port")
+    c.set_defaults(run=lambda a: _ledger("chain_from_args", a))
+    specs = {
+        "deploy": "deploy a new ledger; prints its address last",
+        "status": "epoch, credit, quota, balances of an account",
+        "fund": "dev chains only: give the data dir's account 100 ether",
+        "register": "bind the data dir's ledger account to its swarm peer ID",
+        "deposit": "lock wei as deposit, spent on use over the quota",
+        "bid": "commit a sealed bid for a priority slot",
+        "reveal": "reveal the sealed bid",
+        "settle": "settle the receipts this server holds (or --auction EPOCH)",
+        "withdraw": "claim auction refunds and withdraw what is owed (--unlock to start freeing deposit)",
+        "advance": "dev chains only: move the chain's clock forward",
+    }
+    for verb, what in specs.items():
+        q = verbs.add_parser(verb, help=what)
+        q.add_argument("--chain-rpc", required=True, metavar="URL")
+        q.add_argument("--data-dir", default=None, help="whose ledger key (default: $SWARMLM_HOME)")
+        if verb not in ("deploy", "fund", "advance"):
+            q.add_argument("--ledger", required=True, metavar="ADDR")
+        q.set_defaults(run=lambda a, v=verb: _ledger(f"{v}_from_args", a))
+    d = verbs.choices["deploy"]
+    d.add_argument("--epoch-seconds", type=int, default=3600)
+    d.add_argument("--free-tokens", type=int, default=1000)
+    d.add_argument("--slots", type=int, default=2)
+    d.add_argument("--price", type=int, default=10 ** 9, help="wei per token over the quota")
+    d.add_argument("--quota-per-credit", type=int, default=1)
+    d.add_argument("--sample-credit", type=int, default=1)
+    d.add_argument("--dispute-seconds", type=int, default=600)
+    verbs.choices["status"].add_argument("--json", action="store_true")
+    verbs.choices["status"].add_argument("--account", default=None, help="another account than the data dir's")
+    verbs.choices["register"].add_argument("--server", action="store_true", help="as a server (earns credit)")
+    verbs.choices["deposit"].add_argument("--amount", type=int, required=True, help="wei")
+    for verb in ("bid", "reveal"):
+        verbs.choices[verb].add_argument("--epoch", type=int, default=None, help="the slot's epoch (default: next)")
+    verbs.choices["bid"].add_argument("--amount", type=int, required=True, help="wei")
+    verbs.choices["bid"].add_argument("--escrow", type=int, default=None, help="wei sent (>= amount; hides it)")
+    verbs.choices["settle"].add_argument("--now", action="store_true", help="this epoch's channels too (closing them)")
+    verbs.choices["settle"].add_argument("--auction", type=int, default=None, metavar="EPOCH")
+    verbs.choices["withdraw"].add_argument("--unlock", type=int, default=0, help="wei of deposit to start unlocking")
+    verbs.choices["advance"].add_argument("--seconds", type=int, required=True)
+
+
+def _ledger(name: str, args) -> int:
+    from swarmlm.ledger import commands
+    return getattr(commands, name)(args)
 
 
 # ---- finetune -----------------------------------------------------------------------------
@@ -374,7 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune,
-                _add_api, _add_fl):
+                _add_api, _add_fl, _add_ledger):
         add(sub)
     return parser
 

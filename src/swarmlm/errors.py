@@ -60,5 +60,13 @@ class CapacityError(SwarmError):
     """A server is full: too many sessions or cached tokens."""
 
 
+class AccessRefused(SwarmError):
+    """A server's admission policy (the ledger: quota, deposit, priority) refused a session."""
+
+
+class LedgerError(SwarmlmError):
+    """A ledger transaction was reverted, or the chain could not be reached or read."""
+
+
 class RoundFailed(SwarmError):
     """A collaborative averaging round did not complete over a known set of peers."""

@@ -62,6 +62,8 @@ RPC_STEPS = "swarm/steps"        # a channel (raw stream) of StepRequest -> Step
 PURPOSE_STEPS = "swarm/steps"    # the same channel over the side channel
 PURPOSE_PUSH = "swarm/push"      # a server's pushes into the next server: PushBind, then pushed StepRequests
 
+MAX_TICKET_BYTES = 1024          # an OpenRequest's ticket
+ACCESS_REFUSED = "access refused"  # a server's admission refusals contain this; clients stop there, no failover
 SESSION_ID_BYTES = 16            # a random id the client picks; the server scopes it by the caller's peer ID
 KEEP_ID_BYTES = 16               # the same for a forward kept for its backward
 
@@ -77,6 +79,8 @@ class OpenRequest:
     max_length: int              # positions the cache must hold (prompt + new tokens)
     pusher: str | None = None         # the peer (the previous server) allowed to push inputs into this session
     next_hop: NextHop | None = None   # where this server pushes its outputs when a step asks it to
+    ticket: bytes | None = None       # opaque admission ticket for the server's `admit` hook (the ledger's
+                                      # signed receipt); at most MAX_TICKET_BYTES
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from swarmlm import serialize
-from swarmlm.errors import PeerError
+from swarmlm.errors import AccessRefused, PeerError, RemoteError
 from swarmlm.log import get_logger
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.routing import Hop
@@ -82,16 +82,23 @@ class HopClient:
         one, else its libp2p channel, else none (unary steps). `next_hop`: where the server pushes its
         outputs; `pusher`: the server before it, which will push into it. `HopFailed` if it fails."""
         session_id = os.urandom(wire.SESSION_ID_BYTES)
+        ticket = self.options.ticket(hop.peer_id, self.batch, self.max_length) if self.options.ticket else None
         req = wire.OpenRequest(session_id=session_id, start=hop.start, end=hop.end, batch=self.batch,
-                               max_length=self.max_length, pusher=pusher, next_hop=next_hop)
+                               max_length=self.max_length, pusher=pusher, next_hop=next_hop, ticket=ticket)
         timeout_s = self.options.open_timeout_s
         try:
             opened = await self.swarm.call(hop.peer_id, wire.RPC_OPEN, req, wire.OpenReply, timeout_s=timeout_s)
             dtype = serialize.parse_dtype(opened.dtype)
         except serialize.WireError as e:
             raise HopFailed(hop.peer_id, PeerError(f"{hop.peer_id} answered open with a bad dtype: {e}")) from None
+        except RemoteError as e:
+            if wire.ACCESS_REFUSED in str(e):       # a policy's answer, not a failure: no other server is tried
+                raise AccessRefused(str(e)) from None
+            raise HopFailed(hop.peer_id, e) from None
         except PeerError as e:
             raise HopFailed(hop.peer_id, e) from None
+        if ticket is not None and self.options.ticket_accepted is not None:
+            self.options.ticket_accepted(hop.peer_id)
         self.swarm.session_opened(hop.peer_id, +1)
         channel = None
         direct = self.options.direct and opened.endpoint is not None

@@ -314,8 +314,9 @@ class SyncSession:
 
 # ---- the CLI -----------------------------------------------------------------------------------
 
-def generate_from_args(args: Any) -> int:
-    """`swarmlm generate MODEL --swarm --initial-peers ...`: the same output as local generation."""
+def generate_from_args(args: Any, *, ticket: Any = None, ticket_accepted: Any = None) -> int:
+    """`swarmlm generate MODEL --swarm --initial-peers ...`: the same output as local generation. `ticket`,
+    `ticket_accepted`: SessionOptions' (cli.py passes the ledger's)."""
     import json
     import sys
 
@@ -327,8 +328,14 @@ def generate_from_args(args: Any) -> int:
     check_sampling_args(args)
     if args.connect_timeout <= 0:
         raise UserError("--connect-timeout must be positive")
+    options = None
+    if ticket is not None:
+        from swarmlm.swarm.client.remote import ClientOptions
+        from swarmlm.swarm.client.session import SessionOptions
+        options = ClientOptions(connect_timeout_s=args.connect_timeout,
+                                session=SessionOptions(ticket=ticket, ticket_accepted=ticket_accepted))
     with RemoteModel.connect(args.model, initial_peers=args.initial_peers, connect_timeout_s=args.connect_timeout,
-                             dtype=DTYPES[getattr(args, "dtype", "float32")]) as model:
+                             dtype=DTYPES[getattr(args, "dtype", "float32")], options=options) as model:
         tokenizer = Tokenizer.load(model.source_dir)
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:

@@ -73,6 +73,9 @@ class SessionOptions:
     direct: bool = True                   # step over servers' side channels (p2p/channel/) where they have one
     direct_timeout_s: float = 3.0         # dialing it; a server that cannot be dialed is stepped over libp2p
     chain: bool = True                    # servers push outputs to the next server (wire.py's chained steps)
+    ticket: Callable[[str, int, int], bytes | None] | None = None   # (server peer ID, batch, max_length) -> the
+                                          # OpenRequest.ticket for it (cli.py hands the ledger's); None: no tickets
+    ticket_accepted: Callable[[str], None] | None = None            # told which server took its ticket
 
 
 History = tuple[list[torch.Tensor], list[torch.Tensor | None]]   # a hop's recorded inputs and key masks

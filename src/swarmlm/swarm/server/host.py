@@ -21,12 +21,12 @@ import asyncio
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable
 
 import torch
 
 from swarmlm import serialize
-from swarmlm.errors import CapacityError, PeerError, WireError
+from swarmlm.errors import AccessRefused, CapacityError, PeerError, WireError
 from swarmlm.log import get_logger
 from swarmlm.model.cache import KVCache
 from swarmlm.model.transformer import Transformer
@@ -57,6 +57,9 @@ logger = get_logger(__name__)
 # short, and handing it to the worker thread and back costs two thread wake-ups (0.2-0.4 ms
 # each on a loaded 2-core machine), a large share of a step's time beyond its compute.
 INLINE_STEP_TOKENS = 16
+# admit(client peer ID, OpenRequest.ticket, batch, max_length, load 0..1) -> per-row cap on the tokens the
+# session may generate after its first step (None: no cap); raises AccessRefused (a one-line reason)
+Admit = Callable[[str, "bytes | None", int, int, float], Awaitable["int | None"]]
 MAX_SESSIONS_PER_PEER = 64      # open sessions of one client (closing one frees its place)
 _NOTHING = torch.empty(0)       # the hidden states of a reply to a pushed input
 
@@ -73,6 +76,7 @@ class _Session:
     next: NextLink | None = None                      # where outputs are pushed when a step asks
     pusher: str | None = None                         # the peer the client allows to push into it
     links: int = 0                                    # re-links asked for so far (MAX_LINKS)
+    token_cap: int | None = None                      # per row, new positions after the first step (admit's grant)
 
     def close(self) -> None:
         self.inbox.close()
@@ -82,8 +86,10 @@ class _Session:
 
 class BlockHost:
     def __init__(self, model: Transformer, *, model_id: str, limits: BudgetLimits | None = None,
-                 block_tokens_per_s: float = 0.0, clock: Callable[[], float] = time.monotonic):
+                 block_tokens_per_s: float = 0.0, clock: Callable[[], float] = time.monotonic,
+                 admit: Admit | None = None):
         self.model_id = model_id
+        self.admit = admit                    # admission policy (cli.py hands the ledger's); None: admit everyone
         self.budget = Budget(limits or BudgetLimits())
         self.state = "joining"
         self.clock = clock
@@ -207,6 +213,14 @@ class BlockHost:
         if sum(owner == peer_id for owner, _ in self._sessions) >= MAX_SESSIONS_PER_PEER:
             raise CapacityError(f"{MAX_SESSIONS_PER_PEER} sessions of yours are already open here")
         key = (peer_id, req.session_id)
+        cap = None
+        if self.admit is not None:
+            if req.ticket is not None and len(req.ticket) > wire.MAX_TICKET_BYTES:
+                raise WireError(f"a ticket has at most {wire.MAX_TICKET_BYTES} bytes")
+            limits = self.budget.limits
+            load = max(self.budget.n_sessions / limits.max_sessions,
+                       1 - self.budget.free_tokens / limits.max_cache_tokens)
+            cap = await self.admit(peer_id, req.ticket, req.batch, req.max_length, load)
         self.budget.reserve(key, batch=req.batch, max_length=req.max_length, now=self.clock())
         try:
             cache = KVCache.empty(self.cfg, req.batch, req.max_length, layers=range(req.start, req.end),
@@ -215,7 +229,7 @@ class BlockHost:
             self.budget.release(key)
             raise
         session = self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache,
-                                                 pusher=req.pusher)
+                                                 pusher=req.pusher, token_cap=cap)
         self.on_change()
         if req.next_hop is not None:
             try:
@@ -346,6 +360,9 @@ class BlockHost:
                                     f"{req.position} + {T} would exceed it")
             if prompts is not None and req.position != 0:
                 raise WireError("deep prompts are only accepted at position 0")
+            if session.token_cap is not None and req.position == 0 and session.max_length - T > session.token_cap:
+                raise AccessRefused(f"{wire.ACCESS_REFUSED}: the session was admitted for {session.token_cap} new "
+                                    f"tokens, its {session.max_length} positions allow {session.max_length - T}")
             self.budget.touch(key, self.clock())
 
             def compute() -> torch.Tensor:

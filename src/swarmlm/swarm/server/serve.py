@@ -61,6 +61,8 @@ class ServeOptions:
     startup_timeout_s: float = 60.0         # p2pd start-up
     direct: bool = True                     # serve steps and pushes over the peer's side channel (p2p/channel/),
                                             # listening on its --host
+    admit: Any = None                       # BlockHost's admission hook (host.Admit), e.g. the ledger's; None: all
+    background: Any = None                  # an async callable run beside the server (the admit hook's refresh)
 
     def check(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -118,7 +120,8 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
             model, tps = await _load(source, span, opts.dtype)
         if not source.model_id.startswith("dir-"):
             await _serve_store(peer, opts.data_dir)
-        host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps)
+        host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps,
+                         admit=opts.admit)
         await host.register(peer, side=await peer.side_channel() if opts.direct else None)
         announcer = Announcer(peer, host.record, ttl_s=opts.announce_ttl_s)
         host.on_change = announcer.poke
@@ -128,6 +131,8 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
                     source.model_id, tps)
         on_ready(peer.maddrs)
         tasks = [asyncio.create_task(announcer.run_forever()), asyncio.create_task(host.sweep_forever())]
+        if opts.background is not None:
+            tasks.append(asyncio.create_task(opts.background()))
         if opts.num_blocks is not None:
             tasks.append(asyncio.create_task(_rebalance_forever(opts, peer, source, host, announcer, rng)))
         try:
@@ -237,9 +242,11 @@ def options_from_args(args: Any) -> ServeOptions:
                         join_delay_s=args.join_delay, direct=args.direct)
 
 
-def serve_from_args(args: Any) -> int:
-    """`swarmlm serve`: run until SIGTERM/SIGINT, printing the multiaddrs once announced."""
-    opts = options_from_args(args)
+def serve_from_args(args: Any, *, admit: Any = None, background: Any = None) -> int:
+    """`swarmlm serve`: run until SIGTERM/SIGINT, printing the multiaddrs once announced. `admit` and
+    `background`: ServeOptions' (cli.py passes the ledger's)."""
+    import dataclasses
+    opts = dataclasses.replace(options_from_args(args), admit=admit, background=background)
     opts.check()
 
     def ready(maddrs: list[str]) -> None:

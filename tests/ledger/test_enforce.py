@@ -1,0 +1,121 @@
+"""Servers enforce the ledger, end to end over loopback processes, on the embedded chain and on anvil.
+
+A dev chain (`swarmlm ledger chain`, or anvil from scripts/setup), a ledger with a free quota of 50
+tokens per epoch, one `swarmlm serve --ledger` process serving every block, and a client
+(`swarmlm generate --swarm --ledger`, its account in its own $SWARMLM_HOME): 40 tokens are served,
+the next 40 are refused in one line naming the quota, the server settles and holds 40 tokens of
+credit (`ledger status --json`); members of a co-signed training round get quota the next epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from swarmlm.ledger import chain as chainlib
+from swarmlm.ledger import keys, receipts
+from tests.helpers.swarm import poll_until
+from tests.helpers.swarm_servers import ServerProcesses, build_checkpoint
+
+ROOT = Path(__file__).resolve().parents[2]
+ANVIL = ROOT / ".tools" / "node_modules" / ".bin" / "anvil"
+EPOCH_S = 3600
+
+
+def _start_chain(kind: str, tmp_path: Path) -> tuple[subprocess.Popen, str]:
+    log = open(tmp_path / f"{kind}.log", "w+")
+    if kind == "anvil":
+        if not ANVIL.exists():
+            pytest.fail(f"anvil is missing at {ANVIL}: run ./scripts/setup (it installs @foundry-rs/anvil with npm)")
+        proc = subprocess.Popen([str(ANVIL), "--host", "127.0.0.1", "--port", "0"], stdout=log,
+                                stderr=subprocess.STDOUT)
+        pattern = re.compile(r"Listening on (127\.0\.0\.1:\d+)")
+    else:
+        proc = subprocess.Popen([sys.executable, "-m", "swarmlm", "ledger", "chain", "--port", "0"], stdout=log,
+                                stderr=subprocess.STDOUT)
+        pattern = re.compile(r"^http://(127\.0\.0\.1:\d+)$", re.M)
+
+    def url() -> str | None:
+        log.seek(0)
+        m = pattern.search(log.read())
+        if m is None and proc.poll() is not None:
+            raise RuntimeError(f"{kind} exited: {log.read()}")
+        return f"http://{m.group(1)}" if m else None
+
+    try:
+        return proc, poll_until(url, 60.0)
+    except BaseException:
+        proc.kill()
+        raise
+
+
+def _cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = {**os.environ, "SWARMLM_HOME": str(home)}
+    out = subprocess.run([sys.executable, "-m", "swarmlm", *args], capture_output=True, text=True, env=env,
+                         timeout=300)
+    if check and out.returncode != 0:
+        raise AssertionError(f"swarmlm {' '.join(args)} failed: {out.stderr}")
+    return out
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    return build_checkpoint(tmp_path_factory.mktemp("ledger-ckpt") / "llama", "llama")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kind", ["embedded", "anvil"])
+def test_a_server_serves_the_free_quota_refuses_beyond_it_and_earns_the_credit(kind, checkpoint, tmp_path):
+    chain, url = _start_chain(kind, tmp_path)
+    servers = ServerProcesses(tmp_path)
+    server_dir, client_home, trainer_home = tmp_path / "server0", tmp_path / "client", tmp_path / "trainer"
+    try:
+        rpc = ["--chain-rpc", url]
+        for home in (server_dir, client_home, trainer_home):
+            _cli("ledger", "fund", *rpc, home=home)
+        ledger = _cli("ledger", "deploy", *rpc, "--epoch-seconds", str(EPOCH_S), "--free-tokens", "50",
+                      "--sample-credit", "3", home=server_dir).stdout.split()[-1]
+        at = [*rpc, "--ledger", ledger]
+        _cli("ledger", "register", *at, "--server", "--data-dir", str(server_dir), home=server_dir)
+        _cli("ledger", "register", *at, home=client_home)
+        _cli("ledger", "register", *at, home=trainer_home)
+        _cli("ledger", "advance", *rpc, "--seconds", str(EPOCH_S), home=client_home)     # the server serves from epoch 1
+
+        server = servers.start(checkpoint, blocks=(0, 4), extra_args=["--ledger", ledger, "--chain-rpc", url])
+        generate = ["generate", str(checkpoint), "--swarm", "--initial-peers", server.maddrs[0], "--prompt",
+                    "the quick brown fox", "--temperature", "0", "--max-new-tokens", "40", *at, "--json"]
+        first = _cli(*generate, home=client_home)
+        assert len(json.loads(first.stdout.splitlines()[-1])["output_ids"]) == 40
+
+        second = _cli(*generate, home=client_home, check=False)
+        assert second.returncode == 2
+        error = second.stderr.strip().splitlines()
+        assert len(error) == 1 and "quota exceeded: 10 tokens left" in error[0] and "renews in" in error[0]
+
+        _cli("ledger", "settle", *at, "--now", "--data-dir", str(server_dir), home=server_dir)
+        status = json.loads(_cli("ledger", "status", *at, "--json", "--data-dir", str(server_dir),
+                                 home=server_dir).stdout)
+        assert status["credit"] == 40 and status["epoch"] == 1
+
+        # a co-signed training round: both members get quota in the next epoch
+        w3 = chainlib.connect(url)
+        members = [chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(h)) for h in (client_home, trainer_home)]
+        members.sort(key=lambda m: int(m.account, 16))
+        addrs, samples = [m.account for m in members], [7, 7]
+        digest = receipts.round_digest(members[0].domain, b"run1".ljust(32, b"\0"), 1, 1, addrs, samples)
+        sigs = [receipts.split_signature(receipts.sign_digest(m.key, digest)) for m in members]
+        members[0].transact("record_round", b"run1".ljust(32, b"\0"), 1, 1, addrs, samples,
+                            [v for v, _, _ in sigs], [r for _, r, _ in sigs], [s for _, _, s in sigs])
+        _cli("ledger", "advance", *rpc, "--seconds", str(EPOCH_S), home=client_home)
+        trainer = json.loads(_cli("ledger", "status", *at, "--json", home=trainer_home).stdout)
+        assert trainer["epoch"] == 2 and trainer["quota"] == 50 + 7 * 3
+    finally:
+        servers.close()
+        chain.kill()
+        chain.wait(10)
