@@ -222,7 +222,11 @@ def generate_from_args(args) -> int:
     from swarmlm.model.hf import load_config, load_model
     from swarmlm.model.tokenizer import Tokenizer
 
+    from swarmlm.model.quant import check_quantizable, parse_scheme, quantize_model
+
     cfg = load_config(args.model)
+    scheme = parse_scheme(getattr(args, "quantize", None))
+    check_quantizable(cfg, scheme)
     tokenizer = Tokenizer.load(args.model)
     prompt_ids = tokenizer.encode(args.prompt)
     if not prompt_ids:
@@ -231,6 +235,7 @@ def generate_from_args(args) -> int:
         raise UserError(f"prompt is {len(prompt_ids)} tokens, longer than the model's context of {cfg.context_len}")
     check_sampling_args(args)
     model, cfg = load_model(args.model, dtype=DTYPES[getattr(args, "dtype", "float32")])
+    quantize_model(model, scheme)
     eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_id
     steps = stream_generate(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos_id)
