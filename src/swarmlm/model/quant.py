@@ -202,6 +202,40 @@ class QuantLinear(nn.Module):
             return _QuantMatmul.apply(x, self)
         return self.matmul(x)
 
+    @classmethod
+    def concat(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":
+        """One QuantLinear computing every part's output side by side (same input), whose rows are
+        exactly the parts' quantized rows; each part's buffers become views of it, so no memory is
+        added. None where the layout does not allow it (mixed schemes or biases; int4's packed
+        layout is blocked by 64 output rows, so every part needs a multiple of 64)."""
+        first = parts[0]
+        if not all(isinstance(p, QuantLinear) for p in parts):
+            return None
+        same = all(p.scheme == first.scheme and p.fast == first.fast and p.in_features == first.in_features
+                   and p.pad == first.pad and (p.bias is None) == (first.bias is None) for p in parts)
+        if not same or (first.scheme.bits == 4 and any(p.out_features % 64 for p in parts)):
+            return None
+        fused = cls.__new__(cls)
+        nn.Module.__init__(fused)
+        fused.scheme, fused.fast, fused.pad = first.scheme, first.fast, first.pad
+        fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
+        fused.bias = None if first.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]),
+                                                                  requires_grad=False)
+        names = ["qweight", "scales"] if first.scheme.bits == 8 else ["qweight", "scales_zeros"]
+        for name in names:
+            dim = 1 if name == "scales_zeros" else 0            # (K/g, N, 2): output rows on dim 1
+            fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts], dim))
+        row = 0
+        for p in parts:         # the parts now read the fused weights (int4's small scale table stays theirs:
+            rows = slice(row, row + p.out_features)     # its rows are not contiguous in the fused one)
+            for name in names:
+                if name != "scales_zeros":
+                    p._buffers[name] = getattr(fused, name)[rows]
+            if p.bias is not None:
+                p.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
+            row += p.out_features
+        return fused
+
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, scheme={self.scheme.name}, "
                 f"fast={self.fast}")
