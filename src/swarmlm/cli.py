@@ -110,6 +110,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--connect-timeout", type=float, default=60.0,
                    help="with --swarm: seconds to wait until every block is served")
     _add_ledger_flags(p, "with --swarm: sign receipts for the servers of this ledger (account in $SWARMLM_HOME)")
+    p.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
+                   help="quantize the weights at load time (int8 per row; int4 per group of N=32/64/128 columns)")
     p.set_defaults(run=_run_generate)
 
 
@@ -269,6 +271,10 @@ def _add_serve(sub) -> None:
     p.add_argument("--no-direct", dest="direct", action="store_false",
                    help="offer no encrypted direct TCP steps channel (clients step over libp2p streams)")
     _add_ledger_flags(p, "admit sessions by this ledger's quotas, deposits and priority slots")
+    p.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
+                   help="quantize the weights at load time (int8 per row; int4 per group of N=32/64/128 columns)")
+    p.add_argument("--max-memory", default=None, metavar="SIZE",
+                   help="e.g. 512MB: serve only as many blocks (and cache) as fit in this much memory")
     p.set_defaults(run=_run_serve)
 
 
@@ -360,12 +366,33 @@ def _add_finetune(sub) -> None:
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--seq-len", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
+                   help="quantize the weights at load time (int8 per row; int4 per group of N=32/64/128 columns)")
     p.set_defaults(run=_run_finetune)
 
 
 def _run_finetune(args) -> int:
     from swarmlm.swarm.finetune import finetune_from_args
     return finetune_from_args(args)
+
+
+# ---- eval ---------------------------------------------------------------------------------
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser("eval", help="perplexity of a checkpoint on a text (windows of the model's context)")
+    p.add_argument("model", help="a checkpoint directory")
+    p.add_argument("--data", required=True, help="a text file")
+    p.add_argument("--window", type=int, default=0, help="tokens per window (default: the model's context)")
+    p.add_argument("--batch-size", type=int, default=4, help="windows per forward")
+    p.add_argument("--json", action="store_true", help='print {"tokens", "nll", "perplexity", ...}')
+    p.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
+                   help="quantize the weights at load time (int8 per row; int4 per group of N=32/64/128 columns)")
+    p.set_defaults(run=_run_eval)
+
+
+def _run_eval(args) -> int:
+    from swarmlm.model.evaluate import eval_from_args
+    return eval_from_args(args)
 
 
 # ---- api ----------------------------------------------------------------------------------
@@ -446,7 +473,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune,
-                _add_api, _add_fl, _add_ledger):
+                _add_api, _add_fl, _add_ledger, _add_eval):
         add(sub)
     return parser
 

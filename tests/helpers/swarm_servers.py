@@ -19,6 +19,7 @@ from typing import Any, Sequence
 import torch
 
 from swarmlm.model.hf import load_model
+from swarmlm.model.quant import parse_scheme, quantize_model
 from swarmlm.model.tokenizer import Tokenizer
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
 from swarmlm.swarm.client.model import LoopThread, RemoteModel
@@ -120,13 +121,15 @@ class InProcessSwarm:
         await asyncio.gather(task, return_exceptions=True)
 
     def remote_model(self, model: str | Path, *, options: ClientOptions = FAST_CLIENT, seed: int = 0,
-                     data_dir: str | None = None) -> RemoteModel:
+                     data_dir: str | None = None, quantization: str = "none") -> RemoteModel:
         async def make() -> tuple[Any, Any]:
             peer = await MemoryPeer.create(self.net, client_mode=True)
             source = await open_model_source(str(model), peer=peer, data_dir=data_dir)
             local, cfg = source.load(layers=range(0, 0))
             local.requires_grad_(False)
-            blocks = RemoteBlocks(peer, source.model_id, cfg.n_layers, options=options, seed=seed)
+            quantize_model(local, quantization)
+            blocks = RemoteBlocks(peer, source.model_id, cfg.n_layers, options=options, seed=seed,
+                                  quantization=parse_scheme(quantization).name)
             await blocks.wait_ready()
             return local, blocks
 

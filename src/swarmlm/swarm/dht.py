@@ -33,12 +33,16 @@ class ServerRecord:
     block_tokens_per_s: float    # measured decode throughput of one block
     free_cache_tokens: int       # cache positions still available for new sessions
     sessions: int                # inference sessions open now
+    quantization: str = "none"   # weight quantization of the span (model/quant.py: "none", "int8", "int4-g32"...);
+                                 # a client chains only servers of the quantization it asked for
 
     def check(self) -> None:
         if not 0 <= self.start < self.end:
             raise ValueError(f"bad span {self.start}:{self.end}")
         if self.state not in STATES:
             raise ValueError(f"unknown state {self.state!r}")
+        if not 0 < len(self.quantization) <= 16:
+            raise ValueError("quantization must be a short name")
         if not (math.isfinite(self.block_tokens_per_s) and self.block_tokens_per_s >= 0
                 and self.free_cache_tokens >= 0 and self.sessions >= 0):
             raise ValueError("throughput, free cache and sessions must be finite and not negative")

@@ -187,6 +187,8 @@ def finetune_from_args(args: Any) -> int:
     tune = TuneConfig(prompt_len=args.prompt_len, deep_prompts=args.deep_prompts, lora_rank=args.lora_rank,
                       lr=args.lr, steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
                       seed=args.seed).check()
+    from swarmlm.model.quant import parse_scheme, quantize_model
+    scheme = parse_scheme(getattr(args, "quantize", None))
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     metrics = open(out / "metrics.jsonl", "w")
@@ -202,7 +204,8 @@ def finetune_from_args(args: Any) -> int:
             if not args.initial_peers:
                 raise UserError("--swarm needs --initial-peers")
             with RemoteModel.connect(args.model, initial_peers=args.initial_peers,
-                                     connect_timeout_s=args.connect_timeout) as model:
+                                     connect_timeout_s=args.connect_timeout,
+                                     quantization=getattr(args, "quantize", None)) as model:
                 if tune.prompt_len + tune.seq_len > model.cfg.context_len:
                     raise UserError(f"--prompt-len + --seq-len exceeds the model's context of {model.cfg.context_len}")
                 tokens = _read_tokens(model.source_dir, args.data)
@@ -212,6 +215,7 @@ def finetune_from_args(args: Any) -> int:
             from swarmlm.model.hf import load_model
             local, cfg = load_model(args.model)
             local.requires_grad_(False)
+            quantize_model(local, scheme)
             if tune.prompt_len + tune.seq_len > cfg.context_len:
                 raise UserError(f"--prompt-len + --seq-len exceeds the model's context of {cfg.context_len}")
             tokens = _read_tokens(Path(args.model), args.data)

@@ -215,4 +215,5 @@ class InfoReply:
     block_tokens_per_s: float    # measured decode throughput of one block
     free_cache_tokens: int       # cache positions (summed over rows) still available
     sessions: int                # open inference sessions
+    quantization: str = "none"   # weight quantization of the span (dht.ServerRecord.quantization)
 

@@ -155,10 +155,16 @@ class RemoteModel:
     @classmethod
     def connect(cls, model: str, *, initial_peers: Sequence[str], connect_timeout_s: float = 60.0,
                 dtype: torch.dtype = torch.float32, data_dir: str | None = None,
-                options: ClientOptions | None = None, seed: int | None = None) -> "RemoteModel":
+                options: ClientOptions | None = None, seed: int | None = None,
+                quantization: str | None = None) -> "RemoteModel":
         """Join the swarm as a client, load the embeddings and head of `model` (a directory or a
-        manifest CID), and wait up to `connect_timeout_s` until every block is served."""
+        manifest CID), and wait up to `connect_timeout_s` until every block is served by servers
+        of `quantization` (model/quant.py; the head here is quantized the same way local
+        generation quantizes it, so the tokens equal local generation's)."""
+        from swarmlm.model.quant import parse_scheme, quantize_model
         from swarmlm.p2p.peer import Peer
+
+        scheme = parse_scheme(quantization)
         from swarmlm.swarm.source import open_model_source
 
         runner = LoopThread()
@@ -171,7 +177,9 @@ class RemoteModel:
             source = runner.run(open_model_source(model, peer=peer, data_dir=data_dir))
             local, cfg = source.load(dtype=dtype, layers=range(0, 0), with_embed=True, with_head=True)
             local.requires_grad_(False)
-            blocks = RemoteBlocks(peer, source.model_id, cfg.n_layers, options=options, seed=seed)
+            quantize_model(local, scheme)
+            blocks = RemoteBlocks(peer, source.model_id, cfg.n_layers, options=options, seed=seed,
+                                  quantization=scheme.name)
             runner.run(blocks.wait_ready(connect_timeout_s))
         except BaseException:
             runner.run(peer.shutdown())
@@ -335,7 +343,8 @@ def generate_from_args(args: Any, *, ticket: Any = None, ticket_accepted: Any = 
         options = ClientOptions(connect_timeout_s=args.connect_timeout,
                                 session=SessionOptions(ticket=ticket, ticket_accepted=ticket_accepted))
     with RemoteModel.connect(args.model, initial_peers=args.initial_peers, connect_timeout_s=args.connect_timeout,
-                             dtype=DTYPES[getattr(args, "dtype", "float32")], options=options) as model:
+                             dtype=DTYPES[getattr(args, "dtype", "float32")], options=options,
+                             quantization=getattr(args, "quantize", None)) as model:
         tokenizer = Tokenizer.load(model.source_dir)
         prompt_ids = tokenizer.encode(args.prompt)
         if not prompt_ids:

@@ -53,17 +53,26 @@ class ClientOptions:
 async def find_servers(peer: Any, model_id: str, n_layers: int) -> list[ServerInfo]:
     """Online servers of `model_id`, one `ServerInfo` per peer, from the records of every block."""
     records = await read_servers(peer, model_id, n_layers)
-    return [ServerInfo(peer_id, r.start, r.end, r.block_tokens_per_s, r.free_cache_tokens, r.sessions, r.dtype)
+    return [ServerInfo(peer_id, r.start, r.end, r.block_tokens_per_s, r.free_cache_tokens, r.sessions, r.dtype,
+                       r.quantization)
             for peer_id, r in records.items() if r.state == "online"]
+
+
+def other_quantizations(servers: list[ServerInfo], blocks: list[int], quantization: str) -> list[str]:
+    """The quantizations other than ours under which some of `blocks` are served (for the error message)."""
+    return sorted({s.quantization for s in servers if s.quantization != quantization
+                   and any(s.start <= b < s.end for b in blocks)})
 
 
 class RemoteBlocks:
     """Blocks [0, n_layers) of `model_id` as served by the swarm `peer` belongs to."""
 
     def __init__(self, peer: Any, model_id: str, n_layers: int, *, options: ClientOptions | None = None,
-                 seed: int | None = None):
+                 seed: int | None = None, quantization: str = "none"):
         self.peer = peer
         self.model_id = model_id
+        self.quantization = quantization        # chain only servers whose weights are quantized so
+        self._all_servers: list[ServerInfo] = []  # every online server, whatever its quantization
         self.n_layers = n_layers
         self.options = options or ClientOptions()
         self.rng = random.Random(seed)
@@ -78,7 +87,8 @@ class RemoteBlocks:
     async def servers(self, *, refresh: bool = False) -> list[ServerInfo]:
         """The online servers, re-read from the DHT when asked or older than `refresh_s`."""
         if refresh or time.monotonic() - self._read_at > self.options.refresh_s:
-            self._servers = await find_servers(self.peer, self.model_id, self.n_layers)
+            self._all_servers = await find_servers(self.peer, self.model_id, self.n_layers)
+            self._servers = [s for s in self._all_servers if s.quantization == self.quantization]
             self._read_at = time.monotonic()
             await self._measure_rtts([s.peer_id for s in self._servers])
         return self._servers
@@ -124,6 +134,11 @@ class RemoteBlocks:
                 if time.monotonic() >= deadline:
                     missing = uncovered_blocks(servers, start, end, banned=avoid)
                     what = f"no server holds blocks {format_blocks(missing)}" if missing else str(e)
+                    others = other_quantizations(self._all_servers, missing, self.quantization)
+                    if others:
+                        what = (f"no server holds blocks {format_blocks(missing)} with quantization "
+                                f"{self.quantization} (they are served as {', '.join(others)}: a chain never mixes "
+                                f"quantizations; ask with --quantize {others[0].split('-')[0]})")
                     raise NotFoundError(f"{what} of model {self.model_id} (waited {wait_s:.0f} s)") from None
             await asyncio.sleep(min(self.options.refresh_s, max(0.05, deadline - time.monotonic())))
             refresh = True

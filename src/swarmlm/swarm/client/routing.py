@@ -32,6 +32,7 @@ class ServerInfo:
     free_cache_tokens: int = 1 << 30   # cache positions still free (inference sessions)
     sessions: int = 0            # inference sessions open on it, as announced
     dtype: str = "float32"       # its compute dtype
+    quantization: str = "none"   # its weights' quantization (model/quant.py's scheme name)
 
 
 @dataclass(frozen=True)

@@ -57,7 +57,8 @@ class Announcer:
         It keeps the full ttl: the DHT keeps whichever entry expires last, so a shorter one would be refused."""
         record = self.make_record()
         offline = ServerRecord(model=record.model, start=start, end=end, state="offline", dtype=record.dtype,
-                               block_tokens_per_s=record.block_tokens_per_s, free_cache_tokens=0, sessions=0)
+                               block_tokens_per_s=record.block_tokens_per_s, free_cache_tokens=0, sessions=0,
+                               quantization=record.quantization)
         try:
             await store_record(self.peer, offline, ttl_s=self.ttl_s)
         except (PeerError, OSError) as e:

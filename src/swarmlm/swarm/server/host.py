@@ -29,6 +29,7 @@ from swarmlm import serialize
 from swarmlm.errors import AccessRefused, CapacityError, PeerError, WireError
 from swarmlm.log import get_logger
 from swarmlm.model.cache import KVCache
+from swarmlm.model.quant import quantization_of
 from swarmlm.model.transformer import Transformer
 from swarmlm.p2p import rpc
 from swarmlm.p2p.channel.policy import DialLimiter
@@ -168,7 +169,8 @@ class BlockHost:
         """What to announce now."""
         return ServerRecord(model=self.model_id, start=self.start, end=self.end, state=self.state,
                                  dtype=serialize.dtype_name(self.dtype), block_tokens_per_s=self.block_tokens_per_s,
-                                 free_cache_tokens=self.budget.free_tokens, sessions=self.budget.n_sessions)
+                                 free_cache_tokens=self.budget.free_tokens, sessions=self.budget.n_sessions,
+                                 quantization=quantization_of(self.model))
 
     def sweep(self) -> int:
         """Close sessions idle past the timeout; returns how many."""
@@ -412,7 +414,8 @@ class BlockHost:
     async def rpc_info(self, peer_id: str, req: wire.InfoRequest) -> wire.InfoReply:
         return wire.InfoReply(model=self.model_id, start=self.start, end=self.end, state=self.state,
                               dtype=serialize.dtype_name(self.dtype), block_tokens_per_s=self.block_tokens_per_s,
-                              free_cache_tokens=self.budget.free_tokens, sessions=self.budget.n_sessions)
+                              free_cache_tokens=self.budget.free_tokens, sessions=self.budget.n_sessions,
+                              quantization=quantization_of(self.model))
 
     # ---- the worker thread ---------------------------------------------------------------------------
 

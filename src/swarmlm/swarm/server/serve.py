@@ -29,6 +29,7 @@ import torch
 
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
+from swarmlm.model.quant import check_quantizable, parse_scheme, quantize_model
 from swarmlm.p2p.process import PeerProcess, start_child
 from swarmlm.swarm.blocks import measure_throughput
 from swarmlm.swarm.dht import read_servers
@@ -63,6 +64,7 @@ class ServeOptions:
                                             # listening on its --host
     admit: Any = None                       # BlockHost's admission hook (host.Admit), e.g. the ledger's; None: all
     background: Any = None                  # an async callable run beside the server (the admit hook's refresh)
+    quantization: str = "none"              # weight quantization applied at load (model/quant.py), announced
 
     def check(self) -> None:
         if (self.blocks is None) == (self.num_blocks is None):
@@ -73,6 +75,7 @@ class ServeOptions:
             raise UserError(f"--num-blocks must be positive, got {self.num_blocks}")
         if self.dtype not in DTYPES:
             raise UserError(f"--dtype must be one of {', '.join(DTYPES)}")
+        parse_scheme(self.quantization)
 
 
 def parse_blocks(text: str) -> tuple[int, int]:
@@ -117,7 +120,7 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
             span = await _first_span(opts, peer, source.model_id, cfg.n_layers, rng)
             if opts.num_blocks is not None:
                 source = await _source_for(source, opts, peer, span)
-            model, tps = await _load(source, span, opts.dtype)
+            model, tps = await _load(source, span, opts.dtype, opts.quantization)
         if not source.model_id.startswith("dir-"):
             await _serve_store(peer, opts.data_dir)
         host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps,
@@ -179,7 +182,7 @@ def _load_local_span(opts: ServeOptions) -> tuple[ModelSource, Any, float]:
     directory = Path(opts.model).expanduser()
     source = ModelSource(directory_model_id(directory), directory)
     span = _fixed_span(opts, source.config().n_layers)
-    return (source, *_load_span(source, span, opts.dtype))
+    return (source, *_load_span(source, span, opts.dtype, opts.quantization))
 
 
 async def _swarm_throughputs(peer: Any, model_id: str, n_layers: int, *, exclude: str | None = None) -> list[float]:
@@ -188,13 +191,16 @@ async def _swarm_throughputs(peer: Any, model_id: str, n_layers: int, *, exclude
                               if pid != exclude and r.state in ("joining", "online")], n_layers)
 
 
-async def _load(source: ModelSource, span: range, dtype: str) -> tuple[Any, float]:
-    return await asyncio.get_running_loop().run_in_executor(None, _load_span, source, span, dtype)
+async def _load(source: ModelSource, span: range, dtype: str, quantization: str) -> tuple[Any, float]:
+    return await asyncio.get_running_loop().run_in_executor(None, _load_span, source, span, dtype, quantization)
 
 
-def _load_span(source: ModelSource, span: range, dtype: str) -> tuple[Any, float]:
+def _load_span(source: ModelSource, span: range, dtype: str, quantization: str = "none") -> tuple[Any, float]:
+    scheme = parse_scheme(quantization)
+    check_quantizable(source.config(), scheme)
     model, _ = source.load(dtype=DTYPES[dtype], layers=span, with_embed=False, with_head=False)
     model.requires_grad_(False)
+    quantize_model(model, scheme)
     return model, measure_throughput(model)
 
 
@@ -214,7 +220,7 @@ async def _rebalance_forever(opts: ServeOptions, peer: Any, source: ModelSource,
         source = await _source_for(source, opts, peer, target)
         host.state = "joining"
         await announcer.announce_offline(current.start, current.stop)
-        model, tps = await _load(source, target, opts.dtype)
+        model, tps = await _load(source, target, opts.dtype, opts.quantization)
         host.swap(model, tps)
         host.state = "online"
         await announcer.announce()
@@ -239,7 +245,8 @@ def options_from_args(args: Any) -> ServeOptions:
                         num_blocks=args.num_blocks, initial_peers=tuple(args.initial_peers or ()), host=args.host,
                         port=args.port, data_dir=args.data_dir, dtype=args.dtype, limits=limits,
                         announce_ttl_s=args.announce_ttl, rebalance_period_s=args.rebalance_period,
-                        join_delay_s=args.join_delay, direct=args.direct)
+                        join_delay_s=args.join_delay, direct=args.direct,
+                        quantization=parse_scheme(getattr(args, "quantize", None)).name)
 
 
 def serve_from_args(args: Any, *, admit: Any = None, background: Any = None) -> int:

@@ -1,0 +1,75 @@
+"""The lean decode step computes exactly what run_blocks computes (float and quantized weights)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarmlm.model import generate as gen
+from swarmlm.model.cache import KVCache
+from swarmlm.model.config import PRESETS
+from swarmlm.model.fastdecode import DecodeStep, fused_projections
+from swarmlm.model.quant import quantize_model
+from swarmlm.model.transformer import Transformer
+
+TINY = PRESETS["tiny"].replace(vocab_size=300, n_layers=2, max_seq_len=64)
+# widths that are multiples of 64, so int4's q/k/v and gate/up fuse too
+WIDE = TINY.replace(dim=128, n_heads=2, n_kv_heads=1, ffn_dim=192)
+GPT2 = TINY.replace(family="gpt2", architecture="GPT2LMHeadModel", n_kv_heads=4, attn_bias=True, attn_out_bias=True,
+                    mlp_bias=True, tie_embeddings=False)
+PROMPTS = [[[1, 2, 3, 4]], [[1, 2, 3], [4, 5, 6]], [[1, 2, 3, 4, 5], [9]]]
+
+
+def _logits(model, prompts, *, fast: bool, monkeypatch, n: int = 10) -> torch.Tensor:
+    monkeypatch.setattr(gen.DecodeStep, "supports", staticmethod(lambda m: fast))
+    cache = KVCache.empty(model.cfg, len(prompts), 40)
+    step = gen.local_step(model, cache)
+    ids, key_mask = gen.left_pad(prompts)
+    out = [step(ids, key_mask)]
+    for _ in range(n):
+        out.append(step(out[-1].argmax(-1)[:, None], None))
+    return torch.stack(out)
+
+
+@pytest.mark.parametrize("cfg", [TINY, WIDE, GPT2], ids=["llama", "llama-wide", "gpt2"])
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+def test_fast_step_equals_run_blocks_exactly(cfg, scheme, monkeypatch):
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(cfg).eval(), scheme)
+    for prompts in PROMPTS:
+        slow = _logits(model, prompts, fast=False, monkeypatch=monkeypatch)
+        fast = _logits(model, prompts, fast=True, monkeypatch=monkeypatch)
+        assert torch.equal(fast, slow)
+
+
+def test_fusion_adds_no_weights_and_follows_training():
+    torch.manual_seed(0)
+    model = Transformer(WIDE)
+    before = sum(p.numel() for p in model.parameters())
+    fused = fused_projections(model)
+    qkv, gate_up = fused[0]
+    q = model.layers["0"].attention.q_proj
+    assert qkv[1] == [128, 64, 64] and gate_up[1] == [192, 192]
+    assert q.weight.untyped_storage().data_ptr() == qkv[0].weight.untyped_storage().data_ptr()
+    assert sum(p.numel() for p in model.parameters()) == before
+    opt = torch.optim.SGD(model.parameters(), lr=1.0)
+    model(torch.tensor([[1, 2, 3]])).sum().backward()
+    opt.step()                                    # updates the parts in place: the fused weights follow
+    assert torch.equal(qkv[0].weight[:128], q.weight)
+    assert fused_projections(model) is fused
+    model.double()                                # new storage: the fused weights are rebuilt
+    assert fused_projections(model) is not fused
+
+
+def test_int4_fusion_needs_rows_in_blocks_of_64():
+    torch.manual_seed(0)
+    tiny = fused_projections(quantize_model(Transformer(TINY), "int4"))[0]
+    wide = fused_projections(quantize_model(Transformer(WIDE), "int4"))[0]
+    assert tiny[0] is None and wide[0] is not None   # k/v of 32 rows cannot share the packed layout
+
+
+def test_dynamic_rope_takes_the_general_path():
+    model = Transformer(TINY.replace(rope_scaling={"rope_type": "dynamic", "factor": 2.0}))
+    assert not DecodeStep.supports(model)
+    with pytest.raises(ValueError):
+        DecodeStep(model, KVCache.empty(model.cfg, 1, 8))

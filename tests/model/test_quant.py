@@ -1,0 +1,131 @@
+"""Weight-only int8 / int4 quantization: kernels against the reference, whole models, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from torch import nn
+
+from swarmlm.cli import main
+from swarmlm.errors import UserError
+from swarmlm.model.config import PRESETS
+from swarmlm.model.generate import generate
+from swarmlm.model.quant import (QuantLinear, QuantScheme, block_weight_bytes, check_quantizable, parse_scheme,
+                                 quantize_model, weight_bytes)
+from swarmlm.model.transformer import Transformer
+
+TINY = PRESETS["tiny"].replace(vocab_size=300, n_layers=2, max_seq_len=64)
+SCHEMES = ["int8", "int4", "int4-g64"]
+
+
+def _linear(n=96, k=128, bias=True, seed=0):
+    torch.manual_seed(seed)
+    return nn.Linear(k, n, bias=bias)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_fast_kernel_equals_the_reference_path(scheme):
+    lin = _linear()
+    fast = QuantLinear(lin, parse_scheme(scheme))
+    assert fast.fast                       # torch's CPU weight-only kernel is used here
+    x = torch.randn(5, 3, 128)
+    w = fast.dequantized(torch.float32)    # the weights the kernel reads
+    reference = x.to(torch.bfloat16).float() @ w.t() + lin.bias
+    torch.testing.assert_close(fast(x), reference, atol=2e-2, rtol=1e-2)   # bf16 output rounding
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_reference_fallback_computes_the_same_weights(scheme, monkeypatch):
+    lin = _linear(seed=1)
+    fast = QuantLinear(lin, parse_scheme(scheme))
+    import swarmlm.model.quant as quant
+    monkeypatch.setattr(quant, "_pack_int4", lambda q: None)
+    monkeypatch.setitem(quant._WORKS, ("int8", "cpu"), False)
+    slow = QuantLinear(lin, parse_scheme(scheme))
+    assert not slow.fast
+    torch.testing.assert_close(slow.dequantized(torch.float32), fast.dequantized(torch.float32), atol=1e-2, rtol=0)
+    x = torch.randn(4, 128)
+    torch.testing.assert_close(slow(x), fast(x), atol=3e-2, rtol=1e-2)
+
+
+@pytest.mark.parametrize("scheme,tol", [("int8", 0.02), ("int4", 0.15)])
+def test_quantized_weights_stay_close_to_the_float_ones(scheme, tol):
+    lin = _linear(n=256, k=256, bias=False)
+    q = QuantLinear(lin, parse_scheme(scheme))
+    err = (q.dequantized(torch.float32) - lin.weight).abs().max() / lin.weight.abs().max()
+    assert 0 < err < tol
+
+
+def test_a_width_not_a_multiple_of_the_group_is_padded():
+    lin = _linear(n=48, k=176)
+    q = QuantLinear(lin, parse_scheme("int4-g64"))
+    assert q.fast and q.pad == 16
+    x = torch.randn(3, 176)
+    reference = x.to(torch.bfloat16).float() @ q.dequantized(torch.float32).t() + lin.bias
+    torch.testing.assert_close(q(x), reference, atol=2e-2, rtol=1e-2)
+    assert (q.dequantized(torch.float32) - lin.weight).abs().max() < 0.1 * lin.weight.abs().max()
+
+
+def test_input_gradient_flows_through_frozen_quantized_weights():
+    q = QuantLinear(_linear(), parse_scheme("int4"))
+    x = torch.randn(3, 128, requires_grad=True)
+    g = torch.randn(3, 96)
+    (q(x) * g).sum().backward()
+    torch.testing.assert_close(x.grad, g @ q.dequantized(torch.float32), atol=1e-4, rtol=1e-4)
+    assert not any(p.requires_grad for p in q.parameters())
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_model_generates_like_the_float_one_at_first(scheme):
+    torch.manual_seed(0)
+    model = Transformer(TINY).eval()
+    x = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        ref = model(x)
+        quantize_model(model, scheme)
+        out = model(x)
+    assert model.quantization == parse_scheme(scheme).name
+    assert all(type(m) is not nn.Linear for m in model.modules())
+    assert isinstance(model.output, QuantLinear) and model.output.scheme.bits == 8   # the head in int8
+    cos = torch.nn.functional.cosine_similarity(out.flatten(), ref.flatten(), dim=0)
+    assert cos > (0.999 if scheme == "int8" else 0.98)
+    prompts = [[5, 17, 42], [250]]
+    assert generate(model, prompts, max_new_tokens=6) == [generate(model, p, max_new_tokens=6) for p in prompts]
+
+
+def test_quantized_span_is_smaller_and_planned_size_matches():
+    cfg = PRESETS["small"].replace(n_layers=2)
+    for name in ("none", "int8", "int4", "int4-g128"):
+        torch.manual_seed(0)
+        model = Transformer(cfg, layers=range(0, 1), with_embed=False, with_head=False)
+        quantize_model(model, name)
+        assert weight_bytes(model) == pytest.approx(block_weight_bytes(cfg, parse_scheme(name)), rel=0.01)
+    assert block_weight_bytes(cfg, QuantScheme(4, 32)) < 0.65 * block_weight_bytes(cfg, QuantScheme(8))
+
+
+def test_bad_schemes_are_user_errors():
+    for text, message in [("int3", "unknown quantization"), ("int8-g32", "unknown quantization"),
+                          ("int4-g16", "group size must be one of"), ("fp8", "unknown quantization")]:
+        with pytest.raises(UserError, match=message):
+            parse_scheme(text)
+    assert parse_scheme("INT4").name == "int4-g32" and parse_scheme(None).name == "none"
+    with pytest.raises(UserError, match="dim 64 is narrower than the group size 128"):
+        check_quantizable(TINY, parse_scheme("int4-g128"))
+    check_quantizable(TINY, parse_scheme("int4-g64"))      # ffn_dim 176: padded to 192
+
+
+def test_generate_cli_with_quantization(tmp_path, capsys):
+    from swarmlm.model.hf import save_model
+    from swarmlm.model.tokenizer import Tokenizer
+    torch.manual_seed(0)
+    tok = Tokenizer.train_bpe(["hello world, the quick brown fox jumps over the lazy dog"] * 20, vocab_size=300)
+    save_model(Transformer(TINY), TINY, tmp_path, tokenizer=tok)
+    args = ["generate", str(tmp_path), "--prompt", "hello world", "--max-new-tokens", "5", "--temperature", "0",
+            "--json"]
+    assert main(args + ["--quantize", "int4-g64"]) == 0
+    assert len(json.loads(capsys.readouterr().out)["output_ids"]) == 5
+    assert main(args + ["--quantize", "int4-g128"]) == 2
+    err = capsys.readouterr().err
+    assert "dim 64 is narrower than the group size 128" in err and len(err.strip().splitlines()) == 1

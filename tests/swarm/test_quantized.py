@@ -1,0 +1,81 @@
+"""Quantized servers: swarm generation equals local generation at the same quantization, token for
+token; a client never chains servers of another quantization, and says so when only those exist."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from swarmlm.errors import NotFoundError
+from swarmlm.model.generate import generate
+from swarmlm.model.quant import quantize_model
+from swarmlm.swarm.client.model import RemoteModel
+from swarmlm.swarm.client.remote import ClientOptions
+from swarmlm.swarm.client.session import SessionOptions
+from tests.helpers.swarm_servers import FAST_CLIENT, ServerProcesses, local_model
+
+PROMPT = [5, 17, 42, 99, 3, 250]
+CLIENT = ClientOptions(connect_timeout_s=60.0, refresh_s=0.5,
+                       session=SessionOptions(step_timeout_s=20.0, recovery_timeout_s=20.0, replacement_wait_s=3.0))
+
+
+def _local(ckpt, scheme):
+    return quantize_model(local_model(ckpt), scheme)
+
+
+@pytest.mark.slow
+def test_int8_and_int4_swarm_generation_equals_local_generation(tmp_path, checkpoints):
+    ckpt = checkpoints["llama"]
+    procs = ServerProcesses(tmp_path)
+    try:
+        a8 = procs.start(ckpt, blocks=(0, 2), extra_args=["--quantize", "int8"])
+        others = [procs.start(ckpt, blocks=(2, 4), initial_peers=a8.maddrs, extra_args=["--quantize", "int8"],
+                              wait=False)]
+        others += [procs.start(ckpt, blocks=span, initial_peers=a8.maddrs, extra_args=["--quantize", "int4"],
+                               wait=False) for span in ((0, 2), (2, 4))]
+        for p in others:
+            p.wait_ready(180.0)
+        int8_servers = {a8.peer_id, others[0].peer_id}
+
+        with RemoteModel.connect(str(ckpt), initial_peers=a8.maddrs, options=CLIENT, quantization="int8") as model:
+            tokens = model.generate(PROMPT, max_new_tokens=16)
+            chain = {h.peer_id for h in model.last_session.chain}
+        assert tokens == generate(_local(ckpt, "int8"), PROMPT, max_new_tokens=16)
+        assert chain == int8_servers                     # the int4 servers hold the same blocks, never used
+
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[2] / "src"))
+        out = subprocess.run([sys.executable, "-m", "swarmlm", "generate", str(ckpt), "--swarm", "--initial-peers",
+                              *a8.maddrs, "--quantize", "int4", "--prompt", "the quick brown fox", "--temperature",
+                              "0", "--max-new-tokens", "16", "--json"], capture_output=True, text=True, env=env,
+                             timeout=300)
+        assert out.returncode == 0, out.stderr[-3000:]
+        got = json.loads(out.stdout.strip().splitlines()[-1])
+        assert got["output_ids"] == generate(_local(ckpt, "int4"), got["prompt_ids"], max_new_tokens=16)
+        assert got["output_ids"] != generate(_local(ckpt, "int8"), got["prompt_ids"], max_new_tokens=16)
+    finally:
+        procs.close()
+
+
+def test_a_client_refuses_to_mix_quantizations_naming_them(swarm, checkpoints):
+    ckpt = checkpoints["llama"]
+    swarm.add_server(ckpt, (0, 2))
+    swarm.add_server(ckpt, (2, 4), quantization="int8")
+    impatient = ClientOptions(connect_timeout_s=1.0, refresh_s=0.2, session=FAST_CLIENT.session)
+    with pytest.raises(NotFoundError, match=r"no server holds blocks 2\.\.3 with quantization none \(they are "
+                                            r"served as int8: a chain never mixes quantizations"):
+        swarm.remote_model(ckpt, options=impatient)
+    with pytest.raises(NotFoundError, match=r"no server holds blocks 0\.\.1 with quantization int8 .*served as none"):
+        swarm.remote_model(ckpt, options=impatient, quantization="int8")
+
+
+def test_in_process_quantized_swarm_matches_local(swarm, checkpoints):
+    ckpt = checkpoints["gpt2"]
+    swarm.add_server(ckpt, (0, 3), quantization="int4-g64")
+    swarm.add_server(ckpt, (3, 4), quantization="int4-g64")
+    model = swarm.remote_model(ckpt, quantization="int4-g64")
+    prompts = [PROMPT, [7, 8]]
+    assert model.generate(prompts, max_new_tokens=10) == generate(_local(ckpt, "int4-g64"), prompts,
+                                                                  max_new_tokens=10)
