@@ -38,6 +38,9 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     arch = (d.get("architectures") or [None])[0] or MODEL_TYPES.get(d.get("model_type", ""))
+    if d.get("model_type") == "t5":
+        raise CheckpointError(f"{source}: T5 (encoder-decoder) checkpoints run with `generate` and `train` only; "
+                              "serving, swarm generation and finetuning need a decoder-only model")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{source}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
 
