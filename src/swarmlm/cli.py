@@ -34,7 +34,7 @@ def _run_demo(args) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (one process, torchrun, or the swarm)")
-    p.add_argument("--config", default="tiny", help="preset name (tiny, small) or a TOML config file")
+    p.add_argument("--config", default="tiny", help="preset name (tiny, small, t5-tiny) or a TOML config file")
     p.add_argument("--data", default=None, help="corpus: a text file or directory (default: the Python stdlib)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -88,6 +88,9 @@ def _run_train(args) -> int:
     from swarmlm.parallel.launch import run_parallel_training, wants_parallel
     if wants_parallel(args):
         return run_parallel_training(args)
+    from swarmlm.train.t5_loop import is_t5_run, train_t5_from_args
+    if is_t5_run(args.config):  # the encoder-decoder family: its own objective and loop
+        return train_t5_from_args(args)
     from swarmlm.train.loop import train_from_args
     return train_from_args(args)
 
@@ -116,6 +119,10 @@ def _run_generate(args) -> int:
     if args.swarm:
         from swarmlm.swarm.client.model import generate_from_args as swarm_generate_from_args
         return swarm_generate_from_args(args)
+    from swarmlm.model.t5_hf import is_t5
+    if is_t5(args.model):  # the encoder-decoder family has its own decode loop
+        from swarmlm.model.t5_generate import t5_generate_from_args
+        return t5_generate_from_args(args)
     from swarmlm.model.generate import generate_from_args
     return generate_from_args(args)
 

@@ -220,12 +220,8 @@ def emit_generation(steps: Iterable[list[int | None]], tokenizer, eos_id: int | 
 def generate_from_args(args) -> int:
     """`swarmlm generate MODEL_DIR --prompt ...`: stream text to stdout, or print one JSON object with --json."""
     from swarmlm.model.hf import load_config, load_model
-    from swarmlm.model.t5_hf import is_t5
     from swarmlm.model.tokenizer import Tokenizer
 
-    if is_t5(args.model):  # the encoder-decoder family has its own loop
-        from swarmlm.model.t5_generate import t5_generate_from_args
-        return t5_generate_from_args(args)
     cfg = load_config(args.model)
     tokenizer = Tokenizer.load(args.model)
     prompt_ids = tokenizer.encode(args.prompt)
