@@ -106,3 +106,13 @@ def test_bad_window_configs_are_one_line_errors(tmp_path):
         hf.load_config(tmp_path / "q")
     with pytest.raises(UserError, match="sliding_window needs the llama family and a positive size"):
         PRESETS["tiny"].replace(sliding_window=0).validate()
+
+
+@torch.no_grad()
+def test_qwen2_without_layer_types_windows_from_max_window_layers(tmp_path):
+    ref = build_hf(tmp_path, "qwen2", sliding_window=WINDOW, use_sliding_window=True, max_window_layers=1)
+    rewrite_config(tmp_path, layer_types=None)  # configs written before transformers listed layer types
+    model, cfg = hf.load_model(tmp_path)
+    assert (cfg.sliding_window, cfg.window_from_layer) == (WINDOW, 1)
+    x = _ids()
+    torch.testing.assert_close(model(x), ref(x).logits, atol=1e-4, rtol=1e-4)

@@ -97,18 +97,25 @@ class Transformer(nn.Module):
             full_mask = cache.key_mask(new_mask, T)
         else:
             full_mask = None if key_mask is None or bool(key_mask.all()) else key_mask
-        masks = {False: attention_mask(full_mask, past, T, h.device)}
+        masks = {False: (*attention_mask(full_mask, past, T, h.device), 0)}
         if any(self.cfg.windowed(int(key)) for key in self.layers):
-            masks[True] = attention_mask(full_mask, past, T, h.device, window=self.cfg.sliding_window)
+            # a windowed layer reads only the cached slots some new query can see, from `first` on
+            W = self.cfg.sliding_window
+            first = max(0, past + 1 - W) if cache is not None else 0
+            mask, is_causal = attention_mask(full_mask, past, T, h.device, window=W)
+            masks[True] = (None if mask is None else mask[..., first:], is_causal, first)
         rope = self.rotary.tables(positions, h.dtype) if self.rotary is not None else None
         lo = -1 if start is None else start
         hi = float("inf") if end is None else end
         for key, block in self.layers.items():
             i = int(key)
             if lo <= i < hi:
-                kv = cache.layer(i) if cache is not None else None
-                mask, is_causal = masks[self.cfg.windowed(i)]
-                h = block(h, rope=rope, mask=mask, is_causal=is_causal, kv=kv, start=past)
+                mask, is_causal, first = masks[self.cfg.windowed(i)]
+                kv = None
+                if cache is not None:
+                    k, v = cache.layer(i)
+                    kv = (k[:, :, first:], v[:, :, first:])   # views: writes land in the cache
+                h = block(h, rope=rope, mask=mask, is_causal=is_causal, kv=kv, start=past - first)
         if cache is not None and advance:
             cache.advance(T, new_mask)
         return h
