@@ -82,15 +82,16 @@ def _add_swarm_train_flags(p) -> None:
 
 def _run_train(args) -> int:
     # three trainers, one verb: the choice is made here so that train/ knows nothing of the layers above it
+    from swarmlm.train.t5_loop import is_t5_run, train_t5_from_args
+    if is_t5_run(args.config):  # the encoder-decoder family: one process, its own objective and loop
+        from swarmlm.parallel.launch import wants_parallel
+        return train_t5_from_args(args, distributed=args.swarm or wants_parallel(args))
     if args.swarm:
         from swarmlm.collab.run import run_swarm_training
         return run_swarm_training(args)
     from swarmlm.parallel.launch import run_parallel_training, wants_parallel
     if wants_parallel(args):
         return run_parallel_training(args)
-    from swarmlm.train.t5_loop import is_t5_run, train_t5_from_args
-    if is_t5_run(args.config):  # the encoder-decoder family: its own objective and loop
-        return train_t5_from_args(args)
     from swarmlm.train.loop import train_from_args
     return train_from_args(args)
 

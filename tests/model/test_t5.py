@@ -186,6 +186,18 @@ def test_bad_t5_configs_are_one_line_errors(tmp_path, changes, message):
         load_t5(tmp_path)
 
 
+def test_generate_cli_on_an_unsupported_t5_is_one_line(t5_dir, tmp_path, capsys):
+    directory, _, _ = t5_dir
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    for f in directory.iterdir():
+        (bad / f.name).write_bytes(f.read_bytes())
+    rewrite_config(bad, feed_forward_proj="gated-swishy")
+    assert main(["generate", str(bad), "--prompt", "the fox", "--json"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "unsupported feed_forward_proj 'gated-swishy'" in err and "\n" not in err
+
+
 def test_untied_config_without_a_head_is_an_error(tmp_path):
     build_t5(tmp_path, "v1.0")
     rewrite_config(tmp_path, tie_word_embeddings=False)

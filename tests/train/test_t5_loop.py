@@ -67,10 +67,13 @@ def test_t5_preset_training_lowers_the_loss_and_saves_a_checkpoint(tmp_path, cor
     assert len(generate_t5(model, [[5, 6, 7, cfg.sentinel(0), cfg.eos_token_id]], max_new_tokens=4)[0]) >= 1
 
 
-def test_t5_presets_refuse_the_swarm_and_torchrun_paths(corpus):
-    run = load_run_config("t5-tiny", steps=2)
-    with pytest.raises(UserError, match="one process only"):
-        prepare_data(run, corpus, progress=False)
+@pytest.mark.parametrize("flags", [["--swarm", "--run-id", "r"], ["--dp", "2"]])
+def test_t5_presets_refuse_the_swarm_and_torchrun_paths(corpus, flags, capsys):
+    assert main(["train", "--config", "t5-tiny", "--data", corpus, *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "one process only" in err and "\n" not in err
+    with pytest.raises(UserError, match="one process only"):  # what torchrun and the swarm share
+        prepare_data(load_run_config("t5-tiny", steps=2), corpus, progress=False)
 
 
 def test_unknown_t5_field_in_a_config_file(tmp_path):

@@ -155,9 +155,10 @@ def is_t5_run(config: str) -> bool:
         return False  # the decoder-only loop reports the bad config
 
 
-def train_t5_from_args(args) -> int:
-    """`swarmlm train --config t5-tiny` (or a TOML file with `preset = "t5-tiny"`), in one process."""
-    if getattr(args, "swarm", False):
+def train_t5_from_args(args, *, distributed: bool = False) -> int:
+    """`swarmlm train --config t5-tiny` (or a TOML file with `preset = "t5-tiny"`), in one process;
+    `distributed` (the caller saw --swarm or torchrun) is refused."""
+    if distributed:
         raise UserError("T5 presets train in one process only (no --swarm, no torchrun)")
     run = load_run_config(args.config, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                           seq_len=args.seq_len)
