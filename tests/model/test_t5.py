@@ -54,6 +54,7 @@ def test_variants_are_read_as_v10_and_v11(pair):
     v10 = ref.config.feed_forward_proj == "relu"
     assert (cfg.tie_embeddings, cfg.scale_head, cfg.gated) == ((True, True, False) if v10 else (False, False, True))
     assert (model.lm_head.weight is model.embed.weight) == v10
+    assert cfg.n_params() == sum(p.numel() for p in model.parameters()) == ref.num_parameters()
 
 
 @torch.no_grad()
