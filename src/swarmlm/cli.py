@@ -34,7 +34,7 @@ def _run_demo(args) -> int:
 
 def _add_train(sub) -> None:
     p = sub.add_parser("train", help="train a model (one process, torchrun, or the swarm)")
-    p.add_argument("--config", default="tiny", help="preset name (tiny, small) or a TOML config file")
+    p.add_argument("--config", default="tiny", help="preset name (tiny, small, t5-tiny) or a TOML config file")
     p.add_argument("--data", default=None, help="corpus: a text file or directory (default: the Python stdlib)")
     p.add_argument("--steps", type=int, default=None)
     p.add_argument("--seed", type=int, default=None)
@@ -82,6 +82,10 @@ def _add_swarm_train_flags(p) -> None:
 
 def _run_train(args) -> int:
     # three trainers, one verb: the choice is made here so that train/ knows nothing of the layers above it
+    from swarmlm.train.t5_loop import is_t5_run, train_t5_from_args
+    if is_t5_run(args.config):  # the encoder-decoder family: one process, its own objective and loop
+        from swarmlm.parallel.launch import wants_parallel
+        return train_t5_from_args(args, distributed=args.swarm or wants_parallel(args))
     if args.swarm:
         from swarmlm.collab.run import run_swarm_training
         return run_swarm_training(args)
@@ -125,6 +129,10 @@ def _run_generate(args) -> int:
             payer = payer_from_args(args)
             return swarm_generate_from_args(args, ticket=payer.ticket, ticket_accepted=payer.accepted)
         return swarm_generate_from_args(args)
+    from swarmlm.model.t5_hf import is_t5
+    if is_t5(args.model):  # the encoder-decoder family has its own decode loop
+        from swarmlm.model.t5_generate import t5_generate_from_args
+        return t5_generate_from_args(args)
     from swarmlm.model.generate import generate_from_args
     return generate_from_args(args)
 

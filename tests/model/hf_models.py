@@ -61,3 +61,29 @@ def rewrite_config(directory: Path, **changes) -> None:
         else:
             config[k] = v
     file.write_text(json.dumps(config))
+
+
+T5_VARIANTS = {  # tiny T5s: v1.0 (ReLU, tied, scaled head) and v1.1 (gated GELU, untied); few buckets and a short
+    # max_distance so the log-spaced buckets are exercised by short sequences
+    "v1.0": dict(feed_forward_proj="relu", tie_word_embeddings=True),
+    "v1.1": dict(feed_forward_proj="gated-gelu", tie_word_embeddings=False),
+}
+T5_BASE = dict(vocab_size=VOCAB, d_model=32, d_kv=8, d_ff=64, num_layers=2, num_decoder_layers=2, num_heads=4,
+               relative_attention_num_buckets=8, relative_attention_max_distance=12, dropout_rate=0.0,
+               pad_token_id=0, eos_token_id=1, decoder_start_token_id=0)
+
+
+def build_t5(directory: Path, variant: str, *, seed: int = 0, **overrides):
+    """Save a random transformers T5ForConditionalGeneration; return it as transformers reloads it (eval mode).
+
+    transformers 5 builds every T5 with its head tied to the embedding; v1.1 gets its own head here."""
+    import transformers
+
+    torch.manual_seed(seed)
+    config = transformers.T5Config(**{**T5_BASE, **T5_VARIANTS[variant], **overrides})
+    model = transformers.T5ForConditionalGeneration(config).eval()
+    if not T5_VARIANTS[variant]["tie_word_embeddings"]:
+        model.lm_head.weight = torch.nn.Parameter(torch.randn(config.vocab_size, config.d_model))
+    _randomize_norms(model)
+    model.save_pretrained(directory)
+    return transformers.T5ForConditionalGeneration.from_pretrained(directory).eval()

@@ -45,6 +45,8 @@ class ModelConfig:
     mlp_bias: bool = False                # bias on the MLP projections (gpt2)
     bos_token_id: int | None = None       # begin-of-sequence id, if the model has one
     eos_token_id: int | None = None       # end-of-sequence id; generation stops a row on it
+    sliding_window: int | None = None     # llama family: a query sees only the last W slots (itself included)
+    window_from_layer: int = 0            # blocks with index >= this use the window (Qwen2's max_window_layers)
 
     @property
     def dh(self) -> int:
@@ -88,9 +90,17 @@ class ModelConfig:
             raise UserError(f"unsupported rope scaling {self.rope_type!r} (known: {', '.join(ROPE_TYPES)})")
         if self.rope_type != "default" and "factor" not in self.rope_scaling:
             raise UserError(f"rope scaling {self.rope_type!r} needs a 'factor'")
+        if self.sliding_window is not None and (self.family != "llama" or self.sliding_window <= 0):
+            raise UserError(f"sliding_window needs the llama family and a positive size, got {self.sliding_window}")
+        if self.window_from_layer < 0:
+            raise UserError(f"window_from_layer must not be negative, got {self.window_from_layer}")
         if self.norm_eps <= 0:
             raise UserError(f"norm_eps must be positive, got {self.norm_eps}")
         return self
+
+    def windowed(self, layer: int) -> bool:
+        """Whether block `layer` uses sliding-window attention."""
+        return self.sliding_window is not None and layer >= self.window_from_layer
 
     def n_params(self) -> int:
         """Parameter count of the full model (tied embeddings counted once)."""

@@ -38,6 +38,9 @@ def load_config(path: str | os.PathLike) -> ModelConfig:
 
 def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelConfig:
     arch = (d.get("architectures") or [None])[0] or MODEL_TYPES.get(d.get("model_type", ""))
+    if d.get("model_type") == "t5":
+        raise CheckpointError(f"{source}: T5 (encoder-decoder) checkpoints run with `generate` and `train` only; "
+                              "serving, swarm generation and finetuning need a decoder-only model")
     if arch not in ARCHITECTURES:
         raise CheckpointError(f"{source}: unsupported architecture {arch!r} (supported: {', '.join(ARCHITECTURES)})")
 
@@ -63,9 +66,7 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
             raise CheckpointError(f"{source}: unsupported activation {d.get('hidden_act')!r} (only silu)")
         theta, scaling = _rope_from_hf(d, source)
         max_len = int(d.get("max_position_embeddings", 2048))
-        window = d.get("sliding_window")
-        if window and (arch == "MistralForCausalLM" or d.get("use_sliding_window")):
-            max_len = min(max_len, int(window))  # full attention equals sliding-window attention up to the window
+        window, window_from = _window_from_hf(d, arch, int(need("num_hidden_layers")), source)
         bias = bool(d.get("attention_bias", False))
         H, D = int(need("num_attention_heads")), int(need("hidden_size"))
         head_dim = d.get("head_dim")
@@ -77,11 +78,34 @@ def config_from_hf(d: dict[str, Any], *, source: str = "config.json") -> ModelCo
                           tie_embeddings=bool(d.get("tie_word_embeddings", False)),
                           attn_bias=True if arch == "Qwen2ForCausalLM" else bias,
                           attn_out_bias=bias if arch == "LlamaForCausalLM" else False,
-                          mlp_bias=bool(d.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False, **common)
+                          mlp_bias=bool(d.get("mlp_bias", False)) if arch == "LlamaForCausalLM" else False,
+                          sliding_window=window, window_from_layer=window_from, **common)
     try:
         return cfg.validate()
     except UserError as e:
         raise CheckpointError(f"{source}: {e}") from None
+
+
+def _window_from_hf(d: dict[str, Any], arch: str, n_layers: int, source: str) -> tuple[int | None, int]:
+    """(sliding window or None, first windowed layer), as transformers reads them: Mistral windows
+    every layer when `sliding_window` is set; Qwen2 only with `use_sliding_window`, in layers
+    >= `max_window_layers`, or where `layer_types` says "sliding_attention"."""
+    window = d.get("sliding_window")
+    if arch == "LlamaForCausalLM" or window is None or (arch == "Qwen2ForCausalLM" and not d.get("use_sliding_window")):
+        return None, 0
+    if isinstance(window, bool) or not isinstance(window, int) or window <= 0:
+        raise CheckpointError(f"{source}: sliding_window must be a positive integer, got {window!r}")
+    if arch == "MistralForCausalLM":
+        return window, 0
+    types = d.get("layer_types")
+    if types is None:
+        return window, min(int(d.get("max_window_layers", 28)), n_layers)
+    first = sum(1 for t in types if t == "full_attention")
+    expected = ["full_attention"] * first + ["sliding_attention"] * (n_layers - first)
+    if list(types) != expected:
+        raise CheckpointError(f"{source}: unsupported layer_types (only full attention layers followed by "
+                              f"sliding-window layers): {types}")
+    return window, first
 
 
 def _rope_from_hf(d: dict[str, Any], source: str) -> tuple[float, dict | None]:
@@ -129,8 +153,16 @@ def config_to_hf(cfg: ModelConfig, *, dtype: torch.dtype = torch.float32) -> dic
         out.update(attention_bias=cfg.attn_bias, mlp_bias=cfg.mlp_bias)
     elif biases != ((True, False, False) if cfg.architecture == "Qwen2ForCausalLM" else (False, False, False)):
         raise UserError(f"{cfg.architecture} does not support biases {biases} (attn, attn_out, mlp)")
-    if cfg.architecture != "LlamaForCausalLM":
-        out.update(sliding_window=None, use_sliding_window=False)
+    if cfg.architecture == "MistralForCausalLM":
+        if cfg.sliding_window is not None and cfg.window_from_layer:
+            raise UserError("MistralForCausalLM windows every layer; window_from_layer must be 0")
+        out.update(sliding_window=cfg.sliding_window)
+    elif cfg.architecture == "Qwen2ForCausalLM":
+        windowed = cfg.sliding_window is not None
+        out.update(sliding_window=cfg.sliding_window, use_sliding_window=windowed,
+                   max_window_layers=cfg.window_from_layer if windowed else cfg.n_layers)
+    elif cfg.sliding_window is not None:
+        raise UserError("LlamaForCausalLM has no sliding-window attention; use Mistral or Qwen2")
     return out
 
 

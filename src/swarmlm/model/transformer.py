@@ -97,15 +97,25 @@ class Transformer(nn.Module):
             full_mask = cache.key_mask(new_mask, T)
         else:
             full_mask = None if key_mask is None or bool(key_mask.all()) else key_mask
-        mask, is_causal = attention_mask(full_mask, past, T, h.device)
+        masks = {False: (*attention_mask(full_mask, past, T, h.device), 0)}
+        if any(self.cfg.windowed(int(key)) for key in self.layers):
+            # a windowed layer reads only the cached slots some new query can see, from `first` on
+            W = self.cfg.sliding_window
+            first = max(0, past + 1 - W) if cache is not None else 0
+            mask, is_causal = attention_mask(full_mask, past, T, h.device, window=W)
+            masks[True] = (None if mask is None else mask[..., first:], is_causal, first)
         rope = self.rotary.tables(positions, h.dtype) if self.rotary is not None else None
         lo = -1 if start is None else start
         hi = float("inf") if end is None else end
         for key, block in self.layers.items():
             i = int(key)
             if lo <= i < hi:
-                kv = cache.layer(i) if cache is not None else None
-                h = block(h, rope=rope, mask=mask, is_causal=is_causal, kv=kv, start=past)
+                mask, is_causal, first = masks[self.cfg.windowed(i)]
+                kv = None
+                if cache is not None:
+                    k, v = cache.layer(i)
+                    kv = (k[:, :, first:], v[:, :, first:])   # views: writes land in the cache
+                h = block(h, rope=rope, mask=mask, is_causal=is_causal, kv=kv, start=past - first)
         if cache is not None and advance:
             cache.advance(T, new_mask)
         return h
@@ -140,15 +150,18 @@ class Transformer(nn.Module):
         return (new_mask.long().cumsum(1) - 1).clamp(min=0)
 
 
-def attention_mask(key_mask: torch.Tensor | None, past: int, T: int,
-                   device: torch.device) -> tuple[torch.Tensor | None, bool]:
+def attention_mask(key_mask: torch.Tensor | None, past: int, T: int, device: torch.device,
+                   window: int | None = None) -> tuple[torch.Tensor | None, bool]:
     """(mask (B or 1, 1, T, S) bool or None, is_causal) for T queries at slots [past, past+T).
 
     A query sees earlier slots that are real tokens, and always itself, so a padding query
-    gets a finite (unused) output instead of NaN.
+    gets a finite (unused) output instead of NaN. With a sliding `window` W it sees only slots
+    q - W < k <= q, counted in slots (padding included), as transformers counts them.
     """
     S = past + T
-    if key_mask is None:
+    if window is not None and S <= window:
+        window = None                       # every key is within reach
+    if key_mask is None and window is None:
         if T == 1:
             return None, False              # one new token sees every key
         if past == 0:
@@ -156,6 +169,8 @@ def attention_mask(key_mask: torch.Tensor | None, past: int, T: int,
     slots = torch.arange(S, device=device)
     query_slots = slots[past:, None]        # (T, 1)
     causal = slots[None, :] <= query_slots  # (T, S)
+    if window is not None:
+        causal = causal & (slots[None, :] > query_slots - window)  # (T, S)
     if key_mask is None:
         return causal[None, None], False    # (1, 1, T, S)
     allowed = causal[None] & key_mask[:, None, :]    # (B, T, S)

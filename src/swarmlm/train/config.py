@@ -16,6 +16,8 @@ from typing import Any
 from swarmlm.errors import UserError
 from swarmlm.model.config import PRESETS as MODEL_PRESETS
 from swarmlm.model.config import ModelConfig
+from swarmlm.model.t5 import PRESETS as T5_PRESETS
+from swarmlm.model.t5 import T5Config
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -58,7 +60,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: ModelConfig
+    model: ModelConfig | T5Config   # T5Config: an encoder-decoder run (train/t5_loop.py, one process only)
     train: TrainConfig
 
 
@@ -67,6 +69,8 @@ TRAIN_PRESETS: dict[str, RunConfig] = {
     "small": RunConfig(MODEL_PRESETS["small"],
                        TrainConfig(steps=2000, batch_size=8, seq_len=256, lr=1e-3, warmup_steps=100,
                                    eval_every=200, save_every=500, vocab_size=8192)),
+    # T5 v1.1-style encoder-decoder on span corruption; sequences are the windows before corruption
+    "t5-tiny": RunConfig(T5_PRESETS["t5-tiny"], TrainConfig(lr=3e-3, warmup_steps=20)),
 }
 
 
@@ -99,7 +103,7 @@ def _from_file(path: Path, name: str) -> RunConfig:
     if preset not in TRAIN_PRESETS:
         raise UserError(f"config {path}: unknown model preset {preset!r}")
     base = TRAIN_PRESETS[preset]
-    _check_fields(ModelConfig, model_doc, f"config {path} [model]")
+    _check_fields(type(base.model), model_doc, f"config {path} [model]")
     _check_fields(TrainConfig, doc.get("train", {}), f"config {path} [train]")
     try:
         model = dataclasses.replace(base.model, **model_doc)

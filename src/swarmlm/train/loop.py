@@ -60,6 +60,8 @@ class TrainResult:
 def prepare_data(run: RunConfig, data: str | None, *, tokenizer_dir: Path | None = None,
                  progress: bool = True) -> Prepared:
     """Open the corpus, get a tokenizer (from `tokenizer_dir` if it has one) and the token shards."""
+    if not isinstance(run.model, ModelConfig):
+        raise UserError("T5 presets train in one process only (no --swarm, no torchrun)")
     corpus = open_corpus(data, val_percent=run.train.val_percent)
     if tokenizer_dir is not None and (tokenizer_dir / "tokenizer.json").is_file():
         tok = Tokenizer.load(tokenizer_dir)
