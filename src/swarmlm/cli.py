@@ -317,6 +317,28 @@ def _run_api(args) -> int:
     return api_from_args(args)
 
 
+# ---- dashboard ----------------------------------------------------------------------------
+
+def _add_dashboard(sub) -> None:
+    p = sub.add_parser("dashboard", help="a live web page of the swarm: models, servers, holes, runs, store")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="join the swarm through these")
+    p.add_argument("--host", default="127.0.0.1", help="interface the page is served on")
+    p.add_argument("--port", type=int, default=8080, help="port of the page (0 picks a free one)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the swarm")
+    p.set_defaults(run=_run_dashboard)
+
+
+def _run_dashboard(args) -> int:
+    from swarmlm.dashboard.run import dashboard_from_args
+    return dashboard_from_args(args)
+
+
+def _add_metrics_flag(p) -> None:
+    """`--metrics-port P` on a long-running verb; `main` exposes the metrics before the verb runs."""
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics at http://127.0.0.1:P/metrics (0 picks a free port)")
+
+
 # ---- entry point --------------------------------------------------------------------------
 
 def build_parser() -> argparse.ArgumentParser:
@@ -324,8 +346,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune,
-                _add_api):
+                _add_api, _add_dashboard):
         add(sub)
+    for verb in ("node", "serve", "train"):          # long-running verbs (the federated/MPC roles: add theirs)
+        _add_metrics_flag(sub.choices[verb])
     return parser
 
 
@@ -334,6 +358,9 @@ def main(argv: list[str] | None = None) -> int:
     from swarmlm import log
     log.configure(args.log_level)
     try:
+        if getattr(args, "metrics_port", None) is not None:
+            from swarmlm.dashboard.metrics import expose
+            expose(args.metrics_port)
         return int(args.run(args) or 0)
     except SwarmlmError as e:
         print(f"{_command(args)}: error: {one_line(e)}", file=sys.stderr)

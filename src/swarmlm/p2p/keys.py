@@ -44,3 +44,9 @@ def collab_model_key(run_id: str) -> str:
 def endpoint_key(peer_id: str) -> str:
     """Where `peer_id`'s side channel listens: one `p2p.endpoint` record, under its own subkey."""
     return f"{PREFIX}/endpoint/{peer_id}"
+
+
+def directory_key(service: str) -> str:
+    """What one service has running in the swarm ("swarm.models", "collab.runs", "store.roots", ...):
+    one `p2p.directory` entry per (peer, name), subkey `peer_id/name`; the dashboard lists the swarm from these."""
+    return f"{PREFIX}/directory/{service}"
