@@ -22,12 +22,14 @@ def _add_demo(sub) -> None:
     p.add_argument("--peers", type=int, default=3, help="peer processes in the local swarm")
     p.add_argument("--steps", type=int, default=200, help="training steps of the swarm")
     p.add_argument("--out", default=None, help="where to keep the run (default: a temporary folder)")
+    p.add_argument("--dashboard", action="store_true", help="also start the dashboard beside the swarm; prints its URL")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
     from swarmlm.demo import run_demo
-    return run_demo(peers=args.peers, steps=args.steps, out=args.out)
+    extra = {"dashboard": True} if args.dashboard else {}       # demo/dashboard.py: start_dashboard
+    return run_demo(peers=args.peers, steps=args.steps, out=args.out, **extra)
 
 
 # ---- train --------------------------------------------------------------------------------

@@ -2,7 +2,7 @@
 
 One swarm for the module: a `swarmlm node`, three `swarmlm serve` processes of a tiny 4-block
 model (blocks 0:2, 1:3 and 2:4, each with `--metrics-port 0`), a `swarmlm train --swarm` peer,
-and `swarmlm dashboard` as a process, as a user runs them. In order: /api/swarm agrees with the
+and `swarmlm dashboard` as a process (started as `demo --dashboard` starts it), as a user runs them. In order: /api/swarm agrees with the
 DHT; the page lists the three servers with their spans; a generation moves the metrics; the loss
 plot gains points; the server of 0:2 is killed and the page shows it offline or gone and block 0
 as a hole, within 30 s (a screenshot is saved in the test's tmp dir).
@@ -18,12 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from swarmlm.p2p.process import PeerProcess, open_child
+from swarmlm.demo.dashboard import start_dashboard
+from swarmlm.p2p.process import PeerProcess
 from swarmlm.swarm.server.serve import start_server_process
 from tests.helpers.browser import headless_chromium
 from tests.helpers.collab import TrainPeer
-from tests.helpers.swarm import STARTUP_TIMEOUT_S, LoopThread, NodeProcess, poll_until, run_cli, stop_all, \
-    swarmlm_command
+from tests.helpers.swarm import STARTUP_TIMEOUT_S, LoopThread, NodeProcess, poll_until, run_cli, stop_all
 from tests.helpers.swarm_servers import TEXT, build_checkpoint
 
 pytestmark = pytest.mark.slow
@@ -31,19 +31,6 @@ pytestmark = pytest.mark.slow
 SPANS = [(0, 2), (1, 3), (2, 4)]
 TTL_S = "9"                 # the servers' announcement lifetime: a killed one is silent after ~6.5 s
 PAGE_TIMEOUT_S = 30.0       # the issue's bound for the page to show a killed server
-
-
-class Dashboard(PeerProcess):
-    """`swarmlm dashboard` as a process; `url` once it printed it."""
-
-    def __init__(self, log_path: Path, maddr: str):
-        command = swarmlm_command(["dashboard", "--initial-peers", maddr, "--port", "0", "--interval", "0.5"])
-        super().__init__(open_child(command, log_path=log_path), log_path)
-
-    def wait_url(self, timeout_s: float = STARTUP_TIMEOUT_S) -> str:
-        url = poll_until(lambda: next((line for line in self.output if line.startswith("http://")), None), timeout_s)
-        assert url, f"the dashboard printed no URL; its log:\n{self.log_tail()}"
-        return url
 
 
 class Swarm:
@@ -68,9 +55,9 @@ class Swarm:
             self.servers[(start, end)] = p
         for p in self.servers.values():
             p.wait_ready(STARTUP_TIMEOUT_S)
-        self.dashboard = Dashboard(root / "dashboard.log", self.maddr)
+        self.dashboard, self.url = start_dashboard([self.maddr], log_path=root / "dashboard.log", interval_s=0.5,
+                                                   timeout_s=STARTUP_TIMEOUT_S)      # as `demo --dashboard` does
         self.procs.append(self.dashboard)
-        self.url = self.dashboard.wait_url()
 
     def start_trainer(self, steps: int) -> TrainPeer:
         """A `train --swarm` peer of run "dash": a lone peer steps fast, so it is started when needed."""
