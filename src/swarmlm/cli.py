@@ -22,12 +22,14 @@ def _add_demo(sub) -> None:
     p.add_argument("--peers", type=int, default=3, help="peer processes in the local swarm")
     p.add_argument("--steps", type=int, default=200, help="training steps of the swarm")
     p.add_argument("--out", default=None, help="where to keep the run (default: a temporary folder)")
+    p.add_argument("--dashboard", action="store_true", help="also start the dashboard beside the swarm; prints its URL")
     p.set_defaults(run=_run_demo)
 
 
 def _run_demo(args) -> int:
     from swarmlm.demo import run_demo
-    return run_demo(peers=args.peers, steps=args.steps, out=args.out)
+    extra = {"dashboard": True} if args.dashboard else {}       # demo/dashboard.py: start_dashboard
+    return run_demo(peers=args.peers, steps=args.steps, out=args.out, **extra)
 
 
 # ---- train --------------------------------------------------------------------------------
@@ -472,6 +474,26 @@ def _run_fl_coordinate(args) -> int:
 def _run_fl_join(args) -> int:
     from swarmlm.privacy.commands import join_from_args
     return join_from_args(args)
+# ---- dashboard ----------------------------------------------------------------------------
+
+def _add_dashboard(sub) -> None:
+    p = sub.add_parser("dashboard", help="a live web page of the swarm: models, servers, holes, runs, store")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="join the swarm through these")
+    p.add_argument("--host", default="127.0.0.1", help="interface the page is served on")
+    p.add_argument("--port", type=int, default=8080, help="port of the page (0 picks a free one)")
+    p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the swarm")
+    p.set_defaults(run=_run_dashboard)
+
+
+def _run_dashboard(args) -> int:
+    from swarmlm.dashboard.run import dashboard_from_args
+    return dashboard_from_args(args)
+
+
+def _add_metrics_flag(p) -> None:
+    """`--metrics-port P` on a long-running verb; `main` exposes the metrics before the verb runs."""
+    p.add_argument("--metrics-port", type=int, default=None, metavar="P",
+                   help="serve Prometheus metrics at http://127.0.0.1:P/metrics (0 picks a free port)")
 
 
 # ---- entry point --------------------------------------------------------------------------
@@ -481,8 +503,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune,
-                _add_api, _add_fl, _add_ledger, _add_eval):
+                _add_api, _add_fl, _add_ledger, _add_eval, _add_dashboard):
         add(sub)
+    for verb in ("node", "serve", "train"):          # long-running verbs (the federated/MPC roles: add theirs)
+        _add_metrics_flag(sub.choices[verb])
     return parser
 
 
@@ -491,6 +515,9 @@ def main(argv: list[str] | None = None) -> int:
     from swarmlm import log
     log.configure(args.log_level)
     try:
+        if getattr(args, "metrics_port", None) is not None:
+            from swarmlm.dashboard.metrics import expose
+            expose(args.metrics_port)
         return int(args.run(args) or 0)
     except SwarmlmError as e:
         print(f"{_command(args)}: error: {one_line(e)}", file=sys.stderr)

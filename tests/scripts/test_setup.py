@@ -37,13 +37,20 @@ def repo(tmp_path):
                               f'case "$*" in *{CPU_INDEX}*) [ -n "$CPU_INDEX_DOWN" ] && exit 1;; esac\n'
                               f'case "$*" in *torch==*) touch "{mark}";; esac\nexit 0\n')
     (tmp_path / "bin").mkdir()
+    _executable(tmp_path / "bin" / "apt-get", f'#!/bin/sh\necho "apt-get $*" >> "{tmp_path / "apt.log"}"\n')
     return tmp_path
 
 
-def run_setup(repo: Path, *, gpu: bool, cpu_index_down: bool = False) -> tuple[list[str], list[str]]:
-    """(its stdout lines, pip's calls). A fake nvidia-smi first on PATH says whether there is a GPU."""
+def run_setup(repo: Path, *, gpu: bool, cpu_index_down: bool = False,
+              browser: bool = True) -> tuple[list[str], list[str]]:
+    """(its stdout lines, pip's calls). A fake nvidia-smi first on PATH says whether there is a GPU;
+    a fake chromium and chromedriver are there unless `browser` is False (apt-get is a fake too)."""
     _executable(repo / "bin" / "nvidia-smi", f"#!/bin/sh\nexit {0 if gpu else 1}\n")
     env = {"PATH": f"{repo / 'bin'}:/usr/bin:/bin", "HOME": str(repo)}
+    if browser:
+        _executable(repo / "bin" / "fake-chromium", "#!/bin/sh\n")
+        _executable(repo / "bin" / "fake-chromedriver", "#!/bin/sh\n")
+    env.update(SWARMLM_BROWSERS="fake-chromium", SWARMLM_BROWSER_DRIVERS="fake-chromedriver")
     if cpu_index_down:
         env["CPU_INDEX_DOWN"] = "1"
     run = subprocess.run([str(repo / "scripts" / "setup")], env=env, capture_output=True, text=True, timeout=60)
@@ -90,3 +97,19 @@ def test_the_readme_set_up_commands_are_unchanged():
     readme = (ROOT / "README.md").read_text()
     assert "    ./scripts/setup && .venv/bin/swarmlm demo\n" in readme
     assert "    ./scripts/setup && .venv/bin/python -m pytest -q\n" in readme
+
+
+def test_a_missing_browser_is_installed_with_apt_get_when_root(repo):
+    out, _ = run_setup(repo, gpu=False, browser=False)
+    apt = (repo / "apt.log").read_text().splitlines() if (repo / "apt.log").exists() else []
+    if os.getuid() == 0:
+        assert apt[-1] == "apt-get install -y -q --no-install-recommends chromium chromium-driver"
+        assert any("installing Chromium" in line for line in out)
+    else:                             # through sudo where it is allowed without a password, else it says so
+        assert any("installing Chromium" in line or "cannot install Chromium" in line for line in out)
+
+
+def test_an_installed_browser_is_used(repo):
+    out, _ = run_setup(repo, gpu=False)
+    assert not (repo / "apt.log").exists()
+    assert any("using the installed Chromium" in line for line in out)

@@ -38,11 +38,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from swarmlm.collab import metrics
 from swarmlm.collab import state as states
 from swarmlm.collab.allreduce import TRANSPORTS, AllReduce, RoundResult
 from swarmlm.collab.compression import CODECS
 from swarmlm.collab.matchmaking import FellBehind, Matchmaker
 from swarmlm.collab.progress import (
+    RUNS_SERVICE,
     ProgressRecord,
     SwarmView,
     build_view,
@@ -55,6 +57,7 @@ from swarmlm.collab.robust import AGGREGATORS
 from swarmlm.errors import PeerError, RoundFailed, UserError
 from swarmlm.log import get_logger
 from swarmlm.p2p import keys
+from swarmlm.p2p.directory import publish_entry
 
 log = get_logger(__name__)
 
@@ -138,6 +141,7 @@ class CollaborativeOptimizer:
         self._last_return = time.monotonic()
         self._refresher: asyncio.Task | None = None
         self._closed = False
+        self._listed_at = -math.inf       # when this run was last listed in the DHT's directory (monotonic)
         if options.diloco_steps:
             self.outer_opt = torch.optim.SGD(self.params, lr=options.outer_lr, momentum=options.outer_momentum,
                                              nesterov=True)
@@ -298,7 +302,9 @@ class CollaborativeOptimizer:
                 group, suspects = await self.matchmaker.form_group(
                     step, candidates, timeout_s=self.options.gather_timeout_s * 3 + 5.0)
                 self._ban(suspects)
+                started = time.monotonic()
                 result = await self.reducer.run(group, vector, weight=weight, timeout_s=self.options.round_timeout_s)
+                metrics.ROUND_SECONDS.observe(time.monotonic() - started)
                 if result.dropped:
                     log.warning("step %d: dropped %d malformed part updates", step, len(result.dropped))
                 return result
@@ -388,6 +394,10 @@ class CollaborativeOptimizer:
         try:
             await self.peer.store(key, self._record(), ttl_s=self.options.progress_ttl_s, subkey=self.peer.peer_id)
             self._records = await self.peer.get(key, latest=True)
+            if time.monotonic() - self._listed_at > self.options.progress_ttl_s:
+                # the run in the swarm's directory (p2p/directory.py), where the dashboard finds it
+                await publish_entry(self.peer, RUNS_SERVICE, self.options.run_id, ttl_s=3 * self.options.progress_ttl_s)
+                self._listed_at = time.monotonic()
         except PeerError as e:
             log.info("progress refresh failed: %s", e)
         self._rebuild_view()

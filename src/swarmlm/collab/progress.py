@@ -21,6 +21,8 @@ from dataclasses import dataclass
 
 from swarmlm.p2p.records import SignedRecord, record_type
 
+RUNS_SERVICE = "collab.runs"    # the directory (p2p/directory.py) where each peer lists the run it trains in
+
 
 @record_type("collab.progress")
 @dataclass(frozen=True)

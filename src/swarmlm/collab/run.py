@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from swarmlm.collab import metrics
 from swarmlm.collab.optimizer import CollabOptions, CollaborativeOptimizer
 from swarmlm.collab.progress import reference_peer
 from swarmlm.errors import UserError
@@ -99,6 +100,7 @@ async def _train(args: Any, run: Any, prep: Any) -> int:
         opt = await CollaborativeOptimizer.create(peer, model, build_optimizer(model, cfg), options,
                                                   lr_at=lambda step: lr_at(step, cfg))
         await opt.join()
+        metrics.watch(opt)
         await _wait_for_peers(opt, args.min_peers or 0)
         batches = Batches(prep.shards.train, cfg.batch_size, cfg.seq_len, cfg.seed, stream=stream_of(peer.peer_id))
         publisher = await _Publisher.create(peer, args, prep) if args.publish_every else None

@@ -49,3 +49,9 @@ def endpoint_key(peer_id: str) -> str:
 def fl_run_key(run_id: str) -> str:
     """Federated run `run_id`: its coordinator's `privacy.fl` record (the round, the global model's CID)."""
     return f"{PREFIX}/fl/{run_id}"
+
+
+def directory_key(service: str) -> str:
+    """What one service has running in the swarm ("swarm.models", "collab.runs", "store.roots", ...):
+    one `p2p.directory` entry per (peer, name), subkey `peer_id/name`; the dashboard lists the swarm from these."""
+    return f"{PREFIX}/directory/{service}"

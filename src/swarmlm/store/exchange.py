@@ -93,6 +93,7 @@ class BlockService:
         self.closed = False
         self.served_blocks = 0             # counters, for logs and tests
         self.refused_requests = 0
+        self.served_bytes = 0
 
     async def start(self) -> None:
         await self.peer.add_stream_handler(BLOCKS, self.rpc_blocks, max_request_bytes=MAX_REQUEST_BYTES)
@@ -167,6 +168,7 @@ class BlockService:
             parts = [MISSING, f"block {cid} has {len(data)} bytes, over the caller's limit".encode()]
         else:
             self.served_blocks += 1
+            self.served_bytes += len(data)
             parts = [FOUND, data]
         if framed:
             parts.insert(0, _FRAME.pack(rpc.DATA, len(parts[0]) + len(parts[1])))

@@ -29,11 +29,12 @@ from swarmlm import serialize
 from swarmlm.errors import PeerError, SwarmError, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
-from swarmlm.store import dag
+from swarmlm.p2p.directory import publish_entry
+from swarmlm.store import dag, metrics
 from swarmlm.store.exchange import HAS, MAX_REQUEST_BYTES, BlockService, HasReply, HasRequest
 from swarmlm.store.fetch import FetchOptions, fetch_dag
-from swarmlm.store.providers import (MAX_REPLICAS, announce, find_providers, plan_replication, rendezvous_rank,
-                                     replication_target)
+from swarmlm.store.providers import (MAX_REPLICAS, ROOTS_SERVICE, announce, find_providers, plan_replication,
+                                     rendezvous_rank, replication_target)
 
 logger = get_logger(__name__)
 
@@ -79,9 +80,11 @@ class StoreNode:
         self._targets_path = Path(root) / _TARGETS_FILE if root is not None else None
         self._targets: dict[str, int] = {}
         self._wake_announce = asyncio.Event()
+        self.pin_failures = 0                         # pin requests that failed (metrics.py reports it)
 
     async def start(self) -> None:
         await self.service.start()
+        metrics.watch(self)
         await self.peer.add_handler(PIN, self.rpc_pin, max_request_bytes=MAX_REQUEST_BYTES)
         self._tasks = [asyncio.create_task(self._announce_forever(), name="announce"),
                        asyncio.create_task(self._replicate_forever(), name="replicate")]
@@ -98,7 +101,11 @@ class StoreNode:
     async def rpc_pin(self, peer_id: str, request: bytes) -> bytes:
         req = serialize.decode_message(request, PinRequest, max_bytes=MAX_REQUEST_BYTES)
         root = check_pin_request(req)
-        size = await self.pin(str(root), req.replicas, hints=req.providers)
+        try:
+            size = await self.pin(str(root), req.replicas, hints=req.providers)
+        except Exception:
+            self.pin_failures += 1
+            raise
         return serialize.encode_message(PinReply(size_bytes=size))
 
     async def pin(self, root: str, replicas: int, *, hints: Sequence[str] = ()) -> int:
@@ -139,6 +146,7 @@ class StoreNode:
             key = str(root)
             if await announce(self.peer, key, size_bytes=size, replicas=targets.get(key, 1), ttl_s=ttl):
                 n += 1
+            await publish_entry(self.peer, ROOTS_SERVICE, key, ttl_s=ttl, size=size)   # listed for the dashboard
         return n
 
     async def _announce_forever(self) -> None:

@@ -22,6 +22,7 @@ from swarmlm.p2p.records import SignedRecord, record_type
 
 MAX_REPLICAS = 64          # a pin asks for at most this many copies
 MAX_MADDRS = 8
+ROOTS_SERVICE = "store.roots"   # the directory (p2p/directory.py) where holders list their pinned roots (size: bytes)
 
 
 @record_type("provider")

@@ -20,6 +20,7 @@ from swarmlm.p2p.records import record_type
 logger = get_logger(__name__)
 
 STATES = ("joining", "online", "offline")
+MODELS_SERVICE = "swarm.models"   # the directory (p2p/directory.py) where servers list their model (size: its blocks)
 
 
 @record_type("swarm.server")
@@ -65,6 +66,11 @@ async def store_record(peer: Any, record: ServerRecord, *, ttl_s: float) -> int:
 
 async def read_servers(peer: Any, model_id: str, n_layers: int) -> dict[str, ServerRecord]:
     """peer ID -> its newest record for `model_id`, in any state, read from every block's key."""
+    return {peer_id: rec.value for peer_id, rec in (await read_server_records(peer, model_id, n_layers)).items()}
+
+
+async def read_server_records(peer: Any, model_id: str, n_layers: int) -> dict[str, Any]:
+    """peer ID -> its newest `SignedRecord` (a `ServerRecord` and when it expires) for `model_id`."""
     results = await asyncio.gather(*(peer.get(block_key(model_id, i), latest=True) for i in range(n_layers)),
                                    return_exceptions=True)
     newest: dict[str, Any] = {}                 # peer -> its newest SignedRecord
@@ -81,4 +87,4 @@ async def read_servers(peer: Any, model_id: str, n_layers: int) -> dict[str, Ser
             old = newest.get(rec.signer)
             if old is None or rec.expires_at > old.expires_at:
                 newest[rec.signer] = rec
-    return {peer_id: rec.value for peer_id, rec in sorted(newest.items())}
+    return dict(sorted(newest.items()))

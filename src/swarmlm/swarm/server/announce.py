@@ -3,7 +3,7 @@
 `Announcer` stores one `dht.ServerRecord` per held block under `keys.block_key(model, i)`
 (subkey: this peer's ID), signed by the peer. It re-announces every `ttl_s / 3` so a record
 never lapses while the server lives, and at once when poked (state change, a session opened
-or closed); `announce_offline` marks the span offline on a clean shutdown or a move. The
+or closed), and lists the model in the swarm's directory (p2p/directory.py); `announce_offline` marks the span offline on a clean shutdown or a move. The
 record's contents come from a callable the host passes in, so this module knows nothing of
 sessions, tensors or models.
 """
@@ -15,23 +15,28 @@ from typing import Any, Callable
 
 from swarmlm.errors import PeerError
 from swarmlm.log import get_logger
-from swarmlm.swarm.dht import ServerRecord, store_record
+from swarmlm.p2p.directory import publish_entry
+from swarmlm.swarm.dht import MODELS_SERVICE, ServerRecord, store_record
 
 logger = get_logger(__name__)
 
 
 class Announcer:
-    def __init__(self, peer: Any, make_record: Callable[[], ServerRecord], *, ttl_s: float = 30.0):
+    def __init__(self, peer: Any, make_record: Callable[[], ServerRecord], *, ttl_s: float = 30.0, n_layers: int = 0):
         if ttl_s <= 0:
             raise ValueError(f"ttl_s must be positive, got {ttl_s}")
         self.peer = peer
         self.make_record = make_record   # the record as of now (state, span, load)
         self.ttl_s = ttl_s
+        self.n_layers = n_layers         # the model's blocks: > 0 also lists the model in the swarm's directory
         self._poked = asyncio.Event()
 
     async def announce(self) -> int:
         """Announce the current record once; returns how many block stores were accepted."""
-        return await store_record(self.peer, self.make_record(), ttl_s=self.ttl_s)
+        record = self.make_record()
+        if self.n_layers > 0:
+            await publish_entry(self.peer, MODELS_SERVICE, record.model, ttl_s=self.ttl_s, size=self.n_layers)
+        return await store_record(self.peer, record, ttl_s=self.ttl_s)
 
     def poke(self) -> None:
         """Re-announce soon (the record changed)."""

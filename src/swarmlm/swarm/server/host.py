@@ -48,6 +48,7 @@ from swarmlm.swarm.server.chain import (
     check_next_hop,
     check_peer_id,
 )
+from swarmlm.swarm.server import metrics
 from swarmlm.swarm.server.checks import RequestChecks
 from swarmlm.swarm.server.saved import SavedForwards
 from swarmlm.swarm.server.spans import StatelessSpans
@@ -136,8 +137,9 @@ class BlockHost:
             wire.RPC_LINK: (wire.LinkRequest, self.rpc_link),
         }
         for name, (cls, fn) in handlers.items():
-            await peer.add_handler(name, message_handler(cls, fn, max_request_bytes=limit), max_request_bytes=limit)
-        step = message_handler(wire.StepRequest, self.rpc_step, max_request_bytes=limit)
+            handler = metrics.counted(name, message_handler(cls, fn, max_request_bytes=limit))
+            await peer.add_handler(name, handler, max_request_bytes=limit)
+        step = metrics.counted(wire.RPC_STEPS, message_handler(wire.StepRequest, self.rpc_step, max_request_bytes=limit))
 
         async def serve_steps(peer_id: str, reader: Any, writer: Any) -> None:
             await serve_channel(step, peer_id, reader, writer, name=wire.RPC_STEPS, max_request_bytes=limit,
@@ -232,6 +234,7 @@ class BlockHost:
             raise
         session = self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache,
                                                  pusher=req.pusher, token_cap=cap)
+        metrics.sessions_now(len(self._sessions), opened=True)
         self.on_change()
         if req.next_hop is not None:
             try:
@@ -380,6 +383,7 @@ class BlockHost:
                 return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]   # (B, T, D)
 
             out = compute() if B * T <= INLINE_STEP_TOKENS else await self._run(compute)
+        metrics.count_step(B * T)
         pushed = req.push and session.next is not None and session.next.push(req.position, out)  # written now
         return wire.StepReply(hidden=out, pushed=pushed)
 
@@ -409,6 +413,7 @@ class BlockHost:
         session = self._sessions.pop(key, None)
         if session is not None:
             session.close()
+            metrics.sessions_now(len(self._sessions))
         return session is not None
 
     async def rpc_info(self, peer_id: str, req: wire.InfoRequest) -> wire.InfoReply:

@@ -126,7 +126,7 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
         host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps,
                          admit=opts.admit)
         await host.register(peer, side=await peer.side_channel() if opts.direct else None)
-        announcer = Announcer(peer, host.record, ttl_s=opts.announce_ttl_s)
+        announcer = Announcer(peer, host.record, ttl_s=opts.announce_ttl_s, n_layers=host.cfg.n_layers)
         host.on_change = announcer.poke
         host.state = "online"
         await announcer.announce()

@@ -1,0 +1,88 @@
+"""`swarmlm dashboard --initial-peers MADDR... [--host 127.0.0.1] [--port P]`: join the swarm as a
+client, look at it every `--interval` seconds, and serve the page until SIGINT/SIGTERM, printing
+its URL as the last line once it accepts connections.
+
+`run_dashboard(...)` is the same as a coroutine, for the demo (demo/dashboard.py) and tests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+from typing import Any, Callable, Sequence
+
+from swarmlm.errors import UserError
+
+
+async def run_dashboard(*, initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 0,
+                        interval_s: float = 1.0, stop: asyncio.Event,
+                        on_ready: Callable[[str], None] = lambda url: None, panels: Sequence[Any] | None = None) -> None:
+    """Serve the dashboard until `stop` is set; `on_ready(url)` once it accepts connections."""
+    from swarmlm.dashboard.app import build_app
+    from swarmlm.dashboard.collect import Collector
+    from swarmlm.dashboard.panels import default_panels
+    from swarmlm.p2p.peer import Peer
+
+    async with await Peer.create(initial_peers=initial_peers, client_mode=True) as peer:
+        collector = Collector(peer, default_panels() if panels is None else panels)
+        await collector.refresh()
+        looking = asyncio.ensure_future(collector.run_forever(interval_s))
+        try:
+            await serve(build_app(collector), host, port, stop=stop, on_ready=on_ready)
+        finally:
+            looking.cancel()
+            await asyncio.gather(looking, return_exceptions=True)
+
+
+async def serve(app: Any, host: str, port: int, *, stop: asyncio.Event,
+                on_ready: Callable[[str], None] = lambda url: None) -> None:
+    """Run `app` under uvicorn on host:port (0: a free one) until `stop` is set; `on_ready(url)` once listening."""
+    import uvicorn
+
+    class _Server(uvicorn.Server):
+        async def startup(self, sockets: Any = None) -> None:
+            await super().startup(sockets)
+            if self.started:
+                bound = self.servers[0].sockets[0].getsockname()
+                on_ready(f"http://{f'[{host}]' if ':' in host else host}:{bound[1]}/")
+
+    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
+                            timeout_graceful_shutdown=2)
+    server = _Server(config)
+    server.capture_signals = contextlib.nullcontext     # the caller owns signals (it sets `stop`)
+    serving = asyncio.ensure_future(server.serve())
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        server.should_exit = True
+        stopping.cancel()
+        await serving
+
+
+def check_args(args: Any) -> None:
+    if not args.initial_peers:
+        raise UserError("--initial-peers MADDR ... is required (the dashboard joins an existing swarm)")
+    if not 0 <= args.port <= 65535:
+        raise UserError(f"--port must be 0..65535, got {args.port}")
+    if not 0.1 <= args.interval <= 3600:
+        raise UserError(f"--interval must be 0.1..3600 seconds, got {args.interval}")
+
+
+def dashboard_from_args(args: Any) -> int:
+    check_args(args)
+    from swarmlm.p2p.peer import check_maddr
+    for maddr in args.initial_peers:
+        check_maddr(maddr)
+
+    async def main() -> None:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await run_dashboard(initial_peers=args.initial_peers, host=args.host, port=args.port,
+                            interval_s=args.interval, stop=stop, on_ready=lambda url: print(url, flush=True))
+
+    asyncio.run(main())
+    return 0
