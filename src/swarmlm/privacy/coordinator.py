@@ -152,11 +152,12 @@ class Coordinator:
 
     # ---- the run -------------------------------------------------------------------------------
 
-    async def run(self) -> Path:
+    async def run(self, *, start_clients: int = 0) -> Path:
+        """All the rounds; the first once `max(min_clients, start_clients)` clients are connected."""
         self.out.mkdir(parents=True, exist_ok=True)
         rounds_path = self.out / "rounds.jsonl"
         rounds_path.write_text("")
-        await self.wait_for_members(self.cfg.min_clients)
+        await self.wait_for_members(max(self.cfg.min_clients, start_clients))
         for r in range(self.cfg.rounds):
             result = await self._round_with_retries(r)
             record = self._record(result)
@@ -172,11 +173,15 @@ class Coordinator:
         return final
 
     async def _round_with_retries(self, r: int) -> RoundResult:
+        failures: list[str] = []
         for attempt in range(self.cfg.max_attempts):
             await self.wait_for_members(self.cfg.min_clients)
             try:
-                return await self._round(r, attempt)
+                result = await self._round(r, attempt)
+                result.extra["failed_attempts"] = failures
+                return result
             except RoundFailed as e:
+                failures.append(str(e))
                 self.print(f"fl: round {r + 1} attempt {attempt + 1} failed: {e}; retrying")
         raise RoundFailed(f"round {r + 1} failed {self.cfg.max_attempts} times; giving up")
 

@@ -32,7 +32,7 @@ class FlConfig:
     min_clients: int = 2             # a round completes only over at least this many clients
     local_steps: int = 5             # E: local SGD steps per round
     fedprox_mu: float = 0.0          # FedProx proximal weight (0: FedAvg)
-    lr: float = 0.5                  # local SGD learning rate
+    lr: float = 0.3                  # local SGD learning rate (0.5 made the tiny model chaotic: 1e-8 apart became 1e-2)
     batch_size: int = 8              # sequences per local step
     seq_len: int = 64                # tokens per sequence
     secure: bool = False             # secure aggregation (privacy/secagg)
