@@ -86,8 +86,8 @@ def masked_inputs(update: np.ndarray, n_rounds: int) -> np.ndarray:
     for r in range(n_rounds):
         box = {}
         ups = [update] + updates(4, seed=r, d=update.size)
-        run_round(IDS[:5], ups, config=SecAggConfig(max_clients=5), round=r, server_box=box)
-        seen.append(box["server"].masked[IDS[0].peer_id].view(np.uint8))
+        run_round(IDS[:5], ups, config=SecAggConfig(max_clients=5), round=r, server_box=box, keep_inputs=True)
+        seen.append(box["server"].inputs[IDS[0].peer_id].view(np.uint8))
     return np.concatenate(seen)
 
 

@@ -57,14 +57,14 @@ class Participant:
         self.model_dir = Path(tempfile.mkdtemp(prefix="swarmlm-fl-client-"))
         self.current_cid: str | None = None
         self.rounds = 0
+        self.bytes_sent = 0                                  # every record this client wrote, in plaintext bytes
 
     async def run(self) -> int:
         coordinator = await find_coordinator(self.peer, self.run_id)
         side = await self.peer.side_channel()
         conn = await side.open(coordinator, wire.PURPOSE, timeout_s=30.0, max_record_bytes=wire.MAX_RECORD_BYTES)
         try:
-            conn.write(wire.encode(wire.Join(self.run_id)))
-            await conn.drain()
+            await self._send(conn, wire.Join(self.run_id))
             welcome = wire.decode(await conn.read_record())
             if isinstance(welcome, wire.Error):
                 raise RemoteError(f"the coordinator refused to let this client join: {welcome.message}")
@@ -101,19 +101,17 @@ class Participant:
         rng = np.random.default_rng(None if self.seed is None else [self.seed, start.round, start.attempt, 0xD9])
         vector = federated.prepare_update(update, start.coord_clip, dp_clip=start.dp_clip, dp_noise=start.dp_noise,
                                           min_clients=start.min_clients, rng=rng)
-        conn.write(wire.encode(wire.Report(start.round, start.attempt, train_loss, val_loss,
-                                           start.local_steps * start.batch_size)))
+        await self._send(conn, wire.Report(start.round, start.attempt, train_loss, val_loss,
+                                           start.local_steps * start.batch_size))
         if not start.secure:
             self.stop_in("update")
-            conn.write(wire.encode(wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes())))
-            await conn.drain()
+            await self._send(conn, wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes()))
             self.rounds += 1
             return None
         client = SecAggClient(self.peer.identity, run_id=f"{self.run_id}/{start.attempt}", round=start.round,
                               coordinator=coordinator, update=vector)
         self.stop_in("setup")
-        conn.write(wire.encode(wire.SecAgg(start.round, start.attempt, client.advertise())))
-        await conn.drain()
+        await self._send(conn, wire.SecAgg(start.round, start.attempt, client.advertise()))
         steps = [("share_keys", client.share_keys), ("collect_masked", client.masked_input), ("unmask", client.unmask)]
         for stage, step in steps:
             msg = wire.decode(await conn.read_record())
@@ -128,10 +126,15 @@ class Participant:
             except (SwarmlmError, ValueError) as e:
                 self.print(f"fl: leaving round {start.round + 1}: {e}")
                 return None
-            conn.write(wire.encode(wire.SecAgg(start.round, start.attempt, out)))
-            await conn.drain()
+            await self._send(conn, wire.SecAgg(start.round, start.attempt, out))
         self.rounds += 1
         return None
+
+    async def _send(self, conn: Any, msg: object) -> None:
+        data = wire.encode(msg)
+        self.bytes_sent += len(data)
+        conn.write(data)
+        await conn.drain()
 
     async def _global_model(self, cid: str) -> Any:
         from swarmlm.model.hf import load_model

@@ -31,7 +31,7 @@ class RoundTimes:
 def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, config: SecAggConfig,
               coordinator: Identity | None = None, drop: dict[Stage, set[str]] | None = None,
               run_id: str = "local", round: int = 0, times: RoundTimes | None = None,
-              server_box: dict | None = None) -> tuple[np.ndarray, list[str]]:
+              server_box: dict | None = None, keep_inputs: bool = False) -> tuple[np.ndarray, list[str]]:
     """The float sum of the survivors' updates and who they are; `RoundFailed` below the threshold.
     `server_box["server"]` receives the coordinator's state (what it saw), for tests."""
     coordinator = coordinator or Identity.generate()
@@ -39,7 +39,7 @@ def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, 
     times = times if times is not None else RoundTimes()
     length = int(np.asarray(updates[0]).size)
     server = SecAggServer(coordinator, run_id=run_id, round=round, config=config, length=length,
-                          expected=[i.peer_id for i in identities])
+                          expected=[i.peer_id for i in identities], keep_inputs=keep_inputs)
     if server_box is not None:
         server_box["server"] = server
     clients = {i.peer_id: SecAggClient(i, run_id=run_id, round=round, coordinator=coordinator.peer_id, update=u)

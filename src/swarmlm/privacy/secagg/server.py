@@ -49,7 +49,7 @@ class SecAggConfig:
 
 class SecAggServer:
     def __init__(self, identity: Identity, *, run_id: str, round: int, config: SecAggConfig, length: int,
-                 expected: list[str] | None = None):
+                 expected: list[str] | None = None, keep_inputs: bool = False):
         self.identity = identity
         self.run_id, self.round, self.config, self.length = run_id, round, config, length
         self.expected = set(expected) if expected is not None else None   # who may join; None: anyone
@@ -60,7 +60,9 @@ class SecAggServer:
         self.nbrs: dict[str, list[str]] = {}
         self.adverts: dict[str, KeyAdvert] = {}
         self.shared: dict[str, SharedKeys] = {}
-        self.masked: dict[str, np.ndarray] = {}
+        self.masked: set[str] = set()                       # whose masked input is in the running sum
+        self.total = np.zeros(length, dtype=np.uint32)      # the sum of the masked inputs, mod 2^32
+        self.inputs: dict[str, np.ndarray] | None = {} if keep_inputs else None   # each one, for tests
         self.unmasks: dict[str, Unmask] = {}
         self.survivors: list[str] = []
         self.result: np.ndarray | None = None
@@ -86,7 +88,7 @@ class SecAggServer:
         """Live clients whose message of this stage has not arrived."""
         return set() if self.stage not in _BODY else self._live() - set(self._received())
 
-    def _received(self) -> dict:
+    def _received(self) -> dict | set:
         return {Stage.SETUP: self.adverts, Stage.SHARE_KEYS: self.shared, Stage.COLLECT_MASKED: self.masked,
                 Stage.UNMASK: self.unmasks}[self.stage]
 
@@ -111,7 +113,11 @@ class SecAggServer:
         self.shared[sender] = body
 
     def _take_collect_masked(self, sender: str, body: MaskedInput) -> None:
-        self.masked[sender] = masking.ring_from_bytes(body.vector, self.length)   # WireError if the size is wrong
+        vector = masking.ring_from_bytes(body.vector, self.length)   # WireError if the size is wrong
+        self.total += vector                                         # only the sum is needed: memory O(d)
+        self.masked.add(sender)
+        if self.inputs is not None:
+            self.inputs[sender] = vector
 
     def _take_unmask(self, sender: str, body: Unmask) -> None:
         if len(body.seed_owners) != len(body.seed_shares) or len(body.key_owners) != len(body.key_shares):
@@ -209,9 +215,8 @@ class SecAggServer:
                 seed_shares.setdefault(v, []).append(s)
             for v, s in zip(body.key_owners, body.key_shares):
                 key_shares.setdefault(v, []).append(s)
-        total = np.zeros(self.length, dtype=np.uint32)
+        total = self.total.copy()
         for u in self.survivors:
-            total += self.masked[u]
             seed = self._rebuild(u, seed_shares.get(u, []), t, "self-mask seed")
             if hashlib.sha256(seed).digest() != self.shared[u].seed_commitment:
                 raise IntegrityError(f"the self-mask seed rebuilt for {u} does not match its commitment")
