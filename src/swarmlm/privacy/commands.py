@@ -60,7 +60,7 @@ async def _coordinate(args: Any, cfg: FlConfig, model_dir: Path) -> int:
             coord = Coordinator(peer, node.store, node, cfg, run_id=args.run_id, model=model, model_cfg=model_cfg,
                                 tokenizer=tokenizer, out=Path(args.out), printer=lambda s: print(s, flush=True))
             await coord.start()
-            await coord._publish(0)          # announce the run at once: clients find it while we wait for them
+            await coord.publish(0)          # announce the run at once: clients find it while we wait for them
             final = await coord.run(start_clients=args.start_clients or 0)
             print(f"fl: {cfg.rounds} rounds done; model in {final}, rounds in {final / 'rounds.jsonl'}", flush=True)
         finally:

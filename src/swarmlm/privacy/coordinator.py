@@ -200,7 +200,7 @@ class Coordinator:
         chosen = federated.choose_clients(joined, self.cfg, round=r, attempt=attempt)
         if len(chosen) < self.cfg.min_clients:
             raise RoundFailed(f"{len(chosen)} clients sampled, fewer than --min-clients {self.cfg.min_clients}")
-        cid = await self._publish(r)
+        cid = await self.publish(r)
         start = wire.RoundStart(
             round=r, attempt=attempt, manifest_cid=cid, length=int(self.params.size), local_steps=self.cfg.local_steps,
             lr=self.cfg.lr, fedprox_mu=self.cfg.fedprox_mu, batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
@@ -265,7 +265,7 @@ class Coordinator:
                               f"{self.cfg.min_clients}")
         total = np.zeros(d, dtype=np.float64)
         for pid in survivors:                  # in a fixed order: the same sum every run
-            total += updates[pid]
+            np.add(total, updates[pid], out=total)
         return total, survivors
 
     async def _secure_sum(self, r: int, attempt: int, sent: list[str], reports: dict) -> tuple[np.ndarray, list[str]]:
@@ -304,7 +304,7 @@ class Coordinator:
         save_model(self.model, self.model_cfg, directory, tokenizer=self.tokenizer)
         return directory
 
-    async def _publish(self, r: int) -> str:
+    async def publish(self, r: int) -> str:
         from swarmlm.store.manifest import publish_model
         with tempfile.TemporaryDirectory(prefix="swarmlm-fl-") as tmp:
             self._save(Path(tmp))
@@ -319,7 +319,8 @@ def check_plain_update(data: bytes, length: int, clip: float) -> np.ndarray:
     """A plain update: exactly `length` finite float32 coordinates within [-clip, clip]; else `WireError`."""
     if len(data) != 4 * length:
         raise WireError(f"an update of {len(data) // 4} coordinates; this model has {length}")
-    v = np.frombuffer(data, dtype="<f4").astype(np.float64)
-    if not np.isfinite(v).all() or np.abs(v).max(initial=0) > clip * (1 + 1e-6):
+    v = np.frombuffer(data, dtype="<f4")
+    largest = max(float(v.max(initial=0)), -float(v.min(initial=0)))     # NaN propagates and fails the test
+    if not largest <= clip * (1 + 1e-6):
         raise WireError(f"an update with coordinates outside [-{clip}, {clip}] or not finite")
     return v

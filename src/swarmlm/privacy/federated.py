@@ -139,7 +139,8 @@ def prepare_update(update: np.ndarray, cfg_clip: float, *, dp_clip: float, dp_no
         if dp_noise > 0:
             update = update + dp.noise_share(update.size, clip=dp_clip, noise_multiplier=dp_noise,
                                              min_clients=min_clients, rng=rng)
-    return np.clip(update, -cfg_clip, cfg_clip)
+    out = np.minimum(update, cfg_clip)                  # np.clip costs twice as much on 1M coordinates
+    return np.maximum(out, -cfg_clip, out=out)
 
 
 def apply_sum(params: np.ndarray, total: np.ndarray, denom: float) -> np.ndarray:

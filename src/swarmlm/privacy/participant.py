@@ -94,9 +94,9 @@ class Participant:
         """Train and contribute to one round; returns a message that arrived for a later round, if any."""
         self.stop_in("train")
         model = await self._global_model(start.manifest_cid)
-        if federated.flatten(model).size != start.length:
-            raise WireError(f"the round aggregates {start.length} coordinates, this model has "
-                            f"{federated.flatten(model).size}")
+        size = sum(p.numel() for _, p in federated.trainable(model))
+        if size != start.length:
+            raise WireError(f"the round aggregates {start.length} coordinates, this model has {size}")
         update, train_loss, val_loss = await asyncio.to_thread(self._train, model, start)
         rng = np.random.default_rng(None if self.seed is None else [self.seed, start.round, start.attempt, 0xD9])
         vector = federated.prepare_update(update, start.coord_clip, dp_clip=start.dp_clip, dp_noise=start.dp_noise,
