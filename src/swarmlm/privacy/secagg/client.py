@@ -29,7 +29,7 @@ from swarmlm.privacy.secagg.keys import RoundKeys, pair_cipher, pair_seed
 from swarmlm.privacy.secagg.masking import FixedPoint
 from swarmlm.privacy.secagg.messages import (Forwarded, KeyAdvert, MaskedInput, Roster, SharedKeys, Survivors,
                                              Unmask, check_keys, open_signed, seal)
-from swarmlm.privacy.secagg.stages import Stage, check_stage, check_transition
+from swarmlm.privacy.secagg.stages import Stage, StageError, check_stage, check_transition
 
 _SHARE = 4 + shamir.SHARE_BYTES
 
@@ -50,10 +50,15 @@ def check_roster(r: Roster) -> None:
 
 
 class SecAggClient:
-    def __init__(self, identity: Identity, *, run_id: str, round: int, coordinator: str, update: np.ndarray):
+    def __init__(self, identity: Identity, *, run_id: str, round: int, coordinator: str,
+                 update: np.ndarray | None = None, length: int | None = None):
         self.identity = identity
         self.run_id, self.round, self.coordinator = run_id, round, coordinator
-        self.update = np.asarray(update, dtype=np.float64).reshape(-1)
+        self.update = None if update is None else np.asarray(update).reshape(-1)   # may come later: mask_input
+        self.length = self.update.size if self.update is not None else length
+        if self.length is None:
+            raise ValueError("a SecAgg client needs its update or the update's length")
+        self.mask: np.ndarray | None = None            # the sum of its masks, once the neighbours are known
         self.stage = Stage.SETUP
         self.keys = RoundKeys.generate()
         self.context = context_of(run_id, round)
@@ -83,8 +88,8 @@ class SecAggClient:
         i = roster.clients.index(me)
         if (roster.enc_pks[i], roster.mask_pks[i]) != (self.keys.enc_pk, self.keys.mask_pk):
             raise IntegrityError("the roster carries other keys than this client advertised")
-        if roster.length != self.update.size:
-            raise WireError(f"the round aggregates {roster.length} coordinates; this update has {self.update.size}")
+        if roster.length != self.length:
+            raise WireError(f"the round aggregates {roster.length} coordinates; this update has {self.length}")
         self.roster = roster
         self.my_neighbours = graph.neighbours(roster.clients, roster.degree, roster.graph_seed)[me]
         holders = self.my_neighbours + [me]            # Bonawitz §4: a client holds a share of its own secrets
@@ -103,7 +108,16 @@ class SecAggClient:
     # ---- COLLECT_MASKED ------------------------------------------------------------------------
 
     def masked_input(self, data: bytes) -> bytes:
-        check_transition(self.stage, Stage.COLLECT_MASKED)
+        """Take the forwarded shares and answer with the masked input (the update given at construction)."""
+        self.prepare_mask(data)
+        return self.mask_input(self.update)
+
+    def prepare_mask(self, data: bytes) -> None:
+        """Take the forwarded shares and expand every mask. Needs no update, so a client can run it
+        while it still trains (Bonawitz et al. §4: masks do not depend on the input)."""
+        if self.mask is not None:
+            raise StageError("the masks are already prepared")
+        check_stage(self.stage, Stage.SHARE_KEYS, "forwarded shares")
         _, fwd = self._open(data, Forwarded, Stage.SHARE_KEYS, recipient=self.identity.peer_id)
         if len(fwd.senders) != len(fwd.ciphertexts) or len(set(fwd.senders)) != len(fwd.senders):
             raise WireError("forwarded shares: one ciphertext per distinct sender")
@@ -117,14 +131,25 @@ class SecAggClient:
         for v, ct in zip(fwd.senders, fwd.ciphertexts):
             self.held[v] = self._decrypt_bundle(v, ct)
         self.shared_with = sorted(fwd.senders)
-        y = FixedPoint(self.roster.clip, self.roster.max_clients).encode(self.update)
-        y += masking.expand(self.keys.self_seed, y.size, context=self.context)
+        total = masking.expand(self.keys.self_seed, self.length, context=self.context).copy()
         for v in self.shared_with:
-            mask = masking.expand(pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), y.size)
+            mask = masking.expand(pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), self.length)
             if me < v:
-                y += mask
+                total += mask
             else:
-                y -= mask
+                total -= mask
+        self.mask = total
+
+    def mask_input(self, update: np.ndarray) -> bytes:
+        """The masked input message: encode(update) + the prepared masks, mod 2^32."""
+        check_transition(self.stage, Stage.COLLECT_MASKED)
+        if self.mask is None:
+            raise StageError("the forwarded shares have not arrived: no masks to add")
+        update = np.asarray(update).reshape(-1)
+        if update.size != self.length:
+            raise WireError(f"the round aggregates {self.length} coordinates; this update has {update.size}")
+        y = FixedPoint(self.roster.clip, self.roster.max_clients).encode(update)
+        y += self.mask
         self.stage = Stage.COLLECT_MASKED
         return self._seal(Stage.COLLECT_MASKED, MaskedInput(masking.ring_to_bytes(y)))
 
