@@ -340,6 +340,8 @@ def _add_fl(sub) -> None:
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--seq-len", type=int, default=64)
     c.add_argument("--coord-clip", type=float, default=4.0, help="each update coordinate is clipped to this")
+    c.add_argument("--lora-rank", type=int, default=0, metavar="R",
+                   help="exchange only LoRA adapters of rank R on q/v (A frozen, B trained); 0: the whole model")
     c.add_argument("--round-timeout", type=float, default=120.0, metavar="S", help="bound on each stage of a round")
     c.add_argument("--out", required=True, help="rounds.jsonl and the final checkpoint")
     _add_fl_common(c)

@@ -25,7 +25,8 @@ def config_from_args(args: Any) -> FlConfig:
                         local_steps=args.local_steps, fedprox_mu=args.fedprox, lr=args.lr,
                         batch_size=args.batch_size, seq_len=args.seq_len, secure=args.secure_aggregation,
                         coord_clip=args.coord_clip, dp_clip=args.dp_clip or 0.0, dp_noise=args.dp_noise or 0.0,
-                        dp_delta=args.dp_delta, seed=args.seed, round_timeout_s=args.round_timeout).check()
+                        dp_delta=args.dp_delta, seed=args.seed, round_timeout_s=args.round_timeout,
+                        lora_rank=args.lora_rank).check()
     except ValueError as e:
         raise UserError(str(e)) from None
 

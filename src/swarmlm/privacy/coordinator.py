@@ -26,6 +26,7 @@ import numpy as np
 
 from swarmlm.errors import PeerError, RoundFailed, SwarmlmError, WireError
 from swarmlm.log import get_logger
+from swarmlm.model.lora import merge_lora
 from swarmlm.p2p import keys
 from swarmlm.p2p.records import record_type
 from swarmlm.privacy import dp, federated, wire
@@ -75,7 +76,7 @@ class Coordinator:
         self.members: dict[str, _Member] = {}
         self.inbox: asyncio.Queue = asyncio.Queue()        # (peer_id, message | None when it left)
         self.member_event = asyncio.Event()
-        self.params = federated.flatten(model)
+        self.params = federated.flatten(model)             # this round's trainable coordinates (d,)
         self.rounds_done = 0
         self._tasks: set[asyncio.Task] = set()
 
@@ -201,21 +202,31 @@ class Coordinator:
         if len(chosen) < self.cfg.min_clients:
             raise RoundFailed(f"{len(chosen)} clients sampled, fewer than --min-clients {self.cfg.min_clients}")
         cid = await self.publish(r)
-        start = wire.RoundStart(
-            round=r, attempt=attempt, manifest_cid=cid, length=int(self.params.size), local_steps=self.cfg.local_steps,
-            lr=self.cfg.lr, fedprox_mu=self.cfg.fedprox_mu, batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
-            secure=self.cfg.secure, coord_clip=self.cfg.coord_clip, dp_clip=self.cfg.dp_clip,
-            dp_noise=self.cfg.dp_noise, min_clients=self.cfg.min_clients, max_clients=len(chosen))
-        self._drain_stale()
-        sent = [pid for pid in chosen if await self._send(pid, start)]
-        reports: dict[str, wire.Report] = {}
-        if self.cfg.secure:
-            total, survivors = await self._secure_sum(r, attempt, sent, reports)
-        else:
-            total, survivors = await self._plain_sum(r, attempt, sent, reports)
-        denom = federated.denominator(self.cfg, len(survivors), len(joined))
-        self.params = federated.apply_sum(self.params, total, denom)
-        federated.load_flat(self.model, self.params)
+        lora_seed = federated.lora_seed(self.cfg, r, attempt)
+        if self.cfg.lora_rank:                  # the round's frozen A matrices, as every client draws them
+            federated.attach_lora(self.model, self.cfg.lora_rank, self.cfg.lora_alpha, lora_seed)
+        try:
+            self.params = federated.flatten(self.model)   # the whole model, or the adapters' B (zeros)
+            start = wire.RoundStart(
+                round=r, attempt=attempt, manifest_cid=cid, length=int(self.params.size),
+                local_steps=self.cfg.local_steps, lr=self.cfg.lr, fedprox_mu=self.cfg.fedprox_mu,
+                batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len, secure=self.cfg.secure,
+                coord_clip=self.cfg.coord_clip, dp_clip=self.cfg.dp_clip, dp_noise=self.cfg.dp_noise,
+                min_clients=self.cfg.min_clients, max_clients=len(chosen), lora_rank=self.cfg.lora_rank,
+                lora_alpha=self.cfg.lora_alpha, lora_seed=lora_seed)
+            self._drain_stale()
+            sent = [pid for pid in chosen if await self._send(pid, start)]
+            reports: dict[str, wire.Report] = {}
+            if self.cfg.secure:
+                total, survivors = await self._secure_sum(r, attempt, sent, reports)
+            else:
+                total, survivors = await self._plain_sum(r, attempt, sent, reports)
+            denom = federated.denominator(self.cfg, len(survivors), len(joined))
+            self.params = federated.apply_sum(self.params, total, denom)
+            federated.load_flat(self.model, self.params)
+        finally:
+            if self.cfg.lora_rank:              # fold B A into the weights (nothing if the round failed: B = 0)
+                merge_lora(self.model)
         self.rounds_done += 1
         got = [reports[p] for p in survivors if p in reports]
         weights = np.array([max(rep.n_samples, 1) for rep in got], dtype=np.float64)

@@ -144,6 +144,8 @@ class Participant:
     async def _contribution(self, start: wire.RoundStart) -> tuple[np.ndarray, wire.Report]:
         """Fetch the global model, train, clip and noise: (what goes into the sum, the round's report)."""
         model = await self._global_model(start.manifest_cid)
+        if start.lora_rank:
+            federated.attach_lora(model, start.lora_rank, start.lora_alpha, start.lora_seed)
         size = sum(p.numel() for _, p in federated.trainable(model))
         if size != start.length:
             raise WireError(f"the round aggregates {start.length} coordinates, this model has {size}")
