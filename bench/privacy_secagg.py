@@ -4,8 +4,9 @@
                                    [--scale-clients 100 1000] [--scale-params 100000]
 
 1. Rounds over the network: a coordinator and `--clients` clients (privacy/coordinator.py and
-   participant.py, as `swarmlm fl` runs them) in one process on in-memory peers whose side
-   channels are real encrypted TCP connections on 127.0.0.1. Local training is replaced by a
+   participant.py, as `swarmlm fl` runs them), the clients either each in its own process on
+   a real peer (as Flower's SuperNodes were measured), or all in this process on in-memory
+   peers; either way their side channels are real encrypted TCP connections on 127.0.0.1. Local training is replaced by a
    random update of `--params` coordinates, so with `--train-s 0` a round's time is what aggregation costs:
    sending the round, the clients' updates (plain) or the four secure-aggregation stages
    (key agreement, Shamir shares, masks, unmasking), and the sum. One untimed warm-up round,
@@ -18,7 +19,8 @@
    1000 clients of `--scale-params` coordinates on the sparse graph. Printed: the median
    client's time over its four stages, the growth from the smallest to the largest count
    (target <= 1.5x), and the coordinator's time.
-All parties share this process, so the clients' work is serialized in both sides alike.
+In-process, the clients' work is serialized in both sides alike; as processes, five clients
+share the machine's cores.
 """
 
 from __future__ import annotations
@@ -112,6 +114,49 @@ async def network_rounds(d: int, n_clients: int, rounds: int, secure: bool,
     return [x["seconds"] for x in lines[1:]], per_round_bytes      # the first round warms up
 
 
+async def process_rounds(d: int, n_clients: int, rounds: int, secure: bool,
+                         train_s: float = 0.0) -> tuple[list[float], float]:
+    """As network_rounds, with each client its own process on a real peer (hivemind DHT, side channel)."""
+    import subprocess
+
+    from swarmlm.p2p.peer import Peer
+    coord_peer = await Peer.create(host="127.0.0.1")
+    cfg = FlConfig(rounds=rounds + 1, clients_per_round=n_clients, min_clients=n_clients, local_steps=1,
+                   secure=secure, coord_clip=1.0).check()
+    out = Path(os.environ.get("TMPDIR", "/tmp")) / f"swarmlm-bench-fl-{os.getpid()}"
+    coord = BenchCoordinator(coord_peer, None, None, cfg, run_id="bench", model=VectorModel(d), model_cfg=None,
+                             tokenizer=None, out=out, printer=lambda s: None)
+    children = []
+    try:
+        await coord.start()
+        await coord_peer.store(keys.fl_run_key("bench"), RunRecord(0, "bench", secure), ttl_s=600,
+                               subkey=coord_peer.peer_id)
+        children = [subprocess.Popen([sys.executable, __file__, "--child", coord_peer.maddrs[0], str(d), str(i),
+                                      str(train_s)], stdout=subprocess.PIPE, stdin=subprocess.DEVNULL)
+                    for i in range(n_clients)]
+        await coord.run()
+        sent = [json.loads((await asyncio.to_thread(c.communicate, timeout=120))[0]) for c in children]
+    finally:
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+        await coord_peer.shutdown()
+    lines = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()]
+    return [x["seconds"] for x in lines[1:]], statistics.median(sent) / (rounds + 1)
+
+
+async def child(maddr: str, d: int, seed: int, train_s: float) -> None:
+    from swarmlm.p2p.peer import Peer
+    peer = await Peer.create(initial_peers=[maddr], host="127.0.0.1")
+    try:
+        client = BenchParticipant(peer, run_id="bench", data="", data_dir=None, seed=seed, printer=lambda s: None,
+                                  d=d, train_s=train_s)
+        await client.run()
+        print(json.dumps(client.bytes_sent), flush=True)
+    finally:
+        await peer.shutdown()
+
+
 def scale(n: int, d: int) -> tuple[float, float]:
     """(median client seconds, coordinator seconds) of one in-process SecAgg+ round."""
     ids = [Identity.generate() for _ in range(n)]
@@ -131,17 +176,26 @@ def main() -> None:
                     help="seconds each client 'trains' (sleeps, as if on its own machine); 0: aggregation only")
     ap.add_argument("--scale-clients", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--scale-params", type=int, default=100_000)
+    ap.add_argument("--clients-as", choices=["processes", "in-process", "both"], default="both",
+                    help="clients as their own processes on real peers, or all in this process on in-memory peers")
+    if len(sys.argv) == 6 and sys.argv[1] == "--child":
+        asyncio.run(child(sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5])))
+        return
     args = ap.parse_args()
     torch.set_num_threads(1)
+    modes = {"processes": [process_rounds], "in-process": [network_rounds],
+             "both": [process_rounds, network_rounds]}[args.clients_as]
     for d in args.params:
-        for train_s in args.train_s:
-            plain, plain_bytes = asyncio.run(network_rounds(d, args.clients, args.rounds, False, train_s))
-            secure, secure_bytes = asyncio.run(network_rounds(d, args.clients, args.rounds, True, train_s))
-            p, s = statistics.median(plain), statistics.median(secure)
-            emit("fl_round_plain", p, "s", params=d, clients=args.clients, train_s=train_s)
-            emit("fl_round_secure", s, "s", params=d, clients=args.clients, train_s=train_s)
-            emit("fl_round_secure_over_plain", s / p, "x", params=d, train_s=train_s,
-                 target=1.3 if d >= 1_000_000 else None)
+        for mode in modes:
+            where = "processes" if mode is process_rounds else "in-process"
+            for train_s in args.train_s:
+                plain, plain_bytes = asyncio.run(mode(d, args.clients, args.rounds, False, train_s))
+                secure, secure_bytes = asyncio.run(mode(d, args.clients, args.rounds, True, train_s))
+                p, s = statistics.median(plain), statistics.median(secure)
+                emit("fl_round_plain", p, "s", params=d, clients=args.clients, train_s=train_s, clients_as=where)
+                emit("fl_round_secure", s, "s", params=d, clients=args.clients, train_s=train_s, clients_as=where)
+                emit("fl_round_secure_over_plain", s / p, "x", params=d, train_s=train_s, clients_as=where,
+                     target=1.3 if d >= 1_000_000 else None)
         emit("fl_bytes_per_client_secure_over_plain", secure_bytes / plain_bytes, "x", params=d,
              plain_bytes=plain_bytes, secure_bytes=secure_bytes, target=1.1)
     per_client = {}
