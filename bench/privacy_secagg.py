@@ -17,8 +17,9 @@
    sent per client per round, secure / plain (target <= 1.1 at 1M; Bonawitz 2017: 1.73x).
 2. SecAgg+ in one process (secagg/local.py, the same signed messages, no network): 100 and
    1000 clients of `--scale-params` coordinates on the sparse graph. Printed: the median
-   client's time over its four stages, the growth from the smallest to the largest count
-   (target <= 1.5x), and the coordinator's time.
+   client's time over its four stages (wall clock, and its thread's CPU time, steadier on a
+   shared machine), the growth from the smallest to the largest count (target <= 1.5x), and
+   the coordinator's time.
 In-process, the clients' work is serialized in both sides alike; as processes, five clients
 share the machine's cores.
 """
@@ -46,6 +47,7 @@ from swarmlm.p2p import keys  # noqa: E402
 from swarmlm.privacy.coordinator import Coordinator, RunRecord  # noqa: E402
 from swarmlm.privacy.federated import FlConfig  # noqa: E402
 from swarmlm.privacy.participant import Participant  # noqa: E402
+from swarmlm.privacy.secagg import graph  # noqa: E402
 from swarmlm.privacy.secagg.local import RoundTimes, run_round  # noqa: E402
 from swarmlm.privacy.secagg.server import SecAggConfig  # noqa: E402
 
@@ -157,14 +159,14 @@ async def child(maddr: str, d: int, seed: int, train_s: float) -> None:
         await peer.shutdown()
 
 
-def scale(n: int, d: int) -> tuple[float, float]:
-    """(median client seconds, coordinator seconds) of one in-process SecAgg+ round."""
+def scale(n: int, d: int) -> tuple[float, float, float]:
+    """(median client seconds, its CPU seconds, coordinator seconds) of one in-process SecAgg+ round."""
     ids = [Identity.generate() for _ in range(n)]
     rng = np.random.default_rng(0)
     updates = [rng.normal(0, 0.01, d) for _ in range(n)]
     times = RoundTimes()
     run_round(ids, updates, config=SecAggConfig(clip=1.0, max_clients=n), times=times)
-    return statistics.median(times.client_s.values()), times.server_s
+    return statistics.median(times.client_s.values()), statistics.median(times.client_cpu_s.values()), times.server_s
 
 
 def main() -> None:
@@ -198,15 +200,16 @@ def main() -> None:
                      target=1.3 if d >= 1_000_000 else None)
         emit("fl_bytes_per_client_secure_over_plain", secure_bytes / plain_bytes, "x", params=d,
              plain_bytes=plain_bytes, secure_bytes=secure_bytes, target=1.1)
-    per_client = {}
+    per_client, per_client_cpu = {}, {}
     for n in args.scale_clients:
-        client_s, server_s = scale(n, args.scale_params)
-        per_client[n] = client_s
-        emit("secagg_plus_client", client_s, "s", clients=n, params=args.scale_params)
+        client_s, client_cpu_s, server_s = scale(n, args.scale_params)
+        per_client[n], per_client_cpu[n] = client_s, client_cpu_s
+        emit("secagg_plus_client", client_s, "s", clients=n, params=args.scale_params, cpu_s=client_cpu_s,
+             degree=graph.default_degree(n))
         emit("secagg_plus_coordinator", server_s, "s", clients=n, params=args.scale_params)
     lo, hi = min(per_client), max(per_client)
     emit("secagg_plus_client_growth", per_client[hi] / per_client[lo], "x", clients_from=lo, clients_to=hi,
-         target=1.5)
+         target=1.5, cpu_growth=per_client_cpu[hi] / per_client_cpu[lo])
 
 
 if __name__ == "__main__":

@@ -24,7 +24,7 @@ import numpy as np
 
 from swarmlm.errors import IntegrityError, WireError
 from swarmlm.p2p.identity import Identity
-from swarmlm.privacy.secagg import graph, masking, shamir
+from swarmlm.privacy.secagg import masking, shamir
 from swarmlm.privacy.secagg.keys import RoundKeys, pair_cipher, pair_seed
 from swarmlm.privacy.secagg.masking import FixedPoint
 from swarmlm.privacy.secagg.messages import (Forwarded, KeyAdvert, MaskedInput, Roster, SharedKeys, Survivors,
@@ -39,13 +39,18 @@ def context_of(run_id: str, round: int) -> bytes:
 
 
 def check_roster(r: Roster) -> None:
-    """`WireError` for a roster that cannot describe a round."""
+    """`WireError` for a roster that cannot describe a round (a client and its `degree` neighbours)."""
     n = len(r.clients)
-    if not (len(r.enc_pks) == len(r.mask_pks) == n and len(set(r.clients)) == n and list(r.clients) == sorted(r.clients)):
-        raise WireError("a roster lists distinct sorted clients, one pair of keys each")
+    if not (len(r.enc_pks) == len(r.mask_pks) == len(r.points) == n and len(set(r.clients)) == n
+            and list(r.clients) == sorted(r.clients) and len(set(r.points)) == n):
+        raise WireError("a roster lists distinct sorted clients, each with its own point and pair of keys")
     check_keys(*r.enc_pks, *r.mask_pks)
-    if not (1 <= r.degree <= max(n - 1, 1) and 1 <= r.threshold <= r.degree + 1 and 0 < r.length <= 1 << 30):
-        raise WireError(f"a roster's degree {r.degree}, threshold {r.threshold} or length {r.length} is impossible")
+    if any(not 0 < x <= r.n_clients for x in r.points):
+        raise WireError(f"a roster's points must lie in 1..{r.n_clients}")
+    if not (1 <= r.degree < r.n_clients and n == r.degree + 1 and 1 <= r.threshold <= r.degree + 1
+            and 0 < r.length <= 1 << 30):
+        raise WireError(f"a roster's degree {r.degree}, threshold {r.threshold}, size {n} or length {r.length} "
+                        "is impossible")
     FixedPoint(r.clip, r.max_clients)        # ValueError -> the caller's WireError
 
 
@@ -77,7 +82,7 @@ class SecAggClient:
 
     def share_keys(self, data: bytes) -> bytes:
         check_transition(self.stage, Stage.SHARE_KEYS)
-        _, roster = self._open(data, Roster, Stage.SETUP)
+        _, roster = self._open(data, Roster, Stage.SETUP, recipient=self.identity.peer_id)
         try:
             check_roster(roster)
         except ValueError as e:
@@ -91,7 +96,8 @@ class SecAggClient:
         if roster.length != self.length:
             raise WireError(f"the round aggregates {roster.length} coordinates; this update has {self.length}")
         self.roster = roster
-        self.my_neighbours = graph.neighbours(roster.clients, roster.degree, roster.graph_seed)[me]
+        self.index = {c: i for i, c in enumerate(roster.clients)}
+        self.my_neighbours = [c for c in roster.clients if c != me]      # chosen by the coordinator (graph.py)
         holders = self.my_neighbours + [me]            # Bonawitz §4: a client holds a share of its own secrets
         points = [self._point(v) for v in holders]
         key_shares = shamir.split(self.keys.mask_sk, points, roster.threshold)
@@ -171,7 +177,7 @@ class SecAggClient:
 
     def unmask(self, data: bytes) -> bytes:
         check_transition(self.stage, Stage.UNMASK)
-        _, surv = self._open(data, Survivors, Stage.COLLECT_MASKED)
+        _, surv = self._open(data, Survivors, Stage.COLLECT_MASKED, recipient=self.identity.peer_id)
         survivors = set(surv.clients)
         if len(survivors) != len(surv.clients) or not survivors <= set(self.roster.clients):
             raise WireError("the survivors must be distinct clients of the roster")
@@ -201,13 +207,13 @@ class SecAggClient:
         return self.context + b"/" + sender.encode() + b"->" + recipient.encode()
 
     def _point(self, peer_id: str) -> int:
-        return self.roster.clients.index(peer_id) + 1
+        return self.roster.points[self.index[peer_id]]
 
     def _enc_pk(self, peer_id: str) -> bytes:
-        return self.roster.enc_pks[self.roster.clients.index(peer_id)]
+        return self.roster.enc_pks[self.index[peer_id]]
 
     def _mask_pk(self, peer_id: str) -> bytes:
-        return self.roster.mask_pks[self.roster.clients.index(peer_id)]
+        return self.roster.mask_pks[self.index[peer_id]]
 
 
 def shares_of(data: Sequence[bytes]) -> list[shamir.Share]:

@@ -24,7 +24,8 @@ from swarmlm.privacy.secagg.stages import Stage
 
 @dataclass
 class RoundTimes:
-    client_s: dict[str, float] = field(default_factory=dict)     # per client, all its stages
+    client_s: dict[str, float] = field(default_factory=dict)     # per client, all its stages (wall clock)
+    client_cpu_s: dict[str, float] = field(default_factory=dict)  # the same in this thread's CPU time
     server_s: float = 0.0
 
 
@@ -51,13 +52,14 @@ def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, 
         for cid, msg in inbox.items():
             if cid in drop.get(stage, ()):
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 out = steps[stage](clients[cid], msg)
             except SwarmlmError:             # a client that refuses to go on is one more dropout
                 continue
             finally:
                 times.client_s[cid] = times.client_s.get(cid, 0.0) + time.perf_counter() - t0
+                times.client_cpu_s[cid] = times.client_cpu_s.get(cid, 0.0) + time.thread_time() - c0
             t0 = time.perf_counter()
             server.receive(out)
             times.server_s += time.perf_counter() - t0
