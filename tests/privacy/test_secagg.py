@@ -294,7 +294,7 @@ def test_shamir_any_threshold_shares_rebuild_and_extras_are_checked():
         shamir.combine(shares[:3] + [bent], 3)
 
 
-def test_secagg_plus_clients_hear_only_of_their_neighbours():
+def test_secagg_plus_graph_is_sparse_regular_and_symmetric():
     box = {}
     n = 40
     run_round(IDS[:n], updates(n), config=SecAggConfig(max_clients=n), server_box=box)
