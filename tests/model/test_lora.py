@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from swarmlm.model.config import PRESETS
-from swarmlm.model.lora import LoRALinear, apply_lora
+from swarmlm.model.lora import LoRALinear, apply_lora, merge_lora
 from swarmlm.model.transformer import Transformer
 
 
@@ -26,3 +26,18 @@ def test_lora_needs_a_target_and_a_rank():
         apply_lora(Transformer(PRESETS["tiny"]), rank=2, targets=("nope",))
     with pytest.raises(ValueError, match="rank"):
         LoRALinear(torch.nn.Linear(4, 4), 0, 1.0)
+
+
+def test_merging_folds_the_adapters_into_the_weights():
+    torch.manual_seed(0)
+    model = Transformer(PRESETS["tiny"])
+    ids = torch.randint(0, PRESETS["tiny"].vocab_size, (1, 8))
+    trainable = apply_lora(model, rank=2, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for name, p in trainable.items():
+            if name.endswith("lora_b"):
+                p.normal_(0, 0.1)
+    with_adapters = model(ids)
+    assert merge_lora(model) == 2 * PRESETS["tiny"].n_layers
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    assert torch.allclose(model(ids), with_adapters, atol=1e-5)

@@ -86,8 +86,8 @@ def masked_inputs(update: np.ndarray, n_rounds: int) -> np.ndarray:
     for r in range(n_rounds):
         box = {}
         ups = [update] + updates(4, seed=r, d=update.size)
-        run_round(IDS[:5], ups, config=SecAggConfig(max_clients=5), round=r, server_box=box)
-        seen.append(box["server"].masked[IDS[0].peer_id].view(np.uint8))
+        run_round(IDS[:5], ups, config=SecAggConfig(max_clients=5), round=r, server_box=box, keep_inputs=True)
+        seen.append(box["server"].inputs[IDS[0].peer_id].view(np.uint8))
     return np.concatenate(seen)
 
 
@@ -195,14 +195,15 @@ def test_unsigned_or_forged_messages_are_refused():
 def test_client_refuses_a_roster_with_other_keys_or_not_from_its_coordinator():
     r = Round()
     roster = r.run_stage()[r.ids[0].peer_id]
-    _, body = open_signed(roster, Roster, run_id="t", round=0, stage=Stage.SETUP)
+    me = r.ids[0].peer_id
+    _, body = open_signed(roster, Roster, run_id="t", round=0, stage=Stage.SETUP, recipient=me)
     pks = list(body.mask_pks)
     pks[body.clients.index(r.ids[0].peer_id)] = bytes(range(32))       # the coordinator's own key, say
     swapped = dataclasses.replace(body, mask_pks=pks)
-    forged = seal(r.coord, run_id="t", round=0, stage=Stage.SETUP, body=swapped)
+    forged = seal(r.coord, run_id="t", round=0, stage=Stage.SETUP, body=swapped, recipient=me)
     with pytest.raises(IntegrityError, match="other keys"):
         r.clients[0].share_keys(forged)
-    impostor = seal(Identity.generate(), run_id="t", round=0, stage=Stage.SETUP, body=body)
+    impostor = seal(Identity.generate(), run_id="t", round=0, stage=Stage.SETUP, body=body, recipient=me)
     with pytest.raises(IntegrityError, match="expected"):
         r.clients[0].share_keys(impostor)
 
@@ -291,3 +292,14 @@ def test_shamir_any_threshold_shares_rebuild_and_extras_are_checked():
     bent = shamir.Share(shares[3].x, (shares[3].y + 1) % shamir.PRIME)
     with pytest.raises(IntegrityError, match="inconsistent"):
         shamir.combine(shares[:3] + [bent], 3)
+
+
+def test_secagg_plus_graph_is_sparse_regular_and_symmetric():
+    box = {}
+    n = 40
+    run_round(IDS[:n], updates(n), config=SecAggConfig(max_clients=n), server_box=box)
+    server = box["server"]
+    degree = server.roster.degree
+    assert degree < n - 1 and degree % 2 == 0
+    assert all(len(v) == degree for v in server.nbrs.values())
+    assert all(u in server.nbrs[v] for u in server.nbrs for v in server.nbrs[u])      # symmetric

@@ -58,3 +58,16 @@ def apply_lora(model: nn.Module, *, rank: int, alpha: float = 16.0, targets: Ite
     if not trainable:
         raise ValueError(f"no nn.Linear named {sorted(targets)} in the model")
     return trainable
+
+
+def merge_lora(model: nn.Module) -> int:
+    """Fold every LoRA into its base weight (W += (alpha/r) B A) and put the base layer back; returns how many."""
+    merged = 0
+    for module in list(model.modules()):
+        for attr, child in list(module.named_children()):
+            if isinstance(child, LoRALinear):
+                with torch.no_grad():
+                    child.base.weight += child.scale * (child.lora_b @ child.lora_a)   # (out, r) @ (r, in)
+                setattr(module, attr, child.base)
+                merged += 1
+    return merged

@@ -25,7 +25,8 @@ def config_from_args(args: Any) -> FlConfig:
                         local_steps=args.local_steps, fedprox_mu=args.fedprox, lr=args.lr,
                         batch_size=args.batch_size, seq_len=args.seq_len, secure=args.secure_aggregation,
                         coord_clip=args.coord_clip, dp_clip=args.dp_clip or 0.0, dp_noise=args.dp_noise or 0.0,
-                        dp_delta=args.dp_delta, seed=args.seed, round_timeout_s=args.round_timeout).check()
+                        dp_delta=args.dp_delta, seed=args.seed, round_timeout_s=args.round_timeout,
+                        lora_rank=args.lora_rank).check()
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -60,8 +61,8 @@ async def _coordinate(args: Any, cfg: FlConfig, model_dir: Path) -> int:
             coord = Coordinator(peer, node.store, node, cfg, run_id=args.run_id, model=model, model_cfg=model_cfg,
                                 tokenizer=tokenizer, out=Path(args.out), printer=lambda s: print(s, flush=True))
             await coord.start()
-            await coord._publish(0)          # announce the run at once: clients find it while we wait for them
-            final = await coord.run()
+            await coord.publish(0)          # announce the run at once: clients find it while we wait for them
+            final = await coord.run(start_clients=args.start_clients or 0)
             print(f"fl: {cfg.rounds} rounds done; model in {final}, rounds in {final / 'rounds.jsonl'}", flush=True)
         finally:
             await node.close()

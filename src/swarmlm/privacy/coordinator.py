@@ -26,6 +26,7 @@ import numpy as np
 
 from swarmlm.errors import PeerError, RoundFailed, SwarmlmError, WireError
 from swarmlm.log import get_logger
+from swarmlm.model.lora import merge_lora
 from swarmlm.p2p import keys
 from swarmlm.p2p.records import record_type
 from swarmlm.privacy import dp, federated, wire
@@ -75,7 +76,7 @@ class Coordinator:
         self.members: dict[str, _Member] = {}
         self.inbox: asyncio.Queue = asyncio.Queue()        # (peer_id, message | None when it left)
         self.member_event = asyncio.Event()
-        self.params = federated.flatten(model)
+        self.params = federated.flatten(model)             # this round's trainable coordinates (d,)
         self.rounds_done = 0
         self._tasks: set[asyncio.Task] = set()
 
@@ -152,11 +153,12 @@ class Coordinator:
 
     # ---- the run -------------------------------------------------------------------------------
 
-    async def run(self) -> Path:
+    async def run(self, *, start_clients: int = 0) -> Path:
+        """All the rounds; the first once `max(min_clients, start_clients)` clients are connected."""
         self.out.mkdir(parents=True, exist_ok=True)
         rounds_path = self.out / "rounds.jsonl"
         rounds_path.write_text("")
-        await self.wait_for_members(self.cfg.min_clients)
+        await self.wait_for_members(max(self.cfg.min_clients, start_clients))
         for r in range(self.cfg.rounds):
             result = await self._round_with_retries(r)
             record = self._record(result)
@@ -172,11 +174,15 @@ class Coordinator:
         return final
 
     async def _round_with_retries(self, r: int) -> RoundResult:
+        failures: list[str] = []
         for attempt in range(self.cfg.max_attempts):
             await self.wait_for_members(self.cfg.min_clients)
             try:
-                return await self._round(r, attempt)
+                result = await self._round(r, attempt)
+                result.extra["failed_attempts"] = failures
+                return result
             except RoundFailed as e:
+                failures.append(str(e))
                 self.print(f"fl: round {r + 1} attempt {attempt + 1} failed: {e}; retrying")
         raise RoundFailed(f"round {r + 1} failed {self.cfg.max_attempts} times; giving up")
 
@@ -195,22 +201,32 @@ class Coordinator:
         chosen = federated.choose_clients(joined, self.cfg, round=r, attempt=attempt)
         if len(chosen) < self.cfg.min_clients:
             raise RoundFailed(f"{len(chosen)} clients sampled, fewer than --min-clients {self.cfg.min_clients}")
-        cid = await self._publish(r)
-        start = wire.RoundStart(
-            round=r, attempt=attempt, manifest_cid=cid, length=int(self.params.size), local_steps=self.cfg.local_steps,
-            lr=self.cfg.lr, fedprox_mu=self.cfg.fedprox_mu, batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len,
-            secure=self.cfg.secure, coord_clip=self.cfg.coord_clip, dp_clip=self.cfg.dp_clip,
-            dp_noise=self.cfg.dp_noise, min_clients=self.cfg.min_clients, max_clients=len(chosen))
-        self._drain_stale()
-        sent = [pid for pid in chosen if await self._send(pid, start)]
-        reports: dict[str, wire.Report] = {}
-        if self.cfg.secure:
-            total, survivors = await self._secure_sum(r, attempt, sent, reports)
-        else:
-            total, survivors = await self._plain_sum(r, attempt, sent, reports)
-        denom = federated.denominator(self.cfg, len(survivors), len(joined))
-        self.params = federated.apply_sum(self.params, total, denom)
-        federated.load_flat(self.model, self.params)
+        cid = await self.publish(r)
+        lora_seed = federated.lora_seed(self.cfg, r, attempt)
+        if self.cfg.lora_rank:                  # the round's frozen A matrices, as every client draws them
+            federated.attach_lora(self.model, self.cfg.lora_rank, self.cfg.lora_alpha, lora_seed)
+        try:
+            self.params = federated.flatten(self.model)   # the whole model, or the adapters' B (zeros)
+            start = wire.RoundStart(
+                round=r, attempt=attempt, manifest_cid=cid, length=int(self.params.size),
+                local_steps=self.cfg.local_steps, lr=self.cfg.lr, fedprox_mu=self.cfg.fedprox_mu,
+                batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len, secure=self.cfg.secure,
+                coord_clip=self.cfg.coord_clip, dp_clip=self.cfg.dp_clip, dp_noise=self.cfg.dp_noise,
+                min_clients=self.cfg.min_clients, max_clients=len(chosen), lora_rank=self.cfg.lora_rank,
+                lora_alpha=self.cfg.lora_alpha, lora_seed=lora_seed)
+            self._drain_stale()
+            sent = [pid for pid in chosen if await self._send(pid, start)]
+            reports: dict[str, wire.Report] = {}
+            if self.cfg.secure:
+                total, survivors = await self._secure_sum(r, attempt, sent, reports)
+            else:
+                total, survivors = await self._plain_sum(r, attempt, sent, reports)
+            denom = federated.denominator(self.cfg, len(survivors), len(joined))
+            self.params = federated.apply_sum(self.params, total, denom)
+            federated.load_flat(self.model, self.params)
+        finally:
+            if self.cfg.lora_rank:              # fold B A into the weights (nothing if the round failed: B = 0)
+                merge_lora(self.model)
         self.rounds_done += 1
         got = [reports[p] for p in survivors if p in reports]
         weights = np.array([max(rep.n_samples, 1) for rep in got], dtype=np.float64)
@@ -260,7 +276,7 @@ class Coordinator:
                               f"{self.cfg.min_clients}")
         total = np.zeros(d, dtype=np.float64)
         for pid in survivors:                  # in a fixed order: the same sum every run
-            total += updates[pid]
+            np.add(total, updates[pid], out=total)
         return total, survivors
 
     async def _secure_sum(self, r: int, attempt: int, sent: list[str], reports: dict) -> tuple[np.ndarray, list[str]]:
@@ -299,7 +315,7 @@ class Coordinator:
         save_model(self.model, self.model_cfg, directory, tokenizer=self.tokenizer)
         return directory
 
-    async def _publish(self, r: int) -> str:
+    async def publish(self, r: int) -> str:
         from swarmlm.store.manifest import publish_model
         with tempfile.TemporaryDirectory(prefix="swarmlm-fl-") as tmp:
             self._save(Path(tmp))
@@ -314,7 +330,8 @@ def check_plain_update(data: bytes, length: int, clip: float) -> np.ndarray:
     """A plain update: exactly `length` finite float32 coordinates within [-clip, clip]; else `WireError`."""
     if len(data) != 4 * length:
         raise WireError(f"an update of {len(data) // 4} coordinates; this model has {length}")
-    v = np.frombuffer(data, dtype="<f4").astype(np.float64)
-    if not np.isfinite(v).all() or np.abs(v).max(initial=0) > clip * (1 + 1e-6):
+    v = np.frombuffer(data, dtype="<f4")
+    largest = max(float(v.max(initial=0)), -float(v.min(initial=0)))     # NaN propagates and fails the test
+    if not largest <= clip * (1 + 1e-6):
         raise WireError(f"an update with coordinates outside [-{clip}, {clip}] or not finite")
     return v

@@ -57,14 +57,14 @@ class Participant:
         self.model_dir = Path(tempfile.mkdtemp(prefix="swarmlm-fl-client-"))
         self.current_cid: str | None = None
         self.rounds = 0
+        self.bytes_sent = 0                                  # every record this client wrote, in plaintext bytes
 
     async def run(self) -> int:
         coordinator = await find_coordinator(self.peer, self.run_id)
         side = await self.peer.side_channel()
         conn = await side.open(coordinator, wire.PURPOSE, timeout_s=30.0, max_record_bytes=wire.MAX_RECORD_BYTES)
         try:
-            conn.write(wire.encode(wire.Join(self.run_id)))
-            await conn.drain()
+            await self._send(conn, wire.Join(self.run_id))
             welcome = wire.decode(await conn.read_record())
             if isinstance(welcome, wire.Error):
                 raise RemoteError(f"the coordinator refused to let this client join: {welcome.message}")
@@ -93,45 +93,74 @@ class Participant:
     async def _round(self, conn: Any, coordinator: str, start: wire.RoundStart) -> object | None:
         """Train and contribute to one round; returns a message that arrived for a later round, if any."""
         self.stop_in("train")
-        model = await self._global_model(start.manifest_cid)
-        if federated.flatten(model).size != start.length:
-            raise WireError(f"the round aggregates {start.length} coordinates, this model has "
-                            f"{federated.flatten(model).size}")
-        update, train_loss, val_loss = await asyncio.to_thread(self._train, model, start)
-        rng = np.random.default_rng(None if self.seed is None else [self.seed, start.round, start.attempt, 0xD9])
-        vector = federated.prepare_update(update, start.coord_clip, dp_clip=start.dp_clip, dp_noise=start.dp_noise,
-                                          min_clients=start.min_clients, rng=rng)
-        conn.write(wire.encode(wire.Report(start.round, start.attempt, train_loss, val_loss,
-                                           start.local_steps * start.batch_size)))
         if not start.secure:
+            vector, report = await self._contribution(start)
+            await self._send(conn, report)
             self.stop_in("update")
-            conn.write(wire.encode(wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes())))
-            await conn.drain()
+            await self._send(conn, wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes()))
             self.rounds += 1
             return None
+        # secure: keys, shares and masks need no update, so they go on while the model trains
         client = SecAggClient(self.peer.identity, run_id=f"{self.run_id}/{start.attempt}", round=start.round,
-                              coordinator=coordinator, update=vector)
+                              coordinator=coordinator, length=start.length)
         self.stop_in("setup")
-        conn.write(wire.encode(wire.SecAgg(start.round, start.attempt, client.advertise())))
-        await conn.drain()
-        steps = [("share_keys", client.share_keys), ("collect_masked", client.masked_input), ("unmask", client.unmask)]
-        for stage, step in steps:
+        await self._send(conn, wire.SecAgg(start.round, start.attempt, client.advertise()))
+        training = asyncio.ensure_future(self._contribution(start))
+        try:
+            return await self._secure_stages(conn, start, client, training)
+        finally:
+            if not training.done():
+                await asyncio.gather(training, return_exceptions=True)    # a thread cannot be cancelled
+
+    async def _secure_stages(self, conn: Any, start: wire.RoundStart, client: SecAggClient,
+                             training: asyncio.Future) -> object | None:
+        for stage in ("share_keys", "collect_masked", "unmask"):
             msg = wire.decode(await conn.read_record())
             while isinstance(msg, wire.Error):
                 log.warning("the coordinator says: %s", msg.message)
                 msg = wire.decode(await conn.read_record())
             if not isinstance(msg, wire.SecAgg) or (msg.round, msg.attempt) != (start.round, start.attempt):
                 return msg                                   # the coordinator moved on without us
-            self.stop_in(stage)
             try:
-                out = step(msg.data)
+                if stage == "share_keys":
+                    self.stop_in(stage)
+                    out = client.share_keys(msg.data)
+                elif stage == "collect_masked":
+                    await asyncio.to_thread(client.prepare_mask, msg.data)   # beside the training thread
+                    vector, report = await training
+                    await self._send(conn, report)
+                    self.stop_in(stage)
+                    out = client.mask_input(vector)
+                else:
+                    self.stop_in(stage)
+                    out = client.unmask(msg.data)
             except (SwarmlmError, ValueError) as e:
                 self.print(f"fl: leaving round {start.round + 1}: {e}")
                 return None
-            conn.write(wire.encode(wire.SecAgg(start.round, start.attempt, out)))
-            await conn.drain()
+            await self._send(conn, wire.SecAgg(start.round, start.attempt, out))
         self.rounds += 1
         return None
+
+    async def _contribution(self, start: wire.RoundStart) -> tuple[np.ndarray, wire.Report]:
+        """Fetch the global model, train, clip and noise: (what goes into the sum, the round's report)."""
+        model = await self._global_model(start.manifest_cid)
+        if start.lora_rank:
+            federated.attach_lora(model, start.lora_rank, start.lora_alpha, start.lora_seed)
+        size = sum(p.numel() for _, p in federated.trainable(model))
+        if size != start.length:
+            raise WireError(f"the round aggregates {start.length} coordinates, this model has {size}")
+        update, train_loss, val_loss = await asyncio.to_thread(self._train, model, start)
+        rng = np.random.default_rng(None if self.seed is None else [self.seed, start.round, start.attempt, 0xD9])
+        vector = federated.prepare_update(update, start.coord_clip, dp_clip=start.dp_clip, dp_noise=start.dp_noise,
+                                          min_clients=start.min_clients, rng=rng)
+        return vector, wire.Report(start.round, start.attempt, train_loss, val_loss,
+                                   start.local_steps * start.batch_size)
+
+    async def _send(self, conn: Any, msg: object) -> None:
+        data = wire.encode(msg)
+        self.bytes_sent += len(data)
+        conn.write(data)
+        await conn.drain()
 
     async def _global_model(self, cid: str) -> Any:
         from swarmlm.model.hf import load_model

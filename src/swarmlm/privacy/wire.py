@@ -49,6 +49,9 @@ class RoundStart:
     dp_noise: float                # σ: each client adds N(0, (σ·dp_clip)² / min_clients)
     min_clients: int
     max_clients: int               # the fixed-point ring holds this many updates
+    lora_rank: int = 0             # 0: whole-model updates; else only LoRA B matrices (A frozen, drawn from lora_seed)
+    lora_alpha: float = 16.0
+    lora_seed: int = 0
 
 
 @dataclass(frozen=True)

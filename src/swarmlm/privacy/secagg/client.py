@@ -24,12 +24,12 @@ import numpy as np
 
 from swarmlm.errors import IntegrityError, WireError
 from swarmlm.p2p.identity import Identity
-from swarmlm.privacy.secagg import graph, masking, shamir
+from swarmlm.privacy.secagg import masking, shamir
 from swarmlm.privacy.secagg.keys import RoundKeys, pair_cipher, pair_seed
 from swarmlm.privacy.secagg.masking import FixedPoint
 from swarmlm.privacy.secagg.messages import (Forwarded, KeyAdvert, MaskedInput, Roster, SharedKeys, Survivors,
                                              Unmask, check_keys, open_signed, seal)
-from swarmlm.privacy.secagg.stages import Stage, check_stage, check_transition
+from swarmlm.privacy.secagg.stages import Stage, StageError, check_stage, check_transition
 
 _SHARE = 4 + shamir.SHARE_BYTES
 
@@ -39,21 +39,31 @@ def context_of(run_id: str, round: int) -> bytes:
 
 
 def check_roster(r: Roster) -> None:
-    """`WireError` for a roster that cannot describe a round."""
+    """`WireError` for a roster that cannot describe a round (a client and its `degree` neighbours)."""
     n = len(r.clients)
-    if not (len(r.enc_pks) == len(r.mask_pks) == n and len(set(r.clients)) == n and list(r.clients) == sorted(r.clients)):
-        raise WireError("a roster lists distinct sorted clients, one pair of keys each")
+    if not (len(r.enc_pks) == len(r.mask_pks) == len(r.points) == n and len(set(r.clients)) == n
+            and list(r.clients) == sorted(r.clients) and len(set(r.points)) == n):
+        raise WireError("a roster lists distinct sorted clients, each with its own point and pair of keys")
     check_keys(*r.enc_pks, *r.mask_pks)
-    if not (1 <= r.degree <= max(n - 1, 1) and 1 <= r.threshold <= r.degree + 1 and 0 < r.length <= 1 << 30):
-        raise WireError(f"a roster's degree {r.degree}, threshold {r.threshold} or length {r.length} is impossible")
+    if any(not 0 < x <= r.n_clients for x in r.points):
+        raise WireError(f"a roster's points must lie in 1..{r.n_clients}")
+    if not (1 <= r.degree < r.n_clients and n == r.degree + 1 and 1 <= r.threshold <= r.degree + 1
+            and 0 < r.length <= 1 << 30):
+        raise WireError(f"a roster's degree {r.degree}, threshold {r.threshold}, size {n} or length {r.length} "
+                        "is impossible")
     FixedPoint(r.clip, r.max_clients)        # ValueError -> the caller's WireError
 
 
 class SecAggClient:
-    def __init__(self, identity: Identity, *, run_id: str, round: int, coordinator: str, update: np.ndarray):
+    def __init__(self, identity: Identity, *, run_id: str, round: int, coordinator: str,
+                 update: np.ndarray | None = None, length: int | None = None):
         self.identity = identity
         self.run_id, self.round, self.coordinator = run_id, round, coordinator
-        self.update = np.asarray(update, dtype=np.float64).reshape(-1)
+        self.update = None if update is None else np.asarray(update).reshape(-1)   # may come later: mask_input
+        self.length = self.update.size if self.update is not None else length
+        if self.length is None:
+            raise ValueError("a SecAgg client needs its update or the update's length")
+        self.mask: np.ndarray | None = None            # the sum of its masks, once the neighbours are known
         self.stage = Stage.SETUP
         self.keys = RoundKeys.generate()
         self.context = context_of(run_id, round)
@@ -72,7 +82,7 @@ class SecAggClient:
 
     def share_keys(self, data: bytes) -> bytes:
         check_transition(self.stage, Stage.SHARE_KEYS)
-        _, roster = self._open(data, Roster, Stage.SETUP)
+        _, roster = self._open(data, Roster, Stage.SETUP, recipient=self.identity.peer_id)
         try:
             check_roster(roster)
         except ValueError as e:
@@ -83,10 +93,11 @@ class SecAggClient:
         i = roster.clients.index(me)
         if (roster.enc_pks[i], roster.mask_pks[i]) != (self.keys.enc_pk, self.keys.mask_pk):
             raise IntegrityError("the roster carries other keys than this client advertised")
-        if roster.length != self.update.size:
-            raise WireError(f"the round aggregates {roster.length} coordinates; this update has {self.update.size}")
+        if roster.length != self.length:
+            raise WireError(f"the round aggregates {roster.length} coordinates; this update has {self.length}")
         self.roster = roster
-        self.my_neighbours = graph.neighbours(roster.clients, roster.degree, roster.graph_seed)[me]
+        self.index = {c: i for i, c in enumerate(roster.clients)}
+        self.my_neighbours = [c for c in roster.clients if c != me]      # chosen by the coordinator (graph.py)
         holders = self.my_neighbours + [me]            # Bonawitz §4: a client holds a share of its own secrets
         points = [self._point(v) for v in holders]
         key_shares = shamir.split(self.keys.mask_sk, points, roster.threshold)
@@ -103,7 +114,16 @@ class SecAggClient:
     # ---- COLLECT_MASKED ------------------------------------------------------------------------
 
     def masked_input(self, data: bytes) -> bytes:
-        check_transition(self.stage, Stage.COLLECT_MASKED)
+        """Take the forwarded shares and answer with the masked input (the update given at construction)."""
+        self.prepare_mask(data)
+        return self.mask_input(self.update)
+
+    def prepare_mask(self, data: bytes) -> None:
+        """Take the forwarded shares and expand every mask. Needs no update, so a client can run it
+        while it still trains (Bonawitz et al. §4: masks do not depend on the input)."""
+        if self.mask is not None:
+            raise StageError("the masks are already prepared")
+        check_stage(self.stage, Stage.SHARE_KEYS, "forwarded shares")
         _, fwd = self._open(data, Forwarded, Stage.SHARE_KEYS, recipient=self.identity.peer_id)
         if len(fwd.senders) != len(fwd.ciphertexts) or len(set(fwd.senders)) != len(fwd.senders):
             raise WireError("forwarded shares: one ciphertext per distinct sender")
@@ -117,14 +137,25 @@ class SecAggClient:
         for v, ct in zip(fwd.senders, fwd.ciphertexts):
             self.held[v] = self._decrypt_bundle(v, ct)
         self.shared_with = sorted(fwd.senders)
-        y = FixedPoint(self.roster.clip, self.roster.max_clients).encode(self.update)
-        y += masking.expand(self.keys.self_seed, y.size, context=self.context)
+        total = masking.expand(self.keys.self_seed, self.length, context=self.context).copy()
         for v in self.shared_with:
-            mask = masking.expand(pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), y.size)
+            mask = masking.expand(pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), self.length)
             if me < v:
-                y += mask
+                total += mask
             else:
-                y -= mask
+                total -= mask
+        self.mask = total
+
+    def mask_input(self, update: np.ndarray) -> bytes:
+        """The masked input message: encode(update) + the prepared masks, mod 2^32."""
+        check_transition(self.stage, Stage.COLLECT_MASKED)
+        if self.mask is None:
+            raise StageError("the forwarded shares have not arrived: no masks to add")
+        update = np.asarray(update).reshape(-1)
+        if update.size != self.length:
+            raise WireError(f"the round aggregates {self.length} coordinates; this update has {update.size}")
+        y = FixedPoint(self.roster.clip, self.roster.max_clients).encode(update)
+        y += self.mask
         self.stage = Stage.COLLECT_MASKED
         return self._seal(Stage.COLLECT_MASKED, MaskedInput(masking.ring_to_bytes(y)))
 
@@ -146,7 +177,7 @@ class SecAggClient:
 
     def unmask(self, data: bytes) -> bytes:
         check_transition(self.stage, Stage.UNMASK)
-        _, surv = self._open(data, Survivors, Stage.COLLECT_MASKED)
+        _, surv = self._open(data, Survivors, Stage.COLLECT_MASKED, recipient=self.identity.peer_id)
         survivors = set(surv.clients)
         if len(survivors) != len(surv.clients) or not survivors <= set(self.roster.clients):
             raise WireError("the survivors must be distinct clients of the roster")
@@ -176,13 +207,13 @@ class SecAggClient:
         return self.context + b"/" + sender.encode() + b"->" + recipient.encode()
 
     def _point(self, peer_id: str) -> int:
-        return self.roster.clients.index(peer_id) + 1
+        return self.roster.points[self.index[peer_id]]
 
     def _enc_pk(self, peer_id: str) -> bytes:
-        return self.roster.enc_pks[self.roster.clients.index(peer_id)]
+        return self.roster.enc_pks[self.index[peer_id]]
 
     def _mask_pk(self, peer_id: str) -> bytes:
-        return self.roster.mask_pks[self.roster.clients.index(peer_id)]
+        return self.roster.mask_pks[self.index[peer_id]]
 
 
 def shares_of(data: Sequence[bytes]) -> list[shamir.Share]:

@@ -24,14 +24,15 @@ from swarmlm.privacy.secagg.stages import Stage
 
 @dataclass
 class RoundTimes:
-    client_s: dict[str, float] = field(default_factory=dict)     # per client, all its stages
+    client_s: dict[str, float] = field(default_factory=dict)     # per client, all its stages (wall clock)
+    client_cpu_s: dict[str, float] = field(default_factory=dict)  # the same in this thread's CPU time
     server_s: float = 0.0
 
 
 def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, config: SecAggConfig,
               coordinator: Identity | None = None, drop: dict[Stage, set[str]] | None = None,
               run_id: str = "local", round: int = 0, times: RoundTimes | None = None,
-              server_box: dict | None = None) -> tuple[np.ndarray, list[str]]:
+              server_box: dict | None = None, keep_inputs: bool = False) -> tuple[np.ndarray, list[str]]:
     """The float sum of the survivors' updates and who they are; `RoundFailed` below the threshold.
     `server_box["server"]` receives the coordinator's state (what it saw), for tests."""
     coordinator = coordinator or Identity.generate()
@@ -39,7 +40,7 @@ def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, 
     times = times if times is not None else RoundTimes()
     length = int(np.asarray(updates[0]).size)
     server = SecAggServer(coordinator, run_id=run_id, round=round, config=config, length=length,
-                          expected=[i.peer_id for i in identities])
+                          expected=[i.peer_id for i in identities], keep_inputs=keep_inputs)
     if server_box is not None:
         server_box["server"] = server
     clients = {i.peer_id: SecAggClient(i, run_id=run_id, round=round, coordinator=coordinator.peer_id, update=u)
@@ -51,13 +52,14 @@ def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, 
         for cid, msg in inbox.items():
             if cid in drop.get(stage, ()):
                 continue
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.thread_time()
             try:
                 out = steps[stage](clients[cid], msg)
             except SwarmlmError:             # a client that refuses to go on is one more dropout
                 continue
             finally:
                 times.client_s[cid] = times.client_s.get(cid, 0.0) + time.perf_counter() - t0
+                times.client_cpu_s[cid] = times.client_cpu_s.get(cid, 0.0) + time.thread_time() - c0
             t0 = time.perf_counter()
             server.receive(out)
             times.server_s += time.perf_counter() - t0

@@ -49,11 +49,14 @@ class FixedPoint:
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """float vector (d,) -> ring vector (d,) uint32; `ValueError` for a non-finite value."""
-        x = np.asarray(x, dtype=np.float64).reshape(-1)
-        if not np.isfinite(x).all():
+        y = np.multiply(np.asarray(x).reshape(-1), self.scale, dtype=np.float64)     # exact: scale is 2^k
+        limit = self.clip * self.scale
+        if not max(float(y.max(initial=0)), -float(y.min(initial=0))) < np.inf:    # NaN fails this too
             raise ValueError("an update to encode holds NaN or infinity")
-        q = np.rint(np.clip(x, -self.clip, self.clip) * self.scale).astype(np.int64)
-        return q.astype(np.uint32)            # two's complement: -1 -> 2^32 - 1
+        np.minimum(y, limit, out=y)
+        np.maximum(y, -limit, out=y)
+        np.rint(y, out=y)
+        return y.astype(np.int32).view(np.uint32)      # |y| < 2^31; two's complement: -1 -> 2^32 - 1
 
     def decode_sum(self, s: np.ndarray, n_inputs: int) -> np.ndarray:
         """The ring sum of `n_inputs` encoded inputs -> float64 (d,); `IntegrityError` if it cannot be one."""
@@ -74,8 +77,10 @@ def expand(seed: bytes, n: int, *, context: bytes = b"") -> np.ndarray:
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes")
     key = seed if not context else derive(seed, b"swarmlm-secagg/prg/" + context)
     enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    stream = enc.update(bytes(4 * n)) + enc.finalize()
-    return np.frombuffer(stream, dtype=RING_DTYPE)
+    out = bytearray(4 * n + 15)                      # update_into wants room for a block more
+    written = enc.update_into(bytes(4 * n), out)
+    return np.frombuffer(out, dtype=RING_DTYPE, count=n) if written == 4 * n else np.frombuffer(
+        bytes(out[:written]) + enc.finalize(), dtype=RING_DTYPE)
 
 
 def derive(secret: bytes, info: bytes, n_bytes: int = 32) -> bytes:

@@ -45,10 +45,12 @@ class KeyAdvert:              # client -> coordinator, SETUP
 
 
 @dataclass(frozen=True)
-class Roster:                 # coordinator -> every client, end of SETUP
-    clients: list[str]        # sorted peer IDs; a client's Shamir point is its index + 1
+class Roster:                 # coordinator -> each client, end of SETUP: that client and its neighbours
+    clients: list[str]        # sorted peer IDs: the recipient and its neighbours (SecAgg+: O(k), not O(n))
+    points: list[int]         # each one's Shamir point: its index in the round's sorted client list, + 1
     enc_pks: list[bytes]
     mask_pks: list[bytes]
+    n_clients: int            # clients in the whole round
     degree: int               # neighbours per client (n - 1: the complete graph of SecAgg)
     threshold: int            # shares that rebuild one client's secret
     graph_seed: int           # shuffles the SecAgg+ ring (graph.neighbours)
@@ -76,8 +78,8 @@ class MaskedInput:            # client -> coordinator, COLLECT_MASKED
 
 
 @dataclass(frozen=True)
-class Survivors:              # coordinator -> every survivor, end of COLLECT_MASKED
-    clients: list[str]        # whose masked input arrived
+class Survivors:              # coordinator -> each survivor, end of COLLECT_MASKED
+    clients: list[str]        # whose masked input arrived, among the recipient and its neighbours
 
 
 @dataclass(frozen=True)

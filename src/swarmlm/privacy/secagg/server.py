@@ -49,18 +49,21 @@ class SecAggConfig:
 
 class SecAggServer:
     def __init__(self, identity: Identity, *, run_id: str, round: int, config: SecAggConfig, length: int,
-                 expected: list[str] | None = None):
+                 expected: list[str] | None = None, keep_inputs: bool = False):
         self.identity = identity
         self.run_id, self.round, self.config, self.length = run_id, round, config, length
         self.expected = set(expected) if expected is not None else None   # who may join; None: anyone
         self.stage = Stage.SETUP
         self.context = context_of(run_id, round)
         self.codec = FixedPoint(config.clip, config.max_clients)
-        self.roster: Roster | None = None
+        self.roster: Roster | None = None                   # the whole round's (each client gets its own part)
+        self.index: dict[str, int] = {}
         self.nbrs: dict[str, list[str]] = {}
         self.adverts: dict[str, KeyAdvert] = {}
         self.shared: dict[str, SharedKeys] = {}
-        self.masked: dict[str, np.ndarray] = {}
+        self.masked: set[str] = set()                       # whose masked input is in the running sum
+        self.total = np.zeros(length, dtype=np.uint32)      # the sum of the masked inputs, mod 2^32
+        self.inputs: dict[str, np.ndarray] | None = {} if keep_inputs else None   # each one, for tests
         self.unmasks: dict[str, Unmask] = {}
         self.survivors: list[str] = []
         self.result: np.ndarray | None = None
@@ -86,7 +89,7 @@ class SecAggServer:
         """Live clients whose message of this stage has not arrived."""
         return set() if self.stage not in _BODY else self._live() - set(self._received())
 
-    def _received(self) -> dict:
+    def _received(self) -> dict | set:
         return {Stage.SETUP: self.adverts, Stage.SHARE_KEYS: self.shared, Stage.COLLECT_MASKED: self.masked,
                 Stage.UNMASK: self.unmasks}[self.stage]
 
@@ -111,12 +114,16 @@ class SecAggServer:
         self.shared[sender] = body
 
     def _take_collect_masked(self, sender: str, body: MaskedInput) -> None:
-        self.masked[sender] = masking.ring_from_bytes(body.vector, self.length)   # WireError if the size is wrong
+        vector = masking.ring_from_bytes(body.vector, self.length)   # WireError if the size is wrong
+        self.total += vector                                         # only the sum is needed: memory O(d)
+        self.masked.add(sender)
+        if self.inputs is not None:
+            self.inputs[sender] = vector
 
     def _take_unmask(self, sender: str, body: Unmask) -> None:
         if len(body.seed_owners) != len(body.seed_shares) or len(body.key_owners) != len(body.key_shares):
             raise WireError(f"{sender}'s unmask message pairs owners and shares one to one")
-        point = self.roster.clients.index(sender) + 1
+        point = self.index[sender] + 1
         survivors, nbrs = set(self.survivors), set(self.nbrs[sender]) | {sender}
         for owners, alive in ((body.seed_owners, True), (body.key_owners, False)):
             for v in owners:
@@ -168,15 +175,24 @@ class SecAggServer:
         if degree < n - 1 and degree % 2:
             degree -= 1
         threshold = min(self.config.threshold or graph.default_threshold(degree), degree + 1)
-        self.roster = Roster(clients, [self.adverts[c].enc_pk for c in clients],
-                             [self.adverts[c].mask_pk for c in clients], degree, threshold,
+        self.index = {c: i for i, c in enumerate(clients)}
+        self.roster = Roster(clients, list(range(1, n + 1)), [self.adverts[c].enc_pk for c in clients],
+                             [self.adverts[c].mask_pk for c in clients], n, degree, threshold,
                              self.config.graph_seed, self.codec.clip, self.codec.max_clients, self.length)
-        check_roster(self.roster)
         self.nbrs = graph.neighbours(clients, degree, self.config.graph_seed)
+        out = {}
+        for c in clients:                      # each client hears of its neighbours only: O(k) per client
+            members = sorted([c, *self.nbrs[c]])
+            own = Roster(members, [self.index[m] + 1 for m in members],
+                         [self.roster.enc_pks[self.index[m]] for m in members],
+                         [self.roster.mask_pks[self.index[m]] for m in members], n, degree, threshold,
+                         self.config.graph_seed, self.codec.clip, self.codec.max_clients, self.length)
+            check_roster(own)
+            out[c] = seal(self.identity, run_id=self.run_id, round=self.round, stage=Stage.SETUP, body=own,
+                          recipient=c)
         check_transition(self.stage, Stage.SHARE_KEYS)
         self.stage = Stage.SHARE_KEYS
-        msg = seal(self.identity, run_id=self.run_id, round=self.round, stage=Stage.SETUP, body=self.roster)
-        return {c: msg for c in clients}
+        return out
 
     def _close_share_keys(self) -> dict[str, bytes]:
         self._enough(len(self.shared), "shared keys")
@@ -195,9 +211,10 @@ class SecAggServer:
         self.survivors = sorted(self.masked)
         check_transition(self.stage, Stage.UNMASK)
         self.stage = Stage.UNMASK
-        msg = seal(self.identity, run_id=self.run_id, round=self.round, stage=Stage.COLLECT_MASKED,
-                   body=Survivors(self.survivors))
-        return {u: msg for u in self.survivors}
+        alive = set(self.survivors)
+        return {u: seal(self.identity, run_id=self.run_id, round=self.round, stage=Stage.COLLECT_MASKED,
+                        body=Survivors(sorted(v for v in [u, *self.nbrs[u]] if v in alive)), recipient=u)
+                for u in self.survivors}
 
     def _close_unmask(self) -> dict[str, bytes]:
         self._enough(len(self.unmasks), "revealed shares")
@@ -209,9 +226,8 @@ class SecAggServer:
                 seed_shares.setdefault(v, []).append(s)
             for v, s in zip(body.key_owners, body.key_shares):
                 key_shares.setdefault(v, []).append(s)
-        total = np.zeros(self.length, dtype=np.uint32)
+        total = self.total.copy()
         for u in self.survivors:
-            total += self.masked[u]
             seed = self._rebuild(u, seed_shares.get(u, []), t, "self-mask seed")
             if hashlib.sha256(seed).digest() != self.shared[u].seed_commitment:
                 raise IntegrityError(f"the self-mask seed rebuilt for {u} does not match its commitment")
@@ -220,13 +236,13 @@ class SecAggServer:
         for v in sorted(set(self.shared) - survivors):          # dropped after sharing keys
             raw = self._rebuild(v, key_shares.get(v, []), t, "mask key")
             key = private_from_bytes(raw)
-            i = self.roster.clients.index(v)
+            i = self.index[v]
             if public_bytes(key) != self.roster.mask_pks[i]:
                 raise IntegrityError(f"the mask key rebuilt for {v} does not match its public key")
             for u in self.nbrs[v]:
                 if u not in survivors or v not in self._shared_to_u(u):
                     continue
-                pk_u = self.roster.mask_pks[self.roster.clients.index(u)]
+                pk_u = self.roster.mask_pks[self.index[u]]
                 mask = masking.expand(pair_seed(key, pk_u, u, v, self.context), self.length)
                 if u < v:                                       # u added +mask: take it away
                     total -= mask
