@@ -101,7 +101,7 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     ks = list(range(2 * lo_exp, 2 * hi_exp + 1))                      # thresholds 2^(k/2)
     thresholds = encode(torch.tensor([2.0 ** (k / 2) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
-    bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds))
+    bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), 64)
     # the 4^i intervals: one-hot from the bits at k = 4i (below the range counts as the first)
     quads = list(range(lo_exp // 2, hi_exp // 2))
     at = {k: bits.map(lambda t, j=j: t[..., j]) for j, k in enumerate(ks)}
@@ -253,7 +253,7 @@ def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
     return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
-def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -30000.0) -> Protocol:
+def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -10000.0) -> Protocol:
     """softmax(scores) @ v over keys the 0/1 public `allowed` (..., T, S) lets each query see.
 
     scores (B, H, T, S), v (B, H, S, Dh) -> (B, H, T, Dh)."""
