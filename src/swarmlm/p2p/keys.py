@@ -44,3 +44,8 @@ def collab_model_key(run_id: str) -> str:
 def endpoint_key(peer_id: str) -> str:
     """Where `peer_id`'s side channel listens: one `p2p.endpoint` record, under its own subkey."""
     return f"{PREFIX}/endpoint/{peer_id}"
+
+
+def mpc_parties_key(model_id: str) -> str:
+    """Who computes private (MPC) inference of `model_id`: one `privacy.mpc_party` record per party."""
+    return f"{PREFIX}/mpc/{model_id}/parties"
