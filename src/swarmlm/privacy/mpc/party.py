@@ -84,7 +84,8 @@ class LinkComm(Comm):
         except queue.Empty:
             raise PeerTimeout(f"party {fr} ({self.names[fr]}) sent nothing for {self.timeout_s:.0f} s") from None
         if isinstance(item, BaseException):
-            raise PeerError(f"party {fr} ({self.names[fr]}) is gone: {item}")
+            why = "its connection closed" if isinstance(item, (asyncio.IncompleteReadError, OSError)) else str(item)
+            raise PeerError(f"party {fr} ({self.names[fr]}) is gone: {why}")
         payload = wire.open_data(item, self.step, self.got[fr])
         self.got[fr] += 1
         return payload
@@ -123,7 +124,7 @@ class PartyServer:
         try:
             first = await asyncio.wait_for(conn.read_record(), 10.0)
             kind, msg = wire.unpack(first, wire.HELLO, wire.LINK)
-        except (asyncio.TimeoutError, PeerError, WireError) as e:
+        except (asyncio.TimeoutError, PeerError, WireError, asyncio.IncompleteReadError, ConnectionError) as e:
             logger.info("refusing a connection from %s: %s", conn.peer_id, e)
             with contextlib.suppress(Exception):
                 conn.write(wire.pack(wire.ERROR, wire.ErrorReply(str(e)[:wire.MAX_ERROR_CHARS])))
@@ -172,9 +173,12 @@ class PartyServer:
             await self._link(session)
             conn.write(wire.pack(wire.READY, wire.Ready(hello.index)))
             await self._serve_steps(conn, session)
-        except (SwarmlmError, asyncio.TimeoutError) as e:
+        except Exception as e:                                          # the session ends, the party serves on
             text = str(e) or type(e).__name__
-            logger.info("session %s ends: %s", hello.session.hex()[:8], text)
+            if isinstance(e, (SwarmlmError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError)):
+                logger.info("session %s ends: %s", hello.session.hex()[:8], text)
+            else:
+                logger.warning("session %s failed", hello.session.hex()[:8], exc_info=e)
             with contextlib.suppress(Exception):
                 conn.write(wire.pack(wire.ERROR, wire.ErrorReply(text[:wire.MAX_ERROR_CHARS])))
                 await conn.drain()
@@ -220,7 +224,7 @@ class PartyServer:
             while True:
                 try:
                     record = await asyncio.wait_for(conn.read_record(), self.opt.idle_timeout_s)
-                except PeerError:
+                except (PeerError, asyncio.IncompleteReadError, ConnectionError, OSError):
                     return                                              # the client left
                 _, head = wire.unpack(record, wire.STEP)
                 if head.step != step:

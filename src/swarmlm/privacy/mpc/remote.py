@@ -31,6 +31,13 @@ from swarmlm.privacy.mpc import wire
 from swarmlm.privacy.mpc.client import MpcStats, open_logits, share_tokens
 
 
+CLOSED = (asyncio.IncompleteReadError, ConnectionError, OSError)     # a connection that ended
+
+
+def _why(e: BaseException) -> str:
+    return "its connection closed" if isinstance(e, CLOSED) else str(e)
+
+
 async def find_parties(peer, model_id: str, *, need: int = 3, timeout_s: float = 30.0) -> list[str]:
     """Peer IDs of parties announcing `model_id`, waiting (bounded) until `need` are known."""
     deadline = time.monotonic() + timeout_s
@@ -58,17 +65,32 @@ class PrivateSession:
         self.stats = MpcStats(list(parties))
 
     @classmethod
-    async def open(cls, peer, parties: Sequence[str], model_id: str, *, vocab_size: int, max_tokens: int,
+    async def open(cls, peer, candidates: Sequence[str], model_id: str, *, vocab_size: int, max_tokens: int,
                    step_timeout_s: float = 60.0, connect_timeout_s: float = 15.0) -> "PrivateSession":
+        """Connect to the first three candidates that answer (an announced party may be gone)."""
         side = await peer.side_channel()
-        parties = list(parties)
-        conns = await asyncio.gather(*(side.open(p, wire.PURPOSE, timeout_s=connect_timeout_s,
-                                                 max_record_bytes=wire.MAX_RECORD_BYTES) for p in parties))
-        self = cls(list(conns), parties, vocab_size, step_timeout_s)
+        candidates = list(candidates)
+        attempts = await asyncio.gather(*(side.open(p, wire.PURPOSE, timeout_s=min(connect_timeout_s, 5.0),
+                                                    max_record_bytes=wire.MAX_RECORD_BYTES) for p in candidates),
+                                        return_exceptions=True)
+        reached = [(p, c) for p, c in zip(candidates, attempts) if not isinstance(c, BaseException)]
+        for p, c in reached[3:]:
+            c.close()
+        if len(reached) < 3:
+            for _, c in reached:
+                c.close()
+            raise NotFoundError(f"only {len(reached)} of {len(candidates)} announced MPC parties could be reached; "
+                                f"a private session needs 3")
+        parties = [p for p, _ in reached[:3]]
+        self = cls([c for _, c in reached[:3]], parties, vocab_size, step_timeout_s)
         session = os.urandom(wire.SESSION_BYTES)
-        for i, conn in enumerate(conns):
+        for i, conn in enumerate(self.conns):
             conn.write(wire.pack(wire.HELLO, wire.ClientHello(session, i, parties, model_id, max_tokens)))
-        await self._gather([self._read(i, wire.READY) for i in range(3)], connect_timeout_s)
+        try:
+            await self._gather([self._read(i, wire.READY) for i in range(3)], connect_timeout_s)
+        except BaseException:
+            self.close()
+            raise
         return self
 
     def close(self) -> None:
@@ -79,8 +101,8 @@ class PrivateSession:
         try:
             record = await self.conns[i].read_record()
             got, msg = wire.unpack(record, kind, wire.ERROR)
-        except (PeerError, WireError) as e:
-            raise PeerError(f"MPC party {i} ({self.parties[i]}) failed: {e}") from None
+        except (PeerError, WireError, *CLOSED) as e:
+            raise PeerError(f"MPC party {i} ({self.parties[i]}) failed: {_why(e)}") from None
         if got == wire.ERROR:
             raise RemoteError(f"MPC party {i} ({self.parties[i]}) ended the session: {msg.message}")
         return msg
@@ -106,8 +128,8 @@ class PrivateSession:
             raise PeerError(f"MPC party {i} answered step {res.step} during step {self.step_no}")
         try:
             raw = await self.conns[i].read_record()
-        except PeerError as e:
-            raise PeerError(f"MPC party {i} ({self.parties[i]}) failed: {e}") from None
+        except (PeerError, *CLOSED) as e:
+            raise PeerError(f"MPC party {i} ({self.parties[i]}) failed: {_why(e)}") from None
         if len(raw) != self.V * 8:
             raise PeerError(f"MPC party {i} sent {len(raw)} bytes of logits, not {self.V * 8}")
         return res, torch.frombuffer(bytearray(raw), dtype=torch.int64).view(1, self.V).clone()
@@ -133,7 +155,7 @@ async def generate_private(peer, model_id: str, prompt_ids: Sequence[int], *, vo
                            connect_timeout_s: float = 30.0, step_timeout_s: float = 60.0
                            ) -> tuple[list[int], MpcStats, list[float]]:
     """(generated ids, stats, the time each token arrived)."""
-    parties = list(parties) if parties else (await find_parties(peer, model_id, timeout_s=connect_timeout_s))[:3]
+    parties = list(parties) if parties else await find_parties(peer, model_id, timeout_s=connect_timeout_s)
     session = await PrivateSession.open(peer, parties, model_id, vocab_size=vocab_size,
                                         max_tokens=len(prompt_ids) + max_new_tokens, step_timeout_s=step_timeout_s)
     try:
