@@ -234,6 +234,7 @@ class PartyServer:
                 payload = await asyncio.wait_for(conn.read_record(), self.opt.peer_timeout_s)
                 shares = _read_shares(payload, head.n_tokens, V)
                 comm.start_step(step)
+                logger.info("session %s step %d: %d tokens", h.session.hex()[:8], step, head.n_tokens)
                 rounds0, bytes0 = party.rounds, party.bytes_sent
                 logits = await asyncio.to_thread(party.run, forward(party, self.weights, shares, cache))
                 conn.write(wire.pack(wire.RESULT, wire.StepResult(step, party.rounds - rounds0,
