@@ -161,3 +161,20 @@ def test_killed_party_ends_generation_with_a_clear_error_within_10s(swarm, tmp_p
     err = log.read_text()
     assert code == 2 and took < 10, (code, took, err[-1000:])
     assert "MPC party" in err and "Traceback" not in err
+
+
+def test_demo_hook_generates_privately_through_three_new_parties(swarm, tmp_path):
+    from contextlib import ExitStack
+
+    from swarmlm.demo.private import private_generation
+
+    model_dir = swarm["models"]["gpt2"]
+    with ExitStack() as children:
+        def child(p):
+            children.callback(p.stop)
+            return p
+
+        run = private_generation(str(model_dir), [swarm["boot"]], model_dir, [3, 1, 4, 1, 5], tmp_path, child,
+                                 n_tokens=3)
+    assert run.equal and len(run.tokens) == 3
+    assert run.rounds > 0 and run.bytes > 0 and "equal to local greedy" in run.line()
