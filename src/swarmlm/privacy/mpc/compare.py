@@ -10,7 +10,7 @@ log2(width) rounds of two ANDs). Words of width <= 32 travel as 4 bytes. `b2a` t
 shared bit into an arithmetic 0/1 (two multiplications), so `ge0` is 3 + log2(width) + 2
 rounds (10 for width 32) whatever the number of elements, about 200 bytes each.
 
-`select`, `maximum` (a tournament: log2(n) comparisons in sequence) build on it.
+`select`, `maximum` (a tournament of groups of 8, all pairs at once) build on it.
 Knows nothing of models.
 """
 
@@ -82,19 +82,52 @@ def select(p: Party, bit: AShare, x: AShare, y: AShare) -> Protocol:
     return y + (yield from mul(p, bit, x - y))
 
 
-def maximum(p: Party, x: AShare, fill: int) -> Protocol:
-    """Max over the last dim (keepdim). `fill` (encoded, public) pads odd lengths; it must lose."""
+def maximum(p: Party, x: AShare, fill: int, group: int = 8) -> Protocol:
+    """Max over the last dim (keepdim). `fill` (encoded, public) pads lengths; it must lose.
+
+    A tournament of groups: within each group of `group` values every pair is compared at once
+    (one comparison depth), the winner's indicator is the product of its g-1 wins (ties go to
+    the lower index, so there is exactly one), and the max is sum(indicator * value). Each level
+    divides the length by `group` in 10 + ceil(log2(g-1)) + 1 rounds: 2 levels (28 rounds)
+    for up to 64 keys, where pairs would take 6 levels (66 rounds)."""
     while x.shape[-1] > 1:
-        if x.shape[-1] % 2:
-            x = x.map(lambda t: torch.nn.functional.pad(t, (0, 1), value=0)).add_public(
-                p.index, _pad_last(x.shape, fill))
-        lo, hi = x.map(lambda t: t[..., 0::2]), x.map(lambda t: t[..., 1::2])
-        bigger = yield from ge0(p, lo - hi)
-        x = yield from select(p, bigger, lo, hi)
+        n = x.shape[-1]
+        g = min(group, n)
+        if n % g:
+            extra = g - n % g
+            x = x.map(lambda t: torch.nn.functional.pad(t, (0, extra), value=0)).add_public(
+                p.index, _pad_last(x.shape, fill, extra))
+        groups = x.map(lambda t: t.reshape(*t.shape[:-1], -1, g))                  # (..., n/g, g)
+        pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
+        li = torch.tensor([i for i, _ in pairs])
+        lj = torch.tensor([j for _, j in pairs])
+        diffs = groups.map(lambda t: t[..., li] - t[..., lj])                       # (..., n/g, P)
+        ge = yield from ge0(p, diffs)                                               # [x_i >= x_j], i < j
+        wins = []
+        for i in range(g):
+            row = []
+            for k, (a, b) in enumerate(pairs):
+                if a == i:
+                    row.append(ge.map(lambda t, k=k: t[..., k]))
+                elif b == i:
+                    row.append((-ge.map(lambda t, k=k: t[..., k])).add_public(p.index, 1))
+            wins.append(row)
+        while len(wins[0]) > 1:                                                     # products of the wins
+            half = len(wins[0]) // 2
+            lhs = AShare(torch.stack([w.a for row in wins for w in row[:half]]),
+                         torch.stack([w.b for row in wins for w in row[:half]]))
+            rhs = AShare(torch.stack([w.a for row in wins for w in row[half:2 * half]]),
+                         torch.stack([w.b for row in wins for w in row[half:2 * half]]))
+            prod = yield from mul(p, lhs, rhs)
+            flat = [prod.map(lambda t, k=k: t[k]) for k in range(g * half)]
+            wins = [flat[i * half:(i + 1) * half] + row[2 * half:] for i, row in enumerate(wins)]
+        winner = AShare(torch.stack([row[0].a for row in wins], -1), torch.stack([row[0].b for row in wins], -1))
+        picked = yield from mul(p, winner, groups)                                  # (..., n/g, g)
+        x = picked.map(lambda t: t.sum(-1))
     return x
 
 
-def _pad_last(shape: torch.Size, fill: int) -> torch.Tensor:
-    c = torch.zeros(shape[:-1] + (shape[-1] + 1,), dtype=torch.int64)
-    c[..., -1] = fill
+def _pad_last(shape: torch.Size, fill: int, extra: int = 1) -> torch.Tensor:
+    c = torch.zeros(shape[:-1] + (shape[-1] + extra,), dtype=torch.int64)
+    c[..., -extra:] = fill
     return c

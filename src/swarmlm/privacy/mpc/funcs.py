@@ -262,7 +262,8 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     scores (B, H, T, S), v (B, H, S, Dh) -> (B, H, T, Dh)."""
     allowed = allowed.to(torch.int64)
     masked = scores.scale(allowed).add_public(p.index, (1 - allowed) * encode(fill))
-    top = yield from compare.maximum(p, masked, int(encode(fill)))
+    group = 8 if scores.shape[-2] == 1 else 4        # decoding: fewest rounds; a prompt: fewer bytes too
+    top = yield from compare.maximum(p, masked, int(encode(fill)), group)
     e = yield from exp_neg(p, masked - top)
     e = e.scale(allowed)
     total = e.map(lambda t: t.sum(-1))
