@@ -147,6 +147,8 @@ class PartyServer:
             await asyncio.sleep(0.05)
         if session is None:
             self._waiting_links.pop(hello.session, None)
+            with contextlib.suppress(Exception):
+                conn.write(wire.pack(wire.ERROR, wire.ErrorReply("no client opened that session here")))
             return
         await session.done.wait()
 
