@@ -5,8 +5,9 @@ everything public and linear into the linear layers so the protocol has fewer st
 - a norm's weight (and LayerNorm's bias) and the sqrt(D) that funcs.norm leaves out go into
   the next linear layer (W diag(g sqrt D), W b + bias);
 - the attention scale 1/sqrt(Dh) goes into q's weights;
-- RoPE is linear per position: q_t = R_t (W_q n_t + b_q), so each position gets its own
-  rotated weight matrix R_t W_q (computed in float64 at each forward for the positions at hand).
+- RoPE is x cos + roll(x) sin per position: one linear gives q, k and their rolled copies
+  (the weights' rows rolled), then the public per-position cos/sin products and one more
+  truncation rotate them.
 Then a step is: embedding (one-hot shares times the public table: local), per block norm ->
 q/k/v (local, one truncation) -> scores q k^T (secret x secret) -> softmax -> @ v -> o_proj
 -> residual -> norm -> MLP (GELU, or SiLU(gate) * up) -> residual; the final norm and the
@@ -115,36 +116,38 @@ class KVShares:
     length: int = 0
 
 
-def _rope_qkv(w: PublicWeights, lin: Linear, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-position (T, N, K) weights and (T, N) biases with RoPE applied to the q and k rows."""
-    cfg = w.cfg
-    Dh, H, Hkv = cfg.dh, cfg.n_heads, cfg.n_kv_heads
-    cos, sin = w.inv_freq_model.rotary.tables(positions[None], torch.float64)   # (1, 1, T, Dh) each
-    cos, sin = cos[0, 0], sin[0, 0]                                            # (T, Dh)
-    wt = lin.weight.t()                                                        # (N, K)
-    n_rot = (H + Hkv) * Dh
-    rows = wt[:n_rot].view(H + Hkv, Dh, -1)                                    # (heads, Dh, K)
-    rot = cos[:, None, :, None] * rows[None] + sin[:, None, :, None] * torch.roll(rows, Dh // 2, 1)[None]
-    T = positions.shape[0]
-    full = torch.cat([rot.reshape(T, n_rot, -1), wt[n_rot:][None].expand(T, -1, -1)], 1)   # (T, N, K)
-    bias = None
-    if lin.bias is not None:
-        bh = lin.bias[:n_rot].view(H + Hkv, Dh)
-        brot = cos[:, None, :] * bh[None] + sin[:, None, :] * torch.roll(bh, Dh // 2, 1)[None]
-        bias = torch.cat([brot.reshape(T, n_rot), lin.bias[n_rot:][None].expand(T, -1)], 1)
-    return encode(full), None if bias is None else encode(bias, 2 * F)
+def _with_rolled(w: PublicWeights, i: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """q/k/v weights (K, N + n_rot) with each q and k head's rows also rolled by Dh/2 (appended
+    after v), so one linear gives both halves of RoPE's x cos + roll(x) sin."""
+    key = f"qkv-rolled{i}"
+    if key not in w._enc:
+        cfg, lin = w.cfg, w.blocks[i].qkv
+        Dh, n_rot = cfg.dh, (cfg.n_heads + cfg.n_kv_heads) * cfg.dh
+        rows = lin.weight[:, :n_rot].reshape(lin.weight.shape[0], -1, Dh)           # (K, heads, Dh)
+        weight = torch.cat([lin.weight, torch.roll(rows, Dh // 2, -1).reshape(lin.weight.shape[0], n_rot)], 1)
+        bias = None
+        if lin.bias is not None:
+            bias = torch.cat([lin.bias, torch.roll(lin.bias[:n_rot].view(-1, Dh), Dh // 2, -1).reshape(n_rot)])
+        w._enc[key] = Linear(weight, bias).encoded()
+    return w._enc[key]
 
 
 def _qkv(p: Party, w: PublicWeights, i: int, n: AShare, positions: torch.Tensor) -> Protocol:
-    lin = w.blocks[i].qkv
+    """q, k, v (B, T, N); for llama, q and k rotated: RoPE is a public per-position linear map on
+    (x, roll(x)), applied to the truncated projections and truncated once more (2 rounds)."""
     if w.inv_freq_model is None:
-        weight, bias = w.enc(f"qkv{i}", lin)
-        return (yield from linear(p, n, weight, bias))
-    weight, bias = _rope_qkv(w, lin, positions)
-    z = n.map(lambda t: torch.einsum("btk,tnk->btn", t, weight))           # (B, T, N)
-    if bias is not None:
-        z = z.add_public(p.index, bias)
-    return (yield from trunc(p, z))
+        return (yield from linear(p, n, *w.enc(f"qkv{i}", w.blocks[i].qkv)))
+    cfg = w.cfg
+    Dh, heads = cfg.dh, cfg.n_heads + cfg.n_kv_heads
+    n_rot = heads * Dh
+    out = yield from linear(p, n, *_with_rolled(w, i))                          # (B, T, N + n_rot)
+    B, T = out.shape[:2]
+    cos, sin = w.inv_freq_model.rotary.tables(positions[None], torch.float64)   # (1, 1, T, Dh) each
+    cos, sin = encode(cos[0, 0])[None, :, None], encode(sin[0, 0])[None, :, None]  # (1, T, 1, Dh)
+    rot = out.map(lambda t: t[..., :n_rot].reshape(B, T, heads, Dh) * cos
+                  + t[..., -n_rot:].reshape(B, T, heads, Dh) * sin)               # (B, T, heads, Dh), 2f bits
+    rot = yield from trunc(p, rot.map(lambda t: t.reshape(B, T, n_rot)))
+    return cat([rot, out.map(lambda t: t[..., n_rot:-n_rot])], -1)              # (B, T, N)
 
 
 def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positions: torch.Tensor) -> Protocol:
