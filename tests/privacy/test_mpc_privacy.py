@@ -36,4 +36,4 @@ def test_a_partys_received_bytes_do_not_depend_on_the_prompt():
         n_b, b = _bit_profile(model, PROMPTS[1], party)
         assert n_a == n_a2 == n_b > 100_000
         assert np.abs(a - 0.5).max() < 0.05 and np.abs(b - 0.5).max() < 0.05     # close to fair coins
-        assert np.abs(a - b).max() <= 2 * max(np.abs(a - a2).max(), 0.01) + 0.02
+        assert np.abs(a - b).max() <= 2 * max(np.abs(a - a2).max(), 0.02) + 0.02
