@@ -5,7 +5,6 @@ party keeps serving, and a party killed mid-generation ending it with a clear er
 from __future__ import annotations
 
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -17,7 +16,7 @@ from swarmlm.model.generate import generate
 from swarmlm.model.hf import load_model
 from swarmlm.model.tokenizer import Tokenizer
 from swarmlm.p2p.peer import Peer
-from swarmlm.p2p.process import PeerProcess, child_env, open_child
+from swarmlm.p2p.process import PeerProcess, open_child
 from swarmlm.privacy.mpc import wire
 from swarmlm.privacy.mpc.remote import PrivateSession, find_parties, generate_private
 from swarmlm.privacy.mpc.source import directory_id

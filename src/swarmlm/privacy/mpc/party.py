@@ -25,9 +25,6 @@ import contextlib
 import os
 import queue
 import signal
-import sys
-import threading
-import time
 from dataclasses import dataclass, field
 from typing import Any
 

@@ -23,7 +23,7 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 import torch
 
-from swarmlm.errors import PeerError, PeerTimeout, WireError
+from swarmlm.errors import PeerTimeout, WireError
 from swarmlm.privacy.mpc.ring import Prg
 
 N_PARTIES = 3
