@@ -2,9 +2,9 @@
 
 How each is approximated (all inputs and outputs fixed point with f fractional bits):
 - `inverse_power` (1/v and 1/sqrt(v) over a wide range): v is compared with public
-  thresholds 2^(k/2) all at once (one comparison depth); the bits select, by a public linear
-  combination (no message), a first guess y0 within 2^(1/4) of the answer, then
-  v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.2, summed to e^5 (binomial series).
+  thresholds 2^(k/4) all at once (one comparison depth); the bits bring v into [1, 4) and
+  select, by a public linear combination (no message), a first guess y0 within 2^(1/8) of the
+  answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09, summed to e^3.
 - `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (one
   comparison), read as x/32 with 5 more fractional bits (no truncation), a degree-4 minimax
   polynomial gives e^(x/32) on [-1/2, 0], and five squarings give e^x.
@@ -37,7 +37,8 @@ F = FRAC_BITS
 NORM_EXTRA_BITS = 8          # the sum of squares keeps 8 more fractional bits (tiny variances)
 EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
 EXP_EXTRA_BITS = 5           # x/32 as the same integer with 5 more fractional bits
-SERIES_DEGREE = 5            # (1 - e)^-a summed to e^5; |e| < 0.19 -> error < 6e-5 (1/v), 1e-5 (rsqrt)
+STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
+SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3: error < 7e-5 (1/v), 2e-5 (rsqrt)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -92,14 +93,14 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     """v^-1 (half=False) or v^-1/2 (half=True) for v in [2^lo_exp, 2^hi_exp] (even exponents; v
     fixed point with `frac_in` fractional bits); the result has INV_OUT_BITS fractional bits.
 
-    v is compared with 2^(k/2) for every k at once; the bits give v's interval of the form
+    v is compared with 2^(k/4) for every k at once; the bits give v's interval of the form
     [4^i, 4^(i+1)), so m = v / 4^i in [1, 4) is one bit-times-value product and a truncation by a
     per-element public amount (exact, no matter how large or small v is); the finer bits give a
-    first guess y0 of m^-a within 2^(1/4), then m^-a = y0 (1 - e)^-a with e = 1 - m y0^(1/a),
-    |e| < 0.19, summed to e^5; the result is m^-a times the public 4^(-a i). 23 rounds."""
+    first guess y0 of m^-a within 2^(1/8), then m^-a = y0 (1 - e)^-a with e = 1 - m y0^(1/a),
+    |e| < 0.09, summed to e^3; the result is m^-a times the public 4^(-a i). 21 rounds."""
     assert lo_exp % 2 == 0 and hi_exp % 2 == 0
-    ks = list(range(2 * lo_exp, 2 * hi_exp + 1))                      # thresholds 2^(k/2)
-    thresholds = encode(torch.tensor([2.0 ** (k / 2) for k in ks], dtype=torch.float64), frac_in)
+    ks = list(range(STEPS * lo_exp, STEPS * hi_exp + 1))              # thresholds 2^(k/STEPS)
+    thresholds = encode(torch.tensor([2.0 ** (k / STEPS) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
     bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), 64)
     # the 4^i intervals: one-hot from the bits at k = 4i (below the range counts as the first)
@@ -107,8 +108,8 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     at = {k: bits.map(lambda t, j=j: t[..., j]) for j, k in enumerate(ks)}
     onehot = []
     for n, i in enumerate(quads):
-        lo = _public(p, v.shape, 1.0, 0) if n == 0 else at[4 * i]
-        onehot.append(lo - at[4 * i + 4] if n + 1 < len(quads) else lo)
+        lo = _public(p, v.shape, 1.0, 0) if n == 0 else at[2 * STEPS * i]
+        onehot.append(lo - at[2 * STEPS * (i + 1)] if n + 1 < len(quads) else lo)
     picked = yield from mul(p, _stack(onehot), _stack([v] * len(quads)))   # (Q, ...): v in its own slot
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
     view = (-1,) + (1,) * len(v.shape)
@@ -117,7 +118,7 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     m = m.map(lambda t: t.sum(0))                                      # v / 4^i, in [1, 4), f bits
     # per threshold interval (below the first, then [2^(k/2), 2^((k+1)/2))): m's midpoint, 4^i
     starts = [ks[0] - 1] + ks
-    mids = [2.0 ** ((k - 4 * _quad(k, quads) + 0.5) / 2) for k in starts]
+    mids = [2.0 ** ((k - 2 * STEPS * _quad(k, quads) + 0.5) / STEPS) for k in starts]
     guess = [md ** -a for md in mids]
     outer = [4.0 ** (-a * _quad(k, quads)) for k in starts]
     y0_pow = _bits_combination(p, bits, [g ** (1 / a) for g in guess])
@@ -133,7 +134,7 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
 
 def _quad(k: int, quads: list[int]) -> int:
     """The 4^i interval holding threshold interval k (clamped to the covered ones)."""
-    return min(max(k // 4, quads[0]), quads[-1])
+    return min(max(k // (2 * STEPS), quads[0]), quads[-1])
 
 
 # ---- exp ---------------------------------------------------------------------------------------
