@@ -257,6 +257,22 @@ def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
     return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
+def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project) -> Protocol:
+    """`project` (a public linear map, as a protocol on shares) of funcs.norm's output, in fewer
+    rounds: the norm only scales each row, so project(x - mean) runs in the same rounds as the
+    inverse square root, and the scale is applied to its output."""
+    D = x.shape[-1]
+    if center:
+        inv_d = encode(1.0 / D, F + NORM_EXTRA_BITS)
+        mean = yield from trunc(p, x.map(lambda t: t.sum(-1, keepdim=True) * inv_d), F + NORM_EXTRA_BITS)
+        x = x - mean
+    ss = yield from trunc_sum(p, (x.a * x.a + 2 * x.a * x.b).sum(-1), F - NORM_EXTRA_BITS)
+    ss = ss.add_public(p.index, encode(D * eps, F + NORM_EXTRA_BITS))
+    r, y = yield from parallel(inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1],
+                                             frac_in=F + NORM_EXTRA_BITS), project(x))
+    return (yield from mul_trunc(p, y, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
+
+
 def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -10000.0) -> Protocol:
     """softmax(scores) @ v over keys the 0/1 public `allowed` (..., T, S) lets each query see.
 
