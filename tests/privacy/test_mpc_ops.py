@@ -97,10 +97,11 @@ def test_gelu_and_silu_everywhere(parties):
     assert (_real(parties, funcs.silu, x) - F.silu(x.double())).abs().max() < 3e-3
 
 
-def test_softmax_with_large_scores(parties):
-    scores = torch.randn(1, 2, 4, 9) * 30                    # a spread of hundreds between scores
+@pytest.mark.parametrize("T", [1, 4])                       # one query (all pairs at once) or a prompt (groups)
+def test_softmax_with_large_scores(parties, T):
+    scores = torch.randn(1, 2, T, 9) * 30                    # a spread of hundreds between scores
     v = torch.randn(1, 2, 9, 8)
-    allowed = torch.ones(4, 9, dtype=torch.bool)
+    allowed = torch.ones(T, 9, dtype=torch.bool)
     allowed[:, 7:] = False
     ref = (scores.double().masked_fill(~allowed, float("-inf")).softmax(-1)) @ v.double()
     got = _real(parties, lambda p, s, w: funcs.softmax_av(p, s, allowed, w), scores, v)

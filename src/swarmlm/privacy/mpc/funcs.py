@@ -6,8 +6,8 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   select, by a public linear combination (no message), a first guess y0 within 2^(1/8) of the
   answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09, summed to e^3.
 - `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (one
-  comparison), read as x/32 with 5 more fractional bits (no truncation), a degree-4 minimax
-  polynomial gives e^(x/32) on [-1/2, 0], and five squarings give e^x.
+  comparison), read as x/8 with 3 more fractional bits (no truncation), a Chebyshev series of
+  degree 8 gives e^(x/4) on [-4, 0], and two squarings give e^x.
 - `gelu` and `silu` in PUMA's manner: f(x) = x/2 + E(x) where E(x) = x (sigmoid-like(x) - 1/2)
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
   x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu.
@@ -37,7 +37,8 @@ from swarmlm.privacy.mpc.shares import AShare
 F = FRAC_BITS
 NORM_EXTRA_BITS = 8          # the sum of squares keeps 8 more fractional bits (tiny variances)
 EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
-EXP_EXTRA_BITS = 5           # x/32 as the same integer with 5 more fractional bits
+EXP_EXTRA_BITS = 3           # x/8 as the same integer with 3 more fractional bits
+EXP_DEGREE = 8               # Chebyshev degree of e^(x/4) on [-4, 0]: error 6e-6
 STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
 SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3: error < 7e-5 (1/v), 2e-5 (rsqrt)
 
@@ -103,7 +104,8 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     ks = list(range(STEPS * lo_exp, STEPS * hi_exp + 1))              # thresholds 2^(k/STEPS)
     thresholds = encode(torch.tensor([2.0 ** (k / STEPS) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
-    bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), 64)
+    width = 32 if hi_exp + frac_in + 2 <= 32 else 64                    # |v - threshold| < 2^(width-1)
+    bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), width)
     # the 4^i intervals: one-hot from the bits at k = 4i (below the range counts as the first)
     quads = list(range(lo_exp // 2, hi_exp // 2))
     at = {k: bits.map(lambda t, j=j: t[..., j]) for j, k in enumerate(ks)}
@@ -141,26 +143,23 @@ def _quad(k: int, quads: list[int]) -> int:
 # ---- exp ---------------------------------------------------------------------------------------
 
 def _fit_exp() -> np.ndarray:
-    y = np.linspace(-0.5, 0.0, 4001)
-    return cheb.cheb2poly(cheb.chebfit(4 * y + 1, np.exp(y), 4))   # in s = 4y + 1, s in [-1, 1]
+    t = np.linspace(-1.0, 1.0, 4001)
+    return cheb.chebfit(t, np.exp(2 * (t - 1)), EXP_DEGREE)          # e^(x/4) for t = x/8 + 1
 
 
-_EXP_POLY = _fit_exp()
+_EXP_CHEB = _fit_exp()
 
 
 def exp_neg(p: Party, x: AShare) -> Protocol:
-    """e^x for x <= 0 (clamped at -EXP_CLAMP). 25 rounds."""
+    """e^x for x <= 0 (clamped at -EXP_CLAMP). 22 rounds."""
     keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)))
     x = yield from compare.select(p, keep, x, _public(p, x.shape, -EXP_CLAMP))
-    fb = F + EXP_EXTRA_BITS                                     # the same integers read as x/32
-    s = x.scale(4).add_public(p.index, encode(1.0, fb))
-    pw = yield from _powers(p, s, len(_EXP_POLY) - 1, frac=fb)
-    coeffs = [_public(p, x.shape, float(c), fb) for c in _EXP_POLY[1:]]
-    e = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))), fb)
-    e = e.add_public(p.index, encode(float(_EXP_POLY[0]), fb))
-    for i in range(5):                                          # (e^(x/32))^32
-        e = yield from square(p, e, shift=fb if i < 4 else fb + EXP_EXTRA_BITS)
-    return e
+    fb = F + EXP_EXTRA_BITS                                     # the same integers read as x/8
+    t = x.add_public(p.index, encode(1.0, fb))                  # x/8 + 1 in [-1, 1]
+    raw = yield from _chebyshev_raw(p, t, _EXP_CHEB, frac=fb)
+    e = yield from trunc(p, raw, F)                             # e^(x/4), fb bits
+    e = yield from square(p, e, shift=fb)
+    return (yield from square(p, e, shift=fb + EXP_EXTRA_BITS))   # (e^(x/4))^4, f bits
 
 
 # ---- GELU, SiLU ------------------------------------------------------------------------------
@@ -183,21 +182,22 @@ GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8))]               # (lo, hi:
 SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 14))]
 
 
-def _chebyshev_raw(p: Party, t: AShare, coeffs: np.ndarray) -> Protocol:
-    """sum_k c_k T_k(t) for |t| <= 1, T_{m+n} = 2 T_m T_n - T_{m-n} (m >= n), degree doubling per
-    round; returned with 2f fractional bits, untruncated, so the caller folds it into its own
-    truncation."""
+def _chebyshev_raw(p: Party, t: AShare, coeffs: np.ndarray, frac: int = F) -> Protocol:
+    """sum_k c_k T_k(t) for |t| <= 1 (t with `frac` fractional bits), T_{m+n} = 2 T_m T_n - T_{m-n}
+    (m >= n), degree doubling per round; returned with frac + f fractional bits, untruncated, so
+    the caller folds it into its own truncation."""
     T = {1: t}
     have, degree = 1, len(coeffs) - 1
     while have < degree:
         level = [(k, have, k - have) for k in range(have + 1, min(2 * have, degree) + 1)]
-        out = yield from mul_trunc(p, _stack([T[m] for _, m, _ in level]).scale(2), _stack([T[n] for _, _, n in level]))
+        out = yield from mul_trunc(p, _stack([T[m] for _, m, _ in level]).scale(2), _stack([T[n] for _, _, n in level]),
+                                   shift=frac)
         for (k, m, n), prod in zip(level, _unstack(out, len(level))):
-            T[k] = prod.add_public(p.index, -encode(1.0)) if m == n else prod - T[m - n]
+            T[k] = prod.add_public(p.index, -encode(1.0, frac)) if m == n else prod - T[m - n]
         have = level[-1][0]
     acc = sum((T[k].scale(int(encode(float(coeffs[k])))) for k in range(2, len(coeffs))),
               T[1].scale(int(encode(float(coeffs[1])))))
-    return acc.add_public(p.index, encode(float(coeffs[0]), 2 * F))
+    return acc.add_public(p.index, encode(float(coeffs[0]), frac + F))
 
 
 def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
@@ -230,6 +230,7 @@ def silu(p: Party, x: AShare) -> Protocol:
 
 # ---- norms, softmax ------------------------------------------------------------------------------
 
+MAX_ALL_PAIRS = 48           # a decoding step compares all pairs of up to this many keys at once
 RSQRT_RANGE = (-12, 20)      # sums of squares the norms handle: 2^-12 .. 2^20
 
 
@@ -271,12 +272,14 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     scores (B, H, T, S), v (B, H, S, Dh) -> (B, H, T, Dh)."""
     allowed = allowed.to(torch.int64)
     masked = scores.scale(allowed).add_public(p.index, (1 - allowed) * encode(fill))
-    group = 8 if scores.shape[-2] == 1 else 4        # decoding: fewest rounds; a prompt: fewer bytes too
+    S, T = scores.shape[-1], scores.shape[-2]
+    # decoding a short context: all pairs at once (one level); otherwise groups of 8 (decoding)
+    # or 4 (a prompt: T times the keys, so fewer bytes matter more)
+    group = S if T == 1 and S <= MAX_ALL_PAIRS else (8 if T == 1 else 4)
     top = yield from compare.maximum(p, masked, int(encode(fill)), group)
     e = yield from exp_neg(p, masked - top)
     e = e.scale(allowed)
     total = e.map(lambda t: t.sum(-1))
-    S = scores.shape[-1]
     inv, ev = yield from parallel(
         inverse_power(p, total, half=False, lo_exp=-2, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),
         mul_trunc(p, e, v, torch.matmul))
