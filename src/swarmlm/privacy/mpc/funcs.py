@@ -5,6 +5,8 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   thresholds 2^(k/4) all at once (one comparison depth); the bits bring v into [1, 4) and
   select, by a public linear combination (no message), a first guess y0 within 2^(1/8) of the
   answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09, summed to e^3.
+  v / 4^i is truncated for every i at once (in the comparisons' rounds): each truncation hides
+  v as well as any other does while v, read as an integer, stays below 2^42.
 - `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (one
   comparison), read as x/8 with 3 more fractional bits (no truncation), a Chebyshev series of
   degree 8 gives e^(x/4) on [-4, 0], and two squarings give e^x.
@@ -95,40 +97,37 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     """v^-1 (half=False) or v^-1/2 (half=True) for v in [2^lo_exp, 2^hi_exp] (even exponents; v
     fixed point with `frac_in` fractional bits); the result has INV_OUT_BITS fractional bits.
 
-    v is compared with 2^(k/4) for every k at once; the bits give v's interval of the form
-    [4^i, 4^(i+1)), so m = v / 4^i in [1, 4) is one bit-times-value product and a truncation by a
-    per-element public amount (exact, no matter how large or small v is); the finer bits give a
-    first guess y0 of m^-a within 2^(1/8), then m^-a = y0 (1 - e)^-a with e = 1 - m y0^(1/a),
-    |e| < 0.09, summed to e^3; the result is m^-a times the public 4^(-a i). 21 rounds."""
+    v is compared with 2^(k/4) for every k at once, while v / 4^i is computed for every i
+    (a truncation by a public amount, exact however large or small v is). The bits tell v's
+    interval [4^i, 4^(i+1)), so m = v / 4^i in [1, 4), and a first guess y0 of m^-a within
+    2^(1/8); e = 1 - m y0^(1/a) is one product of bit-selected public values with the v / 4^i
+    (|e| < 0.09), then m^-a = y0 (1 - e)^-a is summed to e^3, times the public 4^(-a i).
+    18 rounds."""
     assert lo_exp % 2 == 0 and hi_exp % 2 == 0
     ks = list(range(STEPS * lo_exp, STEPS * hi_exp + 1))              # thresholds 2^(k/STEPS)
     thresholds = encode(torch.tensor([2.0 ** (k / STEPS) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
     width = 32 if hi_exp + frac_in + 2 <= 32 else 64                    # |v - threshold| < 2^(width-1)
-    bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), width)
-    # the 4^i intervals: one-hot from the bits at k = 4i (below the range counts as the first)
-    quads = list(range(lo_exp // 2, hi_exp // 2))
-    at = {k: bits.map(lambda t, j=j: t[..., j]) for j, k in enumerate(ks)}
-    onehot = []
-    for n, i in enumerate(quads):
-        lo = _public(p, v.shape, 1.0, 0) if n == 0 else at[2 * STEPS * i]
-        onehot.append(lo - at[2 * STEPS * (i + 1)] if n + 1 < len(quads) else lo)
-    picked = yield from mul(p, _stack(onehot), _stack([v] * len(quads)))   # (Q, ...): v in its own slot
+    quads = list(range(lo_exp // 2, hi_exp // 2))                       # v / 4^i for each of these i
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
     view = (-1,) + (1,) * len(v.shape)
     up = torch.where(shifts < 0, 1 << (-shifts).clamp(min=0), torch.ones_like(shifts)).view(view)
-    m = yield from trunc(p, picked.scale(up), shifts.clamp(min=0).view(view))
-    m = m.map(lambda t: t.sum(0))                                      # v / 4^i, in [1, 4), f bits
-    # per threshold interval (below the first, then [2^(k/2), 2^((k+1)/2))): m's midpoint, 4^i
+    bits, scaled = yield from parallel(
+        compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), width),
+        trunc(p, _stack([v] * len(quads)).scale(up), shifts.clamp(min=0).view(view)))   # (Q, ...): v / 4^i, f bits
+    # per threshold interval (below the first, then [2^(k/4), 2^((k+1)/4))): its 4^i, m's midpoint
     starts = [ks[0] - 1] + ks
-    mids = [2.0 ** ((k - 2 * STEPS * _quad(k, quads) + 0.5) / STEPS) for k in starts]
+    quad_of = [_quad(k, quads) for k in starts]
+    mids = [2.0 ** ((k - 2 * STEPS * q + 0.5) / STEPS) for k, q in zip(starts, quad_of)]
     guess = [md ** -a for md in mids]
-    outer = [4.0 ** (-a * _quad(k, quads)) for k in starts]
-    y0_pow = _bits_combination(p, bits, [g ** (1 / a) for g in guess])
-    e = yield from mul_trunc(p, m, y0_pow)                              # m y0^(1/a), close to 1
+    # y0^(1/a) where v's interval lies in 4^i, else 0: e = 1 - sum_i that * v / 4^i
+    picks = [_bits_combination(p, bits, [g ** (1 / a) if q == i else 0.0 for g, q in zip(guess, quad_of)])
+             for i in quads]
+    e = yield from trunc_sum(p, _cross_sum([(pk, scaled.map(lambda t, n=n: t[n])) for n, pk in enumerate(picks)]))
     e = (-e).add_public(p.index, encode(1.0))
     series = [math.comb(2 * k, k) / 4 ** k if half else 1.0 for k in range(SERIES_DEGREE + 1)]
     pw = yield from _powers(p, e, SERIES_DEGREE)
+    outer = [4.0 ** (-a * q) for q in quad_of]
     coeffs = [_bits_combination(p, bits, [c * g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
               for c in series[1:]]
     out = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))))
