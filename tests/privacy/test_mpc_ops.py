@@ -74,6 +74,17 @@ def test_maximum_of_rows_of_any_length(parties):
     assert (got[..., 0] - x.double().max(-1).values).abs().max() < 1e-4
 
 
+def test_maximum_of_a_whole_row_also_tells_which_values_are_near_it(parties):
+    x = torch.randn(2, 3, 11) * 20
+    shares = split(encode(x))
+    out = parties.run(lambda p: compare.maximum(p, shares[p.index], int(encode(-10000.0)), group=11,
+                                                margin=int(encode(16.0))))
+    top = decode(combine([o[0].a for o in out]))
+    near = combine([o[1].a for o in out])
+    assert (top[..., 0] - x.double().max(-1).values).abs().max() < 1e-4
+    assert torch.equal(near, (encode(x) >= encode(x).max(-1, keepdim=True).values - encode(16.0)).long())
+
+
 def test_exp_over_its_whole_range(parties):
     x = torch.linspace(-40, 0, 801)
     got = _real(parties, funcs.exp_neg, x)

@@ -82,14 +82,58 @@ def select(p: Party, bit: AShare, x: AShare, y: AShare) -> Protocol:
     return y + (yield from mul(p, bit, x - y))
 
 
-def maximum(p: Party, x: AShare, fill: int, group: int = 8) -> Protocol:
+def _products(p: Party, rows: list[list[AShare]]) -> Protocol:
+    """The product of each row's 0/1 values (rows of equal length), ceil(log2(len)) rounds."""
+    n_rows = len(rows)
+    while len(rows[0]) > 1:
+        half = len(rows[0]) // 2
+        lhs = AShare(torch.stack([w.a for row in rows for w in row[:half]]),
+                     torch.stack([w.b for row in rows for w in row[:half]]))
+        rhs = AShare(torch.stack([w.a for row in rows for w in row[half:2 * half]]),
+                     torch.stack([w.b for row in rows for w in row[half:2 * half]]))
+        prod = yield from mul(p, lhs, rhs)
+        flat = [prod.map(lambda t, k=k: t[k]) for k in range(n_rows * half)]
+        rows = [flat[i * half:(i + 1) * half] + row[2 * half:] for i, row in enumerate(rows)]
+    return [row[0] for row in rows]
+
+
+def _group_max(p: Party, groups: AShare, margin: int | None) -> Protocol:
+    """Max over the last dim of `groups` (..., g) by comparing all pairs at once; with `margin`
+    (encoded), also [x_i >= max - margin] for each i, from the same comparison round."""
+    g = groups.shape[-1]
+    pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
+    near_pairs = [(i, j) for i in range(g) for j in range(g) if i != j] if margin is not None else []
+    li = torch.tensor([i for i, _ in pairs] + [i for i, _ in near_pairs], dtype=torch.long)
+    lj = torch.tensor([j for _, j in pairs] + [j for _, j in near_pairs], dtype=torch.long)
+    offset = torch.zeros(len(li), dtype=torch.int64)
+    offset[len(pairs):] = margin or 0
+    diffs = groups.map(lambda t: t[..., li] - t[..., lj]).add_public(p.index, offset)   # (..., P + N)
+    ge = yield from ge0(p, diffs)
+    col = lambda k: ge.map(lambda t: t[..., k])                                    # noqa: E731
+    wins = [[col(k) if a == i else (-col(k)).add_public(p.index, 1)                 # ties: the lower index wins
+             for k, (a, b) in enumerate(pairs) if i in (a, b)] for i in range(g)]
+    near = [[col(len(pairs) + k) for k, (a, _) in enumerate(near_pairs) if a == i] for i in range(g)] if near_pairs else []
+    prods = yield from _products(p, wins + near)
+    winner = AShare(torch.stack([w.a for w in prods[:g]], -1), torch.stack([w.b for w in prods[:g]], -1))
+    picked = yield from mul(p, winner, groups)                                      # (..., g)
+    top = picked.map(lambda t: t.sum(-1))
+    if margin is None:
+        return top, None
+    return top, AShare(torch.stack([w.a for w in prods[g:]], -1), torch.stack([w.b for w in prods[g:]], -1))
+
+
+def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None = None) -> Protocol:
     """Max over the last dim (keepdim). `fill` (encoded, public) pads lengths; it must lose.
 
     A tournament of groups: within each group of `group` values every pair is compared at once
     (one comparison depth), the winner's indicator is the product of its g-1 wins (ties go to
     the lower index, so there is exactly one), and the max is sum(indicator * value). Each level
     divides the length by `group` in 10 + ceil(log2(g-1)) + 1 rounds: 2 levels (28 rounds)
-    for up to 64 keys, where pairs would take 6 levels (66 rounds)."""
+    for up to 64 keys, where pairs would take 6 levels (66 rounds).
+
+    With `margin` and a group holding the whole row, also returns [x_i >= max - margin] (..., n),
+    compared in the same round as the pairs (the products of the extra bits share rounds too)."""
+    near = None
     while x.shape[-1] > 1:
         n = x.shape[-1]
         g = min(group, n)
@@ -98,33 +142,12 @@ def maximum(p: Party, x: AShare, fill: int, group: int = 8) -> Protocol:
             x = x.map(lambda t: torch.nn.functional.pad(t, (0, extra), value=0)).add_public(
                 p.index, _pad_last(x.shape, fill, extra))
         groups = x.map(lambda t: t.reshape(*t.shape[:-1], -1, g))                  # (..., n/g, g)
-        pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
-        li = torch.tensor([i for i, _ in pairs])
-        lj = torch.tensor([j for _, j in pairs])
-        diffs = groups.map(lambda t: t[..., li] - t[..., lj])                       # (..., n/g, P)
-        ge = yield from ge0(p, diffs)                                               # [x_i >= x_j], i < j
-        wins = []
-        for i in range(g):
-            row = []
-            for k, (a, b) in enumerate(pairs):
-                if a == i:
-                    row.append(ge.map(lambda t, k=k: t[..., k]))
-                elif b == i:
-                    row.append((-ge.map(lambda t, k=k: t[..., k])).add_public(p.index, 1))
-            wins.append(row)
-        while len(wins[0]) > 1:                                                     # products of the wins
-            half = len(wins[0]) // 2
-            lhs = AShare(torch.stack([w.a for row in wins for w in row[:half]]),
-                         torch.stack([w.b for row in wins for w in row[:half]]))
-            rhs = AShare(torch.stack([w.a for row in wins for w in row[half:2 * half]]),
-                         torch.stack([w.b for row in wins for w in row[half:2 * half]]))
-            prod = yield from mul(p, lhs, rhs)
-            flat = [prod.map(lambda t, k=k: t[k]) for k in range(g * half)]
-            wins = [flat[i * half:(i + 1) * half] + row[2 * half:] for i, row in enumerate(wins)]
-        winner = AShare(torch.stack([row[0].a for row in wins], -1), torch.stack([row[0].b for row in wins], -1))
-        picked = yield from mul(p, winner, groups)                                  # (..., n/g, g)
-        x = picked.map(lambda t: t.sum(-1))
-    return x
+        whole = margin is not None and g == n
+        top, near = yield from _group_max(p, groups, margin if whole else None)
+        x = top
+        if whole:
+            near = near.map(lambda t: t.squeeze(-2))                                 # (..., n)
+    return (x, near) if margin is not None else x
 
 
 def _pad_last(shape: torch.Size, fill: int, extra: int = 1) -> torch.Tensor:

@@ -149,9 +149,11 @@ def _fit_exp() -> np.ndarray:
 _EXP_CHEB = _fit_exp()
 
 
-def exp_neg(p: Party, x: AShare) -> Protocol:
-    """e^x for x <= 0 (clamped at -EXP_CLAMP). 22 rounds."""
-    keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)))
+def exp_neg(p: Party, x: AShare, keep: AShare | None = None) -> Protocol:
+    """e^x for x <= 0 (clamped at -EXP_CLAMP; `keep` = [x >= -EXP_CLAMP] if already known). 22 rounds
+    (13 with `keep`)."""
+    if keep is None:
+        keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)))
     x = yield from compare.select(p, keep, x, _public(p, x.shape, -EXP_CLAMP))
     fb = F + EXP_EXTRA_BITS                                     # the same integers read as x/8
     t = x.add_public(p.index, encode(1.0, fb))                  # x/8 + 1 in [-1, 1]
@@ -275,8 +277,11 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     # decoding a short context: all pairs at once (one level); otherwise groups of 8 (decoding)
     # or 4 (a prompt: T times the keys, so fewer bytes matter more)
     group = S if T == 1 and S <= MAX_ALL_PAIRS else (8 if T == 1 else 4)
-    top = yield from compare.maximum(p, masked, int(encode(fill)), group)
-    e = yield from exp_neg(p, masked - top)
+    if group == S:                       # one level: [x >= max - 16] comes from the same comparisons
+        top, keep = yield from compare.maximum(p, masked, int(encode(fill)), group, margin=int(encode(EXP_CLAMP)))
+    else:
+        top, keep = (yield from compare.maximum(p, masked, int(encode(fill)), group)), None
+    e = yield from exp_neg(p, masked - top, keep)
     e = e.scale(allowed)
     total = e.map(lambda t: t.sum(-1))
     inv, ev = yield from parallel(
