@@ -14,11 +14,15 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
   x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu.
   x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
-  it as well as any other truncation (20 bits), larger outliers less so. GELU: B = 4, degree 8 (error 1.4e-4);
-  SiLU: B = 8, degree 14 (error 6e-5), relu beyond 8 (error 2.7e-3). Coefficients are fitted
-  here, at import, by least squares on a dense grid. 20 rounds, two comparisons.
-- `softmax_av` subtracts the row max (tournament), takes exp_neg, sums, and multiplies
-  (e @ v) by the reciprocal of the sum, so the reciprocal and e @ v share rounds.
+  it as well as any other truncation (20 bits), larger outliers less so. GELU: B = 4, degree
+  8 (error 1.4e-4); SiLU: B = 8, degree 14 (error 6e-5), relu beyond 8 (error 2.7e-3).
+  Coefficients are fitted here, at import, by least squares on a dense grid. 20 rounds, two
+  comparisons.
+- `softmax_av` subtracts the row max (compare.maximum: for a decoding step over a short
+  context, all pairs at once, which also gives the clamp bit of exp), takes exp_neg, sums, and
+  multiplies (e @ v) by the reciprocal of the sum, so the reciprocal and e @ v share rounds.
+- `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
+  square root, since the norm only scales each row.
 Knows nothing of models; model.py folds norm weights and scales into the linear layers.
 """
 
