@@ -82,44 +82,49 @@ def select(p: Party, bit: AShare, x: AShare, y: AShare) -> Protocol:
     return y + (yield from mul(p, bit, x - y))
 
 
-def _products(p: Party, rows: list[list[AShare]]) -> Protocol:
-    """The product of each row's 0/1 values (rows of equal length), ceil(log2(len)) rounds."""
-    n_rows = len(rows)
-    while len(rows[0]) > 1:
-        half = len(rows[0]) // 2
-        lhs = AShare(torch.stack([w.a for row in rows for w in row[:half]]),
-                     torch.stack([w.b for row in rows for w in row[:half]]))
-        rhs = AShare(torch.stack([w.a for row in rows for w in row[half:2 * half]]),
-                     torch.stack([w.b for row in rows for w in row[half:2 * half]]))
-        prod = yield from mul(p, lhs, rhs)
-        flat = [prod.map(lambda t, k=k: t[k]) for k in range(n_rows * half)]
-        rows = [flat[i * half:(i + 1) * half] + row[2 * half:] for i, row in enumerate(rows)]
-    return [row[0] for row in rows]
+def _products(p: Party, x: AShare) -> Protocol:
+    """The product of 0/1 values over the last dim (..., L) -> (...), ceil(log2(L)) rounds."""
+    while x.shape[-1] > 1:
+        half = x.shape[-1] // 2
+        prod = yield from mul(p, x.map(lambda t: t[..., :half]), x.map(lambda t: t[..., half:2 * half]))
+        x = AShare(torch.cat([prod.a, x.a[..., 2 * half:]], -1), torch.cat([prod.b, x.b[..., 2 * half:]], -1))
+    return x.map(lambda t: t[..., 0])
+
+
+def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+    """Unordered pairs (i < j), and for each i the g-1 pairs it is in, and whether it is their j."""
+    pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
+    idx = torch.tensor([[k for k, (a, b) in enumerate(pairs) if i in (a, b)] for i in range(g)], dtype=torch.long)
+    second = torch.tensor([[int(b == i) for (a, b) in pairs if i in (a, b)] for i in range(g)], dtype=torch.int64)
+    return pairs, idx.view(g, max(g - 1, 0)), second.view(g, max(g - 1, 0))
 
 
 def _group_max(p: Party, groups: AShare, margin: int | None) -> Protocol:
     """Max over the last dim of `groups` (..., g) by comparing all pairs at once; with `margin`
     (encoded), also [x_i >= max - margin] for each i, from the same comparison round."""
     g = groups.shape[-1]
-    pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
-    near_pairs = [(i, j) for i in range(g) for j in range(g) if i != j] if margin is not None else []
-    li = torch.tensor([i for i, _ in pairs] + [i for i, _ in near_pairs], dtype=torch.long)
-    lj = torch.tensor([j for _, j in pairs] + [j for _, j in near_pairs], dtype=torch.long)
+    pairs, idx, second = _pair_tables(g)
+    li = [i for i, _ in pairs]
+    lj = [j for _, j in pairs]
+    if margin is not None:                                              # ordered pairs (i, j != i)
+        others = torch.tensor([[j for j in range(g) if j != i] for i in range(g)], dtype=torch.long)
+        li += [i for i in range(g) for _ in range(g - 1)]
+        lj += others.reshape(-1).tolist()
+    li_t, lj_t = torch.tensor(li, dtype=torch.long), torch.tensor(lj, dtype=torch.long)
     offset = torch.zeros(len(li), dtype=torch.int64)
     offset[len(pairs):] = margin or 0
-    diffs = groups.map(lambda t: t[..., li] - t[..., lj]).add_public(p.index, offset)   # (..., P + N)
+    diffs = groups.map(lambda t: t[..., li_t] - t[..., lj_t]).add_public(p.index, offset)   # (..., P [+ g(g-1)])
     ge = yield from ge0(p, diffs)
-    col = lambda k: ge.map(lambda t: t[..., k])                                    # noqa: E731
-    wins = [[col(k) if a == i else (-col(k)).add_public(p.index, 1)                 # ties: the lower index wins
-             for k, (a, b) in enumerate(pairs) if i in (a, b)] for i in range(g)]
-    near = [[col(len(pairs) + k) for k, (a, _) in enumerate(near_pairs) if a == i] for i in range(g)] if near_pairs else []
-    prods = yield from _products(p, wins + near)
-    winner = AShare(torch.stack([w.a for w in prods[:g]], -1), torch.stack([w.b for w in prods[:g]], -1))
-    picked = yield from mul(p, winner, groups)                                      # (..., g)
+    # wins (..., g, g-1): [x_i >= x_j] where i < j, else [x_i > x_j] = 1 - [x_j >= x_i] (ties: lower index)
+    wins = ge.map(lambda t: t[..., idx] * (1 - 2 * second)).add_public(p.index, second)
+    rows = wins
+    if margin is not None:
+        near = ge.map(lambda t: t[..., len(pairs):].reshape(*t.shape[:-1], g, g - 1))
+        rows = AShare(torch.cat([wins.a, near.a], -2), torch.cat([wins.b, near.b], -2))  # (..., 2g, g-1)
+    prods = yield from _products(p, rows)                                           # (..., g or 2g)
+    picked = yield from mul(p, prods.map(lambda t: t[..., :g]), groups)             # the winner's value, else 0
     top = picked.map(lambda t: t.sum(-1))
-    if margin is None:
-        return top, None
-    return top, AShare(torch.stack([w.a for w in prods[g:]], -1), torch.stack([w.b for w in prods[g:]], -1))
+    return top, (prods.map(lambda t: t[..., g:]) if margin is not None else None)
 
 
 def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None = None) -> Protocol:
