@@ -112,6 +112,8 @@ def _add_generate(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     p.add_argument("--swarm", action="store_true", help="run the blocks through the swarm's servers")
+    p.add_argument("--private", action="store_true",
+                   help="secret-share the tokens among three MPC parties of the swarm (swarmlm mpc-party)")
     p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="with --swarm: join through these")
     p.add_argument("--connect-timeout", type=float, default=60.0,
                    help="with --swarm: seconds to wait until every block is served")
@@ -122,6 +124,9 @@ def _add_generate(sub) -> None:
 
 
 def _run_generate(args) -> int:
+    if args.private:
+        from swarmlm.privacy.mpc.remote import generate_private_from_args
+        return generate_private_from_args(args)
     if args.ledger and not args.swarm:
         raise UserError("--ledger meters swarm use: add --swarm")
     if args.swarm:
@@ -357,6 +362,26 @@ def _ledger(name: str, args) -> int:
     return getattr(commands, name)(args)
 
 
+# ---- mpc-party ----------------------------------------------------------------------------
+
+def _add_mpc_party(sub) -> None:
+    p = sub.add_parser("mpc-party", help="compute private (MPC) inference of a model with two other parties")
+    p.add_argument("model", help="a checkpoint directory or a model manifest CID")
+    p.add_argument("--initial-peers", nargs="*", default=[], metavar="MADDR", help="join the swarm through these")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=0, help="TCP port (default: any free one)")
+    p.add_argument("--data-dir", default=None, help="identity and fetched blocks (default: $SWARMLM_HOME or ~/.swarmlm)")
+    p.add_argument("--max-tokens", type=int, default=256, help="prompt plus generated tokens per session")
+    p.add_argument("--max-sessions", type=int, default=8, help="sessions open at once")
+    p.add_argument("--peer-timeout", type=float, default=8.0, help="seconds to wait for another party mid-step")
+    p.set_defaults(run=_run_mpc_party)
+
+
+def _run_mpc_party(args) -> int:
+    from swarmlm.privacy.mpc.party import mpc_party_from_args
+    return mpc_party_from_args(args)
+
+
 # ---- finetune -----------------------------------------------------------------------------
 
 def _add_finetune(sub) -> None:
@@ -506,8 +531,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="swarmlm", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
-    for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_finetune,
-                _add_api, _add_fl, _add_ledger, _add_eval, _add_dashboard):
+    for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_mpc_party,
+                _add_finetune, _add_api, _add_fl, _add_ledger, _add_eval, _add_dashboard):
         add(sub)
     for verb in ("node", "serve", "train"):          # long-running verbs (the federated/MPC roles: add theirs)
         _add_metrics_flag(sub.choices[verb])

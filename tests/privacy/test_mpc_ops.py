@@ -74,6 +74,17 @@ def test_maximum_of_rows_of_any_length(parties):
     assert (got[..., 0] - x.double().max(-1).values).abs().max() < 1e-4
 
 
+def test_maximum_of_a_whole_row_also_tells_which_values_are_near_it(parties):
+    x = torch.randn(2, 3, 11) * 20
+    shares = split(encode(x))
+    out = parties.run(lambda p: compare.maximum(p, shares[p.index], int(encode(-10000.0)), group=11,
+                                                margin=int(encode(16.0))))
+    top = decode(combine([o[0].a for o in out]))
+    near = combine([o[1].a for o in out])
+    assert (top[..., 0] - x.double().max(-1).values).abs().max() < 1e-4
+    assert torch.equal(near, (encode(x) >= encode(x).max(-1, keepdim=True).values - encode(16.0)).long())
+
+
 def test_exp_over_its_whole_range(parties):
     x = torch.linspace(-40, 0, 801)
     got = _real(parties, funcs.exp_neg, x)
@@ -97,10 +108,11 @@ def test_gelu_and_silu_everywhere(parties):
     assert (_real(parties, funcs.silu, x) - F.silu(x.double())).abs().max() < 3e-3
 
 
-def test_softmax_with_large_scores(parties):
-    scores = torch.randn(1, 2, 4, 9) * 30                    # a spread of hundreds between scores
+@pytest.mark.parametrize("T", [1, 4])                       # one query (all pairs at once) or a prompt (groups)
+def test_softmax_with_large_scores(parties, T):
+    scores = torch.randn(1, 2, T, 9) * 30                    # a spread of hundreds between scores
     v = torch.randn(1, 2, 9, 8)
-    allowed = torch.ones(4, 9, dtype=torch.bool)
+    allowed = torch.ones(T, 9, dtype=torch.bool)
     allowed[:, 7:] = False
     ref = (scores.double().masked_fill(~allowed, float("-inf")).softmax(-1)) @ v.double()
     got = _real(parties, lambda p, s, w: funcs.softmax_av(p, s, allowed, w), scores, v)

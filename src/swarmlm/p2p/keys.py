@@ -55,3 +55,8 @@ def directory_key(service: str) -> str:
     """What one service has running in the swarm ("swarm.models", "collab.runs", "store.roots", ...):
     one `p2p.directory` entry per (peer, name), subkey `peer_id/name`; the dashboard lists the swarm from these."""
     return f"{PREFIX}/directory/{service}"
+
+
+def mpc_parties_key(model_id: str) -> str:
+    """Who computes private (MPC) inference of `model_id`: one `privacy.mpc_party` record per party."""
+    return f"{PREFIX}/mpc/{model_id}/parties"

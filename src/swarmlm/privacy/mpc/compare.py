@@ -1,14 +1,16 @@
 """Comparison of shared values: the sign bit by a boolean adder, and what is built on it.
 
-`msb(x)`: the three components x_0, x_1, x_2 are each known to two parties, so each is a
-boolean-shared 64-bit number without any message. One layer of full adders (one AND round)
-turns the three into two, s + c; the carry into bit 63 of s + c comes from a Brent-Kung tree
-of (generate, propagate) pairs over bits 0..62 (one AND round for g, six for the tree, each
-on half as many bits as the one before). Bits travel packed, so a comparison costs about
-250 bits per party. `b2a` turns the shared bit into an arithmetic 0/1 (two multiplications),
-so `ge0` is 10 rounds whatever the number of elements compared at once.
+`msb(x, width)`: reduction modulo 2^width is a ring homomorphism, so for |x| < 2^(width-1) the
+sign of x is bit width-1 of x_0 + x_1 + x_2 mod 2^width. Each component is known to two
+parties, so each is a boolean-shared number without any message; bits live packed in int64
+words (one word per element, XOR shares, bitwise AND in one round: ops.band). One layer of
+full adders (one AND round) turns the three numbers into two, s + c; the carry into the top
+bit comes from a Kogge-Stone prefix over (generate, propagate) (one AND round for g, then
+log2(width) rounds of two ANDs). Words of width <= 32 travel as 4 bytes. `b2a` turns the
+shared bit into an arithmetic 0/1 (two multiplications), so `ge0` is 3 + log2(width) + 2
+rounds (10 for width 32) whatever the number of elements, about 200 bytes each.
 
-`select`, `maximum` (a tournament: log2(n) comparisons in sequence) build on it.
+`select`, `maximum` (a tournament of groups of 8, all pairs at once) build on it.
 Knows nothing of models.
 """
 
@@ -20,68 +22,58 @@ from swarmlm.privacy.mpc.ops import band, mul
 from swarmlm.privacy.mpc.runtime import Party, Protocol
 from swarmlm.privacy.mpc.shares import AShare, BShare
 
-_SHIFTS = torch.arange(64, dtype=torch.int64)
+WIDTH = 32                   # default: |x| < 2^31, i.e. below 32768 in value at 16 fractional bits
 
 
-def bits(x: torch.Tensor) -> torch.Tensor:
-    """int64 (...) -> bool (..., 64), least significant bit first."""
-    return ((x.unsqueeze(-1) >> _SHIFTS) & 1).bool()
+def _mask(width: int) -> int:
+    return -1 if width >= 64 else (1 << width) - 1
 
 
-def _component(p: Party, x: AShare, j: int) -> BShare:
-    """Component x_j of x as a boolean-shared number (nonzero only in component j)."""
-    zero = torch.zeros(x.shape + (64,), dtype=torch.bool)
-    a = bits(x.a) if j == p.index else zero
-    b = bits(x.b) if j == p.next else zero
-    return BShare(a, b)
+def _component(p: Party, x: AShare, j: int, width: int) -> BShare:
+    """Component x_j of x (mod 2^width) as a boolean-shared number (nonzero only in component j)."""
+    m = _mask(width)
+    zero = torch.zeros_like(x.a)
+    return BShare(x.a & m if j == p.index else zero, x.b & m if j == p.next else zero)
 
 
-def msb(p: Party, x: AShare) -> Protocol:
-    """The sign bit of x, XOR-shared (bool, x's shape). Eight rounds."""
-    A, B, C = (_component(p, x, j) for j in range(3))
-    maj = (yield from band(p, A ^ C, B ^ C)) ^ C                     # carries of A + B + C
+def msb(p: Party, x: AShare, width: int = WIDTH) -> Protocol:
+    """Bit width-1 of x mod 2^width, XOR-shared in bit 0 of int64 words (x's shape)."""
+    m = _mask(width)
+    A, B, C = (_component(p, x, j, width) for j in range(3))
+    maj = (yield from band(p, A ^ C, B ^ C, width)) ^ C                 # carries of A + B + C
     s = A ^ B ^ C
-    cy = maj.map(lambda t: torch.nn.functional.pad(t[..., :-1], (1, 0)))   # carries move up one bit
-    g = yield from band(p, s, cy)
-    prop = s ^ cy
-    # (G, P) over bits 0..62, padded at bit 63 with (0, 1) so the tree is a power of two
-    one = torch.zeros(x.shape + (64,), dtype=torch.bool)
-    one[..., 63] = True
-    G = g.map(lambda t: t.clone())
-    G.a[..., 63] = False
-    G.b[..., 63] = False
-    P = prop.map(lambda t: t.clone())
-    P.a[..., 63] = False
-    P.b[..., 63] = False
-    P = P.xor_public(p.index, one)
-    while G.a.shape[-1] > 1:
-        lo_g, hi_g = G.map(lambda t: t[..., 0::2]), G.map(lambda t: t[..., 1::2])
-        lo_p, hi_p = P.map(lambda t: t[..., 0::2]), P.map(lambda t: t[..., 1::2])
-        if G.a.shape[-1] > 2:
-            both = yield from band(p, BShare(torch.cat([hi_p.a, hi_p.a], -1), torch.cat([hi_p.b, hi_p.b], -1)),
-                                   BShare(torch.cat([lo_g.a, lo_p.a], -1), torch.cat([lo_g.b, lo_p.b], -1)))
-            n = hi_p.a.shape[-1]
-            t, P = both.map(lambda u: u[..., :n]), both.map(lambda u: u[..., n:])
+    cy = maj.map(lambda t: (t << 1) & m)
+    G = yield from band(p, s, cy, width)
+    P = s ^ cy
+    k = 1
+    while k < width - 1:                                                 # prefix over bits 0..width-2
+        last = 2 * k >= width - 1
+        if last:
+            t = yield from band(p, P, G.map(lambda u: (u << k) & m), width)
         else:
-            t = yield from band(p, hi_p, lo_g)
-        G = hi_g ^ t
-    top = (s ^ cy).map(lambda t: t[..., 63])
-    return top ^ G.map(lambda t: t[..., 0])
+            both = yield from band(p, BShare(torch.stack([P.a, P.a]), torch.stack([P.b, P.b])),
+                                   BShare(torch.stack([(G.a << k) & m, (P.a << k) & m]),
+                                          torch.stack([(G.b << k) & m, (P.b << k) & m])), width)
+            t, P = both.map(lambda u: u[0]), both.map(lambda u: u[1])
+        G = G ^ t
+        k *= 2
+    top = (s ^ cy).map(lambda u: (u >> (width - 1)) & 1)
+    return top ^ G.map(lambda u: (u >> (width - 2)) & 1)
 
 
 def b2a(p: Party, bit: BShare) -> Protocol:
-    """XOR-shared bit -> arithmetic 0/1 share. Two rounds."""
+    """XOR-shared bit (bit 0 of words) -> arithmetic 0/1 share. Two rounds."""
     def comp(j: int) -> AShare:
         zero = torch.zeros(bit.a.shape, dtype=torch.int64)
-        return AShare(bit.a.long() if j == p.index else zero, bit.b.long() if j == p.next else zero)
+        return AShare(bit.a & 1 if j == p.index else zero, bit.b & 1 if j == p.next else zero)
     b0, b1, b2 = comp(0), comp(1), comp(2)
     t = b0 + b1 - (yield from mul(p, b0, b1)).scale(2)
     return t + b2 - (yield from mul(p, t, b2)).scale(2)
 
 
-def ge0(p: Party, x: AShare) -> Protocol:
-    """[x >= 0] as an arithmetic 0/1 share. Ten rounds."""
-    neg = yield from b2a(p, (yield from msb(p, x)))
+def ge0(p: Party, x: AShare, width: int = WIDTH) -> Protocol:
+    """[x >= 0] as an arithmetic 0/1 share, for |x| < 2^(width-1). Ten rounds (width 32)."""
+    neg = yield from b2a(p, (yield from msb(p, x, width)))
     return (-neg).add_public(p.index, 1)
 
 
@@ -90,19 +82,80 @@ def select(p: Party, bit: AShare, x: AShare, y: AShare) -> Protocol:
     return y + (yield from mul(p, bit, x - y))
 
 
-def maximum(p: Party, x: AShare, fill: int) -> Protocol:
-    """Max over the last dim (keepdim). `fill` (encoded, public) pads odd lengths; it must lose."""
+def _products(p: Party, x: AShare) -> Protocol:
+    """The product of 0/1 values over the last dim (..., L) -> (...), ceil(log2(L)) rounds."""
     while x.shape[-1] > 1:
-        if x.shape[-1] % 2:
-            x = x.map(lambda t: torch.nn.functional.pad(t, (0, 1), value=0)).add_public(
-                p.index, _pad_last(x.shape, fill))
-        lo, hi = x.map(lambda t: t[..., 0::2]), x.map(lambda t: t[..., 1::2])
-        bigger = yield from ge0(p, lo - hi)
-        x = yield from select(p, bigger, lo, hi)
-    return x
+        half = x.shape[-1] // 2
+        prod = yield from mul(p, x.map(lambda t: t[..., :half]), x.map(lambda t: t[..., half:2 * half]))
+        x = AShare(torch.cat([prod.a, x.a[..., 2 * half:]], -1), torch.cat([prod.b, x.b[..., 2 * half:]], -1))
+    return x.map(lambda t: t[..., 0])
 
 
-def _pad_last(shape: torch.Size, fill: int) -> torch.Tensor:
-    c = torch.zeros(shape[:-1] + (shape[-1] + 1,), dtype=torch.int64)
-    c[..., -1] = fill
+def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
+    """Unordered pairs (i < j), and for each i the g-1 pairs it is in, and whether it is their j."""
+    pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
+    idx = torch.tensor([[k for k, (a, b) in enumerate(pairs) if i in (a, b)] for i in range(g)], dtype=torch.long)
+    second = torch.tensor([[int(b == i) for (a, b) in pairs if i in (a, b)] for i in range(g)], dtype=torch.int64)
+    return pairs, idx.view(g, max(g - 1, 0)), second.view(g, max(g - 1, 0))
+
+
+def _group_max(p: Party, groups: AShare, margin: int | None) -> Protocol:
+    """Max over the last dim of `groups` (..., g) by comparing all pairs at once; with `margin`
+    (encoded), also [x_i >= max - margin] for each i, from the same comparison round."""
+    g = groups.shape[-1]
+    pairs, idx, second = _pair_tables(g)
+    li = [i for i, _ in pairs]
+    lj = [j for _, j in pairs]
+    if margin is not None:                                              # ordered pairs (i, j != i)
+        others = torch.tensor([[j for j in range(g) if j != i] for i in range(g)], dtype=torch.long)
+        li += [i for i in range(g) for _ in range(g - 1)]
+        lj += others.reshape(-1).tolist()
+    li_t, lj_t = torch.tensor(li, dtype=torch.long), torch.tensor(lj, dtype=torch.long)
+    offset = torch.zeros(len(li), dtype=torch.int64)
+    offset[len(pairs):] = margin or 0
+    diffs = groups.map(lambda t: t[..., li_t] - t[..., lj_t]).add_public(p.index, offset)   # (..., P [+ g(g-1)])
+    ge = yield from ge0(p, diffs)
+    # wins (..., g, g-1): [x_i >= x_j] where i < j, else [x_i > x_j] = 1 - [x_j >= x_i] (ties: lower index)
+    wins = ge.map(lambda t: t[..., idx] * (1 - 2 * second)).add_public(p.index, second)
+    rows = wins
+    if margin is not None:
+        near = ge.map(lambda t: t[..., len(pairs):].reshape(*t.shape[:-1], g, g - 1))
+        rows = AShare(torch.cat([wins.a, near.a], -2), torch.cat([wins.b, near.b], -2))  # (..., 2g, g-1)
+    prods = yield from _products(p, rows)                                           # (..., g or 2g)
+    picked = yield from mul(p, prods.map(lambda t: t[..., :g]), groups)             # the winner's value, else 0
+    top = picked.map(lambda t: t.sum(-1))
+    return top, (prods.map(lambda t: t[..., g:]) if margin is not None else None)
+
+
+def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None = None) -> Protocol:
+    """Max over the last dim (keepdim). `fill` (encoded, public) pads lengths; it must lose.
+
+    A tournament of groups: within each group of `group` values every pair is compared at once
+    (one comparison depth), the winner's indicator is the product of its g-1 wins (ties go to
+    the lower index, so there is exactly one), and the max is sum(indicator * value). Each level
+    divides the length by `group` in 10 + ceil(log2(g-1)) + 1 rounds: 2 levels (28 rounds)
+    for up to 64 keys, where pairs would take 6 levels (66 rounds).
+
+    With `margin` and a group holding the whole row, also returns [x_i >= max - margin] (..., n),
+    compared in the same round as the pairs (the products of the extra bits share rounds too)."""
+    near = None
+    while x.shape[-1] > 1:
+        n = x.shape[-1]
+        g = min(group, n)
+        if n % g:
+            extra = g - n % g
+            x = x.map(lambda t: torch.nn.functional.pad(t, (0, extra), value=0)).add_public(
+                p.index, _pad_last(x.shape, fill, extra))
+        groups = x.map(lambda t: t.reshape(*t.shape[:-1], -1, g))                  # (..., n/g, g)
+        whole = margin is not None and g == n
+        top, near = yield from _group_max(p, groups, margin if whole else None)
+        x = top
+        if whole:
+            near = near.map(lambda t: t.squeeze(-2))                                 # (..., n)
+    return (x, near) if margin is not None else x
+
+
+def _pad_last(shape: torch.Size, fill: int, extra: int = 1) -> torch.Tensor:
+    c = torch.zeros(shape[:-1] + (shape[-1] + extra,), dtype=torch.int64)
+    c[..., -extra:] = fill
     return c

@@ -2,20 +2,27 @@
 
 How each is approximated (all inputs and outputs fixed point with f fractional bits):
 - `inverse_power` (1/v and 1/sqrt(v) over a wide range): v is compared with public
-  thresholds 2^(k/2) all at once (one comparison depth); the bits select, by a public linear
-  combination (no message), a first guess y0 within 2^(1/4) of the answer, then
-  v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.2, summed to e^5 (binomial series).
+  thresholds 2^(k/4) all at once (one comparison depth); the bits bring v into [1, 4) and
+  select, by a public linear combination (no message), a first guess y0 within 2^(1/8) of the
+  answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09, summed to e^3.
+  v / 4^i is truncated for every i at once (in the comparisons' rounds): each truncation hides
+  v as well as any other does while v, read as an integer, stays below 2^42.
 - `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (one
-  comparison), read as x/32 with 5 more fractional bits (no truncation), a degree-4 minimax
-  polynomial gives e^(x/32) on [-1/2, 0], and five squarings give e^x.
+  comparison), read as x/8 with 3 more fractional bits (no truncation), a Chebyshev series of
+  degree 8 gives e^(x/4) on [-4, 0], and two squarings give e^x.
 - `gelu` and `silu` in PUMA's manner: f(x) = x/2 + E(x) where E(x) = x (sigmoid-like(x) - 1/2)
-  is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (degree 8, B a power
-  of two so x/B is free), evaluated on x clamped to [-B, B] (so nothing overflows and every
-  truncation hides its input); outside, f is relu. GELU: one piece, B = 4 (error 1.4e-4);
-  SiLU: |x| < 4 and 4 <= |x| < 8 (error 2e-5), relu beyond 8 (error 2.7e-3). Coefficients are
-  fitted here, at import, by least squares on a dense grid. 21 rounds.
-- `softmax_av` subtracts the row max (tournament), takes exp_neg, sums, and multiplies
-  (e @ v) by the reciprocal of the sum, so the reciprocal and e @ v share rounds.
+  is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
+  x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu.
+  x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
+  it as well as any other truncation (20 bits), larger outliers less so. GELU: B = 4, degree
+  8 (error 1.4e-4); SiLU: B = 8, degree 14 (error 6e-5), relu beyond 8 (error 2.7e-3).
+  Coefficients are fitted here, at import, by least squares on a dense grid. 20 rounds, two
+  comparisons.
+- `softmax_av` subtracts the row max (compare.maximum: for a decoding step over a short
+  context, all pairs at once, which also gives the clamp bit of exp), takes exp_neg, sums, and
+  multiplies (e @ v) by the reciprocal of the sum, so the reciprocal and e @ v share rounds.
+- `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
+  square root, since the norm only scales each row.
 Knows nothing of models; model.py folds norm weights and scales into the linear layers.
 """
 
@@ -36,8 +43,10 @@ from swarmlm.privacy.mpc.shares import AShare
 F = FRAC_BITS
 NORM_EXTRA_BITS = 8          # the sum of squares keeps 8 more fractional bits (tiny variances)
 EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
-EXP_EXTRA_BITS = 5           # x/32 as the same integer with 5 more fractional bits
-SERIES_DEGREE = 5            # (1 - e)^-a summed to e^5; |e| < 0.19 -> error < 6e-5 (1/v), 1e-5 (rsqrt)
+EXP_EXTRA_BITS = 3           # x/8 as the same integer with 3 more fractional bits
+EXP_DEGREE = 8               # Chebyshev degree of e^(x/4) on [-4, 0]: error 6e-6
+STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
+SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3: error < 7e-5 (1/v), 2e-5 (rsqrt)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -92,39 +101,37 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     """v^-1 (half=False) or v^-1/2 (half=True) for v in [2^lo_exp, 2^hi_exp] (even exponents; v
     fixed point with `frac_in` fractional bits); the result has INV_OUT_BITS fractional bits.
 
-    v is compared with 2^(k/2) for every k at once; the bits give v's interval of the form
-    [4^i, 4^(i+1)), so m = v / 4^i in [1, 4) is one bit-times-value product and a truncation by a
-    per-element public amount (exact, no matter how large or small v is); the finer bits give a
-    first guess y0 of m^-a within 2^(1/4), then m^-a = y0 (1 - e)^-a with e = 1 - m y0^(1/a),
-    |e| < 0.19, summed to e^5; the result is m^-a times the public 4^(-a i). 23 rounds."""
+    v is compared with 2^(k/4) for every k at once, while v / 4^i is computed for every i
+    (a truncation by a public amount, exact however large or small v is). The bits tell v's
+    interval [4^i, 4^(i+1)), so m = v / 4^i in [1, 4), and a first guess y0 of m^-a within
+    2^(1/8); e = 1 - m y0^(1/a) is one product of bit-selected public values with the v / 4^i
+    (|e| < 0.09), then m^-a = y0 (1 - e)^-a is summed to e^3, times the public 4^(-a i).
+    18 rounds."""
     assert lo_exp % 2 == 0 and hi_exp % 2 == 0
-    ks = list(range(2 * lo_exp, 2 * hi_exp + 1))                      # thresholds 2^(k/2)
-    thresholds = encode(torch.tensor([2.0 ** (k / 2) for k in ks], dtype=torch.float64), frac_in)
+    ks = list(range(STEPS * lo_exp, STEPS * hi_exp + 1))              # thresholds 2^(k/STEPS)
+    thresholds = encode(torch.tensor([2.0 ** (k / STEPS) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
-    bits = yield from compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds))
-    # the 4^i intervals: one-hot from the bits at k = 4i (below the range counts as the first)
-    quads = list(range(lo_exp // 2, hi_exp // 2))
-    at = {k: bits.map(lambda t, j=j: t[..., j]) for j, k in enumerate(ks)}
-    onehot = []
-    for n, i in enumerate(quads):
-        lo = _public(p, v.shape, 1.0, 0) if n == 0 else at[4 * i]
-        onehot.append(lo - at[4 * i + 4] if n + 1 < len(quads) else lo)
-    picked = yield from mul(p, _stack(onehot), _stack([v] * len(quads)))   # (Q, ...): v in its own slot
+    width = 32 if hi_exp + frac_in + 2 <= 32 else 64                    # |v - threshold| < 2^(width-1)
+    quads = list(range(lo_exp // 2, hi_exp // 2))                       # v / 4^i for each of these i
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
     view = (-1,) + (1,) * len(v.shape)
     up = torch.where(shifts < 0, 1 << (-shifts).clamp(min=0), torch.ones_like(shifts)).view(view)
-    m = yield from trunc(p, picked.scale(up), shifts.clamp(min=0).view(view))
-    m = m.map(lambda t: t.sum(0))                                      # v / 4^i, in [1, 4), f bits
-    # per threshold interval (below the first, then [2^(k/2), 2^((k+1)/2))): m's midpoint, 4^i
+    bits, scaled = yield from parallel(
+        compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), width),
+        trunc(p, _stack([v] * len(quads)).scale(up), shifts.clamp(min=0).view(view)))   # (Q, ...): v / 4^i, f bits
+    # per threshold interval (below the first, then [2^(k/4), 2^((k+1)/4))): its 4^i, m's midpoint
     starts = [ks[0] - 1] + ks
-    mids = [2.0 ** ((k - 4 * _quad(k, quads) + 0.5) / 2) for k in starts]
+    quad_of = [_quad(k, quads) for k in starts]
+    mids = [2.0 ** ((k - 2 * STEPS * q + 0.5) / STEPS) for k, q in zip(starts, quad_of)]
     guess = [md ** -a for md in mids]
-    outer = [4.0 ** (-a * _quad(k, quads)) for k in starts]
-    y0_pow = _bits_combination(p, bits, [g ** (1 / a) for g in guess])
-    e = yield from mul_trunc(p, m, y0_pow)                              # m y0^(1/a), close to 1
+    # y0^(1/a) where v's interval lies in 4^i, else 0: e = 1 - sum_i that * v / 4^i
+    picks = [_bits_combination(p, bits, [g ** (1 / a) if q == i else 0.0 for g, q in zip(guess, quad_of)])
+             for i in quads]
+    e = yield from trunc_sum(p, _cross_sum([(pk, scaled.map(lambda t, n=n: t[n])) for n, pk in enumerate(picks)]))
     e = (-e).add_public(p.index, encode(1.0))
     series = [math.comb(2 * k, k) / 4 ** k if half else 1.0 for k in range(SERIES_DEGREE + 1)]
     pw = yield from _powers(p, e, SERIES_DEGREE)
+    outer = [4.0 ** (-a * q) for q in quad_of]
     coeffs = [_bits_combination(p, bits, [c * g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
               for c in series[1:]]
     out = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))))
@@ -133,32 +140,31 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
 
 def _quad(k: int, quads: list[int]) -> int:
     """The 4^i interval holding threshold interval k (clamped to the covered ones)."""
-    return min(max(k // 4, quads[0]), quads[-1])
+    return min(max(k // (2 * STEPS), quads[0]), quads[-1])
 
 
 # ---- exp ---------------------------------------------------------------------------------------
 
 def _fit_exp() -> np.ndarray:
-    y = np.linspace(-0.5, 0.0, 4001)
-    return cheb.cheb2poly(cheb.chebfit(4 * y + 1, np.exp(y), 4))   # in s = 4y + 1, s in [-1, 1]
+    t = np.linspace(-1.0, 1.0, 4001)
+    return cheb.chebfit(t, np.exp(2 * (t - 1)), EXP_DEGREE)          # e^(x/4) for t = x/8 + 1
 
 
-_EXP_POLY = _fit_exp()
+_EXP_CHEB = _fit_exp()
 
 
-def exp_neg(p: Party, x: AShare) -> Protocol:
-    """e^x for x <= 0 (clamped at -EXP_CLAMP). 25 rounds."""
-    keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)))
+def exp_neg(p: Party, x: AShare, keep: AShare | None = None) -> Protocol:
+    """e^x for x <= 0 (clamped at -EXP_CLAMP; `keep` = [x >= -EXP_CLAMP] if already known). 22 rounds
+    (13 with `keep`)."""
+    if keep is None:
+        keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)))
     x = yield from compare.select(p, keep, x, _public(p, x.shape, -EXP_CLAMP))
-    fb = F + EXP_EXTRA_BITS                                     # the same integers read as x/32
-    s = x.scale(4).add_public(p.index, encode(1.0, fb))
-    pw = yield from _powers(p, s, len(_EXP_POLY) - 1, frac=fb)
-    coeffs = [_public(p, x.shape, float(c), fb) for c in _EXP_POLY[1:]]
-    e = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))), fb)
-    e = e.add_public(p.index, encode(float(_EXP_POLY[0]), fb))
-    for i in range(5):                                          # (e^(x/32))^32
-        e = yield from square(p, e, shift=fb if i < 4 else fb + EXP_EXTRA_BITS)
-    return e
+    fb = F + EXP_EXTRA_BITS                                     # the same integers read as x/8
+    t = x.add_public(p.index, encode(1.0, fb))                  # x/8 + 1 in [-1, 1]
+    raw = yield from _chebyshev_raw(p, t, _EXP_CHEB, frac=fb)
+    e = yield from trunc(p, raw, F)                             # e^(x/4), fb bits
+    e = yield from square(p, e, shift=fb)
+    return (yield from square(p, e, shift=fb + EXP_EXTRA_BITS))   # (e^(x/4))^4, f bits
 
 
 # ---- GELU, SiLU ------------------------------------------------------------------------------
@@ -177,50 +183,45 @@ def _fit_even(fn, lo: float, hi: float, degree: int = 8) -> np.ndarray:
     return cheb.chebfit(2 * (x / hi) ** 2 - 1, fn(x) - x / 2, degree)
 
 
-GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0))]                  # (lo, hi: a power of two, coefficients)
-SILU_PIECES = [(0, 4, _fit_even(_silu_f, 0.0, 4.0)), (4, 8, _fit_even(_silu_f, 4.0, 8.0))]
-_CHEB_PLAN = [[(2, 1, 1)], [(3, 1, 2), (4, 2, 2)], [(5, 2, 3), (6, 3, 3), (7, 3, 4), (8, 4, 4)]]
+GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8))]               # (lo, hi: a power of two, coefficients)
+SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 14))]
 
 
-def _chebyshev_raw(p: Party, t: AShare, coeffs: np.ndarray) -> Protocol:
-    """sum_k c_k T_k(t) for |t| <= 1 (degree 8), T_{m+n} = 2 T_m T_n - T_{n-m}; returned with 2f
-    fractional bits, untruncated, so the caller folds it into its own truncation."""
+def _chebyshev_raw(p: Party, t: AShare, coeffs: np.ndarray, frac: int = F) -> Protocol:
+    """sum_k c_k T_k(t) for |t| <= 1 (t with `frac` fractional bits), T_{m+n} = 2 T_m T_n - T_{m-n}
+    (m >= n), degree doubling per round; returned with frac + f fractional bits, untruncated, so
+    the caller folds it into its own truncation."""
     T = {1: t}
-    for level in _CHEB_PLAN:
-        out = yield from mul_trunc(p, _stack([T[m] for _, m, _ in level]).scale(2), _stack([T[n] for _, _, n in level]))
+    have, degree = 1, len(coeffs) - 1
+    while have < degree:
+        level = [(k, have, k - have) for k in range(have + 1, min(2 * have, degree) + 1)]
+        out = yield from mul_trunc(p, _stack([T[m] for _, m, _ in level]).scale(2), _stack([T[n] for _, _, n in level]),
+                                   shift=frac)
         for (k, m, n), prod in zip(level, _unstack(out, len(level))):
-            T[k] = prod.add_public(p.index, -encode(1.0)) if m == n else prod - T[n - m]
+            T[k] = prod.add_public(p.index, -encode(1.0, frac)) if m == n else prod - T[m - n]
+        have = level[-1][0]
     acc = sum((T[k].scale(int(encode(float(coeffs[k])))) for k in range(2, len(coeffs))),
               T[1].scale(int(encode(float(coeffs[1])))))
-    return acc.add_public(p.index, encode(float(coeffs[0]), 2 * F))
+    return acc.add_public(p.index, encode(float(coeffs[0]), frac + F))
 
 
 def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
-    """x/2 + E_k(x) on piece k (lo_k <= |x| < hi_k), relu(x) beyond the last piece."""
-    edges = sorted({lo for lo, _, _ in pieces if lo > 0} | {hi for _, hi, _ in pieces})
-    signed = [-e for e in reversed(edges)] + edges
-    bits = yield from compare.ge0(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
-        p.index, -encode(torch.tensor(signed, dtype=torch.float64))))
-    ge = {e: bits.map(lambda t, i=i: t[..., i]) for i, e in enumerate(signed)}     # e -> [x >= e]
-    his = sorted({hi for _, hi, _ in pieces})
-    inside = {hi: ge[-hi] - ge[hi] for hi in his}
-    clamped = yield from parallel(*[mul(p, inside[hi], x) for hi in his])
-    chains = []
-    for lo, hi, coeffs in pieces:
-        xc = clamped[his.index(hi)] + ge[hi].scale(int(encode(hi))) - (-ge[-hi]).add_public(p.index, 1).scale(
-            int(encode(hi)))                                           # x clamped to [-hi, hi]
-        chains.append((lo, hi, coeffs, xc))
-    sqs = yield from parallel(*[trunc_sum(p, xc.a * xc.a + 2 * xc.a * xc.b, F + 2 * int(math.log2(hi)))
-                                for _, hi, _, xc in chains])           # (x / hi)^2
-    raws = yield from parallel(*[_chebyshev_raw(p, sq.scale(2).add_public(p.index, -encode(1.0)), coeffs)
-                                 for (_, _, coeffs, _), sq in zip(chains, sqs)])
-    top = max(his)
-    twice_half = ge[-top] + ge[top]                                    # 2 * (x/2 coefficient): 1 inside, 2 above
-    pairs = [(twice_half.scale(1 << (F - 1)), x)]
-    for (lo, hi, _, _), raw in zip(chains, raws):
-        region = inside[hi] if lo == 0 else inside[hi] - inside[lo]
-        pairs.append((region, raw))
-    return (yield from trunc_sum(p, _cross_sum(pairs)))
+    """x/2 + E(x) for |x| < B, relu(x) beyond (one piece: lo = 0, hi = B a power of two).
+
+    The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
+    clamped to 1 outside (one bit-times-value product), so the Chebyshev terms stay bounded."""
+    ((lo, hi, coeffs),) = pieces
+    assert lo == 0
+    bits, w = yield from parallel(
+        compare.ge0(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
+            p.index, -encode(torch.tensor([-float(hi), float(hi)], dtype=torch.float64)))),
+        trunc_sum(p, x.a * x.a + 2 * x.a * x.b, F + 2 * int(math.log2(hi))))      # (x / hi)^2
+    ge_lo, ge_hi = bits.map(lambda t: t[..., 0]), bits.map(lambda t: t[..., 1])   # [x >= -hi], [x >= hi]
+    inside = ge_lo - ge_hi
+    t = (yield from mul(p, inside, w.add_public(p.index, -encode(1.0)))).scale(2).add_public(p.index, encode(1.0))
+    raw = yield from _chebyshev_raw(p, t, coeffs)
+    twice_half = ge_lo + ge_hi                                         # 2 * (x/2 coefficient): 1 inside, 2 above
+    return (yield from trunc_sum(p, _cross_sum([(twice_half.scale(1 << (F - 1)), x), (inside, raw)])))
 
 
 def gelu(p: Party, x: AShare) -> Protocol:
@@ -234,6 +235,7 @@ def silu(p: Party, x: AShare) -> Protocol:
 
 # ---- norms, softmax ------------------------------------------------------------------------------
 
+MAX_ALL_PAIRS = 48           # a decoding step compares all pairs of up to this many keys at once
 RSQRT_RANGE = (-12, 20)      # sums of squares the norms handle: 2^-12 .. 2^20
 
 
@@ -253,17 +255,39 @@ def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
     return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
-def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -30000.0) -> Protocol:
+def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project) -> Protocol:
+    """`project` (a public linear map, as a protocol on shares) of funcs.norm's output, in fewer
+    rounds: the norm only scales each row, so project(x - mean) runs in the same rounds as the
+    inverse square root, and the scale is applied to its output."""
+    D = x.shape[-1]
+    if center:
+        inv_d = encode(1.0 / D, F + NORM_EXTRA_BITS)
+        mean = yield from trunc(p, x.map(lambda t: t.sum(-1, keepdim=True) * inv_d), F + NORM_EXTRA_BITS)
+        x = x - mean
+    ss = yield from trunc_sum(p, (x.a * x.a + 2 * x.a * x.b).sum(-1), F - NORM_EXTRA_BITS)
+    ss = ss.add_public(p.index, encode(D * eps, F + NORM_EXTRA_BITS))
+    r, y = yield from parallel(inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1],
+                                             frac_in=F + NORM_EXTRA_BITS), project(x))
+    return (yield from mul_trunc(p, y, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
+
+
+def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -10000.0) -> Protocol:
     """softmax(scores) @ v over keys the 0/1 public `allowed` (..., T, S) lets each query see.
 
     scores (B, H, T, S), v (B, H, S, Dh) -> (B, H, T, Dh)."""
     allowed = allowed.to(torch.int64)
     masked = scores.scale(allowed).add_public(p.index, (1 - allowed) * encode(fill))
-    top = yield from compare.maximum(p, masked, int(encode(fill)))
-    e = yield from exp_neg(p, masked - top)
+    S, T = scores.shape[-1], scores.shape[-2]
+    # decoding a short context: all pairs at once (one level); otherwise groups of 8 (decoding)
+    # or 4 (a prompt: T times the keys, so fewer bytes matter more)
+    group = S if T == 1 and S <= MAX_ALL_PAIRS else (8 if T == 1 else 4)
+    if group == S:                       # one level: [x >= max - 16] comes from the same comparisons
+        top, keep = yield from compare.maximum(p, masked, int(encode(fill)), group, margin=int(encode(EXP_CLAMP)))
+    else:
+        top, keep = (yield from compare.maximum(p, masked, int(encode(fill)), group)), None
+    e = yield from exp_neg(p, masked - top, keep)
     e = e.scale(allowed)
     total = e.map(lambda t: t.sum(-1))
-    S = scores.shape[-1]
     inv, ev = yield from parallel(
         inverse_power(p, total, half=False, lo_exp=-2, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),
         mul_trunc(p, e, v, torch.matmul))

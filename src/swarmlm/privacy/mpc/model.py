@@ -5,10 +5,12 @@ everything public and linear into the linear layers so the protocol has fewer st
 - a norm's weight (and LayerNorm's bias) and the sqrt(D) that funcs.norm leaves out go into
   the next linear layer (W diag(g sqrt D), W b + bias);
 - the attention scale 1/sqrt(Dh) goes into q's weights;
-- RoPE is linear per position: q_t = R_t (W_q n_t + b_q), so each position gets its own
-  rotated weight matrix R_t W_q (computed in float64 at each forward for the positions at hand).
+- RoPE is x cos + roll(x) sin per position: one linear gives q, k and their rolled copies
+  (the weights' rows rolled), then the public per-position cos/sin products and one more
+  truncation rotate them.
 Then a step is: embedding (one-hot shares times the public table: local), per block norm ->
-q/k/v (local, one truncation) -> scores q k^T (secret x secret) -> softmax -> @ v -> o_proj
+q/k/v (a norm only scales rows, so the projection of the centered input runs in the same
+rounds as the norm's inverse square root, and the scale comes after) -> scores q k^T (secret x secret) -> softmax -> @ v -> o_proj
 -> residual -> norm -> MLP (GELU, or SiLU(gate) * up) -> residual; the final norm and the
 head run on the last position only. `KVShares` keeps each block's rotated k and v in shares
 between steps. Everything here is a protocol run by every party on its own shares.
@@ -101,9 +103,10 @@ class PublicWeights:
         head = _fold(model.output, model.norm, D)
         return cls(cfg, tok, pos, blocks, head, model if cfg.family == "llama" else None)
 
-    def enc(self, name: str, lin: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def enc(self, name: str, lin: Linear, how=None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """`lin` encoded once (weight with f bits; bias with 2f bits, or as `how` says)."""
         if name not in self._enc:
-            self._enc[name] = lin.encoded()
+            self._enc[name] = lin.encoded() if how is None else how(lin)
         return self._enc[name]
 
 
@@ -115,36 +118,63 @@ class KVShares:
     length: int = 0
 
 
-def _rope_qkv(w: PublicWeights, lin: Linear, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-position (T, N, K) weights and (T, N) biases with RoPE applied to the q and k rows."""
-    cfg = w.cfg
-    Dh, H, Hkv = cfg.dh, cfg.n_heads, cfg.n_kv_heads
+def _with_rolled(w: PublicWeights, i: int) -> torch.Tensor:
+    """q/k/v weights (K, N + n_rot), encoded, with each q and k head's rows also rolled by Dh/2
+    (appended after v), so one linear gives both halves of RoPE's x cos + roll(x) sin."""
+    key = f"qkv-rolled{i}"
+    if key not in w._enc:
+        cfg, lin = w.cfg, w.blocks[i].qkv
+        Dh, n_rot = cfg.dh, (cfg.n_heads + cfg.n_kv_heads) * cfg.dh
+        rows = lin.weight[:, :n_rot].reshape(lin.weight.shape[0], -1, Dh)           # (K, heads, Dh)
+        w._enc[key] = encode(torch.cat([lin.weight, torch.roll(rows, Dh // 2, -1).reshape(-1, n_rot)], 1))
+    return w._enc[key]
+
+
+def _rope_tables(w: PublicWeights, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = w.inv_freq_model.rotary.tables(positions[None], torch.float64)   # (1, 1, T, Dh) each
-    cos, sin = cos[0, 0], sin[0, 0]                                            # (T, Dh)
-    wt = lin.weight.t()                                                        # (N, K)
-    n_rot = (H + Hkv) * Dh
-    rows = wt[:n_rot].view(H + Hkv, Dh, -1)                                    # (heads, Dh, K)
-    rot = cos[:, None, :, None] * rows[None] + sin[:, None, :, None] * torch.roll(rows, Dh // 2, 1)[None]
-    T = positions.shape[0]
-    full = torch.cat([rot.reshape(T, n_rot, -1), wt[n_rot:][None].expand(T, -1, -1)], 1)   # (T, N, K)
-    bias = None
-    if lin.bias is not None:
-        bh = lin.bias[:n_rot].view(H + Hkv, Dh)
-        brot = cos[:, None, :] * bh[None] + sin[:, None, :] * torch.roll(bh, Dh // 2, 1)[None]
-        bias = torch.cat([brot.reshape(T, n_rot), lin.bias[n_rot:][None].expand(T, -1)], 1)
-    return encode(full), None if bias is None else encode(bias, 2 * F)
+    return cos[0, 0], sin[0, 0]                                                 # (T, Dh)
 
 
-def _qkv(p: Party, w: PublicWeights, i: int, n: AShare, positions: torch.Tensor) -> Protocol:
-    lin = w.blocks[i].qkv
+def _project_qkv(p: Party, w: PublicWeights, i: int, x: AShare, positions: torch.Tensor) -> Protocol:
+    """W_qkv x (B, T, N), no bias; for llama, q and k rotated: RoPE is a public per-position linear
+    map on (x, roll(x)), applied to the truncated projections and truncated once more."""
     if w.inv_freq_model is None:
-        weight, bias = w.enc(f"qkv{i}", lin)
-        return (yield from linear(p, n, weight, bias))
-    weight, bias = _rope_qkv(w, lin, positions)
-    z = n.map(lambda t: torch.einsum("btk,tnk->btn", t, weight))           # (B, T, N)
-    if bias is not None:
-        z = z.add_public(p.index, bias)
-    return (yield from trunc(p, z))
+        return (yield from linear(p, x, w.enc(f"qkv{i}", w.blocks[i].qkv)[0]))
+    cfg = w.cfg
+    Dh, heads = cfg.dh, cfg.n_heads + cfg.n_kv_heads
+    n_rot = heads * Dh
+    out = yield from linear(p, x, _with_rolled(w, i))                            # (B, T, N + n_rot)
+    B, T = out.shape[:2]
+    cos, sin = _rope_tables(w, positions)
+    cos, sin = encode(cos)[None, :, None], encode(sin)[None, :, None]           # (1, T, 1, Dh)
+    rot = out.map(lambda t: t[..., :n_rot].reshape(B, T, heads, Dh) * cos
+                  + t[..., -n_rot:].reshape(B, T, heads, Dh) * sin)               # (B, T, heads, Dh), 2f bits
+    rot = yield from trunc(p, rot.map(lambda t: t.reshape(B, T, n_rot)))
+    return cat([rot, out.map(lambda t: t[..., n_rot:-n_rot])], -1)              # (B, T, N)
+
+
+def _qkv_bias(w: PublicWeights, i: int, positions: torch.Tensor) -> torch.Tensor | None:
+    """The q/k/v bias with f fractional bits, (N,) or, rotated per position for llama, (T, N)."""
+    b = w.blocks[i].qkv.bias
+    if b is None:
+        return None
+    if w.inv_freq_model is None:
+        return encode(b)
+    Dh, n_rot = w.cfg.dh, (w.cfg.n_heads + w.cfg.n_kv_heads) * w.cfg.dh
+    cos, sin = _rope_tables(w, positions)                                       # (T, Dh)
+    bh = b[:n_rot].view(-1, Dh)                                                 # (heads, Dh)
+    rot = cos[:, None] * bh[None] + sin[:, None] * torch.roll(bh, Dh // 2, -1)[None]   # (T, heads, Dh)
+    return encode(torch.cat([rot.reshape(len(positions), n_rot), b[n_rot:][None].expand(len(positions), -1)], 1))
+
+
+def _normed(p: Party, w: PublicWeights, x: AShare, eps: float, project, bias: torch.Tensor | None) -> Protocol:
+    """project(norm(x)) + bias, the projection in the inverse square root's rounds (funcs.norm_then)."""
+    out = yield from funcs.norm_then(p, x, eps=eps, center=w.cfg.family == "gpt2", project=project)
+    return out if bias is None else out.add_public(p.index, bias)
+
+
+def _plain(lin: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
+    return encode(lin.weight), None if lin.bias is None else encode(lin.bias)
 
 
 def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positions: torch.Tensor) -> Protocol:
@@ -153,8 +183,8 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     B, T, _ = h.shape
     Dh, H, Hkv = cfg.dh, cfg.n_heads, cfg.n_kv_heads
     bw = w.blocks[i]
-    n = yield from funcs.norm(p, h, eps=bw.eps, center=cfg.family == "gpt2")
-    qkv = yield from _qkv(p, w, i, n, positions)
+    qkv = yield from _normed(p, w, h, bw.eps, lambda x: _project_qkv(p, w, i, x, positions),
+                             _qkv_bias(w, i, positions))
     q = qkv.map(lambda t: t[..., :H * Dh].reshape(B, T, H, Dh).transpose(1, 2))                   # (B, H, T, Dh)
     k = qkv.map(lambda t: t[..., H * Dh:(H + Hkv) * Dh].reshape(B, T, Hkv, Dh).transpose(1, 2))  # (B, Hkv, T, Dh)
     v = qkv.map(lambda t: t[..., (H + Hkv) * Dh:].reshape(B, T, Hkv, Dh).transpose(1, 2))       # (B, Hkv, T, Dh)
@@ -171,8 +201,8 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     att = yield from funcs.softmax_av(p, scores, allowed, v)                                        # (B, H, T, Dh)
     att = att.map(lambda t: t.transpose(1, 2).reshape(B, T, H * Dh))
     h = h + (yield from linear(p, att, *w.enc(f"o{i}", bw.o)))
-    n = yield from funcs.norm(p, h, eps=bw.eps, center=cfg.family == "gpt2")
-    up = yield from linear(p, n, *w.enc(f"up{i}", bw.up))
+    up_w, up_b = w.enc(f"up-f{i}", bw.up, _plain)
+    up = yield from _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w), up_b)
     if cfg.family == "gpt2":
         act = yield from funcs.gelu(p, up)
     else:
@@ -193,5 +223,5 @@ def forward(p: Party, w: PublicWeights, onehot: AShare, cache: KVShares) -> Prot
         h = yield from block(p, w, i, h, cache, positions)
     cache.length += T
     last = h.map(lambda t: t[:, -1])                                      # (B, D)
-    n = yield from funcs.norm(p, last, eps=w.cfg.norm_eps, center=w.cfg.family == "gpt2")
-    return (yield from linear(p, n, *w.enc("head", w.head)))
+    head_w, head_b = w.enc("head-f", w.head, _plain)
+    return (yield from _normed(p, w, last, w.cfg.norm_eps, lambda x: linear(p, x, head_w), head_b))

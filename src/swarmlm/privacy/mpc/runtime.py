@@ -23,7 +23,7 @@ from typing import Any, Callable, Generator, Sequence
 import numpy as np
 import torch
 
-from swarmlm.errors import PeerError, PeerTimeout, WireError
+from swarmlm.errors import PeerTimeout, WireError
 from swarmlm.privacy.mpc.ring import Prg
 
 N_PARTIES = 3
@@ -76,17 +76,17 @@ def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
     for t in tensors:
         if t.dtype == torch.bool:
             parts.append(np.packbits(t.contiguous().numpy().reshape(-1)).tobytes())
-        elif t.dtype == torch.int64:
+        elif t.dtype in (torch.int64, torch.int32):
             parts.append(t.contiguous().numpy().tobytes())
         else:
-            raise WireError(f"shares travel as int64 or bool, not {t.dtype}")
+            raise WireError(f"shares travel as int64, int32 or bool, not {t.dtype}")
     return b"".join(parts)
 
 
 def spec_bytes(spec: Spec) -> int:
     shape, dtype = spec
     n = int(np.prod(shape, dtype=np.int64))
-    return (n + 7) // 8 if dtype == torch.bool else 8 * n
+    return (n + 7) // 8 if dtype == torch.bool else (4 if dtype == torch.int32 else 8) * n
 
 
 def decode_message(data: bytes, specs: Sequence[Spec]) -> list[torch.Tensor]:
@@ -103,7 +103,7 @@ def decode_message(data: bytes, specs: Sequence[Spec]) -> list[torch.Tensor]:
         if dtype == torch.bool:
             arr = np.unpackbits(chunk, count=n).astype(np.bool_)
         else:
-            arr = chunk.view(np.int64).copy()
+            arr = chunk.view(np.int32 if dtype == torch.int32 else np.int64).copy()
         out.append(torch.from_numpy(arr).view(*shape))
     return out
 

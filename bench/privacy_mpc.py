@@ -1,0 +1,129 @@
+"""Private inference (privacy/mpc/) against plaintext: one Llama block, prefill and one decoding step.
+
+    python bench/privacy_mpc.py [--dim 256] [--heads 4] [--kv-heads 4] [--ffn 1024] [--seq 32] [--trials 5]
+                                [--rtt-ms 20] [--mbit 100]
+
+One block of the `llama` family (RMSNorm, RoPE, SiLU-gated MLP; public weights), hidden 256,
+4 heads, sequence 32, FF 1024 (CrypTen's block in the issue), on random weights with
+activations of order one:
+- plaintext: `Block.forward` in float32 (median of trials);
+- private: the same block on shares, three parties in threads of this process (runtime.LocalParties):
+  the arithmetic of three machines and their messages serialized, but one machine's cores
+  (on two cores the three parties share them) and no network; median of trials;
+- the ratio, the communication rounds and the bytes all parties sent, and a projection to a
+  WAN: rounds x RTT + bytes / bandwidth (20 ms, 100 Mbit/s by default) added to the compute;
+- the same for one decoding step (one new token after the sequence, KV cache in shares);
+- the relative error of the private output against plaintext.
+Prints one JSON line per result.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import time
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+
+from swarmlm.model.config import ModelConfig  # noqa: E402
+from swarmlm.model.transformer import Transformer  # noqa: E402
+from swarmlm.privacy.mpc.model import KVShares, PublicWeights, block  # noqa: E402
+from swarmlm.privacy.mpc.ring import decode, encode  # noqa: E402
+from swarmlm.privacy.mpc.runtime import LocalParties  # noqa: E402
+from swarmlm.privacy.mpc.shares import combine, split  # noqa: E402
+
+
+def emit(name: str, value, unit: str, **extra) -> None:
+    print(json.dumps({"name": name, "value": value, "unit": unit, **extra}), flush=True)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--dim", type=int, default=256)
+    ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--kv-heads", type=int, default=4)
+    ap.add_argument("--ffn", type=int, default=1024)
+    ap.add_argument("--seq", type=int, default=32)
+    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--rtt-ms", type=float, default=20.0)
+    ap.add_argument("--mbit", type=float, default=100.0)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    cfg = ModelConfig(family="llama", architecture="LlamaForCausalLM", vocab_size=64, dim=args.dim, n_layers=1,
+                      n_heads=args.heads, n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=4 * args.seq)
+    torch.manual_seed(0)
+    model = Transformer(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "proj" in name:
+                p.mul_(5.0)
+    blk = model.layers["0"]
+    w = PublicWeights.from_model(model)
+    h = torch.randn(1, args.seq + 1, args.dim)
+    T = args.seq
+
+    def plain(x: torch.Tensor, past: int, kv=None) -> torch.Tensor:
+        n = x.shape[1]
+        rope = model.rotary.tables(torch.arange(past, past + n)[None], x.dtype)
+        with torch.inference_mode():
+            return blk(x, rope=rope, mask=None, is_causal=n > 1, kv=kv, start=past)
+
+    ref = plain(h[:, :T], 0)
+    plain_ms = []
+    for _ in range(max(20, args.trials)):
+        t = time.perf_counter()
+        plain(h[:, :T], 0)
+        plain_ms.append((time.perf_counter() - t) * 1e3)
+    k_buf = torch.zeros(1, cfg.n_kv_heads, T + 1, cfg.dh)
+    v_buf = torch.zeros_like(k_buf)
+    plain(h[:, :T], 0, (k_buf, v_buf))
+    ref_step = plain(h[:, T:], T, (k_buf, v_buf))
+    step_ms = []
+    for _ in range(max(20, args.trials)):
+        t = time.perf_counter()
+        plain(h[:, T:], T, (k_buf, v_buf))
+        step_ms.append((time.perf_counter() - t) * 1e3)
+
+    parties = LocalParties(timeout_s=120)
+    pre, dec, pre_cost, dec_cost, errs = [], [], None, None, []
+    for _ in range(args.trials):
+        caches = [KVShares() for _ in range(3)]
+        shares = split(encode(h[:, :T]))
+        r0, b0, t = parties.rounds, parties.bytes_sent, time.perf_counter()
+        out = parties.run(lambda p: block(p, w, 0, shares[p.index], caches[p.index], torch.arange(T)))
+        pre.append((time.perf_counter() - t) * 1e3)
+        pre_cost = (parties.rounds - r0, parties.bytes_sent - b0)
+        got = decode(combine([o.a for o in out])).float()
+        errs.append(float((got - ref).abs().max() / ref.abs().max()))
+        for c in caches:
+            c.length = T
+        shares = split(encode(h[:, T:]))
+        r0, b0, t = parties.rounds, parties.bytes_sent, time.perf_counter()
+        out = parties.run(lambda p: block(p, w, 0, shares[p.index], caches[p.index], torch.arange(T, T + 1)))
+        dec.append((time.perf_counter() - t) * 1e3)
+        dec_cost = (parties.rounds - r0, parties.bytes_sent - b0)
+        got = decode(combine([o.a for o in out])).float()
+        errs.append(float((got - ref_step).abs().max() / ref_step.abs().max()))
+
+    shape = {"dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads, "ffn": args.ffn, "seq": T}
+    for label, plain_t, mpc_t, (rounds, nbytes) in (("block_prefill", plain_ms, pre, pre_cost),
+                                                     ("decode_step", step_ms, dec, dec_cost)):
+        p_med, m_med = statistics.median(plain_t), statistics.median(mpc_t)
+        emit(f"privacy_mpc.{label}.plaintext_ms", round(p_med, 3), "ms", **shape)
+        emit(f"privacy_mpc.{label}.private_ms", round(m_med, 1), "ms", **shape)
+        emit(f"privacy_mpc.{label}.ratio", round(m_med / p_med, 1), "x", target=60 if label == "block_prefill" else None)
+        emit(f"privacy_mpc.{label}.rounds", rounds, "rounds", target=60 if label == "block_prefill" else None)
+        emit(f"privacy_mpc.{label}.bytes", nbytes, "bytes", mb=round(nbytes / 1e6, 2),
+             target_mb=8 if label == "block_prefill" else None)
+        wan_ms = m_med + rounds * args.rtt_ms + nbytes * 8 / (args.mbit * 1e6) * 1e3
+        emit(f"privacy_mpc.{label}.wan_projection_ms", round(wan_ms, 1), "ms", rtt_ms=args.rtt_ms, mbit_s=args.mbit,
+             rounds_ms=round(rounds * args.rtt_ms, 1), transfer_ms=round(nbytes * 8 / (args.mbit * 1e3), 1))
+    emit("privacy_mpc.max_relative_error", round(max(errs), 6), "ratio", target=1e-2)
+
+
+if __name__ == "__main__":
+    main()
