@@ -151,7 +151,7 @@ class Gate:
     `await gate.admit(peer_id, ticket, batch, max_length, load)` is the hook the swarm server calls
     when a session opens: the per-row token cap of the session, or `AccessRefused`."""
 
-    def __init__(self, client: Any, data_dir: Path, *, refresh_s: float = 2.0, priority_load: float = 0.75,
+    def __init__(self, client: Any, data_dir: Path, *, refresh_s: float = 5.0, priority_load: float = 0.75,
                  clock: Callable[[], float] = time.monotonic):
         self.client = client
         self.book = ReceiptBook(book_path(data_dir, client.address))
