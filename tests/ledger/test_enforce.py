@@ -188,3 +188,54 @@ def test_under_contention_a_priority_slot_holder_is_served_first(checkpoint, tmp
         servers.close()
         chain.kill()
         chain.wait(10)
+
+
+@pytest.mark.slow
+def test_two_servers_and_a_failover_never_serve_past_the_quota(checkpoint, tmp_path):
+    from swarmlm.errors import AccessRefused
+    from swarmlm.ledger.payer import Payer
+    from swarmlm.ledger.policy import Gate
+    from swarmlm.swarm.client.model import RemoteModel
+    from swarmlm.swarm.client.remote import ClientOptions
+    from swarmlm.swarm.client.session import SessionOptions
+
+    chain, url = _start_chain("embedded", tmp_path)
+    servers = ServerProcesses(tmp_path)
+    dirs, home = [tmp_path / "server0", tmp_path / "server1"], tmp_path / "client"
+    try:
+        for d in (*dirs, home):
+            _run("fund", d, chain_rpc=url)
+        w3 = chainlib.connect(url)
+        ledger = chainlib.deploy(w3, keys.load_or_create_key(home), chainlib.LedgerParams(epoch_seconds=EPOCH_S,
+                                                                                          free_tokens=50))
+        for d in dirs:
+            _run("register", d, chain_rpc=url, ledger=ledger, server=True)
+        _run("register", home, chain_rpc=url, ledger=ledger, server=False)
+        _run("advance", home, chain_rpc=url, seconds=EPOCH_S)      # 2 servers: each grants 25 of the 50
+        extra = ["--ledger", ledger, "--chain-rpc", url]
+        first = servers.start(checkpoint, blocks=(0, 4), extra_args=extra)
+        servers.start(checkpoint, blocks=(0, 4), initial_peers=first.maddrs, extra_args=extra)
+        by_peer = {p.peer_id: p for p in servers.procs}
+        payer = Payer(chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(home)), home, new_tokens=20)
+        options = ClientOptions(connect_timeout_s=60.0, session=SessionOptions(
+            ticket=payer.ticket, ticket_accepted=payer.accepted, open_timeout_s=20.0, replacement_wait_s=20.0))
+        with RemoteModel.connect(str(checkpoint), initial_peers=first.maddrs, options=options) as remote:
+            tokens = []
+            for step in remote.stream_generate([[1, 2, 3]], max_new_tokens=20):
+                tokens.append(step[0])
+                if len(tokens) == 5:
+                    by_peer[remote.last_session.chain[0].peer_id].kill()      # failover to the other server
+            assert len(tokens) == 20 and remote.last_session.recoveries == 1
+            with pytest.raises(AccessRefused, match="quota exceeded: 5 tokens left"):
+                for _ in remote.stream_generate([[1, 2, 3]], max_new_tokens=20):
+                    pass
+        credit = 0
+        for d in dirs:                        # the killed server's receipts are on its disk: it settles them too
+            c = chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(d))
+            Gate(c, d).settle(current_too=True)
+            credit += c.call("credit_of", c.account, 1)
+        assert credit == 40 <= 50
+    finally:
+        servers.close()
+        chain.kill()
+        chain.wait(10)
