@@ -37,6 +37,7 @@ def repo(tmp_path):
                               f'case "$*" in *{CPU_INDEX}*) [ -n "$CPU_INDEX_DOWN" ] && exit 1;; esac\n'
                               f'case "$*" in *torch==*) touch "{mark}";; esac\nexit 0\n')
     (tmp_path / "bin").mkdir()
+    _executable(tmp_path / "bin" / "npm", f'#!/bin/sh\necho "$*" >> "{tmp_path / "npm.log"}"\nexit 0\n')
     return tmp_path
 
 
@@ -90,3 +91,9 @@ def test_the_readme_set_up_commands_are_unchanged():
     readme = (ROOT / "README.md").read_text()
     assert "    ./scripts/setup && .venv/bin/swarmlm demo\n" in readme
     assert "    ./scripts/setup && .venv/bin/python -m pytest -q\n" in readme
+
+
+def test_anvil_is_installed_with_npm_into_the_project(repo):
+    out, _ = run_setup(repo, gpu=False)
+    assert any("installing anvil" in line for line in out)
+    assert "--prefix .tools @foundry-rs/anvil@" in (repo / "npm.log").read_text()
