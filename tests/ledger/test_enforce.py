@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from swarmlm.errors import UserError
 from swarmlm.ledger import chain as chainlib
 from swarmlm.ledger import keys, receipts
 from tests.helpers.swarm import poll_until
@@ -111,15 +112,15 @@ def test_a_server_serves_the_free_quota_refuses_beyond_it_and_earns_the_credit(k
                                  home=server_dir).stdout)
         assert status["credit"] == 40 and status["epoch"] == 1
 
-        # a co-signed training round: both members get quota in the next epoch
-        w3 = chainlib.connect(url)
-        members = [chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(h)) for h in (client_home, trainer_home)]
-        members.sort(key=lambda m: int(m.account, 16))
-        addrs, samples = [m.account for m in members], [7, 7]
-        digest = receipts.round_digest(members[0].domain, b"run1".ljust(32, b"\0"), 1, 1, addrs, samples)
-        sigs = [receipts.split_signature(receipts.sign_digest(m.key, digest)) for m in members]
-        members[0].transact("record_round", b"run1".ljust(32, b"\0"), 1, 1, addrs, samples,
-                            [v for v, _, _ in sigs], [r for _, r, _ in sigs], [s for _, _, s in sigs])
+        # a training round's record, co-signed by both members: both get quota in the next epoch
+        members = sorted((receipts.address_of(keys.load_or_create_key(h)) for h in (client_home, trainer_home)),
+                         key=lambda a: int(a, 16))
+        record = tmp_path / "round.json"
+        record.write_text(json.dumps({"run": "run1", "round": 1, "epoch": 1, "members": members, "samples": [7, 7]}))
+        _run("round", client_home, chain_rpc=url, ledger=ledger, file=str(record), submit=False)
+        with pytest.raises(UserError, match="not yet signed by"):
+            _run("round", client_home, chain_rpc=url, ledger=ledger, file=str(record), submit=True)
+        _cli("ledger", "round", str(record), "--submit", *at, home=trainer_home)
         _run("advance", client_home, chain_rpc=url, seconds=EPOCH_S)
         trainer = json.loads(_cli("ledger", "status", *at, "--json", home=trainer_home).stdout)
         assert trainer["epoch"] == 2 and trainer["quota"] == 50 + 7 * 3
@@ -159,10 +160,14 @@ def test_under_contention_a_priority_slot_holder_is_served_first(checkpoint, tmp
         _run("settle", server_dir, chain_rpc=url, ledger=ledger, auction=1, now=False)
         holder = json.loads(_cli("ledger", "status", *at, "--json", home=homes["holder"]).stdout)
         assert holder["epoch"] == 1 and holder["slot_holder"]
+        w3 = chainlib.connect(url)
+        mine = chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(homes["holder"]))
+        assert mine.call("escrow_of", 1, mine.account) == 1000
+        _run("withdraw", homes["holder"], chain_rpc=url, ledger=ledger, unlock=0)    # the only bid: price 0
+        assert mine.call("escrow_of", 1, mine.account) == 0 and mine.call("balance_of", mine.account) == 0
 
         server = servers.start(checkpoint, blocks=(0, 4),
                                extra_args=["--ledger", ledger, "--chain-rpc", url, "--max-sessions", "4"])
-        w3 = chainlib.connect(url)
 
         def connect(name: str) -> RemoteModel:
             payer = Payer(chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(homes[name])), homes[name],
