@@ -9,7 +9,7 @@ consulted when a session opens; decoding steps never touch it.
 
 Prints one JSON line per result: {"name", "value", "unit"}.
 
-    python bench/ledger_generate.py [--preset tiny] [--new-tokens 64] [--repeats 7]
+    python bench/ledger_generate.py [--preset tiny] [--new-tokens 64] [--repeats 7] [--control]
 """
 
 from __future__ import annotations
@@ -49,6 +49,8 @@ def main() -> None:
     parser.add_argument("--prompt-len", type=int, default=16)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
+    parser.add_argument("--control", action="store_true",
+                        help="run the second server without --ledger too: the noise floor of the ratio")
     args = parser.parse_args()
     torch.set_num_threads(1)
     cfg = PRESETS[args.preset].replace(eos_token_id=None, bos_token_id=None)
@@ -75,11 +77,12 @@ def main() -> None:
             plain = start_server_process(str(ckpt), blocks=(0, cfg.n_layers), data_dir=root / "plain-server", env=env)
             servers.append(plain)
             metered = start_server_process(str(ckpt), blocks=(0, cfg.n_layers), data_dir=root / "ledger-server",
-                                           env=env, extra_args=["--ledger", ledger, "--chain-rpc", url])
+                                           env=env, extra_args=[] if args.control else ["--ledger", ledger, "--chain-rpc", url])
             servers.append(metered)
             payer = Payer(chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(root / "client")), root / "client",
                           new_tokens=args.new_tokens)
-            with_ledger = ClientOptions(session=SessionOptions(ticket=payer.ticket, ticket_accepted=payer.accepted))
+            with_ledger = ClientOptions(session=SessionOptions(ticket=payer.ticket, ticket_accepted=payer.accepted)) \
+                if not args.control else None
             models = [RemoteModel.connect(str(ckpt), initial_peers=plain.maddrs),
                       RemoteModel.connect(str(ckpt), initial_peers=metered.maddrs, options=with_ledger)]
             for m in models:                                   # warm up
