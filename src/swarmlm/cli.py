@@ -327,6 +327,7 @@ def _add_ledger(sub) -> None:
         "settle": "settle the receipts this server holds (or --auction EPOCH)",
         "withdraw": "claim auction refunds and withdraw what is owed (--unlock to start freeing deposit)",
         "advance": "dev chains only: move the chain's clock forward",
+        "round": "co-sign a training round's record (JSON file); --submit records it once all members signed",
     }
     for verb, what in specs.items():
         q = verbs.add_parser(verb, help=what)
@@ -355,6 +356,8 @@ def _add_ledger(sub) -> None:
     verbs.choices["settle"].add_argument("--auction", type=int, default=None, metavar="EPOCH")
     verbs.choices["withdraw"].add_argument("--unlock", type=int, default=0, help="wei of deposit to start unlocking")
     verbs.choices["advance"].add_argument("--seconds", type=int, required=True)
+    verbs.choices["round"].add_argument("file", help="the round's record: run, round, epoch, members, samples")
+    verbs.choices["round"].add_argument("--submit", action="store_true")
 
 
 def _ledger(name: str, args) -> int:

@@ -80,6 +80,12 @@ def test_another_channels_receipt_is_rejected(ledger):
         server.transact("settle", client.account, 1, 40, v, r, s)            # for another epoch
 
 
+def test_a_server_cannot_credit_itself_with_its_own_receipts(ledger):
+    server, _ = _open(ledger)
+    with pytest.raises(LedgerError, match="cannot serve itself"):
+        _settle(ledger, server, server, 1, 40)
+
+
 def test_a_receipt_from_an_unregistered_server_or_a_future_or_expired_epoch_is_rejected(ledger):
     server, client = _open(ledger)
     with pytest.raises(LedgerError, match="not a registered server"):

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from swarmlm.errors import UserError
 from swarmlm.ledger import chain as chainlib
 from swarmlm.ledger import keys, receipts
 from tests.helpers.swarm import poll_until
@@ -64,6 +65,14 @@ def _cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProc
     return out
 
 
+def _run(verb: str, home: Path, **kwargs) -> None:
+    """`swarmlm ledger VERB` in this process (the same function the CLI calls), as `home`'s account."""
+    from argparse import Namespace
+
+    from swarmlm.ledger import commands
+    getattr(commands, f"{verb}_from_args")(Namespace(data_dir=str(home), **kwargs))
+
+
 @pytest.fixture(scope="module")
 def checkpoint(tmp_path_factory):
     return build_checkpoint(tmp_path_factory.mktemp("ledger-ckpt") / "llama", "llama")
@@ -78,14 +87,14 @@ def test_a_server_serves_the_free_quota_refuses_beyond_it_and_earns_the_credit(k
     try:
         rpc = ["--chain-rpc", url]
         for home in (server_dir, client_home, trainer_home):
-            _cli("ledger", "fund", *rpc, home=home)
+            _run("fund", home, chain_rpc=url)
         ledger = _cli("ledger", "deploy", *rpc, "--epoch-seconds", str(EPOCH_S), "--free-tokens", "50",
                       "--sample-credit", "3", home=server_dir).stdout.split()[-1]
         at = [*rpc, "--ledger", ledger]
         _cli("ledger", "register", *at, "--server", "--data-dir", str(server_dir), home=server_dir)
-        _cli("ledger", "register", *at, home=client_home)
-        _cli("ledger", "register", *at, home=trainer_home)
-        _cli("ledger", "advance", *rpc, "--seconds", str(EPOCH_S), home=client_home)     # the server serves from epoch 1
+        _run("register", client_home, chain_rpc=url, ledger=ledger, server=False)
+        _run("register", trainer_home, chain_rpc=url, ledger=ledger, server=False)
+        _run("advance", client_home, chain_rpc=url, seconds=EPOCH_S)        # the server serves from epoch 1
 
         server = servers.start(checkpoint, blocks=(0, 4), extra_args=["--ledger", ledger, "--chain-rpc", url])
         generate = ["generate", str(checkpoint), "--swarm", "--initial-peers", server.maddrs[0], "--prompt",
@@ -103,18 +112,134 @@ def test_a_server_serves_the_free_quota_refuses_beyond_it_and_earns_the_credit(k
                                  home=server_dir).stdout)
         assert status["credit"] == 40 and status["epoch"] == 1
 
-        # a co-signed training round: both members get quota in the next epoch
-        w3 = chainlib.connect(url)
-        members = [chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(h)) for h in (client_home, trainer_home)]
-        members.sort(key=lambda m: int(m.account, 16))
-        addrs, samples = [m.account for m in members], [7, 7]
-        digest = receipts.round_digest(members[0].domain, b"run1".ljust(32, b"\0"), 1, 1, addrs, samples)
-        sigs = [receipts.split_signature(receipts.sign_digest(m.key, digest)) for m in members]
-        members[0].transact("record_round", b"run1".ljust(32, b"\0"), 1, 1, addrs, samples,
-                            [v for v, _, _ in sigs], [r for _, r, _ in sigs], [s for _, _, s in sigs])
-        _cli("ledger", "advance", *rpc, "--seconds", str(EPOCH_S), home=client_home)
+        # a training round's record, co-signed by both members: both get quota in the next epoch
+        members = sorted((receipts.address_of(keys.load_or_create_key(h)) for h in (client_home, trainer_home)),
+                         key=lambda a: int(a, 16))
+        record = tmp_path / "round.json"
+        record.write_text(json.dumps({"run": "run1", "round": 1, "epoch": 1, "members": members, "samples": [7, 7]}))
+        _run("round", client_home, chain_rpc=url, ledger=ledger, file=str(record), submit=False)
+        with pytest.raises(UserError, match="not yet signed by"):
+            _run("round", client_home, chain_rpc=url, ledger=ledger, file=str(record), submit=True)
+        _cli("ledger", "round", str(record), "--submit", *at, home=trainer_home)
+        _run("advance", client_home, chain_rpc=url, seconds=EPOCH_S)
         trainer = json.loads(_cli("ledger", "status", *at, "--json", home=trainer_home).stdout)
         assert trainer["epoch"] == 2 and trainer["quota"] == 50 + 7 * 3
+    finally:
+        servers.close()
+        chain.kill()
+        chain.wait(10)
+
+
+@pytest.mark.slow
+def test_under_contention_a_priority_slot_holder_is_served_first(checkpoint, tmp_path):
+    from swarmlm.errors import AccessRefused
+    from swarmlm.ledger.payer import Payer
+    from swarmlm.swarm.client.model import RemoteModel
+    from swarmlm.swarm.client.remote import ClientOptions
+    from swarmlm.swarm.client.session import SessionOptions
+
+    chain, url = _start_chain("embedded", tmp_path)
+    servers = ServerProcesses(tmp_path)
+    server_dir = tmp_path / "server0"
+    homes = {name: tmp_path / name for name in ("plain", "holder")}
+    models = []
+    try:
+        rpc = ["--chain-rpc", url]
+        for home in (server_dir, *homes.values()):
+            _run("fund", home, chain_rpc=url)
+        ledger = _cli("ledger", "deploy", *rpc, "--epoch-seconds", str(EPOCH_S), "--free-tokens", "1000",
+                      "--slots", "1", home=server_dir).stdout.split()[-1]
+        at = [*rpc, "--ledger", ledger]
+        _run("register", server_dir, chain_rpc=url, ledger=ledger, server=True)
+        for home in homes.values():
+            _run("register", home, chain_rpc=url, ledger=ledger, server=False)
+        _cli("ledger", "bid", *at, "--amount", "1000", "--epoch", "1", home=homes["holder"])   # epoch 0: commit
+        _run("advance", server_dir, chain_rpc=url, seconds=EPOCH_S // 2)
+        _cli("ledger", "reveal", *at, "--epoch", "1", home=homes["holder"])
+        _run("advance", server_dir, chain_rpc=url, seconds=EPOCH_S // 2)
+        _run("settle", server_dir, chain_rpc=url, ledger=ledger, auction=1, now=False)
+        holder = json.loads(_cli("ledger", "status", *at, "--json", home=homes["holder"]).stdout)
+        assert holder["epoch"] == 1 and holder["slot_holder"]
+        w3 = chainlib.connect(url)
+        mine = chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(homes["holder"]))
+        assert mine.call("escrow_of", 1, mine.account) == 1000
+        _run("withdraw", homes["holder"], chain_rpc=url, ledger=ledger, unlock=0)    # the only bid: price 0
+        assert mine.call("escrow_of", 1, mine.account) == 0 and mine.call("balance_of", mine.account) == 0
+
+        server = servers.start(checkpoint, blocks=(0, 4),
+                               extra_args=["--ledger", ledger, "--chain-rpc", url, "--max-sessions", "4"])
+
+        def connect(name: str) -> RemoteModel:
+            payer = Payer(chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(homes[name])), homes[name],
+                          new_tokens=4)
+            options = ClientOptions(connect_timeout_s=60.0, session=SessionOptions(
+                ticket=payer.ticket, ticket_accepted=payer.accepted, open_timeout_s=20.0))
+            model = RemoteModel.connect(str(checkpoint), initial_peers=server.maddrs, options=options)
+            models.append(model)
+            return model
+
+        plain = connect("plain")
+        held = [plain.inference_session(batch=1, max_length=8) for _ in range(3)]     # load 3/4: contention
+        with pytest.raises(AccessRefused, match="priority slot holders only"):
+            plain.inference_session(batch=1, max_length=8)
+        session = connect("holder").inference_session(batch=1, max_length=8)
+        assert session.max_length == 8
+        session.close()
+        for s in held:
+            s.close()
+    finally:
+        for m in models:
+            m.close()
+        servers.close()
+        chain.kill()
+        chain.wait(10)
+
+
+@pytest.mark.slow
+def test_two_servers_and_a_failover_never_serve_past_the_quota(checkpoint, tmp_path):
+    from swarmlm.errors import AccessRefused
+    from swarmlm.ledger.payer import Payer
+    from swarmlm.ledger.policy import Gate
+    from swarmlm.swarm.client.model import RemoteModel
+    from swarmlm.swarm.client.remote import ClientOptions
+    from swarmlm.swarm.client.session import SessionOptions
+
+    chain, url = _start_chain("embedded", tmp_path)
+    servers = ServerProcesses(tmp_path)
+    dirs, home = [tmp_path / "server0", tmp_path / "server1"], tmp_path / "client"
+    try:
+        for d in (*dirs, home):
+            _run("fund", d, chain_rpc=url)
+        w3 = chainlib.connect(url)
+        ledger = chainlib.deploy(w3, keys.load_or_create_key(home), chainlib.LedgerParams(epoch_seconds=EPOCH_S,
+                                                                                          free_tokens=50))
+        for d in dirs:
+            _run("register", d, chain_rpc=url, ledger=ledger, server=True)
+        _run("register", home, chain_rpc=url, ledger=ledger, server=False)
+        _run("advance", home, chain_rpc=url, seconds=EPOCH_S)      # 2 servers: each grants 25 of the 50
+        extra = ["--ledger", ledger, "--chain-rpc", url]
+        first = servers.start(checkpoint, blocks=(0, 4), extra_args=extra)
+        servers.start(checkpoint, blocks=(0, 4), initial_peers=first.maddrs, extra_args=extra)
+        by_peer = {p.peer_id: p for p in servers.procs}
+        payer = Payer(chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(home)), home, new_tokens=20)
+        options = ClientOptions(connect_timeout_s=60.0, session=SessionOptions(
+            ticket=payer.ticket, ticket_accepted=payer.accepted, open_timeout_s=20.0, replacement_wait_s=20.0))
+        with RemoteModel.connect(str(checkpoint), initial_peers=first.maddrs, options=options) as remote:
+            tokens = []
+            for step in remote.stream_generate([[1, 2, 3]], max_new_tokens=20):
+                tokens.append(step[0])
+                if len(tokens) == 5:
+                    by_peer[remote.last_session.chain[0].peer_id].kill()      # failover to the other server
+            assert len(tokens) == 20 and remote.last_session.recoveries == 1
+            with pytest.raises(AccessRefused, match="quota exceeded: 5 tokens left"):
+                for _ in remote.stream_generate([[1, 2, 3]], max_new_tokens=20):
+                    pass
+        credit = 0
+        for d in dirs:                        # the killed server's receipts are on its disk: it settles them too
+            c = chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(d))
+            Gate(c, d).settle(current_too=True)
+            credit += c.call("credit_of", c.account, 1)
+        assert credit == 40 <= 50
     finally:
         servers.close()
         chain.kill()

@@ -38,6 +38,7 @@ def repo(tmp_path):
                               f'case "$*" in *torch==*) touch "{mark}";; esac\nexit 0\n')
     (tmp_path / "bin").mkdir()
     _executable(tmp_path / "bin" / "apt-get", f'#!/bin/sh\necho "apt-get $*" >> "{tmp_path / "apt.log"}"\n')
+    _executable(tmp_path / "bin" / "npm", f'#!/bin/sh\necho "$*" >> "{tmp_path / "npm.log"}"\nexit 0\n')
     return tmp_path
 
 
@@ -113,3 +114,9 @@ def test_an_installed_browser_is_used(repo):
     out, _ = run_setup(repo, gpu=False)
     assert not (repo / "apt.log").exists()
     assert any("using the installed Chromium" in line for line in out)
+
+
+def test_anvil_is_installed_with_npm_into_the_project(repo):
+    out, _ = run_setup(repo, gpu=False)
+    assert any("installing anvil" in line for line in out)
+    assert "--prefix .tools @foundry-rs/anvil@" in (repo / "npm.log").read_text()

@@ -6,7 +6,7 @@ import os
 import pytest
 import torch
 
-from swarmlm.errors import PeerError, RemoteError
+from swarmlm.errors import AccessRefused, PeerError, RemoteError
 from swarmlm.model.config import PRESETS
 from swarmlm.model.transformer import Transformer
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
@@ -785,3 +785,30 @@ def test_a_refused_push_ends_the_link_and_later_pushes_report_they_could_not_lea
         return first.pushed, second.pushed
 
     assert run(go()) == (True, False)
+
+
+def test_the_admit_hook_refuses_a_session_or_caps_its_new_tokens(full):
+    seen = []
+
+    async def admit(peer_id, ticket, batch, max_length, load):
+        seen.append((ticket, batch, max_length, load))
+        if ticket != b"ok":
+            raise AccessRefused(f"{wire.ACCESS_REFUSED}: no quota left; renews in 10 s")
+        return 4                                       # new tokens per row after the first step
+
+    async def go():
+        h = await Harness(full).start()
+        h.host.admit = admit
+        with pytest.raises(RemoteError, match="access refused: no quota left"):
+            await h.call(wire.RPC_OPEN, wire.OpenRequest(os.urandom(16), 0, 2, 1, 16, ticket=b"no"), wire.OpenReply)
+        assert h.host.n_sessions == 0
+        capped, fits = os.urandom(16), os.urandom(16)
+        for sid in (capped, fits):
+            await h.call(wire.RPC_OPEN, wire.OpenRequest(sid, 0, 2, 1, 8, ticket=b"ok"), wire.OpenReply)
+        with pytest.raises(RemoteError, match="admitted for 4 new tokens"):
+            await h.step(capped, torch.randn(1, 2, D), 0)          # a 2-token prompt leaves 6 positions
+        await h.step(fits, torch.randn(1, 4, D), 0)                  # a 4-token prompt leaves 4
+        return seen
+
+    seen = run(go())
+    assert [s[:3] for s in seen] == [(b"no", 1, 16), (b"ok", 1, 8), (b"ok", 1, 8)]

@@ -62,7 +62,7 @@ def send(w3: Any, key: bytes, tx: dict) -> dict:
     except Exception as e:
         raise LedgerError(f"refused by the ledger: {_reason(e)}") from None
     base = w3.eth.get_block("latest").get("baseFeePerGas", 10 ** 9)
-    tx.update(nonce=w3.eth.get_transaction_count(sender, "pending"), chainId=w3.eth.chain_id,
+    tx.update(nonce=w3.eth.get_transaction_count(sender, "pending"), chainId=_chain_id(w3),
               maxPriorityFeePerGas=10 ** 9, maxFeePerGas=2 * base + 10 ** 9)
     tx.pop("from")
     signed = w3.eth.account.sign_transaction(tx, key)
@@ -74,6 +74,14 @@ def send(w3: Any, key: bytes, tx: dict) -> dict:
     if receipt["status"] != 1:
         raise LedgerError(f"transaction {txh.hex()} reverted")
     return receipt
+
+
+def _chain_id(w3: Any) -> int:
+    """A node's chain id, asked once per web3 handle (it never changes under a running node)."""
+    cached = getattr(w3, "_swarmlm_chain_id", None)
+    if cached is None:
+        cached = w3._swarmlm_chain_id = w3.eth.chain_id
+    return cached
 
 
 def deploy(w3: Any, key: bytes, params: LedgerParams) -> str:

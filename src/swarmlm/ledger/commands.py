@@ -181,6 +181,40 @@ def withdraw_from_args(args: Any) -> int:
     return 0
 
 
+def round_from_args(args: Any) -> int:
+    """Co-sign a training round's record (a JSON file: run, round, epoch, members, samples) as the data
+    dir's account, and with `--submit` record it on chain once every member has signed it."""
+    c = _client(args)
+    path = Path(args.file)
+    try:
+        record = json.loads(path.read_text())
+        run = record["run"].encode()
+        members = [receipts.checksum(m) for m in record["members"]]
+        samples = [int(x) for x in record["samples"]]
+        epoch, round_ = int(record["epoch"]), int(record["round"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+        raise UserError(f"{path}: not a round record with run, round, epoch, members, samples ({e})") from None
+    if len(run) > 32 or len(members) != len(samples) or members != sorted(members, key=lambda m: int(m, 16)):
+        raise UserError(f"{path}: run is at most 32 bytes; members, in ascending order, each with its samples")
+    digest = receipts.round_digest(c.domain, run.ljust(32, b"\0"), round_, epoch, members, samples)
+    sigs = record.setdefault("signatures", {})
+    if c.account in members and c.account not in sigs:
+        sigs[c.account] = receipts.sign_digest(c.key, digest).hex()
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        tmp.replace(path)
+        print(f"signed by {c.account}")
+    if args.submit:
+        missing = [m for m in members if m not in sigs]
+        if missing:
+            raise UserError(f"{path}: not yet signed by {', '.join(missing)}")
+        parts = [receipts.split_signature(bytes.fromhex(sigs[m])) for m in members]
+        c.transact("record_round", run.ljust(32, b"\0"), round_, epoch, members, samples,
+                   [v for v, _, _ in parts], [r for _, r, _ in parts], [s for _, _, s in parts])
+        print(f"round {round_} of {record['run']} recorded: {sum(samples)} samples credited in epoch {epoch}")
+    return 0
+
+
 def advance_from_args(args: Any) -> int:
     """Dev chains only: move the chain's clock forward `--seconds` (evm_increaseTime, then a block)."""
     w3 = chainlib.connect(args.chain_rpc)

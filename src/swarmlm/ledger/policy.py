@@ -151,7 +151,7 @@ class Gate:
     `await gate.admit(peer_id, ticket, batch, max_length, load)` is the hook the swarm server calls
     when a session opens: the per-row token cap of the session, or `AccessRefused`."""
 
-    def __init__(self, client: Any, data_dir: Path, *, refresh_s: float = 2.0, priority_load: float = 0.75,
+    def __init__(self, client: Any, data_dir: Path, *, refresh_s: float = 5.0, priority_load: float = 0.75,
                  clock: Callable[[], float] = time.monotonic):
         self.client = client
         self.book = ReceiptBook(book_path(data_dir, client.address))
@@ -171,7 +171,11 @@ class Gate:
     # chain reads (blocking: called at open for an unknown client, else from the background loop)
 
     def read_chain_time(self) -> None:
-        self._chain_at = (self.clock(), self.client.w3.eth.get_block("latest")["timestamp"])
+        """Anchor the chain's clock at its latest block; kept while no new block comes (a dev chain mines
+        only on transactions, so re-anchoring at an old block would move the clock back)."""
+        ts = self.client.w3.eth.get_block("latest")["timestamp"]
+        if ts != self._chain_at[1]:
+            self._chain_at = (self.clock(), ts)
 
     def chain_now(self) -> float:
         at, ts = self._chain_at
@@ -260,5 +264,5 @@ class Gate:
                 await asyncio.to_thread(self.refresh)
                 if any(e < self.view().epoch and (e, a) not in self.book.settled for e, a in self.book.entries):
                     await asyncio.to_thread(self.settle)
-            except LedgerError as e:
+            except Exception as e:          # the node unreachable for a while: keep the cached state, retry
                 logger.warning("ledger refresh: %s", e)

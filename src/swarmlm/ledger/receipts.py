@@ -56,6 +56,13 @@ def _checksum(raw: bytes) -> str:
     return "0x" + "".join(c.upper() if int(digest[i], 16) >= 8 else c for i, c in enumerate(hexaddr))
 
 
+def checksum(address: str) -> str:
+    """`address` (0x + 40 hex digits) checksummed; ValueError if it is not one."""
+    if not (isinstance(address, str) and len(address) == 42 and address.startswith("0x")):
+        raise ValueError(f"not an address: {address!r}")
+    return _checksum(bytes.fromhex(address[2:]))
+
+
 def sign_digest(key: bytes, digest: bytes) -> bytes:
     """65 bytes r || s || v with v in {27, 28}; libsecp256k1 gives the low s the contract requires."""
     sig = PrivateKey(key).sign_recoverable(digest, hasher=None)

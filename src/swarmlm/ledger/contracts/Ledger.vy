@@ -294,6 +294,7 @@ def _apply(client: address, server: address, epoch: uint256, tokens: uint256):
 @internal
 def _settle(client: address, epoch: uint256, tokens: uint256, v: uint8, r: bytes32, s: bytes32):
     server: address = msg.sender
+    assert server != client, "a server cannot serve itself"
     assert self.is_server[server], "not a registered server"
     assert self.server_epoch[server] < epoch, "server registered after that epoch began"
     now: uint256 = self._epoch()

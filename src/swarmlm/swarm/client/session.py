@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import torch
 
-from swarmlm.errors import PeerError
+from swarmlm.errors import AccessRefused, PeerError
 from swarmlm.log import get_logger
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.chained import ChainBroken, ChainedSteps
@@ -279,6 +279,10 @@ class InferenceSession:
                     self._enter(S.REPLAYING)
                     await self.calls.replay(states, *history)
                 return states
+            except AccessRefused:
+                for st in states:                      # a policy refused one hop: free the others' caches
+                    await self.calls.close(st)
+                raise
             except HopFailed as e:
                 logger.warning("replacement server %s failed: %s", e.peer_id, e)
                 self.banned.add(e.peer_id)
