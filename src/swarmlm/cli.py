@@ -247,7 +247,7 @@ def _run_store_pin(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm, until SIGINT/SIGTERM")
     p.add_argument("model", help="a checkpoint directory or a model manifest CID")
-    span = p.add_mutually_exclusive_group(required=True)
+    span = p.add_mutually_exclusive_group()   # one of them, or --max-memory alone (checked in ServeOptions)
     span.add_argument("--blocks", default=None, metavar="START:END", help="serve blocks [START, END)")
     span.add_argument("--num-blocks", type=int, default=None, metavar="N",
                       help="serve N blocks where the swarm needs them most, moving when it would balance better")
