@@ -336,6 +336,8 @@ def _add_api(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
+                   help="quantize the weights at load time (int8 per row; int4 per group of N=32/64/128 columns)")
     p.set_defaults(run=_run_api)
 
 
