@@ -2,8 +2,9 @@
 
 `run_server(ServeOptions(...), stop=event)`: join the swarm, resolve MODEL (directory or
 manifest CID), choose the span (`--blocks A:B`, or `--num-blocks N` through selection.py),
-load only those blocks, measure throughput (for a directory and `--blocks`, on a worker
-thread while the peer starts), register the `BlockHost`'s handlers, announce "online" and
+load only those blocks (quantized at load with `--quantize`, one block at a time; with
+`--max-memory`, memory.py first plans how many blocks and how much cache fit), measure
+throughput (for a directory and `--blocks`, on a worker thread while the peer starts), register the `BlockHost`'s handlers, announce "online" and
 report the peer's multiaddrs; then keep re-announcing, sweeping idle sessions
 and (with `--num-blocks`) moving when the swarm would be better balanced, until `stop` is
 set; then announce "offline" and shut the peer down (its p2pd dies with it).
