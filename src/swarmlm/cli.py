@@ -269,7 +269,7 @@ def _run_store_pin(args) -> int:
 def _add_serve(sub) -> None:
     p = sub.add_parser("serve", help="serve a span of a model's blocks to the swarm, until SIGINT/SIGTERM")
     p.add_argument("model", help="a checkpoint directory or a model manifest CID")
-    span = p.add_mutually_exclusive_group(required=True)
+    span = p.add_mutually_exclusive_group()   # one of them, or --max-memory alone (checked in ServeOptions)
     span.add_argument("--blocks", default=None, metavar="START:END", help="serve blocks [START, END)")
     span.add_argument("--num-blocks", type=int, default=None, metavar="N",
                       help="serve N blocks where the swarm needs them most, moving when it would balance better")
@@ -446,6 +446,8 @@ def _add_api(sub) -> None:
     p.add_argument("--port", type=int, default=8000, help="port to listen on (0 picks a free one)")
     p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on every request")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
+    p.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
+                   help="quantize the weights at load time (int8 per row; int4 per group of N=32/64/128 columns)")
     p.set_defaults(run=_run_api)
 
 

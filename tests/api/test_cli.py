@@ -21,11 +21,19 @@ def test_swarm_without_initial_peers_is_exit_2(ckpt, capsys):
     assert "--initial-peers" in capsys.readouterr().err
 
 
+def test_an_unknown_quantization_is_one_line(ckpt, capsys):
+    assert main(["api", str(ckpt), "--quantize", "int3"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "unknown quantization 'int3'" in err[0]
+
+
 @pytest.mark.slow
-def test_the_command_prints_its_base_url_and_serves(ckpt):
+@pytest.mark.parametrize("extra", [[], ["--quantize", "int8"]], ids=["float", "int8"])
+def test_the_command_prints_its_base_url_and_serves(ckpt, extra):
     from openai import OpenAI
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
-    proc = subprocess.Popen([sys.executable, "-m", "swarmlm", "api", str(ckpt), "--port", "0", "--api-key", "k"],
+    proc = subprocess.Popen([sys.executable, "-m", "swarmlm", "api", str(ckpt), "--port", "0", "--api-key", "k",
+                             *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     try:
         url = proc.stdout.readline().strip()

@@ -86,3 +86,26 @@ def test_eval_bad_input_is_one_line(tmp_path, capsys, text_file):
         assert main(["eval", str(tmp_path), *extra]) == 2
         err = capsys.readouterr().err
         assert message in err and len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.slow
+def test_quantization_costs_little_perplexity_on_a_trained_tiny_model(tmp_path, capsys):
+    import sysconfig
+    from pathlib import Path
+
+    lib = Path(sysconfig.get_paths()["stdlib"])
+    (tmp_path / "train.txt").write_text("\n".join((lib / f).read_text() for f in ("textwrap.py", "shlex.py",
+                                                                                   "argparse.py")))
+    (tmp_path / "held_out.txt").write_text((lib / "dataclasses.py").read_text())
+    run = tmp_path / "run"
+    assert main(["train", "--config", "tiny", "--data", str(tmp_path / "train.txt"), "--steps", "60",
+                 "--batch-size", "8", "--seq-len", "64", "--out", str(run), "--no-progress"]) == 0
+    capsys.readouterr()
+    ppl = {}
+    for scheme in ("none", "int8", "int4"):
+        assert main(["eval", str(run), "--data", str(tmp_path / "held_out.txt"), "--quantize", scheme, "--json"]) == 0
+        ppl[scheme] = json.loads(capsys.readouterr().out.strip().splitlines()[-1])["perplexity"]
+    assert ppl["none"] < 4096 / 2                      # trained: well below a uniform guess over the vocabulary
+    assert abs(ppl["int8"] / ppl["none"] - 1) < 0.01
+    assert abs(ppl["int4"] / ppl["none"] - 1) < 0.05
+    assert ppl["int4"] != ppl["int8"] != ppl["none"]

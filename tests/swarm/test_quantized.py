@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 from swarmlm.errors import NotFoundError
 from swarmlm.model.generate import generate
@@ -79,3 +80,30 @@ def test_in_process_quantized_swarm_matches_local(swarm, checkpoints):
     prompts = [PROMPT, [7, 8]]
     assert model.generate(prompts, max_new_tokens=10) == generate(_local(ckpt, "int4-g64"), prompts,
                                                                   max_new_tokens=10)
+
+
+def test_finetuning_over_int8_servers_gives_the_local_int8_gradients(swarm, checkpoints):
+    from swarmlm.swarm.finetune import Adapters, TuneConfig, lm_loss, local_blocks
+
+    ckpt = checkpoints["llama"]
+    swarm.add_server(ckpt, (0, 2), quantization="int8")
+    swarm.add_server(ckpt, (2, 4), quantization="int8")
+    remote = swarm.remote_model(ckpt, quantization="int8")
+    reference = _local(ckpt, "int8")
+    tune = TuneConfig(prompt_len=4, deep_prompts=True, lora_rank=2)
+    ids = torch.randint(0, 320, (2, 12), generator=torch.Generator().manual_seed(0))
+    grads, losses = [], []
+    for local, run in ((remote.local, remote.run_blocks), (reference, local_blocks(reference))):
+        adapters = Adapters(remote.cfg, tune)
+        adapters.attach(local)
+        with torch.no_grad():
+            adapters.head_lora.lora_b.normal_(generator=torch.Generator().manual_seed(1))
+            adapters.deep.normal_(std=0.1, generator=torch.Generator().manual_seed(2))
+        loss = lm_loss(local, run, adapters, ids)
+        loss.backward()
+        losses.append(float(loss.detach()))
+        grads.append({k: p.grad for k, p in adapters.trainable().items()})
+    assert losses[0] == pytest.approx(losses[1], abs=1e-5)
+    for name in grads[0]:
+        assert grads[0][name].abs().sum() > 0
+        torch.testing.assert_close(grads[0][name], grads[1][name], atol=1e-5, rtol=1e-4, msg=name)

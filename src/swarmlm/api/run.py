@@ -36,12 +36,14 @@ def api_from_args(args: Any) -> int:
     if not 0 <= args.port <= 65535:
         raise UserError(f"--port must be 0..65535, got {args.port}")
     dtype = DTYPES[args.dtype]
+    from swarmlm.model.quant import parse_scheme, quantize_model
+    scheme = parse_scheme(getattr(args, "quantize", None))
     if args.swarm:
         from swarmlm.swarm.client.model import RemoteModel
         if not args.initial_peers:
             raise UserError("--swarm needs --initial-peers MADDR ...")
         remote = RemoteModel.connect(args.model, initial_peers=args.initial_peers,
-                                     connect_timeout_s=args.connect_timeout, dtype=dtype)
+                                     connect_timeout_s=args.connect_timeout, dtype=dtype, quantization=scheme.name)
         try:
             api = build_app(SwarmBackend(remote), remote.source_dir, model_name(args.model), api_key=args.api_key,
                             eos_id=remote.cfg.eos_token_id)
@@ -54,6 +56,7 @@ def api_from_args(args: Any) -> int:
         raise UserError(f"no model directory at {args.model} (without --swarm MODEL is a checkpoint directory)")
     model, cfg = load_model(args.model, dtype=dtype)
     model.requires_grad_(False)
+    quantize_model(model, scheme)
     api = build_app(LocalBackend(model), args.model, model_name(args.model), api_key=args.api_key,
                     eos_id=cfg.eos_token_id)
     _serve_until_stopped(api, args.host, args.port)

@@ -2,16 +2,16 @@
 
 Decoding one token per row spends most of its time outside the matmuls on a CPU: the rotary
 tables recomputed every step, the attention mask rebuilt, position ids counted, a module call
-per piece, seven small matmuls per block. `DecodeStep(model, cache)` does that work once: the rotary tables for every slot
-of the cache are computed up front (with the very ops `Rotary.tables` uses, so the values are
-bit for bit the same), the mask is the cache's own padding mask or nothing, and each layer
-runs as a flat list of the model's own modules and tensor ops, in the order Attention and
-Block use them, except that q/k/v and gate/up run as one matmul each (`fused_projections`: the
-parts' weights become views of the fused ones, so no memory is added). Each output row is the
-same dot product either way; for one row (B = 1) the tests check that the output equals
-`run_blocks`' exactly (with more rows, a float GEMM may block the sums differently, so those
-steps use the parts),
-for float and quantized (model/quant.py) weights alike, so the swarm's exactness promise holds.
+per piece, seven small matmuls per block. `DecodeStep(model, cache)` does that work once: the
+rotary tables for every slot of the cache are computed up front (with the very ops
+`Rotary.tables` uses, so the values are bit for bit the same), the mask is the cache's own
+padding mask or nothing, and each layer runs as a flat list of the model's own modules and
+tensor ops, in the order Attention and Block use them, except that for one row (B = 1) q/k/v
+and gate/up run as one matmul each (`fused_projections`: the parts' weights become views of
+the fused ones, so no memory is added). Each output row is the same dot product either way,
+and the tests check that the output equals `run_blocks`' exactly, for float and quantized
+(model/quant.py) weights alike, so the swarm's exactness promise holds (with more rows a float
+GEMM may block its sums differently, so those steps use the parts).
 
 It applies to a step of one new token per row with a cache, for models whose rotary scaling
 does not depend on the sequence length (not "dynamic"); `DecodeStep.supports` says which.

@@ -2,8 +2,9 @@
 
 `run_server(ServeOptions(...), stop=event)`: join the swarm, resolve MODEL (directory or
 manifest CID), choose the span (`--blocks A:B`, or `--num-blocks N` through selection.py),
-load only those blocks, measure throughput (for a directory and `--blocks`, on a worker
-thread while the peer starts), register the `BlockHost`'s handlers, announce "online" and
+load only those blocks (quantized at load with `--quantize`, one block at a time; with
+`--max-memory`, memory.py first plans how many blocks and how much cache fit), measure
+throughput (for a directory and `--blocks`, on a worker thread while the peer starts), register the `BlockHost`'s handlers, announce "online" and
 report the peer's multiaddrs; then keep re-announcing, sweeping idle sessions
 and (with `--num-blocks`) moving when the swarm would be better balanced, until `stop` is
 set; then announce "offline" and shut the peer down (its p2pd dies with it).
@@ -17,6 +18,7 @@ benchmarks and the demo use.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import random
 import signal
@@ -29,13 +31,16 @@ import torch
 
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
-from swarmlm.model.quant import check_quantizable, parse_scheme, quantize_model
+from swarmlm.model.quant import NONE as NO_QUANT
+from swarmlm.model.quant import block_weight_bytes, check_quantizable, parse_scheme, quantize_model
+from swarmlm.model.transformer import Transformer
 from swarmlm.p2p.process import PeerProcess, start_child
 from swarmlm.swarm.blocks import measure_throughput
 from swarmlm.swarm.dht import read_servers
 from swarmlm.swarm.server.announce import Announcer
 from swarmlm.swarm.server.budget import BudgetLimits
 from swarmlm.swarm.server.host import BlockHost
+from swarmlm.swarm.server.memory import format_size, parse_size, plan_memory
 from swarmlm.swarm.server.selection import block_throughputs, choose_span, should_move
 from swarmlm.swarm.source import ModelSource, directory_model_id, open_model_source
 
@@ -65,10 +70,12 @@ class ServeOptions:
     admit: Any = None                       # BlockHost's admission hook (host.Admit), e.g. the ledger's; None: all
     background: Any = None                  # an async callable run beside the server (the admit hook's refresh)
     quantization: str = "none"              # weight quantization applied at load (model/quant.py), announced
+    max_memory: int | None = None           # bytes the process may use: caps the span and the cache (memory.py)
 
     def check(self) -> None:
-        if (self.blocks is None) == (self.num_blocks is None):
-            raise UserError("give exactly one of --blocks START:END and --num-blocks N")
+        if self.blocks is not None and self.num_blocks is not None or (
+                self.blocks is None and self.num_blocks is None and self.max_memory is None):
+            raise UserError("give exactly one of --blocks START:END and --num-blocks N (or --max-memory alone)")
         if self.blocks is not None and not 0 <= self.blocks[0] < self.blocks[1]:
             raise UserError(f"--blocks {self.blocks[0]}:{self.blocks[1]} is not a span START < END")
         if self.num_blocks is not None and self.num_blocks <= 0:
@@ -96,7 +103,7 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
     # a fixed span of a local directory needs nothing from the swarm: hash, load and measure it on
     # a worker thread while this one imports hivemind and starts the daemon (start-up time)
     early = None
-    if opts.blocks is not None and Path(opts.model).expanduser().is_dir():
+    if opts.blocks is not None and opts.max_memory is None and Path(opts.model).expanduser().is_dir():
         early = asyncio.get_running_loop().run_in_executor(None, _load_local_span, opts)
     if own_peer:
         try:
@@ -117,10 +124,14 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
                                              blocks=range(*opts.blocks) if opts.blocks else range(0, 0),
                                              with_embed_head=False)
             cfg = source.config()
+            if opts.max_memory is not None:
+                opts = fit_memory(opts, cfg)
             span = await _first_span(opts, peer, source.model_id, cfg.n_layers, rng)
             if opts.num_blocks is not None:
                 source = await _source_for(source, opts, peer, span)
             model, tps = await _load(source, span, opts.dtype, opts.quantization)
+            if opts.max_memory is not None:
+                opts = recap_cache(opts, cfg, len(span))
         if not source.model_id.startswith("dir-"):
             await _serve_store(peer, opts.data_dir)
         host = BlockHost(model, model_id=source.model_id, limits=opts.limits, block_tokens_per_s=tps,
@@ -197,11 +208,84 @@ async def _load(source: ModelSource, span: range, dtype: str, quantization: str)
 
 def _load_span(source: ModelSource, span: range, dtype: str, quantization: str = "none") -> tuple[Any, float]:
     scheme = parse_scheme(quantization)
-    check_quantizable(source.config(), scheme)
-    model, _ = source.load(dtype=DTYPES[dtype], layers=span, with_embed=False, with_head=False)
-    model.requires_grad_(False)
-    quantize_model(model, scheme)
+    cfg = source.config()
+    check_quantizable(cfg, scheme)
+    if scheme.bits == 0:
+        model, _ = source.load(dtype=DTYPES[dtype], layers=span, with_embed=False, with_head=False)
+    else:   # one block at a time, quantized before the next is read: only one float block is ever held
+        with torch.device("meta"):
+            model = Transformer(cfg, layers=span, with_embed=False, with_head=False)
+        for i in span:
+            part, _ = source.load(dtype=DTYPES[dtype], layers=range(i, i + 1), with_embed=False, with_head=False)
+            block = quantize_model(part, scheme).layers[str(i)]
+            for t in block.parameters():        # own copies of the float leftovers (norms, biases): a view
+                t.data = t.data.clone()         # into the checkpoint's mapped file would keep all of it resident
+            model.layers[str(i)] = block
+        model.quantization = scheme.name
+    model.eval().requires_grad_(False)
     return model, measure_throughput(model)
+
+
+def fit_memory(opts: ServeOptions, cfg: Any) -> ServeOptions:
+    """`opts` with the span length and the limits that fit `opts.max_memory` (memory.py), given what
+    this process holds now; UserError when not even one block fits, or a fixed --blocks span does not."""
+    scheme = parse_scheme(opts.quantization)
+    item = torch.empty((), dtype=DTYPES[opts.dtype]).element_size()
+    fixed = None if opts.blocks is None else opts.blocks[1] - opts.blocks[0]
+    plan = plan_memory(opts.max_memory, overhead_bytes=resident_bytes() + PROCESS_RESERVE_BYTES,
+                       block_bytes=block_weight_bytes(cfg, scheme, item),
+                       load_bytes=2 * block_weight_bytes(cfg, NO_QUANT, 4),
+                       kv_bytes_per_token=2 * cfg.n_kv_heads * cfg.dh * item,
+                       scratch_bytes_per_token=(8 * cfg.dim + 4 * cfg.ffn_dim) * 4,
+                       attn_bytes_per_token_pair=cfg.n_heads * 4, n_layers=cfg.n_layers,
+                       want_blocks=fixed or opts.num_blocks, limits=opts.limits)
+    if fixed is not None and plan.n_blocks < fixed:
+        raise UserError(f"--blocks {opts.blocks[0]}:{opts.blocks[1]} does not fit in --max-memory "
+                        f"{format_size(opts.max_memory)}: {plan.n_blocks} blocks do")
+    logger.info("--max-memory %s: %d blocks (%s of weights), %d cache tokens (%s)", format_size(opts.max_memory),
+                plan.n_blocks, format_size(plan.weights_bytes), plan.limits.max_cache_tokens,
+                format_size(plan.cache_bytes))
+    return dataclasses.replace(opts, num_blocks=None if fixed else plan.n_blocks, limits=plan.limits)
+
+
+def recap_cache(opts: ServeOptions, cfg: Any, n_blocks: int) -> ServeOptions:
+    """Once the span is loaded, size the cache from what the process really holds now (the plan
+    counted estimates): every byte left under the bound, less the working memory and the reserve,
+    goes to cached tokens, never more than planned. UserError if fewer than the minimum remain."""
+    release_free_memory()
+    item = torch.empty((), dtype=DTYPES[opts.dtype]).element_size()
+    kv = 2 * cfg.n_kv_heads * cfg.dh * item * n_blocks
+    plan = plan_memory(opts.max_memory, overhead_bytes=resident_bytes() + PROCESS_RESERVE_BYTES, block_bytes=0,
+                       load_bytes=0, kv_bytes_per_token=kv, scratch_bytes_per_token=(8 * cfg.dim + 4 * cfg.ffn_dim) * 4,
+                       attn_bytes_per_token_pair=cfg.n_heads * 4, n_layers=1, want_blocks=1, limits=opts.limits)
+    logger.info("--max-memory %s: %d cache tokens once loaded (%s resident)", format_size(opts.max_memory),
+                plan.limits.max_cache_tokens, format_size(resident_bytes()))
+    return dataclasses.replace(opts, limits=plan.limits)
+
+
+def release_free_memory() -> None:
+    """Hand freed heap pages back to the system (glibc keeps them after a load's temporaries are freed)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
+PROCESS_RESERVE_BYTES = 64 << 20    # what the process grows by after planning (buffers, sessions' bookkeeping)
+
+
+def resident_bytes() -> int:
+    """This process's resident set now (Linux /proc; 0 where it cannot be read)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
 
 
 async def _rebalance_forever(opts: ServeOptions, peer: Any, source: ModelSource, host: BlockHost,
@@ -246,7 +330,8 @@ def options_from_args(args: Any) -> ServeOptions:
                         port=args.port, data_dir=args.data_dir, dtype=args.dtype, limits=limits,
                         announce_ttl_s=args.announce_ttl, rebalance_period_s=args.rebalance_period,
                         join_delay_s=args.join_delay, direct=args.direct,
-                        quantization=parse_scheme(getattr(args, "quantize", None)).name)
+                        quantization=parse_scheme(getattr(args, "quantize", None)).name,
+                        max_memory=parse_size(args.max_memory) if getattr(args, "max_memory", None) else None)
 
 
 def serve_from_args(args: Any, *, admit: Any = None, background: Any = None) -> int:
@@ -259,7 +344,8 @@ def serve_from_args(args: Any, *, admit: Any = None, background: Any = None) -> 
     def ready(maddrs: list[str]) -> None:
         for m in maddrs:
             print(m)
-        span = f"blocks {opts.blocks[0]}:{opts.blocks[1]}" if opts.blocks else f"{opts.num_blocks} blocks (where needed)"
+        span = (f"blocks {opts.blocks[0]}:{opts.blocks[1]}" if opts.blocks else f"{opts.num_blocks} blocks (where needed)"
+                if opts.num_blocks else "as many blocks as fit in --max-memory (where needed)")
         print(f"ready: serving {span} of {opts.model}")
         sys.stdout.flush()
 
