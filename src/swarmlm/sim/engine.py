@@ -81,6 +81,7 @@ class Client:
     generated: int = 0            # tokens of the current generation
     requested_at: float = 0.0
     first_token_at: float = 0.0
+    last_token_at: float = 0.0
     decode_tokens: int = 0        # over all generations: tokens after each first one ...
     decode_s: float = 0.0         # ... and the time they took (recoveries included)
     costs: list | None = None     # the chain's per-hop costs (Simulation._costs), for `costs_of`
@@ -326,7 +327,7 @@ class Simulation:
             s = hop.server
             arrive = t + self.latency(prev_rtt, prev_bw, s.rtt, s.bw, n_bytes)
             if net.shared_host and i > first_hop:
-                arrive += (c.rtt + s.rtt) / 2     # on one machine: this hop also handled the client's request
+                arrive += (c.rtt + s.rtt) / 4     # on one machine: this hop also handled the client's request
             if s.state != "online" or s.epoch != hop.epoch:
                 detected = arrive + self.sc.clients.failure_detect_s
                 self.at(detected, self.recover, c, i, n_tokens, prefill, detected, detected)
@@ -337,7 +338,7 @@ class Simulation:
             t, prev_rtt, prev_bw = s.free_at, s.rtt, s.bw
         done = t + self.latency(prev_rtt, prev_bw, c.rtt, c.bw, n_bytes) + self.sc.clients.token_overhead_s
         if net.shared_host:                       # ... and the client handled every other hop's reply
-            done += sum((c.rtt + h.server.rtt) / 2 for h in c.chain[first_hop:-1])
+            done += sum((c.rtt + h.server.rtt) / 4 for h in c.chain[first_hop:-1])
         self.at(done, self.token_done, c, prefill)
 
     def _warm_up(self, s: Server) -> float:
@@ -357,12 +358,12 @@ class Simulation:
                 s = hop.server
                 leg = self.latency(prev_rtt, prev_bw, s.rtt, s.bw, n_bytes)
                 if shared and i:                  # see `step`: the client's request to this hop, handled too
-                    leg += (c.rtt + s.rtt) / 2
+                    leg += (c.rtt + s.rtt) / 4
                 costs.append((s, hop.epoch, leg, overhead + (hop.end - hop.start) / s.speed))
                 prev_rtt, prev_bw = s.rtt, s.bw
             c.back = self.latency(prev_rtt, prev_bw, c.rtt, c.bw, n_bytes) + self.sc.clients.token_overhead_s
             if shared:
-                c.back += sum((c.rtt + h.server.rtt) / 2 for h in c.chain[:-1])
+                c.back += sum((c.rtt + h.server.rtt) / 4 for h in c.chain[:-1])
             c.costs, c.costs_of = costs, c.chain
         return c.costs
 
@@ -384,6 +385,7 @@ class Simulation:
             c.first_token_at = self.now
             self.out.ttft_s.append(self.now - c.requested_at)
         c.generated += 1
+        c.last_token_at = self.now
         if c.index == 0 and self.out.generations == 0 and c.generated in self.chain_kills:
             self.kill_in_chain(self.chain_kills.pop(c.generated))
         if c.generated >= self.sc.model.new_tokens:

@@ -26,7 +26,7 @@ def summarize(sim: Simulation, out: Results, wall_s: float) -> dict[str, Any]:
     for c in sim.clients:                  # completed generations, plus the one under way at the end
         tokens, seconds = c.decode_tokens, c.decode_s
         if c.chain and c.first_token_at > 0 and c.generated > 1:
-            tokens, seconds = tokens + c.generated - 1, seconds + sim.now - c.first_token_at
+            tokens, seconds = tokens + c.generated - 1, seconds + c.last_token_at - c.first_token_at
         if seconds > 0:
             rates.append(tokens / seconds)
     timeline = out.timeline
