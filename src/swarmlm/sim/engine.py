@@ -78,7 +78,6 @@ class Client:
     bw: float
     chain: list[Hop] = field(default_factory=list)
     banned: set[str] = field(default_factory=set)
-    contacted: set[str] = field(default_factory=set)   # servers it has a connection to
     generated: int = 0            # tokens of the current generation
     requested_at: float = 0.0
     first_token_at: float = 0.0
@@ -291,9 +290,6 @@ class Simulation:
             warm_cost = measured if measured > 0 else (s.rtt + c.rtt) + control
             total += cold if cold > 0 and not s.opened else warm_cost
             s.opened = True
-            if s.peer_id not in c.contacted:
-                c.contacted.add(s.peer_id)
-                total += self.sc.clients.first_contact_s
         return total
 
     def close(self, c: Client) -> None:

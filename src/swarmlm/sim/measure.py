@@ -10,8 +10,6 @@
   checks, the cache, encoding), minus the block's compute;
 - `client_token_s`: the client's own work per token: embedding, final norm, head, arg-max;
 - `control_rtt_s`: a control RPC (`swarm/info`) to that server over libp2p, as re-linking is;
-  `first_contact_s`: what the first call to a second server costs more (a new libp2p connection, as a
-  failover's replacement needs);
   `open_s`: opening an inference session on it (`InferenceSession.create`);
 - `rtt_s`: the round trip a one-token step costs on loopback beyond that work: one real
   `swarmlm serve MODEL_DIR --blocks 0:L` child on 127.0.0.1 and a `RemoteModel` client generating
@@ -54,7 +52,6 @@ class Measured:
     open_s: float                  # opening a session on one server (the open RPC, its steps channel)
     cold_open_s: float             # the first session opened on a freshly started server
     warmup_s: float                # the extra time of a fresh server's first computation
-    first_contact_s: float         # the extra time of the first call to a peer (a new connection)
 
     def as_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -94,37 +91,30 @@ def measure(model_dir: str | os.PathLike, *, repeats: int = 60, prompt_tokens: i
     block, _ = load_model(model_dir, dtype=torch.float32, layers=one, with_embed=False, with_head=False)
     handler_s = asyncio.run(_step_handler_time(block.requires_grad_(False), cfg, repeats))
     channel_rtt = asyncio.run(_side_channel_rtt(cfg.dim * 4 + 64, repeats))
-    token_s, control_rtt, open_s, cold_open_s, warmup_s, first_contact_s = one_server_token_s(model_dir, cfg.n_layers, n_tokens=repeats)
+    token_s, control_rtt, open_s, cold_open_s, warmup_s = one_server_token_s(model_dir, cfg.n_layers, n_tokens=repeats)
     overhead = max(0.0, handler_s - decode_s)
     rtt = max(channel_rtt, token_s - cfg.n_layers * decode_s - overhead - client_s)
     return Measured(n_layers=cfg.n_layers, hidden_bytes=cfg.dim * 4, block_tokens_per_s=1.0 / decode_s,
                     prefill_speedup=prompt_tokens * decode_s / prefill_s, step_overhead_s=overhead,
                     client_token_s=client_s, rtt_s=rtt, channel_rtt_s=channel_rtt, one_server_token_s=token_s,
-                    control_rtt_s=control_rtt, open_s=open_s, cold_open_s=cold_open_s, warmup_s=warmup_s,
-                    first_contact_s=first_contact_s)
+                    control_rtt_s=control_rtt, open_s=open_s, cold_open_s=cold_open_s, warmup_s=warmup_s)
 
 
 def one_server_token_s(model_dir: str | os.PathLike, n_layers: int, *,
-                       n_tokens: int = 60, runs: int = 5) -> tuple[float, float, float, float, float, float]:
+                       n_tokens: int = 60, runs: int = 5) -> tuple[float, float, float, float, float]:
     """Through one real server holding every block (loopback), started here: seconds per greedy token
     after the first (the median of `runs` generations); the median round trip of a control RPC over libp2p (`swarm/info`); the median
     time to open an inference session on it (`InferenceSession.create`: the open RPC, the steps
-    channel); the first session's opening (cold); the extra time of its first computation; and the
-    extra time of a first call to a second server the client had not talked to (a new connection)."""
+    channel); the first session's opening (cold); the extra time of its first computation."""
     import tempfile
 
     from swarmlm.swarm.client.model import RemoteModel
     from swarmlm.swarm.server.serve import start_server_process
 
     with tempfile.TemporaryDirectory(prefix="swarmlm-measure-") as tmp:
-        server = start_server_process(model_dir, blocks=(0, n_layers), data_dir=Path(tmp) / "a",
+        server = start_server_process(model_dir, blocks=(0, n_layers), data_dir=tmp,
                                       env={"OMP_NUM_THREADS": "1"}, timeout_s=180)
-        fresh = None
         try:
-            # a second server the client never talks to until the end: the first contact with a peer
-            # (a new libp2p connection, as a failover's replacement usually is) is measured on it
-            fresh = start_server_process(model_dir, blocks=(0, n_layers), data_dir=Path(tmp) / "b",
-                                         env={"OMP_NUM_THREADS": "1"}, timeout_s=180, initial_peers=server.maddrs[:1])
             with RemoteModel.connect(str(model_dir), initial_peers=server.maddrs[:1], connect_timeout_s=60) as remote:
                 cold_open = remote.runner.run(_open_s(remote.blocks, n_layers, 0))    # the server's first session
                 t0 = time.perf_counter()
@@ -139,14 +129,11 @@ def one_server_token_s(model_dir: str | os.PathLike, n_layers: int, *,
                     stamps = [time.perf_counter() for _ in remote.stream_generate([[1, 2, 3, 4]],
                                                                                   max_new_tokens=n_tokens)]
                     per_token.append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1))
-                control = remote.runner.run(_control_rtt(remote.blocks, server.peer_id, 20))
-                first_contact = remote.runner.run(_control_rtt(remote.blocks, fresh.peer_id, 0))
-                return (statistics.median(per_token), control, remote.runner.run(_open_s(remote.blocks, n_layers, 9)),
-                        cold_open, max(0.0, cold_first - warm_first), max(0.0, first_contact - control))
+                return (statistics.median(per_token), remote.runner.run(_control_rtt(remote.blocks, server.peer_id, 20)),
+                        remote.runner.run(_open_s(remote.blocks, n_layers, 9)), cold_open,
+                        max(0.0, cold_first - warm_first))
         finally:
             server.kill()
-            if fresh is not None:
-                fresh.kill()
 
 
 async def _open_s(blocks: Any, n_layers: int, repeats: int) -> float:
@@ -169,7 +156,7 @@ async def _control_rtt(blocks: Any, peer_id: str, repeats: int) -> float:
     for i in range(repeats + 1):
         t0 = time.perf_counter()
         await blocks.call(peer_id, wire.RPC_INFO, wire.InfoRequest(), wire.InfoReply, timeout_s=10.0)
-        if i or not repeats:                # repeats 0: the first call (a first contact) is the measurement
+        if i:
             times.append(time.perf_counter() - t0)
     return statistics.median(times)
 
@@ -255,4 +242,4 @@ def apply_measured(scenario: Scenario, m: Measured) -> Scenario:
                                     prefill_speedup=m.prefill_speedup, cold_open_s=m.cold_open_s,
                                     warmup_s=m.warmup_s),
         clients=dataclasses.replace(scenario.clients, token_overhead_s=m.client_token_s, control_rtt_s=m.control_rtt_s,
-                                    open_s=m.open_s, first_contact_s=m.first_contact_s))
+                                    open_s=m.open_s))

@@ -121,7 +121,6 @@ class ClientSpec:
     routing_candidates: int = 3        # servers per block the client's routing considers (a DHT read's sample)
     control_rtt_s: float = 0.0         # extra round trip of a control RPC (link: over libp2p) beyond rtt_s
     open_s: float = 0.0                # opening a session on a server, if measured (0: two round trips + control)
-    first_contact_s: float = 0.0       # extra cost of a client's first call to a server (a new connection)
     failure_detect_s: float = 0.0      # time to notice a dead server (a reset on loopback; a timeout elsewhere)
     recovery_timeout_s: float = 25.0   # as SessionOptions: a failover longer than this fails the generation
     max_replay_bytes: int = 12 << 20   # as SessionOptions: a replay is cut into requests of at most this
