@@ -72,6 +72,7 @@ def real_failover_s(ckpt: Path, maddr: str, servers_24: dict) -> tuple[float, fl
     noticed = Noticed()
     log = logging.getLogger("swarmlm.swarm.client.session")
     log.addHandler(noticed)
+    log.setLevel(logging.WARNING)          # whatever the root's level: the warning is the moment wanted
     try:
         with RemoteModel.connect(str(ckpt), initial_peers=[maddr], connect_timeout_s=60) as remote:
             async def run() -> tuple[list[float], float]:
@@ -97,7 +98,7 @@ def main() -> None:
     ap.add_argument("--runs", type=int, default=5, help="real generations per trial (median)")
     ap.add_argument("--tokens", type=int, default=64)
     args = ap.parse_args()
-    logging.basicConfig(level=logging.ERROR)
+    logging.basicConfig(level=logging.CRITICAL)
     with tempfile.TemporaryDirectory(prefix="swarmlm-bench-sim-") as tmp:
         tmp = Path(tmp)
         ckpt = build_checkpoint(tmp / "ckpt", "llama")
