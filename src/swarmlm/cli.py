@@ -524,6 +524,22 @@ def _run_dashboard(args) -> int:
     return dashboard_from_args(args)
 
 
+# ---- simulate -----------------------------------------------------------------------------
+
+def _add_simulate(sub) -> None:
+    p = sub.add_parser("simulate", help="simulate a swarm of thousands of peers with swarmlm's own decisions")
+    p.add_argument("scenario", help="a scenario TOML file (see scenarios/)")
+    p.add_argument("--measure", default=None, metavar="MODEL_DIR",
+                   help="first measure this machine's compute per block and loopback RTT with this model")
+    p.add_argument("--json", action="store_true", help="print one JSON object")
+    p.set_defaults(run=_run_simulate)
+
+
+def _run_simulate(args) -> int:
+    from swarmlm.sim.run import simulate_from_args
+    return simulate_from_args(args)
+
+
 def _add_metrics_flag(p) -> None:
     """`--metrics-port P` on a long-running verb; `main` exposes the metrics before the verb runs."""
     p.add_argument("--metrics-port", type=int, default=None, metavar="P",
@@ -537,7 +553,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default: $SWARMLM_LOG or WARNING)")
     sub = parser.add_subparsers(dest="verb", required=True)
     for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_mpc_party,
-                _add_finetune, _add_api, _add_fl, _add_ledger, _add_eval, _add_dashboard):
+                _add_finetune, _add_api, _add_fl, _add_ledger, _add_eval, _add_dashboard, _add_simulate):
         add(sub)
     for verb in ("node", "serve", "train"):          # long-running verbs (the federated/MPC roles: add theirs)
         _add_metrics_flag(sub.choices[verb])

@@ -136,6 +136,13 @@ class Failing:
         raise PeerError("the DHT did not answer")
 
 
+class Buggy:
+    name = "buggy"
+
+    async def collect(self, peer, now):
+        return {}["missing"]
+
+
 class Fixed:
     name = "fixed"
 
@@ -145,7 +152,7 @@ class Fixed:
 
 def test_a_failing_panel_keeps_the_others_and_reports_its_error():
     async def go():
-        collector = Collector(await MemoryPeer.create(MemoryNetwork(), client_mode=True), [Failing(), Fixed()])
+        collector = Collector(await MemoryPeer.create(MemoryNetwork(), client_mode=True), [Failing(), Buggy(), Fixed()])
         stream = collector.updates()
         first = await stream.__anext__()
         refreshed = await collector.refresh()
@@ -153,5 +160,5 @@ def test_a_failing_panel_keeps_the_others_and_reports_its_error():
 
     first, snap, streamed = asyncio.run(go())
     assert first["version"] == 0 and streamed["version"] == 1
-    assert snap["fixed"] == [{"a": 1}] and snap["errors"] == {"broken": "the DHT did not answer"}
-    assert snap["panels"] == ["broken", "fixed"]
+    assert snap["fixed"] == [{"a": 1}] and snap["errors"] == {"broken": "the DHT did not answer", "buggy": "'missing'"}
+    assert snap["panels"] == ["broken", "buggy", "fixed"]

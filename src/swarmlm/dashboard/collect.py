@@ -5,13 +5,14 @@
     collector.snapshot                   # {"time": ..., "version": n, "panels": [...], "models": ..., ...}
     async for snap in collector.updates(): ...   # the current snapshot, then each new one
 
-A panel that fails keeps its previous data and reports its error under "errors", so one bad
-read never blanks the page. `run_forever(interval_s)` refreshes until cancelled.
+A panel that fails (any exception) keeps its previous data and reports its error under
+"errors", so one bad read, or one panel's bug, never blanks the page or stops the looking. `run_forever(interval_s)` refreshes until cancelled.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from typing import Any, AsyncIterator, Callable, Sequence
 
@@ -38,11 +39,13 @@ class Collector:
         now = self.clock()
         results = await asyncio.gather(*(p.collect(self.peer, now) for p in self.panels), return_exceptions=True)
         for panel, result in zip(self.panels, results):
-            if isinstance(result, (SwarmlmError, OSError, ValueError, asyncio.TimeoutError)):
-                logger.warning("panel %s: %s", panel.name, result)
+            if isinstance(result, Exception):      # one panel's failure (a DHT read, a bug) is shown, not fatal
+                level = logging.WARNING if isinstance(result, (SwarmlmError, OSError, asyncio.TimeoutError)) \
+                    else logging.ERROR
+                logger.log(level, "panel %s: %s", panel.name, result, exc_info=level == logging.ERROR)
                 self.errors[panel.name] = str(result) or type(result).__name__
             elif isinstance(result, BaseException):
-                raise result
+                raise result                       # cancellation
             else:
                 self.errors.pop(panel.name, None)
                 self.data.update(result)

@@ -184,7 +184,7 @@ class HopClient:
         xs = list(inputs)
         for state in states:
             outs: list[torch.Tensor] = []
-            for group in _groups(xs, self.options.max_replay_bytes):
+            for group in replay_groups([x.numel() * x.element_size() for x in xs], self.options.max_replay_bytes):
                 x = torch.cat([xs[j] for j in group], dim=1).to(state.dtype)  # (B, sum T_j, D)
                 mask = _cat_masks([masks[j] for j in group], [sizes[j] for j in group], self.batch)
                 req = self.step_request(state, sum(sizes[:group[0]]), x, key_mask=mask, first=group[0] == 0,
@@ -214,12 +214,12 @@ def checked_output(y: Any, x: torch.Tensor, hop: Hop) -> torch.Tensor:
     return y
 
 
-def _groups(xs: list[torch.Tensor], max_bytes: int) -> list[list[int]]:
-    """Consecutive indices of `xs` packed into groups of at most `max_bytes` (one item may exceed it alone)."""
+def replay_groups(sizes: list[int], max_bytes: int) -> list[list[int]]:
+    """How a replay is cut into requests: consecutive indices of the recorded steps (of `sizes` bytes each)
+    packed into groups of at most `max_bytes` (one step may exceed it alone). Pure: the simulator uses it too."""
     groups: list[list[int]] = []
     size = 0
-    for j, x in enumerate(xs):
-        n = x.numel() * x.element_size()
+    for j, n in enumerate(sizes):
         if groups and size + n <= max_bytes:
             groups[-1].append(j)
             size += n
