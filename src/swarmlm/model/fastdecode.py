@@ -14,7 +14,8 @@ and the tests check that the output equals `run_blocks`' exactly, for float and 
 GEMM may block its sums differently, so those steps use the parts).
 
 It applies to a step of one new token per row with a cache, for models whose rotary scaling
-does not depend on the sequence length (not "dynamic"); `DecodeStep.supports` says which.
+does not depend on the sequence length (not "dynamic") and that attend to the whole context (no
+sliding window); `DecodeStep.supports` says which.
 Knows nothing of sampling or networks.
 """
 
@@ -113,7 +114,8 @@ class DecodeStep:
 
     @staticmethod
     def supports(model) -> bool:
-        return model.rotary is None or model.cfg.rope_type != "dynamic"
+        # a sliding window (Mistral, Qwen2) reads a window of the cache per layer: run_blocks' path
+        return (model.rotary is None or model.cfg.rope_type != "dynamic") and model.cfg.sliding_window is None
 
     def _rope(self, B: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         if self.tables is None:
