@@ -28,8 +28,7 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     from swarmlm.demo import run_demo
-    extra = {"dashboard": True} if args.dashboard else {}       # demo/dashboard.py: start_dashboard
-    return run_demo(peers=args.peers, steps=args.steps, out=args.out, **extra)
+    return run_demo(peers=args.peers, steps=args.steps, out=args.out, dashboard=args.dashboard)
 
 
 # ---- train --------------------------------------------------------------------------------

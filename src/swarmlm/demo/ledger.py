@@ -24,6 +24,7 @@ from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarmlm.demo.summary import Part
 from swarmlm.errors import AccessRefused, UserError
 from swarmlm.ledger import chain as chainlib
 from swarmlm.ledger import commands, keys
@@ -43,6 +44,12 @@ class LedgerReport:
         earned = ", ".join(f"{name} {c}" for name, c in self.credit.items())
         return [f"  ledger      {self.ledger} on the embedded chain; credit earned (tokens served, settled): {earned}",
                 f"  refused     {self.refused or 'NOTHING (a request over its quota was served)'}"]
+
+    def part(self) -> Part:
+        found = [] if self.refused else ["the ledger let a request over its quota through"]
+        if not any(self.credit.values()):
+            found.append("no server earned credit on the ledger for the tokens it served")
+        return Part("ledger", self.lines(), found, {"ledger": self.ledger, "credit": self.credit, "refused": self.refused})
 
 
 class DemoLedger:
