@@ -261,6 +261,8 @@ def quantize_model(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
     scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
     if scheme.bits == 0:
         return model
+    if quantization_of(model) not in ("none", scheme.name):
+        raise ValueError(f"model already quantized as {quantization_of(model)}, not {scheme.name}")
     model.requires_grad_(False)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):
