@@ -45,15 +45,19 @@ def chain_from_args(args: Any) -> int:
     return 0
 
 
-def fund_from_args(args: Any) -> int:
-    """Dev chains only (anvil, `ledger chain`): top the data dir's account up to 100 ether."""
-    w3 = chainlib.connect(args.chain_rpc)
-    account = receipts.address_of(keys.load_or_create_key(args.data_dir))
+def fund(chain_rpc: str, data_dir: Any) -> str:
+    """Dev chains only (anvil, `ledger chain`): top the data dir's account up to 100 ether; the account."""
+    w3 = chainlib.connect(chain_rpc)
+    account = receipts.address_of(keys.load_or_create_key(data_dir))
     try:
         w3.provider.make_request("anvil_setBalance", [account, hex(DEV_FUNDS)])
     except Exception as e:
-        raise LedgerError(f"{args.chain_rpc} is not a dev chain that funds accounts: {e}") from None
-    print(account)
+        raise LedgerError(f"{chain_rpc} is not a dev chain that funds accounts: {e}") from None
+    return account
+
+
+def fund_from_args(args: Any) -> int:
+    print(fund(args.chain_rpc, args.data_dir))
     return 0
 
 
@@ -68,12 +72,18 @@ def deploy_from_args(args: Any) -> int:
     return 0
 
 
+def register(c: chainlib.LedgerClient, data_dir: Any, *, server: bool) -> str:
+    """Bind `c`'s account to the swarm peer of `data_dir` (its peer key signs); that peer's ID."""
+    identity = keys.identity_of(data_dir)
+    peer_key, sig = keys.sign_binding(identity, c.chain_id, c.address, c.account)
+    c.transact("register", peer_key, sig, server)
+    return identity.peer_id
+
+
 def register_from_args(args: Any) -> int:
     c = _client(args)
-    identity = keys.identity_of(args.data_dir)
-    peer_key, sig = keys.sign_binding(identity, c.chain_id, c.address, c.account)
-    c.transact("register", peer_key, sig, bool(args.server))
-    print(f"{c.account} registered as peer {identity.peer_id}{' (server)' if args.server else ''}")
+    peer_id = register(c, args.data_dir, server=bool(args.server))
+    print(f"{c.account} registered as peer {peer_id}{' (server)' if args.server else ''}")
     return 0
 
 
@@ -215,15 +225,19 @@ def round_from_args(args: Any) -> int:
     return 0
 
 
-def advance_from_args(args: Any) -> int:
-    """Dev chains only: move the chain's clock forward `--seconds` (evm_increaseTime, then a block)."""
-    w3 = chainlib.connect(args.chain_rpc)
+def advance(chain_rpc: str, seconds: int) -> int:
+    """Dev chains only: move the chain's clock forward `seconds` (evm_increaseTime, then a block); its time."""
+    w3 = chainlib.connect(chain_rpc)
     try:
-        w3.provider.make_request("evm_increaseTime", [hex(args.seconds)])
+        w3.provider.make_request("evm_increaseTime", [hex(seconds)])
         w3.provider.make_request("evm_mine", [])
     except Exception as e:
-        raise LedgerError(f"{args.chain_rpc} is not a dev chain: {e}") from None
-    print(w3.eth.get_block("latest")["timestamp"])
+        raise LedgerError(f"{chain_rpc} is not a dev chain: {e}") from None
+    return w3.eth.get_block("latest")["timestamp"]
+
+
+def advance_from_args(args: Any) -> int:
+    print(advance(args.chain_rpc, args.seconds))
     return 0
 
 
