@@ -21,7 +21,7 @@ import torch
 from safetensors import safe_open
 
 from swarmlm.errors import CheckpointError, UserError
-from swarmlm.model.hf import _model_dir, _read_json, _weight_map, _write_text, write_checkpoint
+from swarmlm.model.hf import _model_dir, _read_json, _weight_map, write_checkpoint
 from swarmlm.model.t5 import ACTIVATIONS, T5, T5Config
 
 ARCHITECTURE = "T5ForConditionalGeneration"
