@@ -78,6 +78,7 @@ class Coordinator:
         self.member_event = asyncio.Event()
         self.params = federated.flatten(model)             # this round's trainable coordinates (d,)
         self.rounds_done = 0
+        self.max_rate = 0.0          # the largest sampling rate of the completed rounds: what is accounted
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -192,7 +193,10 @@ class Coordinator:
                "train_loss": res.train_loss, "val_loss": res.val_loss, "secure": self.cfg.secure,
                "seconds": res.seconds, **res.extra}
         if self.cfg.dp is not None:
-            rec.update(dp.event_record(self.cfg.dp, res.extra["sampling_rate"], self.rounds_done))
+            # every completed round is accounted at the largest rate any of them had (ε grows with q),
+            # so a swarm whose size changed is never under-counted
+            rec.update(dp.event_record(self.cfg.dp, self.max_rate, self.rounds_done))
+            rec["round_sampling_rate"] = res.extra["sampling_rate"]
         return rec
 
     async def _round(self, r: int, attempt: int) -> RoundResult:
@@ -229,6 +233,7 @@ class Coordinator:
             if self.cfg.lora_rank:              # fold B A into the weights (nothing if the round failed: B = 0)
                 merge_lora(self.model)
         self.rounds_done += 1
+        self.max_rate = max(self.max_rate, federated.sampling_rate(self.cfg, len(joined)))
         got = [reports[p] for p in survivors if p in reports]
         weights = np.array([max(rep.n_samples, 1) for rep in got], dtype=np.float64)
         mean = (lambda xs: float(np.average(xs, weights=weights))) if got else (lambda xs: float("nan"))
