@@ -12,6 +12,7 @@ seeds train the same way. Knows nothing of other clients.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -60,6 +61,12 @@ class Participant:
         self.bytes_sent = 0                                  # every record this client wrote, in plaintext bytes
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            shutil.rmtree(self.model_dir, ignore_errors=True)      # the fetched model: a copy of the store's
+
+    async def _run(self) -> int:
         coordinator = await find_coordinator(self.peer, self.run_id)
         side = await self.peer.side_channel()
         conn = await side.open(coordinator, wire.PURPOSE, timeout_s=30.0, max_record_bytes=wire.MAX_RECORD_BYTES)
