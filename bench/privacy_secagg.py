@@ -32,6 +32,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import shutil
 import statistics
 import sys
 import time
@@ -116,6 +117,7 @@ def _config(n_clients: int, rounds: int) -> FlConfig:
 
 def _results(out: Path, sent: list[dict], rounds: int) -> dict:
     lines = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()][2:]
+    shutil.rmtree(out, ignore_errors=True)
     return {kind: ([x["seconds"] for x in lines if x["secure"] == kind],
                    statistics.median(s[kind] for s in sent) / (rounds + 1)) for kind in (False, True)}
 
