@@ -78,6 +78,7 @@ class Coordinator:
         self.member_event = asyncio.Event()
         self.params = federated.flatten(model)             # this round's trainable coordinates (d,)
         self.rounds_done = 0
+        self.max_rate = 0.0          # the largest sampling rate of the completed rounds: what is accounted
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -192,7 +193,10 @@ class Coordinator:
                "train_loss": res.train_loss, "val_loss": res.val_loss, "secure": self.cfg.secure,
                "seconds": res.seconds, **res.extra}
         if self.cfg.dp is not None:
-            rec.update(dp.event_record(self.cfg.dp, res.extra["sampling_rate"], self.rounds_done))
+            # every completed round is accounted at the largest rate any of them had (ε grows with q),
+            # so a swarm whose size changed is never under-counted
+            rec.update(dp.event_record(self.cfg.dp, self.max_rate, self.rounds_done))
+            rec["round_sampling_rate"] = res.extra["sampling_rate"]
         return rec
 
     async def _round(self, r: int, attempt: int) -> RoundResult:
@@ -217,8 +221,9 @@ class Coordinator:
             self._drain_stale()
             sent = [pid for pid in chosen if await self._send(pid, start)]
             reports: dict[str, wire.Report] = {}
+            stage_s: dict = {}
             if self.cfg.secure:
-                total, survivors = await self._secure_sum(r, attempt, sent, reports)
+                total, survivors = await self._secure_sum(r, attempt, sent, reports, stage_s)
             else:
                 total, survivors = await self._plain_sum(r, attempt, sent, reports)
             denom = federated.denominator(self.cfg, len(survivors), len(joined))
@@ -228,11 +233,12 @@ class Coordinator:
             if self.cfg.lora_rank:              # fold B A into the weights (nothing if the round failed: B = 0)
                 merge_lora(self.model)
         self.rounds_done += 1
+        self.max_rate = max(self.max_rate, federated.sampling_rate(self.cfg, len(joined)))
         got = [reports[p] for p in survivors if p in reports]
         weights = np.array([max(rep.n_samples, 1) for rep in got], dtype=np.float64)
         mean = (lambda xs: float(np.average(xs, weights=weights))) if got else (lambda xs: float("nan"))
         extra = {"sampling_rate": federated.sampling_rate(self.cfg, len(joined)), "joined": len(joined),
-                 "manifest_cid": cid}
+                 "manifest_cid": cid, **({"stage_s": stage_s} if stage_s else {})}
         return RoundResult(r, attempt, chosen, survivors, mean([g.train_loss for g in got]),
                            mean([g.val_loss for g in got]), time.perf_counter() - t0, extra)
 
@@ -279,13 +285,16 @@ class Coordinator:
             np.add(total, updates[pid], out=total)
         return total, survivors
 
-    async def _secure_sum(self, r: int, attempt: int, sent: list[str], reports: dict) -> tuple[np.ndarray, list[str]]:
+    async def _secure_sum(self, r: int, attempt: int, sent: list[str], reports: dict,
+                          stage_s: dict | None = None) -> tuple[np.ndarray, list[str]]:
         server = SecAggServer(self.peer.identity, run_id=f"{self.run_id}/{attempt}", round=r,
                               config=SecAggConfig(clip=self.cfg.coord_clip, max_clients=max(len(sent), 1),
                                                   min_clients=self.cfg.min_clients, graph_seed=self.cfg.seed + r),
                               length=int(self.params.size), expected=sent)
         alive = set(sent)
         while server.stage not in TERMINAL:
+            t0 = time.perf_counter()
+            stage = server.stage.value
             deadline = time.monotonic() + self.cfg.round_timeout_s
             while server.waiting_for() & alive:
                 item = await self._next(deadline)
@@ -302,10 +311,13 @@ class Coordinator:
                     except (SwarmlmError, ValueError) as e:
                         log.warning("secure aggregation message from %s refused: %s", pid, e)
                         await self._send(pid, wire.Error(f"refused: {e}"))
+            t1 = time.perf_counter()
             out = server.advance()                           # RoundFailed below the minimum
             for pid, data in out.items():
                 if pid in alive and not await self._send(pid, wire.SecAgg(r, attempt, data)):
                     alive.discard(pid)
+            if stage_s is not None:                          # waiting for the clients, then closing the stage
+                stage_s[stage] = [round(t1 - t0, 4), round(time.perf_counter() - t1, 4)]
         return server.result, list(server.survivors)
 
     # ---- the model -----------------------------------------------------------------------------

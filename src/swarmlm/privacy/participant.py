@@ -12,6 +12,7 @@ seeds train the same way. Knows nothing of other clients.
 from __future__ import annotations
 
 import asyncio
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,7 +20,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from swarmlm.errors import RemoteError, SwarmlmError, UserError, WireError
+from swarmlm.errors import PeerError, RemoteError, SwarmlmError, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import keys
 from swarmlm.privacy import federated, wire
@@ -60,6 +61,12 @@ class Participant:
         self.bytes_sent = 0                                  # every record this client wrote, in plaintext bytes
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            shutil.rmtree(self.model_dir, ignore_errors=True)      # the fetched model: a copy of the store's
+
+    async def _run(self) -> int:
         coordinator = await find_coordinator(self.peer, self.run_id)
         side = await self.peer.side_channel()
         conn = await side.open(coordinator, wire.PURPOSE, timeout_s=30.0, max_record_bytes=wire.MAX_RECORD_BYTES)
@@ -72,6 +79,9 @@ class Participant:
                 raise WireError("the coordinator did not answer JOIN with WELCOME")
             self.print(f"fl: joined run {self.run_id} ({welcome.members} clients connected)")
             return await self._serve(conn, coordinator)
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise PeerError(f"the coordinator {coordinator} of run {self.run_id!r} went away after "
+                            f"{self.rounds} rounds ({type(e).__name__})") from None
         finally:
             conn.close()
 
@@ -98,7 +108,7 @@ class Participant:
             await self._send(conn, report)
             self.stop_in("update")
             await self._send(conn, wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes()))
-            self.rounds += 1
+            self._done(start, report)
             return None
         # secure: keys, shares and masks need no update, so they go on while the model trains
         client = SecAggClient(self.peer.identity, run_id=f"{self.run_id}/{start.attempt}", round=start.round,
@@ -138,8 +148,15 @@ class Participant:
                 self.print(f"fl: leaving round {start.round + 1}: {e}")
                 return None
             await self._send(conn, wire.SecAgg(start.round, start.attempt, out))
-        self.rounds += 1
+            if stage == "collect_masked":
+                self._done(start, report)
         return None
+
+    def _done(self, start: wire.RoundStart, report: wire.Report) -> None:
+        self.rounds += 1
+        self.print(f"fl: round {start.round + 1}: trained {start.local_steps} steps, loss {report.train_loss:.4f}, "
+                   f"validation loss {report.val_loss:.4f}; {self.bytes_sent} bytes sent so far"
+                   + (" (secure aggregation)" if start.secure else ""))
 
     async def _contribution(self, start: wire.RoundStart) -> tuple[np.ndarray, wire.Report]:
         """Fetch the global model, train, clip and noise: (what goes into the sum, the round's report)."""

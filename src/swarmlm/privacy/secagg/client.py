@@ -137,13 +137,9 @@ class SecAggClient:
         for v, ct in zip(fwd.senders, fwd.ciphertexts):
             self.held[v] = self._decrypt_bundle(v, ct)
         self.shared_with = sorted(fwd.senders)
-        total = masking.expand(self.keys.self_seed, self.length, context=self.context).copy()
+        total = masking.expand(self.keys.self_seed, self.length, context=self.context)
         for v in self.shared_with:
-            mask = masking.expand(pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), self.length)
-            if me < v:
-                total += mask
-            else:
-                total -= mask
+            masking.add_mask(total, pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), subtract=v < me)
         self.mask = total
 
     def mask_input(self, update: np.ndarray) -> bytes:

@@ -71,16 +71,31 @@ class FixedPoint:
         return self.decode_sum(q, 1)
 
 
+_zeros = b""                                   # the keystream is AES-CTR over zeros; kept between calls
+
+
 def expand(seed: bytes, n: int, *, context: bytes = b"") -> np.ndarray:
     """`n` uniform ring elements (uint32) from a 32-byte seed; `context` separates uses of one seed."""
+    global _zeros
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes")
     key = seed if not context else derive(seed, b"swarmlm-secagg/prg/" + context)
+    if len(_zeros) < 4 * n:
+        _zeros = bytes(4 * n)                        # read-only: safe to share between threads
+    out = np.empty(n + 4, dtype=RING_DTYPE)          # update_into wants room for one block more
     enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    out = bytearray(4 * n + 15)                      # update_into wants room for a block more
-    written = enc.update_into(bytes(4 * n), out)
-    return np.frombuffer(out, dtype=RING_DTYPE, count=n) if written == 4 * n else np.frombuffer(
-        bytes(out[:written]) + enc.finalize(), dtype=RING_DTYPE)
+    written = enc.update_into(memoryview(_zeros)[:4 * n], memoryview(out).cast("B"))
+    assert written == 4 * n, "CTR mode is a stream: it writes all it is given"
+    return out[:n]
+
+
+def add_mask(acc: np.ndarray, seed: bytes, *, context: bytes = b"", subtract: bool = False) -> None:
+    """acc += PRG(seed) (or -=), mod 2^32, in place."""
+    mask = expand(seed, acc.size, context=context)
+    if subtract:
+        np.subtract(acc, mask, out=acc)
+    else:
+        np.add(acc, mask, out=acc)
 
 
 def derive(secret: bytes, info: bytes, n_bytes: int = 32) -> bytes:

@@ -231,7 +231,7 @@ class SecAggServer:
             seed = self._rebuild(u, seed_shares.get(u, []), t, "self-mask seed")
             if hashlib.sha256(seed).digest() != self.shared[u].seed_commitment:
                 raise IntegrityError(f"the self-mask seed rebuilt for {u} does not match its commitment")
-            total -= masking.expand(seed, self.length, context=self.context)
+            masking.add_mask(total, seed, context=self.context, subtract=True)
         survivors = set(self.survivors)
         for v in sorted(set(self.shared) - survivors):          # dropped after sharing keys
             raw = self._rebuild(v, key_shares.get(v, []), t, "mask key")
@@ -243,11 +243,8 @@ class SecAggServer:
                 if u not in survivors or v not in self._shared_to_u(u):
                     continue
                 pk_u = self.roster.mask_pks[self.index[u]]
-                mask = masking.expand(pair_seed(key, pk_u, u, v, self.context), self.length)
-                if u < v:                                       # u added +mask: take it away
-                    total -= mask
-                else:
-                    total += mask
+                # u added +mask if u < v, else -mask: take it away
+                masking.add_mask(total, pair_seed(key, pk_u, u, v, self.context), subtract=u < v)
         self.result = self.codec.decode_sum(total, len(self.survivors))
         check_transition(self.stage, Stage.DONE)
         self.stage = Stage.DONE
