@@ -80,6 +80,8 @@ def _add_swarm_train_flags(p) -> None:
     g.add_argument("--publish-every", type=int, default=0, metavar="N",
                    help="publish the model into the store every N global steps (0: never)")
     g.add_argument("--min-peers", type=int, default=0, help="wait (up to 2 min) for this many peers before training")
+    _add_ledger_flags(g, "co-sign each averaging round's record with its members and submit it to this ledger "
+                         "(credit for the samples; account in --data-dir)")
 
 
 def _run_train(args) -> int:
@@ -90,7 +92,16 @@ def _run_train(args) -> int:
         return train_t5_from_args(args, distributed=args.swarm or wants_parallel(args))
     if args.swarm:
         from swarmlm.collab.run import run_swarm_training
+        if args.ledger:                   # the ledger's signing, as plain callables: collab never imports ledger
+            from swarmlm.collab.witness import Cosigner
+            from swarmlm.ledger.commands import round_book_from_args
+            book = round_book_from_args(args)
+            return run_swarm_training(args, cosigner=Cosigner(
+                account=book.account, epoch=book.epoch, member_ok=book.member_ok, sign=book.sign,
+                signed_by=book.signed_by, submit=book.submit))
         return run_swarm_training(args)
+    if getattr(args, "ledger", None):
+        raise UserError("--ledger credits collaborative training: add --swarm")
     from swarmlm.parallel.launch import run_parallel_training, wants_parallel
     if wants_parallel(args):
         return run_parallel_training(args)

@@ -44,6 +44,12 @@ def round_digest(domain: bytes, run: bytes, round_: int, epoch: int, members: li
     return keccak(b"\x19\x01" + domain + h)
 
 
+def run_tag(run_id: str) -> bytes:
+    """A training run's name as the contract's bytes32: the name itself, zero-padded, if it fits, else its keccak."""
+    raw = run_id.encode()
+    return raw.ljust(32, b"\0") if len(raw) <= 32 else keccak(raw)
+
+
 def address_of(key: bytes) -> str:
     """The checksummed Ethereum address of a 32-byte secp256k1 private key."""
     pub = PrivateKey(key).public_key.format(compressed=False)[1:]

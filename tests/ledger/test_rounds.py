@@ -1,0 +1,165 @@
+"""Credit for training: round records co-signed by the members of a `train --swarm --ledger` round.
+
+Pure parts (the record every member builds, the claims a member refuses to vouch for), the ledger's
+side (`RoundBook` on an in-process chain: sign, check, submit once), the exchange among members
+(collab's `Witness` over in-process peers, with the ledger's callables), and end to end: two
+`swarmlm train --swarm --ledger` processes on the embedded chain earn credit, hence quota the next
+epoch (`ledger status --json`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from types import SimpleNamespace
+
+import pytest
+
+from swarmlm.collab.witness import Cosigner, RoundClaim, RoundRecord, Witness, build_record, check_claims
+from swarmlm.errors import LedgerError
+from swarmlm.ledger import chain as chainlib
+from swarmlm.ledger import keys, receipts
+from swarmlm.ledger.rounds import RoundBook, digest_of
+from tests.helpers.collab import TrainPeer, stop_all
+
+A, B = "0x" + "ab" * 20, "0x" + "0c" * 20
+
+
+def test_every_member_builds_the_same_record_from_the_same_claims():
+    claims = {"peerA": RoundClaim(A, 8, 5), "peerB": RoundClaim(B, 4, 4)}
+    record = build_record("run", 7, claims)
+    assert record == RoundRecord("run", 7, 4, (B, A), (4, 8))           # ascending accounts, smallest epoch
+    assert build_record("run", 7, dict(reversed(list(claims.items())))) == record
+
+
+def test_a_member_refuses_claims_it_cannot_vouch_for():
+    ok = lambda peer, account: True
+    claims = {"peerA": RoundClaim(A, 8, 5), "peerB": RoundClaim(B, 4, 5)}
+    members = ("peerA", "peerB")
+    assert check_claims(claims, members, {"peerA": 8.0, "peerB": 4.0}, ok) is None
+    assert "carried 4" in check_claims({**claims, "peerB": RoundClaim(B, 40, 5)}, members, {"peerB": 4.0}, ok)
+    assert "do not match" in check_claims({"peerA": claims["peerA"]}, members, {}, ok)
+    assert "do not match" in check_claims({**claims, "peerC": RoundClaim("0x1", 1, 5)}, members, {}, ok)
+    assert "same account" in check_claims({**claims, "peerB": RoundClaim(A.upper(), 4, 5)}, members, {}, ok)
+    assert "not bound" in check_claims(claims, members, {}, lambda peer, account: peer == "peerA")
+    with pytest.raises(ValueError):
+        RoundClaim("", 1, 1).check()
+    with pytest.raises(ValueError):
+        RoundClaim(A, -1, 1).check()
+
+
+def _book(ledger, client, data_dir) -> RoundBook:
+    """`client`'s RoundBook, registered and bound to the peer identity in `data_dir`."""
+    identity = keys.identity_of(data_dir)
+    peer_key, sig = keys.sign_binding(identity, client.chain_id, client.address, client.account)
+    client.transact("register", peer_key, sig, False)
+    book = RoundBook(client)
+    assert book.member_ok(identity.peer_id, client.account)
+    return book
+
+
+def test_a_record_signed_by_every_member_is_credited_once(ledger, tmp_path):
+    books = [_book(ledger, c, tmp_path / n) for c, n in ((ledger.a, "a"), (ledger.b, "b"))]
+    peer_a = keys.identity_of(tmp_path / "a").peer_id
+    assert not books[0].member_ok(peer_a, ledger.b.account)                 # b is bound to its own peer
+    assert not books[0].member_ok(peer_a, "not an address")
+    members = sorted((ledger.a.account, ledger.b.account), key=lambda m: int(m, 16))
+    record = RoundRecord("a-run-whose-name-is-longer-than-32-bytes", 3, 0, tuple(members), (5, 6))
+    sigs = {b.account: b.sign(record) for b in books}
+    assert all(books[0].signed_by(record, acc, s) for acc, s in sigs.items())
+    assert not books[0].signed_by(record, members[0], sigs[members[1]])
+    assert not books[0].signed_by(RoundRecord(record.run_id, 4, 0, record.members, (5, 6)), members[0],
+                                  sigs[members[0]])                          # another round
+    assert not books[0].signed_by(record, members[0], b"\x00" * 65)
+    with pytest.raises(ValueError, match="ascending"):
+        digest_of(ledger.a.domain, RoundRecord("r", 3, 0, tuple(reversed(members)), (6, 5)))
+    ordered = tuple(sigs[m] for m in members)
+    with pytest.raises(LedgerError, match="not signed by every member"):
+        books[0].submit(record, tuple(reversed(ordered)))
+    books[0].submit(record, ordered)
+    books[1].submit(record, ordered)                                         # a second submitter: no error
+    credit = {m: ledger.owner.call("credit_of", m, 0) for m in members}
+    assert credit == {members[0]: 5 * 2, members[1]: 6 * 2}                  # sample_credit 2, credited once
+
+
+def test_witnesses_exchange_claims_and_signatures_over_the_dht_and_submit_once(ledger, tmp_path):
+    from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
+
+    async def main():
+        net = MemoryNetwork()
+        peers = [await MemoryPeer.create(net) for _ in range(2)]
+        submitted = []
+        books = []
+        for p, c in zip(peers, (ledger.a, ledger.b)):
+            c.transact("register", *keys.sign_binding(p.identity, c.chain_id, c.address, c.account), False)
+            books.append(RoundBook(c))
+
+        def cosigner(book):
+            def submit(record, sigs):
+                submitted.append(record)
+                book.submit(record, sigs)
+            return Cosigner(account=book.account, epoch=book.epoch, member_ok=book.member_ok, sign=book.sign,
+                            signed_by=book.signed_by, submit=submit)
+
+        witnesses = [Witness(p, "run", cosigner(b), timeout_s=10.0, poll_s=0.05) for p, b in zip(peers, books)]
+        members = tuple(sorted(p.peer_id for p in peers))
+        group = SimpleNamespace(group_id=b"g" * 16, step=2, members=members)
+        seen = {peers[0].peer_id: 4.0, peers[1].peer_id: 6.0}
+        witnesses[0].round_done(group, seen, 4.0)
+        witnesses[1].round_done(group, seen, 6.0)
+        for w in witnesses:
+            await w.close()
+        # a round where one member claims more than its contribution carried: nobody credits it
+        group2 = SimpleNamespace(group_id=b"h" * 16, step=3, members=members)
+        witnesses[0].round_done(group2, seen, 4.0)
+        witnesses[1].round_done(group2, seen, 60.0)
+        for w in witnesses:
+            await w.close()
+        return witnesses, submitted
+
+    witnesses, submitted = asyncio.run(main())
+    assert len(submitted) == 1 and submitted[0].round == 2
+    assert [w.signed for w in witnesses] == [1, 1] and sum(w.submitted for w in witnesses) == 1
+    assert all(any("carried" in why for why in w.refused) for w in witnesses)
+    assert ledger.owner.call("credit_of", ledger.a.account, 0) == 4 * 2
+    assert ledger.owner.call("credit_of", ledger.b.account, 0) == 6 * 2
+
+
+# ---- end to end -----------------------------------------------------------------------------------
+
+@pytest.mark.slow
+def test_two_swarm_trainers_with_a_ledger_earn_credit_and_a_quota_next_epoch(tmp_path):
+    from tests.ledger.test_enforce import EPOCH_S, _cli, _run, _start_chain
+
+    chain, url = _start_chain("embedded", tmp_path)
+    homes = [tmp_path / "t0", tmp_path / "t1"]
+    peers = []
+    try:
+        for home in homes:
+            _run("fund", home, chain_rpc=url)
+        ledger = _cli("ledger", "deploy", "--chain-rpc", url, "--epoch-seconds", str(EPOCH_S), "--free-tokens",
+                      "50", "--sample-credit", "3", home=homes[0]).stdout.split()[-1]
+        at = ["--chain-rpc", url, "--ledger", ledger]
+        common = ["--run-id", "credit", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--round-timeout",
+                  "10", "--min-peers", "2", *at]
+        first = TrainPeer(homes[0] / "out", [*common, "--data-dir", str(homes[0])])
+        peers.append(first)
+        peers.append(TrainPeer(homes[1] / "out", [*common, "--data-dir", str(homes[1]), "--initial-peers",
+                                                  first.wait_maddr()]))
+        codes = [p.wait(180) for p in peers]
+        assert codes == [0, 0], peers[0].log_text()[-3000:] + peers[1].log_text()[-3000:]
+        lines = [next(x for x in p.lines if x.startswith("round records:")) for p in peers]
+        assert all("0 unsigned" in x for x in lines), lines
+        submitted = sum(int(x.split(", ")[1].split()[0]) for x in lines)
+        assert submitted >= 1, lines
+        statuses = [json.loads(_cli("ledger", "status", *at, "--json", "--data-dir", str(h), home=h).stdout)
+                    for h in homes]
+        assert statuses[0]["credit"] == statuses[1]["credit"] == submitted * 2 * 3    # 2 samples a round each
+        _run("advance", homes[0], chain_rpc=url, seconds=EPOCH_S)
+        after = [json.loads(_cli("ledger", "status", *at, "--json", "--data-dir", str(h), home=h).stdout)
+                 for h in homes]
+        assert all(s["epoch"] == 1 and s["quota"] == 50 + submitted * 2 * 3 for s in after), after
+    finally:
+        stop_all(peers)
+        chain.kill()
+        chain.wait(10)
