@@ -459,11 +459,19 @@ def _add_api(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
                    help="quantize the weights at load time (int8 per row; int4 per group of N=32/64/128 columns)")
+    _add_ledger_flags(p, "with --swarm: sign receipts for the servers of this ledger (account in $SWARMLM_HOME); "
+                         "a refusal is HTTP 429")
     p.set_defaults(run=_run_api)
 
 
 def _run_api(args) -> int:
     from swarmlm.api.run import api_from_args
+    if args.ledger:
+        if not args.swarm:
+            raise UserError("--ledger meters swarm use: add --swarm")
+        from swarmlm.ledger.commands import payer_from_args
+        payer = payer_from_args(args)
+        return api_from_args(args, ticket=payer.ticket, ticket_accepted=payer.accepted, pay_for=payer.pay_for)
     return api_from_args(args)
 
 

@@ -256,4 +256,4 @@ def payer_from_args(args: Any) -> Any:
     """The receipts a `generate --swarm --ledger` client signs, with the account in `$SWARMLM_HOME`."""
     from swarmlm.ledger.payer import Payer
     c = chainlib.LedgerClient(chainlib.connect(args.chain_rpc), args.ledger, keys.load_or_create_key(None))
-    return Payer(c, keys.data_dir_of(None), new_tokens=args.max_new_tokens)
+    return Payer(c, keys.data_dir_of(None), new_tokens=getattr(args, "max_new_tokens", 1))

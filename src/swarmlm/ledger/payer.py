@@ -52,6 +52,10 @@ class Payer:
             self._servers[peer_id] = account if ok else None
         return self._servers[peer_id]
 
+    def pay_for(self, new_tokens: int) -> None:
+        """The tokens per row the next sessions' tickets pay for (the API sets it per request)."""
+        self.new_tokens = max(1, int(new_tokens))
+
     def ticket(self, peer_id: str, batch: int, max_length: int) -> bytes | None:
         server = self.server_account(peer_id)
         if server is None:
