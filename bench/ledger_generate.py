@@ -9,8 +9,9 @@ metered trial pays the whole price of enforcement (a ticket signed, the server's
 decision over its cached chain state, the receipt kept on disk) — decoding steps never consult the
 ledger. Two rates per trial: end to end (new tokens / time from the call to the last token, the
 session's opening included) and decode (after the first token). Reported: the median of each,
-and the median over rounds of the per-round ratio ledger / plain A; plain B / plain A is the noise
-floor measured in the same run (two identical servers differ by this much). Target: ledger / plain
+and the median over rounds of the per-round ratios; plain B / plain A is the noise
+floor measured in the same run (two identical servers differ by this much); the ledger's ratio is
+against the mean of the two plain servers in the same round. Target: ledger / plain
 >= 0.98. The machine may be loaded: compare the ratio with the floor, not the absolute rates.
 
 Prints one JSON line per result: {"name", "value", "unit"}.
@@ -104,9 +105,11 @@ def main() -> None:
                 for name in names:
                     emit(f"tokens_per_s_{kind}_{name}", statistics.median(rates[name]), "tokens/s",
                          preset=args.preset, trials=args.trials, new_tokens=args.new_tokens)
-                ratio = lambda x: statistics.median(b / a for a, b in zip(rates["plain_a"], rates[x]))  # noqa: E731
-                emit(f"tokens_per_s_{kind}_ledger_over_plain", ratio("ledger"), "ratio", target=0.98)
-                emit(f"tokens_per_s_{kind}_plain_b_over_plain_a", ratio("plain_b"), "ratio (noise floor)")
+                rounds = list(zip(rates["plain_a"], rates["plain_b"], rates["ledger"]))
+                emit(f"tokens_per_s_{kind}_ledger_over_plain", statistics.median(2 * c / (a + b) for a, b, c in rounds),
+                     "ratio (per round: ledger / mean of the two plain)", target=0.98)
+                emit(f"tokens_per_s_{kind}_plain_b_over_plain_a", statistics.median(b / a for a, b, _ in rounds),
+                     "ratio (noise floor: two identical plain servers)")
         finally:
             for m in models:
                 m.close()

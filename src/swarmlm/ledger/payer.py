@@ -70,7 +70,8 @@ class Payer:
         channel = f"{epoch}:{server}"
         tokens = self.signed.get(channel, 0) + batch * self.new_tokens
         self._pending[peer_id] = (channel, tokens)
-        return receipts.sign_ticket(self.client.key, self.client.domain, server, epoch, tokens, self.new_tokens).encode()
+        return receipts.sign_ticket(self.client.key, self.client.domain, server, epoch, tokens, self.new_tokens,
+                                    client=self.client.account).encode()
 
     def accepted(self, peer_id: str) -> None:
         channel, tokens = self._pending.pop(peer_id, (None, 0))
