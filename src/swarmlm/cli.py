@@ -98,7 +98,7 @@ def _run_train(args) -> int:
             book = round_book_from_args(args)
             return run_swarm_training(args, cosigner=Cosigner(
                 account=book.account, epoch=book.epoch, member_ok=book.member_ok, sign=book.sign,
-                signed_by=book.signed_by, submit=book.submit))
+                signed_by=book.signed_by, submit=book.submit, recorded=book.recorded))
         return run_swarm_training(args)
     if getattr(args, "ledger", None):
         raise UserError("--ledger credits collaborative training: add --swarm")

@@ -76,8 +76,8 @@ def test_a_record_signed_by_every_member_is_credited_once(ledger, tmp_path):
     ordered = tuple(sigs[m] for m in members)
     with pytest.raises(LedgerError, match="not signed by every member"):
         books[0].submit(record, tuple(reversed(ordered)))
-    books[0].submit(record, ordered)
-    books[1].submit(record, ordered)                                         # a second submitter: no error
+    assert books[0].submit(record, ordered) and books[0].recorded(record)
+    assert not books[1].submit(record, ordered)                              # a second submitter: no error
     credit = {m: ledger.owner.call("credit_of", m, 0) for m in members}
     assert credit == {members[0]: 5 * 2, members[1]: 6 * 2}                  # sample_credit 2, credited once
 
@@ -94,19 +94,30 @@ def test_witnesses_exchange_claims_and_signatures_over_the_dht_and_submit_once(l
             c.transact("register", *keys.sign_binding(p.identity, c.chain_id, c.address, c.account), False)
             books.append(RoundBook(c))
 
-        def cosigner(book):
-            def submit(record, sigs):
-                submitted.append(record)
-                book.submit(record, sigs)
-            return Cosigner(account=book.account, epoch=book.epoch, member_ok=book.member_ok, sign=book.sign,
-                            signed_by=book.signed_by, submit=submit)
-
-        witnesses = [Witness(p, "run", cosigner(b), timeout_s=10.0, poll_s=0.05) for p, b in zip(peers, books)]
         members = tuple(sorted(p.peer_id for p in peers))
+        first = members[0]
+
+        def cosigner(peer, book):
+            def submit(record, sigs):
+                if peer.peer_id == first and record.round == 2:
+                    raise LedgerError("the first submitter's node is down")
+                submitted.append((peer.peer_id, record))
+                return book.submit(record, sigs)
+            return Cosigner(account=book.account, epoch=book.epoch, member_ok=book.member_ok, sign=book.sign,
+                            signed_by=book.signed_by, submit=submit, recorded=book.recorded)
+
+        witnesses = [Witness(p, "run", cosigner(p, b), timeout_s=30.0, poll_s=0.05, fallback_s=1.0)
+                     for p, b in zip(peers, books)]
         group = SimpleNamespace(group_id=b"g" * 16, step=2, members=members)
         seen = {peers[0].peer_id: 4.0, peers[1].peer_id: 6.0}
         witnesses[0].round_done(group, seen, 4.0)
         witnesses[1].round_done(group, seen, 6.0)
+        for w in witnesses:
+            await w.close()
+        # a round whose first submitter works: the other sees it recorded and does not submit
+        group3 = SimpleNamespace(group_id=b"i" * 16, step=4, members=members)
+        witnesses[0].round_done(group3, seen, 4.0)
+        witnesses[1].round_done(group3, seen, 6.0)
         for w in witnesses:
             await w.close()
         # a round where one member claims more than its contribution carried: nobody credits it
@@ -118,11 +129,17 @@ def test_witnesses_exchange_claims_and_signatures_over_the_dht_and_submit_once(l
         return witnesses, submitted
 
     witnesses, submitted = asyncio.run(main())
-    assert len(submitted) == 1 and submitted[0].round == 2
-    assert [w.signed for w in witnesses] == [1, 1] and sum(w.submitted for w in witnesses) == 1
+    by_id = {w.peer.peer_id: w for w in witnesses}
+    first, second = sorted(by_id)
+    # round 2: the first submitter failed, the second stepped in; round 4: the first recorded it (the
+    # second, checking after its fallback delay, finds it recorded -- or, on a slow chain, is refused as a repeat)
+    assert (second, 2) in [(p, r.round) for p, r in submitted] and (first, 4) in [(p, r.round) for p, r in submitted]
+    assert [w.signed for w in witnesses] == [2, 2]
+    assert by_id[first].submitted == 1 and by_id[second].submitted == 1
+    assert any("node is down" in why for why in by_id[first].refused)
     assert all(any("carried" in why for why in w.refused) for w in witnesses)
-    assert ledger.owner.call("credit_of", ledger.a.account, 0) == 4 * 2
-    assert ledger.owner.call("credit_of", ledger.b.account, 0) == 6 * 2
+    assert ledger.owner.call("credit_of", ledger.a.account, 0) == 2 * 4 * 2       # two rounds, each credited once
+    assert ledger.owner.call("credit_of", ledger.b.account, 0) == 2 * 6 * 2
 
 
 # ---- end to end -----------------------------------------------------------------------------------

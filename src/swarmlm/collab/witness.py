@@ -14,8 +14,10 @@ peer can write (every record is signed by its peer's identity key):
    smallest proposed epoch) and signs it — only if every other claim passes `check_claims`: the
    claimed samples equal the weight that member's contribution carried to the parts this member
    owned in the all-reduce, and the cosigner says the account is bound to the claiming peer;
-3. each publishes its `RoundSignature`; the member with the smallest peer ID gathers them all,
-   checks each against its account, and submits the record (the ledger credits a record once).
+3. each publishes its `RoundSignature`; every member gathers them all and checks each against its
+   account; the member with the smallest peer ID submits the record at once, the k-th smallest
+   after k * `fallback_s` only if it is not recorded by then (the ledger credits a record once), so
+   a submitter that died or failed costs a delay, not the round's credit.
 
 A member that sees a claim it cannot vouch for signs nothing for that round, so the round earns
 nothing: credit needs every member's signature. Samples are what the members' own contributions
@@ -85,7 +87,9 @@ class Cosigner:
     member_ok: Callable[[str, str], bool]                     # (peer ID, account): bound on the ledger?
     sign: Callable[[RoundRecord], bytes]                      # this account's signature over a record
     signed_by: Callable[[RoundRecord, str, bytes], bool]      # (record, account, signature): valid?
-    submit: Callable[[RoundRecord, tuple[bytes, ...]], None]  # the record with every member's signature
+    submit: Callable[[RoundRecord, tuple[bytes, ...]], bool]  # the record with every member's signature;
+                                                              # False: another member's submission came first
+    recorded: Callable[[RoundRecord], bool]                   # is the record on the ledger already?
 
 
 def build_record(run_id: str, step: int, claims: Mapping[str, RoundClaim]) -> RoundRecord:
@@ -116,11 +120,11 @@ class Witness:
     """Co-signs this peer's successful rounds in the background."""
 
     def __init__(self, peer: Any, run_id: str, cosigner: Cosigner, *, timeout_s: float = 20.0,
-                 poll_s: float = 0.2, ttl_s: float = 120.0):
+                 poll_s: float = 0.2, ttl_s: float = 120.0, fallback_s: float = 3.0):
         self.peer, self.run_id, self.cosigner = peer, run_id, cosigner
-        self.timeout_s, self.poll_s, self.ttl_s = timeout_s, poll_s, ttl_s
+        self.timeout_s, self.poll_s, self.ttl_s, self.fallback_s = timeout_s, poll_s, ttl_s, fallback_s
         self.signed = 0                   # records this peer signed
-        self.submitted = 0                # records this peer submitted
+        self.submitted = 0                # records this peer's submission put on the ledger
         self.refused: list[str] = []      # why rounds went unsigned or unsubmitted
         self._tasks: set[asyncio.Task] = set()
 
@@ -136,7 +140,7 @@ class Witness:
         """Wait for the records still being signed (they need this peer to stay up), then stop."""
         if not self._tasks:
             return
-        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s or self.timeout_s + 5.0)
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s or self.timeout_s + 16 * self.fallback_s)
         for t in pending:
             t.cancel()
         await asyncio.gather(*pending, return_exceptions=True)
@@ -170,8 +174,6 @@ class Witness:
         sig = await asyncio.to_thread(c.sign, record)
         await self.peer.store(key, RoundSignature(sig), ttl_s=self.ttl_s, subkey=keys.peer_subkey(me, "sig"))
         self.signed += 1
-        if me != min(group.members):
-            return
         sigs = await self._gather(key, "sig", RoundSignature, group.members, deadline)
         if sigs is None:
             return self._refuse(group.step, "not every member signed the record in time")
@@ -182,7 +184,14 @@ class Witness:
             if not await asyncio.to_thread(c.signed_by, record, account, s):
                 return self._refuse(group.step, f"{peer_id} signed something else than the record")
             ordered.append(s)
-        await asyncio.to_thread(c.submit, record, tuple(ordered))
+        rank = sorted(group.members).index(me)
+        if rank:
+            await asyncio.sleep(rank * self.fallback_s)
+            if await asyncio.to_thread(c.recorded, record):
+                return
+            log.info("round record of step %d: not recorded by the members before this one; submitting", group.step)
+        if not await asyncio.to_thread(c.submit, record, tuple(ordered)):
+            return
         self.submitted += 1
         log.info("round record of step %d submitted: %s", group.step, dict(zip(record.members, record.samples)))
 

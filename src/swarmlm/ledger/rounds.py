@@ -2,7 +2,7 @@
 
 `RoundBook` is one trainer's account on one ledger, with the plain methods collab's round witness
 calls (cli.py hands them over; this package never imports collab, and collab never imports this):
-`epoch()`, `member_ok(peer_id, account)` (the registry binds that account to that peer ID, the peer
+`epoch()`, `recorded(record)`, `member_ok(peer_id, account)` (the registry binds that account to that peer ID, the peer
 key's own Ed25519 signature checked here), `sign(record)`, `signed_by(record, account, signature)`
 and `submit(record, signatures)` (the contract credits a record once; a record some other member
 submitted first is not an error). A record is any object with run_id, round, epoch, members,
@@ -86,7 +86,12 @@ class RoundBook:
         except (IntegrityError, ValueError):
             return False
 
-    def submit(self, record: Any, signatures: tuple[bytes, ...]) -> None:
+    def recorded(self, record: Any) -> bool:
+        with self._lock:
+            return bool(self.c.call("round_done", digest_of(self.c.domain, record)))
+
+    def submit(self, record: Any, signatures: tuple[bytes, ...]) -> bool:
+        """True if this submission recorded it; False if it was recorded already."""
         parts = [receipts.split_signature(s) for s in signatures]
         with self._lock:
             try:
@@ -97,3 +102,5 @@ class RoundBook:
                 if "already recorded" not in str(e):
                     raise
                 log.info("round %d of %s was already recorded", record.round, record.run_id)
+                return False
+        return True
