@@ -146,6 +146,7 @@ def test_witnesses_exchange_claims_and_signatures_over_the_dht_and_submit_once(l
 
 @pytest.mark.slow
 def test_two_swarm_trainers_with_a_ledger_earn_credit_and_a_quota_next_epoch(tmp_path):
+    from swarmlm.ledger import commands
     from tests.ledger.test_enforce import EPOCH_S, _cli, _run, _start_chain
 
     chain, url = _start_chain("embedded", tmp_path)
@@ -154,8 +155,9 @@ def test_two_swarm_trainers_with_a_ledger_earn_credit_and_a_quota_next_epoch(tmp
     try:
         for home in homes:
             _run("fund", home, chain_rpc=url)
-        ledger = _cli("ledger", "deploy", "--chain-rpc", url, "--epoch-seconds", str(EPOCH_S), "--free-tokens",
-                      "50", "--sample-credit", "3", home=homes[0]).stdout.split()[-1]
+        w3 = chainlib.connect(url)               # deployed from here: the build is cached in this process
+        ledger = chainlib.deploy(w3, keys.load_or_create_key(homes[0]),
+                                 chainlib.LedgerParams(epoch_seconds=EPOCH_S, free_tokens=50, sample_credit=3))
         at = ["--chain-rpc", url, "--ledger", ledger]
         common = ["--run-id", "credit", "--steps", "3", "--batch-size", "2", "--seq-len", "32", "--round-timeout",
                   "10", "--min-peers", "2", *at]
@@ -169,12 +171,12 @@ def test_two_swarm_trainers_with_a_ledger_earn_credit_and_a_quota_next_epoch(tmp
         assert all("0 unsigned" in x for x in lines), lines
         submitted = sum(int(x.split(", ")[1].split()[0]) for x in lines)
         assert submitted >= 1, lines
-        statuses = [json.loads(_cli("ledger", "status", *at, "--json", "--data-dir", str(h), home=h).stdout)
-                    for h in homes]
+        clients = [chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(h)) for h in homes]
+        statuses = [commands.status(c, c.account) for c in clients]
         assert statuses[0]["credit"] == statuses[1]["credit"] == submitted * 2 * 3    # 2 samples a round each
         _run("advance", homes[0], chain_rpc=url, seconds=EPOCH_S)
-        after = [json.loads(_cli("ledger", "status", *at, "--json", "--data-dir", str(h), home=h).stdout)
-                 for h in homes]
+        after = [json.loads(_cli("ledger", "status", *at, "--json", "--data-dir", str(homes[1]), home=homes[1]).stdout),
+                 commands.status(clients[0], clients[0].account)]
         assert all(s["epoch"] == 1 and s["quota"] == 50 + submitted * 2 * 3 for s in after), after
     finally:
         stop_all(peers)
