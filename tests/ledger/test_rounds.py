@@ -182,3 +182,13 @@ def test_two_swarm_trainers_with_a_ledger_earn_credit_and_a_quota_next_epoch(tmp
         stop_all(peers)
         chain.kill()
         chain.wait(10)
+
+
+def test_train_ledger_flags_are_checked_in_one_line(tmp_path, capsys):
+    from swarmlm.cli import main
+    assert main(["train", "--ledger", A, "--steps", "1"]) == 2                     # not --swarm
+    assert "add --swarm" in capsys.readouterr().err
+    assert main(["train", "--swarm", "--run-id", "r", "--ledger", A, "--chain-rpc", "http://127.0.0.1:9",
+                 "--data-dir", str(tmp_path)]) == 2                               # no chain there
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no Ethereum JSON-RPC node answers" in err[0]
