@@ -27,7 +27,7 @@ from swarmlm.api import protocol
 from swarmlm.api.chat import ChatTemplate
 from swarmlm.api.protocol import ApiError, Sampling
 from swarmlm.api.text import TextStream
-from swarmlm.errors import NotFoundError, SwarmError, UserError
+from swarmlm.errors import AccessRefused, NotFoundError, SwarmError, UserError
 from swarmlm.log import get_logger
 from swarmlm.web import serve_app
 
@@ -78,6 +78,11 @@ class EventStream:
 
 def _event(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -210,6 +215,9 @@ class ApiApp:
             yield Piece(text.finish(), "length", n)
         except UserError as e:
             raise ApiError(400, str(e)) from None
+        except AccessRefused as e:         # a server's admission policy (the ledger) said no: a quota, not a fault
+            raise ApiError(429, _one_line(e), type="insufficient_quota" if "quota exceeded" in str(e) else "requests",
+                           code="access_refused") from None
         except NotFoundError as e:
             raise ApiError(503, f"the swarm cannot serve model {self.model_name} now: {e}", type="server_error",
                            code="swarm_unavailable") from None
