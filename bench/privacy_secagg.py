@@ -118,8 +118,12 @@ def _config(n_clients: int, rounds: int) -> FlConfig:
 def _results(out: Path, sent: list[dict], rounds: int) -> dict:
     lines = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()][2:]
     shutil.rmtree(out, ignore_errors=True)
-    return {kind: ([x["seconds"] for x in lines if x["secure"] == kind],
-                   statistics.median(s[kind] for s in sent) / (rounds + 1)) for kind in (False, True)}
+    res = {kind: ([x["seconds"] for x in lines if x["secure"] == kind],
+                  statistics.median(s[kind] for s in sent) / (rounds + 1)) for kind in (False, True)}
+    stages = [x["stage_s"] for x in lines if x.get("stage_s")]
+    res["stage_s"] = {name: [round(statistics.median(s[name][i] for s in stages), 4) for i in range(2)]
+                      for name in (stages[0] if stages else {})}
+    return res
 
 
 async def network_rounds(d: int, n_clients: int, rounds: int, train_s: float = 0.0) -> dict:
@@ -222,6 +226,8 @@ def main() -> None:
                 emit("fl_round_secure", s, "s", params=d, clients=args.clients, train_s=train_s, clients_as=where)
                 emit("fl_round_secure_over_plain", s / p, "x", params=d, train_s=train_s, clients_as=where,
                      target=1.3 if d >= 1_000_000 else None)
+                emit("fl_round_secure_stages", sum(sum(v) for v in res["stage_s"].values()), "s", params=d,
+                     train_s=train_s, clients_as=where, stage_s=res["stage_s"])
         emit("fl_bytes_per_client_secure_over_plain", secure_bytes / plain_bytes, "x", params=d,
              plain_bytes=plain_bytes, secure_bytes=secure_bytes, target=1.1)
     per_client, per_client_cpu = {}, {}

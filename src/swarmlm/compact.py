@@ -9,7 +9,7 @@ took ~170 us to decode cold, this layout ~70 us).
 A compact message is, little-endian:
 
     0xc1 (a byte msgpack never writes) | u32 flags | i64 per int field |
-    then, in field order, each present variable field: bytes as u32 length + bytes;
+    then, in field order, each present variable field: bytes (and str, as UTF-8) as u32 length + bytes;
     a tensor as u8 dtype code, u8 ndim, u64 per dimension, raw bytes; a list of ints
     as u32 count + i64 each.
 
@@ -60,7 +60,7 @@ class Layout:
 
 
 def compact(cls: type) -> type:
-    """Class decorator: give a frozen dataclass of int, bool, bytes, Tensor and list[int] fields
+    """Class decorator: give a frozen dataclass of int, bool, bytes, str, Tensor and list[int] fields
     (each may be Optional) a compact layout."""
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
@@ -217,8 +217,23 @@ def _read_ints(view: memoryview, at: int, max_bytes: int) -> tuple[list[int], in
     return list(struct.unpack_from(f"<{n}q", view, at)), at + 8 * n
 
 
+def _write_str(v: Any, parts: list) -> None:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a str, got {type(v).__name__}")
+    _write_bytes(v.encode(), parts)
+
+
+def _read_str(view: memoryview, at: int, max_bytes: int) -> tuple[str, int]:
+    raw, at = _read_bytes(view, at, max_bytes)
+    try:
+        return raw.decode(), at
+    except UnicodeDecodeError:
+        raise WireError("a text field is not UTF-8") from None
+
+
 _CODECS: dict[Any, tuple[Reader, Writer]] = {
     bytes: (_read_bytes, _write_bytes),
+    str: (_read_str, _write_str),
     torch.Tensor: (_read_tensor, _write_tensor),
     list[int]: (_read_ints, _write_ints),
 }

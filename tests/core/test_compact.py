@@ -139,4 +139,24 @@ def test_a_class_with_a_field_of_no_layout_is_refused():
         @compact.compact
         @dataclass(frozen=True)
         class Bad:
-            name: str
+            name: float
+
+
+@compact.compact
+@dataclass(frozen=True)
+class Named:
+    who: str
+    n: int
+    body: bytes
+
+
+def test_text_fields_round_trip_and_bad_utf8_is_refused():
+    msg = Named("pèer-ID ✓", 5, b"\0" * 3)
+    same(roundtrip(msg), msg)
+    data = bytearray(serialize.encode_message(msg))
+    at = data.index("pèer".encode())
+    data[at] = 0xFF                                     # no UTF-8 sequence starts with 0xff
+    with pytest.raises(WireError, match="UTF-8"):
+        serialize.decode_message(bytes(data), Named)
+    with pytest.raises(TypeError):
+        serialize.encode_message(Named(b"not text", 1, b""))

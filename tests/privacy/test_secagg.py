@@ -236,6 +236,25 @@ def test_update_outside_the_ring_is_refused():
         codec.decode_sum(np.full(8, 0x7FFFFFFF, dtype=np.uint32), 1)   # no sum of one input can reach this
 
 
+def test_encoding_onto_masks_rounds_half_to_even_and_wraps_like_the_reference():
+    codec = FixedPoint(0.75, 3)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 0.3, 1000), [0.75, -0.75, 2.0, -np.inf, 0.0, -0.0],
+                        np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5]) / codec.scale])   # exact halves
+    x = x[np.isfinite(x)]
+    ref = np.rint(np.clip(x * codec.scale, -0.75 * codec.scale, 0.75 * codec.scale)).astype(np.int64)
+    assert (codec.encode(x).view(np.int32) == ref).all()
+    masks = rng.integers(0, 2**32, x.size, dtype=np.uint64).astype(np.uint32)
+    acc = masks.copy()
+    codec.add_encoded(acc, x.astype(np.float32), scratch=np.empty(x.size))          # float32 input too
+    assert (acc == ((masks.astype(np.int64) + np.rint(np.clip(x.astype(np.float32) * codec.scale,
+            -0.75 * codec.scale, 0.75 * codec.scale)).astype(np.int64)) % 2**32).astype(np.uint32)).all()
+    before = acc.copy()
+    with pytest.raises(ValueError, match="infinity"):
+        codec.add_encoded(acc, np.where(np.arange(x.size) == 7, np.inf, x))
+    assert (acc == before).all()                                                    # a refused input changes nothing
+
+
 def unmask_setup():
     r = Round(n=5)
     inbox = r.run_stage()

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarmlm import serialize
+from swarmlm import compact, serialize
 from swarmlm.errors import WireError
 
 PURPOSE = "privacy/fl"
@@ -63,6 +63,7 @@ class Report:
     n_samples: int                 # sequences trained on this round
 
 
+@compact.compact                   # the large records (both kinds alike): a binary layout, not msgpack
 @dataclass(frozen=True)
 class Update:                      # plain rounds only
     round: int
@@ -70,6 +71,7 @@ class Update:                      # plain rounds only
     vector: bytes                  # float32 little-endian, `length` coordinates
 
 
+@compact.compact
 @dataclass(frozen=True)
 class SecAgg:
     round: int

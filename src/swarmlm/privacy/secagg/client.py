@@ -138,8 +138,10 @@ class SecAggClient:
             self.held[v] = self._decrypt_bundle(v, ct)
         self.shared_with = sorted(fwd.senders)
         total = masking.expand(self.keys.self_seed, self.length, context=self.context)
+        buffer = masking.scratch(self.length)          # one keystream buffer for every pairwise mask
         for v in self.shared_with:
-            masking.add_mask(total, pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), subtract=v < me)
+            masking.add_mask(total, pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), subtract=v < me,
+                             buffer=buffer)
         self.mask = total
 
     def mask_input(self, update: np.ndarray) -> bytes:
@@ -150,8 +152,9 @@ class SecAggClient:
         update = np.asarray(update).reshape(-1)
         if update.size != self.length:
             raise WireError(f"the round aggregates {self.length} coordinates; this update has {update.size}")
-        y = FixedPoint(self.roster.clip, self.roster.max_clients).encode(update)
-        y += self.mask
+        y = self.mask                                  # the input goes onto the masks in place: no new vector
+        FixedPoint(self.roster.clip, self.roster.max_clients).add_encoded(y, update)   # ValueError: y untouched
+        self.mask = None
         self.stage = Stage.COLLECT_MASKED
         return self._seal(Stage.COLLECT_MASKED, MaskedInput(masking.ring_to_bytes(y)))
 

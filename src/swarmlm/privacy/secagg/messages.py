@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-from swarmlm import serialize
+from swarmlm import compact, serialize
 from swarmlm.errors import IntegrityError, WireError
 from swarmlm.p2p import identity as ident
 from swarmlm.p2p.identity import Identity
@@ -27,6 +27,7 @@ KEY_BYTES = 32
 MAX_CONTROL_BYTES = 16 << 20         # every message but a masked input
 
 
+@compact.compact                  # a masked input's envelope: one copy of its megabytes, no msgpack buffer
 @dataclass(frozen=True)
 class Signed:
     run_id: str
@@ -72,6 +73,7 @@ class Forwarded:              # coordinator -> one client, end of SHARE_KEYS
     ciphertexts: list[bytes]  # what each of them encrypted for this client
 
 
+@compact.compact
 @dataclass(frozen=True)
 class MaskedInput:            # client -> coordinator, COLLECT_MASKED
     vector: bytes             # `length` little-endian uint32: fixed point + masks, mod 2^32

@@ -227,11 +227,12 @@ class SecAggServer:
             for v, s in zip(body.key_owners, body.key_shares):
                 key_shares.setdefault(v, []).append(s)
         total = self.total.copy()
+        buffer = masking.scratch(self.length)          # one keystream buffer for every mask removed
         for u in self.survivors:
             seed = self._rebuild(u, seed_shares.get(u, []), t, "self-mask seed")
             if hashlib.sha256(seed).digest() != self.shared[u].seed_commitment:
                 raise IntegrityError(f"the self-mask seed rebuilt for {u} does not match its commitment")
-            masking.add_mask(total, seed, context=self.context, subtract=True)
+            masking.add_mask(total, seed, context=self.context, subtract=True, buffer=buffer)
         survivors = set(self.survivors)
         for v in sorted(set(self.shared) - survivors):          # dropped after sharing keys
             raw = self._rebuild(v, key_shares.get(v, []), t, "mask key")
@@ -244,7 +245,7 @@ class SecAggServer:
                     continue
                 pk_u = self.roster.mask_pks[self.index[u]]
                 # u added +mask if u < v, else -mask: take it away
-                masking.add_mask(total, pair_seed(key, pk_u, u, v, self.context), subtract=u < v)
+                masking.add_mask(total, pair_seed(key, pk_u, u, v, self.context), subtract=u < v, buffer=buffer)
         self.result = self.codec.decode_sum(total, len(self.survivors))
         check_transition(self.stage, Stage.DONE)
         self.stage = Stage.DONE
