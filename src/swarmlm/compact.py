@@ -115,7 +115,9 @@ def encode(msg: Any, layout: Layout) -> bytes:
     return b"".join(parts)
 
 
-def decode(data: bytes | bytearray | memoryview, layout: Layout, *, max_bytes: int) -> Any:
+def decode(data: bytes | bytearray | memoryview, layout: Layout, *, max_bytes: int, views: bool = False) -> Any:
+    """The message in `data`, checked. `views`: bytes fields come back as memoryviews into `data`
+    (no copy of a large payload; only for immutable `data`, which they keep alive)."""
     view = memoryview(data)
     name = layout.cls.__name__
     if len(view) > max_bytes:
@@ -134,6 +136,8 @@ def decode(data: bytes | bytearray | memoryview, layout: Layout, *, max_bytes: i
         at = _HEAD.size + layout.fixed.size
         for i, presence, read, _ in layout.variable:
             if presence is None or flags & presence:
+                if views and read is _read_bytes:
+                    read = _read_view
                 values[i], at = read(view, at, max_bytes)
     except struct.error:
         raise WireError(f"{name} is cut short") from None
@@ -156,6 +160,14 @@ def _read_bytes(view: memoryview, at: int, max_bytes: int) -> tuple[bytes, int]:
     if at + n > len(view):
         raise WireError(f"a field of {n} bytes runs past the message")
     return bytes(view[at:at + n]), at + n
+
+
+def _read_view(view: memoryview, at: int, max_bytes: int) -> tuple[memoryview, int]:
+    (n,) = _U32.unpack_from(view, at)
+    at += _U32.size
+    if at + n > len(view):
+        raise WireError(f"a field of {n} bytes runs past the message")
+    return view[at:at + n], at + n
 
 
 def _write_tensor(t: Any, parts: list) -> None:

@@ -160,3 +160,12 @@ def test_text_fields_round_trip_and_bad_utf8_is_refused():
         serialize.decode_message(bytes(data), Named)
     with pytest.raises(TypeError):
         serialize.encode_message(Named(b"not text", 1, b""))
+
+
+def test_views_decode_bytes_fields_without_copying_them():
+    data = serialize.encode_message(Named("p", 1, b"payload" * 1000))
+    got = compact.decode(data, compact.layout_of(Named), max_bytes=1 << 20, views=True)
+    assert isinstance(got.body, memoryview) and got.body.obj is data and got.body == b"payload" * 1000
+    assert got.who == "p"
+    with pytest.raises(WireError, match="runs past"):
+        compact.decode(data[:-1], compact.layout_of(Named), max_bytes=1 << 20, views=True)

@@ -101,4 +101,8 @@ def decode(data: bytes, *, max_bytes: int = MAX_RECORD_BYTES) -> object:
     """The message in one record, or `WireError`."""
     if not data or data[0] not in KINDS:
         raise WireError("a federated-learning record must start with a known kind byte")
-    return serialize.decode_message(memoryview(data)[1:], KINDS[data[0]], max_bytes=max_bytes)
+    cls = KINDS[data[0]]
+    layout = compact.layout_of(cls)
+    if layout is not None and isinstance(data, bytes):     # an update's payload: a view of the record, no copy
+        return compact.decode(memoryview(data)[1:], layout, max_bytes=max_bytes, views=True)
+    return serialize.decode_message(memoryview(data)[1:], cls, max_bytes=max_bytes)

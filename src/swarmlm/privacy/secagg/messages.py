@@ -106,7 +106,8 @@ def open_signed(data: bytes, body_type: type, *, run_id: str, round: int, stage:
     recipient, another sender than expected, or a bad or missing signature)."""
     if len(data) > max_bytes:
         raise WireError(f"a {stage.value} message of {len(data)} bytes exceeds {max_bytes}")
-    env = serialize.decode_message(data, Signed, max_bytes=max_bytes)
+    # bytes fields as views of `data` (immutable bytes, or views of them): a masked input is not copied
+    env = compact.decode(data, compact.layout_of(Signed), max_bytes=max_bytes, views=True)
     if env.run_id != run_id or env.round != round:
         raise IntegrityError(f"a message for run {env.run_id!r} round {env.round} arrived in run {run_id!r} "
                              f"round {round} (replayed?)")
@@ -117,8 +118,11 @@ def open_signed(data: bytes, body_type: type, *, run_id: str, round: int, stage:
     if sender is not None and env.sender != sender:
         raise IntegrityError(f"a message claims to come from {env.sender}, expected {sender}")
     if not env.sig or not ident.verify(env.sender, _signed_bytes(env.run_id, env.round, env.stage, env.sender,
-                                                                  env.recipient, env.body), env.sig):
+                                                                  env.recipient, env.body), bytes(env.sig)):
         raise IntegrityError(f"a {stage.value} message is not signed by {env.sender}, its claimed sender")
+    layout = compact.layout_of(body_type)
+    if layout is not None:                      # a masked input: its vector stays a view of `data`
+        return env.sender, compact.decode(env.body, layout, max_bytes=max_bytes, views=True)
     return env.sender, serialize.decode_message(env.body, body_type, max_bytes=max_bytes)
 
 
