@@ -48,14 +48,15 @@ def test_unmasked_sum_equals_the_plain_fixed_point_sum(n, degree):
     assert np.abs(total - np.clip(ups, -1, 1).sum(axis=0)).max() <= n * 0.5 / FixedPoint(1.0, n).scale + 1e-12
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["masks-late", "masks-early"])
 @pytest.mark.parametrize("n", [5, 20, 100])
-def test_survivors_sum_is_recovered_when_clients_drop_after_keys_and_after_masked_input(n):
+def test_survivors_sum_is_recovered_when_clients_drop_after_keys_and_after_masked_input(n, early):
     ids, ups = IDS[:n], updates(n, seed=1)
     after_keys = {ids[0].peer_id}                    # shared keys, never sent a masked input
     after_input = {ids[1].peer_id}                   # sent its masked input, never unmasked
     never = {ids[2].peer_id} if n > 5 else set()     # advertised keys, never shared them (5 holders, t = 3)
     drop = {Stage.SHARE_KEYS: never, Stage.COLLECT_MASKED: after_keys, Stage.UNMASK: after_input}
-    total, survivors = run_round(ids, ups, config=SecAggConfig(max_clients=n), drop=drop)
+    total, survivors = run_round(ids, ups, config=SecAggConfig(max_clients=n), drop=drop, early_masks=early)
     kept = [u for i, u in zip(ids, ups) if i.peer_id not in after_keys | never]
     assert sorted(survivors) == sorted(i.peer_id for i in ids if i.peer_id not in after_keys | never)
     assert np.array_equal(total, plain_sum(kept, FixedPoint(1.0, n)))
@@ -159,6 +160,12 @@ def test_message_of_the_wrong_stage_is_refused_and_changes_nothing():
     assert r.server.stage is Stage.SHARE_KEYS and not r.server.shared
     with pytest.raises(StageError):                             # a client asked to skip a stage
         r.clients[0].unmask(inbox[r.ids[0].peer_id])
+    with pytest.raises(StageError, match="roster"):               # no neighbours known: no masks to expand
+        r.clients[0].expand_masks()
+    inbox = r.run_stage(inbox)                                   # now COLLECT_MASKED
+    r.clients[0].expand_masks()
+    with pytest.raises(StageError, match="already"):
+        r.clients[0].expand_masks()
 
 
 def test_replayed_message_and_joining_twice_are_refused():
