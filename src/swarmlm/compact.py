@@ -91,7 +91,8 @@ def layout_of(cls: type) -> Layout | None:
     return cls.__dict__.get("__compact__")
 
 
-def encode(msg: Any, layout: Layout) -> bytes:
+def encode(msg: Any, layout: Layout, *, prefix: bytes = b"") -> bytes:
+    """The message's bytes, after `prefix` (a caller's own header, joined in the same single copy)."""
     values = layout.values(msg)
     flags = 0
     for i, b in layout.bools:
@@ -108,7 +109,7 @@ def encode(msg: Any, layout: Layout) -> bytes:
             flags |= presence
         write(v, parts)
     try:
-        parts[0] = _HEAD.pack(MAGIC, flags)
+        parts[0] = prefix + _HEAD.pack(MAGIC, flags)
         parts[1] = layout.fixed.pack(*(values[i] for i in layout.ints))
     except struct.error as e:
         raise TypeError(f"{layout.cls.__name__}: {e}") from None
@@ -149,7 +150,11 @@ def decode(data: bytes | bytearray | memoryview, layout: Layout, *, max_bytes: i
 # ---- field codecs ------------------------------------------------------------------------------
 
 def _write_bytes(v: Any, parts: list) -> None:
-    if not isinstance(v, (bytes, bytearray)):
+    if isinstance(v, memoryview):              # a large payload (a numpy vector's buffer) joined without a copy
+        if not v.c_contiguous:
+            raise TypeError("a memoryview to send must be contiguous")
+        v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+    elif not isinstance(v, (bytes, bytearray)):
         raise TypeError(f"expected bytes, got {type(v).__name__}")
     parts += (_U32.pack(len(v)), v)
 

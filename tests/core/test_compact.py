@@ -169,3 +169,13 @@ def test_views_decode_bytes_fields_without_copying_them():
     assert got.who == "p"
     with pytest.raises(WireError, match="runs past"):
         compact.decode(data[:-1], compact.layout_of(Named), max_bytes=1 << 20, views=True)
+
+
+def test_a_contiguous_memoryview_is_sent_as_its_bytes_and_a_prefix_is_joined():
+    import numpy as np
+    v = np.arange(10, dtype="<f4")
+    as_view = serialize.encode_message(Named("p", 1, memoryview(v)))
+    assert as_view == serialize.encode_message(Named("p", 1, v.tobytes()))
+    assert compact.encode(Named("p", 1, memoryview(v)), compact.layout_of(Named), prefix=b"\x05") == b"\x05" + as_view
+    with pytest.raises(TypeError, match="contiguous"):
+        serialize.encode_message(Named("p", 1, memoryview(v)[::2]))

@@ -107,7 +107,7 @@ class Participant:
             vector, report = await self._contribution(start)
             await self._send(conn, report)
             self.stop_in("update")
-            await self._send(conn, wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes()))
+            await self._send(conn, wire.Update(start.round, start.attempt, memoryview(vector.astype("<f4")).cast("B")))
             self._done(start, report)
             return None
         # secure: keys, shares and masks need no update, so they go on while the model trains

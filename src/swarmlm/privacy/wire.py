@@ -94,6 +94,9 @@ _CODES = {cls: code for code, cls in KINDS.items()}
 
 
 def encode(msg: object) -> bytes:
+    layout = compact.layout_of(type(msg))
+    if layout is not None:                     # kind byte and payload in one copy
+        return compact.encode(msg, layout, prefix=bytes([_CODES[type(msg)]]))
     return bytes([_CODES[type(msg)]]) + serialize.encode_message(msg)
 
 

@@ -185,7 +185,7 @@ class SecAggClient:
         FixedPoint(self.roster.clip, self.roster.max_clients).add_encoded(y, update)   # ValueError: y untouched
         self.mask, self.masked_with = None, []
         self.stage = Stage.COLLECT_MASKED
-        return self._seal(Stage.COLLECT_MASKED, MaskedInput(masking.ring_to_bytes(y)))
+        return self._seal(Stage.COLLECT_MASKED, MaskedInput(masking.ring_view(y)))
 
     def _decrypt_bundle(self, v: str, ct: bytes) -> tuple[shamir.Share, shamir.Share]:
         me = self.identity.peer_id

@@ -2,7 +2,11 @@
 
     envelope = encode_message(Signed{run_id, round, stage, sender, recipient, body, sig})
     sig      = Ed25519 (the sender's peer identity) over
-               msgpack ["swarmlm-secagg/1", run_id, round, stage, sender, recipient, sha256(body)]
+               msgpack ["swarmlm-secagg/2", run_id, round, stage, sender, recipient, BLAKE3-256(body)]
+
+BLAKE3 (a 256-bit cryptographic hash) digests a 4 MB masked input in ~0.6 ms where SHA-256
+takes 2.5-5 ms here, and a secure round hashes every input twice (its client, the coordinator)
+right after training, on the round's critical path.
 
 A message opened for another run, round, stage or recipient, unsigned, or signed by anyone
 but its `sender`, is refused before its body is decoded; the receiver's stage machine then
@@ -13,7 +17,7 @@ Knows nothing of masks or shares beyond their byte sizes.
 
 from __future__ import annotations
 
-import hashlib
+import blake3
 from dataclasses import dataclass
 
 from swarmlm import compact, serialize
@@ -22,7 +26,7 @@ from swarmlm.p2p import identity as ident
 from swarmlm.p2p.identity import Identity
 from swarmlm.privacy.secagg.stages import Stage, StageError
 
-DOMAIN = "swarmlm-secagg/1"
+DOMAIN = "swarmlm-secagg/2"
 KEY_BYTES = 32
 MAX_CONTROL_BYTES = 16 << 20         # every message but a masked input
 
@@ -127,7 +131,7 @@ def open_signed(data: bytes, body_type: type, *, run_id: str, round: int, stage:
 
 
 def _signed_bytes(run_id: str, round: int, stage: str, sender: str, recipient: str, body: bytes) -> bytes:
-    return serialize.pack([DOMAIN, run_id, round, stage, sender, recipient, hashlib.sha256(body).digest()])
+    return serialize.pack([DOMAIN, run_id, round, stage, sender, recipient, blake3.blake3(body).digest()])
 
 
 def check_keys(*keys: bytes) -> None:
