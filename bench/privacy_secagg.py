@@ -14,8 +14,10 @@
    untimed warm-up rounds, then the median of `--rounds` of each. With `--train-s S` each client also "trains" for S seconds as if
    on its own machine (a sleep): secure clients share keys and expand their masks meanwhile, as
    they would in a real round. Printed: round seconds of each side, their ratio (target
-   <= 1.3 at 1M; Flower's SecAgg+ measured here: 1.9x at 1.2M, 4.1-4.6x at 100k), and bytes
-   sent per client per round, secure / plain (target <= 1.1 at 1M; Bonawitz 2017: 1.73x).
+   <= 1.3 at 1M; Flower's SecAgg+ measured here: 1.9x at 1.2M, 4.1-4.6x at 100k), the secure
+   round's median stage breakdown (`stage_s`: per stage, [waiting for the clients, closing the
+   stage] seconds, from rounds.jsonl), and bytes sent per client per round, secure / plain
+   (target <= 1.1 at 1M; Bonawitz 2017: 1.73x).
 2. SecAgg+ in one process (secagg/local.py, the same signed messages, no network): 100 and
    1000 clients of `--scale-params` coordinates on the sparse graph. Printed: the median
    client's time over its four stages (wall clock, and its thread's CPU time, steadier on a

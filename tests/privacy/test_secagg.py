@@ -306,6 +306,21 @@ def test_inconsistent_shares_fail_the_round_clearly():
     assert r.server.result is None
 
 
+def test_self_masks_come_off_as_threshold_shares_arrive_and_the_close_still_checks_them():
+    r, inbox = unmask_setup()                                  # 5 survivors, threshold 3
+    msgs = [c.unmask(inbox[c.identity.peer_id]) for c in r.clients]
+    for m in msgs[:2]:
+        r.server.receive(m)
+    assert not r.server.unmasked                              # two shares of each seed: nothing known yet
+    r.server.receive(msgs[2])
+    assert r.server.unmasked == set(r.server.survivors)      # the third share of each: every seed rebuilt
+    for m in msgs[3:]:
+        r.server.receive(m)
+    r.server.advance()
+    ups = updates(5, d=64)
+    assert np.array_equal(r.server.result, plain_sum(ups, FixedPoint(1.0, 5)))
+
+
 def test_shamir_any_threshold_shares_rebuild_and_extras_are_checked():
     secret = bytes(range(32))
     shares = shamir.split(secret, [1, 2, 3, 4, 5], 3)
