@@ -140,10 +140,6 @@ def ring_from_bytes(data: bytes | bytearray | memoryview, n: int) -> np.ndarray:
     return np.frombuffer(data, dtype=RING_DTYPE)
 
 
-def ring_to_bytes(v: np.ndarray) -> bytes:
-    return np.ascontiguousarray(v, dtype=RING_DTYPE).tobytes()
-
-
 def ring_view(v: np.ndarray) -> memoryview:
     """A ring vector's bytes as they go on the wire, without a copy (compact messages join it once)."""
     return memoryview(np.ascontiguousarray(v, dtype=RING_DTYPE)).cast("B")
