@@ -14,8 +14,10 @@
    untimed warm-up rounds, then the median of `--rounds` of each. With `--train-s S` each client also "trains" for S seconds as if
    on its own machine (a sleep): secure clients share keys and expand their masks meanwhile, as
    they would in a real round. Printed: round seconds of each side, their ratio (target
-   <= 1.3 at 1M; Flower's SecAgg+ measured here: 1.9x at 1.2M, 4.1-4.6x at 100k), and bytes
-   sent per client per round, secure / plain (target <= 1.1 at 1M; Bonawitz 2017: 1.73x).
+   <= 1.3 at 1M; Flower's SecAgg+ measured here: 1.9x at 1.2M, 4.1-4.6x at 100k), the secure
+   round's median stage breakdown (`stage_s`: per stage, [waiting for the clients, closing the
+   stage] seconds, from rounds.jsonl), and bytes sent per client per round, secure / plain
+   (target <= 1.1 at 1M; Bonawitz 2017: 1.73x).
 2. SecAgg+ in one process (secagg/local.py, the same signed messages, no network): 100 and
    1000 clients of `--scale-params` coordinates on the sparse graph. Printed: the median
    client's time over its four stages (wall clock, and its thread's CPU time, steadier on a
@@ -118,8 +120,12 @@ def _config(n_clients: int, rounds: int) -> FlConfig:
 def _results(out: Path, sent: list[dict], rounds: int) -> dict:
     lines = [json.loads(x) for x in (out / "rounds.jsonl").read_text().splitlines()][2:]
     shutil.rmtree(out, ignore_errors=True)
-    return {kind: ([x["seconds"] for x in lines if x["secure"] == kind],
-                   statistics.median(s[kind] for s in sent) / (rounds + 1)) for kind in (False, True)}
+    res = {kind: ([x["seconds"] for x in lines if x["secure"] == kind],
+                  statistics.median(s[kind] for s in sent) / (rounds + 1)) for kind in (False, True)}
+    stages = [x["stage_s"] for x in lines if x.get("stage_s")]
+    res["stage_s"] = {name: [round(statistics.median(s[name][i] for s in stages), 4) for i in range(2)]
+                      for name in (stages[0] if stages else {})}
+    return res
 
 
 async def network_rounds(d: int, n_clients: int, rounds: int, train_s: float = 0.0) -> dict:
@@ -222,6 +228,8 @@ def main() -> None:
                 emit("fl_round_secure", s, "s", params=d, clients=args.clients, train_s=train_s, clients_as=where)
                 emit("fl_round_secure_over_plain", s / p, "x", params=d, train_s=train_s, clients_as=where,
                      target=1.3 if d >= 1_000_000 else None)
+                emit("fl_round_secure_stages", sum(sum(v) for v in res["stage_s"].values()), "s", params=d,
+                     train_s=train_s, clients_as=where, stage_s=res["stage_s"])
         emit("fl_bytes_per_client_secure_over_plain", secure_bytes / plain_bytes, "x", params=d,
              plain_bytes=plain_bytes, secure_bytes=secure_bytes, target=1.1)
     per_client, per_client_cpu = {}, {}

@@ -107,7 +107,7 @@ class Participant:
             vector, report = await self._contribution(start)
             await self._send(conn, report)
             self.stop_in("update")
-            await self._send(conn, wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes()))
+            await self._send(conn, wire.Update(start.round, start.attempt, memoryview(vector.astype("<f4")).cast("B")))
             self._done(start, report)
             return None
         # secure: keys, shares and masks need no update, so they go on while the model trains
@@ -116,14 +116,17 @@ class Participant:
         self.stop_in("setup")
         await self._send(conn, wire.SecAgg(start.round, start.attempt, client.advertise()))
         training = asyncio.ensure_future(self._contribution(start))
+        work: list[asyncio.Future] = [training]
         try:
-            return await self._secure_stages(conn, start, client, training)
+            return await self._secure_stages(conn, start, client, training, work)
         finally:
-            if not training.done():
-                await asyncio.gather(training, return_exceptions=True)    # a thread cannot be cancelled
+            pending = [w for w in work if not w.done()]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)    # a thread cannot be cancelled
 
     async def _secure_stages(self, conn: Any, start: wire.RoundStart, client: SecAggClient,
-                             training: asyncio.Future) -> object | None:
+                             training: asyncio.Future, work: list[asyncio.Future]) -> object | None:
+        expanding: asyncio.Future | None = None
         for stage in ("share_keys", "collect_masked", "unmask"):
             msg = wire.decode(await conn.read_record())
             while isinstance(msg, wire.Error):
@@ -136,6 +139,7 @@ class Participant:
                     self.stop_in(stage)
                     out = client.share_keys(msg.data)
                 elif stage == "collect_masked":
+                    await expanding                                       # the masks, expanded meanwhile
                     await asyncio.to_thread(client.prepare_mask, msg.data)   # beside the training thread
                     vector, report = await training
                     await self._send(conn, report)
@@ -148,6 +152,9 @@ class Participant:
                 self.print(f"fl: leaving round {start.round + 1}: {e}")
                 return None
             await self._send(conn, wire.SecAgg(start.round, start.attempt, out))
+            if stage == "share_keys":         # the roster names the neighbours: expand every mask now, in a
+                expanding = asyncio.ensure_future(asyncio.to_thread(client.expand_masks))   # thread, during
+                work.append(expanding)        # the stage's round trip (and training)
             if stage == "collect_masked":
                 self._done(start, report)
         return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarmlm import serialize
+from swarmlm import compact, serialize
 from swarmlm.errors import WireError
 
 PURPOSE = "privacy/fl"
@@ -63,6 +63,7 @@ class Report:
     n_samples: int                 # sequences trained on this round
 
 
+@compact.compact                   # the large records (both kinds alike): a binary layout, not msgpack
 @dataclass(frozen=True)
 class Update:                      # plain rounds only
     round: int
@@ -70,6 +71,7 @@ class Update:                      # plain rounds only
     vector: bytes                  # float32 little-endian, `length` coordinates
 
 
+@compact.compact
 @dataclass(frozen=True)
 class SecAgg:
     round: int
@@ -92,6 +94,9 @@ _CODES = {cls: code for code, cls in KINDS.items()}
 
 
 def encode(msg: object) -> bytes:
+    layout = compact.layout_of(type(msg))
+    if layout is not None:                     # kind byte and payload in one copy
+        return compact.encode(msg, layout, prefix=bytes([_CODES[type(msg)]]))
     return bytes([_CODES[type(msg)]]) + serialize.encode_message(msg)
 
 
@@ -99,4 +104,8 @@ def decode(data: bytes, *, max_bytes: int = MAX_RECORD_BYTES) -> object:
     """The message in one record, or `WireError`."""
     if not data or data[0] not in KINDS:
         raise WireError("a federated-learning record must start with a known kind byte")
-    return serialize.decode_message(memoryview(data)[1:], KINDS[data[0]], max_bytes=max_bytes)
+    cls = KINDS[data[0]]
+    layout = compact.layout_of(cls)
+    if layout is not None and isinstance(data, bytes):     # an update's payload: a view of the record, no copy
+        return compact.decode(memoryview(data)[1:], layout, max_bytes=max_bytes, views=True)
+    return serialize.decode_message(memoryview(data)[1:], cls, max_bytes=max_bytes)
