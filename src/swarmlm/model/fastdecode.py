@@ -128,14 +128,16 @@ class _Layer:
 class DecodeStep:
     """`step(ids (B, 1)) -> logits (B, V)` of the last position, advancing `cache` by one slot."""
 
-    def __init__(self, model, cache: KVCache, *, with_head: bool = True):
+    def __init__(self, model, cache: KVCache, *, with_head: bool = True, blocks: range | None = None):
+        """`blocks`: run only the held blocks with an index in it (a server's session span); default all."""
         if not self.supports(model):
             raise ValueError("DecodeStep needs a model without dynamic rotary scaling")
         self.model = model
         self.cache = cache
         self.with_head = with_head
         fused = fused_projections(model)
-        self.layers = [_Layer(int(key), block, fused[int(key)]) for key, block in model.layers.items()]
+        self.layers = [_Layer(int(key), block, fused[int(key)]) for key, block in model.layers.items()
+                       if blocks is None or int(key) in blocks]
         self.final_norm = None if model.norm is None else _norm_fn(model.norm)
         self.output = None if model.output is None else _linear_fn(model.output)
         self.tables = None
@@ -225,3 +227,16 @@ class DecodeStep:
             h = h + layer.down(a)
         cache.advance(1)
         return h[:, None]                                              # (B, 1, D)
+
+
+def span_step(model, cache: KVCache, start: int, end: int) -> DecodeStep | None:
+    """The decode step of blocks [start, end) of `model` over `cache` (built on first use and kept on
+    the cache, which it serves for its whole life), or None where the lean path does not apply."""
+    steps = cache.__dict__.setdefault("_decode_steps", {})      # (model id, start, end) -> DecodeStep
+    key = (id(model), start, end)
+    step = steps.get(key)
+    if step is None or step.model is not model:
+        if not DecodeStep.supports(model) or not all(i in cache.k for i in range(start, end)):
+            return None
+        step = steps[key] = DecodeStep(model, cache, with_head=False, blocks=range(start, end))
+    return step
