@@ -89,9 +89,14 @@ def fused_projections(model) -> dict[int, tuple]:
 
 
 def _linear_fn(module: nn.Module):
-    """x (B, K) -> (B, N) in x's dtype, as `module(x)` computes it, without the module call."""
-    if type(module) is nn.Linear:
-        return lambda x: F.linear(x, module.weight, module.bias)
+    """x (B, K) -> (B, N) in x's dtype, as `module(x)` computes it, without the module call (bound
+    to the weights as they are now: a step lives for one generation or one server session)."""
+    if type(module) is nn.Linear:         # F.linear on rows is addmm / mm with the weight transposed
+        wt = module.weight.t()
+        if module.bias is None:
+            return lambda x: torch.mm(x, wt)
+        bias = module.bias
+        return lambda x: torch.addmm(bias, x, wt)
     if isinstance(module, QuantLinear):
         return module.rows_fn()       # what its forward runs when no gradient is wanted
     return module                     # anything else (LoRA, a parallel shard): its own forward
