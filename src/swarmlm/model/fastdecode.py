@@ -174,7 +174,10 @@ class DecodeStep:
         model, cache = self.model, self.cache
         cache.check_room(1)
         positions = cache.next_pos[:, None]                            # (B, 1)
-        h = model.embed(ids, positions) if model.tok_embeddings is not None else ids
+        if type(model.tok_embeddings) is nn.Embedding and model.pos_embeddings is None:
+            h = F.embedding(ids, model.tok_embeddings.weight)          # what nn.Embedding runs
+        else:
+            h = model.embed(ids, positions) if model.tok_embeddings is not None else ids
         h = self.run(h)
         if not self.with_head:
             return h
@@ -202,9 +205,7 @@ class DecodeStep:
             x = layer.norm1(h)
             if layer.qkv is not None and B == 1:
                 fn, (nq, nk, nv) = layer.qkv
-                y = fn(x)                                              # (1, nq + nk + nv)
-                qk = y[:, :nq + nk].view(B, -1, Dh)                    # (B, H + Hkv, Dh): rotated together
-                v = y[:, nq + nk:].view(B, -1, Dh)
+                qk, v = fn(x).view(B, -1, Dh).split(((nq + nk) // Dh, nv // Dh), 1)  # (B, H + Hkv, Dh): rotated together
             else:
                 q, k, v = layer.q(x), layer.k(x), layer.v(x)
                 nq = q.shape[1]
