@@ -59,21 +59,28 @@ def _make(name: str, directory: Path) -> None:
         model.save_pretrained(directory)
 
 
-def _rate(stamps: list[float]) -> float:
-    """Tokens per second after the first token."""
-    return (len(stamps) - 1) / (stamps[-1] - stamps[0])
+def _stamp() -> tuple[float, float]:
+    """(wall clock, this process's CPU time): on a shared machine the CPU time counts only the
+    time this process ran, so it moves less with the other load than the wall clock does."""
+    return time.perf_counter(), time.process_time()
 
 
-def _ours(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
+def _rate(stamps: list[tuple[float, float]]) -> tuple[float, float]:
+    """(wall, CPU) tokens per second after the first token."""
+    n = len(stamps) - 1
+    return n / (stamps[-1][0] - stamps[0][0]), n / max(stamps[-1][1] - stamps[0][1], 1e-9)
+
+
+def _ours(model, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
     stamps, tokens = [], []
     for step in stream_generate(model, prompt, max_new_tokens=n):
-        stamps.append(time.perf_counter())
+        stamps.append(_stamp())
         tokens.append(step[0])
-    return _rate(stamps), tokens
+    return *_rate(stamps), tokens
 
 
-def _theirs(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
-    stamps: list[float] = []
+def _theirs(model, prompt: list[int], n: int) -> tuple[float, float, list[int]]:
+    stamps: list[tuple[float, float]] = []
     tokens: list[int] = []
 
     class Stamps:                     # transformers' streamer protocol: put(ids) per step, end()
@@ -83,7 +90,7 @@ def _theirs(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
             if self.first:            # the prompt itself
                 self.first = False
                 return
-            stamps.append(time.perf_counter())
+            stamps.append(_stamp())
             tokens.extend(value.reshape(-1).tolist())
 
         def end(self):
@@ -92,7 +99,7 @@ def _theirs(model, prompt: list[int], n: int) -> tuple[float, list[int]]:
     with torch.inference_mode():
         model.generate(torch.tensor([prompt]), max_new_tokens=n, min_new_tokens=n, do_sample=False,
                        streamer=Stamps())
-    return _rate(stamps), tokens
+    return *_rate(stamps), tokens
 
 
 # ---- llama.cpp (bench-only: llama-cpp-python is not a dependency of the project) -------------
@@ -183,20 +190,22 @@ def _gguf_files(llama_cpp, script: Path, directory: Path, out: Path) -> dict[str
 
 
 def _llama_cpp_engine(llama_cpp, path: Path, prompt: list[int], n: int, threads: int):
-    """A function running one greedy generation -> (decode tokens/s by llama.cpp's own timers, tokens)."""
+    """A function running one greedy generation -> (decode tokens/s by llama.cpp's own timers, by this
+    process's CPU time between the first and the last token, tokens)."""
     llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_batch=max(len(prompt), 8),
                           n_threads=threads, n_threads_batch=threads, verbose=False)
 
-    def run() -> tuple[float, list[int]]:
+    def run() -> tuple[float, float, list[int]]:
         llm.reset()
         llama_cpp.llama_perf_context_reset(llm.ctx)
-        tokens = []
+        tokens, stamps = [], []
         for token in llm.generate(prompt, temp=0.0, top_k=1, reset=True):
+            stamps.append(_stamp())
             tokens.append(int(token))
             if len(tokens) == n:
                 break
         perf = llama_cpp.llama_perf_context(llm.ctx)      # decode steps only: the prompt is its own timer
-        return perf.n_eval / (perf.t_eval_ms / 1e3), tokens
+        return perf.n_eval / (perf.t_eval_ms / 1e3), _rate(stamps)[1], tokens
     return run
 
 
@@ -252,28 +261,35 @@ def bench_model(name: str, args) -> None:
 
 
 def _race(name: str, engines: dict, args) -> None:
-    """Interleaved runs of every engine; medians and ratios printed as JSON lines."""
+    """Interleaved runs of every engine; medians and ratios printed as JSON lines (wall-clock rates,
+    and rates by CPU time, which the other load on a shared machine moves less: with one thread
+    they compare the engines' work per token; with more, a process's CPU time sums its threads)."""
     for fn in engines.values():        # warm-up
         fn()
-    rates: dict[str, list[float]] = {k: [] for k in engines}
+    wall: dict[str, list[float]] = {k: [] for k in engines}
+    cpu: dict[str, list[float]] = {k: [] for k in engines}
     tokens: dict[str, list[int]] = {}
     for _ in range(args.repeats):
         for k, fn in engines.items():
-            r, tokens[k] = fn()
-            rates[k].append(r)
-    med = {k: statistics.median(rs) for k, rs in rates.items()}
-    base = med["transformers-fp32"]
+            w, c, tokens[k] = fn()
+            wall[k].append(w)
+            cpu[k].append(c)
+    med = {k: statistics.median(rs) for k, rs in wall.items()}
+    med_cpu = {k: statistics.median(rs) for k, rs in cpu.items()}
+    base, base_cpu = med["transformers-fp32"], med_cpu["transformers-fp32"]
     targets = {"swarmlm-fp32": 1.5, "swarmlm-int8": 3.5, "swarmlm-int4": 5.0}
-    for k, rs in rates.items():
+    for k in engines:
         print(json.dumps({"name": "model_decode.tokens_per_s", "model": name, "engine": k, "value": round(med[k], 1),
-                          "runs": [round(r, 1) for r in rs], "vs_transformers_fp32": round(med[k] / base, 2),
+                          "runs": [round(r, 1) for r in wall[k]], "vs_transformers_fp32": round(med[k] / base, 2),
+                          "cpu_value": round(med_cpu[k], 1), "cpu_vs_transformers_fp32": round(med_cpu[k] / base_cpu, 2),
                           "target": targets.get(k), "threads": args.threads, "new_tokens": args.new_tokens,
                           "same_tokens_as_transformers": tokens[k] == tokens["transformers-fp32"]}))
     for ours, theirs, target in [("swarmlm-fp32", "llama.cpp-f32", None), ("swarmlm-int8", "llama.cpp-Q8_0", 0.5),
                                  ("swarmlm-int4", "llama.cpp-Q4_0", None)]:
         if theirs in med:
             print(json.dumps({"name": "model_decode.vs_llama_cpp", "model": name, "ours": ours, "theirs": theirs,
-                              "ratio": round(med[ours] / med[theirs], 2), "target": target}))
+                              "ratio": round(med[ours] / med[theirs], 2),
+                              "cpu_ratio": round(med_cpu[ours] / med_cpu[theirs], 2), "target": target}))
 
 
 def main() -> None:
