@@ -281,7 +281,8 @@ def _race(name: str, engines: dict, args) -> None:
     for k in engines:
         print(json.dumps({"name": "model_decode.tokens_per_s", "model": name, "engine": k, "value": round(med[k], 1),
                           "runs": [round(r, 1) for r in wall[k]], "vs_transformers_fp32": round(med[k] / base, 2),
-                          "cpu_value": round(med_cpu[k], 1), "cpu_vs_transformers_fp32": round(med_cpu[k] / base_cpu, 2),
+                          "cpu_value": round(med_cpu[k], 1),
+                          "cpu_vs_transformers_fp32": round(med_cpu[k] / base_cpu, 2),
                           "target": targets.get(k), "threads": args.threads, "new_tokens": args.new_tokens,
                           "same_tokens_as_transformers": tokens[k] == tokens["transformers-fp32"]}))
     for ours, theirs, target in [("swarmlm-fp32", "llama.cpp-f32", None), ("swarmlm-int8", "llama.cpp-Q8_0", 0.5),

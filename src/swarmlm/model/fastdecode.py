@@ -34,7 +34,8 @@ def _concat_linears(parts: list[nn.Linear]) -> nn.Linear | None:
     """One float Linear over the parts' rows. Each part keeps its Parameter objects (an optimizer
     holding them still updates the model), whose data become views of the fused tensors."""
     first = parts[0]
-    if not all(type(p) is nn.Linear and p.in_features == first.in_features and (p.bias is None) == (first.bias is None)
+    if not all(type(p) is nn.Linear and _plain(p) and p.in_features == first.in_features
+               and (p.bias is None) == (first.bias is None)
                and p.weight.dtype == first.weight.dtype and p.weight.device == first.weight.device for p in parts):
         return None
     fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
@@ -88,10 +89,17 @@ def fused_projections(model) -> dict[int, tuple]:
     return cached
 
 
+def _plain(module: nn.Module) -> bool:
+    """Whether calling the module runs nothing but its forward on plain tensors (no hooks, e.g.
+    tensor parallel's redistributions, and no tensor-subclass weights such as DTensors)."""
+    return (not module._forward_hooks and not module._forward_pre_hooks
+            and all(type(p) is nn.Parameter for p in module.parameters(recurse=False)))
+
+
 def _linear_fn(module: nn.Module):
     """x (B, K) -> (B, N) in x's dtype, as `module(x)` computes it, without the module call (bound
     to the weights as they are now: a step lives for one generation or one server session)."""
-    if type(module) is nn.Linear:         # F.linear on rows is addmm / mm with the weight transposed
+    if type(module) is nn.Linear and _plain(module):   # F.linear on rows is addmm / mm with the weight transposed
         wt = module.weight.t()
         if module.bias is None:
             return lambda x: torch.mm(x, wt)
@@ -105,10 +113,10 @@ def _linear_fn(module: nn.Module):
 def _norm_fn(module: nn.Module):
     """x (B, D) -> normalized, as `module(x)` computes it: RMSNorm's float32 steps are the very ops
     `torch.rms_norm` composes (the tests check equality), LayerNorm is `F.layer_norm`."""
-    if type(module) is RMSNorm and module.weight.dtype == torch.float32:
+    if type(module) is RMSNorm and module.weight.dtype == torch.float32 and _plain(module):
         shape = (module.weight.shape[0],)
         return lambda x: torch.rms_norm(x, shape, module.weight, module.eps)
-    if type(module) is nn.LayerNorm:
+    if type(module) is nn.LayerNorm and _plain(module):
         return lambda x: F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
     return module
 
@@ -174,8 +182,9 @@ class DecodeStep:
         model, cache = self.model, self.cache
         cache.check_room(1)
         positions = cache.next_pos[:, None]                            # (B, 1)
-        if type(model.tok_embeddings) is nn.Embedding and model.pos_embeddings is None:
-            h = F.embedding(ids, model.tok_embeddings.weight)          # what nn.Embedding runs
+        embed = model.tok_embeddings
+        if type(embed) is nn.Embedding and _plain(embed) and model.pos_embeddings is None:
+            h = F.embedding(ids, embed.weight)                         # what nn.Embedding runs
         else:
             h = model.embed(ids, positions) if model.tok_embeddings is not None else ids
         h = self.run(h)
@@ -205,7 +214,8 @@ class DecodeStep:
             x = layer.norm1(h)
             if layer.qkv is not None and B == 1:
                 fn, (nq, nk, nv) = layer.qkv
-                qk, v = fn(x).view(B, -1, Dh).split(((nq + nk) // Dh, nv // Dh), 1)  # (B, H + Hkv, Dh): rotated together
+                # q and k (B, H + Hkv, Dh), rotated together; v (B, Hkv, Dh)
+                qk, v = fn(x).view(B, -1, Dh).split(((nq + nk) // Dh, nv // Dh), 1)
             else:
                 q, k, v = layer.q(x), layer.k(x), layer.v(x)
                 nq = q.shape[1]
