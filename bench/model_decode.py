@@ -189,11 +189,37 @@ def _gguf_files(llama_cpp, script: Path, directory: Path, out: Path) -> dict[str
     return files
 
 
-def _llama_cpp_engine(llama_cpp, path: Path, prompt: list[int], n: int, threads: int):
+_PROBE = """
+import sys, llama_cpp
+llm = llama_cpp.Llama(model_path=sys.argv[1], n_ctx=16, n_batch=8, n_threads=1, verbose=False)
+llm.eval([1, 2])
+llm.eval([3])
+"""
+
+
+def _extra_buffers_work(path: Path) -> bool:
+    """Whether llama.cpp's default extra weight layouts (repacked and AMX kernels for quantized
+    types) run here: a CPU may report AMX that the machine does not let a process use (SIGILL)."""
+    return subprocess.run([sys.executable, "-c", _PROBE, str(path)], capture_output=True).returncode == 0
+
+
+def _llama_cpp_engine(llama_cpp, path: Path, prompt: list[int], n: int, threads: int, extra_buffers: bool = True):
     """A function running one greedy generation -> (decode tokens/s by llama.cpp's own timers, by this
     process's CPU time between the first and the last token, tokens)."""
-    llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_batch=max(len(prompt), 8),
-                          n_threads=threads, n_threads_batch=threads, verbose=False)
+    low = llama_cpp.llama_cpp
+    defaults = low.llama_model_default_params
+
+    def without_extra_buffers():
+        params = defaults()
+        params.use_extra_bufts = False
+        return params
+    if not extra_buffers:
+        low.llama_model_default_params = without_extra_buffers
+    try:
+        llm = llama_cpp.Llama(model_path=str(path), n_ctx=len(prompt) + n + 8, n_batch=max(len(prompt), 8),
+                              n_threads=threads, n_threads_batch=threads, verbose=False)
+    finally:
+        low.llama_model_default_params = defaults
 
     def run() -> tuple[float, float, list[int]]:
         llm.reset()
@@ -220,7 +246,11 @@ def _llama_cpp(directory: Path, out: Path, prompt: list[int], n: int, args) -> d
     files = _gguf_files(llama_cpp, script, directory, out)
     if isinstance(files, str):
         return files
-    return {f"llama.cpp-{name}": _llama_cpp_engine(llama_cpp, path, prompt, n, args.threads)
+    extra = _extra_buffers_work(files["Q8_0"])
+    if not extra:
+        print(json.dumps({"name": "model_decode.llama_cpp", "note": "llama.cpp's extra weight buffers (repacked / "
+                          "AMX kernels) crash on this machine: measured with use_extra_bufts=False"}))
+    return {f"llama.cpp-{name}": _llama_cpp_engine(llama_cpp, path, prompt, n, args.threads, extra)
             for name, path in files.items()}
 
 
