@@ -5,13 +5,18 @@ tables recomputed every step, the attention mask rebuilt, position ids counted, 
 per piece, seven small matmuls per block. `DecodeStep(model, cache)` does that work once: the
 rotary tables for every slot of the cache are computed up front (with the very ops
 `Rotary.tables` uses, so the values are bit for bit the same), the mask is the cache's own
-padding mask or nothing, and each layer runs as a flat list of the model's own modules and
-tensor ops, in the order Attention and Block use them, except that for one row (B = 1) q/k/v
-and gate/up run as one matmul each (`fused_projections`: the parts' weights become views of
-the fused ones, so no memory is added). Each output row is the same dot product either way,
-and the tests check that the output equals `run_blocks`' exactly, for float and quantized
-(model/quant.py) weights alike, so the swarm's exactness promise holds (with more rows a float
-GEMM may block its sums differently, so those steps use the parts).
+padding mask or nothing, and each layer runs as a flat sequence of tensor ops, in the order
+Attention and Block use them, on rows as vectors (B, D): Linears as the mm/addmm F.linear
+dispatches to (quantized ones as their kernel, `QuantLinear.rows_fn`), norms as torch.rms_norm
+/ F.layer_norm (the same ops their modules run), q and k rotated together in one pass, no
+module calls (a module with hooks or tensor-subclass weights, e.g. tensor parallel's, is still
+called as a module). For one row (B = 1) q/k/v and gate/up run as one matmul each
+(`fused_projections`: the parts' weights become views of the fused ones, so no memory is
+added). Each output row is the same dot product either way, and the tests check that the
+output equals `run_blocks`' exactly, for float and quantized (model/quant.py) weights alike,
+so the swarm's exactness promise holds (with more rows a float GEMM may block its sums
+differently, so those steps use the parts). Servers take the same step for their span
+(`span_step`, from swarm/blocks.py's run_span).
 
 It applies to a step of one new token per row with a cache, for models whose rotary scaling
 does not depend on the sequence length (not "dynamic") and that attend to the whole context (no
@@ -99,8 +104,8 @@ def _plain(module: nn.Module) -> bool:
 def _linear_fn(module: nn.Module):
     """x (B, K) -> (B, N) in x's dtype, as `module(x)` computes it, without the module call (bound
     to the weights as they are now: a step lives for one generation or one server session)."""
-    if type(module) is nn.Linear and _plain(module):   # F.linear on rows is addmm / mm with the weight transposed
-        wt = module.weight.t()
+    if type(module) is nn.Linear and _plain(module):
+        wt = module.weight.t()            # F.linear on rows is mm / addmm with the weight transposed
         if module.bias is None:
             return lambda x: torch.mm(x, wt)
         bias = module.bias
