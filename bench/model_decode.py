@@ -12,7 +12,13 @@ fetched once into `--llama-cpp-cache`), then quantized to Q8_0 and Q4_0 by
 `llama_cpp.llama_model_quantize`; its decode rate comes from its own timers
 (`llama_perf_context`: decode steps only). Where the package is missing, one line says so;
 `--install-llama-cpp` installs it first (it builds llama.cpp from source: minutes;
-`CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install llama-cpp-python` by hand).
+`CMAKE_ARGS="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF" pip install llama-cpp-python` by hand). Where
+llama.cpp's default extra weight buffers (AMX / repacked kernels) crash (a CPU that reports AMX
+a virtual machine does not allow: SIGILL), it runs without them and a line says so.
+
+Every rate is printed twice: by the wall clock (`value`) and by this process's CPU time
+(`cpu_value`). On a machine shared with other work, the CPU time moves far less with the other
+load; with one thread it compares the engines' work per token, with more it sums the threads.
 
 Also prints the weight memory of one served block at each quantization (what `serve
 --max-memory` plans with, and what a loaded span actually holds).
