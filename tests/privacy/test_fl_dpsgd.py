@@ -67,11 +67,13 @@ def dp_round(tmp_path, *, n_clients=3, n_examples=(64, 80, 96), **cfg):
     return delta, rounds, results
 
 
-def test_each_client_reports_the_accountants_epsilon_and_the_coordinator_records_the_largest(tmp_path):
+@pytest.mark.parametrize("client_dp", [False, True])
+def test_each_client_reports_the_accountants_epsilon_and_the_coordinator_records_the_largest(tmp_path, client_dp):
     from dp_accounting import dp_event as ev
     from dp_accounting.rdp import rdp_privacy_accountant
+    both = {"dp_clip": 5.0, "dp_noise": 0.8} if client_dp else {}
     _, rounds, _ = dp_round(tmp_path, rounds=2, local_steps=2, lr=0.05, dp_sgd_clip=1.0, dp_sgd_noise=1.1,
-                            dp_delta=1e-4)
+                            dp_delta=1e-4, **both)
     assert len(rounds) == 2
     for r, rec in enumerate(rounds):
         s = rec["sample_dp"]
@@ -84,7 +86,11 @@ def test_each_client_reports_the_accountants_epsilon_and_the_coordinator_records
                                                c["steps"]))
             assert c["epsilon"] == acc.get_epsilon(1e-4)
         assert s["epsilon"] == max(c["epsilon"] for c in s["clients"].values())
-        assert "epsilon" not in rec                       # no client-level DP asked for
+        if client_dp:                                     # client-level DP on as well: its own event, unchanged
+            assert (rec["sampling_rate"], rec["noise_multiplier"], rec["rounds"]) == (1.0, 0.8, r + 1)
+            assert 0 < rec["epsilon"] < float("inf")
+        else:
+            assert "epsilon" not in rec
     assert rounds[0]["sample_dp"]["epsilon"] < rounds[1]["sample_dp"]["epsilon"] < float("inf")
 
 
