@@ -493,6 +493,9 @@ def _add_fl(sub) -> None:
     c.add_argument("--dp-clip", type=float, default=None, metavar="C", help="client-level DP: clip each update to C")
     c.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA", help="noise multiplier of the sum")
     c.add_argument("--dp-delta", type=float, default=1e-5, metavar="D")
+    c.add_argument("--dp-sgd-clip", type=float, default=None, metavar="C",
+                   help="sample-level DP-SGD in clients' training: clip each example's gradient to C")
+    c.add_argument("--dp-sgd-noise", type=float, default=None, metavar="SIGMA", help="DP-SGD's noise multiplier")
     c.add_argument("--lr", type=float, default=0.3, help="clients' local SGD learning rate")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--seq-len", type=int, default=64)

@@ -60,7 +60,7 @@ class VectorClient(Participant):
 
 async def make_coordinator(net, tmp_path, **cfg):
     peer = await MemoryPeer.create(net)
-    config = FlConfig(local_steps=1, coord_clip=10.0, round_timeout_s=10.0, **cfg).check()
+    config = FlConfig(**{"local_steps": 1, "coord_clip": 10.0, "round_timeout_s": 10.0, **cfg}).check()
     coord = NoStoreCoordinator(peer, None, None, config, run_id="t", model=VectorModel(), model_cfg=None,
                                tokenizer=None, out=tmp_path / "out", printer=lambda s: None)
     await coord.start()

@@ -79,6 +79,7 @@ class Coordinator:
         self.params = federated.flatten(model)             # this round's trainable coordinates (d,)
         self.rounds_done = 0
         self.max_rate = 0.0          # the largest sampling rate of the completed rounds: what is accounted
+        self.sample_dp: dict[str, dict] = {}     # DP-SGD: each client's last reported rate, steps and ε
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -166,6 +167,8 @@ class Coordinator:
             with rounds_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             eps = f", eps {record['epsilon']:.3f}" if "epsilon" in record else ""
+            if "sample_dp" in record:
+                eps += f", sample eps {record['sample_dp']['epsilon']:.3f}"
             self.print(f"fl: round {r + 1}/{self.cfg.rounds}: {len(result.survivors)} clients, "
                        f"{len(result.sampled) - len(result.survivors)} dropped, train loss {result.train_loss:.4f}, "
                        f"val loss {result.val_loss:.4f}{eps} ({result.seconds:.1f} s)")
@@ -197,7 +200,25 @@ class Coordinator:
             # so a swarm whose size changed is never under-counted
             rec.update(dp.event_record(self.cfg.dp, self.max_rate, self.rounds_done))
             rec["round_sampling_rate"] = res.extra["sampling_rate"]
+        if self.cfg.dp_sgd_clip > 0:
+            eps = [c["epsilon"] for c in self.sample_dp.values()]
+            rec["sample_dp"] = {"sampling": "poisson", "noise_multiplier": self.cfg.dp_sgd_noise,
+                                "clip": self.cfg.dp_sgd_clip, "delta": self.cfg.dp_delta, "accountant": "rdp",
+                                "epsilon": max(eps) if eps else 0.0, "clients": dict(sorted(self.sample_dp.items()))}
         return rec
+
+    def _account_samples(self, reports: dict[str, wire.Report], survivors: list[str]) -> None:
+        """Each client's sample-level ε as it reported it (it trained, whether or not its update was
+        summed); a survivor that reported none, or nonsense, counts as unaccounted (ε = inf)."""
+        for pid in sorted(set(reports) | set(survivors)):
+            rep = reports.get(pid)
+            ok = (rep is not None and 0 < rep.dp_sgd_rate <= 1 and rep.dp_sgd_steps > 0
+                  and rep.dp_sgd_epsilon >= 0)                               # NaN fails too
+            if not ok:
+                log.warning("client %s reported no valid DP-SGD accounting", pid)
+            self.sample_dp[pid] = ({"sampling_rate": rep.dp_sgd_rate, "steps": rep.dp_sgd_steps,
+                                    "epsilon": rep.dp_sgd_epsilon} if ok else
+                                   {"sampling_rate": None, "steps": None, "epsilon": float("inf")})
 
     async def _round(self, r: int, attempt: int) -> RoundResult:
         t0 = time.perf_counter()
@@ -217,7 +238,8 @@ class Coordinator:
                 batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len, secure=self.cfg.secure,
                 coord_clip=self.cfg.coord_clip, dp_clip=self.cfg.dp_clip, dp_noise=self.cfg.dp_noise,
                 min_clients=self.cfg.min_clients, max_clients=len(chosen), lora_rank=self.cfg.lora_rank,
-                lora_alpha=self.cfg.lora_alpha, lora_seed=lora_seed)
+                lora_alpha=self.cfg.lora_alpha, lora_seed=lora_seed, dp_sgd_clip=self.cfg.dp_sgd_clip,
+                dp_sgd_noise=self.cfg.dp_sgd_noise, dp_delta=self.cfg.dp_delta)
             self._drain_stale()
             sent = [pid for pid in chosen if await self._send(pid, start)]
             reports: dict[str, wire.Report] = {}
@@ -233,6 +255,8 @@ class Coordinator:
             if self.cfg.lora_rank:              # fold B A into the weights (nothing if the round failed: B = 0)
                 merge_lora(self.model)
         self.rounds_done += 1
+        if self.cfg.dp_sgd_clip > 0:
+            self._account_samples(reports, survivors)
         self.max_rate = max(self.max_rate, federated.sampling_rate(self.cfg, len(joined)))
         got = [reports[p] for p in survivors if p in reports]
         weights = np.array([max(rep.n_samples, 1) for rep in got], dtype=np.float64)

@@ -52,6 +52,9 @@ class RoundStart:
     lora_rank: int = 0             # 0: whole-model updates; else only LoRA B matrices (A frozen, drawn from lora_seed)
     lora_alpha: float = 16.0
     lora_seed: int = 0
+    dp_sgd_clip: float = 0.0       # 0: plain local SGD; else DP-SGD, each sample's gradient clipped to this
+    dp_sgd_noise: float = 0.0      # σ of DP-SGD: N(0, (σ·dp_sgd_clip)²) on each step's gradient sum
+    dp_delta: float = 1e-5         # δ at which a client accounts its sample-level ε
 
 
 @dataclass(frozen=True)
@@ -61,6 +64,9 @@ class Report:
     train_loss: float              # mean loss over the local steps
     val_loss: float                # the received global model on this client's validation split
     n_samples: int                 # sequences trained on this round
+    dp_sgd_rate: float = 0.0       # DP-SGD only (public): this client's Poisson rate q = batch / local examples,
+    dp_sgd_steps: int = 0          # its DP-SGD steps so far in this run,
+    dp_sgd_epsilon: float = 0.0    # and the accountant's ε for them at the round's δ
 
 
 @compact.compact                   # the large records (both kinds alike): a binary layout, not msgpack
