@@ -9,13 +9,16 @@ asks for DP-SGD, local training clips and noises each step's per-example gradien
 Poisson-sampled local examples, and the report carries this client's sample-level ε so far
 (public metadata); a client that cannot honour the settings leaves the run with one line. A round's local
 batches come from (the run's seed, this client's seed, the round), so two runs with the same
-seeds train the same way. Knows nothing of other clients.
+seeds train the same way; the randomness DP rests on (noise, DP-SGD's sampling) is derived from
+this peer's private key too, so a known `--seed` does not give it away. Knows nothing of other
+clients.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import shutil
 import tempfile
 import time
@@ -59,14 +62,27 @@ class Participant:
         self.print = printer
         self.stop_in = stop_in or (lambda stage: None)      # a test hook: called as each stage begins
         self.tokens = None
-        self.model_dir = Path(tempfile.mkdtemp(prefix="swarmlm-fl-client-"))
+        self.model_dir = Path()                              # run(): a temporary folder for the fetched model
         self.current_cid: str | None = None
         self.rounds = 0
         self.bytes_sent = 0                                  # every record this client wrote, in plaintext bytes
         self.dp_sgd_event: tuple[float, float] | None = None  # DP-SGD's (Poisson rate, σ) in this run
         self.dp_sgd_steps = 0                                # DP-SGD steps taken so far: what is accounted
 
+    def _secret_seed(self, start: wire.RoundStart, what: str) -> list[int] | None:
+        """The seed of randomness the privacy guarantee rests on (the DP noise, DP-SGD's sampling):
+        with `--seed`, derived from this peer's signature (Ed25519 signs deterministically) over the
+        run, seed, round and purpose, so a rerun with the same identity repeats it while nobody
+        without this peer's private key can predict it (a public seed must not give the noise
+        away); without `--seed`, fresh entropy."""
+        if self.seed is None:
+            return None
+        label = f"swarmlm/fl/secret-seed/1|{self.run_id}|{self.seed}|{start.round}|{start.attempt}|{what}"
+        digest = hashlib.sha256(self.peer.identity.sign(label.encode())).digest()
+        return [int.from_bytes(digest[i:i + 8], "little") for i in range(0, 32, 8)]
+
     async def run(self) -> int:
+        self.model_dir = Path(tempfile.mkdtemp(prefix="swarmlm-fl-client-"))
         try:
             return await self._run()
         finally:
@@ -182,7 +198,7 @@ class Participant:
         if size != start.length:
             raise WireError(f"the round aggregates {start.length} coordinates, this model has {size}")
         update, train_loss, val_loss = await asyncio.to_thread(self._train, model, start)
-        rng = np.random.default_rng(None if self.seed is None else [self.seed, start.round, start.attempt, 0xD9])
+        rng = np.random.default_rng(self._secret_seed(start, "noise share"))
         vector = federated.prepare_update(update, start.coord_clip, dp_clip=start.dp_clip, dp_noise=start.dp_noise,
                                           min_clients=start.min_clients, rng=rng)
         report = wire.Report(start.round, start.attempt, train_loss, val_loss, start.local_steps * start.batch_size)
@@ -248,9 +264,8 @@ class Participant:
         def sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
             return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
 
-        seed = None if self.seed is None else [self.seed, start.round, start.attempt]
-        rng = np.random.default_rng(None if seed is None else [*seed, 0x5D])               # the Poisson draws
-        noise_seed = np.random.default_rng(None if seed is None else [*seed, 0x5E]).integers(1 << 62)
+        rng = np.random.default_rng(self._secret_seed(start, "dp-sgd sampling"))             # the Poisson draws
+        noise_seed = np.random.default_rng(self._secret_seed(start, "dp-sgd noise")).integers(1 << 62)
         generator = torch.Generator().manual_seed(int(noise_seed))                          # the noise
         update, loss = federated.local_train_dp_sgd(
             model, examples, n, steps=start.local_steps, lr=start.lr, mu=start.fedprox_mu, batch_size=start.batch_size,
