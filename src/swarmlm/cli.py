@@ -516,6 +516,8 @@ def _add_dashboard(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface the page is served on")
     p.add_argument("--port", type=int, default=8080, help="port of the page (0 picks a free one)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the swarm")
+    p.add_argument("--ledger", default=None, metavar="ADDRESS", help="also show this ledger's epoch, credit and quota")
+    p.add_argument("--chain-rpc", default=None, metavar="URL", help="the ledger's Ethereum JSON-RPC node")
     p.set_defaults(run=_run_dashboard)
 
 

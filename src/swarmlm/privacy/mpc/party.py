@@ -33,6 +33,7 @@ import torch
 from swarmlm.errors import PeerError, PeerTimeout, SwarmlmError, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import keys
+from swarmlm.p2p.directory import publish_entry
 from swarmlm.privacy.mpc import wire
 from swarmlm.privacy.mpc.model import KVShares, PublicWeights, forward
 from swarmlm.privacy.mpc.runtime import Comm, Party
@@ -112,8 +113,11 @@ class PartyServer:
         return wire.MpcPartyRecord(self.model_id, self.opt.max_tokens)
 
     async def announce(self) -> bool:
-        return await self.peer.store(keys.mpc_parties_key(self.model_id), self.record(), ttl_s=self.opt.announce_ttl_s,
-                                     subkey=keys.peer_subkey(self.peer.peer_id))
+        """Its record under the model's parties key, and the model in the swarm's directory (for the dashboard)."""
+        stored = await self.peer.store(keys.mpc_parties_key(self.model_id), self.record(),
+                                       ttl_s=self.opt.announce_ttl_s, subkey=keys.peer_subkey(self.peer.peer_id))
+        await publish_entry(self.peer, wire.PARTIES_SERVICE, self.model_id, ttl_s=self.opt.announce_ttl_s)
+        return stored
 
     # ---- connections ---------------------------------------------------------------------------
 
