@@ -557,8 +557,11 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_mpc_party,
                 _add_finetune, _add_api, _add_fl, _add_ledger, _add_eval, _add_dashboard, _add_simulate):
         add(sub)
-    for verb in ("node", "serve", "train"):          # long-running verbs (the federated/MPC roles: add theirs)
+    for verb in ("node", "serve", "train", "mpc-party"):          # long-running verbs
         _add_metrics_flag(sub.choices[verb])
+    fl = next(a for a in sub.choices["fl"]._actions if isinstance(a, argparse._SubParsersAction))
+    for role in ("coordinate", "join"):
+        _add_metrics_flag(fl.choices[role])
     return parser
 
 

@@ -30,7 +30,7 @@ from swarmlm.log import get_logger
 from swarmlm.model.lora import merge_lora
 from swarmlm.p2p import keys
 from swarmlm.p2p.records import record_type
-from swarmlm.privacy import dp, federated, wire
+from swarmlm.privacy import dp, federated, metrics, wire
 from swarmlm.privacy.federated import FlConfig
 from swarmlm.privacy.secagg.server import SecAggConfig, SecAggServer
 from swarmlm.privacy.secagg.stages import TERMINAL
@@ -109,7 +109,9 @@ class Coordinator:
         """One client's connection for the whole run: its JOIN, then everything it sends, into the inbox."""
         pid = conn.peer_id
         try:
-            first = wire.decode(await asyncio.wait_for(conn.read_record(), JOIN_TIMEOUT_S))
+            data = await asyncio.wait_for(conn.read_record(), JOIN_TIMEOUT_S)
+            metrics.FL_RECEIVED.inc(len(data))
+            first = wire.decode(data)
             if not isinstance(first, wire.Join) or first.run_id != self.run_id:
                 raise WireError(f"expected a JOIN for run {self.run_id!r}")
             if pid in self.members:
@@ -122,13 +124,17 @@ class Coordinator:
             conn.close()
             return
         self.members[pid] = _Member(conn, time.time())
+        metrics.FL_CLIENTS.set(len(self.members))
         self.member_event.set()
         self.print(f"fl: client {pid[-8:]} joined ({len(self.members)} connected)")
         try:
-            conn.write(wire.encode(wire.Welcome(self.run_id, len(self.members))))
+            welcome = wire.encode(wire.Welcome(self.run_id, len(self.members)))
+            conn.write(welcome)
+            metrics.FL_SENT.inc(len(welcome))
             await conn.drain()
             while True:
                 data = await conn.read_record()
+                metrics.FL_RECEIVED.inc(len(data))
                 try:
                     msg = wire.decode(data)
                 except WireError as e:
@@ -141,6 +147,7 @@ class Coordinator:
         finally:
             if self.members.get(pid) is not None and self.members[pid].conn is conn:
                 del self.members[pid]
+                metrics.FL_CLIENTS.set(len(self.members))
             self.inbox.put_nowait((pid, None))
             conn.close()
 
@@ -163,8 +170,10 @@ class Coordinator:
         if member is None:
             return False
         try:
-            member.conn.write(wire.encode(msg))
+            data = wire.encode(msg)
+            member.conn.write(data)
             await member.conn.drain()
+            metrics.FL_SENT.inc(len(data))
             return True
         except (ConnectionError, PeerError, OSError) as e:
             log.info("sending to %s failed: %s", pid, e)
@@ -184,6 +193,7 @@ class Coordinator:
             with rounds_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
             self.last = record
+            metrics.round_done(record)
             await self.announce(r, record["manifest_cid"])
             eps = f", eps {record['epsilon']:.3f}" if "epsilon" in record else ""
             self.print(f"fl: round {r + 1}/{self.cfg.rounds}: {len(result.survivors)} clients, "
@@ -203,6 +213,7 @@ class Coordinator:
                 result.extra["failed_attempts"] = failures
                 return result
             except RoundFailed as e:
+                metrics.FL_ROUND_FAILURES.inc()
                 failures.append(str(e))
                 self.print(f"fl: round {r + 1} attempt {attempt + 1} failed: {e}; retrying")
         raise RoundFailed(f"round {r + 1} failed {self.cfg.max_attempts} times; giving up")
