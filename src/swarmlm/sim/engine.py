@@ -135,6 +135,8 @@ class Simulation:
         net, srv = scenario.network, scenario.servers
         self.servers = [Server(i, f"s{i:05d}", srv.block_tokens_per_s.sample(self.rng), net.rtt_s.sample(self.rng),
                                net.bandwidth_bytes_per_s.sample(self.rng)) for i in range(srv.count)]
+        for s in self.servers if srv.served_before else ():
+            s.opened = s.warm = True
         self.clients = [Client(i, net.rtt_s.sample(self.rng), net.bandwidth_bytes_per_s.sample(self.rng))
                         for i in range(scenario.clients.count)]
         tr = scenario.training

@@ -1,7 +1,13 @@
 """`--measure MODEL_DIR`: this machine's costs, so a small scenario can be set beside a real run.
 
-    m = measure(model_dir)              # Measured(...): medians of repeated timings
+    m = measure(model_dir)              # Measured(...): medians over rounds of repeated timings
     scenario = apply_measured(scenario, m)
+    measure(model_dir, rounds=5, between=lambda r, m_r: ...)   # a real run after each round, with its own m_r
+
+Every quantity is timed in each of `rounds` rounds (the cheap ones `repeats` times, a generation's
+time per token as the median of three), and the medians over rounds are kept, so a burst of load on
+a shared machine counts once. What a freshly started server pays once (its first session, its
+first replay, its first computation) is taken as the measurement's own server starts.
 
 - `block_tokens_per_s`: a one-token decoding step through one block (the figure a server announces,
   `swarm.blocks.measure_throughput`, with more repeats), and the prompt's speed-up over it;
@@ -16,7 +22,11 @@
   greedily here, the time per token after the first, less the blocks' compute, the handler's
   overhead and the client's work (what is left: two process wake-ups, the side channel's records,
   the client's event loop and its thread). `channel_rtt_s` is the bare side channel's round trip
-  between two peers of one process, for comparison.
+  between two peers of one process, for comparison;
+- `replay_factor`: a failover's replay (a prompt and 40 one-token steps, replayed into a new session
+  as `HopClient.replay` does: one request, each step its own chunk) over the decoding compute of the
+  same steps; `cold_replay_factor` the same into the freshly started server; `cold_open_s` and
+  `warmup_s` that server's first session and the extra time of its first generation.
 The only module of sim/ that opens a socket (through p2p/ and swarm/) or reads a clock.
 """
 
@@ -35,6 +45,7 @@ from swarmlm.errors import UserError
 from swarmlm.sim.scenario import Scenario, const
 
 PURPOSE = "swarmlm-sim-measure/1"
+TOKENS = 32                  # tokens of each generation timed (three per round, the median)
 
 
 @dataclass(frozen=True)
@@ -98,7 +109,7 @@ def measure(model_dir: str | os.PathLike, *, rounds: int = 3, repeats: int = 30,
         cold = {"cold_open_s": server.cold_open_s, "cold_replay_s": server.cold_replay_s, "warmup_s": server.warmup_s}
         for r in range(rounds):
             got = _compute_times(model, block, cfg, repeats, prompt_tokens)
-            got.update(server.times(n_tokens=max(16, repeats)))
+            got.update(server.times(n_tokens=TOKENS))
             for k, v in got.items():
                 samples.setdefault(k, []).append(v)
             if between is not None:
@@ -148,11 +159,15 @@ def _compute_times(model: Any, block: Any, cfg: Any, repeats: int, prompt_tokens
     return {"decode_s": decode_s, "prefill_s": prefill_s, "client_s": client_s, "handler_s": handler_s}
 
 
-def time_per_token(remote: Any, n_tokens: int, prompt: list[int] | None = None) -> float:
-    """Seconds per greedy token after the first, one generation of `n_tokens` through `remote` (a RemoteModel)."""
-    stamps = [time.perf_counter() for _ in remote.stream_generate([prompt or [1, 2, 3, 4, 5, 6, 7, 8]],
-                                                                  max_new_tokens=n_tokens)]
-    return (stamps[-1] - stamps[0]) / max(1, len(stamps) - 1)
+def time_per_token(remote: Any, n_tokens: int, prompt: list[int] | None = None, *, runs: int = 1) -> float:
+    """Seconds per greedy token after the first through `remote` (a RemoteModel): the median over `runs`
+    generations of `n_tokens` (a generation that a burst of load on the machine slowed counts once)."""
+    times = []
+    for _ in range(runs):
+        stamps = [time.perf_counter() for _ in remote.stream_generate([prompt or [1, 2, 3, 4, 5, 6, 7, 8]],
+                                                                      max_new_tokens=n_tokens)]
+        times.append((stamps[-1] - stamps[0]) / max(1, len(stamps) - 1))
+    return statistics.median(times)
 
 
 class OneServer:
@@ -182,13 +197,14 @@ class OneServer:
             # a fresh server as a failover's replacement is: its first session, a history replayed into it
             self.cold_open_s, self.cold_replay_s = run(_cold_replay_s(self.remote.blocks, self.n_layers,
                                                                       prompt_tokens, replay_steps, dim))
+            run(self.remote.blocks.wait_ready(60.0))    # on a loaded machine a DHT read may take a while
             t0 = time.perf_counter()
             next(iter(self.remote.stream_generate([[1, 2, 3, 4]], max_new_tokens=1)))     # its first generation
             cold_first = time.perf_counter() - t0
             t0 = time.perf_counter()
             next(iter(self.remote.stream_generate([[1, 2, 3, 4]], max_new_tokens=1)))
             self.warmup_s = max(0.0, cold_first - (time.perf_counter() - t0))
-            time_per_token(self.remote, 16)             # the first generations of a fresh process are slower
+            time_per_token(self.remote, 16, runs=5)     # the first generations of a fresh process are slower
         except BaseException:
             self.__exit__()
             raise
@@ -196,7 +212,7 @@ class OneServer:
 
     def times(self, *, n_tokens: int) -> dict[str, float]:
         run = self.remote.runner.run
-        return {"token_s": time_per_token(self.remote, n_tokens),
+        return {"token_s": time_per_token(self.remote, n_tokens, runs=3),
                 "control_s": run(_control_rtt(self.remote.blocks, self.server.peer_id, 10)),
                 "open_s": run(_open_s(self.remote.blocks, self.n_layers, 5)),
                 "replay_s": run(_replay_s(self.remote.blocks, self.n_layers, self.prompt_tokens, self.replay_steps,
