@@ -33,12 +33,13 @@ import statistics
 import sys
 import tempfile
 import time
+import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT / "src"), str(ROOT)]
 
-from swarmlm.sim.measure import apply_measured, measure, time_per_token   # noqa: E402
+from swarmlm.sim.measure import apply_measured, measure, patient_client, time_per_token   # noqa: E402
 from swarmlm.sim.run import simulate_scenario                       # noqa: E402
 from swarmlm.sim.scenario import load_scenario                      # noqa: E402
 from swarmlm.swarm.client.model import RemoteModel                  # noqa: E402
@@ -126,9 +127,11 @@ def main() -> None:
             for i, span in enumerate(((1, 3), (3, 4))):
                 procs.append(start_server_process(ckpt, blocks=span, data_dir=tmp / f"y{i}", env=ENV,
                                                   initial_peers=x.maddrs[:1]))
-            r2 = RemoteModel.connect(str(ckpt), initial_peers=a.maddrs[:1], connect_timeout_s=60)
+            r2 = RemoteModel.connect(str(ckpt), initial_peers=a.maddrs[:1], connect_timeout_s=60,
+                                     options=patient_client())
             remotes.append(r2)
-            r3 = RemoteModel.connect(str(ckpt), initial_peers=x.maddrs[:1], connect_timeout_s=60)
+            r3 = RemoteModel.connect(str(ckpt), initial_peers=x.maddrs[:1], connect_timeout_s=60,
+                                     options=patient_client())
             remotes.append(r3)
             for r in (r2, r3):
                 time_per_token(r, 8)                          # both swarms warm, as the measured one is
@@ -169,7 +172,8 @@ def main() -> None:
                     all_rounds.extend(rounds)
                     print(json.dumps(row), flush=True)
                 except Exception as e:          # a trial a loaded machine broke (a DHT read timing out): the next one
-                    print(json.dumps({"trial": trial, "error": f"{type(e).__name__}: {e}"}), flush=True)
+                    where = [f"{f.name}:{f.lineno}" for f in traceback.extract_tb(e.__traceback__)[-8:]]
+                    print(json.dumps({"trial": trial, "error": f"{type(e).__name__}: {e}", "where": where}), flush=True)
         finally:
             for r in remotes:
                 r.close()

@@ -170,6 +170,15 @@ def time_per_token(remote: Any, n_tokens: int, prompt: list[int] | None = None, 
     return statistics.median(times)
 
 
+def patient_client() -> Any:
+    """Client options that wait up to a minute for a server to show in the DHT again: on a loaded machine a
+    DHT read (or a server's re-announcement) can be late for a while, and a measurement should not fail then."""
+    from swarmlm.swarm.client.remote import ClientOptions
+    from swarmlm.swarm.client.session import SessionOptions
+
+    return ClientOptions(session=SessionOptions(replacement_wait_s=60.0))
+
+
 class OneServer:
     """One real server holding every block (loopback), started here, and a client of it: the first session
     opened on it (`cold_open_s`) and the extra time of its first computation (`warmup_s`) are taken as it
@@ -192,7 +201,7 @@ class OneServer:
                                            env={"OMP_NUM_THREADS": "1"}, timeout_s=180)
         try:
             self.remote = RemoteModel.connect(str(self.model_dir), initial_peers=self.server.maddrs[:1],
-                                              connect_timeout_s=60)
+                                              connect_timeout_s=60, options=patient_client())
             run = self.remote.runner.run
             # a fresh server as a failover's replacement is: its first session, a history replayed into it
             self.cold_open_s, self.cold_replay_s = run(_cold_replay_s(self.remote.blocks, self.n_layers,
