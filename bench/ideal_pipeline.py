@@ -39,6 +39,7 @@ def _stage(ckpt: str, start: int, end: int, inbox, outbox, threads: int) -> None
     """One half of the blocks: hidden states in from `inbox`, out to `outbox`, until told to stop."""
     from swarmlm.model.cache import KVCache
     from swarmlm.model.hf import load_model
+    from swarmlm.swarm.blocks import run_span
 
     torch.set_num_threads(threads)
     model, cfg = load_model(ckpt, layers=range(start, end), with_embed=False, with_head=False)
@@ -56,7 +57,7 @@ def _stage(ckpt: str, start: int, end: int, inbox, outbox, threads: int) -> None
                 continue
             h = torch.frombuffer(bytearray(msg[_HEADER.size:]), dtype=torch.float32).view(1, T, cfg.dim)
             t0 = time.perf_counter()
-            out = model.run_blocks(h, start=start, end=end, cache=cache)
+            out = run_span(model, h, start, end, cache=cache)    # the servers' very computation
             if T == 1:
                 steps.append(time.perf_counter() - t0)
             outbox.send_bytes(_HEADER.pack(T) + out.numpy().tobytes())
@@ -174,6 +175,7 @@ def blocks_step_s(local, prompt: list[int], new_tokens: int) -> float:
     """The median time of the one-token steps through all of `local`'s blocks in a greedy decode in
     this process (embedding and head between them, as in local generation)."""
     from swarmlm.model.cache import KVCache
+    from swarmlm.swarm.blocks import run_span
 
     cache = KVCache.empty(local.cfg, 1, len(prompt) + new_tokens)
     ids, position, steps = torch.tensor([prompt]), 0, []
@@ -182,7 +184,7 @@ def blocks_step_s(local, prompt: list[int], new_tokens: int) -> float:
             T = ids.shape[1]
             h = local.embed(ids, torch.arange(position, position + T)[None])
             t0 = time.perf_counter()
-            h = local.run_blocks(h, cache=cache)
+            h = run_span(local, h, 0, local.cfg.n_layers, cache=cache)
             if T == 1:
                 steps.append(time.perf_counter() - t0)
             position += T

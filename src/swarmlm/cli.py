@@ -28,8 +28,7 @@ def _add_demo(sub) -> None:
 
 def _run_demo(args) -> int:
     from swarmlm.demo import run_demo
-    extra = {"dashboard": True} if args.dashboard else {}       # demo/dashboard.py: start_dashboard
-    return run_demo(peers=args.peers, steps=args.steps, out=args.out, **extra)
+    return run_demo(peers=args.peers, steps=args.steps, out=args.out, dashboard=args.dashboard)
 
 
 # ---- train --------------------------------------------------------------------------------
@@ -80,6 +79,8 @@ def _add_swarm_train_flags(p) -> None:
     g.add_argument("--publish-every", type=int, default=0, metavar="N",
                    help="publish the model into the store every N global steps (0: never)")
     g.add_argument("--min-peers", type=int, default=0, help="wait (up to 2 min) for this many peers before training")
+    _add_ledger_flags(g, "co-sign each averaging round's record with its members and submit it to this ledger "
+                         "(credit for the samples; account in --data-dir)")
 
 
 def _run_train(args) -> int:
@@ -90,7 +91,16 @@ def _run_train(args) -> int:
         return train_t5_from_args(args, distributed=args.swarm or wants_parallel(args))
     if args.swarm:
         from swarmlm.collab.run import run_swarm_training
+        if args.ledger:                   # the ledger's signing, as plain callables: collab never imports ledger
+            from swarmlm.collab.witness import Cosigner
+            from swarmlm.ledger.commands import round_book_from_args
+            book = round_book_from_args(args)
+            return run_swarm_training(args, cosigner=Cosigner(
+                account=book.account, epoch=book.epoch, member_ok=book.member_ok, sign=book.sign,
+                signed_by=book.signed_by, submit=book.submit, recorded=book.recorded))
         return run_swarm_training(args)
+    if getattr(args, "ledger", None):
+        raise UserError("--ledger credits collaborative training: add --swarm")
     from swarmlm.parallel.launch import run_parallel_training, wants_parallel
     if wants_parallel(args):
         return run_parallel_training(args)
@@ -448,11 +458,19 @@ def _add_api(sub) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"])
     p.add_argument("--quantize", default=None, metavar="int8|int4[-gN]",
                    help="quantize the weights at load time (int8 per row; int4 per group of N=32/64/128 columns)")
+    _add_ledger_flags(p, "with --swarm: sign receipts for the servers of this ledger (account in $SWARMLM_HOME); "
+                         "a refusal is HTTP 429")
     p.set_defaults(run=_run_api)
 
 
 def _run_api(args) -> int:
     from swarmlm.api.run import api_from_args
+    if args.ledger:
+        if not args.swarm:
+            raise UserError("--ledger meters swarm use: add --swarm")
+        from swarmlm.ledger.commands import payer_from_args
+        payer = payer_from_args(args)
+        return api_from_args(args, ticket=payer.ticket, ticket_accepted=payer.accepted, pay_for=payer.pay_for)
     return api_from_args(args)
 
 
@@ -475,6 +493,9 @@ def _add_fl(sub) -> None:
     c.add_argument("--dp-clip", type=float, default=None, metavar="C", help="client-level DP: clip each update to C")
     c.add_argument("--dp-noise", type=float, default=None, metavar="SIGMA", help="noise multiplier of the sum")
     c.add_argument("--dp-delta", type=float, default=1e-5, metavar="D")
+    c.add_argument("--dp-sgd-clip", type=float, default=None, metavar="C",
+                   help="sample-level DP-SGD in clients' training: clip each example's gradient to C")
+    c.add_argument("--dp-sgd-noise", type=float, default=None, metavar="SIGMA", help="DP-SGD's noise multiplier")
     c.add_argument("--lr", type=float, default=0.3, help="clients' local SGD learning rate")
     c.add_argument("--batch-size", type=int, default=8)
     c.add_argument("--seq-len", type=int, default=64)

@@ -9,7 +9,7 @@ took ~170 us to decode cold, this layout ~70 us).
 A compact message is, little-endian:
 
     0xc1 (a byte msgpack never writes) | u32 flags | i64 per int field |
-    then, in field order, each present variable field: bytes as u32 length + bytes;
+    then, in field order, each present variable field: bytes (and str, as UTF-8) as u32 length + bytes;
     a tensor as u8 dtype code, u8 ndim, u64 per dimension, raw bytes; a list of ints
     as u32 count + i64 each.
 
@@ -60,7 +60,7 @@ class Layout:
 
 
 def compact(cls: type) -> type:
-    """Class decorator: give a frozen dataclass of int, bool, bytes, Tensor and list[int] fields
+    """Class decorator: give a frozen dataclass of int, bool, bytes, str, Tensor and list[int] fields
     (each may be Optional) a compact layout."""
     hints = typing.get_type_hints(cls)
     fields = dataclasses.fields(cls)
@@ -91,7 +91,8 @@ def layout_of(cls: type) -> Layout | None:
     return cls.__dict__.get("__compact__")
 
 
-def encode(msg: Any, layout: Layout) -> bytes:
+def encode(msg: Any, layout: Layout, *, prefix: bytes = b"") -> bytes:
+    """The message's bytes, after `prefix` (a caller's own header, joined in the same single copy)."""
     values = layout.values(msg)
     flags = 0
     for i, b in layout.bools:
@@ -108,14 +109,16 @@ def encode(msg: Any, layout: Layout) -> bytes:
             flags |= presence
         write(v, parts)
     try:
-        parts[0] = _HEAD.pack(MAGIC, flags)
+        parts[0] = prefix + _HEAD.pack(MAGIC, flags)
         parts[1] = layout.fixed.pack(*(values[i] for i in layout.ints))
     except struct.error as e:
         raise TypeError(f"{layout.cls.__name__}: {e}") from None
     return b"".join(parts)
 
 
-def decode(data: bytes | bytearray | memoryview, layout: Layout, *, max_bytes: int) -> Any:
+def decode(data: bytes | bytearray | memoryview, layout: Layout, *, max_bytes: int, views: bool = False) -> Any:
+    """The message in `data`, checked. `views`: bytes fields come back as memoryviews into `data`
+    (no copy of a large payload; only for immutable `data`, which they keep alive)."""
     view = memoryview(data)
     name = layout.cls.__name__
     if len(view) > max_bytes:
@@ -134,6 +137,8 @@ def decode(data: bytes | bytearray | memoryview, layout: Layout, *, max_bytes: i
         at = _HEAD.size + layout.fixed.size
         for i, presence, read, _ in layout.variable:
             if presence is None or flags & presence:
+                if views and read is _read_bytes:
+                    read = _read_view
                 values[i], at = read(view, at, max_bytes)
     except struct.error:
         raise WireError(f"{name} is cut short") from None
@@ -145,7 +150,11 @@ def decode(data: bytes | bytearray | memoryview, layout: Layout, *, max_bytes: i
 # ---- field codecs ------------------------------------------------------------------------------
 
 def _write_bytes(v: Any, parts: list) -> None:
-    if not isinstance(v, (bytes, bytearray)):
+    if isinstance(v, memoryview):              # a large payload (a numpy vector's buffer) joined without a copy
+        if not v.c_contiguous:
+            raise TypeError("a memoryview to send must be contiguous")
+        v = v.cast("B") if v.format != "B" or v.ndim != 1 else v
+    elif not isinstance(v, (bytes, bytearray)):
         raise TypeError(f"expected bytes, got {type(v).__name__}")
     parts += (_U32.pack(len(v)), v)
 
@@ -156,6 +165,14 @@ def _read_bytes(view: memoryview, at: int, max_bytes: int) -> tuple[bytes, int]:
     if at + n > len(view):
         raise WireError(f"a field of {n} bytes runs past the message")
     return bytes(view[at:at + n]), at + n
+
+
+def _read_view(view: memoryview, at: int, max_bytes: int) -> tuple[memoryview, int]:
+    (n,) = _U32.unpack_from(view, at)
+    at += _U32.size
+    if at + n > len(view):
+        raise WireError(f"a field of {n} bytes runs past the message")
+    return view[at:at + n], at + n
 
 
 def _write_tensor(t: Any, parts: list) -> None:
@@ -217,8 +234,23 @@ def _read_ints(view: memoryview, at: int, max_bytes: int) -> tuple[list[int], in
     return list(struct.unpack_from(f"<{n}q", view, at)), at + 8 * n
 
 
+def _write_str(v: Any, parts: list) -> None:
+    if not isinstance(v, str):
+        raise TypeError(f"expected a str, got {type(v).__name__}")
+    _write_bytes(v.encode(), parts)
+
+
+def _read_str(view: memoryview, at: int, max_bytes: int) -> tuple[str, int]:
+    raw, at = _read_bytes(view, at, max_bytes)
+    try:
+        return raw.decode(), at
+    except UnicodeDecodeError:
+        raise WireError("a text field is not UTF-8") from None
+
+
 _CODECS: dict[Any, tuple[Reader, Writer]] = {
     bytes: (_read_bytes, _write_bytes),
+    str: (_read_str, _write_str),
     torch.Tensor: (_read_tensor, _write_tensor),
     list[int]: (_read_ints, _write_ints),
 }

@@ -139,4 +139,43 @@ def test_a_class_with_a_field_of_no_layout_is_refused():
         @compact.compact
         @dataclass(frozen=True)
         class Bad:
-            name: str
+            name: float
+
+
+@compact.compact
+@dataclass(frozen=True)
+class Named:
+    who: str
+    n: int
+    body: bytes
+
+
+def test_text_fields_round_trip_and_bad_utf8_is_refused():
+    msg = Named("pèer-ID ✓", 5, b"\0" * 3)
+    same(roundtrip(msg), msg)
+    data = bytearray(serialize.encode_message(msg))
+    at = data.index("pèer".encode())
+    data[at] = 0xFF                                     # no UTF-8 sequence starts with 0xff
+    with pytest.raises(WireError, match="UTF-8"):
+        serialize.decode_message(bytes(data), Named)
+    with pytest.raises(TypeError):
+        serialize.encode_message(Named(b"not text", 1, b""))
+
+
+def test_views_decode_bytes_fields_without_copying_them():
+    data = serialize.encode_message(Named("p", 1, b"payload" * 1000))
+    got = compact.decode(data, compact.layout_of(Named), max_bytes=1 << 20, views=True)
+    assert isinstance(got.body, memoryview) and got.body.obj is data and got.body == b"payload" * 1000
+    assert got.who == "p"
+    with pytest.raises(WireError, match="runs past"):
+        compact.decode(data[:-1], compact.layout_of(Named), max_bytes=1 << 20, views=True)
+
+
+def test_a_contiguous_memoryview_is_sent_as_its_bytes_and_a_prefix_is_joined():
+    import numpy as np
+    v = np.arange(10, dtype="<f4")
+    as_view = serialize.encode_message(Named("p", 1, memoryview(v)))
+    assert as_view == serialize.encode_message(Named("p", 1, v.tobytes()))
+    assert compact.encode(Named("p", 1, memoryview(v)), compact.layout_of(Named), prefix=b"\x05") == b"\x05" + as_view
+    with pytest.raises(TypeError, match="contiguous"):
+        serialize.encode_message(Named("p", 1, memoryview(v)[::2]))

@@ -150,7 +150,7 @@ def test_federated_panel_plots_rounds_and_ignores_forged_records():
     run = seen[-1]["fl_runs"][0]
     assert run["coordinator"] == coord_id and run["done"] == 2 and run["clients"] == 3
     assert run["history"] == [[1, 3.0], [2, 2.5]]
-    assert not run["dp"] and run["epsilon"] is None
+    assert not run["dp"] and run["epsilon"] is None and run["sample_epsilon"] is None
 
 
 def test_a_run_record_with_nonsense_is_refused():

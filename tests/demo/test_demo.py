@@ -36,3 +36,12 @@ def test_demo_trains_serves_survives_a_killed_server_and_matches_local(tmp_path,
     assert summary["generation"]["prompt_ids"] == tok.encode(PROMPT)
     assert summary["generation"]["swarm_tokens"] == local and len(local) > 0
     assert summary["training"]["steps"] == 8 and summary["problems"] == []
+    # the ledger: every server earned credit for what it served; the request past the quota was refused
+    assert all(c > 0 for c in summary["ledger"]["credit"].values()) and len(summary["ledger"]["credit"]) == 3
+    assert "quota exceeded" in summary["ledger"]["refused"] and "refused     " in out
+    # one federated round over secure aggregation, with the accountant's epsilon
+    assert summary["federated"]["clients"] == 3 and summary["federated"]["secure"] is True
+    assert summary["federated"]["epsilon"] > 0 and "DP ε = " in out
+    # private generation: the parties' tokens are local greedy decoding's
+    assert summary["private"]["tokens"] == local[:len(summary["private"]["tokens"])] and summary["private"]["equal"]
+    assert summary["private"]["rounds"] > 0 and summary["private"]["bytes"] > 0

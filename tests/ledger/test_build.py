@@ -18,6 +18,9 @@ def test_compiling_the_same_source_twice_gives_the_same_bytecode():
 def test_receipt_and_round_digests_match_the_contracts(ledger):
     a, b = ledger.a.account, ledger.b.account
     assert ledger.owner.call("receipt_digest", a, b, 3, 40) == receipts.receipt_digest(ledger.owner.domain, a, b, 3, 40)
+    for epoch, tokens in ((0, 0), (2 ** 64 - 1, 2 ** 63 + 7), (12345, 2 ** 256 - 1)):   # the hand-made encoding
+        assert (ledger.owner.call("receipt_digest", b, a, epoch, tokens)
+                == receipts.receipt_digest(ledger.owner.domain, b, a, epoch, tokens))
     members = sorted([a, b], key=lambda x: int(x, 16))
     assert (ledger.owner.call("round_digest", b"r" * 32, 1, 2, members, [5, 6])
             == receipts.round_digest(ledger.owner.domain, b"r" * 32, 1, 2, members, [5, 6]))

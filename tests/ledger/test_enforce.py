@@ -3,7 +3,8 @@
 A dev chain (`swarmlm ledger chain`, or anvil from scripts/setup), a ledger with a free quota of 50
 tokens per epoch, one `swarmlm serve --ledger` process serving every block, and a client
 (`swarmlm generate --swarm --ledger`, its account in its own $SWARMLM_HOME): 40 tokens are served,
-the next 40 are refused in one line naming the quota, the server settles and holds 40 tokens of
+the next 40 are refused in one line naming the quota (through `swarmlm api --ledger`: HTTP 429 with
+that line; 5 more are served), the server settles and holds the tokens it served as
 credit (`ledger status --json`); members of a co-signed training round get quota the next epoch.
 """
 
@@ -65,6 +66,18 @@ def _cli(*args: str, home: Path, check: bool = True) -> subprocess.CompletedProc
     return out
 
 
+def _post(url: str, body: dict) -> tuple[int, dict]:
+    import urllib.error
+    import urllib.request
+    req = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                 headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(req, timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as e:
+        return e.code, json.loads(e.read())
+
+
 def _run(verb: str, home: Path, **kwargs) -> None:
     """`swarmlm ledger VERB` in this process (the same function the CLI calls), as `home`'s account."""
     from argparse import Namespace
@@ -107,10 +120,30 @@ def test_a_server_serves_the_free_quota_refuses_beyond_it_and_earns_the_credit(k
         error = second.stderr.strip().splitlines()
         assert len(error) == 1 and "quota exceeded: 10 tokens left" in error[0] and "renews in" in error[0]
 
+        # the same account through `swarmlm api --swarm --ledger`: 40 more is a 429 naming the quota, 5 is served
+        api = subprocess.Popen([sys.executable, "-m", "swarmlm", "api", str(checkpoint), "--swarm", "--initial-peers",
+                                server.maddrs[0], *at, "--port", "0"], stdout=subprocess.PIPE, stderr=subprocess.DEVNULL,
+                               text=True, env={**os.environ, "SWARMLM_HOME": str(client_home)})
+        try:
+            api_url = api.stdout.readline().strip()
+            assert api_url.startswith("http://127.0.0.1:"), api_url
+            status, body = _post(api_url + "/completions", {"model": checkpoint.name,
+                                                            "prompt": "the quick brown fox", "max_tokens": 40,
+                                                            "temperature": 0})
+            assert status == 429 and body["error"]["code"] == "access_refused", body
+            assert "quota exceeded: 10 tokens left" in body["error"]["message"] and "\n" not in body["error"]["message"]
+            status, body = _post(api_url + "/completions", {"model": checkpoint.name,
+                                                            "prompt": "the quick brown fox", "max_tokens": 5,
+                                                            "temperature": 0})
+            assert status == 200 and body["usage"]["completion_tokens"] == 5, body
+        finally:
+            api.terminate()
+            api.wait(30)
+
         _cli("ledger", "settle", *at, "--now", "--data-dir", str(server_dir), home=server_dir)
         status = json.loads(_cli("ledger", "status", *at, "--json", "--data-dir", str(server_dir),
                                  home=server_dir).stdout)
-        assert status["credit"] == 40 and status["epoch"] == 1
+        assert status["credit"] == 40 + 5 and status["epoch"] == 1
 
         # a training round's record, co-signed by both members: both get quota in the next epoch
         members = sorted((receipts.address_of(keys.load_or_create_key(h)) for h in (client_home, trainer_home)),

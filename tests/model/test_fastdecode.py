@@ -73,3 +73,17 @@ def test_dynamic_rope_takes_the_general_path():
     assert not DecodeStep.supports(model)
     with pytest.raises(ValueError):
         DecodeStep(model, KVCache.empty(model.cfg, 1, 8))
+
+
+def test_modules_with_hooks_are_called_as_modules(monkeypatch):
+    """A Linear or norm with hooks (tensor parallel's redistributions) runs through its own call."""
+    torch.manual_seed(0)
+    model = Transformer(WIDE).eval()
+    calls = []
+    block = model.layers["0"]
+    for module in (block.attention.q_proj, block.attention.o_proj, block.ffn_norm):
+        module.register_forward_hook(lambda m, args, out: calls.append(type(m).__name__))
+    fast = _logits(model, PROMPTS[0], fast=True, monkeypatch=monkeypatch, n=3)
+    assert calls.count("Linear") >= 2 * 4 and calls.count("RMSNorm") >= 4    # the prompt, then 3 steps
+    assert fused_projections(model)[0][0] is None                            # a hooked part is not fused
+    assert torch.equal(fast, _logits(model, PROMPTS[0], fast=False, monkeypatch=monkeypatch, n=3))

@@ -105,6 +105,13 @@ def test_quantized_span_is_smaller_and_planned_size_matches():
     assert block_weight_bytes(cfg, QuantScheme(4, 32)) < 0.65 * block_weight_bytes(cfg, QuantScheme(8))
 
 
+def test_a_model_is_quantized_once():
+    model = quantize_model(Transformer(TINY), "int8")
+    assert quantize_model(model, "int8") is model and model.quantization == "int8"
+    with pytest.raises(ValueError, match="already quantized as int8"):
+        quantize_model(model, "int4")
+
+
 def test_bad_schemes_are_user_errors():
     for text, message in [("int3", "unknown quantization"), ("int8-g32", "unknown quantization"),
                           ("int4-g16", "group size must be one of"), ("fp8", "unknown quantization")]:

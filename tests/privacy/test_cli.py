@@ -16,6 +16,16 @@ from swarmlm.cli import main
       "--min-clients", "3"], "exceeds --clients-per-round"),
     (["fl", "coordinate", ".", "--run-id", "r", "--rounds", "1", "--clients-per-round", "2", "--out", "o",
       "--secure-aggregation", "--min-clients", "1"], "needs --min-clients of 2"),
+    (["fl", "coordinate", ".", "--run-id", "r", "--rounds", "1", "--clients-per-round", "2", "--out", "o",
+      "--dp-sgd-clip", "1.0"], "--dp-sgd-clip and --dp-sgd-noise go together"),
+    (["fl", "coordinate", ".", "--run-id", "r", "--rounds", "1", "--clients-per-round", "2", "--out", "o",
+      "--dp-sgd-noise", "1.0"], "--dp-sgd-clip and --dp-sgd-noise go together"),
+    (["fl", "coordinate", ".", "--run-id", "r", "--rounds", "1", "--clients-per-round", "2", "--out", "o",
+      "--dp-sgd-clip", "-1", "--dp-sgd-noise", "1.0"], "--dp-sgd-clip must be positive"),
+    (["fl", "coordinate", ".", "--run-id", "r", "--rounds", "1", "--clients-per-round", "2", "--out", "o",
+      "--dp-sgd-clip", "0", "--dp-sgd-noise", "0"], "--dp-sgd-clip must be positive"),
+    (["fl", "coordinate", ".", "--run-id", "r", "--rounds", "1", "--clients-per-round", "2", "--out", "o",
+      "--dp-sgd-clip", "1", "--dp-sgd-noise", "-0.5"], "--dp-sgd-noise must be zero or positive"),
     (["fl", "join", "--run-id", "r", "--data", "/no/such/file"], "no such file"),
 ])
 def test_bad_fl_arguments_give_one_line_and_exit_2(argv, message, capsys):

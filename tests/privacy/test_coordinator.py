@@ -60,7 +60,7 @@ class VectorClient(Participant):
 
 async def make_coordinator(net, tmp_path, **cfg):
     peer = await MemoryPeer.create(net)
-    config = FlConfig(local_steps=1, coord_clip=10.0, round_timeout_s=10.0, **cfg).check()
+    config = FlConfig(**{"local_steps": 1, "coord_clip": 10.0, "round_timeout_s": 10.0, **cfg}).check()
     coord = NoStoreCoordinator(peer, None, None, config, run_id="t", model=VectorModel(), model_cfg=None,
                                tokenizer=None, out=tmp_path / "out", printer=lambda s: None)
     await coord.start()
@@ -141,3 +141,28 @@ def test_a_bad_plain_update_is_refused_and_the_round_goes_on(tmp_path):
         return coord
     coord = asyncio.run(main())
     assert np.allclose(coord.params, 2.0)
+
+
+def test_dp_rounds_record_the_accounted_event_and_its_epsilon(tmp_path):
+    from dp_accounting import dp_event as ev
+    from dp_accounting.rdp import rdp_privacy_accountant
+
+    async def main():
+        net = MemoryNetwork()
+        coord = await make_coordinator(net, tmp_path, rounds=3, clients_per_round=3, min_clients=2, secure=True,
+                                       dp_clip=1.0, dp_noise=1.3, seed=2)
+        peers = [await MemoryPeer.create(net) for _ in range(4)]
+        tasks = [asyncio.create_task(client(p, value=0.5).run()) for p in peers]
+        await asyncio.wait_for(coord.run(start_clients=4), 60)
+        await asyncio.gather(*tasks, return_exceptions=True)
+    asyncio.run(main())
+    rounds = [json.loads(x) for x in (tmp_path / "out" / "rounds.jsonl").read_text().splitlines()]
+    assert [r["rounds"] for r in rounds] == [1, 2, 3]
+    for r in rounds:
+        assert r["sampling"] == "poisson" and r["sampling_rate"] == 0.75 and r["noise_multiplier"] == 1.3
+        acc = rdp_privacy_accountant.RdpAccountant()
+        acc.compose(ev.SelfComposedDpEvent(ev.PoissonSampledDpEvent(r["sampling_rate"],
+                                                                    ev.GaussianDpEvent(r["noise_multiplier"])),
+                                           r["rounds"]))
+        assert r["epsilon"] == acc.get_epsilon(r["delta"])
+    assert rounds[0]["epsilon"] < rounds[1]["epsilon"] < rounds[2]["epsilon"]

@@ -100,3 +100,16 @@ def test_impossible_configs_are_refused():
                    {"dp_noise": 1.0}, {"rounds": 0}):
         with pytest.raises(UserError):
             FlConfig(**kwargs).check()
+
+
+def test_the_securely_aggregated_sum_carries_noise_of_variance_sigma_c_squared():
+    from swarmlm.p2p.identity import Identity
+    from swarmlm.privacy.secagg.local import run_round
+    from swarmlm.privacy.secagg.server import SecAggConfig
+    m, d, sigma, clip = 4, 20_000, 1.0, 1.0
+    rng = np.random.default_rng(5)
+    updates = [federated.prepare_update(np.zeros(d), 4.0, dp_clip=clip, dp_noise=sigma, min_clients=m, rng=rng)
+               for _ in range(m)]
+    total, _ = run_round([Identity.generate() for _ in range(m)], updates, config=SecAggConfig(clip=4.0, max_clients=m))
+    assert total.var() == pytest.approx((sigma * clip) ** 2, rel=0.05)        # sd of the estimate ~1%
+    assert abs(total.mean()) < 0.05

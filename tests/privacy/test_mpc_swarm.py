@@ -19,7 +19,7 @@ from swarmlm.p2p.peer import Peer
 from swarmlm.p2p.process import PeerProcess, open_child
 from swarmlm.privacy.mpc import wire
 from swarmlm.privacy.mpc.remote import PrivateSession, find_parties, generate_private
-from swarmlm.privacy.mpc.source import directory_id
+from swarmlm.store.model_id import directory_model_id as directory_id
 from tests.helpers.metrics import metrics_url, scrape
 from tests.helpers.swarm import LoopThread, poll_until, run_cli, start_nodes, stop_all, swarmlm_command
 from tests.helpers.swarm_servers import TEXT, VOCAB

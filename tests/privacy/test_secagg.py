@@ -48,14 +48,15 @@ def test_unmasked_sum_equals_the_plain_fixed_point_sum(n, degree):
     assert np.abs(total - np.clip(ups, -1, 1).sum(axis=0)).max() <= n * 0.5 / FixedPoint(1.0, n).scale + 1e-12
 
 
+@pytest.mark.parametrize("early", [False, True], ids=["masks-late", "masks-early"])
 @pytest.mark.parametrize("n", [5, 20, 100])
-def test_survivors_sum_is_recovered_when_clients_drop_after_keys_and_after_masked_input(n):
+def test_survivors_sum_is_recovered_when_clients_drop_after_keys_and_after_masked_input(n, early):
     ids, ups = IDS[:n], updates(n, seed=1)
     after_keys = {ids[0].peer_id}                    # shared keys, never sent a masked input
     after_input = {ids[1].peer_id}                   # sent its masked input, never unmasked
     never = {ids[2].peer_id} if n > 5 else set()     # advertised keys, never shared them (5 holders, t = 3)
     drop = {Stage.SHARE_KEYS: never, Stage.COLLECT_MASKED: after_keys, Stage.UNMASK: after_input}
-    total, survivors = run_round(ids, ups, config=SecAggConfig(max_clients=n), drop=drop)
+    total, survivors = run_round(ids, ups, config=SecAggConfig(max_clients=n), drop=drop, early_masks=early)
     kept = [u for i, u in zip(ids, ups) if i.peer_id not in after_keys | never]
     assert sorted(survivors) == sorted(i.peer_id for i in ids if i.peer_id not in after_keys | never)
     assert np.array_equal(total, plain_sum(kept, FixedPoint(1.0, n)))
@@ -159,6 +160,12 @@ def test_message_of_the_wrong_stage_is_refused_and_changes_nothing():
     assert r.server.stage is Stage.SHARE_KEYS and not r.server.shared
     with pytest.raises(StageError):                             # a client asked to skip a stage
         r.clients[0].unmask(inbox[r.ids[0].peer_id])
+    with pytest.raises(StageError, match="roster"):               # no neighbours known: no masks to expand
+        r.clients[0].expand_masks()
+    inbox = r.run_stage(inbox)                                   # now COLLECT_MASKED
+    r.clients[0].expand_masks()
+    with pytest.raises(StageError, match="already"):
+        r.clients[0].expand_masks()
 
 
 def test_replayed_message_and_joining_twice_are_refused():
@@ -236,6 +243,25 @@ def test_update_outside_the_ring_is_refused():
         codec.decode_sum(np.full(8, 0x7FFFFFFF, dtype=np.uint32), 1)   # no sum of one input can reach this
 
 
+def test_encoding_onto_masks_rounds_half_to_even_and_wraps_like_the_reference():
+    codec = FixedPoint(0.75, 3)
+    rng = np.random.default_rng(5)
+    x = np.concatenate([rng.normal(0, 0.3, 1000), [0.75, -0.75, 2.0, -np.inf, 0.0, -0.0],
+                        np.array([0.5, 1.5, 2.5, -0.5, -1.5, -2.5]) / codec.scale])   # exact halves
+    x = x[np.isfinite(x)]
+    ref = np.rint(np.clip(x * codec.scale, -0.75 * codec.scale, 0.75 * codec.scale)).astype(np.int64)
+    assert (codec.encode(x).view(np.int32) == ref).all()
+    masks = rng.integers(0, 2**32, x.size, dtype=np.uint64).astype(np.uint32)
+    acc = masks.copy()
+    codec.add_encoded(acc, x.astype(np.float32), scratch=np.empty(x.size))          # float32 input too
+    assert (acc == ((masks.astype(np.int64) + np.rint(np.clip(x.astype(np.float32) * codec.scale,
+            -0.75 * codec.scale, 0.75 * codec.scale)).astype(np.int64)) % 2**32).astype(np.uint32)).all()
+    before = acc.copy()
+    with pytest.raises(ValueError, match="infinity"):
+        codec.add_encoded(acc, np.where(np.arange(x.size) == 7, np.inf, x))
+    assert (acc == before).all()                                                    # a refused input changes nothing
+
+
 def unmask_setup():
     r = Round(n=5)
     inbox = r.run_stage()
@@ -278,6 +304,21 @@ def test_inconsistent_shares_fail_the_round_clearly():
     with pytest.raises(RoundFailed, match="inconsistent|commitment"):
         r.server.advance()
     assert r.server.result is None
+
+
+def test_self_masks_come_off_as_threshold_shares_arrive_and_the_close_still_checks_them():
+    r, inbox = unmask_setup()                                  # 5 survivors, threshold 3
+    msgs = [c.unmask(inbox[c.identity.peer_id]) for c in r.clients]
+    for m in msgs[:2]:
+        r.server.receive(m)
+    assert not r.server.unmasked                              # two shares of each seed: nothing known yet
+    r.server.receive(msgs[2])
+    assert r.server.unmasked == set(r.server.survivors)      # the third share of each: every seed rebuilt
+    for m in msgs[3:]:
+        r.server.receive(m)
+    r.server.advance()
+    ups = updates(5, d=64)
+    assert np.array_equal(r.server.result, plain_sum(ups, FixedPoint(1.0, 5)))
 
 
 def test_shamir_any_threshold_shares_rebuild_and_extras_are_checked():

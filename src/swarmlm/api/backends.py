@@ -111,11 +111,17 @@ class LocalBackend:
 
 
 class SwarmBackend:
-    """Blocks in the swarm (swarm/client/model.py's RemoteModel): one inference session per request."""
+    """Blocks in the swarm (swarm/client/model.py's RemoteModel): one inference session per request.
 
-    def __init__(self, remote: Any):
+    `pay_for(n)` (the ledger's, from cli.py): called before a session opens with the tokens per row
+    the request may generate, so the ticket signed at the opening pays for this request's
+    max_tokens; openings then take turns (a lock held until the first token or the refusal)."""
+
+    def __init__(self, remote: Any, *, pay_for: Callable[[int], None] | None = None):
         self.remote = remote
         self.context_len = remote.cfg.context_len
+        self.pay_for = pay_for
+        self._opening = asyncio.Lock()
 
     async def tokens(self, prompt_ids: Sequence[int], *, max_new_tokens: int, temperature: float, top_p: float,
                      seed: int, eos_id: int | None) -> AsyncIterator[int]:
@@ -123,6 +129,13 @@ class SwarmBackend:
                                            temperature=temperature, top_p=top_p, seed=seed, eos_id=eos_id)
         relayed = from_loop(steps, self.remote.runner.loop)
         try:
+            if self.pay_for is not None:
+                async with self._opening:
+                    self.pay_for(max_new_tokens)
+                    first = await anext(relayed, None)
+                if first is None or first[0] is None:
+                    return
+                yield first[0]
             async for step in relayed:
                 if step[0] is None:
                     return

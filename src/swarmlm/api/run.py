@@ -27,7 +27,9 @@ def build_app(backend: Any, directory: str | Path, name: str, *, api_key: str | 
     return ApiApp(backend, tokenizer, name, eos_id=eos, chat_template=ChatTemplate.load(directory), api_key=api_key)
 
 
-def api_from_args(args: Any) -> int:
+def api_from_args(args: Any, *, ticket: Any = None, ticket_accepted: Any = None, pay_for: Any = None) -> int:
+    """`ticket`, `ticket_accepted`, `pay_for` (with --swarm --ledger; cli.py passes the ledger's): the
+    sessions' tickets, as for `generate --swarm --ledger`; a server's refusal answers HTTP 429."""
     from swarmlm.api.backends import LocalBackend, SwarmBackend
     from swarmlm.model.generate import DTYPES
 
@@ -42,10 +44,17 @@ def api_from_args(args: Any) -> int:
         from swarmlm.swarm.client.model import RemoteModel
         if not args.initial_peers:
             raise UserError("--swarm needs --initial-peers MADDR ...")
+        options = None
+        if ticket is not None:
+            from swarmlm.swarm.client.remote import ClientOptions
+            from swarmlm.swarm.client.session import SessionOptions
+            options = ClientOptions(connect_timeout_s=args.connect_timeout,
+                                    session=SessionOptions(ticket=ticket, ticket_accepted=ticket_accepted))
         remote = RemoteModel.connect(args.model, initial_peers=args.initial_peers,
-                                     connect_timeout_s=args.connect_timeout, dtype=dtype, quantization=scheme.name)
+                                     connect_timeout_s=args.connect_timeout, dtype=dtype, quantization=scheme.name,
+                                     options=options)
         try:
-            api = build_app(SwarmBackend(remote), remote.source_dir, model_name(args.model), api_key=args.api_key,
+            api = build_app(SwarmBackend(remote, pay_for=pay_for), remote.source_dir, model_name(args.model), api_key=args.api_key,
                             eos_id=remote.cfg.eos_token_id)
             _serve_until_stopped(api, args.host, args.port)
         finally:

@@ -11,7 +11,6 @@ ending with `data: [DONE]`. A streaming client that disconnects cancels its gene
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hmac
 import json
 import secrets
@@ -28,8 +27,9 @@ from swarmlm.api import protocol
 from swarmlm.api.chat import ChatTemplate
 from swarmlm.api.protocol import ApiError, Sampling
 from swarmlm.api.text import TextStream
-from swarmlm.errors import NotFoundError, SwarmError, UserError
+from swarmlm.errors import AccessRefused, NotFoundError, SwarmError, UserError
 from swarmlm.log import get_logger
+from swarmlm.web import serve_app
 
 logger = get_logger(__name__)
 
@@ -78,6 +78,11 @@ class EventStream:
 
 def _event(obj: Any) -> bytes:
     return b"data: " + json.dumps(obj, ensure_ascii=False).encode() + b"\n\n"
+
+
+def _one_line(e: Exception) -> str:
+    lines = str(e).strip().splitlines()
+    return lines[0] if lines else type(e).__name__
 
 
 def error_response(error: ApiError) -> JSONResponse:
@@ -210,6 +215,9 @@ class ApiApp:
             yield Piece(text.finish(), "length", n)
         except UserError as e:
             raise ApiError(400, str(e)) from None
+        except AccessRefused as e:         # a server's admission policy (the ledger) said no: a quota, not a fault
+            raise ApiError(429, _one_line(e), type="insufficient_quota" if "quota exceeded" in str(e) else "requests",
+                           code="access_refused") from None
         except NotFoundError as e:
             raise ApiError(503, f"the swarm cannot serve model {self.model_name} now: {e}", type="server_error",
                            code="swarm_unavailable") from None
@@ -274,30 +282,8 @@ class ApiApp:
 
 async def serve(app: Any, host: str, port: int, *, stop: asyncio.Event,
                 on_ready: Callable[[str], None] = lambda url: None) -> None:
-    """Run `app` under uvicorn on host:port (0: a free one) until `stop` is set; `on_ready(base_url)`
-    once it accepts connections."""
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
-            if self.started:
-                bound = self.servers[0].sockets[0].getsockname()
-                on_ready(f"http://{_url_host(host)}:{bound[1]}/v1")
-
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=5)
-    server = _Server(config)
-    server.capture_signals = contextlib.nullcontext    # the caller owns signals (it sets `stop`)
-    serving = asyncio.ensure_future(server.serve())
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        server.should_exit = True
-        stopping.cancel()
-        await serving
+    """Run `app` on host:port (web.py; 0: a free port) until `stop` is set; `on_ready(base_url)`
+    (its .../v1 URL) once it accepts connections."""
+    await serve_app(app, host, port, stop=stop, on_ready=lambda url: on_ready(url + "/v1"), graceful_s=5)
 
 
-def _url_host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host

@@ -12,6 +12,7 @@ Reading order:
     streams.py       StreamTransport: parts over libp2p streams, the fallback and `--collab-transport libp2p`
     allreduce.py     AllReduce: drives a butterfly all-reduce over parts; completes over the group or RoundFailed
     state.py         snapshots of model + optimizer state, served to and downloaded by late joiners
+    witness.py       Witness, Cosigner, RoundRecord: members co-sign each successful round's record (credit)
     optimizer.py     CollaborativeOptimizer, CollabOptions: synchronous averaging or DiLoCo
     run.py           run_swarm_training: `swarmlm train --swarm`, progress bar, publishing to the store
 

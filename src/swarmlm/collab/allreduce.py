@@ -53,6 +53,8 @@ class RoundResult:
     dropped: list[tuple[str, int, str]] = field(default_factory=list)  # (sender, part, reason) dropped here
     bytes_sent: int = 0
     bytes_received: int = 0
+    seen: dict[str, float] = field(default_factory=dict)   # member -> weight its contribution carried to
+                                                            # the parts this member owned (round records)
 
 
 class AllReduce:
@@ -130,8 +132,9 @@ class AllReduce:
             self.bytes_sent += rnd.bytes_sent
             self.bytes_received += rnd.bytes_received
         assert rnd.assembly.complete
+        seen = {s: c.weight for own in rnd.owned.values() for s, c in own.contribs.items() if c.reason is None}
         return RoundResult(rnd.assembly.out, group, rnd.assembly.total_weight(), rnd.dropped,
-                           rnd.bytes_sent, rnd.bytes_received)
+                           rnd.bytes_sent, rnd.bytes_received, seen)
 
     async def _exchange_with(self, rnd: Round, owner: str, parts: list[int]) -> None:
         """Every part `owner` owns, over the first transport that carries it."""

@@ -54,6 +54,7 @@ from swarmlm.collab.progress import (
     round_candidates,
 )
 from swarmlm.collab.robust import AGGREGATORS
+from swarmlm.collab.witness import Cosigner, Witness
 from swarmlm.errors import PeerError, RoundFailed, UserError
 from swarmlm.log import get_logger
 from swarmlm.p2p import keys
@@ -120,8 +121,10 @@ class CollaborativeOptimizer:
     """Wraps a local optimizer; `step()` after each backward. Build with `await create(...)`."""
 
     def __init__(self, peer: Any, model: nn.Module, opt: torch.optim.Optimizer, options: CollabOptions, *,
-                 lr_at: Callable[[int], float] | None, matchmaker: Matchmaker, reducer: AllReduce):
+                 lr_at: Callable[[int], float] | None, matchmaker: Matchmaker, reducer: AllReduce,
+                 witness: Witness | None = None):
         self.peer, self.model, self.opt, self.options = peer, model, opt, options
+        self.witness = witness            # co-signs each successful round's record (witness.py), if any
         self.lr_at = lr_at
         self.matchmaker, self.reducer = matchmaker, reducer
         self.params = [p for p in model.parameters() if p.requires_grad]
@@ -151,13 +154,17 @@ class CollaborativeOptimizer:
 
     @classmethod
     async def create(cls, peer: Any, model: nn.Module, opt: torch.optim.Optimizer, options: CollabOptions, *,
-                     lr_at: Callable[[int], float] | None = None) -> CollaborativeOptimizer:
+                     lr_at: Callable[[int], float] | None = None, cosigner: Cosigner | None = None
+                     ) -> CollaborativeOptimizer:
+        """`cosigner`: the ledger's signing (witness.py); with it, every successful round's record is
+        co-signed by its members and submitted."""
         options.validate()
         mm = await Matchmaker.create(peer, options.run_id, gather_timeout_s=options.gather_timeout_s)
         reducer = await AllReduce.create(peer, aggregator=options.aggregator, compression=options.compression,
                                          transport=options.transport,
                                          wait_for_round_s=options.gather_timeout_s + options.round_timeout_s)
-        self = cls(peer, model, opt, options, lr_at=lr_at, matchmaker=mm, reducer=reducer)
+        witness = Witness(peer, options.run_id, cosigner) if cosigner is not None else None
+        self = cls(peer, model, opt, options, lr_at=lr_at, matchmaker=mm, reducer=reducer, witness=witness)
         await states.serve_state(peer, self.snapshot)
         return self
 
@@ -187,6 +194,8 @@ class CollaborativeOptimizer:
         if self._refresher is not None:
             self._refresher.cancel()
             await asyncio.gather(self._refresher, return_exceptions=True)
+        if self.witness is not None:
+            await self.witness.close()        # the last rounds' records need this peer in the DHT
         try:
             await self.peer.store(keys.collab_progress_key(self.options.run_id), self._record(active=False),
                                   ttl_s=self.options.progress_ttl_s, subkey=self.peer.peer_id)
@@ -287,6 +296,8 @@ class CollaborativeOptimizer:
     async def _advance(self, result: RoundResult) -> None:
         self.lineage = hashlib.sha256(self.lineage.encode() + result.group.group_id).hexdigest()[:32]
         self.samples_seen += result.total_weight
+        if self.witness is not None:
+            self.witness.round_done(result.group, result.seen, float(self.samples))
         self.global_step += 1
         if not self.options.diloco_steps:
             self.local_step = self.global_step

@@ -59,8 +59,9 @@ def check_swarm_args(args: Any) -> None:
         raise UserError(f"--round-timeout must be positive, got {args.round_timeout}")
 
 
-def run_swarm_training(args: Any) -> int:
-    """`swarmlm train --swarm ...`: returns the exit code."""
+def run_swarm_training(args: Any, cosigner: Any = None) -> int:
+    """`swarmlm train --swarm ...`: returns the exit code. `cosigner` (witness.Cosigner, from
+    `--ledger`): every successful round's record is co-signed by its members and submitted."""
     from swarmlm.train.config import load_run_config
     from swarmlm.train.loop import prepare_data
 
@@ -68,7 +69,7 @@ def run_swarm_training(args: Any) -> int:
     run = load_run_config(args.config, steps=args.steps, seed=args.seed, batch_size=args.batch_size,
                           seq_len=args.seq_len)
     prep = prepare_data(run, args.data, progress=not args.no_progress)
-    return asyncio.run(_train(args, run, prep))
+    return asyncio.run(_train(args, run, prep, cosigner))
 
 
 def stream_of(peer_id: str) -> int:
@@ -76,7 +77,7 @@ def stream_of(peer_id: str) -> int:
     return int.from_bytes(hashlib.sha256(peer_id.encode()).digest()[:4], "little")
 
 
-async def _train(args: Any, run: Any, prep: Any) -> int:
+async def _train(args: Any, run: Any, prep: Any, cosigner: Any = None) -> int:
     from swarmlm.data.shards import Batches, eval_windows
     from swarmlm.model.transformer import Transformer
     from swarmlm.p2p.peer import Peer
@@ -98,7 +99,7 @@ async def _train(args: Any, run: Any, prep: Any) -> int:
             grad_clip=cfg.grad_clip, round_timeout_s=args.round_timeout or 30.0,
             gather_timeout_s=min(5.0, (args.round_timeout or 30.0) / 3))
         opt = await CollaborativeOptimizer.create(peer, model, build_optimizer(model, cfg), options,
-                                                  lr_at=lambda step: lr_at(step, cfg))
+                                                  lr_at=lambda step: lr_at(step, cfg), cosigner=cosigner)
         await opt.join()
         metrics.watch(opt)
         await _wait_for_peers(opt, args.min_peers or 0)
@@ -123,6 +124,10 @@ async def _train(args: Any, run: Any, prep: Any) -> int:
               f"samples, validation loss {val:.3f}; {opt.rounds_failed} failed rounds, {opt.catch_ups} state "
               f"downloads, {opt.reducer.bytes_sent / 1e6:.1f} MB sent" + (f"; checkpoint in {out}" if out else ""),
               flush=True)
+        if opt.witness is not None:
+            w = opt.witness
+            print(f"round records: {w.signed} co-signed, {w.submitted} submitted by this peer, "
+                  f"{len(w.refused)} unsigned" + (f" (last: {w.refused[-1]})" if w.refused else ""), flush=True)
         return 0
     finally:
         await peer.shutdown()

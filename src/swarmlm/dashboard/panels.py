@@ -202,7 +202,8 @@ def fl_run_row(run_id: str, records: Any, *, coordinators: set[str]) -> dict[str
             "clients": v.clients, "dropped": v.dropped, "secure": v.secure, "model": v.manifest_cid,
             "train_loss": v.train_loss if v.has_loss else None, "val_loss": v.val_loss if v.has_loss else None,
             "dp": v.epsilon >= 0, "epsilon": v.epsilon if v.epsilon >= 0 else None,
-            "delta": v.delta if v.epsilon >= 0 else None}
+            "delta": v.delta if v.epsilon >= 0 else None,
+            "sample_epsilon": v.sample_epsilon if v.sample_epsilon >= 0 else None}
 
 
 class MpcPanel:

@@ -8,11 +8,11 @@ its URL as the last line once it accepts connections.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from typing import Any, Callable, Sequence
 
 from swarmlm.errors import UserError
+from swarmlm.web import serve_app
 
 
 async def run_dashboard(*, initial_peers: Sequence[str], host: str = "127.0.0.1", port: int = 0,
@@ -37,28 +37,8 @@ async def run_dashboard(*, initial_peers: Sequence[str], host: str = "127.0.0.1"
 
 async def serve(app: Any, host: str, port: int, *, stop: asyncio.Event,
                 on_ready: Callable[[str], None] = lambda url: None) -> None:
-    """Run `app` under uvicorn on host:port (0: a free one) until `stop` is set; `on_ready(url)` once listening."""
-    import uvicorn
-
-    class _Server(uvicorn.Server):
-        async def startup(self, sockets: Any = None) -> None:
-            await super().startup(sockets)
-            if self.started:
-                bound = self.servers[0].sockets[0].getsockname()
-                on_ready(f"http://{f'[{host}]' if ':' in host else host}:{bound[1]}/")
-
-    config = uvicorn.Config(app, host=host, port=port, log_level="warning", lifespan="off",
-                            timeout_graceful_shutdown=2)
-    server = _Server(config)
-    server.capture_signals = contextlib.nullcontext     # the caller owns signals (it sets `stop`)
-    serving = asyncio.ensure_future(server.serve())
-    stopping = asyncio.ensure_future(stop.wait())
-    try:
-        await asyncio.wait({serving, stopping}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        server.should_exit = True
-        stopping.cancel()
-        await serving
+    """Run `app` on host:port (web.py; 0: a free port) until `stop` is set; `on_ready(url)` (the page's) once listening."""
+    await serve_app(app, host, port, stop=stop, on_ready=lambda url: on_ready(url + "/"))
 
 
 def check_args(args: Any) -> None:

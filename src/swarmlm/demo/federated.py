@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Sequence
 
 from swarmlm.data.corpus import stdlib_root
+from swarmlm.demo.summary import Part
 from swarmlm.privacy.federated import FlConfig
 
 # small modules of the standard library: each client's private text (a few KB each)
@@ -66,3 +67,13 @@ async def _run(model_dir: Path, shards: list[Path], cfg: FlConfig, work: Path, i
         return await run_in_process(peers, model_dir, shards, cfg, run_id="demo-fl", work=work)
     finally:
         await asyncio.gather(*[p.shutdown() for p in peers], return_exceptions=True)
+
+
+def federated_part(record: dict) -> Part:
+    """The summary's line for the round `run_federated_round` returned."""
+    eps = record.get("epsilon")
+    dp = f"DP ε = {eps:.2f} at δ = {record.get('delta')}" if eps is not None else "no DP"
+    line = (f"  federated   round {record['round']}: {record['clients']} clients ({record['dropped']} dropped), "
+            f"secure aggregation, {dp}; validation loss {record['val_loss']:.3f} ({record['seconds_total']:.1f} s)")
+    found = [] if eps is not None and record["clients"] >= 2 else ["the federated round reported no DP guarantee"]
+    return Part("federated", [line], found, record)

@@ -20,10 +20,10 @@ import re
 import subprocess
 import sys
 import time
-from argparse import Namespace
 from dataclasses import dataclass
 from pathlib import Path
 
+from swarmlm.demo.summary import Part
 from swarmlm.errors import AccessRefused, UserError
 from swarmlm.ledger import chain as chainlib
 from swarmlm.ledger import commands, keys
@@ -43,6 +43,12 @@ class LedgerReport:
         earned = ", ".join(f"{name} {c}" for name, c in self.credit.items())
         return [f"  ledger      {self.ledger} on the embedded chain; credit earned (tokens served, settled): {earned}",
                 f"  refused     {self.refused or 'NOTHING (a request over its quota was served)'}"]
+
+    def part(self) -> Part:
+        found = [] if self.refused else ["the ledger let a request over its quota through"]
+        if not any(self.credit.values()):
+            found.append("no server earned credit on the ledger for the tokens it served")
+        return Part("ledger", self.lines(), found, {"ledger": self.ledger, "credit": self.credit, "refused": self.refused})
 
 
 class DemoLedger:
@@ -67,12 +73,13 @@ class DemoLedger:
                 time.sleep(0.05)
         url = m.group(1)
         try:
-            commands.fund_from_args(Namespace(data_dir=str(root / "ledger-client"), chain_rpc=url))
+            client_home = root / "ledger-client"
+            commands.fund(url, client_home)
             w3 = chainlib.connect(url)
             params = chainlib.LedgerParams(epoch_seconds=EPOCH_S, free_tokens=n_servers * new_tokens, slots=1)
-            ledger = chainlib.deploy(w3, keys.load_or_create_key(root / "ledger-client"), params)
-            commands.register_from_args(Namespace(data_dir=str(root / "ledger-client"), chain_rpc=url, ledger=ledger,
-                                                  server=False))
+            ledger = chainlib.deploy(w3, keys.load_or_create_key(client_home), params)
+            commands.register(chainlib.LedgerClient(w3, ledger, keys.load_or_create_key(client_home)), client_home,
+                              server=False)
         except BaseException:
             proc.kill()
             raise
@@ -80,13 +87,13 @@ class DemoLedger:
 
     def server_args(self, data_dir: Path) -> list[str]:
         """Fund and register the server of `data_dir`; the flags its `swarmlm serve` takes."""
-        ns = Namespace(data_dir=str(data_dir), chain_rpc=self.url, ledger=self.ledger, server=True)
-        commands.fund_from_args(ns)
-        commands.register_from_args(ns)
+        commands.fund(self.url, data_dir)
+        commands.register(chainlib.LedgerClient(self.w3, self.ledger, keys.load_or_create_key(data_dir)), data_dir,
+                          server=True)
         return ["--ledger", self.ledger, "--chain-rpc", self.url]
 
     def open_epoch(self) -> None:
-        commands.advance_from_args(Namespace(data_dir=None, chain_rpc=self.url, seconds=EPOCH_S))
+        commands.advance(self.url, EPOCH_S)
 
     def client_options(self, base=None):
         """ClientOptions (a copy of `base`) whose sessions hand each server a signed cumulative receipt."""

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Callable, Sequence
 
 from swarmlm.demo.children import start_peer_process
+from swarmlm.demo.summary import Part
 from swarmlm.model.generate import generate
 from swarmlm.model.hf import load_model
 from swarmlm.p2p.process import PeerProcess
@@ -42,31 +43,40 @@ class PrivateRun:
         return (f"private: {len(self.tokens)} tokens through {len(self.parties)} MPC parties, {self.rounds} rounds, "
                 f"{self.bytes / 1e6:.1f} MB, {self.seconds:.1f} s: {verdict}")
 
+    def part(self) -> Part:
+        found = [] if self.equal else [f"private generation gave {self.tokens}, local greedy {self.local_tokens}"]
+        return Part("private", [f"  private     {self.line().removeprefix('private: ')}"], found, self.as_json())
+
     def as_json(self) -> dict:
         return {"tokens": self.tokens, "local_tokens": self.local_tokens, "parties": self.parties,
                 "rounds": self.rounds, "bytes": self.bytes, "seconds": round(self.seconds, 2), "equal": self.equal}
 
 
 def start_parties(model: str, initial: Sequence[str], root: Path,
-                  child: Callable[[PeerProcess], PeerProcess]) -> list[PeerProcess]:
-    """Three `swarmlm mpc-party MODEL` processes joining through `initial`, ready."""
+                  child: Callable[[PeerProcess], PeerProcess], *, wait: bool = True) -> list[PeerProcess]:
+    """Three `swarmlm mpc-party MODEL` processes joining through `initial` (ready, with `wait`)."""
     parties = [child(start_peer_process(["mpc-party", model, "--initial-peers", *initial, "--data-dir",
                                          root / f"mpc{i}", "--host", "127.0.0.1"],
                                         log_path=root / f"mpc{i}" / "party.log", wait=False)) for i in range(3)]
-    for p in parties:
+    for p in parties if wait else ():
         p.wait_ready(STARTUP_S)
     return parties
 
 
 def private_generation(model: str, initial: Sequence[str], model_dir: Path, prompt_ids: list[int], root: Path,
-                       child: Callable[[PeerProcess], PeerProcess], *, n_tokens: int = 4) -> PrivateRun:
-    """Start three parties of `model` (a manifest CID or a directory), generate `n_tokens` greedily
-    through them, and compare with local greedy decoding of `model_dir` (the same weights)."""
+                       child: Callable[[PeerProcess], PeerProcess], *, n_tokens: int = 4,
+                       parties: list[PeerProcess] | None = None) -> PrivateRun:
+    """Start three parties of `model` (a manifest CID or a directory; or take `parties`, started by
+    `start_parties`), generate `n_tokens` greedily through them, and compare with local greedy
+    decoding of `model_dir` (the same weights)."""
     from swarmlm.p2p.peer import Peer
     from swarmlm.privacy.mpc.remote import generate_private
     from swarmlm.privacy.mpc.source import resolve
 
-    parties = start_parties(model, initial, root, child)
+    if parties is None:
+        parties = start_parties(model, initial, root, child)
+    for p in parties:
+        p.wait_ready(STARTUP_S)
     local, cfg = load_model(model_dir)
 
     async def run() -> tuple[list[int], object, float]:

@@ -3,7 +3,8 @@
     Training.from_metrics(records)      steps, training loss first → last, validation loss
     Generation(...)                     the swarm's tokens beside local greedy decoding's
     problems(generation) -> [str]       what went wrong ([] when the tokens match and a failover happened)
-    report(swarm, model, training, generation, path) -> exit code   prints the summary, writes summary.json
+    Part(name, lines, problems, record) one more part of the demo (ledger, federated round, private generation)
+    report(swarm, model, training, generation, path, parts) -> exit code   prints the summary, writes summary.json
 
 Pure apart from `report`'s printing and one file; knows nothing of processes, peers or models.
 """
@@ -50,6 +51,16 @@ class Generation:
     relinked: bool                # whether the chain was re-linked around the replacement
 
 
+@dataclass(frozen=True)
+class Part:
+    """One more part of the demo beside training and generation (the ledger, a federated round,
+    private generation): its summary lines, what it set out to show and did not, its record."""
+    name: str                     # its key in summary.json
+    lines: list[str]              # printed in the summary, as given
+    problems: list[str]           # one line each; any fails the demo
+    record: dict                  # written to summary.json under `name`
+
+
 def first_difference(a: list[int], b: list[int]) -> int | None:
     """The first index where `a` and `b` differ (one ending counts), None if equal."""
     if a == b:
@@ -72,9 +83,9 @@ def problems(gen: Generation) -> list[str]:
 
 
 def report(*, swarm: str, model: str, n_params: int, training: Training, gen: Generation,
-           path: Path | None, out: TextIO | None = None) -> int:
+           path: Path | None, parts: list[Part] = (), out: TextIO | None = None) -> int:
     """Print the summary (and any problem); write it to `path` as JSON; the exit code: 0 if none."""
-    found = problems(gen)
+    found = problems(gen) + [p for part in parts for p in part.problems]
     val = f"{training.val_loss:.3f}" if training.val_loss is not None else "not recorded"
     same = "yes" if first_difference(gen.swarm_tokens, gen.local_tokens) is None else "NO"
     n = len(gen.swarm_tokens)
@@ -90,12 +101,13 @@ def report(*, swarm: str, model: str, n_params: int, training: Training, gen: Ge
         f"  recoveries  {gen.recoveries} (killed {gen.killed[:16]}…); output identical to local greedy: {same}",
         f"  chained     {gen.chained_steps} of {n} steps (servers pushing straight to the next); "
         f"re-linked after the failover: {'yes' if gen.relinked else 'no'}",
+        *(line for part in parts for line in part.lines),
         *(f"FAILED: {p}" for p in found),
     ]
     print("\n".join(lines), file=out or sys.stdout, flush=True)
     if path is not None:
         write_json(path, {"training": asdict(training), "generation": asdict(gen), "problems": found,
-                          "n_params": n_params})
+                          "n_params": n_params, **{part.name: part.record for part in parts}})
     return 1 if found else 0
 
 

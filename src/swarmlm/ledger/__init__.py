@@ -9,6 +9,9 @@ In reading order:
 - keys.py               a peer's ledger key in its data dir, and the binding to its swarm peer ID
 - policy.py             servers' admission: a pure `decide` over a cached `AccountView`; `Gate` wraps it
 - payer.py              clients' side: signing cumulative receipts for the servers they open sessions on
+- journal.py            per-session state on disk: a line appended per update, beside a snapshot
+- rounds.py             training rounds' records: signing, checking, submitting (`train --swarm --ledger`)
 - commands.py           `swarmlm ledger ...`
-Siblings (swarm/, collab/, privacy/) never import this package; cli.py hands a server `gate.admit`.
+Siblings (swarm/, collab/, privacy/) never import this package; cli.py hands a server `gate.admit`,
+and collab's round witness a `RoundBook`'s methods.
 """

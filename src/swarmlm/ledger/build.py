@@ -19,6 +19,8 @@ from functools import lru_cache
 from importlib import resources
 from pathlib import Path
 
+from swarmlm.store import paths
+
 VYPER_VERSION = "0.4.3"          # pinned in pyproject.toml; a different one is refused
 CONTRACT = "Ledger.vy"
 EVM_VERSION = "shanghai"         # anvil and py-evm both run it; no PUSH0-less nodes targeted
@@ -48,8 +50,7 @@ def compile_source(source: str) -> Artifact:
 
 
 def _cache_dir() -> Path:
-    home = Path(os.environ.get("SWARMLM_HOME") or Path.home() / ".swarmlm")
-    return home / "ledger-build"
+    return paths.data_dir() / "ledger-build"
 
 
 @lru_cache(maxsize=4)

@@ -45,15 +45,19 @@ def chain_from_args(args: Any) -> int:
     return 0
 
 
-def fund_from_args(args: Any) -> int:
-    """Dev chains only (anvil, `ledger chain`): top the data dir's account up to 100 ether."""
-    w3 = chainlib.connect(args.chain_rpc)
-    account = receipts.address_of(keys.load_or_create_key(args.data_dir))
+def fund(chain_rpc: str, data_dir: Any) -> str:
+    """Dev chains only (anvil, `ledger chain`): top the data dir's account up to 100 ether; the account."""
+    w3 = chainlib.connect(chain_rpc)
+    account = receipts.address_of(keys.load_or_create_key(data_dir))
     try:
         w3.provider.make_request("anvil_setBalance", [account, hex(DEV_FUNDS)])
     except Exception as e:
-        raise LedgerError(f"{args.chain_rpc} is not a dev chain that funds accounts: {e}") from None
-    print(account)
+        raise LedgerError(f"{chain_rpc} is not a dev chain that funds accounts: {e}") from None
+    return account
+
+
+def fund_from_args(args: Any) -> int:
+    print(fund(args.chain_rpc, args.data_dir))
     return 0
 
 
@@ -68,12 +72,18 @@ def deploy_from_args(args: Any) -> int:
     return 0
 
 
+def register(c: chainlib.LedgerClient, data_dir: Any, *, server: bool) -> str:
+    """Bind `c`'s account to the swarm peer of `data_dir` (its peer key signs); that peer's ID."""
+    identity = keys.identity_of(data_dir)
+    peer_key, sig = keys.sign_binding(identity, c.chain_id, c.address, c.account)
+    c.transact("register", peer_key, sig, server)
+    return identity.peer_id
+
+
 def register_from_args(args: Any) -> int:
     c = _client(args)
-    identity = keys.identity_of(args.data_dir)
-    peer_key, sig = keys.sign_binding(identity, c.chain_id, c.address, c.account)
-    c.transact("register", peer_key, sig, bool(args.server))
-    print(f"{c.account} registered as peer {identity.peer_id}{' (server)' if args.server else ''}")
+    peer_id = register(c, args.data_dir, server=bool(args.server))
+    print(f"{c.account} registered as peer {peer_id}{' (server)' if args.server else ''}")
     return 0
 
 
@@ -188,15 +198,17 @@ def round_from_args(args: Any) -> int:
     path = Path(args.file)
     try:
         record = json.loads(path.read_text())
-        run = record["run"].encode()
+        if not isinstance(record["run"], str):
+            raise TypeError("run is a name")
         members = [receipts.checksum(m) for m in record["members"]]
         samples = [int(x) for x in record["samples"]]
         epoch, round_ = int(record["epoch"]), int(record["round"])
     except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
         raise UserError(f"{path}: not a round record with run, round, epoch, members, samples ({e})") from None
-    if len(run) > 32 or len(members) != len(samples) or members != sorted(members, key=lambda m: int(m, 16)):
-        raise UserError(f"{path}: run is at most 32 bytes; members, in ascending order, each with its samples")
-    digest = receipts.round_digest(c.domain, run.ljust(32, b"\0"), round_, epoch, members, samples)
+    if len(members) != len(samples) or members != sorted(members, key=lambda m: int(m, 16)):
+        raise UserError(f"{path}: members, in ascending order, each with its samples")
+    run = receipts.run_tag(record["run"])
+    digest = receipts.round_digest(c.domain, run, round_, epoch, members, samples)
     sigs = record.setdefault("signatures", {})
     if c.account in members and c.account not in sigs:
         sigs[c.account] = receipts.sign_digest(c.key, digest).hex()
@@ -209,21 +221,25 @@ def round_from_args(args: Any) -> int:
         if missing:
             raise UserError(f"{path}: not yet signed by {', '.join(missing)}")
         parts = [receipts.split_signature(bytes.fromhex(sigs[m])) for m in members]
-        c.transact("record_round", run.ljust(32, b"\0"), round_, epoch, members, samples,
+        c.transact("record_round", run, round_, epoch, members, samples,
                    [v for v, _, _ in parts], [r for _, r, _ in parts], [s for _, _, s in parts])
         print(f"round {round_} of {record['run']} recorded: {sum(samples)} samples credited in epoch {epoch}")
     return 0
 
 
-def advance_from_args(args: Any) -> int:
-    """Dev chains only: move the chain's clock forward `--seconds` (evm_increaseTime, then a block)."""
-    w3 = chainlib.connect(args.chain_rpc)
+def advance(chain_rpc: str, seconds: int) -> int:
+    """Dev chains only: move the chain's clock forward `seconds` (evm_increaseTime, then a block); its time."""
+    w3 = chainlib.connect(chain_rpc)
     try:
-        w3.provider.make_request("evm_increaseTime", [hex(args.seconds)])
+        w3.provider.make_request("evm_increaseTime", [hex(seconds)])
         w3.provider.make_request("evm_mine", [])
     except Exception as e:
-        raise LedgerError(f"{args.chain_rpc} is not a dev chain: {e}") from None
-    print(w3.eth.get_block("latest")["timestamp"])
+        raise LedgerError(f"{chain_rpc} is not a dev chain: {e}") from None
+    return w3.eth.get_block("latest")["timestamp"]
+
+
+def advance_from_args(args: Any) -> int:
+    print(advance(args.chain_rpc, args.seconds))
     return 0
 
 
@@ -240,8 +256,18 @@ def gate_from_args(args: Any) -> Any:
     return Gate(c, keys.data_dir_of(args.data_dir))
 
 
+def round_book_from_args(args: Any) -> Any:
+    """What `train --swarm --ledger ADDR` signs training rounds with: the data dir's account (registered,
+    bound to the data dir's peer, on first use). Without --data-dir the peer's identity too is taken from
+    $SWARMLM_HOME (args.data_dir is set), so the account and the peer ID it is bound to stay together."""
+    from swarmlm.ledger.rounds import RoundBook
+    if args.data_dir is None:
+        args.data_dir = str(keys.data_dir_of(None))
+    return RoundBook.open(_client(args), args.data_dir)
+
+
 def payer_from_args(args: Any) -> Any:
     """The receipts a `generate --swarm --ledger` client signs, with the account in `$SWARMLM_HOME`."""
     from swarmlm.ledger.payer import Payer
     c = chainlib.LedgerClient(chainlib.connect(args.chain_rpc), args.ledger, keys.load_or_create_key(None))
-    return Payer(c, keys.data_dir_of(None), new_tokens=args.max_new_tokens)
+    return Payer(c, keys.data_dir_of(None), new_tokens=getattr(args, "max_new_tokens", 1))

@@ -17,15 +17,15 @@ from pathlib import Path
 
 from swarmlm.errors import UserError
 from swarmlm.p2p.identity import IDENTITY_FILE, Identity, public_key_of, verify
+from swarmlm.store import paths
 
 KEY_FILE = "ledger.key"
 BIND_DOMAIN = b"swarmlm-ledger-bind/1"
 
 
 def data_dir_of(data_dir: str | os.PathLike | None) -> Path:
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    return Path(os.environ.get("SWARMLM_HOME") or Path.home() / ".swarmlm")
+    """`data_dir`, else $SWARMLM_HOME, else ~/.swarmlm (store/paths.py: every command agrees)."""
+    return paths.data_dir(data_dir)
 
 
 def load_or_create_key(data_dir: str | os.PathLike | None) -> bytes:

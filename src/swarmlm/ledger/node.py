@@ -7,7 +7,7 @@ instead of waiting for epochs) and `anvil_setBalance` (a faucet: it tops an acco
 chain's funded genesis account). Every transaction is mined at once into its own block.
 
 `dispatch` is the pure JSON-RPC translation (wire hex <-> eth-tester's Python values); `serve`
-wraps it in a starlette app on uvicorn. Only loopback is allowed as the host. Knows nothing of
+wraps it in a starlette app on uvicorn (web.py). Only loopback is allowed as the host. Knows nothing of
 the ledger contract.
 """
 
@@ -20,6 +20,7 @@ from typing import Any, Callable
 
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
+from swarmlm.web import serve_app
 
 logger = get_logger(__name__)
 MAX_REQUEST_BYTES = 1 << 20
@@ -232,21 +233,4 @@ async def serve(host: str, port: int, *, on_ready: Callable[[str], None], stop: 
     """Run the dev chain at host:port (port 0: a free one) until `stop` is set; `on_ready(url)` once listening."""
     if host not in ("127.0.0.1", "localhost", "::1"):
         raise UserError(f"the dev chain listens on loopback only, not {host}")
-    import socket
-
-    import uvicorn
-    # IPPROTO_TCP named explicitly: asyncio sets TCP_NODELAY only on sockets that say so, and without
-    # it every keep-alive response waits ~40 ms for the client's delayed ACK
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.bind((host, port))
-    url = f"http://{host}:{sock.getsockname()[1]}"
-    server = uvicorn.Server(uvicorn.Config(app(DevChain()), log_level="warning", lifespan="off"))
-    task = asyncio.create_task(server.serve(sockets=[sock]))
-    while not server.started and not task.done():
-        await asyncio.sleep(0.02)
-    on_ready(url)
-    stopper = asyncio.create_task(stop.wait())
-    await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
-    server.should_exit = True
-    stopper.cancel()
-    await task
+    await serve_app(app(DevChain()), host, port, stop=stop, on_ready=on_ready)

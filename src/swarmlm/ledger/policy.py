@@ -26,8 +26,6 @@ and settles channels of finished epochs. Knows nothing of tensors, peers or the 
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from typing import Any, Callable
 
 from swarmlm.errors import AccessRefused, IntegrityError, LedgerError, WireError
 from swarmlm.ledger import receipts
+from swarmlm.ledger.journal import Journal
 from swarmlm.log import get_logger
 
 logger = get_logger(__name__)
@@ -105,40 +104,44 @@ def decide(chain: ChainView, account: AccountView, ticket: receipts.Ticket, *, h
 # ---- the I/O around it --------------------------------------------------------------------------
 
 class ReceiptBook:
-    """The latest receipt per (epoch, client), on disk (atomic writes), and which channels are settled."""
+    """The latest receipt per (epoch, client), on disk, and which channels are settled. A kept receipt
+    is one line appended to a journal (journal.py: microseconds, not a file rewrite per session); the
+    snapshot is rewritten atomically when the book is opened and when a channel is settled."""
 
     def __init__(self, path: Path):
         self.path = path
+        self.journal = Journal(path)
         self.entries: dict[tuple[int, str], tuple[int, bytes]] = {}
         self.settled: set[tuple[int, str]] = set()
-        if path.exists():
-            try:
-                raw = json.loads(path.read_text())
-                for e in raw.get("receipts", []):
-                    self.entries[(int(e["epoch"]), e["client"])] = (int(e["tokens"]), bytes.fromhex(e["sig"]))
-                self.settled = {(int(e), c) for e, c in raw.get("settled", [])}
-            except (ValueError, KeyError, TypeError) as err:
-                raise LedgerError(f"{path}: unreadable receipts ({err})") from None
+        try:
+            raw, lines = self.journal.load()
+            for e in (raw or {}).get("receipts", []) + lines:
+                self._fold(int(e["epoch"]), e["client"], int(e["tokens"]), bytes.fromhex(e["sig"]))
+            self.settled = {(int(e), c) for e, c in (raw or {}).get("settled", [])}
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise LedgerError(f"{path}: unreadable receipts ({err})") from None
+        if lines:
+            self.save()
+
+    def _fold(self, epoch: int, client: str, tokens: int, sig: bytes) -> None:
+        if tokens >= self.held(epoch, client):        # cumulative receipts: the larger is the later
+            self.entries[(epoch, client)] = (tokens, sig)
 
     def held(self, epoch: int, client: str) -> int:
         return self.entries.get((epoch, client), (0, b""))[0]
 
     def keep(self, epoch: int, client: str, tokens: int, sig: bytes) -> None:
-        self.entries[(epoch, client)] = (tokens, sig)
-        self.save()
+        self._fold(epoch, client, tokens, sig)
+        self.journal.append({"epoch": epoch, "client": client, "tokens": tokens, "sig": sig.hex()})
 
     def mark_settled(self, epoch: int, client: str) -> None:
         self.settled.add((epoch, client))
         self.save()
 
     def save(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        data = {"receipts": [{"epoch": e, "client": c, "tokens": t, "sig": s.hex()}
-                             for (e, c), (t, s) in sorted(self.entries.items())],
-                "settled": sorted([e, c] for e, c in self.settled)}
-        tmp = self.path.with_name(self.path.name + f".tmp{os.getpid()}")
-        tmp.write_text(json.dumps(data))
-        os.replace(tmp, self.path)
+        self.journal.compact({"receipts": [{"epoch": e, "client": c, "tokens": t, "sig": s.hex()}
+                                           for (e, c), (t, s) in sorted(self.entries.items())],
+                              "settled": sorted([e, c] for e, c in self.settled)})
 
 
 def book_path(data_dir: Path, ledger: str) -> Path:

@@ -31,9 +31,15 @@ def domain_separator(chain_id: int, ledger: str) -> bytes:
                              [DOMAIN_TYPEHASH, keccak(b"swarmlm-ledger"), keccak(b"1"), chain_id, ledger]))
 
 
+def _word(value: int) -> bytes:
+    return value.to_bytes(32, "big")
+
+
 def receipt_digest(domain: bytes, client: str, server: str, epoch: int, tokens: int) -> bytes:
-    h = keccak(abi_encode(["bytes32", "address", "address", "uint256", "uint256"],
-                          [RECEIPT_TYPEHASH, client, server, epoch, tokens]))
+    """ABI-encoded by hand (static types only: five 32-byte words), as eth_abi would, ~20x faster:
+    every session's ticket is hashed by its client and by its server."""
+    h = keccak(RECEIPT_TYPEHASH + bytes(12) + bytes.fromhex(client[2:]) + bytes(12) + bytes.fromhex(server[2:])
+               + _word(epoch) + _word(tokens))
     return keccak(b"\x19\x01" + domain + h)
 
 
@@ -42,6 +48,12 @@ def round_digest(domain: bytes, run: bytes, round_: int, epoch: int, members: li
                           [ROUND_TYPEHASH, run, round_, epoch, keccak(abi_encode(["address[]"], [members])),
                            keccak(abi_encode(["uint256[]"], [samples]))]))
     return keccak(b"\x19\x01" + domain + h)
+
+
+def run_tag(run_id: str) -> bytes:
+    """A training run's name as the contract's bytes32: the name itself, zero-padded, if it fits, else its keccak."""
+    raw = run_id.encode()
+    return raw.ljust(32, b"\0") if len(raw) <= 32 else keccak(raw)
 
 
 def address_of(key: bytes) -> str:
@@ -122,7 +134,9 @@ def decode_ticket(data: bytes) -> Ticket:
     return Ticket(client=checksummed, epoch=epoch, tokens=tokens, new_tokens=new, signature=sig)
 
 
-def sign_ticket(key: bytes, domain: bytes, server: str, epoch: int, tokens: int, new_tokens: int) -> Ticket:
-    client = address_of(key)
+def sign_ticket(key: bytes, domain: bytes, server: str, epoch: int, tokens: int, new_tokens: int, *,
+                client: str | None = None) -> Ticket:
+    """`client`: the key's address, if the caller knows it already (saves deriving it)."""
+    client = client or address_of(key)
     sig = sign_digest(key, receipt_digest(domain, client, server, epoch, tokens))
     return Ticket(client=client, epoch=epoch, tokens=tokens, new_tokens=new_tokens, signature=sig)

@@ -5,13 +5,18 @@ tables recomputed every step, the attention mask rebuilt, position ids counted, 
 per piece, seven small matmuls per block. `DecodeStep(model, cache)` does that work once: the
 rotary tables for every slot of the cache are computed up front (with the very ops
 `Rotary.tables` uses, so the values are bit for bit the same), the mask is the cache's own
-padding mask or nothing, and each layer runs as a flat list of the model's own modules and
-tensor ops, in the order Attention and Block use them, except that for one row (B = 1) q/k/v
-and gate/up run as one matmul each (`fused_projections`: the parts' weights become views of
-the fused ones, so no memory is added). Each output row is the same dot product either way,
-and the tests check that the output equals `run_blocks`' exactly, for float and quantized
-(model/quant.py) weights alike, so the swarm's exactness promise holds (with more rows a float
-GEMM may block its sums differently, so those steps use the parts).
+padding mask or nothing, and each layer runs as a flat sequence of tensor ops, in the order
+Attention and Block use them, on rows as vectors (B, D): Linears as the mm/addmm F.linear
+dispatches to (quantized ones as their kernel, `QuantLinear.rows_fn`), norms as torch.rms_norm
+/ F.layer_norm (the same ops their modules run), q and k rotated together in one pass, no
+module calls (a module with hooks or tensor-subclass weights, e.g. tensor parallel's, is still
+called as a module). For one row (B = 1) q/k/v and gate/up run as one matmul each
+(`fused_projections`: the parts' weights become views of the fused ones, so no memory is
+added). Each output row is the same dot product either way, and the tests check that the
+output equals `run_blocks`' exactly, for float and quantized (model/quant.py) weights alike,
+so the swarm's exactness promise holds (with more rows a float GEMM may block its sums
+differently, so those steps use the parts). Servers take the same step for their span
+(`span_step`, from swarm/blocks.py's run_span).
 
 It applies to a step of one new token per row with a cache, for models whose rotary scaling
 does not depend on the sequence length (not "dynamic") and that attend to the whole context (no
@@ -26,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarmlm.model.cache import KVCache
-from swarmlm.model.layers import apply_rope
+from swarmlm.model.layers import RMSNorm
 from swarmlm.model.quant import QuantLinear
 
 
@@ -34,7 +39,8 @@ def _concat_linears(parts: list[nn.Linear]) -> nn.Linear | None:
     """One float Linear over the parts' rows. Each part keeps its Parameter objects (an optimizer
     holding them still updates the model), whose data become views of the fused tensors."""
     first = parts[0]
-    if not all(type(p) is nn.Linear and p.in_features == first.in_features and (p.bias is None) == (first.bias is None)
+    if not all(type(p) is nn.Linear and _plain(p) and p.in_features == first.in_features
+               and (p.bias is None) == (first.bias is None)
                and p.weight.dtype == first.weight.dtype and p.weight.device == first.weight.device for p in parts):
         return None
     fused = nn.Linear(first.in_features, sum(p.out_features for p in parts), bias=first.bias is not None,
@@ -88,22 +94,70 @@ def fused_projections(model) -> dict[int, tuple]:
     return cached
 
 
+def _plain(module: nn.Module) -> bool:
+    """Whether calling the module runs nothing but its forward on plain tensors (no hooks, e.g.
+    tensor parallel's redistributions, and no tensor-subclass weights such as DTensors)."""
+    return (not module._forward_hooks and not module._forward_pre_hooks
+            and all(type(p) is nn.Parameter for p in module.parameters(recurse=False)))
+
+
+def _linear_fn(module: nn.Module):
+    """x (B, K) -> (B, N) in x's dtype, as `module(x)` computes it, without the module call (bound
+    to the weights as they are now: a step lives for one generation or one server session)."""
+    if type(module) is nn.Linear and _plain(module):
+        wt = module.weight.t()            # F.linear on rows is mm / addmm with the weight transposed
+        if module.bias is None:
+            return lambda x: torch.mm(x, wt)
+        bias = module.bias
+        return lambda x: torch.addmm(bias, x, wt)
+    if isinstance(module, QuantLinear):
+        return module.rows_fn()       # what its forward runs when no gradient is wanted
+    return module                     # anything else (LoRA, a parallel shard): its own forward
+
+
+def _norm_fn(module: nn.Module):
+    """x (B, D) -> normalized, as `module(x)` computes it: RMSNorm's float32 steps are the very ops
+    `torch.rms_norm` composes (the tests check equality), LayerNorm is `F.layer_norm`."""
+    if type(module) is RMSNorm and module.weight.dtype == torch.float32 and _plain(module):
+        shape = (module.weight.shape[0],)
+        return lambda x: torch.rms_norm(x, shape, module.weight, module.eps)
+    if type(module) is nn.LayerNorm and _plain(module):
+        return lambda x: F.layer_norm(x, module.normalized_shape, module.weight, module.bias, module.eps)
+    return module
+
+
+class _Layer:
+    """One block's pieces, flattened for the decode step."""
+
+    def __init__(self, index: int, block, fused: tuple):
+        attn, mlp = block.attention, block.feed_forward
+        qkv, gate_up = fused
+        self.index, self.Dh = index, attn.head_dim
+        self.norm1, self.norm2 = _norm_fn(block.attention_norm), _norm_fn(block.ffn_norm)
+        self.qkv = None if qkv is None else (_linear_fn(qkv[0]), qkv[1])
+        self.q, self.k, self.v = (_linear_fn(m) for m in (attn.q_proj, attn.k_proj, attn.v_proj))
+        self.o = _linear_fn(attn.o_proj)
+        self.gated = mlp.gated
+        self.gate_up = None if gate_up is None else (_linear_fn(gate_up[0]), gate_up[1][0])
+        self.gate = _linear_fn(mlp.gate_proj) if mlp.gated else None
+        self.up, self.down = _linear_fn(mlp.up_proj), _linear_fn(mlp.down_proj)
+
+
 class DecodeStep:
     """`step(ids (B, 1)) -> logits (B, V)` of the last position, advancing `cache` by one slot."""
 
-    def __init__(self, model, cache: KVCache, *, with_head: bool = True):
+    def __init__(self, model, cache: KVCache, *, with_head: bool = True, blocks: range | None = None):
+        """`blocks`: run only the held blocks with an index in it (a server's session span); default all."""
         if not self.supports(model):
             raise ValueError("DecodeStep needs a model without dynamic rotary scaling")
         self.model = model
         self.cache = cache
         self.with_head = with_head
-        self.layers = []
         fused = fused_projections(model)
-        for key, block in model.layers.items():
-            attn, mlp = block.attention, block.feed_forward
-            qkv, gate_up = fused[int(key)]
-            self.layers.append((int(key), block.attention_norm, qkv, (attn.q_proj, attn.k_proj, attn.v_proj),
-                                attn.o_proj, attn.head_dim, block.ffn_norm, gate_up, mlp))
+        self.layers = [_Layer(int(key), block, fused[int(key)]) for key, block in model.layers.items()
+                       if blocks is None or int(key) in blocks]
+        self.final_norm = None if model.norm is None else _norm_fn(model.norm)
+        self.output = None if model.output is None else _linear_fn(model.output)
         self.tables = None
         if model.rotary is not None:
             # every slot's (cos, signed sin), as Rotary.tables computes them: (max_len, Dh) each
@@ -118,28 +172,39 @@ class DecodeStep:
         return (model.rotary is None or model.cfg.rope_type != "dynamic") and model.cfg.sliding_window is None
 
     def _rope(self, B: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(cos, signed sin) of each row's next position, (1, Dh) for one row or (B, 1, Dh)."""
         if self.tables is None:
             return None
         cos, sin = self.tables
         pos = self.cache.next_pos                                      # (B,)
         if B == 1:
             p = int(pos[0])
-            return cos[p:p + 1][None, None], sin[p:p + 1][None, None]  # (1, 1, 1, Dh)
-        return cos[pos][:, None, None], sin[pos][:, None, None]        # (B, 1, 1, Dh)
+            return cos[p:p + 1], sin[p:p + 1]                          # (1, Dh)
+        return cos[pos][:, None], sin[pos][:, None]                    # (B, 1, Dh)
 
     @torch.inference_mode()
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         model, cache = self.model, self.cache
-        B = ids.shape[0]
         cache.check_room(1)
-        past = cache.length
         positions = cache.next_pos[:, None]                            # (B, 1)
-        h = model.embed(ids, positions) if model.tok_embeddings is not None else ids
+        embed = model.tok_embeddings
+        if type(embed) is nn.Embedding and _plain(embed) and model.pos_embeddings is None:
+            h = F.embedding(ids, embed.weight)                         # what nn.Embedding runs
+        else:
+            h = model.embed(ids, positions) if model.tok_embeddings is not None else ids
         h = self.run(h)
-        return model.head(h)[:, 0] if self.with_head else h
+        if not self.with_head:
+            return h
+        h = h[:, 0]                                                    # (B, D)
+        if self.final_norm is not None:
+            h = self.final_norm(h)
+        return self.output(h)                                          # (B, V)
 
     def run(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states (B, 1, D) of the next slot through every held block; advances the cache."""
+        """Hidden states (B, 1, D) of the next slot through every held block; advances the cache.
+
+        Each row is a vector here: (B, D) through the Linears, (B, heads, Dh) through rope, and for
+        one token a (B, H, 1, Dh) query is the same memory as run_blocks' transposed one."""
         cache = self.cache
         B = h.shape[0]
         past = cache.length
@@ -148,27 +213,51 @@ class DecodeStep:
             mask = mask[:, None, None, :]                              # (B, 1, 1, S)
         rope = self._rope(B)
         end = past + 1
-        for i, norm1, qkv, projections, o_proj, Dh, norm2, gate_up, mlp in self.layers:
-            x = norm1(h)
-            if qkv is not None and B == 1:
-                q, k, v = qkv[0](x).split(qkv[1], -1)
+        h = h.reshape(B, -1)                                           # (B, D)
+        for layer in self.layers:
+            Dh = layer.Dh
+            x = layer.norm1(h)
+            if layer.qkv is not None and B == 1:
+                fn, (nq, nk, nv) = layer.qkv
+                # q and k (B, H + Hkv, Dh), rotated together; v (B, Hkv, Dh)
+                qk, v = fn(x).view(B, -1, Dh).split(((nq + nk) // Dh, nv // Dh), 1)
             else:
-                q, k, v = (p(x) for p in projections)
-            q = q.view(B, 1, -1, Dh).transpose(1, 2)                   # (B, H, 1, Dh)
-            k = k.view(B, 1, -1, Dh).transpose(1, 2)                   # (B, Hkv, 1, Dh)
-            v = v.view(B, 1, -1, Dh).transpose(1, 2)
+                q, k, v = layer.q(x), layer.k(x), layer.v(x)
+                nq = q.shape[1]
+                qk = torch.cat([q, k], 1).view(B, -1, Dh)
+                v = v.view(B, -1, Dh)
             if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-            k_buf, v_buf = cache.k[i], cache.v[i]
-            k_buf[:, :, past:end] = k
-            v_buf[:, :, past:end] = v
-            k, v = k_buf[:, :, :end], v_buf[:, :, :end]
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=q.shape[1] != k.shape[1])
-            h = h + o_proj(out.transpose(1, 2).reshape(B, 1, -1))
-            if gate_up is not None and B == 1:
-                g, u = gate_up[0](norm2(h)).split(gate_up[1], -1)
-                h = h + mlp.down_proj(F.silu(g) * u)
+                qk = torch.addcmul(qk * rope[0], torch.roll(qk, Dh // 2, -1), rope[1])
+            H = nq // Dh
+            k_buf, v_buf = cache.k[layer.index], cache.v[layer.index]
+            k_buf.select(2, past).copy_(qk[:, H:])
+            v_buf.select(2, past).copy_(v)
+            q = qk[:, :H].unsqueeze(2)                                 # (B, H, 1, Dh)
+            k, v = k_buf.narrow(2, 0, end), v_buf.narrow(2, 0, end)
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=H != k.shape[1])
+            h = h + layer.o(out.view(B, -1))
+            x = layer.norm2(h)
+            if layer.gate_up is not None and B == 1:
+                fn, n = layer.gate_up
+                gu = fn(x)
+                a = F.silu(gu[:, :n]) * gu[:, n:]
+            elif layer.gated:
+                a = F.silu(layer.gate(x)) * layer.up(x)
             else:
-                h = h + mlp(norm2(h))
+                a = F.gelu(layer.up(x), approximate="tanh")
+            h = h + layer.down(a)
         cache.advance(1)
-        return h
+        return h[:, None]                                              # (B, 1, D)
+
+
+def span_step(model, cache: KVCache, start: int, end: int) -> DecodeStep | None:
+    """The decode step of blocks [start, end) of `model` over `cache` (built on first use and kept on
+    the cache, which it serves for its whole life), or None where the lean path does not apply."""
+    steps = cache.__dict__.setdefault("_decode_steps", {})      # (model id, start, end) -> DecodeStep
+    key = (id(model), start, end)
+    step = steps.get(key)
+    if step is None or step.model is not model:
+        if not DecodeStep.supports(model) or not all(i in cache.k for i in range(start, end)):
+            return None
+        step = steps[key] = DecodeStep(model, cache, with_head=False, blocks=range(start, end))
+    return step

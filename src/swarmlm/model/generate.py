@@ -17,7 +17,7 @@ import json
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable, Iterator, Sequence
+from typing import Any, Callable, Iterable, Iterator, Sequence
 
 import torch
 
@@ -191,6 +191,20 @@ class Emitted:
     text: str                  # their text, eos excluded
     tokens_per_s: float        # decoding rate after the first token
 
+    def report(self, prompt_ids: list[int], *, as_json: bool, how: str = "", **extra: Any) -> None:
+        """What `generate` prints last: with --json the one object of DESIGN.md (and `extra`), else
+        a line on stderr with the count, the rate and `how` ("through the swarm, ...")."""
+        if as_json:
+            print(json.dumps({"prompt_ids": prompt_ids, "output_ids": self.output_ids, "text": self.text,
+                              "tokens_per_s": round(self.tokens_per_s, 3), **extra}))
+        else:
+            print(f"[{len(self.output_ids)} tokens, {self.tokens_per_s:.1f} tokens/s{how}]", file=sys.stderr)
+
+
+def decode_rate(times: list[float]) -> float:
+    """Tokens per second after the first token, from each token's arrival time."""
+    return (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
+
 
 def emit_generation(steps: Iterable[list[int | None]], tokenizer, eos_id: int | None, *, stream: bool) -> Emitted:
     """Consume one row of `stream_tokens`-style steps; with `stream`, write text to stdout as it decodes.
@@ -219,8 +233,7 @@ def emit_generation(steps: Iterable[list[int | None]], tokenizer, eos_id: int | 
             sys.stdout.flush()
         sys.stdout.write("\n")
         text = "".join(pieces)
-    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-    return Emitted(output_ids, text, rate)
+    return Emitted(output_ids, text, decode_rate(times))
 
 
 def generate_from_args(args) -> int:
@@ -245,10 +258,5 @@ def generate_from_args(args) -> int:
     eos_id = cfg.eos_token_id if cfg.eos_token_id is not None else tokenizer.eos_id
     steps = stream_generate(model, prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                             top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos_id)
-    out = emit_generation(steps, tokenizer, eos_id, stream=not args.json)
-    if args.json:
-        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": out.output_ids, "text": out.text,
-                          "tokens_per_s": round(out.tokens_per_s, 3)}))
-    else:
-        print(f"[{len(out.output_ids)} tokens, {out.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    emit_generation(steps, tokenizer, eos_id, stream=not args.json).report(prompt_ids, as_json=args.json)
     return 0

@@ -333,8 +333,16 @@ def save_model(model: Transformer | Mapping[str, torch.Tensor], cfg: ModelConfig
     if missing:
         raise UserError(f"save_model needs the whole model; missing {missing[0]} and {len(missing) - 1} more")
     hf_state = to_hf_state_dict(cfg, state)
-    dtype = next(iter(hf_state.values())).dtype
-    config = config_to_hf(cfg, dtype=dtype)
+    write_checkpoint(path, hf_state, config_to_hf(cfg, dtype=next(iter(hf_state.values())).dtype),
+                     tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)
+
+
+def write_checkpoint(path: str | os.PathLike, hf_state: Mapping[str, torch.Tensor], config: dict, *,
+                     tokenizer: Any = None, max_shard_bytes: int = 2 << 30) -> None:
+    """A checkpoint directory in transformers' layout: `hf_state` (transformers' names) as
+    safetensors, sharded above `max_shard_bytes` with an index, each file written atomically,
+    shards of an earlier save with another layout removed; then the tokenizer and config.json
+    (last, so a directory with a config.json is whole)."""
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     shards = _plan_shards(hf_state, max_shard_bytes)

@@ -197,6 +197,18 @@ class QuantLinear(nn.Module):
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def rows_fn(self):
+        """A function x (B, K) -> (B, N) computing exactly what `matmul` computes for rows of the
+        model's dtype, with the kernel bound up front (the decode step's one-row Linears)."""
+        if not self.fast or self.pad or self.bias is not None:
+            return self.matmul
+        bf16 = torch.bfloat16
+        if self.scheme.bits == 8:
+            q, s = self.qweight, self.scales
+            return lambda x: torch._weight_int8pack_mm(x.to(bf16), q, s).to(x.dtype)
+        q, g, sz = self.qweight, self.scheme.group_size, self.scales_zeros
+        return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(bf16), q, g, sz).to(x.dtype)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
             return _QuantMatmul.apply(x, self)
@@ -261,6 +273,8 @@ def quantize_model(model: nn.Module, scheme: QuantScheme | str) -> nn.Module:
     scheme = parse_scheme(scheme) if isinstance(scheme, str) else scheme
     if scheme.bits == 0:
         return model
+    if quantization_of(model) not in ("none", scheme.name):
+        raise ValueError(f"model already quantized as {quantization_of(model)}, not {scheme.name}")
     model.requires_grad_(False)
     for parent_name, parent in list(model.named_modules()):
         for name, child in list(parent.named_children()):

@@ -10,8 +10,6 @@ beyond the CLI entry point.
 
 from __future__ import annotations
 
-import json
-import sys
 from typing import Iterator, Sequence
 
 import torch
@@ -101,10 +99,5 @@ def t5_generate_from_args(args) -> int:
     model, cfg = load_t5(args.model, dtype=DTYPES[getattr(args, "dtype", "float32")])
     steps = stream_t5(model, [prompt_ids], max_new_tokens=args.max_new_tokens, temperature=args.temperature,
                       top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    out = emit_generation(steps, tokenizer, cfg.eos_token_id, stream=not args.json)
-    if args.json:
-        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": out.output_ids, "text": out.text,
-                          "tokens_per_s": round(out.tokens_per_s, 3)}))
-    else:
-        print(f"[{len(out.output_ids)} tokens, {out.tokens_per_s:.1f} tokens/s]", file=sys.stderr)
+    emit_generation(steps, tokenizer, cfg.eos_token_id, stream=not args.json).report(prompt_ids, as_json=args.json)
     return 0

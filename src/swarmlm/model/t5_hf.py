@@ -15,15 +15,13 @@ import json
 import os
 import re
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from swarmlm.errors import CheckpointError, UserError
-from swarmlm.model.hf import INDEX_FILE, _model_dir, _plan_shards, _read_json, _weight_map, _write_text
+from swarmlm.model.hf import _model_dir, _read_json, _weight_map, write_checkpoint
 from swarmlm.model.t5 import ACTIVATIONS, T5, T5Config
 
 ARCHITECTURE = "T5ForConditionalGeneration"
@@ -186,27 +184,5 @@ def save_t5(model: T5 | Mapping[str, torch.Tensor], cfg: T5Config, path: str | o
     state = model.state_dict() if isinstance(model, torch.nn.Module) else dict(model)
     hf_state = {hf_name(k): v.detach().contiguous() for k, v in state.items()
                 if not (k == "lm_head.weight" and cfg.tie_embeddings)}
-    config = t5_config_to_hf(cfg, dtype=next(iter(hf_state.values())).dtype)
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
-    shards = _plan_shards(hf_state, max_shard_bytes)
-    names = ["model.safetensors"] if len(shards) == 1 else [
-        f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]
-    tmp = f".tmp{os.getpid()}"
-    for name, shard in zip(names, shards):
-        save_file(shard, str(directory / (name + tmp)), metadata={"format": "pt"})
-    for name in names:
-        os.replace(directory / (name + tmp), directory / name)
-    index = directory / INDEX_FILE
-    if len(shards) > 1:
-        weight_map = {k: n for n, shard in zip(names, shards) for k in shard}
-        total = sum(t.numel() * t.element_size() for t in hf_state.values())
-        _write_text(index, json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-    elif index.exists():
-        index.unlink()
-    for stale in directory.glob("model*.safetensors"):
-        if stale.name not in names:
-            stale.unlink()
-    if tokenizer is not None:
-        tokenizer.save(directory)
-    _write_text(directory / "config.json", json.dumps(config, indent=2))
+    write_checkpoint(path, hf_state, t5_config_to_hf(cfg, dtype=next(iter(hf_state.values())).dtype),
+                     tokenizer=tokenizer, max_shard_bytes=max_shard_bytes)

@@ -41,6 +41,12 @@ def collab_model_key(run_id: str) -> str:
     return f"{PREFIX}/collab/{run_id}/model"
 
 
+def collab_round_key(run_id: str, group_hex: str) -> str:
+    """One averaging round of run `run_id` (its group ID in hex): each member's `collab.round_claim`
+    (subkey `peer_id/claim`) and `collab.round_signature` (subkey `peer_id/sig`), see collab/witness.py."""
+    return f"{PREFIX}/collab/{run_id}/round/{group_hex}"
+
+
 def endpoint_key(peer_id: str) -> str:
     """Where `peer_id`'s side channel listens: one `p2p.endpoint` record, under its own subkey."""
     return f"{PREFIX}/endpoint/{peer_id}"

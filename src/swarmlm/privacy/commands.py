@@ -13,19 +13,24 @@ from pathlib import Path
 from typing import Any
 
 from swarmlm.errors import UserError
-from swarmlm.privacy.federated import FlConfig
+from swarmlm.privacy.federated import FlConfig, check_dp_sgd
 
 
 def config_from_args(args: Any) -> FlConfig:
     if (args.dp_clip is None) != (args.dp_noise is None):
         raise UserError("--dp-clip and --dp-noise go together")
+    if (args.dp_sgd_clip is None) != (args.dp_sgd_noise is None):
+        raise UserError("--dp-sgd-clip and --dp-sgd-noise go together")
+    if args.dp_sgd_clip is not None:
+        check_dp_sgd(args.dp_sgd_clip, args.dp_sgd_noise, args.dp_delta)
     try:
         return FlConfig(rounds=args.rounds, clients_per_round=args.clients_per_round,
                         min_clients=args.min_clients if args.min_clients is not None else min(2, args.clients_per_round),
                         local_steps=args.local_steps, fedprox_mu=args.fedprox, lr=args.lr,
                         batch_size=args.batch_size, seq_len=args.seq_len, secure=args.secure_aggregation,
                         coord_clip=args.coord_clip, dp_clip=args.dp_clip or 0.0, dp_noise=args.dp_noise or 0.0,
-                        dp_delta=args.dp_delta, seed=args.seed, round_timeout_s=args.round_timeout,
+                        dp_delta=args.dp_delta, dp_sgd_clip=args.dp_sgd_clip or 0.0,
+                        dp_sgd_noise=args.dp_sgd_noise or 0.0, seed=args.seed, round_timeout_s=args.round_timeout,
                         lora_rank=args.lora_rank).check()
     except ValueError as e:
         raise UserError(str(e)) from None

@@ -59,11 +59,13 @@ class RunRecord:
     has_loss: bool = False
     epsilon: float = -1.0         # the DP guarantee so far (ε at `delta`); negative: DP is off
     delta: float = 0.0
+    sample_epsilon: float = -1.0  # sample-level DP-SGD in the clients: the largest ε a client reported; negative: off
 
     def check(self) -> None:
         if not (0 <= self.round and 0 <= self.done and 0 <= self.rounds and 0 <= self.clients and 0 <= self.dropped):
             raise ValueError("rounds and counts must not be negative")
-        if not all(math.isfinite(x) for x in (self.train_loss, self.val_loss, self.epsilon, self.delta)):
+        if not all(math.isfinite(x) for x in (self.train_loss, self.val_loss, self.epsilon, self.delta,
+                                              self.sample_epsilon)):
             raise ValueError("losses and the DP guarantee must be finite")
 
 
@@ -97,6 +99,8 @@ class Coordinator:
         self.params = federated.flatten(model)             # this round's trainable coordinates (d,)
         self.rounds_done = 0
         self.last: dict | None = None                      # the last completed round's record (rounds.jsonl's)
+        self.max_rate = 0.0          # the largest sampling rate of the completed rounds: what is accounted
+        self.sample_dp: dict[str, dict] = {}     # DP-SGD: each client's last reported rate, steps and ε
         self._tasks: set[asyncio.Task] = set()
 
     async def start(self) -> None:
@@ -196,6 +200,8 @@ class Coordinator:
             metrics.round_done(record)
             await self.announce(r, record["manifest_cid"])
             eps = f", eps {record['epsilon']:.3f}" if "epsilon" in record else ""
+            if "sample_dp" in record:
+                eps += f", sample eps {record['sample_dp']['epsilon']:.3f}"
             self.print(f"fl: round {r + 1}/{self.cfg.rounds}: {len(result.survivors)} clients, "
                        f"{len(result.sampled) - len(result.survivors)} dropped, train loss {result.train_loss:.4f}, "
                        f"val loss {result.val_loss:.4f}{eps} ({result.seconds:.1f} s)")
@@ -224,8 +230,29 @@ class Coordinator:
                "train_loss": res.train_loss, "val_loss": res.val_loss, "secure": self.cfg.secure,
                "seconds": res.seconds, **res.extra}
         if self.cfg.dp is not None:
-            rec.update(dp.event_record(self.cfg.dp, res.extra["sampling_rate"], self.rounds_done))
+            # every completed round is accounted at the largest rate any of them had (ε grows with q),
+            # so a swarm whose size changed is never under-counted
+            rec.update(dp.event_record(self.cfg.dp, self.max_rate, self.rounds_done))
+            rec["round_sampling_rate"] = res.extra["sampling_rate"]
+        if self.cfg.dp_sgd_clip > 0:
+            eps = [c["epsilon"] for c in self.sample_dp.values()]
+            rec["sample_dp"] = {"sampling": "poisson", "noise_multiplier": self.cfg.dp_sgd_noise,
+                                "clip": self.cfg.dp_sgd_clip, "delta": self.cfg.dp_delta, "accountant": "rdp",
+                                "epsilon": max(eps) if eps else 0.0, "clients": dict(sorted(self.sample_dp.items()))}
         return rec
+
+    def _account_samples(self, reports: dict[str, wire.Report], survivors: list[str]) -> None:
+        """Each client's sample-level ε as it reported it (it trained, whether or not its update was
+        summed); a survivor that reported none, or nonsense, counts as unaccounted (ε = inf)."""
+        for pid in sorted(set(reports) | set(survivors)):
+            rep = reports.get(pid)
+            ok = (rep is not None and 0 < rep.dp_sgd_rate <= 1 and rep.dp_sgd_steps > 0
+                  and rep.dp_sgd_epsilon >= 0)                               # NaN fails too
+            if not ok:
+                log.warning("client %s reported no valid DP-SGD accounting", pid)
+            self.sample_dp[pid] = ({"sampling_rate": rep.dp_sgd_rate, "steps": rep.dp_sgd_steps,
+                                    "epsilon": rep.dp_sgd_epsilon} if ok else
+                                   {"sampling_rate": None, "steps": None, "epsilon": float("inf")})
 
     async def _round(self, r: int, attempt: int) -> RoundResult:
         t0 = time.perf_counter()
@@ -245,12 +272,14 @@ class Coordinator:
                 batch_size=self.cfg.batch_size, seq_len=self.cfg.seq_len, secure=self.cfg.secure,
                 coord_clip=self.cfg.coord_clip, dp_clip=self.cfg.dp_clip, dp_noise=self.cfg.dp_noise,
                 min_clients=self.cfg.min_clients, max_clients=len(chosen), lora_rank=self.cfg.lora_rank,
-                lora_alpha=self.cfg.lora_alpha, lora_seed=lora_seed)
+                lora_alpha=self.cfg.lora_alpha, lora_seed=lora_seed, dp_sgd_clip=self.cfg.dp_sgd_clip,
+                dp_sgd_noise=self.cfg.dp_sgd_noise, dp_delta=self.cfg.dp_delta)
             self._drain_stale()
             sent = [pid for pid in chosen if await self._send(pid, start)]
             reports: dict[str, wire.Report] = {}
+            stage_s: dict = {}
             if self.cfg.secure:
-                total, survivors = await self._secure_sum(r, attempt, sent, reports)
+                total, survivors = await self._secure_sum(r, attempt, sent, reports, stage_s)
             else:
                 total, survivors = await self._plain_sum(r, attempt, sent, reports)
             denom = federated.denominator(self.cfg, len(survivors), len(joined))
@@ -260,11 +289,14 @@ class Coordinator:
             if self.cfg.lora_rank:              # fold B A into the weights (nothing if the round failed: B = 0)
                 merge_lora(self.model)
         self.rounds_done += 1
+        if self.cfg.dp_sgd_clip > 0:
+            self._account_samples(reports, survivors)
+        self.max_rate = max(self.max_rate, federated.sampling_rate(self.cfg, len(joined)))
         got = [reports[p] for p in survivors if p in reports]
         weights = np.array([max(rep.n_samples, 1) for rep in got], dtype=np.float64)
         mean = (lambda xs: float(np.average(xs, weights=weights))) if got else (lambda xs: float("nan"))
         extra = {"sampling_rate": federated.sampling_rate(self.cfg, len(joined)), "joined": len(joined),
-                 "manifest_cid": cid}
+                 "manifest_cid": cid, **({"stage_s": stage_s} if stage_s else {})}
         return RoundResult(r, attempt, chosen, survivors, mean([g.train_loss for g in got]),
                            mean([g.val_loss for g in got]), time.perf_counter() - t0, extra)
 
@@ -311,13 +343,16 @@ class Coordinator:
             np.add(total, updates[pid], out=total)
         return total, survivors
 
-    async def _secure_sum(self, r: int, attempt: int, sent: list[str], reports: dict) -> tuple[np.ndarray, list[str]]:
+    async def _secure_sum(self, r: int, attempt: int, sent: list[str], reports: dict,
+                          stage_s: dict | None = None) -> tuple[np.ndarray, list[str]]:
         server = SecAggServer(self.peer.identity, run_id=f"{self.run_id}/{attempt}", round=r,
                               config=SecAggConfig(clip=self.cfg.coord_clip, max_clients=max(len(sent), 1),
                                                   min_clients=self.cfg.min_clients, graph_seed=self.cfg.seed + r),
                               length=int(self.params.size), expected=sent)
         alive = set(sent)
         while server.stage not in TERMINAL:
+            t0 = time.perf_counter()
+            stage = server.stage.value
             deadline = time.monotonic() + self.cfg.round_timeout_s
             while server.waiting_for() & alive:
                 item = await self._next(deadline)
@@ -334,10 +369,13 @@ class Coordinator:
                     except (SwarmlmError, ValueError) as e:
                         log.warning("secure aggregation message from %s refused: %s", pid, e)
                         await self._send(pid, wire.Error(f"refused: {e}"))
+            t1 = time.perf_counter()
             out = server.advance()                           # RoundFailed below the minimum
             for pid, data in out.items():
                 if pid in alive and not await self._send(pid, wire.SecAgg(r, attempt, data)):
                     alive.discard(pid)
+            if stage_s is not None:                          # waiting for the clients, then closing the stage
+                stage_s[stage] = [round(t1 - t0, 4), round(time.perf_counter() - t1, 4)]
         return server.result, list(server.survivors)
 
     # ---- the model -----------------------------------------------------------------------------
@@ -362,12 +400,15 @@ class Coordinator:
         finite = lambda x: isinstance(x, float) and math.isfinite(x)          # noqa: E731
         has_loss = finite(last.get("train_loss")) and finite(last.get("val_loss"))
         eps = last.get("epsilon")
+        sample_eps = (last.get("sample_dp") or {}).get("epsilon")
         return RunRecord(r, cid, self.cfg.secure, rounds=self.cfg.rounds, done=self.rounds_done,
                          clients=last.get("clients", 0), dropped=last.get("dropped", 0),
                          train_loss=last["train_loss"] if has_loss else 0.0,
                          val_loss=last["val_loss"] if has_loss else 0.0, has_loss=has_loss,
                          epsilon=float(eps) if eps is not None and math.isfinite(eps) else -1.0,
-                         delta=float(last.get("delta", 0.0)))
+                         delta=float(last.get("delta", 0.0)),
+                         sample_epsilon=float(sample_eps) if sample_eps is not None and math.isfinite(sample_eps)
+                         else -1.0)
 
     async def announce(self, r: int, cid: str) -> None:
         """The run's record under its key, and its entry in the swarm's directory (for the dashboard)."""

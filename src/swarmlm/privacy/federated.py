@@ -2,6 +2,7 @@
 
     chosen = choose_clients(joined, cfg, round=r)              # Poisson (DP) or a seeded sample of K
     update, loss = local_train(model, batches, steps=E, lr=lr, mu=mu)   # FedAvg, FedProx with mu > 0
+    update, loss = local_train_dp_sgd(model, examples, n, steps=E, ...)  # the same with sample-level DP-SGD
     vector = prepare_update(update, start, ...)                # clip, DP noise share: what is summed
     new = apply_sum(params, total, denominator(cfg, n))        # the next global model
 
@@ -14,6 +15,7 @@ call these; the networked parts live in coordinator.py and participant.py.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
@@ -40,7 +42,9 @@ class FlConfig:
     coord_clip: float = 4.0          # each update coordinate is clipped to this (the fixed-point ring's range)
     dp_clip: float = 0.0             # C: L2 clip of each update (0: no DP)
     dp_noise: float = 0.0            # σ: noise multiplier of the sum
-    dp_delta: float = 1e-5           # δ of the reported ε
+    dp_delta: float = 1e-5           # δ of the reported ε (client-level and sample-level)
+    dp_sgd_clip: float = 0.0         # sample-level DP-SGD in local training: per-sample L2 clip (0: off)
+    dp_sgd_noise: float = 0.0        # its noise multiplier: N(0, (σC)²) on each step's clipped gradient sum
     seed: int = 0                    # client sampling (and, with the clients' seeds, local batches)
     round_timeout_s: float = 120.0   # bound on each stage of a round
     max_attempts: int = 5            # failed attempts of one round before the run gives up
@@ -64,11 +68,25 @@ class FlConfig:
             raise UserError("--dp-noise needs --dp-clip")
         if self.dp_clip:
             dp.DpConfig(self.dp_clip, self.dp_noise, self.dp_delta)        # ValueError -> UserError by the caller
+        if self.dp_sgd_clip or self.dp_sgd_noise:
+            check_dp_sgd(self.dp_sgd_clip, self.dp_sgd_noise, self.dp_delta)
+        if self.batch_size <= 0 or self.seq_len <= 0:
+            raise UserError("--batch-size and --seq-len must be positive")
         return self
 
     @property
     def dp(self) -> dp.DpConfig | None:
         return dp.DpConfig(self.dp_clip, self.dp_noise, self.dp_delta) if self.dp_clip > 0 else None
+
+
+def check_dp_sgd(clip: float, noise: float, delta: float) -> None:
+    """DP-SGD's settings as a round states them (the coordinator's flags, a client's RoundStart); else UserError."""
+    if not (math.isfinite(clip) and clip > 0):
+        raise UserError(f"--dp-sgd-clip must be positive, got {clip}")
+    if not (math.isfinite(noise) and noise >= 0):
+        raise UserError(f"--dp-sgd-noise must be zero or positive, got {noise}")
+    if not 0 < delta < 1:
+        raise UserError(f"--dp-delta must be in (0, 1), got {delta}")
 
 
 def sampling_rate(cfg: FlConfig, n_joined: int) -> float:
@@ -150,6 +168,34 @@ def local_train(model: nn.Module, next_batch: Callable[[int], tuple[torch.Tensor
         opt.step()
     update = np.concatenate([(p.detach() - s).reshape(-1).double().numpy() for p, s in zip(params, start)])
     return update, float(np.mean(losses))
+
+
+def local_train_dp_sgd(model: nn.Module, examples: Callable[[np.ndarray], tuple[torch.Tensor, torch.Tensor]],
+                       n_examples: int, *, steps: int, lr: float, mu: float, batch_size: int, clip: float,
+                       noise_multiplier: float, per_sample_loss: Callable, rng: np.random.Generator,
+                       generator: torch.Generator) -> tuple[np.ndarray, float]:
+    """`local_train` with sample-level DP-SGD (dpsgd.py): each step Poisson-samples the `n_examples`
+    local examples at rate q = batch_size / n_examples (the accounted event), clips each one's
+    gradient to `clip`, adds N(0, (σ·clip)²) to the sum and divides by the expected batch size.
+    FedProx's term depends on no example, so it is added after the noise. (update, mean loss)."""
+    from swarmlm.privacy import dpsgd
+    rate = batch_size / n_examples
+    params = dict(trainable(model))
+    start = {n: p.detach().clone() for n, p in params.items()}
+    model.train()
+    losses = []
+    for _ in range(steps):
+        x, y = examples(dpsgd.poisson_indices(n_examples, rate, rng))
+        grads = dpsgd.noisy_gradient(model, per_sample_loss, x, y, clip=clip, noise_multiplier=noise_multiplier,
+                                     expected_batch=float(batch_size), generator=generator)
+        with torch.no_grad():
+            if len(x):
+                losses.append(float(per_sample_loss(model(x), y)))
+            for name, p in params.items():
+                g = grads[name] + mu * (p - start[name]) if mu > 0 else grads[name]
+                p -= lr * g.to(p.dtype)
+    update = np.concatenate([(p.detach() - start[n]).reshape(-1).double().numpy() for n, p in params.items()])
+    return update, float(np.mean(losses)) if losses else float("nan")
 
 
 def prepare_update(update: np.ndarray, cfg_clip: float, *, dp_clip: float, dp_noise: float, min_clients: int,

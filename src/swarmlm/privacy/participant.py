@@ -4,7 +4,10 @@ It finds the run's coordinator in the DHT, joins over the side channel and keeps
 connection for the run. Per round: fetch the global model by its manifest CID (verified by the
 store), evaluate it on the local validation split, train E local steps, clip and add its DP
 noise share, and send the update: in the clear to the coordinator (plain rounds) or as a
-SecAgg client (secagg/client.py), answering each stage the coordinator opens. A round's local
+SecAgg client (secagg/client.py), answering each stage the coordinator opens. When the round
+asks for DP-SGD, local training clips and noises each step's per-example gradients over
+Poisson-sampled local examples, and the report carries this client's sample-level ε so far
+(public metadata); a client that cannot honour the settings leaves the run with one line. A round's local
 batches come from (the run's seed, this client's seed, the round), so two runs with the same
 seeds train the same way. Knows nothing of other clients.
 """
@@ -12,6 +15,8 @@ seeds train the same way. Knows nothing of other clients.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,10 +24,10 @@ from typing import Any, Callable
 
 import numpy as np
 
-from swarmlm.errors import RemoteError, SwarmlmError, UserError, WireError
+from swarmlm.errors import PeerError, RemoteError, SwarmlmError, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import keys
-from swarmlm.privacy import federated, metrics, wire
+from swarmlm.privacy import dp, federated, metrics, wire
 from swarmlm.privacy.coordinator import RunRecord
 from swarmlm.privacy.secagg.client import SecAggClient
 
@@ -58,8 +63,16 @@ class Participant:
         self.current_cid: str | None = None
         self.rounds = 0
         self.bytes_sent = 0                                  # every record this client wrote, in plaintext bytes
+        self.dp_sgd_event: tuple[float, float] | None = None  # DP-SGD's (Poisson rate, σ) in this run
+        self.dp_sgd_steps = 0                                # DP-SGD steps taken so far: what is accounted
 
     async def run(self) -> int:
+        try:
+            return await self._run()
+        finally:
+            shutil.rmtree(self.model_dir, ignore_errors=True)      # the fetched model: a copy of the store's
+
+    async def _run(self) -> int:
         coordinator = await find_coordinator(self.peer, self.run_id)
         side = await self.peer.side_channel()
         conn = await side.open(coordinator, wire.PURPOSE, timeout_s=30.0, max_record_bytes=wire.MAX_RECORD_BYTES)
@@ -72,6 +85,9 @@ class Participant:
                 raise WireError("the coordinator did not answer JOIN with WELCOME")
             self.print(f"fl: joined run {self.run_id} ({welcome.members} clients connected)")
             return await self._serve(conn, coordinator)
+        except (asyncio.IncompleteReadError, ConnectionError) as e:
+            raise PeerError(f"the coordinator {coordinator} of run {self.run_id!r} went away after "
+                            f"{self.rounds} rounds ({type(e).__name__})") from None
         finally:
             conn.close()
 
@@ -101,8 +117,8 @@ class Participant:
             vector, report = await self._contribution(start)
             await self._send(conn, report)
             self.stop_in("update")
-            await self._send(conn, wire.Update(start.round, start.attempt, vector.astype("<f4").tobytes()))
-            self.rounds += 1
+            await self._send(conn, wire.Update(start.round, start.attempt, memoryview(vector.astype("<f4")).cast("B")))
+            self._done(start, report)
             return None
         # secure: keys, shares and masks need no update, so they go on while the model trains
         client = SecAggClient(self.peer.identity, run_id=f"{self.run_id}/{start.attempt}", round=start.round,
@@ -110,14 +126,17 @@ class Participant:
         self.stop_in("setup")
         await self._send(conn, wire.SecAgg(start.round, start.attempt, client.advertise()))
         training = asyncio.ensure_future(self._contribution(start))
+        work: list[asyncio.Future] = [training]
         try:
-            return await self._secure_stages(conn, start, client, training)
+            return await self._secure_stages(conn, start, client, training, work)
         finally:
-            if not training.done():
-                await asyncio.gather(training, return_exceptions=True)    # a thread cannot be cancelled
+            pending = [w for w in work if not w.done()]
+            if pending:
+                await asyncio.gather(*pending, return_exceptions=True)    # a thread cannot be cancelled
 
     async def _secure_stages(self, conn: Any, start: wire.RoundStart, client: SecAggClient,
-                             training: asyncio.Future) -> object | None:
+                             training: asyncio.Future, work: list[asyncio.Future]) -> object | None:
+        expanding: asyncio.Future | None = None
         for stage in ("share_keys", "collect_masked", "unmask"):
             msg = wire.decode(await self._read(conn))
             while isinstance(msg, wire.Error):
@@ -130,6 +149,7 @@ class Participant:
                     self.stop_in(stage)
                     out = client.share_keys(msg.data)
                 elif stage == "collect_masked":
+                    await expanding                                       # the masks, expanded meanwhile
                     await asyncio.to_thread(client.prepare_mask, msg.data)   # beside the training thread
                     vector, report = await training
                     await self._send(conn, report)
@@ -138,12 +158,24 @@ class Participant:
                 else:
                     self.stop_in(stage)
                     out = client.unmask(msg.data)
+            except UserError:
+                raise                                        # a round this client refuses to train
             except (SwarmlmError, ValueError) as e:
                 self.print(f"fl: leaving round {start.round + 1}: {e}")
                 return None
             await self._send(conn, wire.SecAgg(start.round, start.attempt, out))
-        self.rounds += 1
+            if stage == "share_keys":         # the roster names the neighbours: expand every mask now, in a
+                expanding = asyncio.ensure_future(asyncio.to_thread(client.expand_masks))   # thread, during
+                work.append(expanding)        # the stage's round trip (and training)
+            if stage == "collect_masked":
+                self._done(start, report)
         return None
+
+    def _done(self, start: wire.RoundStart, report: wire.Report) -> None:
+        self.rounds += 1
+        self.print(f"fl: round {start.round + 1}: trained {start.local_steps} steps, loss {report.train_loss:.4f}, "
+                   f"validation loss {report.val_loss:.4f}; {self.bytes_sent} bytes sent so far"
+                   + (" (secure aggregation)" if start.secure else ""))
 
     async def _contribution(self, start: wire.RoundStart) -> tuple[np.ndarray, wire.Report]:
         """Fetch the global model, train, clip and noise: (what goes into the sum, the round's report)."""
@@ -158,8 +190,12 @@ class Participant:
         rng = np.random.default_rng(None if self.seed is None else [self.seed, start.round, start.attempt, 0xD9])
         vector = federated.prepare_update(update, start.coord_clip, dp_clip=start.dp_clip, dp_noise=start.dp_noise,
                                           min_clients=start.min_clients, rng=rng)
-        return vector, wire.Report(start.round, start.attempt, train_loss, val_loss,
-                                   start.local_steps * start.batch_size)
+        report = wire.Report(start.round, start.attempt, train_loss, val_loss, start.local_steps * start.batch_size)
+        if start.dp_sgd_clip != 0 or start.dp_sgd_noise != 0:         # (checked by _train_dp_sgd)
+            rate, sigma = self.dp_sgd_event
+            eps = dp.epsilon(rate, sigma, self.dp_sgd_steps, start.dp_delta)
+            report = dataclasses.replace(report, dp_sgd_rate=rate, dp_sgd_steps=self.dp_sgd_steps, dp_sgd_epsilon=eps)
+        return vector, report
 
     async def _read(self, conn: Any) -> bytes:
         data = await conn.read_record()
@@ -193,10 +229,47 @@ class Participant:
         torch.manual_seed(0)
         windows = eval_windows(tokens.val, start.seq_len, EVAL_WINDOWS)
         val_loss = evaluate(model, windows, batch_size=EVAL_WINDOWS)
+        if start.dp_sgd_clip != 0 or start.dp_sgd_noise != 0:         # NaN too: refused there
+            update, train_loss = self._train_dp_sgd(model, start, tokens.train)
+            return update, train_loss, val_loss
         batches = Batches(tokens.train, start.batch_size, start.seq_len, seed=self.seed or 0, stream=start.round)
         update, train_loss = federated.local_train(model, lambda step: batches.get(step), steps=start.local_steps,
                                                    lr=start.lr, mu=start.fedprox_mu, loss_fn=lm_loss)
         return update, train_loss, val_loss
+
+    def _train_dp_sgd(self, model: Any, start: wire.RoundStart, train: np.ndarray) -> tuple[np.ndarray, float]:
+        """Local DP-SGD over this client's examples, the disjoint windows of seq_len + 1 train tokens."""
+        import torch
+        import torch.nn.functional as F
+        federated.check_dp_sgd(start.dp_sgd_clip, start.dp_sgd_noise, start.dp_delta)
+        width = start.seq_len + 1
+        n = len(train) // width
+        if n < start.batch_size:
+            raise UserError(f"this client cannot honour DP-SGD: its data holds {n} examples of {width} tokens, fewer "
+                            f"than the batch size {start.batch_size} (the Poisson rate would exceed 1)")
+        event = (start.batch_size / n, start.dp_sgd_noise)
+        if self.dp_sgd_event not in (None, event):
+            raise UserError(f"the run changed its DP-SGD event from (q, sigma) = {self.dp_sgd_event} to {event}")
+        windows = np.asarray(train[:n * width], dtype=np.int64).reshape(n, width)
+
+        def examples(idx: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            w = torch.from_numpy(windows[idx])                    # (b, T+1)
+            return w[:, :-1], w[:, 1:]
+
+        def sample_loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+            return F.cross_entropy(logits.reshape(-1, logits.size(-1)).float(), y.reshape(-1))
+
+        seed = None if self.seed is None else [self.seed, start.round, start.attempt]
+        rng = np.random.default_rng(None if seed is None else [*seed, 0x5D])               # the Poisson draws
+        noise_seed = np.random.default_rng(None if seed is None else [*seed, 0x5E]).integers(1 << 62)
+        generator = torch.Generator().manual_seed(int(noise_seed))                          # the noise
+        update, loss = federated.local_train_dp_sgd(
+            model, examples, n, steps=start.local_steps, lr=start.lr, mu=start.fedprox_mu, batch_size=start.batch_size,
+            clip=start.dp_sgd_clip, noise_multiplier=start.dp_sgd_noise, per_sample_loss=sample_loss, rng=rng,
+            generator=generator)
+        self.dp_sgd_event = event
+        self.dp_sgd_steps += start.local_steps
+        return update, loss
 
     def _tokens(self):
         if self.tokens is None:

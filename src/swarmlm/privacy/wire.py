@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from swarmlm import serialize
+from swarmlm import compact, serialize
 from swarmlm.errors import WireError
 
 PURPOSE = "privacy/fl"
@@ -52,6 +52,9 @@ class RoundStart:
     lora_rank: int = 0             # 0: whole-model updates; else only LoRA B matrices (A frozen, drawn from lora_seed)
     lora_alpha: float = 16.0
     lora_seed: int = 0
+    dp_sgd_clip: float = 0.0       # 0: plain local SGD; else DP-SGD, each sample's gradient clipped to this
+    dp_sgd_noise: float = 0.0      # σ of DP-SGD: N(0, (σ·dp_sgd_clip)²) on each step's gradient sum
+    dp_delta: float = 1e-5         # δ at which a client accounts its sample-level ε
 
 
 @dataclass(frozen=True)
@@ -61,8 +64,12 @@ class Report:
     train_loss: float              # mean loss over the local steps
     val_loss: float                # the received global model on this client's validation split
     n_samples: int                 # sequences trained on this round
+    dp_sgd_rate: float = 0.0       # DP-SGD only (public): this client's Poisson rate q = batch / local examples,
+    dp_sgd_steps: int = 0          # its DP-SGD steps so far in this run,
+    dp_sgd_epsilon: float = 0.0    # and the accountant's ε for them at the round's δ
 
 
+@compact.compact                   # the large records (both kinds alike): a binary layout, not msgpack
 @dataclass(frozen=True)
 class Update:                      # plain rounds only
     round: int
@@ -70,6 +77,7 @@ class Update:                      # plain rounds only
     vector: bytes                  # float32 little-endian, `length` coordinates
 
 
+@compact.compact
 @dataclass(frozen=True)
 class SecAgg:
     round: int
@@ -92,6 +100,9 @@ _CODES = {cls: code for code, cls in KINDS.items()}
 
 
 def encode(msg: object) -> bytes:
+    layout = compact.layout_of(type(msg))
+    if layout is not None:                     # kind byte and payload in one copy
+        return compact.encode(msg, layout, prefix=bytes([_CODES[type(msg)]]))
     return bytes([_CODES[type(msg)]]) + serialize.encode_message(msg)
 
 
@@ -99,4 +110,8 @@ def decode(data: bytes, *, max_bytes: int = MAX_RECORD_BYTES) -> object:
     """The message in one record, or `WireError`."""
     if not data or data[0] not in KINDS:
         raise WireError("a federated-learning record must start with a known kind byte")
-    return serialize.decode_message(memoryview(data)[1:], KINDS[data[0]], max_bytes=max_bytes)
+    cls = KINDS[data[0]]
+    layout = compact.layout_of(cls)
+    if layout is not None and isinstance(data, bytes):     # an update's payload: a view of the record, no copy
+        return compact.decode(memoryview(data)[1:], layout, max_bytes=max_bytes, views=True)
+    return serialize.decode_message(memoryview(data)[1:], cls, max_bytes=max_bytes)

@@ -4,8 +4,10 @@ A server runs `run_span` on its blocks; the client runs it on the blocks it keep
 in the local reference a swarm result is compared against, so both sides compute exactly the
 same thing. Deep prompts (n_span_blocks, B or 1, P, D) are added to the first P positions of
 the hidden states before each block (P-tuning v2); without them the span runs in one
-`Transformer.run_blocks` call. `measure_throughput` times a span's one-token step, what a server
-announces. Knows nothing of peers or the wire.
+`Transformer.run_blocks` call, or, for a decode step (one new token per row with a cache, no
+mask), in model/fastdecode.py's lean step, which computes exactly what run_blocks computes.
+`measure_throughput` times a span's one-token step, what a server announces. Knows nothing of
+peers or the wire.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import time
 import torch
 
 from swarmlm.model.cache import KVCache
+from swarmlm.model.fastdecode import span_step
 from swarmlm.model.transformer import Transformer
 
 
@@ -26,6 +29,11 @@ def run_span(model: Transformer, h: torch.Tensor, start: int, end: int, *, cache
     sequence. prompts (end-start, B or 1, P, D) with P <= T, or None.
     """
     if prompts is None:
+        if cache is not None and h.shape[1] == 1 and key_mask is None and not torch.is_grad_enabled():
+            step = span_step(model, cache, start, end)        # one token per row: the lean step, same numbers
+            if step is not None:
+                cache.check_room(1)
+                return step.run(h)
         return model.run_blocks(h, start=start, end=end, cache=cache, key_mask=key_mask)
     B, T, D = h.shape
     P = prompts.shape[2]
@@ -48,7 +56,7 @@ def measure_throughput(model: Transformer, *, n_tokens: int = 1, repeats: int = 
     with torch.inference_mode():
         for i in range(repeats + 1):
             t0 = time.perf_counter()
-            model.run_blocks(h, cache=cache)
+            run_span(model, h, span.start, span.stop, cache=cache)
             if i:                                # the first call warms up kernels and allocations
                 times.append(time.perf_counter() - t0)
     times.sort()

@@ -1,21 +1,16 @@
-"""Where a served or used model comes from, and the id servers and clients agree on.
+"""Where a served or used model comes from, and the id servers and clients agree on
+(store/model_id.py: a directory's `dir-` hash, or a manifest CID).
 
-MODEL on the command line is either a checkpoint directory or a model manifest CID:
-
-- a directory: its id is `dir-` + the SHA-256 of config.json and its safetensors files, so a
-  client only uses servers holding byte-identical weights. The hash is kept in
-  `$SWARMLM_HOME/model-ids.json` keyed by path, size and mtime, so it is computed once.
-- a manifest CID: the id is the CID itself; only the parts a process needs (its blocks, or
-  the embeddings and head for a client) are fetched from the swarm's store, each block
-  checked against its CID (store/manifest.py), into `<data_dir>/models/<cid>/<part>`.
+MODEL on the command line is either a checkpoint directory or a model manifest CID; of a CID
+only the parts a process needs (its blocks, or the embeddings and head for a client) are
+fetched from the swarm's store, each block checked against its CID (store/manifest.py), into
+`<data_dir>/models/<cid>/<part>`.
 
 Knows nothing of sessions or routing.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,17 +18,11 @@ from typing import Any
 
 import torch
 
-from swarmlm.errors import CheckpointError, UserError
+from swarmlm.errors import UserError
 from swarmlm.model.config import ModelConfig
 from swarmlm.model.transformer import Transformer
-
-_HASH_CACHE = "model-ids.json"
-
-
-def home_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    if data_dir is not None:
-        return Path(data_dir).expanduser()
-    return Path(os.environ.get("SWARMLM_HOME") or Path.home() / ".swarmlm")
+from swarmlm.store.model_id import directory_model_id, looks_like_cid
+from swarmlm.store.paths import data_dir as home_dir
 
 
 @dataclass(frozen=True)
@@ -49,56 +38,6 @@ class ModelSource:
              with_head: bool = True) -> tuple[Transformer, ModelConfig]:
         from swarmlm.model.hf import load_model
         return load_model(self.directory, dtype=dtype, layers=layers, with_embed=with_embed, with_head=with_head)
-
-
-def _weight_files(directory: Path) -> list[Path]:
-    files = sorted(p for p in directory.iterdir() if p.suffix == ".safetensors" or p.name.endswith(".index.json"))
-    return [directory / "config.json", *files]
-
-
-def directory_model_id(directory: str | os.PathLike, *, cache_dir: Path | None = None) -> str:
-    """`dir-<sha256>` over config.json and the safetensors files (names and bytes)."""
-    directory = Path(directory).resolve()
-    if not (directory / "config.json").is_file():
-        raise CheckpointError(f"{directory} has no config.json")
-    files = _weight_files(directory)
-    stamp = [[f.name, f.stat().st_size, f.stat().st_mtime_ns] for f in files]
-    cache_file = (cache_dir or home_dir()) / _HASH_CACHE
-    cache: dict[str, Any] = {}
-    try:
-        cache = json.loads(cache_file.read_text())
-    except (OSError, ValueError):
-        pass
-    hit = cache.get(str(directory)) if isinstance(cache, dict) else None
-    if isinstance(hit, dict) and hit.get("stamp") == stamp and isinstance(hit.get("id"), str):
-        return hit["id"]
-    h = hashlib.sha256()
-    for f in files:
-        h.update(f.name.encode() + b"\0")
-        with open(f, "rb") as fh:
-            while chunk := fh.read(1 << 22):
-                h.update(chunk)
-        h.update(b"\0")
-    model_id = "dir-" + h.hexdigest()[:40]
-    try:
-        cache = cache if isinstance(cache, dict) else {}
-        cache[str(directory)] = {"stamp": stamp, "id": model_id}
-        cache_file.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache_file.with_suffix(f".{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(cache))
-        os.replace(tmp, cache_file)
-    except OSError:
-        pass                      # the cache only saves time
-    return model_id
-
-
-def looks_like_cid(text: str) -> bool:
-    from swarmlm.store.cid import Cid
-    try:
-        Cid.parse(text)
-    except Exception:
-        return False
-    return True
 
 
 async def open_model_source(model: str, *, peer: Any = None, data_dir: str | os.PathLike | None = None,

@@ -125,7 +125,9 @@ RENDERERS.fl_runs = function (snap) {
        ` · train loss ${num(run.train_loss, 3)} · val loss ${num(run.val_loss, 3)}`,
        run.secure ? " · secure aggregation" : "",
        el("span", {class: "dp", "data-epsilon": run.dp ? run.epsilon : ""},
-          run.dp ? ` · DP ε ${num(run.epsilon, 2)} (δ ${run.delta})` : " · no DP")),
+          run.dp ? ` · DP ε ${num(run.epsilon, 2)} (δ ${run.delta})` : " · no client-level DP"),
+       run.sample_epsilon !== null && run.sample_epsilon !== undefined
+         ? ` · DP-SGD sample ε ${num(run.sample_epsilon, 2)}` : ""),
     lossPlot(run, "round"))));
 };
 

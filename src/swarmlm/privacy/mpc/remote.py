@@ -16,16 +16,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
-import sys
 import time
 from typing import Sequence
 
 import torch
 
 from swarmlm.errors import NotFoundError, PeerError, PeerTimeout, RemoteError, UserError, WireError
-from swarmlm.model.generate import TokenLoop
+from swarmlm.model.generate import Emitted, TokenLoop, decode_rate
 from swarmlm.p2p import keys
 from swarmlm.privacy.mpc import wire
 from swarmlm.privacy.mpc.client import MpcStats, open_logits, share_tokens
@@ -208,13 +206,10 @@ def generate_private_from_args(args) -> int:
                 await peer.shutdown()
 
     prompt_ids, eos_id, tokenizer, (tokens, stats, times) = asyncio.run(main())
-    text = tokenizer.decode([t for t in tokens if t != eos_id])
-    rate = (len(times) - 1) / (times[-1] - times[0]) if len(times) > 1 and times[-1] > times[0] else 0.0
-    if args.json:
-        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": tokens, "text": text,
-                          "tokens_per_s": round(rate, 3), "mpc": stats.as_json()}))
-    else:
-        print(text)
-        print(f"[{len(tokens)} tokens privately through {len(stats.parties)} MPC parties, {stats.rounds} rounds, "
-              f"{stats.bytes / 1e6:.1f} MB, {rate:.2f} tokens/s]", file=sys.stderr)
+    out = Emitted(tokens, tokenizer.decode([t for t in tokens if t != eos_id]), decode_rate(times))
+    if not args.json:
+        print(out.text)
+    out.report(prompt_ids, as_json=args.json, mpc=stats.as_json(),
+               how=f" privately through {len(stats.parties)} MPC parties, {stats.rounds} rounds, "
+                   f"{stats.bytes / 1e6:.1f} MB")
     return 0

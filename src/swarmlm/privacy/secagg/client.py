@@ -4,6 +4,7 @@ the sparse graph of Bell et al. 2020), one method per stage, every step checked 
     client = SecAggClient(identity, run_id="r", round=3, coordinator=cid, update=x)
     to_send = client.advertise()                 # SETUP
     to_send = client.share_keys(roster_msg)      # SHARE_KEYS
+    client.expand_masks()                        # optional, early: while the stage (and training) go on
     to_send = client.masked_input(forwarded_msg) # COLLECT_MASKED
     to_send = client.unmask(survivors_msg)       # UNMASK -> DONE
 
@@ -64,6 +65,8 @@ class SecAggClient:
         if self.length is None:
             raise ValueError("a SecAgg client needs its update or the update's length")
         self.mask: np.ndarray | None = None            # the sum of its masks, once the neighbours are known
+        self.masked_with: list[str] = []               # neighbours whose pairwise masks are in self.mask
+        self.prepared = False                          # self.mask holds exactly the masks of shared_with
         self.stage = Stage.SETUP
         self.keys = RoundKeys.generate()
         self.context = context_of(run_id, round)
@@ -118,10 +121,23 @@ class SecAggClient:
         self.prepare_mask(data)
         return self.mask_input(self.update)
 
-    def prepare_mask(self, data: bytes) -> None:
-        """Take the forwarded shares and expand every mask. Needs no update, so a client can run it
-        while it still trains (Bonawitz et al. §4: masks do not depend on the input)."""
+    def expand_masks(self) -> None:
+        """Expand the self-mask and the pairwise masks with every neighbour of the roster, as soon as the
+        roster is known: no update, no forwarded shares needed, so a client runs it (in a thread) while
+        the SHARE_KEYS stage and its training go on. `prepare_mask` then removes the masks of neighbours
+        that did not share keys, so the masks sent are exactly Bonawitz's (U2 ∩ N(u))."""
         if self.mask is not None:
+            raise StageError("the masks are already expanded")
+        if self.roster is None or self.stage is not Stage.SHARE_KEYS:
+            raise StageError("masks are expanded once the roster is known (after sharing keys)")
+        self.mask = self._expand(self.my_neighbours)
+        self.masked_with = list(self.my_neighbours)
+
+    def prepare_mask(self, data: bytes) -> None:
+        """Take the forwarded shares and make the masks (expanding them here unless `expand_masks` ran).
+        Needs no update, so a client can run it while it still trains (Bonawitz et al. §4: masks do
+        not depend on the input)."""
+        if self.prepared:
             raise StageError("the masks are already prepared")
         check_stage(self.stage, Stage.SHARE_KEYS, "forwarded shares")
         _, fwd = self._open(data, Forwarded, Stage.SHARE_KEYS, recipient=self.identity.peer_id)
@@ -133,31 +149,43 @@ class SecAggClient:
         if len(fwd.senders) + 1 < self.roster.threshold:
             raise IntegrityError(f"{len(fwd.senders)} neighbours shared keys, fewer than the threshold "
                                  f"{self.roster.threshold}")
-        me = self.identity.peer_id
-        for v, ct in zip(fwd.senders, fwd.ciphertexts):
-            self.held[v] = self._decrypt_bundle(v, ct)
+        held = {v: self._decrypt_bundle(v, ct) for v, ct in zip(fwd.senders, fwd.ciphertexts)}   # all, or none
+        self.held.update(held)
         self.shared_with = sorted(fwd.senders)
-        total = masking.expand(self.keys.self_seed, self.length, context=self.context).copy()
-        for v in self.shared_with:
-            mask = masking.expand(pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), self.length)
-            if me < v:
-                total += mask
-            else:
-                total -= mask
-        self.mask = total
+        if self.mask is None:
+            self.mask = self._expand(self.shared_with)
+        else:                                          # take away the masks of neighbours that did not share keys
+            me = self.identity.peer_id
+            buffer = masking.scratch(self.length)
+            for v in sorted(set(self.masked_with) - set(self.shared_with)):
+                masking.add_mask(self.mask, pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context),
+                                 subtract=not v < me, buffer=buffer)
+        self.masked_with = list(self.shared_with)
+        self.prepared = True
+
+    def _expand(self, pairs: list[str]) -> np.ndarray:
+        """PRG(b_u) + sum over `pairs` of +-PRG(s_uv) (plus if u < v), mod 2^32."""
+        me = self.identity.peer_id
+        total = masking.expand(self.keys.self_seed, self.length, context=self.context)
+        buffer = masking.scratch(self.length)          # one keystream buffer for every pairwise mask
+        for v in pairs:
+            masking.add_mask(total, pair_seed(self.keys.mask, self._mask_pk(v), me, v, self.context), subtract=v < me,
+                             buffer=buffer)
+        return total
 
     def mask_input(self, update: np.ndarray) -> bytes:
         """The masked input message: encode(update) + the prepared masks, mod 2^32."""
         check_transition(self.stage, Stage.COLLECT_MASKED)
-        if self.mask is None:
+        if not self.prepared:
             raise StageError("the forwarded shares have not arrived: no masks to add")
         update = np.asarray(update).reshape(-1)
         if update.size != self.length:
             raise WireError(f"the round aggregates {self.length} coordinates; this update has {update.size}")
-        y = FixedPoint(self.roster.clip, self.roster.max_clients).encode(update)
-        y += self.mask
+        y = self.mask                                  # the input goes onto the masks in place: no new vector
+        FixedPoint(self.roster.clip, self.roster.max_clients).add_encoded(y, update)   # ValueError: y untouched
+        self.mask, self.masked_with = None, []
         self.stage = Stage.COLLECT_MASKED
-        return self._seal(Stage.COLLECT_MASKED, MaskedInput(masking.ring_to_bytes(y)))
+        return self._seal(Stage.COLLECT_MASKED, MaskedInput(masking.ring_view(y)))
 
     def _decrypt_bundle(self, v: str, ct: bytes) -> tuple[shamir.Share, shamir.Share]:
         me = self.identity.peer_id

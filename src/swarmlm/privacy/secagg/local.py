@@ -32,9 +32,11 @@ class RoundTimes:
 def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, config: SecAggConfig,
               coordinator: Identity | None = None, drop: dict[Stage, set[str]] | None = None,
               run_id: str = "local", round: int = 0, times: RoundTimes | None = None,
-              server_box: dict | None = None, keep_inputs: bool = False) -> tuple[np.ndarray, list[str]]:
+              server_box: dict | None = None, keep_inputs: bool = False,
+              early_masks: bool = False) -> tuple[np.ndarray, list[str]]:
     """The float sum of the survivors' updates and who they are; `RoundFailed` below the threshold.
-    `server_box["server"]` receives the coordinator's state (what it saw), for tests."""
+    `server_box["server"]` receives the coordinator's state (what it saw), for tests. `early_masks`:
+    clients expand their masks right after sharing keys (`expand_masks`), as `swarmlm fl join` does."""
     coordinator = coordinator or Identity.generate()
     drop = drop or {}
     times = times if times is not None else RoundTimes()
@@ -45,7 +47,13 @@ def run_round(identities: Sequence[Identity], updates: Sequence[np.ndarray], *, 
         server_box["server"] = server
     clients = {i.peer_id: SecAggClient(i, run_id=run_id, round=round, coordinator=coordinator.peer_id, update=u)
                for i, u in zip(identities, updates)}
-    steps = {Stage.SETUP: lambda c, m: c.advertise(), Stage.SHARE_KEYS: SecAggClient.share_keys,
+    def share_keys(c: SecAggClient, m: bytes) -> bytes:
+        out = c.share_keys(m)
+        if early_masks:
+            c.expand_masks()
+        return out
+
+    steps = {Stage.SETUP: lambda c, m: c.advertise(), Stage.SHARE_KEYS: share_keys,
              Stage.COLLECT_MASKED: SecAggClient.masked_input, Stage.UNMASK: SecAggClient.unmask}
     inbox: dict[str, bytes] = {cid: b"" for cid in clients}
     for stage in (Stage.SETUP, Stage.SHARE_KEYS, Stage.COLLECT_MASKED, Stage.UNMASK):

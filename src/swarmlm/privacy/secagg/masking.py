@@ -15,6 +15,7 @@ uniform 32-bit words, expanded at memory speed. Knows nothing of peers, keys or 
 from __future__ import annotations
 
 import math
+import sys
 from dataclasses import dataclass
 
 import numpy as np
@@ -49,38 +50,82 @@ class FixedPoint:
 
     def encode(self, x: np.ndarray) -> np.ndarray:
         """float vector (d,) -> ring vector (d,) uint32; `ValueError` for a non-finite value."""
-        y = np.multiply(np.asarray(x).reshape(-1), self.scale, dtype=np.float64)     # exact: scale is 2^k
-        limit = self.clip * self.scale
-        if not max(float(y.max(initial=0)), -float(y.min(initial=0))) < np.inf:    # NaN fails this too
+        x = np.asarray(x).reshape(-1)
+        out = np.zeros(x.size, dtype=RING_DTYPE)
+        self.add_encoded(out, x)
+        return out
+
+    def add_encoded(self, acc: np.ndarray, x: np.ndarray, scratch: np.ndarray | None = None) -> None:
+        """acc += encode(x), mod 2^32, in place (a client adds its input to its prepared masks);
+        `ValueError` for a non-finite value, leaving `acc` as it was. `scratch`: d float64, reused."""
+        x = np.asarray(x).reshape(-1)
+        if x.size != acc.size:
+            raise ValueError(f"an input of {x.size} coordinates for a ring vector of {acc.size}")
+        y = np.multiply(x, self.scale, out=scratch, dtype=np.float64)        # exact: scale is 2^k
+        lo, hi = float(y.min(initial=0)), float(y.max(initial=0))           # NaN propagates into both
+        if not (math.isfinite(lo) and math.isfinite(hi)):
             raise ValueError("an update to encode holds NaN or infinity")
-        np.minimum(y, limit, out=y)
-        np.maximum(y, -limit, out=y)
-        np.rint(y, out=y)
-        return y.astype(np.int32).view(np.uint32)      # |y| < 2^31; two's complement: -1 -> 2^32 - 1
+        limit = self.clip * self.scale
+        if lo < -limit or hi > limit:                                        # else already in range
+            np.clip(y, -limit, limit, out=y)
+        # |y| < 2^31: adding 1.5 * 2^52 rounds it half to even (as np.rint) and leaves the integer in
+        # the double's low mantissa bits, in two's complement: its low 32-bit word is y mod 2^32
+        y += _ROUNDER
+        np.add(acc, y.view(np.uint32)[_LOW_WORD::2], out=acc)
 
     def decode_sum(self, s: np.ndarray, n_inputs: int) -> np.ndarray:
         """The ring sum of `n_inputs` encoded inputs -> float64 (d,); `IntegrityError` if it cannot be one."""
         if s.dtype != RING_DTYPE and s.dtype != np.uint32:
             raise WireError(f"a ring vector is uint32, got {s.dtype}")
-        signed = s.view(np.int32).astype(np.float64)
-        if n_inputs > self.max_clients or np.abs(signed).max(initial=0) > n_inputs * self.clip * self.scale:
+        signed = s.view(np.int32)
+        bound = n_inputs * self.clip * self.scale
+        # the extremes of the int32 view: no float copy, no abs temporary (-2^31 is below any bound)
+        if n_inputs > self.max_clients or (signed.size and max(-int(signed.min()), int(signed.max())) > bound):
             raise IntegrityError(f"the unmasked sum of {n_inputs} inputs is out of their range: a mask did not cancel")
-        return signed / self.scale
+        out = signed.astype(np.float64)
+        out *= 1.0 / self.scale                        # exact: the scale is a power of two
+        return out
 
     def decode_one(self, q: np.ndarray) -> np.ndarray:
         return self.decode_sum(q, 1)
 
 
-def expand(seed: bytes, n: int, *, context: bytes = b"") -> np.ndarray:
-    """`n` uniform ring elements (uint32) from a 32-byte seed; `context` separates uses of one seed."""
+_ROUNDER = 1.5 * 2.0 ** 52
+_LOW_WORD = 0 if sys.byteorder == "little" else 1     # which uint32 of a float64 holds its low mantissa bits
+
+_zeros = b""                                   # the keystream is AES-CTR over zeros; kept between calls
+
+
+def expand(seed: bytes, n: int, *, context: bytes = b"", out: np.ndarray | None = None) -> np.ndarray:
+    """`n` uniform ring elements (uint32) from a 32-byte seed; `context` separates uses of one seed.
+    `out`: a uint32 buffer of at least n + 4 elements to write into (a caller's reused scratch)."""
+    global _zeros
     if len(seed) != SEED_BYTES:
         raise ValueError(f"a mask seed is {SEED_BYTES} bytes")
     key = seed if not context else derive(seed, b"swarmlm-secagg/prg/" + context)
+    if len(_zeros) < 4 * n:
+        _zeros = bytes(4 * n)                        # read-only: safe to share between threads
+    if out is None or out.dtype != RING_DTYPE or out.size < n + 4 or not out.flags.c_contiguous:
+        out = np.empty(n + 4, dtype=RING_DTYPE)      # update_into wants room for one block more
     enc = Cipher(algorithms.AES(key), modes.CTR(b"\0" * 16)).encryptor()
-    out = bytearray(4 * n + 15)                      # update_into wants room for a block more
-    written = enc.update_into(bytes(4 * n), out)
-    return np.frombuffer(out, dtype=RING_DTYPE, count=n) if written == 4 * n else np.frombuffer(
-        bytes(out[:written]) + enc.finalize(), dtype=RING_DTYPE)
+    written = enc.update_into(memoryview(_zeros)[:4 * n], memoryview(out).cast("B"))
+    assert written == 4 * n, "CTR mode is a stream: it writes all it is given"
+    return out[:n]
+
+
+def scratch(n: int) -> np.ndarray:
+    """A buffer for `expand(..., out=)` of n elements: one per caller and thread, reused across masks."""
+    return np.empty(n + 4, dtype=RING_DTYPE)
+
+
+def add_mask(acc: np.ndarray, seed: bytes, *, context: bytes = b"", subtract: bool = False,
+             buffer: np.ndarray | None = None) -> None:
+    """acc += PRG(seed) (or -=), mod 2^32, in place; `buffer` (from `scratch`) saves an allocation."""
+    mask = expand(seed, acc.size, context=context, out=buffer)
+    if subtract:
+        np.subtract(acc, mask, out=acc)
+    else:
+        np.add(acc, mask, out=acc)
 
 
 def derive(secret: bytes, info: bytes, n_bytes: int = 32) -> bytes:
@@ -95,5 +140,6 @@ def ring_from_bytes(data: bytes | bytearray | memoryview, n: int) -> np.ndarray:
     return np.frombuffer(data, dtype=RING_DTYPE)
 
 
-def ring_to_bytes(v: np.ndarray) -> bytes:
-    return np.ascontiguousarray(v, dtype=RING_DTYPE).tobytes()
+def ring_view(v: np.ndarray) -> memoryview:
+    """A ring vector's bytes as they go on the wire, without a copy (compact messages join it once)."""
+    return memoryview(np.ascontiguousarray(v, dtype=RING_DTYPE)).cast("B")

@@ -2,7 +2,11 @@
 
     envelope = encode_message(Signed{run_id, round, stage, sender, recipient, body, sig})
     sig      = Ed25519 (the sender's peer identity) over
-               msgpack ["swarmlm-secagg/1", run_id, round, stage, sender, recipient, sha256(body)]
+               msgpack ["swarmlm-secagg/2", run_id, round, stage, sender, recipient, BLAKE3-256(body)]
+
+BLAKE3 (a 256-bit cryptographic hash) digests a 4 MB masked input in ~0.6 ms where SHA-256
+takes 2.5-5 ms here, and a secure round hashes every input twice (its client, the coordinator)
+right after training, on the round's critical path.
 
 A message opened for another run, round, stage or recipient, unsigned, or signed by anyone
 but its `sender`, is refused before its body is decoded; the receiver's stage machine then
@@ -13,20 +17,21 @@ Knows nothing of masks or shares beyond their byte sizes.
 
 from __future__ import annotations
 
-import hashlib
+import blake3
 from dataclasses import dataclass
 
-from swarmlm import serialize
+from swarmlm import compact, serialize
 from swarmlm.errors import IntegrityError, WireError
 from swarmlm.p2p import identity as ident
 from swarmlm.p2p.identity import Identity
 from swarmlm.privacy.secagg.stages import Stage, StageError
 
-DOMAIN = "swarmlm-secagg/1"
+DOMAIN = "swarmlm-secagg/2"
 KEY_BYTES = 32
 MAX_CONTROL_BYTES = 16 << 20         # every message but a masked input
 
 
+@compact.compact                  # a masked input's envelope: one copy of its megabytes, no msgpack buffer
 @dataclass(frozen=True)
 class Signed:
     run_id: str
@@ -72,6 +77,7 @@ class Forwarded:              # coordinator -> one client, end of SHARE_KEYS
     ciphertexts: list[bytes]  # what each of them encrypted for this client
 
 
+@compact.compact
 @dataclass(frozen=True)
 class MaskedInput:            # client -> coordinator, COLLECT_MASKED
     vector: bytes             # `length` little-endian uint32: fixed point + masks, mod 2^32
@@ -104,7 +110,8 @@ def open_signed(data: bytes, body_type: type, *, run_id: str, round: int, stage:
     recipient, another sender than expected, or a bad or missing signature)."""
     if len(data) > max_bytes:
         raise WireError(f"a {stage.value} message of {len(data)} bytes exceeds {max_bytes}")
-    env = serialize.decode_message(data, Signed, max_bytes=max_bytes)
+    # bytes fields as views of `data` (immutable bytes, or views of them): a masked input is not copied
+    env = compact.decode(data, compact.layout_of(Signed), max_bytes=max_bytes, views=True)
     if env.run_id != run_id or env.round != round:
         raise IntegrityError(f"a message for run {env.run_id!r} round {env.round} arrived in run {run_id!r} "
                              f"round {round} (replayed?)")
@@ -115,13 +122,16 @@ def open_signed(data: bytes, body_type: type, *, run_id: str, round: int, stage:
     if sender is not None and env.sender != sender:
         raise IntegrityError(f"a message claims to come from {env.sender}, expected {sender}")
     if not env.sig or not ident.verify(env.sender, _signed_bytes(env.run_id, env.round, env.stage, env.sender,
-                                                                  env.recipient, env.body), env.sig):
+                                                                  env.recipient, env.body), bytes(env.sig)):
         raise IntegrityError(f"a {stage.value} message is not signed by {env.sender}, its claimed sender")
+    layout = compact.layout_of(body_type)
+    if layout is not None:                      # a masked input: its vector stays a view of `data`
+        return env.sender, compact.decode(env.body, layout, max_bytes=max_bytes, views=True)
     return env.sender, serialize.decode_message(env.body, body_type, max_bytes=max_bytes)
 
 
 def _signed_bytes(run_id: str, round: int, stage: str, sender: str, recipient: str, body: bytes) -> bytes:
-    return serialize.pack([DOMAIN, run_id, round, stage, sender, recipient, hashlib.sha256(body).digest()])
+    return serialize.pack([DOMAIN, run_id, round, stage, sender, recipient, blake3.blake3(body).digest()])
 
 
 def check_keys(*keys: bytes) -> None:

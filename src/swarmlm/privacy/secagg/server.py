@@ -13,7 +13,9 @@ reconstructed from the shares their surviving neighbours reveal; survivors' self
 removed with their seeds, rebuilt the same way. Every rebuilt secret is checked against its
 commitment (the advertised public key, the seed's hash) before use. If any stage ends with
 fewer live clients than `min_clients`, or a secret cannot be rebuilt, the round fails with
-`RoundFailed` and no partial sum. Pure: no I/O, no clock; the caller closes each stage.
+`RoundFailed` and no partial sum. A survivor's self-mask is taken away as soon as threshold
+shares of its seed are in and match its commitment, while the last UNMASK messages are still
+coming; the close checks every seed again. Pure: no I/O, no clock; the caller closes each stage.
 """
 
 from __future__ import annotations
@@ -65,6 +67,9 @@ class SecAggServer:
         self.total = np.zeros(length, dtype=np.uint32)      # the sum of the masked inputs, mod 2^32
         self.inputs: dict[str, np.ndarray] | None = {} if keep_inputs else None   # each one, for tests
         self.unmasks: dict[str, Unmask] = {}
+        self.seed_shares: dict[str, list[bytes]] = {}       # UNMASK: each survivor's self-mask seed shares so far
+        self.unmasked: set[str] = set()                     # survivors whose self-mask is out of self.total
+        self._scratch: np.ndarray | None = None
         self.survivors: list[str] = []
         self.result: np.ndarray | None = None
         self.failure: str | None = None
@@ -137,6 +142,29 @@ class SecAggServer:
             if shamir.Share.from_bytes(raw).x != point:        # malformed, or a share that is not its own
                 raise IntegrityError(f"{sender} sent a share for another holder's point")
         self.unmasks[sender] = body
+        self._remove_ready_self_masks(body)
+
+    def _remove_ready_self_masks(self, body: Unmask) -> None:
+        """Take away each self-mask whose seed `threshold` shares now rebuild (and match its commitment),
+        while the other survivors' shares are still on their way: the stage's close is left with the
+        rest. A seed that does not match waits for the close, where every share is checked."""
+        t = self.roster.threshold
+        for v, raw in zip(body.seed_owners, body.seed_shares):
+            self.seed_shares.setdefault(v, []).append(raw)
+            if v in self.unmasked or len(self.seed_shares[v]) < t:
+                continue
+            try:
+                seed = shamir.combine([shamir.Share.from_bytes(r) for r in self.seed_shares[v][:t]], t)
+            except IntegrityError:
+                continue
+            if hashlib.sha256(seed).digest() == self.shared[v].seed_commitment:
+                masking.add_mask(self.total, seed, context=self.context, subtract=True, buffer=self._buffer())
+                self.unmasked.add(v)
+
+    def _buffer(self) -> np.ndarray:
+        if self._scratch is None:
+            self._scratch = masking.scratch(self.length)
+        return self._scratch
 
     def _shared_to(self, v: str) -> list[str]:
         return self.shared[v].recipients
@@ -226,12 +254,16 @@ class SecAggServer:
                 seed_shares.setdefault(v, []).append(s)
             for v, s in zip(body.key_owners, body.key_shares):
                 key_shares.setdefault(v, []).append(s)
-        total = self.total.copy()
+        total = self.total                             # in place: a failed round has no result at all
+        buffer = self._buffer()                        # one keystream buffer for every mask removed
         for u in self.survivors:
+            # every seed is rebuilt again here with one more share than needed: an inconsistent share
+            # fails the round even when the seed was already taken away as the shares came in
             seed = self._rebuild(u, seed_shares.get(u, []), t, "self-mask seed")
             if hashlib.sha256(seed).digest() != self.shared[u].seed_commitment:
                 raise IntegrityError(f"the self-mask seed rebuilt for {u} does not match its commitment")
-            total -= masking.expand(seed, self.length, context=self.context)
+            if u not in self.unmasked:
+                masking.add_mask(total, seed, context=self.context, subtract=True, buffer=buffer)
         survivors = set(self.survivors)
         for v in sorted(set(self.shared) - survivors):          # dropped after sharing keys
             raw = self._rebuild(v, key_shares.get(v, []), t, "mask key")
@@ -243,11 +275,8 @@ class SecAggServer:
                 if u not in survivors or v not in self._shared_to_u(u):
                     continue
                 pk_u = self.roster.mask_pks[self.index[u]]
-                mask = masking.expand(pair_seed(key, pk_u, u, v, self.context), self.length)
-                if u < v:                                       # u added +mask: take it away
-                    total -= mask
-                else:
-                    total += mask
+                # u added +mask if u < v, else -mask: take it away
+                masking.add_mask(total, pair_seed(key, pk_u, u, v, self.context), subtract=u < v, buffer=buffer)
         self.result = self.codec.decode_sum(total, len(self.survivors))
         check_transition(self.stage, Stage.DONE)
         self.stage = Stage.DONE

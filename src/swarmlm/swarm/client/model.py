@@ -325,8 +325,6 @@ class SyncSession:
 def generate_from_args(args: Any, *, ticket: Any = None, ticket_accepted: Any = None) -> int:
     """`swarmlm generate MODEL --swarm --initial-peers ...`: the same output as local generation. `ticket`,
     `ticket_accepted`: SessionOptions' (cli.py passes the ledger's)."""
-    import json
-    import sys
 
     from swarmlm.model.generate import DTYPES, check_sampling_args, emit_generation
     from swarmlm.model.tokenizer import Tokenizer
@@ -354,10 +352,5 @@ def generate_from_args(args: Any, *, ticket: Any = None, ticket_accepted: Any = 
                                       top_k=args.top_k, top_p=args.top_p, seed=args.seed, eos_id=eos_id)
         out = emit_generation(steps, tokenizer, eos_id, stream=not args.json)
         recoveries = model.last_session.recoveries if model.last_session is not None else 0
-    if args.json:
-        print(json.dumps({"prompt_ids": prompt_ids, "output_ids": out.output_ids, "text": out.text,
-                          "tokens_per_s": round(out.tokens_per_s, 3), "recoveries": recoveries}))
-    else:
-        print(f"[{len(out.output_ids)} tokens, {out.tokens_per_s:.1f} tokens/s through the swarm, "
-              f"{recoveries} recoveries]", file=sys.stderr)
+    out.report(prompt_ids, as_json=args.json, how=f" through the swarm, {recoveries} recoveries", recoveries=recoveries)
     return 0

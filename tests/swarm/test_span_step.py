@@ -1,0 +1,57 @@
+"""A server's decode steps (run_span, one token per row) take the lean step and compute exactly run_blocks."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from swarmlm.model.cache import KVCache
+from swarmlm.model.config import PRESETS
+from swarmlm.model.fastdecode import DecodeStep, span_step
+from swarmlm.model.quant import quantize_model
+from swarmlm.model.transformer import Transformer
+from swarmlm.swarm.blocks import run_span
+
+CFG = PRESETS["tiny"].replace(vocab_size=300, n_layers=4, dim=128, n_heads=2, n_kv_heads=1, ffn_dim=192,
+                              max_seq_len=64)
+
+
+def _steps(model, start, end, prompt, fast: bool, n: int = 6) -> list[torch.Tensor]:
+    """Hidden states out of blocks [start, end) for a prompt then n one-token steps (inputs seeded)."""
+    cache = KVCache.empty(model.cfg, prompt.shape[0], 32, layers=range(start, end))
+    gen = torch.Generator().manual_seed(1)
+    outs = []
+    with torch.inference_mode():
+        outs.append(run_span(model, prompt, start, end, cache=cache))
+        for _ in range(n):
+            h = torch.randn(prompt.shape[0], 1, model.cfg.dim, generator=gen)
+            outs.append(run_span(model, h, start, end, cache=cache) if fast
+                        else model.run_blocks(h, start=start, end=end, cache=cache))
+    assert cache.length == prompt.shape[1] + n
+    assert bool(cache.__dict__.get("_decode_steps")) == fast      # the lean step ran (or did not)
+    return outs
+
+
+@pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_span_decode_step_equals_run_blocks(scheme, batch):
+    torch.manual_seed(0)
+    full = quantize_model(Transformer(CFG).eval(), scheme)
+    server = quantize_model(Transformer(CFG, layers=range(1, 3), with_embed=False, with_head=False), scheme)
+    server.load_state_dict({k: v for k, v in full.state_dict().items() if k in server.state_dict()})
+    prompt = torch.randn(batch, 5, CFG.dim, generator=torch.Generator().manual_seed(2))
+    for model, (start, end) in [(server, (1, 3)), (server, (2, 3)), (full, (0, 4))]:
+        fast, slow = _steps(model, start, end, prompt, True), _steps(model, start, end, prompt, False)
+        assert all(torch.equal(a, b) for a, b in zip(fast, slow))
+
+
+def test_span_step_is_built_once_per_cache_and_only_where_it_applies():
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    cache = KVCache.empty(CFG, 1, 8, layers=range(0, 2))
+    step = span_step(model, cache, 0, 2)
+    assert isinstance(step, DecodeStep) and span_step(model, cache, 0, 2) is step
+    assert [layer.index for layer in step.layers] == [0, 1]
+    assert span_step(model, cache, 0, 3) is None              # the cache lacks block 2
+    dynamic = Transformer(CFG.replace(rope_scaling={"rope_type": "dynamic", "factor": 2.0})).eval()
+    assert span_step(dynamic, KVCache.empty(CFG, 1, 8), 0, 4) is None
