@@ -187,7 +187,6 @@ def test_mpc_panel_lists_parties_per_model_and_whether_three_are_there():
 # ---- the ledger -----------------------------------------------------------------------------------
 
 def test_ledger_panel_shows_the_epoch_and_each_accounts_credit_and_quota():
-    pytest.importorskip("eth_tester")
     from web3 import EthereumTesterProvider, Web3
 
     from swarmlm.dashboard.ledger_panel import LedgerPanel
