@@ -537,6 +537,8 @@ def _add_dashboard(sub) -> None:
     p.add_argument("--host", default="127.0.0.1", help="interface the page is served on")
     p.add_argument("--port", type=int, default=8080, help="port of the page (0 picks a free one)")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between looks at the swarm")
+    p.add_argument("--ledger", default=None, metavar="ADDRESS", help="also show this ledger's epoch, credit and quota")
+    p.add_argument("--chain-rpc", default=None, metavar="URL", help="the ledger's Ethereum JSON-RPC node")
     p.set_defaults(run=_run_dashboard)
 
 
@@ -576,8 +578,11 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (_add_demo, _add_train, _add_generate, _add_node, _add_store, _add_serve, _add_mpc_party,
                 _add_finetune, _add_api, _add_fl, _add_ledger, _add_eval, _add_dashboard, _add_simulate):
         add(sub)
-    for verb in ("node", "serve", "train"):          # long-running verbs (the federated/MPC roles: add theirs)
+    for verb in ("node", "serve", "train", "mpc-party"):          # long-running verbs
         _add_metrics_flag(sub.choices[verb])
+    fl = next(a for a in sub.choices["fl"]._actions if isinstance(a, argparse._SubParsersAction))
+    for role in ("coordinate", "join"):
+        _add_metrics_flag(fl.choices[role])
     return parser
 
 

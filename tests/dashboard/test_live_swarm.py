@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+import swarmlm
 from swarmlm.demo.dashboard import start_dashboard
 from swarmlm.p2p.process import PeerProcess
 from swarmlm.swarm.server.serve import start_server_process
@@ -161,6 +162,12 @@ def test_page_lists_the_three_servers_with_their_blocks(swarm, browser):
     for (a, b) in SPANS:
         assert f"{a}:{b}" in text
     assert "every block is covered" in text and browser.execute_script(HOLES_JS) == ""
+    # each server's quantization and version, as announced; the federated and MPC panels are there, empty
+    cells = browser.execute_script("return [...document.querySelectorAll('tr.server')].map(r => "
+                                   "[r.querySelector('td.quant').textContent, r.querySelector('td.version').textContent])")
+    assert cells == [["none", swarmlm.__version__]] * 3
+    for panel, empty in (("fl_runs", "no federated run"), ("mpc", "no MPC party")):
+        assert empty in browser.execute_script(f"return document.getElementById('panel-{panel}').textContent")
     assert browser.execute_script("return document.querySelectorAll('script[src^=\"http\"], link[href^=\"http\"]')"
                                   ".length") == 0          # nothing from elsewhere
 

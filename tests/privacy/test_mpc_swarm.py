@@ -20,6 +20,7 @@ from swarmlm.p2p.process import PeerProcess, open_child
 from swarmlm.privacy.mpc import wire
 from swarmlm.privacy.mpc.remote import PrivateSession, find_parties, generate_private
 from swarmlm.store.model_id import directory_model_id as directory_id
+from tests.helpers.metrics import metrics_url, scrape
 from tests.helpers.swarm import LoopThread, poll_until, run_cli, start_nodes, stop_all, swarmlm_command
 from tests.helpers.swarm_servers import TEXT, VOCAB
 from tests.model.hf_models import build_hf
@@ -48,7 +49,8 @@ def swarm(tmp_path_factory):
             for i in range(3):
                 data = root / f"{v}-party{i}"
                 cmd = swarmlm_command(["mpc-party", d, "--initial-peers", boot, "--data-dir", data,
-                                       "--peer-timeout", "5", "--max-tokens", "128"])
+                                       "--peer-timeout", "5", "--max-tokens", "128",
+                                       *(["--metrics-port", "0"] if i == 0 else [])])
                 parties[v].append(PeerProcess(open_child(cmd, log_path=data / "party.log"), data / "party.log"))
         for group in parties.values():
             for p in group:
@@ -78,6 +80,20 @@ def test_private_generation_equals_local_greedy(swarm, variant):
     mpc = private["mpc"]
     assert sorted(mpc["parties"]) == sorted(p.peer_id for p in swarm["parties"][variant])
     assert mpc["rounds"] > 16 and mpc["bytes"] > 0
+
+
+def test_a_partys_metrics_count_its_sessions_steps_rounds_and_bytes(swarm):
+    url = metrics_url(swarm["parties"]["llama3"][0])
+    before = scrape(url)
+    private = _generate(swarm, "llama3")
+    after = scrape(url)
+    moved = {k: after[k] - before.get(k, 0.0) for k in after if k.startswith("swarmlm_mpc_")}
+    assert moved["swarmlm_mpc_sessions_total"] == 1 and moved["swarmlm_mpc_session_failures_total"] == 0
+    assert moved["swarmlm_mpc_steps_total"] >= 16 and moved["swarmlm_mpc_step_seconds_count"] >= 16
+    assert moved["swarmlm_mpc_tokens_total"] == len(private["prompt_ids"]) + 15
+    assert moved["swarmlm_mpc_rounds_total"] > 16
+    assert moved["swarmlm_mpc_sent_bytes_total"] > 0 and moved["swarmlm_mpc_received_bytes_total"] > 0
+    assert after["swarmlm_mpc_sessions_open"] == 0
 
 
 def test_bad_input_gets_an_error_and_the_party_keeps_serving(swarm):

@@ -39,9 +39,10 @@ def test_one_client_on_two_servers_decodes_at_the_analytic_rate():
     per_token = 3 * 0.001 + 4 / 1000 + 0.0005
     report = simulate_scenario(two_servers())
     assert report["tokens_per_s"] == pytest.approx(1 / per_token, rel=1e-6)
-    # on one machine a chained step of 2 hops handles 5 messages: half a round trip each
+    # on one machine a chained decoding step of 2 hops costs 4 messages of half a round trip each: the three
+    # legs and the client handling the first hop's reply (its request to the second went ahead)
     shared = simulate_scenario(two_servers(shared_host=True))
-    assert shared["tokens_per_s"] == pytest.approx(1 / (5 * 0.001 + 4 / 1000 + 0.0005), rel=1e-6)
+    assert shared["tokens_per_s"] == pytest.approx(1 / (4 * 0.001 + 4 / 1000 + 0.0005), rel=1e-6)
 
 
 def test_a_seed_gives_the_same_report_and_another_seed_another():
@@ -70,6 +71,42 @@ def test_a_killed_server_with_a_spare_is_replaced_and_the_generation_goes_on():
     assert r["recoveries"] == 1 and r["failed_generations"] == 0 and r["servers_left"] == 1
     assert 0 < r["recovery_s"]["median"] < 0.1
     assert r["generations"] > 10                      # it went on generating
+
+
+def failover(**servers) -> dict:
+    """Two blocks servers and a spare for 2:4; the chain's 2:4 one killed after the 10th token."""
+    base = two_servers()
+    sc = dataclasses.replace(base, servers=dataclasses.replace(
+        base.servers, count=3, spans=((0, 2), (2, 4), (2, 4)), churn=ChurnSpec(chain_kills=((10, 2),)), **servers),
+        clients=dataclasses.replace(base.clients, open_s=0.004, control_rtt_s=0.001))
+    return simulate_scenario(sc)
+
+
+def test_a_failover_costs_its_phases_opening_the_replay_relinking_and_the_step():
+    r = failover()
+    [phases] = r["recovery_phases"]
+    assert sum(phases.values()) == pytest.approx(r["recovery_s"]["median"])
+    # opening: the spare's first session, a measured 4 ms (nothing follows the lost hop, so no one is told)
+    assert phases["open"] == pytest.approx(0.004)
+    # the replay: the prompt (8 tokens) and 9 one-token steps through 2 blocks at 1,000 tokens/s, in one
+    # request (half a round trip each way)
+    assert phases["replay"] == pytest.approx(0.002 + 2 * (8 + 9) / 1000)
+    # re-linking the 0:2 server to it: a round trip, and in its handler that server dials the spare (about an
+    # opening's cost)
+    assert phases["relink"] == pytest.approx(0.002 + 0.004)
+    # the step goes on from the replacement: there, its 2 blocks, back, the client's work
+    assert phases["step"] == pytest.approx(0.002 + 2 / 1000 + 0.0005)
+
+
+def test_a_replay_costs_its_factor_and_a_fresh_server_more_unless_it_served_before():
+    plain = failover()["recovery_phases"][0]["replay"]
+    assert failover(replay_factor=2.0)["recovery_phases"][0]["replay"] == pytest.approx(0.002 + 2 * (plain - 0.002))
+    # the spare never computed: a cold replay factor applies to it (and its first-computation warm-up is in it)
+    cold = failover(replay_factor=2.0, cold_replay_factor=5.0, warmup_s=1.0)["recovery_phases"][0]
+    assert cold["replay"] == pytest.approx(0.002 + 5 * (plain - 0.002))
+    served = failover(replay_factor=2.0, cold_replay_factor=5.0, warmup_s=1.0, cold_open_s=0.5,
+                      served_before=True)["recovery_phases"][0]
+    assert served["replay"] == pytest.approx(0.002 + 2 * (plain - 0.002)) and served["open"] == pytest.approx(0.004)
 
 
 def test_without_a_spare_the_generation_fails_after_the_recovery_timeout():

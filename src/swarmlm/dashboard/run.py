@@ -1,5 +1,5 @@
-"""`swarmlm dashboard --initial-peers MADDR... [--host 127.0.0.1] [--port P]`: join the swarm as a
-client, look at it every `--interval` seconds, and serve the page until SIGINT/SIGTERM, printing
+"""`swarmlm dashboard --initial-peers MADDR... [--host 127.0.0.1] [--port P] [--ledger ADDRESS --chain-rpc URL]`:
+join the swarm as a client, look at it every `--interval` seconds, and serve the page until SIGINT/SIGTERM, printing
 its URL as the last line once it accepts connections.
 
 `run_dashboard(...)` is the same as a coroutine, for the demo (demo/dashboard.py) and tests.
@@ -48,6 +48,8 @@ def check_args(args: Any) -> None:
         raise UserError(f"--port must be 0..65535, got {args.port}")
     if not 0.1 <= args.interval <= 3600:
         raise UserError(f"--interval must be 0.1..3600 seconds, got {args.interval}")
+    if bool(getattr(args, "ledger", None)) != bool(getattr(args, "chain_rpc", None)):
+        raise UserError("--ledger ADDRESS and --chain-rpc URL go together")
 
 
 def dashboard_from_args(args: Any) -> int:
@@ -56,13 +58,20 @@ def dashboard_from_args(args: Any) -> int:
     for maddr in args.initial_peers:
         check_maddr(maddr)
 
+    panels = None
+    if getattr(args, "ledger", None):
+        from swarmlm.dashboard.ledger_panel import LedgerPanel
+        from swarmlm.dashboard.panels import default_panels
+        panels = [*default_panels(), LedgerPanel.connect(args.ledger, args.chain_rpc)]
+
     async def main() -> None:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         await run_dashboard(initial_peers=args.initial_peers, host=args.host, port=args.port,
-                            interval_s=args.interval, stop=stop, on_ready=lambda url: print(url, flush=True))
+                            interval_s=args.interval, stop=stop, on_ready=lambda url: print(url, flush=True),
+                            panels=panels)
 
     asyncio.run(main())
     return 0

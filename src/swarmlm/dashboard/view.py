@@ -6,6 +6,7 @@
 - `coverage(spans, n_layers)`: how many live servers hold each block; `holes(counts)`: the runs of
   blocks nobody holds, as [start, end) pairs.
 - `LossHistory`: a run's (global step, loss) points, one per step, bounded.
+- `ServedRate`: a server's served tokens/s, from the token counter its announcements carry.
 
 No I/O, no clock: every time is an argument.
 """
@@ -87,3 +88,29 @@ class LossHistory:
         self.points.append((step, loss))
         del self.points[:-MAX_POINTS]
         return True
+
+
+@dataclass
+class ServedRate:
+    """Per key (a server of a model), its served tokens/s: the rise of the token counter it announces between
+    its two latest distinct announcements, over the time between them (told by the records' expiries: each is
+    a fixed lifetime after its announcement, on the announcer's clock). A counter that fell (a restart) starts over."""
+    last: dict[tuple[str, str], tuple[int, float]] = field(default_factory=dict)    # key -> (tokens, announced at)
+    rate: dict[tuple[str, str], float] = field(default_factory=dict)
+
+    def observe(self, key: tuple[str, str], tokens: int, announced_at: float) -> float | None:
+        """The rate after this look (None until two announcements were seen)."""
+        old = self.last.get(key)
+        if old is None or tokens < old[0] or announced_at < old[1]:
+            self.last[key] = (tokens, announced_at)
+            self.rate.pop(key, None)
+        elif announced_at > old[1]:
+            self.rate[key] = (tokens - old[0]) / (announced_at - old[1])
+            self.last[key] = (tokens, announced_at)
+        return self.rate.get(key)
+
+    def forget_except(self, keys: Iterable[tuple[str, str]]) -> None:
+        keep = set(keys)
+        for d in (self.last, self.rate):
+            for key in [k for k in d if k not in keep]:
+                del d[key]

@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -29,7 +30,7 @@ from swarmlm.log import get_logger
 from swarmlm.model.lora import merge_lora
 from swarmlm.p2p import keys
 from swarmlm.p2p.records import record_type
-from swarmlm.privacy import dp, federated, wire
+from swarmlm.privacy import dp, federated, metrics, wire
 from swarmlm.privacy.federated import FlConfig
 from swarmlm.privacy.secagg.server import SecAggConfig, SecAggServer
 from swarmlm.privacy.secagg.stages import TERMINAL
@@ -38,15 +39,34 @@ log = get_logger(__name__)
 
 JOIN_TIMEOUT_S = 10.0
 ANNOUNCE_TTL_S = 600.0
+RUNS_SERVICE = "fl.runs"      # the directory (p2p/directory.py) where coordinators list their run (size: its rounds)
 
 
 @record_type("privacy.fl")
 @dataclass(frozen=True)
 class RunRecord:
-    """The coordinator of a federated run and its current global model."""
+    """The coordinator of a federated run and its current global model; since its first completed round, also
+    that round's outcome (what the dashboard shows: clients, dropped, losses, ε where DP is on)."""
     round: int
     manifest_cid: str
     secure: bool
+    rounds: int = 0               # rounds the run will do
+    done: int = 0                 # rounds completed
+    clients: int = 0              # of the last completed round: clients whose update counted ...
+    dropped: int = 0              # ... and sampled clients that dropped out
+    train_loss: float = 0.0       # its mean losses (has_loss: there were reports)
+    val_loss: float = 0.0
+    has_loss: bool = False
+    epsilon: float = -1.0         # the DP guarantee so far (ε at `delta`); negative: DP is off
+    delta: float = 0.0
+    sample_epsilon: float = -1.0  # sample-level DP-SGD in the clients: the largest ε a client reported; negative: off
+
+    def check(self) -> None:
+        if not (0 <= self.round and 0 <= self.done and 0 <= self.rounds and 0 <= self.clients and 0 <= self.dropped):
+            raise ValueError("rounds and counts must not be negative")
+        if not all(math.isfinite(x) for x in (self.train_loss, self.val_loss, self.epsilon, self.delta,
+                                              self.sample_epsilon)):
+            raise ValueError("losses and the DP guarantee must be finite")
 
 
 @dataclass
@@ -78,6 +98,7 @@ class Coordinator:
         self.member_event = asyncio.Event()
         self.params = federated.flatten(model)             # this round's trainable coordinates (d,)
         self.rounds_done = 0
+        self.last: dict | None = None                      # the last completed round's record (rounds.jsonl's)
         self.max_rate = 0.0          # the largest sampling rate of the completed rounds: what is accounted
         self.sample_dp: dict[str, dict] = {}     # DP-SGD: each client's last reported rate, steps and ε
         self._tasks: set[asyncio.Task] = set()
@@ -92,7 +113,9 @@ class Coordinator:
         """One client's connection for the whole run: its JOIN, then everything it sends, into the inbox."""
         pid = conn.peer_id
         try:
-            first = wire.decode(await asyncio.wait_for(conn.read_record(), JOIN_TIMEOUT_S))
+            data = await asyncio.wait_for(conn.read_record(), JOIN_TIMEOUT_S)
+            metrics.FL_RECEIVED.inc(len(data))
+            first = wire.decode(data)
             if not isinstance(first, wire.Join) or first.run_id != self.run_id:
                 raise WireError(f"expected a JOIN for run {self.run_id!r}")
             if pid in self.members:
@@ -105,13 +128,17 @@ class Coordinator:
             conn.close()
             return
         self.members[pid] = _Member(conn, time.time())
+        metrics.FL_CLIENTS.set(len(self.members))
         self.member_event.set()
         self.print(f"fl: client {pid[-8:]} joined ({len(self.members)} connected)")
         try:
-            conn.write(wire.encode(wire.Welcome(self.run_id, len(self.members))))
+            welcome = wire.encode(wire.Welcome(self.run_id, len(self.members)))
+            conn.write(welcome)
+            metrics.FL_SENT.inc(len(welcome))
             await conn.drain()
             while True:
                 data = await conn.read_record()
+                metrics.FL_RECEIVED.inc(len(data))
                 try:
                     msg = wire.decode(data)
                 except WireError as e:
@@ -124,6 +151,7 @@ class Coordinator:
         finally:
             if self.members.get(pid) is not None and self.members[pid].conn is conn:
                 del self.members[pid]
+                metrics.FL_CLIENTS.set(len(self.members))
             self.inbox.put_nowait((pid, None))
             conn.close()
 
@@ -146,8 +174,10 @@ class Coordinator:
         if member is None:
             return False
         try:
-            member.conn.write(wire.encode(msg))
+            data = wire.encode(msg)
+            member.conn.write(data)
             await member.conn.drain()
+            metrics.FL_SENT.inc(len(data))
             return True
         except (ConnectionError, PeerError, OSError) as e:
             log.info("sending to %s failed: %s", pid, e)
@@ -166,6 +196,9 @@ class Coordinator:
             record = self._record(result)
             with rounds_path.open("a") as f:
                 f.write(json.dumps(record) + "\n")
+            self.last = record
+            metrics.round_done(record)
+            await self.announce(r, record["manifest_cid"])
             eps = f", eps {record['epsilon']:.3f}" if "epsilon" in record else ""
             if "sample_dp" in record:
                 eps += f", sample eps {record['sample_dp']['epsilon']:.3f}"
@@ -186,6 +219,7 @@ class Coordinator:
                 result.extra["failed_attempts"] = failures
                 return result
             except RoundFailed as e:
+                metrics.FL_ROUND_FAILURES.inc()
                 failures.append(str(e))
                 self.print(f"fl: round {r + 1} attempt {attempt + 1} failed: {e}; retrying")
         raise RoundFailed(f"round {r + 1} failed {self.cfg.max_attempts} times; giving up")
@@ -357,9 +391,35 @@ class Coordinator:
             self._save(Path(tmp))
             cid = str(await asyncio.to_thread(publish_model, self.store, tmp, name=f"{self.run_id}-round{r}"))
         await self.node.announce_all()
-        await self.peer.store(keys.fl_run_key(self.run_id), RunRecord(r, cid, self.cfg.secure),
-                              ttl_s=ANNOUNCE_TTL_S, subkey=keys.peer_subkey(self.peer.peer_id))
+        await self.announce(r, cid)
         return cid
+
+    def run_record(self, r: int, cid: str) -> RunRecord:
+        """What the DHT says of the run now: round `r`'s model, the last completed round's outcome."""
+        last = self.last or {}
+        finite = lambda x: isinstance(x, float) and math.isfinite(x)          # noqa: E731
+        has_loss = finite(last.get("train_loss")) and finite(last.get("val_loss"))
+        eps = last.get("epsilon")
+        sample_eps = (last.get("sample_dp") or {}).get("epsilon")
+        return RunRecord(r, cid, self.cfg.secure, rounds=self.cfg.rounds, done=self.rounds_done,
+                         clients=last.get("clients", 0), dropped=last.get("dropped", 0),
+                         train_loss=last["train_loss"] if has_loss else 0.0,
+                         val_loss=last["val_loss"] if has_loss else 0.0, has_loss=has_loss,
+                         epsilon=float(eps) if eps is not None and math.isfinite(eps) else -1.0,
+                         delta=float(last.get("delta", 0.0)),
+                         sample_epsilon=float(sample_eps) if sample_eps is not None and math.isfinite(sample_eps)
+                         else -1.0)
+
+    async def announce(self, r: int, cid: str) -> None:
+        """The run's record under its key, and its entry in the swarm's directory (for the dashboard)."""
+        from swarmlm.p2p.directory import publish_entry
+
+        await self.peer.store(keys.fl_run_key(self.run_id), self.run_record(r, cid),
+                              ttl_s=ANNOUNCE_TTL_S, subkey=keys.peer_subkey(self.peer.peer_id))
+        try:
+            await publish_entry(self.peer, RUNS_SERVICE, self.run_id, ttl_s=ANNOUNCE_TTL_S, size=self.cfg.rounds)
+        except ValueError as e:                 # a run ID the directory cannot name: the run goes on unlisted
+            log.info("not listing run %r in the directory: %s", self.run_id, e)
 
 
 def check_plain_update(data: bytes, length: int, clip: float) -> np.ndarray:

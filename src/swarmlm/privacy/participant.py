@@ -30,7 +30,7 @@ import numpy as np
 from swarmlm.errors import PeerError, RemoteError, SwarmlmError, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import keys
-from swarmlm.privacy import dp, federated, wire
+from swarmlm.privacy import dp, federated, metrics, wire
 from swarmlm.privacy.coordinator import RunRecord
 from swarmlm.privacy.secagg.client import SecAggClient
 
@@ -94,7 +94,7 @@ class Participant:
         conn = await side.open(coordinator, wire.PURPOSE, timeout_s=30.0, max_record_bytes=wire.MAX_RECORD_BYTES)
         try:
             await self._send(conn, wire.Join(self.run_id))
-            welcome = wire.decode(await conn.read_record())
+            welcome = wire.decode(await self._read(conn))
             if isinstance(welcome, wire.Error):
                 raise RemoteError(f"the coordinator refused to let this client join: {welcome.message}")
             if not isinstance(welcome, wire.Welcome):
@@ -110,7 +110,7 @@ class Participant:
     async def _serve(self, conn: Any, coordinator: str) -> int:
         pending: object | None = None
         while True:
-            msg = pending if pending is not None else wire.decode(await conn.read_record())
+            msg = pending if pending is not None else wire.decode(await self._read(conn))
             pending = None
             if isinstance(msg, wire.End):
                 self.print(f"fl: run over after {self.rounds} rounds: {msg.reason}")
@@ -120,7 +120,11 @@ class Participant:
                 continue
             if not isinstance(msg, wire.RoundStart):
                 continue                                     # a stage message of an abandoned attempt
+            rounds, t0 = self.rounds, time.perf_counter()
             pending = await self._round(conn, coordinator, msg)
+            if self.rounds > rounds:
+                metrics.FL_CLIENT_ROUNDS.inc(self.rounds - rounds)
+                metrics.FL_CLIENT_ROUND_SECONDS.observe(time.perf_counter() - t0)
 
     async def _round(self, conn: Any, coordinator: str, start: wire.RoundStart) -> object | None:
         """Train and contribute to one round; returns a message that arrived for a later round, if any."""
@@ -150,10 +154,10 @@ class Participant:
                              training: asyncio.Future, work: list[asyncio.Future]) -> object | None:
         expanding: asyncio.Future | None = None
         for stage in ("share_keys", "collect_masked", "unmask"):
-            msg = wire.decode(await conn.read_record())
+            msg = wire.decode(await self._read(conn))
             while isinstance(msg, wire.Error):
                 log.warning("the coordinator says: %s", msg.message)
-                msg = wire.decode(await conn.read_record())
+                msg = wire.decode(await self._read(conn))
             if not isinstance(msg, wire.SecAgg) or (msg.round, msg.attempt) != (start.round, start.attempt):
                 return msg                                   # the coordinator moved on without us
             try:
@@ -198,6 +202,7 @@ class Participant:
         if size != start.length:
             raise WireError(f"the round aggregates {start.length} coordinates, this model has {size}")
         update, train_loss, val_loss = await asyncio.to_thread(self._train, model, start)
+        metrics.FL_CLIENT_LOSS.set(train_loss)
         rng = np.random.default_rng(self._secret_seed(start, "noise share"))
         vector = federated.prepare_update(update, start.coord_clip, dp_clip=start.dp_clip, dp_noise=start.dp_noise,
                                           min_clients=start.min_clients, rng=rng)
@@ -208,9 +213,15 @@ class Participant:
             report = dataclasses.replace(report, dp_sgd_rate=rate, dp_sgd_steps=self.dp_sgd_steps, dp_sgd_epsilon=eps)
         return vector, report
 
+    async def _read(self, conn: Any) -> bytes:
+        data = await conn.read_record()
+        metrics.FL_CLIENT_RECEIVED.inc(len(data))
+        return data
+
     async def _send(self, conn: Any, msg: object) -> None:
         data = wire.encode(msg)
         self.bytes_sent += len(data)
+        metrics.FL_CLIENT_SENT.inc(len(data))
         conn.write(data)
         await conn.drain()
 

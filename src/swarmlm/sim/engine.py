@@ -87,6 +87,7 @@ class Client:
     costs: list | None = None     # the chain's per-hop costs (Simulation._costs), for `costs_of`
     costs_of: list | None = None
     back: float = 0.0
+    recovering: dict | None = None  # a failover under way: its start and phases, closed when the step's token is out
 
 
 @dataclass
@@ -102,7 +103,8 @@ class TrainPeer:
 @dataclass
 class Results:
     ttft_s: list[float] = field(default_factory=list)
-    recovery_s: list[float] = field(default_factory=list)
+    recovery_s: list[float] = field(default_factory=list)       # noticing a lost server -> the step's token
+    recovery_phases: list[dict[str, float]] = field(default_factory=list)   # per failover: open, replay, relink, step
     generations: int = 0
     failed_generations: int = 0
     route_failures: int = 0
@@ -133,6 +135,8 @@ class Simulation:
         net, srv = scenario.network, scenario.servers
         self.servers = [Server(i, f"s{i:05d}", srv.block_tokens_per_s.sample(self.rng), net.rtt_s.sample(self.rng),
                                net.bandwidth_bytes_per_s.sample(self.rng)) for i in range(srv.count)]
+        for s in self.servers if srv.served_before else ():
+            s.opened = s.warm = True
         self.clients = [Client(i, net.rtt_s.sample(self.rng), net.bandwidth_bytes_per_s.sample(self.rng))
                         for i in range(scenario.clients.count)]
         tr = scenario.training
@@ -356,9 +360,9 @@ class Simulation:
             costs, prev_rtt, prev_bw = [], c.rtt, c.bw
             for i, hop in enumerate(c.chain):
                 s = hop.server
+                # (no cost here for the client's request to this hop, unlike `step`'s: a decoding step's requests to
+                # the later hops were sent ahead, while the one before computed: client/chained.py's `more`)
                 leg = self.latency(prev_rtt, prev_bw, s.rtt, s.bw, n_bytes)
-                if shared and i:                  # see `step`: the client's request to this hop, handled too
-                    leg += (c.rtt + s.rtt) / 4
                 costs.append((s, hop.epoch, leg, overhead + (hop.end - hop.start) / s.speed))
                 prev_rtt, prev_bw = s.rtt, s.bw
             c.back = self.latency(prev_rtt, prev_bw, c.rtt, c.bw, n_bytes) + self.sc.clients.token_overhead_s
@@ -381,6 +385,12 @@ class Simulation:
         self.at(t + c.back, self.token_done, c, False)
 
     def token_done(self, c: Client, prefill: bool) -> None:
+        if c.recovering is not None:                  # the failed-over step is done: as the real check times it
+            phases = c.recovering
+            c.recovering = None
+            phases["step"] = self.now - phases.pop("relinked_at")
+            self.out.recovery_s.append(self.now - phases.pop("failed_at"))
+            self.out.recovery_phases.append(phases)
         if prefill:
             c.first_token_at = self.now
             self.out.ttft_s.append(self.now - c.requested_at)
@@ -412,31 +422,40 @@ class Simulation:
             else:
                 self.at(self.now + RETRY_ROUTE_S, self.recover, c, i, n_tokens, prefill, failed_at, first_try)
             return
+        # opening: the replacement's session (its open RPC, its steps channel); where a server follows, it is
+        # first told to take pushes from the replacement (a control RPC: `_expect_pusher`)
         t = self.now + self.open_cost(c, new)
+        if i + 1 < len(c.chain):
+            t += (c.chain[i + 1].server.rtt + c.rtt) / 2 + cl.control_rtt_s
+        opened_at = t
         # the steps the lost hop had run so far: the prompt, then one token each (none during the prompt's own step)
         history = [] if prefill else [model.prompt_tokens] + [1] * (c.generated - 1)
         groups = replay_groups([n * model.hidden_bytes for n in history], cl.max_replay_bytes)   # swarm/client/hops.py
         speedup = self.sc.servers.prefill_speedup
         for hop in new:
             s = hop.server
+            # a replay runs each recorded step as its own chunk (`StepRequest.chunks`): a one-token step costs a
+            # decoding step's compute, the prompt a prefill's, times what a replayed step costs over one (measured:
+            # the chunks' own work); more on a server that has not computed yet (lengths it never ran)
+            factor = self.sc.servers.replay_factor
+            if not s.warm and self.sc.servers.cold_replay_factor > 0:
+                factor = self.sc.servers.cold_replay_factor
+                s.warm = True                     # its first-computation cost is in the factor
             for group in groups:
-                # a replay runs each recorded step as its own chunk (`StepRequest.chunks`), so a one-token
-                # step costs a decoding step's compute, the prompt a prefill's
                 n = sum(history[j] for j in group)
                 compute = sum(history[j] / (speedup if history[j] > 1 else 1.0) for j in group)
                 arrive = t + self.latency(c.rtt, c.bw, s.rtt, s.bw, n * model.hidden_bytes)
                 begin = max(arrive, s.free_at) + self._warm_up(s)
-                s.free_at = begin + self.sc.network.step_overhead_s + compute * (hop.end - hop.start) / s.speed
+                s.free_at = begin + self.sc.network.step_overhead_s + factor * compute * (hop.end - hop.start) / s.speed
                 t = s.free_at + self.latency(s.rtt, s.bw, c.rtt, c.bw, n * model.hidden_bytes)
-        # re-linking: the server after it expects pushes from the replacement, the one before it pushes into
-        # it (a control RPC each; the one before also dials the replacement: about what opening a session costs)
-        control, opening = self.sc.clients.control_rtt_s, self.sc.clients.open_s
-        if i + 1 < len(c.chain):
-            t += (c.chain[i + 1].server.rtt + c.rtt) / 2 + control
+        replayed_at = t
+        # re-linking: the server before it is told to push into the replacement (a control RPC, in whose handler
+        # that server dials the replacement's side channel: about what opening a session costs)
         if i > 0:
-            t += (c.chain[i - 1].server.rtt + c.rtt) / 2 + (opening if opening > 0 else control)
+            t += (c.chain[i - 1].server.rtt + c.rtt) / 2 + (cl.open_s if cl.open_s > 0 else cl.control_rtt_s)
         c.chain = c.chain[:i] + new + c.chain[i + 1:]
-        self.out.recovery_s.append(t - failed_at)
+        c.recovering = {"failed_at": failed_at, "open": opened_at - failed_at, "replay": replayed_at - opened_at,
+                        "relink": t - replayed_at, "relinked_at": t}
         self.step(c, t, i, n_tokens, prefill=prefill)
 
     # ---- training ---------------------------------------------------------------------------------

@@ -11,6 +11,8 @@ from typing import Any, Sequence
 
 from swarmlm.sim.engine import MAX_TIMELINE, Results, Simulation
 
+MAX_PHASES = 20             # failovers whose phases a report lists (open, replay, relink, step: seconds)
+
 
 def quantiles(xs: Sequence[float]) -> dict[str, float | None]:
     if not xs:
@@ -44,6 +46,7 @@ def summarize(sim: Simulation, out: Results, wall_s: float) -> dict[str, Any]:
         "generations": out.generations, "failed_generations": out.failed_generations,
         "route_failures": out.route_failures,
         "recoveries": len(out.recovery_s), "recovery_s": quantiles(out.recovery_s),
+        "recovery_phases": out.recovery_phases[:MAX_PHASES],
         "servers_joined": out.joins, "servers_left": out.leaves, "moves": out.moves,
         "coverage": {
             "final": covered[-1] if covered else 0.0,

@@ -106,7 +106,12 @@ class ServerSpec:
     prefill_speedup: float = 1.0       # prompt tokens/s over decode tokens/s (batched matmuls)
     load_s_per_block: float = 1.0      # joining or moving: seconds to load one block
     cold_open_s: float = 0.0           # the first session opened on a server (its first channel); 0: as open_s
+    served_before: bool = False        # every server has opened sessions and computed before the start: none
+                                       # pays cold_open_s, warmup_s or cold_replay_factor
     warmup_s: float = 0.0              # extra seconds of a server's first computation (kernels, allocations)
+    replay_factor: float = 1.0         # a replayed step's compute over a decoding step's (per token, prefill counted
+                                       # as the prompt's): a replay runs each recorded step as its own chunk
+    cold_replay_factor: float = 0.0    # the same into a server that has not computed yet (0: as replay_factor)
     join_over_s: float = 0.0           # servers join at uniform times in [0, join_over_s]
     rebalance_period_s: float = 0.0    # placement "choose": reconsider the span this often (0: never)
     churn: ChurnSpec = field(default_factory=ChurnSpec)

@@ -36,6 +36,9 @@ class ServerRecord:
     sessions: int                # inference sessions open now
     quantization: str = "none"   # weight quantization of the span (model/quant.py: "none", "int8", "int4-g32"...);
                                  # a client chains only servers of the quantization it asked for
+    version: str = ""            # the server's swarmlm version (shown by the dashboard)
+    tokens_served: int = 0       # token positions its inference steps have run since it started (a counter:
+                                 # the dashboard's served tokens/s is its rise between two looks)
 
     def check(self) -> None:
         if not 0 <= self.start < self.end:
@@ -44,6 +47,8 @@ class ServerRecord:
             raise ValueError(f"unknown state {self.state!r}")
         if not 0 < len(self.quantization) <= 16:
             raise ValueError("quantization must be a short name")
+        if len(self.version) > 32 or self.tokens_served < 0:
+            raise ValueError("version must be short, tokens served not negative")
         if not (math.isfinite(self.block_tokens_per_s) and self.block_tokens_per_s >= 0
                 and self.free_cache_tokens >= 0 and self.sessions >= 0):
             raise ValueError("throughput, free cache and sessions must be finite and not negative")

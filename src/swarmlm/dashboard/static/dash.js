@@ -51,19 +51,24 @@ RENDERERS.models = function (snap) {
       el("td", {}, el("div", {class: "span-bar"}, el("div", {style:
         `left:${100 * s.blocks[0] / m.n_layers}%;width:${100 * (s.blocks[1] - s.blocks[0]) / m.n_layers}%`}))),
       el("td", {class: "state"}, s.state + (s.stale ? ` (silent ${num(s.refreshed_s_ago, 0)} s)` : "")),
-      el("td", {}, num(s.throughput, 0)), el("td", {}, s.sessions), el("td", {}, s.free_cache_tokens),
-      el("td", {}, s.dtype)));
+      el("td", {}, num(s.throughput, 0)), el("td", {class: "served"}, num(s.served_tokens_per_s, 1)),
+      el("td", {}, s.sessions), el("td", {}, s.free_cache_tokens),
+      el("td", {class: "quant"}, s.quantization || "none"), el("td", {}, s.dtype),
+      el("td", {class: "version"}, s.version || "–")));
     return el("div", {class: "model", "data-model": m.model},
       el("p", {}, el("b", {}, "model "), el("code", {}, m.model), ` · ${m.n_layers} blocks · `,
-         `pipeline ${num(m.throughput, 0)} tokens/s · ${m.sessions} session(s) · `, holeText),
+         `pipeline ${num(m.throughput, 0)} tokens/s · serving ${num(m.served_tokens_per_s, 1)} tokens/s · `,
+         `${m.sessions} session(s) · `, holeText),
       el("div", {class: "blocks"}, cells),
-      table(["server", "blocks", "span", "state", "tokens/s per block", "sessions", "free cache", "dtype"], rows));
+      table(["server", "blocks", "span", "state", "tokens/s per block", "served tokens/s", "sessions", "free cache",
+             "quantization", "dtype", "version"], rows));
   });
   return section("models", "Models and servers", parts);
 };
 
 // ---- runs: peers, global step, a loss plot -------------------------------------------------------
-function lossPlot(run) {
+function lossPlot(run, xname) {
+  xname = xname || "step";
   const W = 420, H = 160, P = 30;
   const pts = run.history || [];
   const svg = el("svg", {class: "loss-plot", width: W, height: H, viewBox: `0 0 ${W} ${H}`,
@@ -78,8 +83,8 @@ function lossPlot(run) {
   if (pts.length <= 200) pts.forEach(p => svg.appendChild(el("circle", {cx: sx(p[0]), cy: sy(p[1]), r: 2})));
   svg.appendChild(el("text", {x: 2, y: P}, num(y1, 2)));
   svg.appendChild(el("text", {x: 2, y: H - P}, num(y0, 2)));
-  svg.appendChild(el("text", {x: P, y: H - 8}, `step ${x0}`));
-  svg.appendChild(el("text", {x: W - P - 40, y: H - 8}, `step ${x1}`));
+  svg.appendChild(el("text", {x: P, y: H - 8}, `${xname} ${x0}`));
+  svg.appendChild(el("text", {x: W - P - 40, y: H - 8}, `${xname} ${x1}`));
   return svg;
 }
 
@@ -106,6 +111,52 @@ RENDERERS.store = function (snap) {
       el("td", {class: r.target && r.replicas < r.target ? "holes" : ""}, r.replicas), el("td", {}, r.target),
       el("td", {}, r.holders.map(short).join(", "))))),
     el("p", {class: "muted"}, `${store.peers.length} storage peer(s)`));
+};
+
+// ---- federated runs: round, clients, loss plot, ε under DP ----------------------------------------
+RENDERERS.fl_runs = function (snap) {
+  const runs = snap.fl_runs || [];
+  if (!runs.length) return section("fl_runs", "Federated runs", el("p", {class: "muted"}, "no federated run in the swarm"));
+  return section("fl_runs", "Federated runs", runs.map(run => el("div", {class: "fl-run", "data-run-id": run.run_id,
+                                                                       "data-done": run.done},
+    el("p", {}, el("b", {}, "federated run "), el("code", {}, run.run_id),
+       ` · coordinator `, el("code", {title: run.coordinator}, short(run.coordinator)),
+       ` · round ${run.done}/${run.rounds} · ${run.clients} client(s), ${run.dropped} dropped`,
+       ` · train loss ${num(run.train_loss, 3)} · val loss ${num(run.val_loss, 3)}`,
+       run.secure ? " · secure aggregation" : "",
+       el("span", {class: "dp", "data-epsilon": run.dp ? run.epsilon : ""},
+          run.dp ? ` · DP ε ${num(run.epsilon, 2)} (δ ${run.delta})` : " · no client-level DP"),
+       run.sample_epsilon !== null && run.sample_epsilon !== undefined
+         ? ` · DP-SGD sample ε ${num(run.sample_epsilon, 2)}` : ""),
+    lossPlot(run, "round"))));
+};
+
+// ---- MPC: parties per model -----------------------------------------------------------------------
+RENDERERS.mpc = function (snap) {
+  const models = snap.mpc || [];
+  if (!models.length) return section("mpc", "Private inference (MPC)", el("p", {class: "muted"}, "no MPC party in the swarm"));
+  return section("mpc", "Private inference (MPC)",
+    table(["model", "parties", "max tokens", "sessions possible"], models.map(m => el("tr", {"data-model": m.model,
+                                                                                 "data-parties": m.parties.length},
+      el("td", {}, el("code", {}, short(m.model))),
+      el("td", {}, m.parties.map(p => short(p.peer_id)).join(", ")),
+      el("td", {}, Math.min(...m.parties.map(p => p.max_tokens))),
+      el("td", {class: m.ready ? "covered" : "holes"}, m.ready ? "yes" : `needs ${3 - m.parties.length} more`)))));
+};
+
+// ---- ledger: epoch, credit, quota ----------------------------------------------------------------
+RENDERERS.ledger = function (snap) {
+  const l = snap.ledger;
+  if (!l) return section("ledger", "Ledger", el("p", {class: "muted"}, "reading the ledger…"));
+  return section("ledger", "Ledger",
+    el("p", {"data-epoch": l.epoch}, el("b", {}, "ledger "), el("code", {}, l.address),
+       ` · epoch ${l.epoch} (renews in ${l.renews_in_s} s of ${l.epoch_seconds}) · ${l.servers} server(s)`,
+       ` · ${l.free_tokens} free tokens an epoch`),
+    table(["account", "peer", "server", "credit", "credit last epoch", "quota", "quota left", "deposit", "slot"],
+      l.accounts.map(a => el("tr", {"data-account": a.account},
+        el("td", {}, el("code", {}, short(a.account))), el("td", {title: a.peer_id || ""}, a.peer_id ? short(a.peer_id) : "–"),
+        el("td", {}, a.server ? "yes" : ""), el("td", {}, a.credit), el("td", {}, a.credit_last_epoch),
+        el("td", {}, a.quota), el("td", {}, a.quota_left), el("td", {}, a.deposit), el("td", {}, a.slot ? "yes" : "")))));
 };
 
 function generic(name, snap) {

@@ -25,6 +25,7 @@ import contextlib
 import os
 import queue
 import signal
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +34,8 @@ import torch
 from swarmlm.errors import PeerError, PeerTimeout, SwarmlmError, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import keys
+from swarmlm.p2p.directory import publish_entry
+from swarmlm.privacy import metrics
 from swarmlm.privacy.mpc import wire
 from swarmlm.privacy.mpc.model import KVShares, PublicWeights, forward
 from swarmlm.privacy.mpc.runtime import Comm, Party
@@ -112,8 +115,11 @@ class PartyServer:
         return wire.MpcPartyRecord(self.model_id, self.opt.max_tokens)
 
     async def announce(self) -> bool:
-        return await self.peer.store(keys.mpc_parties_key(self.model_id), self.record(), ttl_s=self.opt.announce_ttl_s,
-                                     subkey=keys.peer_subkey(self.peer.peer_id))
+        """Its record under the model's parties key, and the model in the swarm's directory (for the dashboard)."""
+        stored = await self.peer.store(keys.mpc_parties_key(self.model_id), self.record(),
+                                       ttl_s=self.opt.announce_ttl_s, subkey=keys.peer_subkey(self.peer.peer_id))
+        await publish_entry(self.peer, wire.PARTIES_SERVICE, self.model_id, ttl_s=self.opt.announce_ttl_s)
+        return stored
 
     # ---- connections ---------------------------------------------------------------------------
 
@@ -169,11 +175,14 @@ class PartyServer:
             self._check_hello(conn, hello)
             session = Session(hello)
             self.sessions[hello.session] = session
+            metrics.MPC_SESSIONS.inc()
+            metrics.MPC_SESSIONS_OPEN.set(len(self.sessions))
             await self._link(session)
             conn.write(wire.pack(wire.READY, wire.Ready(hello.index)))
             await self._serve_steps(conn, session)
         except Exception as e:                                          # the session ends, the party serves on
             text = str(e) or type(e).__name__
+            metrics.MPC_SESSION_FAILURES.inc()
             if isinstance(e, (SwarmlmError, asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError)):
                 logger.info("session %s ends: %s", hello.session.hex()[:8], text)
             else:
@@ -184,6 +193,7 @@ class PartyServer:
         finally:
             if session is not None:
                 self.sessions.pop(hello.session, None)
+                metrics.MPC_SESSIONS_OPEN.set(len(self.sessions))
                 self._waiting_links.pop(hello.session, None)
                 session.done.set()
                 for link in session.links.values():
@@ -234,8 +244,13 @@ class PartyServer:
                 shares = _read_shares(payload, head.n_tokens, V)
                 comm.start_step(step)
                 logger.info("session %s step %d: %d tokens", h.session.hex()[:8], step, head.n_tokens)
-                rounds0, bytes0 = party.rounds, party.bytes_sent
+                rounds0, bytes0, t0 = party.rounds, party.bytes_sent, time.perf_counter()
                 logits = await asyncio.to_thread(party.run, forward(party, self.weights, shares, cache))
+                metrics.MPC_STEPS.inc()
+                metrics.MPC_TOKENS.inc(head.n_tokens)
+                metrics.MPC_ROUNDS.inc(party.rounds - rounds0)
+                metrics.MPC_SENT.inc(party.bytes_sent - bytes0)
+                metrics.MPC_STEP_SECONDS.observe(time.perf_counter() - t0)
                 conn.write(wire.pack(wire.RESULT, wire.StepResult(step, party.rounds - rounds0,
                                                                   party.bytes_sent - bytes0)))
                 conn.write(logits.a.contiguous().numpy().tobytes())
@@ -250,7 +265,9 @@ class PartyServer:
         """Hand a link's records to the worker thread; an ended link becomes an error it will raise."""
         try:
             while True:
-                box.put(await conn.read_record())
+                record = await conn.read_record()
+                metrics.MPC_RECEIVED.inc(len(record))
+                box.put(record)
         except asyncio.CancelledError:
             raise
         except Exception as e:

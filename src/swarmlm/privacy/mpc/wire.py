@@ -31,6 +31,7 @@ SEED_BYTES = 32
 DATA_HEADER = struct.Struct("<II")          # step, sequence number on this link
 MAX_RECORD_BYTES = 64 << 20                 # the largest record a party reads (share messages included)
 MAX_ERROR_CHARS = 500
+PARTIES_SERVICE = "mpc.parties"            # the directory (p2p/directory.py) where parties list their model
 
 
 @record_type("privacy.mpc_party")

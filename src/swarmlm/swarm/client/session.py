@@ -98,6 +98,7 @@ class InferenceSession:
         self.banned: set[str] = set()
         self.state = S.OPENING
         self.history: list[SessionState] = [S.OPENING]    # every state entered (a step is none)
+        self.entered_at: list[float] = [time.perf_counter()]  # when each was entered: a failover's phases
         self.step_log: list[StepRecord] = []              # how each step went
         self.recoveries = 0               # failovers so far
         self.last_failure: str | None = None
@@ -141,6 +142,7 @@ class InferenceSession:
         check_transition(self.state, state)
         if state is not self.state:
             self.history.append(state)
+            self.entered_at.append(time.perf_counter())
         self.state = state
 
     def _steps_state(self) -> SessionState:

@@ -25,7 +25,7 @@ from typing import Any, Awaitable, Callable
 
 import torch
 
-from swarmlm import serialize
+from swarmlm import __version__, serialize
 from swarmlm.errors import AccessRefused, CapacityError, PeerError, WireError
 from swarmlm.log import get_logger
 from swarmlm.model.cache import KVCache
@@ -93,6 +93,7 @@ class BlockHost:
         self.model_id = model_id
         self.admit = admit                    # admission policy (cli.py hands the ledger's); None: admit everyone
         self.budget = Budget(limits or BudgetLimits())
+        self.tokens_served = 0            # token positions run by inference steps (announced: a counter)
         self.state = "joining"
         self.clock = clock
         self.on_change: Callable[[], None] = lambda: None   # the announcer's poke
@@ -172,7 +173,8 @@ class BlockHost:
         return ServerRecord(model=self.model_id, start=self.start, end=self.end, state=self.state,
                                  dtype=serialize.dtype_name(self.dtype), block_tokens_per_s=self.block_tokens_per_s,
                                  free_cache_tokens=self.budget.free_tokens, sessions=self.budget.n_sessions,
-                                 quantization=quantization_of(self.model))
+                                 quantization=quantization_of(self.model), version=__version__,
+                                 tokens_served=self.tokens_served)
 
     def sweep(self) -> int:
         """Close sessions idle past the timeout; returns how many."""
@@ -384,6 +386,7 @@ class BlockHost:
 
             out = compute() if B * T <= INLINE_STEP_TOKENS else await self._run(compute)
         metrics.count_step(B * T)
+        self.tokens_served += B * T
         pushed = req.push and session.next is not None and session.next.push(req.position, out)  # written now
         return wire.StepReply(hidden=out, pushed=pushed)
 
