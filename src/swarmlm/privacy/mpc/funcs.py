@@ -37,7 +37,7 @@ from numpy.polynomial import chebyshev as cheb
 from swarmlm.privacy.mpc import compare
 from swarmlm.privacy.mpc.ops import mul, mul_trunc, square, trunc, trunc_sum
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
-from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel
+from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel, tagged
 from swarmlm.privacy.mpc.shares import AShare
 
 F = FRAC_BITS
@@ -282,10 +282,11 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     # or 4 (a prompt: T times the keys, so fewer bytes matter more)
     group = S if T == 1 and S <= MAX_ALL_PAIRS else (8 if T == 1 else 4)
     if group == S:                       # one level: [x >= max - 16] comes from the same comparisons
-        top, keep = yield from compare.maximum(p, masked, int(encode(fill)), group, margin=int(encode(EXP_CLAMP)))
+        top, keep = yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group,
+                                                                           margin=int(encode(EXP_CLAMP))))
     else:
-        top, keep = (yield from compare.maximum(p, masked, int(encode(fill)), group)), None
-    e = yield from exp_neg(p, masked - top, keep)
+        top, keep = (yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group))), None
+    e = yield from tagged(p, "softmax.exp", exp_neg(p, masked - top, keep))
     e = e.scale(allowed)
     total = e.map(lambda t: t.sum(-1))
     inv, ev = yield from parallel(

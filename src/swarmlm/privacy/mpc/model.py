@@ -29,7 +29,7 @@ from swarmlm.model.transformer import Transformer
 from swarmlm.privacy.mpc import funcs
 from swarmlm.privacy.mpc.ops import linear, mul_trunc, trunc
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
-from swarmlm.privacy.mpc.runtime import Party, Protocol
+from swarmlm.privacy.mpc.runtime import Party, Protocol, tagged
 from swarmlm.privacy.mpc.shares import AShare, cat
 
 F = FRAC_BITS
@@ -183,8 +183,8 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     B, T, _ = h.shape
     Dh, H, Hkv = cfg.dh, cfg.n_heads, cfg.n_kv_heads
     bw = w.blocks[i]
-    qkv = yield from _normed(p, w, h, bw.eps, lambda x: _project_qkv(p, w, i, x, positions),
-                             _qkv_bias(w, i, positions))
+    qkv = yield from tagged(p, "norm+qkv", _normed(p, w, h, bw.eps, lambda x: _project_qkv(p, w, i, x, positions),
+                                                     _qkv_bias(w, i, positions)))
     q = qkv.map(lambda t: t[..., :H * Dh].reshape(B, T, H, Dh).transpose(1, 2))                   # (B, H, T, Dh)
     k = qkv.map(lambda t: t[..., H * Dh:(H + Hkv) * Dh].reshape(B, T, Hkv, Dh).transpose(1, 2))  # (B, Hkv, T, Dh)
     v = qkv.map(lambda t: t[..., (H + Hkv) * Dh:].reshape(B, T, Hkv, Dh).transpose(1, 2))       # (B, Hkv, T, Dh)
@@ -195,21 +195,21 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     k = k.map(lambda t: t.repeat_interleave(rep, 1))                                                # (B, H, S, Dh)
     v = v.map(lambda t: t.repeat_interleave(rep, 1))
     S = k.shape[2]
-    scores = yield from mul_trunc(p, q, k, lambda a, b: a @ b.transpose(-1, -2))                   # (B, H, T, S)
+    scores = yield from tagged(p, "qk", mul_trunc(p, q, k, lambda a, b: a @ b.transpose(-1, -2)))                 # (B, H, T, S)
     past = S - T
     allowed = torch.arange(S)[None, :] <= (past + torch.arange(T))[:, None]                        # (T, S)
-    att = yield from funcs.softmax_av(p, scores, allowed, v)                                        # (B, H, T, Dh)
+    att = yield from tagged(p, "softmax_av", funcs.softmax_av(p, scores, allowed, v))                                      # (B, H, T, Dh)
     att = att.map(lambda t: t.transpose(1, 2).reshape(B, T, H * Dh))
-    h = h + (yield from linear(p, att, *w.enc(f"o{i}", bw.o)))
+    h = h + (yield from tagged(p, "o", linear(p, att, *w.enc(f"o{i}", bw.o))))
     up_w, up_b = w.enc(f"up-f{i}", bw.up, _plain)
-    up = yield from _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w), up_b)
+    up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w), up_b))
     if cfg.family == "gpt2":
-        act = yield from funcs.gelu(p, up)
+        act = yield from tagged(p, "gelu", funcs.gelu(p, up))
     else:
         Fd = up.shape[-1] // 2
-        gate = yield from funcs.silu(p, up.map(lambda t: t[..., :Fd]))
-        act = yield from mul_trunc(p, gate, up.map(lambda t: t[..., Fd:]))
-    return h + (yield from linear(p, act, *w.enc(f"down{i}", bw.down)))
+        gate = yield from tagged(p, "silu", funcs.silu(p, up.map(lambda t: t[..., :Fd])))
+        act = yield from tagged(p, "gate*up", mul_trunc(p, gate, up.map(lambda t: t[..., Fd:])))
+    return h + (yield from tagged(p, "down", linear(p, act, *w.enc(f"down{i}", bw.down))))
 
 
 def forward(p: Party, w: PublicWeights, onehot: AShare, cache: KVShares) -> Protocol:
