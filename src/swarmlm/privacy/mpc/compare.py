@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import torch
 
-from swarmlm.privacy.mpc.ops import band, mul
+from swarmlm.privacy.mpc.ops import band_bits, mul
 from swarmlm.privacy.mpc.runtime import Party, Protocol, Round
 from swarmlm.privacy.mpc.shares import AShare, BShare
 
@@ -29,36 +29,69 @@ def _mask(width: int) -> int:
     return -1 if width >= 64 else (1 << width) - 1
 
 
-def _component(p: Party, x: AShare, j: int, width: int) -> BShare:
-    """Component x_j of x (mod 2^width) as a boolean-shared number (nonzero only in component j)."""
-    m = _mask(width)
-    zero = torch.zeros_like(x.a)
-    return BShare(x.a & m if j == p.index else zero, x.b & m if j == p.next else zero)
+def _bits(t: torch.Tensor, width: int) -> torch.Tensor:
+    """The low `width` bits of int64 words as a bool tensor (..., width), least significant first."""
+    return ((t.unsqueeze(-1) >> torch.arange(width)) & 1).bool()
+
+
+def _share_gp(p: Party, x: AShare, width: int) -> Protocol:
+    """XOR shares of the generate and propagate bits (..., width) of S + X (mod 2^width), where
+    S = x_0 + x_1 is known to party 0 and X = x_2 to parties 1 and 2. One round.
+
+    A bit v = f(S, X) is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with
+    parties 1 and 2, and v_2 = v ^ v_0 ^ v_1 reaches parties 1 and 2 by a three-party oblivious
+    transfer: party 0 sends both candidates (for X = 0, 1) under pads it shares with the other
+    receiver, who knows X too and sends the pad of the right one. What each receives is
+    uniform: the other candidate stays under its pad, and v_2 under the component it lacks."""
+    shape = tuple(x.shape) + (2, width)                        # [generate, propagate] per bit
+    spec = (shape, torch.bool)
+    if p.index == 0:
+        S = _bits(x.a + x.b, width).unsqueeze(-2)
+        cand = [torch.cat([torch.zeros_like(S), S], -2), torch.cat([S, ~S], -2)]   # f(S, 0), f(S, 1)
+        g1, g2 = p.prg(1, "gp"), p.prg(2, "gp")
+        v1, pw = g1.bits(shape), (g1.bits(shape), g1.bits(shape))            # pads for party 2's transfer
+        v0, pv = g2.bits(shape), (g2.bits(shape), g2.bits(shape))            # pads for party 1's transfer
+        yield Round(send={1: [cand[0] ^ v0 ^ v1 ^ pv[0], cand[1] ^ v0 ^ v1 ^ pv[1]],
+                          2: [cand[0] ^ v0 ^ v1 ^ pw[0], cand[1] ^ v0 ^ v1 ^ pw[1]]})
+        return BShare(v0, v1)
+    me, other = p.index, 3 - p.index
+    X = _bits(x.b if me == 1 else x.a, width).unsqueeze(-2).expand(shape)
+    g0 = p.prg(0, "gp")
+    mine = g0.bits(shape)                                      # v_1 (party 1) or v_0 (party 2)
+    pads = g0.bits(shape), g0.bits(shape)                      # the pads of the other's transfer
+    got = yield Round(send={other: [torch.where(X, pads[1], pads[0])]}, recv={0: [spec, spec], other: [spec]})
+    v2 = torch.where(X, got[0][1], got[0][0]) ^ got[other][0]
+    return BShare(mine, v2) if me == 1 else BShare(v2, mine)
 
 
 def msb(p: Party, x: AShare, width: int = WIDTH) -> Protocol:
-    """Bit width-1 of x mod 2^width, XOR-shared in bit 0 of int64 words (x's shape)."""
-    m = _mask(width)
-    A, B, C = (_component(p, x, j, width) for j in range(3))
-    maj = (yield from band(p, A ^ C, B ^ C, width)) ^ C                 # carries of A + B + C
-    s = A ^ B ^ C
-    cy = maj.map(lambda t: (t << 1) & m)
-    G = yield from band(p, s, cy, width)
-    P = s ^ cy
-    k = 1
-    while k < width - 1:                                                 # prefix over bits 0..width-2
-        last = 2 * k >= width - 1
-        if last:
-            t = yield from band(p, P, G.map(lambda u: (u << k) & m), width)
-        else:
-            both = yield from band(p, BShare(torch.stack([P.a, P.a]), torch.stack([P.b, P.b])),
-                                   BShare(torch.stack([(G.a << k) & m, (P.a << k) & m]),
-                                          torch.stack([(G.b << k) & m, (P.b << k) & m])), width)
-            t, P = both.map(lambda u: u[0]), both.map(lambda u: u[1])
-        G = G ^ t
-        k *= 2
-    top = (s ^ cy).map(lambda u: (u >> (width - 1)) & 1)
-    return top ^ G.map(lambda u: (u >> (width - 2)) & 1)
+    """Bit width-1 of x mod 2^width, XOR-shared in bit 0 of int64 words (x's shape).
+
+    x = S + X with S = x_0 + x_1 (party 0) and X = x_2 (parties 1 and 2): their generate and
+    propagate bits are shared in one round (_share_gp), then the carry into bit width-1 comes
+    from a tree over bits 0..width-2 (pairs of blocks combined per round, the block count
+    halving: ceil(log2(width-1)) rounds), so the bits sent shrink as they go."""
+    gp = yield from _share_gp(p, x, width)
+    top = gp.map(lambda t: t[..., 1, width - 1])               # propagate bit width-1 = S ^ X there
+    G, P = gp.map(lambda t: t[..., 0, :width - 1]), gp.map(lambda t: t[..., 1, :width - 1])
+    while G.a.shape[-1] > 1:
+        n = G.a.shape[-1]
+        even = n - n % 2
+        lo = lambda t: t[..., 0:even:2]                        # noqa: E731
+        hi = lambda t: t[..., 1:even:2]                        # noqa: E731
+        Phi = P.map(hi)
+        both = yield from band_bits(p, BShare(torch.cat([Phi.a, Phi.a], -1), torch.cat([Phi.b, Phi.b], -1)),
+                                    BShare(torch.cat([G.map(lo).a, P.map(lo).a], -1),
+                                           torch.cat([G.map(lo).b, P.map(lo).b], -1)))
+        half = even // 2
+        newG = G.map(hi) ^ both.map(lambda t: t[..., :half])
+        newP = both.map(lambda t: t[..., half:])
+        if n % 2:                                               # the top block passes through
+            newG = BShare(torch.cat([newG.a, G.a[..., -1:]], -1), torch.cat([newG.b, G.b[..., -1:]], -1))
+            newP = BShare(torch.cat([newP.a, P.a[..., -1:]], -1), torch.cat([newP.b, P.b[..., -1:]], -1))
+        G, P = newG, newP
+    out = top ^ G.map(lambda t: t[..., 0])
+    return out.map(lambda t: t.to(torch.int64))
 
 
 def b2a(p: Party, bit: BShare) -> Protocol:
