@@ -34,9 +34,10 @@ def _bits(t: torch.Tensor, width: int) -> torch.Tensor:
     return ((t.unsqueeze(-1) >> torch.arange(width)) & 1).bool()
 
 
-def _share_gp(p: Party, x: AShare, width: int) -> Protocol:
+def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
     """XOR shares of the generate and propagate bits (..., width) of S + X (mod 2^width), where
-    S = x_0 + x_1 is known to party 0 and X = x_2 to parties 1 and 2. One round.
+    S = x_0 + x_1 is known to party 0 and X = x_2 to parties 1 and 2 (each shifted right by
+    `drop`, see msb). One round.
 
     A bit v = f(S, X) is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with
     parties 1 and 2, and v_2 = v ^ v_0 ^ v_1 reaches parties 1 and 2 by a three-party oblivious
@@ -46,7 +47,7 @@ def _share_gp(p: Party, x: AShare, width: int) -> Protocol:
     shape = tuple(x.shape) + (2, width)                        # [generate, propagate] per bit
     spec = (shape, torch.bool)
     if p.index == 0:
-        S = _bits(x.a + x.b, width).unsqueeze(-2)
+        S = _bits((x.a + x.b) >> drop, width).unsqueeze(-2)
         cand = [torch.cat([torch.zeros_like(S), S], -2), torch.cat([S, ~S], -2)]   # f(S, 0), f(S, 1)
         g1, g2 = p.prg(1, "gp"), p.prg(2, "gp")
         v1, pw = g1.bits(shape), (g1.bits(shape), g1.bits(shape))            # pads for party 2's transfer
@@ -55,7 +56,7 @@ def _share_gp(p: Party, x: AShare, width: int) -> Protocol:
                           2: [cand[0] ^ v0 ^ v1 ^ pw[0], cand[1] ^ v0 ^ v1 ^ pw[1]]})
         return BShare(v0, v1)
     me, other = p.index, 3 - p.index
-    X = _bits(x.b if me == 1 else x.a, width).unsqueeze(-2).expand(shape)
+    X = _bits((x.b if me == 1 else x.a) >> drop, width).unsqueeze(-2).expand(shape)
     g0 = p.prg(0, "gp")
     mine = g0.bits(shape)                                      # v_1 (party 1) or v_0 (party 2)
     pads = g0.bits(shape), g0.bits(shape)                      # the pads of the other's transfer
@@ -64,14 +65,19 @@ def _share_gp(p: Party, x: AShare, width: int) -> Protocol:
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
 
 
-def msb(p: Party, x: AShare, width: int = WIDTH) -> Protocol:
+def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
     """Bit width-1 of x mod 2^width, XOR-shared in bit 0 of int64 words (x's shape).
+
+    With `drop` = k, of (S >> k) + (X >> k) instead, which is floor(x / 2^k) or one less (the
+    carry out of the dropped bits is lost): the sign of x for |x| < 2^(width-1+k), except that
+    x in [0, 2^k) may read as negative. A comparison that needs only a coarse threshold
+    (a clamp, a max to within a fraction) runs on fewer bits, so in fewer rounds and bytes.
 
     x = S + X with S = x_0 + x_1 (party 0) and X = x_2 (parties 1 and 2): their generate and
     propagate bits are shared in one round (_share_gp), then the carry into bit width-1 comes
     from a tree over bits 0..width-2 (pairs of blocks combined per round, the block count
     halving: ceil(log2(width-1)) rounds), so the bits sent shrink as they go."""
-    gp = yield from _share_gp(p, x, width)
+    gp = yield from _share_gp(p, x, width, drop)
     top = gp.map(lambda t: t[..., 1, width - 1])               # propagate bit width-1 = S ^ X there
     G, P = gp.map(lambda t: t[..., 0, :width - 1]), gp.map(lambda t: t[..., 1, :width - 1])
     while G.a.shape[-1] > 1:
@@ -124,15 +130,31 @@ def b2a(p: Party, bit: BShare) -> Protocol:
     return AShare(first, c2) if me == 1 else AShare(c2, first)
 
 
-def ge0(p: Party, x: AShare, width: int = WIDTH) -> Protocol:
-    """[x >= 0] as an arithmetic 0/1 share, for |x| < 2^(width-1). Ten rounds (width 32)."""
-    neg = yield from b2a(p, (yield from msb(p, x, width)))
+def ge0(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
+    """[x >= 0] as an arithmetic 0/1 share, for |x| < 2^(width-1+drop); with `drop`, x in [0, 2^drop)
+    may read as negative (msb). 2 + ceil(log2(width-1)) rounds: 7 for width 32, 6 for 17."""
+    neg = yield from b2a(p, (yield from msb(p, x, width, drop)))
     return (-neg).add_public(p.index, 1)
 
 
 def select(p: Party, bit: AShare, x: AShare, y: AShare) -> Protocol:
     """bit ? x : y for an arithmetic 0/1 bit. One round."""
     return y + (yield from mul(p, bit, x - y))
+
+
+def coarse(p: Party, x: AShare, drop: int) -> AShare:
+    """x as msb reads it, each value rounded down by `drop` bits once: party 0 holds S >> drop
+    (S = x_0 + x_1), parties 1 and 2 hold x_2 >> drop (in the places msb reads), the rest zero.
+    Only for msb / ge0; differences between such values are exact (no carry lost between them),
+    a public constant goes to party 0's first component. Local."""
+    if drop == 0:
+        return x
+    zero = torch.zeros_like(x.a)
+    if p.index == 0:
+        return AShare((x.a + x.b) >> drop, zero)
+    if p.index == 1:
+        return AShare(zero, x.b >> drop)
+    return AShare(x.a >> drop, zero)
 
 
 def _products(p: Party, x: AShare) -> Protocol:
@@ -152,7 +174,7 @@ def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Ten
     return pairs, idx.view(g, max(g - 1, 0)), second.view(g, max(g - 1, 0))
 
 
-def _group_max(p: Party, groups: AShare, margin: int | None) -> Protocol:
+def _group_max(p: Party, groups: AShare, margin: int | None, width: int, drop: int) -> Protocol:
     """Max over the last dim of `groups` (..., g) by comparing all pairs at once; with `margin`
     (encoded), also [x_i >= max - margin] for each i, from the same comparison round."""
     g = groups.shape[-1]
@@ -165,9 +187,13 @@ def _group_max(p: Party, groups: AShare, margin: int | None) -> Protocol:
         lj += others.reshape(-1).tolist()
     li_t, lj_t = torch.tensor(li, dtype=torch.long), torch.tensor(lj, dtype=torch.long)
     offset = torch.zeros(len(li), dtype=torch.int64)
-    offset[len(pairs):] = margin or 0
-    diffs = groups.map(lambda t: t[..., li_t] - t[..., lj_t]).add_public(p.index, offset)   # (..., P [+ g(g-1)])
-    ge = yield from ge0(p, diffs)
+    offset[len(pairs):] = (margin or 0) >> drop
+    # with `drop`, every value is first rounded down once (coarse), so all pairs compare the same
+    # rounded values exactly and the wins stay a total order (one winner per group)
+    diffs = coarse(p, groups, drop).map(lambda t: t[..., li_t] - t[..., lj_t])   # (..., P [+ g(g-1)])
+    if p.index == 0:
+        diffs = AShare(diffs.a + offset, diffs.b)
+    ge = yield from ge0(p, diffs, width)
     # wins (..., g, g-1): [x_i >= x_j] where i < j, else [x_i > x_j] = 1 - [x_j >= x_i] (ties: lower index)
     wins = ge.map(lambda t: t[..., idx] * (1 - 2 * second)).add_public(p.index, second)
     rows = wins
@@ -180,8 +206,11 @@ def _group_max(p: Party, groups: AShare, margin: int | None) -> Protocol:
     return top, (prods.map(lambda t: t[..., g:]) if margin is not None else None)
 
 
-def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None = None) -> Protocol:
+def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None = None,
+            width: int = WIDTH, drop: int = 0) -> Protocol:
     """Max over the last dim (keepdim). `fill` (encoded, public) pads lengths; it must lose.
+    `width` and `drop` are the comparisons' (ge0): with `drop`, the max may be any value within
+    2^drop (encoded) of it, and `near` exact to within 2^drop.
 
     A tournament of groups: within each group of `group` values every pair is compared at once
     (one comparison depth), the winner's indicator is the product of its g-1 wins (ties go to
@@ -201,7 +230,7 @@ def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None =
                 p.index, _pad_last(x.shape, fill, extra))
         groups = x.map(lambda t: t.reshape(*t.shape[:-1], -1, g))                  # (..., n/g, g)
         whole = margin is not None and g == n
-        top, near = yield from _group_max(p, groups, margin if whole else None)
+        top, near = yield from _group_max(p, groups, margin if whole else None, width, drop)
         x = top
         if whole:
             near = near.map(lambda t: t.squeeze(-2))                                 # (..., n)

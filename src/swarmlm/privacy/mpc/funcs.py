@@ -44,8 +44,10 @@ F = FRAC_BITS
 NORM_EXTRA_BITS = 8          # the sum of squares keeps 8 more fractional bits (tiny variances)
 EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
 EXP_EXTRA_BITS = 3           # x/8 as the same integer with 3 more fractional bits
-EXP_DEGREE = 8               # Chebyshev degree of e^(x/4) on [-4, 0]: error 6e-6
+EXP_DEGREE = 12              # Chebyshev degree of e^(x/2) on [-8, 0]: error 3e-7
 STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
+COARSE = (17, 14)            # (width, drop) of softmax's comparisons: to 1/4, for |x| < 16384
+CLAMP = (16, 12)             # GELU / SiLU's clamps: to 1/16, for |x| < 2040 (relu beyond; larger values wrap)
 SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3: error < 7e-5 (1/v), 2e-5 (rsqrt)
 
 
@@ -111,13 +113,16 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     ks = list(range(STEPS * lo_exp, STEPS * hi_exp + 1))              # thresholds 2^(k/STEPS)
     thresholds = encode(torch.tensor([2.0 ** (k / STEPS) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
-    width = 32 if hi_exp + frac_in + 2 <= 32 else 64                    # |v - threshold| < 2^(width-1)
+    # the comparisons keep a relative precision of 2^-7 at the smallest threshold (dropping the
+    # bits below it) and cover v up to 2^(hi_exp+1)
+    drop = max(0, frac_in + lo_exp - 7)
+    width = min(64 - drop, hi_exp + frac_in - drop + 3)
     quads = list(range(lo_exp // 2, hi_exp // 2))                       # v / 4^i for each of these i
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
     view = (-1,) + (1,) * len(v.shape)
     up = torch.where(shifts < 0, 1 << (-shifts).clamp(min=0), torch.ones_like(shifts)).view(view)
     bits, scaled = yield from parallel(
-        compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), width),
+        compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), width, drop),
         trunc(p, _stack([v] * len(quads)).scale(up), shifts.clamp(min=0).view(view)))   # (Q, ...): v / 4^i, f bits
     # per threshold interval (below the first, then [2^(k/4), 2^((k+1)/4))): its 4^i, m's midpoint
     starts = [ks[0] - 1] + ks
@@ -146,25 +151,86 @@ def _quad(k: int, quads: list[int]) -> int:
 # ---- exp ---------------------------------------------------------------------------------------
 
 def _fit_exp() -> np.ndarray:
-    t = np.linspace(-1.0, 1.0, 4001)
-    return cheb.chebfit(t, np.exp(2 * (t - 1)), EXP_DEGREE)          # e^(x/4) for t = x/8 + 1
+    t = np.linspace(-1.04, 1.04, 4001)                            # the coarse clamp / max pass the ends a little
+    return cheb.chebfit(t, np.exp(4 * (t - 1)), EXP_DEGREE)       # e^(x/2) for t = x/8 + 1
 
 
 _EXP_CHEB = _fit_exp()
 
 
 def exp_neg(p: Party, x: AShare, keep: AShare | None = None) -> Protocol:
-    """e^x for x <= 0 (clamped at -EXP_CLAMP; `keep` = [x >= -EXP_CLAMP] if already known). 22 rounds
-    (13 with `keep`)."""
+    """e^x for x <= 0 (clamped at -EXP_CLAMP; `keep` = [x >= -EXP_CLAMP] if already known): e^(x/2)
+    by a degree-12 series, squared. 12 rounds (6 with `keep`)."""
     if keep is None:
-        keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)))
+        keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)), *COARSE)
     x = yield from compare.select(p, keep, x, _public(p, x.shape, -EXP_CLAMP))
     fb = F + EXP_EXTRA_BITS                                     # the same integers read as x/8
     t = x.add_public(p.index, encode(1.0, fb))                  # x/8 + 1 in [-1, 1]
-    raw = yield from _chebyshev_raw(p, t, _EXP_CHEB, frac=fb)
-    e = yield from trunc(p, raw, F)                             # e^(x/4), fb bits
-    e = yield from square(p, e, shift=fb)
-    return (yield from square(p, e, shift=fb + EXP_EXTRA_BITS))   # (e^(x/4))^4, f bits
+    e = yield from _chebyshev(p, t, _EXP_CHEB, frac=fb, out_frac=fb)     # e^(x/2), fb bits
+    return (yield from square(p, e, shift=2 * fb - F))          # e^x, f bits
+
+
+def _fold(coeffs: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """Chebyshev coefficients c_0..c_d (d <= 12) -> (A, B, C) with sum c_k T_k = sum_j A_j T_j
+    + T_4 sum_j B_j T_j + T_8 sum_j C_j T_j, j <= 3 (A), <= 3 or 4 (B), <= 4 (C), by
+    T_m T_n = (T_(m+n) + T_(m-n)) / 2."""
+    c = [float(v) for v in coeffs] + [0.0] * (13 - len(coeffs))
+    assert len(c) == 13, "degree 12 at most"
+    C = [0.0] * 5
+    deep = any(c[9:])
+    if deep:
+        for j in range(4, 0, -1):
+            C[j] = 2 * c[8 + j]
+            c[8 - j] -= c[8 + j]
+        C[0] = c[8]
+        B = [0.0] * 4
+    else:
+        B = [0.0] * 5
+        B[4] = 2 * c[8]
+        c[0] -= c[8]
+    for j in range(3, 0, -1):
+        B[j] = 2 * c[4 + j]
+        c[4 - j] -= c[4 + j]
+    B[0] = c[4]
+    return c[:4], B, (C if deep else [])
+
+
+def _combo(p: Party, T: dict[int, AShare], coeffs: list[float], frac: int, cbits: int = F) -> AShare:
+    """sum_j coeffs_j T_j (T_0 = 1), coefficients with `cbits` bits: frac + cbits fractional bits. Local."""
+    acc = sum((T[j].scale(int(encode(cf, cbits))) for j, cf in enumerate(coeffs) if j and cf),
+              _public(p, T[1].shape, 0.0))
+    return acc.add_public(p.index, encode(coeffs[0], frac + cbits))
+
+
+def _chebyshev(p: Party, t: AShare, coeffs: np.ndarray, *, frac: int = F, out_frac: int = F,
+               extra: torch.Tensor | None = None) -> Protocol:
+    """sum_k c_k T_k(t) for |t| <= 1 (t with `frac` fractional bits, degree <= 12), with `out_frac`
+    bits, plus `extra` (3-out-of-3 components with 2 frac bits) if given.
+
+    T_2; T_3 and T_4; then T_8 with the two inner sums B(t), C(t) truncated; then one product
+    round for A(t) + T_4 B(t) + T_8 C(t) (_fold): 4 rounds, 5 products where a doubling ladder
+    to degree 12 takes 11. Every value truncated carries at most 2 frac bits (hiding as usual)."""
+    A, B, C = _fold(coeffs)
+    one = encode(1.0, frac)
+    T = {1: t}
+    T2 = yield from mul_trunc(p, t.scale(2), t, shift=frac)
+    T[2] = T2.add_public(p.index, -one)
+    both = yield from mul_trunc(p, _stack([T[2], T[2]]).scale(2), _stack([T[1], T[2]]), shift=frac)
+    T3, T4 = _unstack(both, 2)
+    T[3], T[4] = T3 - T[1], T4.add_public(p.index, -one)
+    inner = [_combo(p, T, B, frac)] + ([_combo(p, T, C, frac)] if C else [])
+    if C:
+        T8, inn = yield from parallel(mul_trunc(p, T[4].scale(2), T[4], shift=frac),
+                                      trunc(p, _stack(inner), F))
+        T[8] = T8.add_public(p.index, -one)
+        pairs = [(T[4], inn.map(lambda u: u[0])), (T[8], inn.map(lambda u: u[1]))]
+    else:
+        Bt = yield from trunc(p, inner[0], F)
+        pairs = [(T[4], Bt)]
+    z = _cross_sum(pairs) + _combo(p, T, A, frac, frac).a            # replicated: its 3-out-of-3 part is .a
+    if extra is not None:
+        z = z + extra
+    return (yield from trunc_sum(p, z, 2 * frac - out_frac))
 
 
 # ---- GELU, SiLU ------------------------------------------------------------------------------
@@ -179,30 +245,12 @@ def _silu_f(x: np.ndarray) -> np.ndarray:
 
 def _fit_even(fn, lo: float, hi: float, degree: int = 8) -> np.ndarray:
     """Chebyshev coefficients of fn(x) - x/2 on lo <= x <= hi, in t = 2 (x/hi)^2 - 1."""
-    x = np.linspace(lo, hi, 8001)
+    x = np.linspace(lo, hi + 2.0 ** (CLAMP[1] - F), 8001)          # the clamp lets x pass B by up to 2^(drop-f)
     return cheb.chebfit(2 * (x / hi) ** 2 - 1, fn(x) - x / 2, degree)
 
 
 GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8))]               # (lo, hi: a power of two, coefficients)
-SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 14))]
-
-
-def _chebyshev_raw(p: Party, t: AShare, coeffs: np.ndarray, frac: int = F) -> Protocol:
-    """sum_k c_k T_k(t) for |t| <= 1 (t with `frac` fractional bits), T_{m+n} = 2 T_m T_n - T_{m-n}
-    (m >= n), degree doubling per round; returned with frac + f fractional bits, untruncated, so
-    the caller folds it into its own truncation."""
-    T = {1: t}
-    have, degree = 1, len(coeffs) - 1
-    while have < degree:
-        level = [(k, have, k - have) for k in range(have + 1, min(2 * have, degree) + 1)]
-        out = yield from mul_trunc(p, _stack([T[m] for _, m, _ in level]).scale(2), _stack([T[n] for _, _, n in level]),
-                                   shift=frac)
-        for (k, m, n), prod in zip(level, _unstack(out, len(level))):
-            T[k] = prod.add_public(p.index, -encode(1.0, frac)) if m == n else prod - T[m - n]
-        have = level[-1][0]
-    acc = sum((T[k].scale(int(encode(float(coeffs[k])))) for k in range(2, len(coeffs))),
-              T[1].scale(int(encode(float(coeffs[1])))))
-    return acc.add_public(p.index, encode(float(coeffs[0]), frac + F))
+SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 12))]
 
 
 def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
@@ -214,14 +262,20 @@ def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
     assert lo == 0
     bits, w = yield from parallel(
         compare.ge0(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
-            p.index, -encode(torch.tensor([-float(hi), float(hi)], dtype=torch.float64)))),
+            p.index, -encode(torch.tensor([-float(hi), float(hi)], dtype=torch.float64))), *CLAMP),
         trunc_sum(p, x.a * x.a + 2 * x.a * x.b, F + 2 * int(math.log2(hi))))      # (x / hi)^2
     ge_lo, ge_hi = bits.map(lambda t: t[..., 0]), bits.map(lambda t: t[..., 1])   # [x >= -hi], [x >= hi]
     inside = ge_lo - ge_hi
+    outside = (-inside).add_public(p.index, 1)
     t = (yield from mul(p, inside, w.add_public(p.index, -encode(1.0)))).scale(2).add_public(p.index, encode(1.0))
-    raw = yield from _chebyshev_raw(p, t, coeffs)
-    twice_half = ge_lo + ge_hi                                         # 2 * (x/2 coefficient): 1 inside, 2 above
-    return (yield from trunc_sum(p, _cross_sum([(twice_half.scale(1 << (F - 1)), x), (inside, raw)])))
+    # outside, the series gives its value at t = 1, E(B); relu wants x/2 + |x|/2 = x/2 + E(B) +
+    # (|x| - B)/2 + (B/2 - E(B)): the bit products go into the series' last round (2f bits)
+    half = 1 << (F - 1)
+    below = (-ge_lo).add_public(p.index, 1)                            # [x < -B]
+    extra = (x.a * half + _cross_sum([(ge_hi.scale(half), x.add_public(p.index, -encode(float(hi)))),
+                                      (below.scale(half), (-x).add_public(p.index, -encode(float(hi))))])
+             + outside.scale(int(encode(hi / 2 - float(np.sum(coeffs)), 2 * F))).a)
+    return (yield from _chebyshev(p, t, coeffs, extra=extra))
 
 
 def gelu(p: Party, x: AShare) -> Protocol:
@@ -283,9 +337,10 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     group = S if T == 1 and S <= MAX_ALL_PAIRS else (8 if T == 1 else 4)
     if group == S:                       # one level: [x >= max - 16] comes from the same comparisons
         top, keep = yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group,
-                                                                           margin=int(encode(EXP_CLAMP))))
+                                                                           margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1]))
     else:
-        top, keep = (yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group))), None
+        top, keep = (yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group,
+                                                                            width=COARSE[0], drop=COARSE[1]))), None
     e = yield from tagged(p, "softmax.exp", exp_neg(p, masked - top, keep))
     e = e.scale(allowed)
     total = e.map(lambda t: t.sum(-1))
