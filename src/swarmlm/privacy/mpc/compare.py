@@ -157,15 +157,6 @@ def coarse(p: Party, x: AShare, drop: int) -> AShare:
     return AShare(x.a >> drop, zero)
 
 
-def _products(p: Party, x: AShare) -> Protocol:
-    """The product of 0/1 values over the last dim (..., L) -> (...), ceil(log2(L)) rounds."""
-    while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        prod = yield from mul(p, x.map(lambda t: t[..., :half]), x.map(lambda t: t[..., half:2 * half]))
-        x = AShare(torch.cat([prod.a, x.a[..., 2 * half:]], -1), torch.cat([prod.b, x.b[..., 2 * half:]], -1))
-    return x.map(lambda t: t[..., 0])
-
-
 def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
     """Unordered pairs (i < j), and for each i the g-1 pairs it is in, and whether it is their j."""
     pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
@@ -193,17 +184,29 @@ def _group_max(p: Party, groups: AShare, margin: int | None, width: int, drop: i
     diffs = coarse(p, groups, drop).map(lambda t: t[..., li_t] - t[..., lj_t])   # (..., P [+ g(g-1)])
     if p.index == 0:
         diffs = AShare(diffs.a + offset, diffs.b)
-    ge = yield from ge0(p, diffs, width)
-    # wins (..., g, g-1): [x_i >= x_j] where i < j, else [x_i > x_j] = 1 - [x_j >= x_i] (ties: lower index)
-    wins = ge.map(lambda t: t[..., idx] * (1 - 2 * second)).add_public(p.index, second)
-    rows = wins
+    neg = (yield from msb(p, diffs, width)).map(lambda t: t.bool())                    # [x_i - x_j < 0]
+    # wins (..., g, g-1), boolean: [x_i >= x_j] where i < j, else [x_i > x_j] = [x_j - x_i < 0]
+    # (ties: lower index); the winner is the AND of its wins, the near bits the AND of theirs
+    first = (1 - second).bool()
+    rows = neg.map(lambda t: t[..., idx]).xor_public(p.index, first)
     if margin is not None:
-        near = ge.map(lambda t: t[..., len(pairs):].reshape(*t.shape[:-1], g, g - 1))
-        rows = AShare(torch.cat([wins.a, near.a], -2), torch.cat([wins.b, near.b], -2))  # (..., 2g, g-1)
-    prods = yield from _products(p, rows)                                           # (..., g or 2g)
-    picked = yield from mul(p, prods.map(lambda t: t[..., :g]), groups)             # the winner's value, else 0
+        near = neg.map(lambda t: t[..., len(pairs):].reshape(*t.shape[:-1], g, g - 1)).xor_public(
+            p.index, torch.ones((g, g - 1), dtype=torch.bool))
+        rows = BShare(torch.cat([rows.a, near.a], -2), torch.cat([rows.b, near.b], -2))   # (..., 2g, g-1)
+    alls = yield from _all(p, rows)                                                     # (..., g or 2g)
+    ind = yield from b2a(p, alls.map(lambda t: t.to(torch.int64)))
+    picked = yield from mul(p, ind.map(lambda t: t[..., :g]), groups)                  # the winner's value, else 0
     top = picked.map(lambda t: t.sum(-1))
-    return top, (prods.map(lambda t: t[..., g:]) if margin is not None else None)
+    return top, (ind.map(lambda t: t[..., g:]) if margin is not None else None)
+
+
+def _all(p: Party, x: BShare) -> Protocol:
+    """AND over the last dim of XOR-shared bool tensors (..., L) -> (...), ceil(log2(L)) rounds of packed bits."""
+    while x.a.shape[-1] > 1:
+        half = x.a.shape[-1] // 2
+        both = yield from band_bits(p, x.map(lambda t: t[..., :half]), x.map(lambda t: t[..., half:2 * half]))
+        x = BShare(torch.cat([both.a, x.a[..., 2 * half:]], -1), torch.cat([both.b, x.b[..., 2 * half:]], -1))
+    return x.map(lambda t: t[..., 0])
 
 
 def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None = None,

@@ -48,7 +48,7 @@ EXP_DEGREE = 12              # Chebyshev degree of e^(x/2) on [-8, 0]: error 3e-
 STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
 COARSE = (17, 14)            # (width, drop) of softmax's comparisons: to 1/4, for |x| < 16384
 CLAMP = (16, 12)             # GELU / SiLU's clamps: to 1/16, for |x| < 2040 (relu beyond; larger values wrap)
-SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3: error < 7e-5 (1/v), 2e-5 (rsqrt)
+SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3 (fixed: inverse_power's last two rounds)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -75,20 +75,6 @@ def _unstack(s: AShare, n: int) -> list[AShare]:
     return [s.map(lambda t, i=i: t[i]) for i in range(n)]
 
 
-def _powers(p: Party, e: AShare, degree: int, frac: int = F) -> Protocol:
-    """[e, e^2, ..., e^degree], in ceil(log2(degree)) multiplication depths."""
-    pw = {1: e}
-    have = 1
-    while have < degree:
-        todo = list(range(have + 1, min(2 * have, degree) + 1))
-        out = yield from mul_trunc(p, _stack([pw[have]] * len(todo)), _stack([pw[k - have] for k in todo]),
-                                   shift=frac)
-        for k, v in zip(todo, _unstack(out, len(todo))):
-            pw[k] = v
-        have = todo[-1]
-    return [pw[k] for k in range(1, degree + 1)]
-
-
 def _cross_sum(pairs: list[tuple[AShare, AShare]]) -> torch.Tensor:
     """This party's 3-out-of-3 component of sum_k x_k y_k."""
     return sum(x.a * y.a + x.a * y.b + x.b * y.a for x, y in pairs)
@@ -113,9 +99,9 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     ks = list(range(STEPS * lo_exp, STEPS * hi_exp + 1))              # thresholds 2^(k/STEPS)
     thresholds = encode(torch.tensor([2.0 ** (k / STEPS) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
-    # the comparisons keep a relative precision of 2^-7 at the smallest threshold (dropping the
-    # bits below it) and cover v up to 2^(hi_exp+1)
-    drop = max(0, frac_in + lo_exp - 7)
+    # the comparisons keep a relative precision of 2^-6 at the smallest threshold (dropping the
+    # bits below it: the first guess is then within 2^(1/8) + 2^-6) and cover v up to 2^(hi_exp+1)
+    drop = max(0, frac_in + lo_exp - 6)
     width = min(64 - drop, hi_exp + frac_in - drop + 3)
     quads = list(range(lo_exp // 2, hi_exp // 2))                       # v / 4^i for each of these i
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
@@ -135,11 +121,12 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     e = yield from trunc_sum(p, _cross_sum([(pk, scaled.map(lambda t, n=n: t[n])) for n, pk in enumerate(picks)]))
     e = (-e).add_public(p.index, encode(1.0))
     series = [math.comb(2 * k, k) / 4 ** k if half else 1.0 for k in range(SERIES_DEGREE + 1)]
-    pw = yield from _powers(p, e, SERIES_DEGREE)
     outer = [4.0 ** (-a * q) for q in quad_of]
-    coeffs = [_bits_combination(p, bits, [c * g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
-              for c in series[1:]]
-    out = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))))
+    c1, c2, c3 = [_bits_combination(p, bits, [c * g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
+                  for c in series[1:]]
+    # c1 e + c2 e^2 + c3 e^3 in two rounds: e^2 and c3 e, then one sum of products
+    e2, c3e = yield from parallel(mul_trunc(p, e, e), mul_trunc(p, c3, e))
+    out = yield from trunc_sum(p, _cross_sum([(c1, e), (c2, e2), (c3e, e2)]))
     return out + _bits_combination(p, bits, [g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
 
 
@@ -332,9 +319,9 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     allowed = allowed.to(torch.int64)
     masked = scores.scale(allowed).add_public(p.index, (1 - allowed) * encode(fill))
     S, T = scores.shape[-1], scores.shape[-2]
-    # decoding a short context: all pairs at once (one level); otherwise groups of 8 (decoding)
-    # or 4 (a prompt: T times the keys, so fewer bytes matter more)
-    group = S if T == 1 and S <= MAX_ALL_PAIRS else (8 if T == 1 else 4)
+    # decoding a short context: all pairs at once (one level); otherwise groups of 8 (two levels
+    # up to 64 keys)
+    group = S if T == 1 and S <= MAX_ALL_PAIRS else 8
     if group == S:                       # one level: [x >= max - 16] comes from the same comparisons
         top, keep = yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group,
                                                                            margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1]))
