@@ -22,7 +22,7 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   context, all pairs at once, which also gives the clamp bit of exp), takes exp_neg, sums, and
   multiplies (e @ v) by the reciprocal of the sum, so the reciprocal and e @ v share rounds.
 - `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
-  square root, since the norm only scales each row.
+  square root (the norm only scales each row) unless scaling first saves more bytes than a round is worth.
 Knows nothing of models; model.py folds norm weights and scales into the linear layers.
 """
 
@@ -296,19 +296,30 @@ def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
     return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
-def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project) -> Protocol:
-    """`project` (a public linear map, as a protocol on shares) of funcs.norm's output, in fewer
-    rounds: the norm only scales each row, so project(x - mean) runs in the same rounds as the
-    inverse square root, and the scale is applied to its output."""
+ROUND_BYTES = 250_000         # bytes that cost as much as one round on the WAN of the bench (20 ms at 100 Mbit/s)
+
+
+def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project, out_features: int) -> Protocol:
+    """`project` (a public linear map to `out_features`, as a protocol on shares) of funcs.norm's output.
+
+    The norm only scales each row, so project(x - mean) can run in the rounds of the inverse
+    square root and the scale be applied to its output (one round fewer), or the rows be scaled
+    first and projected after (fewer bytes when the map widens: the scale's product is on the
+    narrower side): whichever costs less, a round counted as ROUND_BYTES."""
     D = x.shape[-1]
+    rows = int(np.prod(x.shape[:-1]))
     if center:
         inv_d = encode(1.0 / D, F + NORM_EXTRA_BITS)
         mean = yield from trunc(p, x.map(lambda t: t.sum(-1, keepdim=True) * inv_d), F + NORM_EXTRA_BITS)
         x = x - mean
     ss = yield from trunc_sum(p, (x.a * x.a + 2 * x.a * x.b).sum(-1), F - NORM_EXTRA_BITS)
     ss = ss.add_public(p.index, encode(D * eps, F + NORM_EXTRA_BITS))
-    r, y = yield from parallel(inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1],
-                                             frac_in=F + NORM_EXTRA_BITS), project(x))
+    rsqrt = inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1], frac_in=F + NORM_EXTRA_BITS)
+    if 32 * (out_features - D) * rows > ROUND_BYTES:          # a product costs 32 bytes an element, three parties
+        r = yield from rsqrt
+        xn = yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS)
+        return (yield from project(xn))
+    r, y = yield from parallel(rsqrt, project(x))
     return (yield from mul_trunc(p, y, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 

@@ -62,3 +62,22 @@ class Prg:
         n = int(np.prod(shape, dtype=np.int64))
         raw = np.unpackbits(np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8), count=n)
         return torch.from_numpy(raw.astype(np.bool_)).view(*shape)
+
+
+def public_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x @ w in the ring (int64, wrapping; broadcasting as torch.matmul) for a public w of small
+    entries, by float64 products: x is cut into limbs of L bits (its two's complement, low limb
+    first), L small enough that a limb's products with w, summed over K, stay below 2^53 and
+    so are exact; the limbs' products are shifted back and added modulo 2^64. For batched
+    products, which torch runs on int64 without BLAS."""
+    K = w.shape[-2]
+    wbits = int(w.abs().max()).bit_length() if w.numel() else 0
+    L = 52 - wbits - max(K, 1).bit_length()
+    if L < 12:
+        return x @ w
+    wf = w.to(torch.float64)
+    out = None
+    for j in range(0, 64, L):
+        part = (((x >> j) & ((1 << L) - 1)).to(torch.float64) @ wf).to(torch.int64) << j
+        out = part if out is None else out + part
+    return out
