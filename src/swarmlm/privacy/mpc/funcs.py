@@ -339,8 +339,16 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     else:
         top, keep = (yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group,
                                                                             width=COARSE[0], drop=COARSE[1]))), None
-    e = yield from tagged(p, "softmax.exp", exp_neg(p, masked - top, keep))
-    e = e.scale(allowed)
+    # exp of the keys each query may see only (a prompt's causal mask hides half of them)
+    seen = allowed.bool()
+    pick = lambda t: t[..., seen]                                        # noqa: E731  (..., n_seen)
+    e = yield from tagged(p, "softmax.exp", exp_neg(p, (masked - top).map(pick), None if keep is None else keep.map(pick)))
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(scores.shape, dtype=torch.int64)
+        out[..., seen] = t
+        return out
+    e = e.map(spread)
     total = e.map(lambda t: t.sum(-1))
     inv, ev = yield from parallel(
         inverse_power(p, total, half=False, lo_exp=-2, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),

@@ -27,7 +27,7 @@ from swarmlm.model.config import ModelConfig
 from swarmlm.model.transformer import Transformer
 from swarmlm.privacy.mpc import funcs
 from swarmlm.privacy.mpc.ops import linear, mul_trunc, trunc
-from swarmlm.privacy.mpc.ring import FRAC_BITS, encode, public_matmul
+from swarmlm.privacy.mpc.ring import FRAC_BITS, encode, limb_bits, public_matmul
 from swarmlm.privacy.mpc.runtime import Party, Protocol, tagged
 from swarmlm.privacy.mpc.shares import AShare, cat
 
@@ -117,8 +117,8 @@ class KVShares:
     length: int = 0
 
 
-def _rotated_weights(w: PublicWeights, i: int, positions: torch.Tensor) -> torch.Tensor:
-    """q/k/v weights per position (T, K, N), encoded, RoPE folded in: a rotated column is
+def _rotated_weights(w: PublicWeights, i: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """q/k/v weights per position (T, K, N), encoded (and as float64, and its limb size), RoPE folded in: a rotated column is
     W[:, c] cos_t + W_rolled[:, c] sin_t, W_rolled having each q and k head's columns rolled by
     Dh/2 (RoPE's x cos + roll(x) sin, a public linear map per position)."""
     key = ("qkv-rot", i, int(positions[0]), len(positions))
@@ -136,7 +136,8 @@ def _rotated_weights(w: PublicWeights, i: int, positions: torch.Tensor) -> torch
     rot = rows[None] * cos[:, None, None] + rolled[None] * sin[:, None, None]        # (T, K, heads, Dh)
     T = len(positions)
     rest = lin.weight[:, n_rot:][None].expand(T, K, -1)
-    w._enc[key] = encode(torch.cat([rot.reshape(T, K, n_rot), rest], -1))
+    enc = encode(torch.cat([rot.reshape(T, K, n_rot), rest], -1))
+    w._enc[key] = (enc, enc.to(torch.float64), limb_bits(enc))
     return w._enc[key]
 
 
@@ -150,8 +151,8 @@ def _project_qkv(p: Party, w: PublicWeights, i: int, x: AShare, positions: torch
     weights (_rotated_weights): one local product and one truncation either way."""
     if w.inv_freq_model is None:
         return (yield from linear(p, x, w.enc(f"qkv{i}", w.blocks[i].qkv)[0]))
-    wt = _rotated_weights(w, i, positions)                                          # (T, K, N)
-    z = x.map(lambda t: public_matmul(t.transpose(0, 1), wt).transpose(0, 1))        # (B, T, N), 2f bits
+    wt, wf, L = _rotated_weights(w, i, positions)                                   # (T, K, N)
+    z = x.map(lambda t: public_matmul(t.transpose(0, 1), wt, wf, L).transpose(0, 1))  # (B, T, N), 2f bits
     return (yield from trunc(p, z))
 
 
