@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 
 from swarmlm.privacy.mpc.ops import band_bits, mul
-from swarmlm.privacy.mpc.runtime import Party, Protocol, Round
+from swarmlm.privacy.mpc.runtime import Party, Protocol, Round, parallel
 from swarmlm.privacy.mpc.shares import AShare, BShare
 
 WIDTH = 32                   # default: |x| < 2^31, i.e. below 32768 in value at 16 fractional bits
@@ -165,14 +165,18 @@ def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Ten
     return pairs, idx.view(g, max(g - 1, 0)), second.view(g, max(g - 1, 0))
 
 
-def _group_max(p: Party, groups: AShare, margin: int | None, width: int, drop: int) -> Protocol:
+def _group_max(p: Party, groups: AShare, margin: int | None, width: int, drop: int,
+               originals: AShare | None = None) -> Protocol:
     """Max over the last dim of `groups` (..., g) by comparing all pairs at once; with `margin`
-    (encoded), also [x_i >= max - margin] for each i, from the same comparison round."""
+    (encoded), also [x_i >= max - margin] for each i, from the same comparison round: for the
+    group's own values (ordered pairs), or, given `originals` (..., 1, n) (the row before the
+    earlier levels, groups then being (..., 1, g)), for those: x_i >= m_j - margin for all j."""
     g = groups.shape[-1]
     pairs, idx, second = _pair_tables(g)
     li = [i for i, _ in pairs]
     lj = [j for _, j in pairs]
-    if margin is not None:                                              # ordered pairs (i, j != i)
+    own_near = margin is not None and originals is None
+    if own_near:                                                        # ordered pairs (i, j != i)
         others = torch.tensor([[j for j in range(g) if j != i] for i in range(g)], dtype=torch.long)
         li += [i for i in range(g) for _ in range(g - 1)]
         lj += others.reshape(-1).tolist()
@@ -181,19 +185,35 @@ def _group_max(p: Party, groups: AShare, margin: int | None, width: int, drop: i
     offset[len(pairs):] = (margin or 0) >> drop
     # with `drop`, every value is first rounded down once (coarse), so all pairs compare the same
     # rounded values exactly and the wins stay a total order (one winner per group)
-    diffs = coarse(p, groups, drop).map(lambda t: t[..., li_t] - t[..., lj_t])   # (..., P [+ g(g-1)])
+    cg = coarse(p, groups, drop)
+    diffs = cg.map(lambda t: t[..., li_t] - t[..., lj_t])                              # (..., P [+ g(g-1)])
     if p.index == 0:
         diffs = AShare(diffs.a + offset, diffs.b)
+    n = 0
+    if originals is not None and margin is not None:                  # x_i - m_j + margin, (..., 1, n * g)
+        n = originals.shape[-1]
+        co = coarse(p, originals, drop)
+        vs = AShare((co.a.unsqueeze(-1) - cg.a.unsqueeze(-2)).flatten(-2), (co.b.unsqueeze(-1) - cg.b.unsqueeze(-2)).flatten(-2))
+        if p.index == 0:
+            vs = AShare(vs.a + (margin >> drop), vs.b)
+        diffs = AShare(torch.cat([diffs.a, vs.a], -1), torch.cat([diffs.b, vs.b], -1))
     neg = (yield from msb(p, diffs, width)).map(lambda t: t.bool())                    # [x_i - x_j < 0]
     # wins (..., g, g-1), boolean: [x_i >= x_j] where i < j, else [x_i > x_j] = [x_j - x_i < 0]
     # (ties: lower index); the winner is the AND of its wins, the near bits the AND of theirs
     first = (1 - second).bool()
+    P = len(li)
     rows = neg.map(lambda t: t[..., idx]).xor_public(p.index, first)
-    if margin is not None:
-        near = neg.map(lambda t: t[..., len(pairs):].reshape(*t.shape[:-1], g, g - 1)).xor_public(
+    if own_near:
+        near = neg.map(lambda t: t[..., len(pairs):P].reshape(*t.shape[:-1], g, g - 1)).xor_public(
             p.index, torch.ones((g, g - 1), dtype=torch.bool))
         rows = BShare(torch.cat([rows.a, near.a], -2), torch.cat([rows.b, near.b], -2))   # (..., 2g, g-1)
-    alls = yield from _all(p, rows)                                                     # (..., g or 2g)
+    if n:
+        near = neg.map(lambda t: t[..., P:].reshape(*t.shape[:-1], n, g)).xor_public(
+            p.index, torch.ones((n, g), dtype=torch.bool))
+        alls, close = yield from parallel(_all(p, rows), _all(p, near))               # (..., 1, g), (..., 1, n)
+        alls = BShare(torch.cat([alls.a, close.a], -1), torch.cat([alls.b, close.b], -1))
+    else:
+        alls = yield from _all(p, rows)                                                 # (..., g or 2g)
     ind = yield from b2a(p, alls.map(lambda t: t.to(torch.int64)))
     picked = yield from mul(p, ind.map(lambda t: t[..., :g]), groups)                  # the winner's value, else 0
     top = picked.map(lambda t: t.sum(-1))
@@ -216,14 +236,17 @@ def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None =
     2^drop (encoded) of it, and `near` exact to within 2^drop.
 
     A tournament of groups: within each group of `group` values every pair is compared at once
-    (one comparison depth), the winner's indicator is the product of its g-1 wins (ties go to
-    the lower index, so there is exactly one), and the max is sum(indicator * value). Each level
-    divides the length by `group` in 10 + ceil(log2(g-1)) + 1 rounds: 2 levels (28 rounds)
-    for up to 64 keys, where pairs would take 6 levels (66 rounds).
+    (one comparison depth), the winner's indicator is the AND of its g-1 wins (XOR-shared bits;
+    ties go to the lower index, so there is exactly one), and the max is sum(indicator * value).
 
-    With `margin` and a group holding the whole row, also returns [x_i >= max - margin] (..., n),
-    compared in the same round as the pairs (the products of the extra bits share rounds too)."""
+    With `margin`, also returns [x_i >= max - margin] (..., n): the last level compares each x_i
+    with every candidate left (all of them, in a single level) in the round of its pairs, and
+    ANDs the bits in the rounds of the wins.
+    Rounds per level: 1 + ceil(log2(width-1)) (msb) + ceil(log2(g-1)) (AND of the wins) + 2
+    (bit to arithmetic, the winner's value): 19 for 32 keys in groups of 8 at width 16."""
     near = None
+    row = x
+    level = 0
     while x.shape[-1] > 1:
         n = x.shape[-1]
         g = min(group, n)
@@ -232,10 +255,12 @@ def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None =
             x = x.map(lambda t: torch.nn.functional.pad(t, (0, extra), value=0)).add_public(
                 p.index, _pad_last(x.shape, fill, extra))
         groups = x.map(lambda t: t.reshape(*t.shape[:-1], -1, g))                  # (..., n/g, g)
-        whole = margin is not None and g == n
-        top, near = yield from _group_max(p, groups, margin if whole else None, width, drop)
+        last = g == n and margin is not None
+        originals = row.map(lambda t: t.unsqueeze(-2)) if last and level else None
+        top, near = yield from _group_max(p, groups, margin if last else None, width, drop, originals)
         x = top
-        if whole:
+        level += 1
+        if last:
             near = near.map(lambda t: t.squeeze(-2))                                 # (..., n)
     return (x, near) if margin is not None else x
 

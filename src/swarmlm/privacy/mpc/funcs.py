@@ -331,14 +331,11 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     masked = scores.scale(allowed).add_public(p.index, (1 - allowed) * encode(fill))
     S, T = scores.shape[-1], scores.shape[-2]
     # decoding a short context: all pairs at once (one level); otherwise groups of 8 (two levels
-    # up to 64 keys)
+    # up to 64 keys); either way [x >= max - 16] comes from the last level's comparisons, so
+    # exp needs no comparison of its own
     group = S if T == 1 and S <= MAX_ALL_PAIRS else 8
-    if group == S:                       # one level: [x >= max - 16] comes from the same comparisons
-        top, keep = yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group,
-                                                                           margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1]))
-    else:
-        top, keep = (yield from tagged(p, "softmax.max", compare.maximum(p, masked, int(encode(fill)), group,
-                                                                            width=COARSE[0], drop=COARSE[1]))), None
+    top, keep = yield from tagged(p, "softmax.max", compare.maximum(
+        p, masked, int(encode(fill)), group, margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1]))
     # exp of the keys each query may see only (a prompt's causal mask hides half of them)
     seen = allowed.bool()
     pick = lambda t: t[..., seen]                                        # noqa: E731  (..., n_seen)
