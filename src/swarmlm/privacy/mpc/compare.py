@@ -16,6 +16,8 @@ Knows nothing of models.
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from swarmlm.privacy.mpc.ops import band_bits, mul
@@ -34,35 +36,79 @@ def _bits(t: torch.Tensor, width: int) -> torch.Tensor:
     return ((t.unsqueeze(-1) >> torch.arange(width)) & 1).bool()
 
 
-def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
-    """XOR shares of the generate and propagate bits (..., width) of S + X (mod 2^width), where
-    S = x_0 + x_1 is known to party 0 and X = x_2 to parties 1 and 2 (each shifted right by
-    `drop`, see msb). One round.
+def _ot_share(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None, shape: tuple[int, ...],
+              C: int, k: int, label: str) -> Protocol:
+    """XOR shares of v = table[choice] (..., k), where party 0 knows table (..., C, k) (bool) and
+    parties 1 and 2 know choice (...) (an index below C). One round.
 
-    A bit v = f(S, X) is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with
-    parties 1 and 2, and v_2 = v ^ v_0 ^ v_1 reaches parties 1 and 2 by a three-party oblivious
-    transfer: party 0 sends both candidates (for X = 0, 1) under pads it shares with the other
-    receiver, who knows X too and sends the pad of the right one. What each receives is
-    uniform: the other candidate stays under its pad, and v_2 under the component it lacks."""
-    shape = tuple(x.shape) + (2, width)                        # [generate, propagate] per bit
-    spec = (shape, torch.bool)
+    v is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with parties 1 and 2, and
+    v_2 = v ^ v_0 ^ v_1 reaches parties 1 and 2 by a three-party oblivious transfer (ABY3's, with
+    C messages): party 0 sends all C candidates under pads it shares with the other receiver,
+    who knows the choice too and sends the pad of the right one. What each receives is uniform:
+    the other candidates stay under their pads, and v_2 under the component it lacks."""
+    out_shape, pad_shape = shape + (k,), shape + (C, k)
     if p.index == 0:
-        S = _bits((x.a + x.b) >> drop, width).unsqueeze(-2)
-        cand = [torch.cat([torch.zeros_like(S), S], -2), torch.cat([S, ~S], -2)]   # f(S, 0), f(S, 1)
-        g1, g2 = p.prg(1, "gp"), p.prg(2, "gp")
-        v1, pw = g1.bits(shape), (g1.bits(shape), g1.bits(shape))            # pads for party 2's transfer
-        v0, pv = g2.bits(shape), (g2.bits(shape), g2.bits(shape))            # pads for party 1's transfer
-        yield Round(send={1: [cand[0] ^ v0 ^ v1 ^ pv[0], cand[1] ^ v0 ^ v1 ^ pv[1]],
-                          2: [cand[0] ^ v0 ^ v1 ^ pw[0], cand[1] ^ v0 ^ v1 ^ pw[1]]})
+        g1, g2 = p.prg(1, label), p.prg(2, label)
+        v1, pw = g1.bits(out_shape), g1.bits(pad_shape)        # pads for party 2's transfer (party 1 helps)
+        v0, pv = g2.bits(out_shape), g2.bits(pad_shape)        # pads for party 1's transfer (party 2 helps)
+        masked = table ^ (v0 ^ v1).unsqueeze(-2)
+        yield Round(send={1: [masked ^ pv], 2: [masked ^ pw]})
         return BShare(v0, v1)
     me, other = p.index, 3 - p.index
-    X = _bits((x.b if me == 1 else x.a) >> drop, width).unsqueeze(-2).expand(shape)
-    g0 = p.prg(0, "gp")
-    mine = g0.bits(shape)                                      # v_1 (party 1) or v_0 (party 2)
-    pads = g0.bits(shape), g0.bits(shape)                      # the pads of the other's transfer
-    got = yield Round(send={other: [torch.where(X, pads[1], pads[0])]}, recv={0: [spec, spec], other: [spec]})
-    v2 = torch.where(X, got[0][1], got[0][0]) ^ got[other][0]
+    g0 = p.prg(0, label)
+    mine, pads = g0.bits(out_shape), g0.bits(pad_shape)        # v_1 (party 1) or v_0 (party 2); the other's pads
+    idx = choice.unsqueeze(-1).unsqueeze(-1).expand(*shape, 1, k)
+    pick = lambda t: torch.gather(t, -2, idx).squeeze(-2)     # noqa: E731
+    got = yield Round(send={other: [pick(pads)]}, recv={0: [(pad_shape, torch.bool)], other: [(out_shape, torch.bool)]})
+    v2 = pick(got[0][0]) ^ got[other][0]
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
+
+
+def _block(width: int) -> int:
+    """Bits per block of the carry chain (positions 0..width-2): the fewest tree levels with
+    blocks of at most 5 bits (32 candidates each), then the smallest such block."""
+    n = width - 1
+    levels = lambda b: math.ceil(math.log2(max(1, math.ceil(n / b))))   # noqa: E731
+    best = min(levels(b) for b in range(1, 6))
+    return min(b for b in range(1, 6) if levels(b) == best)
+
+
+def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
+    """XOR shares of the (generate, propagate) bits of the blocks of S + X over bits 0..width-2
+    (..., nb, 2), and of bit width-1 of S ^ X (...), where S = x_0 + x_1 is known to party 0 and
+    X = x_2 to parties 1 and 2 (each shifted right by `drop`, see msb). One round.
+
+    A block of b bits is one OT with 2^b candidates: party 0 tabulates, for every value c of
+    X's block, whether its block of S plus c carries out (generate) and whether it is all ones
+    when XORed with c (propagate); the receivers pick X's value. Bits above width-2 in the last
+    block are padded as propagating (S's bits one, X's zero)."""
+    n, b = width - 1, _block(width)
+    nb = math.ceil(n / b)
+    shape = tuple(x.shape)
+    full = (1 << b) - 1
+    shifts = torch.arange(nb) * b
+    real = torch.clamp(n - shifts, max=b)                                    # real bits per block
+    pad = (full >> real) << real                                             # the padded bits of each block
+    C = 1 << b
+    if p.index == 0:
+        S = ((x.a + x.b) >> drop)
+        blocks = ((S.unsqueeze(-1) >> shifts) & full) | pad                  # (..., nb)
+        c = torch.arange(C)
+        sb = blocks.unsqueeze(-1)                                            # (..., nb, 1)
+        gen = (sb + c) > full
+        prop = (sb ^ c) == full
+        table = torch.stack([gen, prop], -1)                                 # (..., nb, C, 2)
+        top = ((S >> (width - 1)) & 1).bool().unsqueeze(-1)                  # (..., 1)
+        ttable = torch.stack([top, ~top], -1).unsqueeze(-1)                  # (..., 1, 2, 1): S_top ^ c
+        gp, tp = yield from parallel(_ot_share(p, table, None, shape + (nb,), C, 2, "gp"),
+                                     _ot_share(p, ttable, None, shape + (1,), 2, 1, "gpt"))
+    else:
+        X = (x.b if p.index == 1 else x.a) >> drop
+        blocks = (X.unsqueeze(-1) >> shifts) & full & ~pad
+        xt = ((X >> (width - 1)) & 1).unsqueeze(-1)
+        gp, tp = yield from parallel(_ot_share(p, None, blocks, shape + (nb,), C, 2, "gp"),
+                                     _ot_share(p, None, xt, shape + (1,), 2, 1, "gpt"))
+    return gp, tp.map(lambda t: t[..., 0, 0])
 
 
 def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
@@ -73,13 +119,13 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
     x in [0, 2^k) may read as negative. A comparison that needs only a coarse threshold
     (a clamp, a max to within a fraction) runs on fewer bits, so in fewer rounds and bytes.
 
-    x = S + X with S = x_0 + x_1 (party 0) and X = x_2 (parties 1 and 2): their generate and
-    propagate bits are shared in one round (_share_gp), then the carry into bit width-1 comes
-    from a tree over bits 0..width-2 (pairs of blocks combined per round, the block count
-    halving: ceil(log2(width-1)) rounds), so the bits sent shrink as they go."""
-    gp = yield from _share_gp(p, x, width, drop)
-    top = gp.map(lambda t: t[..., 1, width - 1])               # propagate bit width-1 = S ^ X there
-    G, P = gp.map(lambda t: t[..., 0, :width - 1]), gp.map(lambda t: t[..., 1, :width - 1])
+    x = S + X with S = x_0 + x_1 (party 0) and X = x_2 (parties 1 and 2): the generate and
+    propagate bits of blocks of up to 5 bits are shared in one round (_share_gp), then the
+    carry into bit width-1 comes from a tree over the blocks (pairs combined per round, the
+    count halving), so the bits sent shrink as they go: 1 + ceil(log2(blocks)) rounds, 3 for
+    width 16 (4 blocks of 4), 4 for width 32 or 40."""
+    gp, top = yield from _share_gp(p, x, width, drop)
+    G, P = gp.map(lambda t: t[..., 0]), gp.map(lambda t: t[..., 1])
     while G.a.shape[-1] > 1:
         n = G.a.shape[-1]
         even = n - n % 2
