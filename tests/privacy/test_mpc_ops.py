@@ -11,7 +11,7 @@ from swarmlm.errors import WireError
 from swarmlm.privacy.mpc import compare, funcs, ops
 from swarmlm.privacy.mpc.ring import Prg, decode, encode
 from swarmlm.privacy.mpc.runtime import LocalParties, Round, decode_message, encode_message
-from swarmlm.privacy.mpc.shares import combine, split
+from swarmlm.privacy.mpc.shares import BShare, combine, split
 
 
 @pytest.fixture(scope="module")
@@ -142,3 +142,19 @@ def test_a_silent_party_is_a_timeout_not_a_hang():
 
     with pytest.raises(PeerTimeout):
         lp.run(protocol)
+
+
+def _xor_split(bits: torch.Tensor) -> list[BShare]:
+    r0, r1 = torch.randint(0, 2, bits.shape), torch.randint(0, 2, bits.shape)
+    comps = [r0, r1, bits ^ r0 ^ r1]
+    return [BShare(comps[i], comps[(i + 1) % 3]) for i in range(3)]
+
+
+def test_bit_injection_multiplies_a_shared_bit_into_a_value_in_one_round(parties):
+    bits = torch.randint(0, 2, (200,))
+    v = torch.randn(200) * 50
+    vs, bs = split(encode(v)), _xor_split(bits)
+    before = parties.rounds
+    out = parties.run(lambda p: compare.inject(p, bs[p.index], vs[p.index]))
+    assert parties.rounds - before == 1
+    assert torch.equal(combine([o.a for o in out]), encode(v) * bits)
