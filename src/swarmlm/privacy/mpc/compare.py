@@ -16,6 +16,7 @@ Knows nothing of models.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -73,6 +74,15 @@ def _block(width: int) -> int:
     return min(b for b in range(1, 6) if levels(b) == best)
 
 
+@functools.lru_cache(maxsize=8)
+def _gp_table(b: int) -> torch.Tensor:
+    """(2^b, 2^b, 2) bool: for block values s, c, whether s + c carries out of b bits (generate)
+    and whether s ^ c is all ones (propagate)."""
+    s, c = torch.arange(1 << b)[:, None], torch.arange(1 << b)[None, :]
+    full = (1 << b) - 1
+    return torch.stack([(s + c) > full, (s ^ c) == full], -1)
+
+
 def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
     """XOR shares of the (generate, propagate) bits of the blocks of S + X over bits 0..width-2
     (..., nb, 2), and of bit width-1 of S ^ X (...), where S = x_0 + x_1 is known to party 0 and
@@ -93,11 +103,7 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
     if p.index == 0:
         S = ((x.a + x.b) >> drop)
         blocks = ((S.unsqueeze(-1) >> shifts) & full) | pad                  # (..., nb)
-        c = torch.arange(C)
-        sb = blocks.unsqueeze(-1)                                            # (..., nb, 1)
-        gen = (sb + c) > full
-        prop = (sb ^ c) == full
-        table = torch.stack([gen, prop], -1)                                 # (..., nb, C, 2)
+        table = _gp_table(b)[blocks]                                         # (..., nb, C, 2)
         top = ((S >> (width - 1)) & 1).bool().unsqueeze(-1)                  # (..., 1)
         ttable = torch.stack([top, ~top], -1).unsqueeze(-1)                  # (..., 1, 2, 1): S_top ^ c
         gp, tp = yield from parallel(_ot_share(p, table, None, shape + (nb,), C, 2, "gp"),
