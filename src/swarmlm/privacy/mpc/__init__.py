@@ -36,11 +36,11 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
 - embedding: one-hot shares times the public table; the KV cache stays in shares.
 
 Modules, in reading order:
-    ring.py      fixed-point encoding, the PRG
+    ring.py      fixed-point encoding, the PRG, public_matmul (exact ring products by float64 limbs)
     shares.py    AShare / BShare (one party's replicated shares), the client's split / combine
     runtime.py   Round, parallel (protocols as generators), Party, LocalParties (three in one process)
-    ops.py       mul, trunc, trunc_sum, mul_trunc, linear, band (AND of shared bits)
-    compare.py   msb, b2a, ge0, select, maximum
+    ops.py       mul, trunc, trunc_sum, mul_trunc, linear, band_bits (AND of shared bits)
+    compare.py   msb, b2a, inject, ge0, coarse, select, maximum
     funcs.py     inverse_power, exp_neg, gelu, silu, norm, softmax_av
     model.py     PublicWeights (folded, encoded weights), KVShares, block, forward
     client.py    share_tokens, open_logits, generate_in_process, MpcStats

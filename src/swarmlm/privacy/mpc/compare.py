@@ -1,16 +1,15 @@
 """Comparison of shared values: the sign bit by a boolean adder, and what is built on it.
 
 `msb(x, width)`: reduction modulo 2^width is a ring homomorphism, so for |x| < 2^(width-1) the
-sign of x is bit width-1 of x_0 + x_1 + x_2 mod 2^width. Each component is known to two
-parties, so each is a boolean-shared number without any message; bits live packed in int64
-words (one word per element, XOR shares, bitwise AND in one round: ops.band). One layer of
-full adders (one AND round) turns the three numbers into two, s + c; the carry into the top
-bit comes from a Kogge-Stone prefix over (generate, propagate) (one AND round for g, then
-log2(width) rounds of two ANDs). Words of width <= 32 travel as 4 bytes. `b2a` turns the
-shared bit into an arithmetic 0/1 (a three-party oblivious transfer, one round), so `ge0` is
-2 + log2(width) + 1 rounds (8 for width 32) whatever the number of elements, about 180 bytes each.
+sign of x is bit width-1 of x_0 + x_1 + x_2 mod 2^width. Party 0 knows S = x_0 + x_1, parties
+1 and 2 know X = x_2: the generate / propagate bits of S + X, by blocks of up to 5 bits, are
+XOR-shared by one three-party OT round (party 0 tabulates them for every value of X's block),
+then a tree combines blocks pairwise (one AND round per level, packed bits), then `b2a` turns
+the bit into an arithmetic 0/1 (an OT, one round): `ge0` is 4 rounds at width 16, 5 at 32..40,
+about 90 bytes an element at width 16. With `drop`, the low bits are dropped first (a coarse
+threshold, fewer bits). `inject` multiplies a shared bit into a value in one round.
 
-`select`, `maximum` (a tournament of groups of 8, all pairs at once) build on it.
+`select`, `maximum` (a tournament of groups of 8, all pairs at once, the wins ANDed as bits) build on it.
 Knows nothing of models.
 """
 

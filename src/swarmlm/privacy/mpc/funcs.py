@@ -4,23 +4,30 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
 - `inverse_power` (1/v and 1/sqrt(v) over a wide range): v is compared with public
   thresholds 2^(k/4) all at once (one comparison depth); the bits bring v into [1, 4) and
   select, by a public linear combination (no message), a first guess y0 within 2^(1/8) of the
-  answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09, summed to e^3.
-  v / 4^i is truncated for every i at once (in the comparisons' rounds): each truncation hides
-  v as well as any other does while v, read as an integer, stays below 2^42.
-- `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (one
-  comparison), read as x/8 with 3 more fractional bits (no truncation), a Chebyshev series of
-  degree 8 gives e^(x/4) on [-4, 0], and two squarings give e^x.
+  answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09 (0.11 with the
+  comparisons' 2^-6 relative precision), summed to e^3 in two rounds (e^2 and c3 e, then one
+  sum of products). v / 4^i is truncated for every i at once (in the comparisons' rounds):
+  each truncation hides v as well as any other does while v, read as an integer, stays below
+  2^42. Comparison (5 rounds at width 40) + 3 rounds.
+- `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (the
+  bit comes with the max, or one coarse comparison), read as x/8 with 3 more fractional bits
+  (no truncation), a Chebyshev series of degree 12 gives e^(x/2) on [-8, 0], and one
+  squaring gives e^x. 6 rounds after the clamp bit.
 - `gelu` and `silu` in PUMA's manner: f(x) = x/2 + E(x) where E(x) = x (sigmoid-like(x) - 1/2)
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
-  x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu.
+  x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu,
+  whose correction (|x| - B)/2 + (B/2 - E(B)) joins the series' last round. The clamps are
+  coarse comparisons (to 1/16, for |x| < 2040; the series is fitted a little past B).
   x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
-  it as well as any other truncation (20 bits), larger outliers less so. GELU: B = 4, degree
-  8 (error 1.4e-4); SiLU: B = 8, degree 14 (error 6e-5), relu beyond 8 (error 2.7e-3).
-  Coefficients are fitted here, at import, by least squares on a dense grid. 20 rounds, two
-  comparisons.
-- `softmax_av` subtracts the row max (compare.maximum: for a decoding step over a short
-  context, all pairs at once, which also gives the clamp bit of exp), takes exp_neg, sums, and
-  multiplies (e @ v) by the reciprocal of the sum, so the reciprocal and e @ v share rounds.
+  it as well as any other truncation (19 bits), larger outliers less so. A series of degree
+  <= 12 is A(t) + T4 B(t) + T8 C(t) (_fold): T2; T3, T4; T8 and B, C truncated; one sum of
+  products: 4 rounds, 5 products. GELU: B = 4, degree 8 (error 1.4e-4); SiLU: B = 8, degree 12
+  (error 2.5e-4), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
+  least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series.
+- `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
+  decoding step over a short context; its last level also gives exp's clamp bits), takes
+  exp_neg over the keys each query may see, sums, and multiplies (e @ v) by the reciprocal
+  of the sum, so the reciprocal and e @ v share rounds.
 - `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
   square root (the norm only scales each row) unless scaling first saves more bytes than a round is worth.
 Knows nothing of models; model.py folds norm weights and scales into the linear layers.

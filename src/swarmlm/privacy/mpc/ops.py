@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 from swarmlm.privacy.mpc.ring import FRAC_BITS
@@ -136,26 +135,6 @@ def linear(p: Party, x: AShare, weight: torch.Tensor, bias: torch.Tensor | None 
     if bias is not None:
         z = z.add_public(p.index, bias)
     return (yield from trunc(p, z))
-
-
-def band(p: Party, u: BShare, v: BShare, width: int = 64) -> Protocol:
-    """Bitwise AND of XOR-shared int64 words whose bits above `width` are zero. One round; words of
-    width <= 32 travel as 4 bytes."""
-    shape = u.a.shape
-    z = (u.a & v.a) ^ (u.a & v.b) ^ (u.b & v.a)
-    z = z ^ p.prg(p.next, "zerob").ring(shape) ^ p.prg(p.prev, "zerob").ring(shape)
-    if width < 64:
-        z = z & ((1 << width) - 1)
-    narrow = width <= 32
-    got = yield Round(send={p.prev: [_narrow(z) if narrow else z]},
-                      recv={p.next: _spec(shape, torch.int32 if narrow else torch.int64)})
-    back = got[p.next][0]
-    return BShare(z, back.to(torch.int64) & 0xFFFFFFFF if narrow else back)
-
-
-def _narrow(z: torch.Tensor) -> torch.Tensor:
-    """Words below 2^32 as int32 (the same low 32 bits)."""
-    return torch.from_numpy(z.numpy().astype(np.uint32).view(np.int32))
 
 
 def band_bits(p: Party, u: BShare, v: BShare) -> Protocol:
