@@ -18,6 +18,7 @@ from __future__ import annotations
 import functools
 import math
 
+import numpy as np
 import torch
 
 from swarmlm.privacy.mpc.ops import band_bits, mul
@@ -31,89 +32,105 @@ def _mask(width: int) -> int:
     return -1 if width >= 64 else (1 << width) - 1
 
 
-def _bits(t: torch.Tensor, width: int) -> torch.Tensor:
-    """The low `width` bits of int64 words as a bool tensor (..., width), least significant first."""
-    return ((t.unsqueeze(-1) >> torch.arange(width)) & 1).bool()
+def _wire(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Words below 2^bits as they travel: int32 (the same low 32 bits) if bits <= 32, else int64."""
+    return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32)) if bits <= 32 else words
 
 
-def _ot_share(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None, shape: tuple[int, ...],
+def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None, shape: tuple[int, ...],
               C: int, k: int, label: str) -> Protocol:
-    """XOR shares of v = table[choice] (..., k), where party 0 knows table (..., C, k) (bool) and
-    parties 1 and 2 know choice (...) (an index below C). One round.
+    """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...): C candidates
+    of k bits, C k <= 64), where party 0 knows table and parties 1 and 2 know choice (< C). One
+    round; v comes as int64 words of k bits.
 
     v is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with parties 1 and 2, and
     v_2 = v ^ v_0 ^ v_1 reaches parties 1 and 2 by a three-party oblivious transfer (ABY3's, with
-    C messages): party 0 sends all C candidates under pads it shares with the other receiver,
-    who knows the choice too and sends the pad of the right one. What each receives is uniform:
-    the other candidates stay under their pads, and v_2 under the component it lacks."""
-    out_shape, pad_shape = shape + (k,), shape + (C, k)
+    C messages): party 0 sends all C candidates under a pad it shares with the other receiver,
+    who knows the choice too and sends the pad's bits of the right one. What each receives is
+    uniform: the other candidates stay under the pad, and v_2 under the component it lacks."""
+    nbits = C * k
+    kmask = (1 << k) - 1
+    wmask = -1 if nbits >= 64 else (1 << nbits) - 1
+    wdtype = torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
-        v1, pw = g1.bits(out_shape), g1.bits(pad_shape)        # pads for party 2's transfer (party 1 helps)
-        v0, pv = g2.bits(out_shape), g2.bits(pad_shape)        # pads for party 1's transfer (party 2 helps)
-        masked = table ^ (v0 ^ v1).unsqueeze(-2)
-        yield Round(send={1: [masked ^ pv], 2: [masked ^ pw]})
+        v1, pw = g1.ring(shape) & kmask, g1.ring(shape) & wmask    # pad of party 2's transfer (party 1 helps)
+        v0, pv = g2.ring(shape) & kmask, g2.ring(shape) & wmask    # pad of party 1's transfer (party 2 helps)
+        rep = sum(1 << (k * c) for c in range(C))
+        rep = rep - (1 << 64) if rep >= 1 << 63 else rep
+        masked = table ^ ((v0 ^ v1) * rep)
+        yield Round(send={1: [_wire((masked ^ pv) & wmask, nbits)], 2: [_wire((masked ^ pw) & wmask, nbits)]})
         return BShare(v0, v1)
     me, other = p.index, 3 - p.index
     g0 = p.prg(0, label)
-    mine, pads = g0.bits(out_shape), g0.bits(pad_shape)        # v_1 (party 1) or v_0 (party 2); the other's pads
-    idx = choice.unsqueeze(-1).unsqueeze(-1).expand(*shape, 1, k)
-    pick = lambda t: torch.gather(t, -2, idx).squeeze(-2)     # noqa: E731
-    got = yield Round(send={other: [pick(pads)]}, recv={0: [(pad_shape, torch.bool)], other: [(out_shape, torch.bool)]})
-    v2 = pick(got[0][0]) ^ got[other][0]
+    mine, pads = g0.ring(shape) & kmask, g0.ring(shape) & wmask    # v_1 (party 1) or v_0 (party 2); the other's pad
+    shift = k * choice
+    helper = ((pads >> shift) & kmask)
+    hbits = ((helper.unsqueeze(-1) >> torch.arange(k)) & 1).bool()
+    got = yield Round(send={other: [hbits]}, recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
+    word = got[0][0].to(torch.int64) & wmask
+    back = (got[other][0].to(torch.int64) << torch.arange(k)).sum(-1)
+    v2 = ((word >> shift) & kmask) ^ back
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
 
 
 def _block(width: int) -> int:
-    """Bits per block of the carry chain (positions 0..width-2): the fewest tree levels with
-    blocks of at most 5 bits (32 candidates each), then the smallest such block."""
-    n = width - 1
-    levels = lambda b: math.ceil(math.log2(max(1, math.ceil(n / b))))   # noqa: E731
+    """Bits per block of the carry chain (positions 0..width-1, the top one folded into the last
+    block): the fewest tree levels with blocks of at most 5 bits (32 candidates of 2 bits, one
+    64-bit word), then the smallest such block."""
+    levels = lambda b: math.ceil(math.log2(max(1, math.ceil(width / b))))   # noqa: E731
     best = min(levels(b) for b in range(1, 6))
     return min(b for b in range(1, 6) if levels(b) == best)
 
 
-@functools.lru_cache(maxsize=8)
-def _gp_table(b: int) -> torch.Tensor:
-    """(2^b, 2^b, 2) bool: for block values s, c, whether s + c carries out of b bits (generate)
-    and whether s ^ c is all ones (propagate)."""
+@functools.lru_cache(maxsize=32)
+def _gp_words(b: int, top: int) -> torch.Tensor:
+    """(2^b,) int64: for a block value s of S, the 2^b candidates (c = X's block value) of 2 bits:
+    generate (s + c carries out of the block's chain bits) and propagate ((s ^ c) all ones there).
+    With `top` < b, bit `top` is x's top bit: the chain has bits 0..top-1 and the generate bit
+    also XORs in bit `top` of s ^ c (the msb is then the carry into the top XOR that); bits
+    above `top` are padding."""
+    chain = b if top >= b else top
+    full = (1 << chain) - 1
     s, c = torch.arange(1 << b)[:, None], torch.arange(1 << b)[None, :]
-    full = (1 << b) - 1
-    return torch.stack([(s + c) > full, (s ^ c) == full], -1)
+    gen = ((s & full) + (c & full)) > full
+    prop = ((s ^ c) & full) == full
+    if top < b:
+        gen = gen ^ (((s ^ c) >> top) & 1).bool()
+    bits = gen.long() | (prop.long() << 1)                                  # (2^b, 2^b)
+    return (bits << (2 * torch.arange(1 << b))).sum(-1)                       # candidate c at bits 2c, 2c+1
 
 
 def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
-    """XOR shares of the (generate, propagate) bits of the blocks of S + X over bits 0..width-2
-    (..., nb, 2), and of bit width-1 of S ^ X (...), where S = x_0 + x_1 is known to party 0 and
-    X = x_2 to parties 1 and 2 (each shifted right by `drop`, see msb). One round.
+    """XOR shares of the (generate, propagate) bits of the blocks of S + X over bits 0..width-1
+    (two int64 words of bits, (..., nb) each), where S = x_0 + x_1 is known to party 0 and X = x_2
+    to parties 1 and 2 (each shifted right by `drop`, see msb). One round.
 
-    A block of b bits is one OT with 2^b candidates: party 0 tabulates, for every value c of
-    X's block, whether its block of S plus c carries out (generate) and whether it is all ones
-    when XORed with c (propagate); the receivers pick X's value. Bits above width-2 in the last
-    block are padded as propagating (S's bits one, X's zero)."""
-    n, b = width - 1, _block(width)
-    nb = math.ceil(n / b)
-    shape = tuple(x.shape)
+    A block of b bits is one OT with 2^b candidates (_ot_words): party 0 tabulates, for every
+    value c of X's block, whether its block of S plus c carries out (generate) and whether it is
+    all ones when XORed with c (propagate); the receivers pick X's value. The last block holds
+    the top bit, whose S ^ X is XORed into its generate bit, so the carry tree's result is the
+    msb itself."""
+    b = _block(width)
+    nb = math.ceil(width / b)
+    top = (width - 1) - (nb - 1) * b                                         # the top bit's place in the last block
     full = (1 << b) - 1
+    last = (1 << (top + 1)) - 1                                              # the last block's bits
     shifts = torch.arange(nb) * b
-    real = torch.clamp(n - shifts, max=b)                                    # real bits per block
-    pad = (full >> real) << real                                             # the padded bits of each block
-    C = 1 << b
+    shape = tuple(x.shape) + (nb,)
     if p.index == 0:
-        S = ((x.a + x.b) >> drop)
-        blocks = ((S.unsqueeze(-1) >> shifts) & full) | pad                  # (..., nb)
-        table = _gp_table(b)[blocks]                                         # (..., nb, C, 2)
-        top = ((S >> (width - 1)) & 1).bool().unsqueeze(-1)                  # (..., 1)
-        ttable = torch.stack([top, ~top], -1).unsqueeze(-1)                  # (..., 1, 2, 1): S_top ^ c
-        gp, tp = yield from parallel(_ot_share(p, table, None, shape + (nb,), C, 2, "gp"),
-                                     _ot_share(p, ttable, None, shape + (1,), 2, 1, "gpt"))
+        v = ((x.a + x.b) >> drop).unsqueeze(-1) >> shifts
+        blocks = v & full
+        words = torch.empty_like(blocks)
+        words[..., :-1] = _gp_words(b, b)[blocks[..., :-1]]
+        words[..., -1] = _gp_words(b, top)[blocks[..., -1] & last]
+        gp = yield from _ot_words(p, words, None, shape, 1 << b, 2, "gp")
     else:
-        X = (x.b if p.index == 1 else x.a) >> drop
-        blocks = (X.unsqueeze(-1) >> shifts) & full & ~pad
-        xt = ((X >> (width - 1)) & 1).unsqueeze(-1)
-        gp, tp = yield from parallel(_ot_share(p, None, blocks, shape + (nb,), C, 2, "gp"),
-                                     _ot_share(p, None, xt, shape + (1,), 2, 1, "gpt"))
-    return gp, tp.map(lambda t: t[..., 0, 0])
+        v = ((x.b if p.index == 1 else x.a) >> drop).unsqueeze(-1) >> shifts
+        blocks = v & full
+        blocks[..., -1] &= last
+        gp = yield from _ot_words(p, None, blocks, shape, 1 << b, 2, "gp")
+    return gp
 
 
 def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
@@ -129,8 +146,8 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
     carry into bit width-1 comes from a tree over the blocks (pairs combined per round, the
     count halving), so the bits sent shrink as they go: 1 + ceil(log2(blocks)) rounds, 3 for
     width 16 (4 blocks of 4), 4 for width 32 or 40."""
-    gp, top = yield from _share_gp(p, x, width, drop)
-    G, P = gp.map(lambda t: t[..., 0]), gp.map(lambda t: t[..., 1])
+    gp = yield from _share_gp(p, x, width, drop)
+    G, P = gp.map(lambda t: (t & 1).bool()), gp.map(lambda t: ((t >> 1) & 1).bool())
     while G.a.shape[-1] > 1:
         n = G.a.shape[-1]
         even = n - n % 2
@@ -147,8 +164,7 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
             newG = BShare(torch.cat([newG.a, G.a[..., -1:]], -1), torch.cat([newG.b, G.b[..., -1:]], -1))
             newP = BShare(torch.cat([newP.a, P.a[..., -1:]], -1), torch.cat([newP.b, P.b[..., -1:]], -1))
         G, P = newG, newP
-    out = top ^ G.map(lambda t: t[..., 0])
-    return out.map(lambda t: t.to(torch.int64))
+    return G.map(lambda t: t[..., 0].to(torch.int64))
 
 
 def b2a(p: Party, bit: BShare) -> Protocol:

@@ -53,7 +53,7 @@ EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
 EXP_EXTRA_BITS = 3           # x/8 as the same integer with 3 more fractional bits
 EXP_DEGREE = 12              # Chebyshev degree of e^(x/2) on [-8, 0]: error 3e-7
 STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
-COARSE = (17, 14)            # (width, drop) of softmax's comparisons: to 1/4, for |x| < 16384
+COARSE = (16, 15)            # (width, drop) of softmax's comparisons: to 1/2, for |x| < 16384
 CLAMP = (16, 12)             # GELU / SiLU's clamps: to 1/16, for |x| < 2040 (relu beyond; larger values wrap)
 SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3 (fixed: inverse_power's last two rounds)
 
@@ -107,9 +107,9 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     thresholds = encode(torch.tensor([2.0 ** (k / STEPS) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
     # the comparisons keep a relative precision of 2^-6 at the smallest threshold (dropping the
-    # bits below it: the first guess is then within 2^(1/8) + 2^-6) and cover v up to 2^(hi_exp+1)
+    # bits below it: the first guess is then within 2^(1/8) + 2^-6) and cover v up to 2^hi_exp
     drop = max(0, frac_in + lo_exp - 6)
-    width = min(64 - drop, hi_exp + frac_in - drop + 3)
+    width = min(64 - drop, hi_exp + frac_in - drop + 2)
     quads = list(range(lo_exp // 2, hi_exp // 2))                       # v / 4^i for each of these i
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
     view = (-1,) + (1,) * len(v.shape)
@@ -145,7 +145,7 @@ def _quad(k: int, quads: list[int]) -> int:
 # ---- exp ---------------------------------------------------------------------------------------
 
 def _fit_exp() -> np.ndarray:
-    t = np.linspace(-1.04, 1.04, 4001)                            # the coarse clamp / max pass the ends a little
+    t = np.linspace(-1.07, 1.07, 4001)                            # the coarse clamp / max pass the ends (by 1/2)
     return cheb.chebfit(t, np.exp(4 * (t - 1)), EXP_DEGREE)       # e^(x/2) for t = x/8 + 1
 
 
