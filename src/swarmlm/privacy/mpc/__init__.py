@@ -26,7 +26,8 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
   one three-party OT (2^b candidates a block), then a carry tree over the blocks (2 levels at
   w = 16), then bit-to-arithmetic (an OT): 4 rounds at w = 16, 5 at w = 32..40. Coarse
   comparisons drop low bits first (`drop`: the clamps of GELU/SiLU to 1/16 for |x| < 2040,
-  softmax's max to 1/2 of a unit for scores within +-4000ish, inverse_power to 2^-6 relative).
+  softmax's max to 1/2 for differences of scores below 16384 (scores within about +-6000,
+  the mask's fill is -10000), inverse_power to 2^-6 relative).
   A bit times a value in one round (compare.inject, two OTs) picks the max's winner;
 - nonlinearities (funcs.py): softmax with the row max subtracted (a tournament of groups of 8
   whose last level also gives [x >= max - 16], so exp needs no comparison), exp by a clamped

@@ -142,10 +142,10 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
     (a clamp, a max to within a fraction) runs on fewer bits, so in fewer rounds and bytes.
 
     x = S + X with S = x_0 + x_1 (party 0) and X = x_2 (parties 1 and 2): the generate and
-    propagate bits of blocks of up to 5 bits are shared in one round (_share_gp), then the
-    carry into bit width-1 comes from a tree over the blocks (pairs combined per round, the
-    count halving), so the bits sent shrink as they go: 1 + ceil(log2(blocks)) rounds, 3 for
-    width 16 (4 blocks of 4), 4 for width 32 or 40."""
+    propagate bits of blocks of up to 5 bits (the last block's generate XORed with the top
+    bit of S ^ X) are shared in one round (_share_gp), then a tree over the blocks (pairs
+    combined per round, the count halving) ends with the msb itself: 1 + ceil(log2(blocks))
+    rounds, 3 for width 16 (4 blocks of 4), 4 for width 32 or 40 (8 blocks)."""
     gp = yield from _share_gp(p, x, width, drop)
     G, P = gp.map(lambda t: (t & 1).bool()), gp.map(lambda t: ((t >> 1) & 1).bool())
     while G.a.shape[-1] > 1:
