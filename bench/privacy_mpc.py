@@ -13,7 +13,9 @@ activations of order one:
 - the ratio, the communication rounds and the bytes all parties sent, and a projection to a
   WAN: rounds x RTT + bytes / bandwidth (20 ms, 100 Mbit/s by default) added to the compute;
 - the same for one decoding step (one new token after the sequence, KV cache in shares);
-- the relative error of the private output against plaintext.
+- the relative error of the private output against plaintext;
+- per op class (runtime.tagged in model.block / funcs.softmax_av): the rounds it takes part in
+  and the bytes all parties sent for it (a round shared by two classes counts for both).
 Prints one JSON line per result.
 """
 
@@ -90,13 +92,27 @@ def main() -> None:
 
     parties = LocalParties(timeout_s=120)
     pre, dec, pre_cost, dec_cost, errs = [], [], None, None, []
+    breakdown = {}
+
+    def tags() -> dict[str, list[int]]:
+        """Per op class: [rounds, bytes all parties sent], then reset."""
+        out = {}
+        for party in parties.parties:
+            for name, (r, b) in party.by_tag.items():
+                row = out.setdefault(name, [0, 0])
+                row[0], row[1] = max(row[0], r), row[1] + b
+            party.by_tag.clear()
+        return out
+
     for _ in range(args.trials):
+        tags()
         caches = [KVShares() for _ in range(3)]
         shares = split(encode(h[:, :T]))
         r0, b0, t = parties.rounds, parties.bytes_sent, time.perf_counter()
         out = parties.run(lambda p: block(p, w, 0, shares[p.index], caches[p.index], torch.arange(T)))
         pre.append((time.perf_counter() - t) * 1e3)
         pre_cost = (parties.rounds - r0, parties.bytes_sent - b0)
+        breakdown["block_prefill"] = tags()
         got = decode(combine([o.a for o in out])).float()
         errs.append(float((got - ref).abs().max() / ref.abs().max()))
         for c in caches:
@@ -106,6 +122,7 @@ def main() -> None:
         out = parties.run(lambda p: block(p, w, 0, shares[p.index], caches[p.index], torch.arange(T, T + 1)))
         dec.append((time.perf_counter() - t) * 1e3)
         dec_cost = (parties.rounds - r0, parties.bytes_sent - b0)
+        breakdown["decode_step"] = tags()
         got = decode(combine([o.a for o in out])).float()
         errs.append(float((got - ref_step).abs().max() / ref_step.abs().max()))
 
@@ -122,6 +139,9 @@ def main() -> None:
         wan_ms = m_med + rounds * args.rtt_ms + nbytes * 8 / (args.mbit * 1e6) * 1e3
         emit(f"privacy_mpc.{label}.wan_projection_ms", round(wan_ms, 1), "ms", rtt_ms=args.rtt_ms, mbit_s=args.mbit,
              rounds_ms=round(rounds * args.rtt_ms, 1), transfer_ms=round(nbytes * 8 / (args.mbit * 1e3), 1))
+    for label, rows in breakdown.items():
+        for name, (rounds, nbytes) in rows.items():
+            emit(f"privacy_mpc.{label}.op.{name}", rounds, "rounds", bytes=nbytes, mb=round(nbytes / 1e6, 3))
     emit("privacy_mpc.max_relative_error", round(max(errs), 6), "ratio", target=1e-2)
 
 

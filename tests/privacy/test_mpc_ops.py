@@ -11,7 +11,7 @@ from swarmlm.errors import WireError
 from swarmlm.privacy.mpc import compare, funcs, ops
 from swarmlm.privacy.mpc.ring import Prg, decode, encode
 from swarmlm.privacy.mpc.runtime import LocalParties, Round, decode_message, encode_message
-from swarmlm.privacy.mpc.shares import combine, split
+from swarmlm.privacy.mpc.shares import BShare, combine, split
 
 
 @pytest.fixture(scope="module")
@@ -58,7 +58,7 @@ def test_linear_with_public_weights_needs_only_the_truncation_round(parties):
     x, w, b = torch.randn(4, 16), torch.randn(16, 8), torch.randn(8)
     before = parties.rounds
     got = _real(parties, lambda p, a: ops.linear(p, a, encode(w), encode(b, 32)), x)
-    assert parties.rounds - before == 2
+    assert parties.rounds - before == 1
     assert (got - (x.double() @ w.double() + b)).abs().max() < 1e-3
 
 
@@ -142,3 +142,51 @@ def test_a_silent_party_is_a_timeout_not_a_hang():
 
     with pytest.raises(PeerTimeout):
         lp.run(protocol)
+
+
+def _xor_split(bits: torch.Tensor) -> list[BShare]:
+    r0, r1 = torch.randint(0, 2, bits.shape), torch.randint(0, 2, bits.shape)
+    comps = [r0, r1, bits ^ r0 ^ r1]
+    return [BShare(comps[i], comps[(i + 1) % 3]) for i in range(3)]
+
+
+def test_bit_injection_multiplies_a_shared_bit_into_a_value_in_one_round(parties):
+    bits = torch.randint(0, 2, (200,))
+    v = torch.randn(200) * 50
+    vs, bs = split(encode(v)), _xor_split(bits)
+    before = parties.rounds
+    out = parties.run(lambda p: compare.inject(p, bs[p.index], vs[p.index]))
+    assert parties.rounds - before == 1
+    assert torch.equal(combine([o.a for o in out]), encode(v) * bits)
+
+
+def test_public_matmul_by_float_limbs_is_exact_in_the_ring():
+    from swarmlm.privacy.mpc.ring import public_matmul
+    g = torch.Generator().manual_seed(0)
+    x = torch.randint(-2 ** 62, 2 ** 62, (3, 5, 64), generator=g)
+    w = torch.randint(-2 ** 20, 2 ** 20, (64, 48), generator=g)
+    assert torch.equal(public_matmul(x, w), x @ w)
+    wt = torch.randint(-2 ** 20, 2 ** 20, (5, 64, 48), generator=g)               # one matrix per position
+    assert torch.equal(public_matmul(x.transpose(0, 1), wt), x.transpose(0, 1) @ wt)
+
+
+def test_coarse_comparison_is_exact_outside_its_last_unit(parties):
+    x = torch.cat([torch.randn(400) * 300, torch.tensor([1 / 16, -1 / 65536, 1000.0, -1000.0])])
+    bits = _run(parties, lambda p, a: compare.ge0(p, a, 16, 12), x)             # units of 1/16
+    ref = (encode(x) >= 0).long()
+    sure = (encode(x) < 0) | (encode(x) >= 1 << 12)
+    assert torch.equal(bits[sure], ref[sure])
+
+
+def test_coarse_maximum_has_one_winner_among_near_ties(parties):
+    base = torch.randn(4, 32) * 10
+    x = base.repeat_interleave(2, -1)[:, :32] + torch.rand(4, 32) * 0.01     # pairs within 1/100 of each other
+    shares = split(encode(x))
+    out = parties.run(lambda p: compare.maximum(p, shares[p.index], int(encode(-4000.0)), group=8,
+                                                margin=int(encode(16.0)), width=16, drop=15))
+    top = decode(combine([o[0].a for o in out]))[..., 0]
+    near = combine([o[1].a for o in out])
+    assert ((top - x.double().max(-1).values).abs() <= 0.5).all()          # one winner, within the coarse unit
+    d = x.double() - x.double().max(-1, keepdim=True).values
+    assert torch.equal(near[d >= -15.0], torch.ones_like(near[d >= -15.0]))
+    assert torch.equal(near[d < -17.0], torch.zeros_like(near[d < -17.0]))

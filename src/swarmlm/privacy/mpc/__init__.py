@@ -13,24 +13,35 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
 - ring Z_2^64 on torch.int64 (wrapping arithmetic), fixed point with 16 fractional bits;
 - replicated sharing x = x0 + x1 + x2, party i holds (x_i, x_{i+1}); correlated randomness
   (zero shares, masks) from AES-CTR PRGs on pairwise seeds the parties agree on when they link;
-- linear layers with public weights: local products, then one truncation (2 rounds);
-- secret x secret products (q k^T, attention x v, gating): one round of re-sharing, fused with the
-  truncation into 2 rounds;
-- truncation: party 0 sees z + r with r uniform in [0, 2^62) known to parties 1 and 2; exact up
-  to one unit in the last place, never a wrap-around error; statistical hiding 2^-(62-log2|z|);
-- comparison: the sign bit of x mod 2^32 by a boolean full adder and a Kogge-Stone carry prefix
-  over bit-packed words, then bit-to-arithmetic (10 rounds, about 200 bytes an element);
-- nonlinearities (funcs.py): softmax with the row max subtracted, exp by clamping and squaring,
-  1/x and 1/sqrt(x) by range normalization and a series, GELU and SiLU as Chebyshev series of an
-  even function with relu outside a power-of-two bound;
+- linear layers with public weights: local products, then one truncation (1 round);
+- secret x secret products (q k^T, attention x v, gating): the product and its truncation in
+  one round (ops.trunc_sum);
+- truncation (ops.py): the mask r = r_0 + r_1 + r_2 is replicated like a share (each component
+  uniform in [0, 2^61) from the PRG of the two parties holding it); parties 0 and 2 open
+  z + r, each missing one component of r. One round; error -1..+2 units in the last place,
+  never a wrap-around error (|z| < 2^61); statistical hiding 2^-(61 - log2|z|): 19 bits for
+  products of values below 2^10 (2f = 32 fractional bits), less for larger outliers;
+- comparison (compare.py): the sign bit of x mod 2^w. x = S + X with S = x_0 + x_1 (party 0)
+  and X = x_2 (parties 1, 2); the generate/propagate bits of blocks of up to 5 bits come by
+  one three-party OT (2^b candidates a block), then a carry tree over the blocks (2 levels at
+  w = 16), then bit-to-arithmetic (an OT): 4 rounds at w = 16, 5 at w = 32..40. Coarse
+  comparisons drop low bits first (`drop`: the clamps of GELU/SiLU to 1/16 for |x| < 2040,
+  softmax's max to 1/2 for differences of scores below 16384 (scores within about +-6000,
+  the mask's fill is -10000), inverse_power to 2^-6 relative).
+  A bit times a value in one round (compare.inject, two OTs) picks the max's winner;
+- nonlinearities (funcs.py): softmax with the row max subtracted (a tournament of groups of 8
+  whose last level also gives [x >= max - 16], so exp needs no comparison), exp by a clamped
+  series and one squaring, 1/x and 1/sqrt(x) by range normalization and a series, GELU and
+  SiLU as Chebyshev series of an even function (A + T4 B + T8 C: 4 product rounds for degree
+  12) with relu outside a power-of-two bound;
 - embedding: one-hot shares times the public table; the KV cache stays in shares.
 
 Modules, in reading order:
-    ring.py      fixed-point encoding, the PRG
+    ring.py      fixed-point encoding, the PRG, public_matmul (exact ring products by float64 limbs)
     shares.py    AShare / BShare (one party's replicated shares), the client's split / combine
     runtime.py   Round, parallel (protocols as generators), Party, LocalParties (three in one process)
-    ops.py       mul, trunc, trunc_sum, mul_trunc, linear, band (AND of shared bits)
-    compare.py   msb, b2a, ge0, select, maximum
+    ops.py       mul, trunc, trunc_sum, mul_trunc, linear, band_bits (AND of shared bits)
+    compare.py   msb, b2a, inject, ge0, coarse, select, maximum
     funcs.py     inverse_power, exp_neg, gelu, silu, norm, softmax_av
     model.py     PublicWeights (folded, encoded weights), KVShares, block, forward
     client.py    share_tokens, open_logits, generate_in_process, MpcStats

@@ -1,25 +1,28 @@
 """Comparison of shared values: the sign bit by a boolean adder, and what is built on it.
 
 `msb(x, width)`: reduction modulo 2^width is a ring homomorphism, so for |x| < 2^(width-1) the
-sign of x is bit width-1 of x_0 + x_1 + x_2 mod 2^width. Each component is known to two
-parties, so each is a boolean-shared number without any message; bits live packed in int64
-words (one word per element, XOR shares, bitwise AND in one round: ops.band). One layer of
-full adders (one AND round) turns the three numbers into two, s + c; the carry into the top
-bit comes from a Kogge-Stone prefix over (generate, propagate) (one AND round for g, then
-log2(width) rounds of two ANDs). Words of width <= 32 travel as 4 bytes. `b2a` turns the
-shared bit into an arithmetic 0/1 (a three-party oblivious transfer, one round), so `ge0` is
-2 + log2(width) + 1 rounds (8 for width 32) whatever the number of elements, about 180 bytes each.
+sign of x is bit width-1 of x_0 + x_1 + x_2 mod 2^width. Party 0 knows S = x_0 + x_1, parties
+1 and 2 know X = x_2: the generate / propagate bits of S + X, by blocks of up to 5 bits, are
+XOR-shared by one three-party OT round (party 0 tabulates them for every value of X's block),
+then a tree combines blocks pairwise (one AND round per level, packed bits), then `b2a` turns
+the bit into an arithmetic 0/1 (an OT, one round): `ge0` is 4 rounds at width 16, 5 at 32..40,
+about 90 bytes an element at width 16. With `drop`, the low bits are dropped first (a coarse
+threshold, fewer bits). `inject` multiplies a shared bit into a value in one round.
 
-`select`, `maximum` (a tournament of groups of 8, all pairs at once) build on it.
+`select`, `maximum` (a tournament of groups of 8, all pairs at once, the wins ANDed as bits) build on it.
 Knows nothing of models.
 """
 
 from __future__ import annotations
 
+import functools
+import math
+
+import numpy as np
 import torch
 
-from swarmlm.privacy.mpc.ops import band, mul
-from swarmlm.privacy.mpc.runtime import Party, Protocol, Round
+from swarmlm.privacy.mpc.ops import band_bits, mul
+from swarmlm.privacy.mpc.runtime import Party, Protocol, Round, parallel
 from swarmlm.privacy.mpc.shares import AShare, BShare
 
 WIDTH = 32                   # default: |x| < 2^31, i.e. below 32768 in value at 16 fractional bits
@@ -29,36 +32,139 @@ def _mask(width: int) -> int:
     return -1 if width >= 64 else (1 << width) - 1
 
 
-def _component(p: Party, x: AShare, j: int, width: int) -> BShare:
-    """Component x_j of x (mod 2^width) as a boolean-shared number (nonzero only in component j)."""
-    m = _mask(width)
-    zero = torch.zeros_like(x.a)
-    return BShare(x.a & m if j == p.index else zero, x.b & m if j == p.next else zero)
+def _wire(words: torch.Tensor, bits: int) -> torch.Tensor:
+    """Words below 2^bits as they travel: int32 (the same low 32 bits) if bits <= 32, else int64."""
+    return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32)) if bits <= 32 else words
 
 
-def msb(p: Party, x: AShare, width: int = WIDTH) -> Protocol:
-    """Bit width-1 of x mod 2^width, XOR-shared in bit 0 of int64 words (x's shape)."""
-    m = _mask(width)
-    A, B, C = (_component(p, x, j, width) for j in range(3))
-    maj = (yield from band(p, A ^ C, B ^ C, width)) ^ C                 # carries of A + B + C
-    s = A ^ B ^ C
-    cy = maj.map(lambda t: (t << 1) & m)
-    G = yield from band(p, s, cy, width)
-    P = s ^ cy
-    k = 1
-    while k < width - 1:                                                 # prefix over bits 0..width-2
-        last = 2 * k >= width - 1
-        if last:
-            t = yield from band(p, P, G.map(lambda u: (u << k) & m), width)
-        else:
-            both = yield from band(p, BShare(torch.stack([P.a, P.a]), torch.stack([P.b, P.b])),
-                                   BShare(torch.stack([(G.a << k) & m, (P.a << k) & m]),
-                                          torch.stack([(G.b << k) & m, (P.b << k) & m])), width)
-            t, P = both.map(lambda u: u[0]), both.map(lambda u: u[1])
-        G = G ^ t
-        k *= 2
-    top = (s ^ cy).map(lambda u: (u >> (width - 1)) & 1)
-    return top ^ G.map(lambda u: (u >> (width - 2)) & 1)
+def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None, shape: tuple[int, ...],
+              C: int, k: int, label: str) -> Protocol:
+    """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...): C candidates
+    of k bits, C k <= 64), where party 0 knows table and parties 1 and 2 know choice (< C). One
+    round; v comes as int64 words of k bits.
+
+    v is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with parties 1 and 2, and
+    v_2 = v ^ v_0 ^ v_1 reaches parties 1 and 2 by a three-party oblivious transfer (ABY3's, with
+    C messages): party 0 sends all C candidates under a pad it shares with the other receiver,
+    who knows the choice too and sends the pad's bits of the right one. What each receives is
+    uniform: the other candidates stay under the pad, and v_2 under the component it lacks."""
+    nbits = C * k
+    kmask = (1 << k) - 1
+    wmask = -1 if nbits >= 64 else (1 << nbits) - 1
+    wdtype = torch.int32 if nbits <= 32 else torch.int64
+    if p.index == 0:
+        g1, g2 = p.prg(1, label), p.prg(2, label)
+        v1, pw = g1.ring(shape) & kmask, g1.ring(shape) & wmask    # pad of party 2's transfer (party 1 helps)
+        v0, pv = g2.ring(shape) & kmask, g2.ring(shape) & wmask    # pad of party 1's transfer (party 2 helps)
+        rep = sum(1 << (k * c) for c in range(C))
+        rep = rep - (1 << 64) if rep >= 1 << 63 else rep
+        masked = table ^ ((v0 ^ v1) * rep)
+        yield Round(send={1: [_wire((masked ^ pv) & wmask, nbits)], 2: [_wire((masked ^ pw) & wmask, nbits)]})
+        return BShare(v0, v1)
+    me, other = p.index, 3 - p.index
+    g0 = p.prg(0, label)
+    mine, pads = g0.ring(shape) & kmask, g0.ring(shape) & wmask    # v_1 (party 1) or v_0 (party 2); the other's pad
+    shift = k * choice
+    helper = ((pads >> shift) & kmask)
+    hbits = ((helper.unsqueeze(-1) >> torch.arange(k)) & 1).bool()
+    got = yield Round(send={other: [hbits]}, recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
+    word = got[0][0].to(torch.int64) & wmask
+    back = (got[other][0].to(torch.int64) << torch.arange(k)).sum(-1)
+    v2 = ((word >> shift) & kmask) ^ back
+    return BShare(mine, v2) if me == 1 else BShare(v2, mine)
+
+
+def _block(width: int) -> int:
+    """Bits per block of the carry chain (positions 0..width-1, the top one folded into the last
+    block): the fewest tree levels with blocks of at most 5 bits (32 candidates of 2 bits, one
+    64-bit word), then the smallest such block."""
+    levels = lambda b: math.ceil(math.log2(max(1, math.ceil(width / b))))   # noqa: E731
+    best = min(levels(b) for b in range(1, 6))
+    return min(b for b in range(1, 6) if levels(b) == best)
+
+
+@functools.lru_cache(maxsize=32)
+def _gp_words(b: int, top: int) -> torch.Tensor:
+    """(2^b,) int64: for a block value s of S, the 2^b candidates (c = X's block value) of 2 bits:
+    generate (s + c carries out of the block's chain bits) and propagate ((s ^ c) all ones there).
+    With `top` < b, bit `top` is x's top bit: the chain has bits 0..top-1 and the generate bit
+    also XORs in bit `top` of s ^ c (the msb is then the carry into the top XOR that); bits
+    above `top` are padding."""
+    chain = b if top >= b else top
+    full = (1 << chain) - 1
+    s, c = torch.arange(1 << b)[:, None], torch.arange(1 << b)[None, :]
+    gen = ((s & full) + (c & full)) > full
+    prop = ((s ^ c) & full) == full
+    if top < b:
+        gen = gen ^ (((s ^ c) >> top) & 1).bool()
+    bits = gen.long() | (prop.long() << 1)                                  # (2^b, 2^b)
+    return (bits << (2 * torch.arange(1 << b))).sum(-1)                       # candidate c at bits 2c, 2c+1
+
+
+def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
+    """XOR shares of the (generate, propagate) bits of the blocks of S + X over bits 0..width-1
+    (two int64 words of bits, (..., nb) each), where S = x_0 + x_1 is known to party 0 and X = x_2
+    to parties 1 and 2 (each shifted right by `drop`, see msb). One round.
+
+    A block of b bits is one OT with 2^b candidates (_ot_words): party 0 tabulates, for every
+    value c of X's block, whether its block of S plus c carries out (generate) and whether it is
+    all ones when XORed with c (propagate); the receivers pick X's value. The last block holds
+    the top bit, whose S ^ X is XORed into its generate bit, so the carry tree's result is the
+    msb itself."""
+    b = _block(width)
+    nb = math.ceil(width / b)
+    top = (width - 1) - (nb - 1) * b                                         # the top bit's place in the last block
+    full = (1 << b) - 1
+    last = (1 << (top + 1)) - 1                                              # the last block's bits
+    shifts = torch.arange(nb) * b
+    shape = tuple(x.shape) + (nb,)
+    if p.index == 0:
+        v = ((x.a + x.b) >> drop).unsqueeze(-1) >> shifts
+        blocks = v & full
+        words = torch.empty_like(blocks)
+        words[..., :-1] = _gp_words(b, b)[blocks[..., :-1]]
+        words[..., -1] = _gp_words(b, top)[blocks[..., -1] & last]
+        gp = yield from _ot_words(p, words, None, shape, 1 << b, 2, "gp")
+    else:
+        v = ((x.b if p.index == 1 else x.a) >> drop).unsqueeze(-1) >> shifts
+        blocks = v & full
+        blocks[..., -1] &= last
+        gp = yield from _ot_words(p, None, blocks, shape, 1 << b, 2, "gp")
+    return gp
+
+
+def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
+    """Bit width-1 of x mod 2^width, XOR-shared in bit 0 of int64 words (x's shape).
+
+    With `drop` = k, of (S >> k) + (X >> k) instead, which is floor(x / 2^k) or one less (the
+    carry out of the dropped bits is lost): the sign of x for |x| < 2^(width-1+k), except that
+    x in [0, 2^k) may read as negative. A comparison that needs only a coarse threshold
+    (a clamp, a max to within a fraction) runs on fewer bits, so in fewer rounds and bytes.
+
+    x = S + X with S = x_0 + x_1 (party 0) and X = x_2 (parties 1 and 2): the generate and
+    propagate bits of blocks of up to 5 bits (the last block's generate XORed with the top
+    bit of S ^ X) are shared in one round (_share_gp), then a tree over the blocks (pairs
+    combined per round, the count halving) ends with the msb itself: 1 + ceil(log2(blocks))
+    rounds, 3 for width 16 (4 blocks of 4), 4 for width 32 or 40 (8 blocks)."""
+    gp = yield from _share_gp(p, x, width, drop)
+    G, P = gp.map(lambda t: (t & 1).bool()), gp.map(lambda t: ((t >> 1) & 1).bool())
+    while G.a.shape[-1] > 1:
+        n = G.a.shape[-1]
+        even = n - n % 2
+        lo = lambda t: t[..., 0:even:2]                        # noqa: E731
+        hi = lambda t: t[..., 1:even:2]                        # noqa: E731
+        Phi = P.map(hi)
+        both = yield from band_bits(p, BShare(torch.cat([Phi.a, Phi.a], -1), torch.cat([Phi.b, Phi.b], -1)),
+                                    BShare(torch.cat([G.map(lo).a, P.map(lo).a], -1),
+                                           torch.cat([G.map(lo).b, P.map(lo).b], -1)))
+        half = even // 2
+        newG = G.map(hi) ^ both.map(lambda t: t[..., :half])
+        newP = both.map(lambda t: t[..., half:])
+        if n % 2:                                               # the top block passes through
+            newG = BShare(torch.cat([newG.a, G.a[..., -1:]], -1), torch.cat([newG.b, G.b[..., -1:]], -1))
+            newP = BShare(torch.cat([newP.a, P.a[..., -1:]], -1), torch.cat([newP.b, P.b[..., -1:]], -1))
+        G, P = newG, newP
+    return G.map(lambda t: t[..., 0].to(torch.int64))
 
 
 def b2a(p: Party, bit: BShare) -> Protocol:
@@ -91,9 +197,59 @@ def b2a(p: Party, bit: BShare) -> Protocol:
     return AShare(first, c2) if me == 1 else AShare(c2, first)
 
 
-def ge0(p: Party, x: AShare, width: int = WIDTH) -> Protocol:
-    """[x >= 0] as an arithmetic 0/1 share, for |x| < 2^(width-1). Ten rounds (width 32)."""
-    neg = yield from b2a(p, (yield from msb(p, x, width)))
+def inject(p: Party, bit: BShare, v: AShare) -> Protocol:
+    """bit * v for an XOR-shared bit (bit 0 of int64 words) and an arithmetic v of the same shape.
+    One round (b2a and a product take two), twelve ring elements an element.
+
+    b v = (t ^ b_2) (v_0 + v_1) + (b_0 ^ c) v_2 with t = b_0 ^ b_1 (party 0) and c = b_1 ^ b_2
+    (party 1). The first term reaches parties 1 and 2 by the OT of b2a (party 0 sends both
+    candidates, the choice b_2 is theirs), the second reaches parties 0 and 2 by the same OT
+    with party 1 sending and b_0 the choice (known to parties 0 and 2, each the other's helper).
+    Each candidate is masked by PRG values of the sender and one receiver, so what a party
+    receives is uniform; the result is (r_0 + c_B, r_1 + s_1, c_A + s_2)."""
+    shape = v.shape
+    spec = (tuple(shape), torch.int64)
+    if p.index == 0:
+        t, b0 = (bit.a ^ bit.b) & 1, bit.a & 1
+        V = v.a + v.b
+        g1, g2 = p.prg(1, "inj"), p.prg(2, "inj")
+        r1, pw = g1.ring(shape), (g1.ring(shape), g1.ring(shape))       # pads of party 2's transfer
+        r0, pv = g2.ring(shape), (g2.ring(shape), g2.ring(shape))       # pads of party 1's transfer
+        h1 = p.prg(1, "injb")
+        s1, sp = h1.ring(shape), (h1.ring(shape), h1.ring(shape))       # party 1's pads for party 2's transfer
+        m0, m1 = t * V - r0 - r1, (1 - t) * V - r0 - r1
+        got = yield Round(send={1: [m0 + pv[0], m1 + pv[1]], 2: [m0 + pw[0], m1 + pw[1], torch.where(b0.bool(), sp[1], sp[0])]},
+                          recv={1: [spec, spec], 2: [spec]})
+        cB = torch.where(b0.bool(), got[1][1], got[1][0]) - got[2][0]
+        return AShare(r0 + cB, r1 + s1)
+    if p.index == 1:
+        b2, c, v2 = bit.b & 1, (bit.a ^ bit.b) & 1, v.b
+        g0 = p.prg(0, "inj")
+        r1, pw = g0.ring(shape), (g0.ring(shape), g0.ring(shape))
+        h0, h2 = p.prg(0, "injb"), p.prg(2, "injb")
+        s1, sp = h0.ring(shape), (h0.ring(shape), h0.ring(shape))       # pads of party 2's B transfer
+        s2, q = h2.ring(shape), (h2.ring(shape), h2.ring(shape))        # pads of party 0's B transfer
+        n0, n1 = c * v2 - s1 - s2, (1 - c) * v2 - s1 - s2
+        got = yield Round(send={0: [n0 + q[0], n1 + q[1]], 2: [n0 + sp[0], n1 + sp[1], torch.where(b2.bool(), pw[1], pw[0])]},
+                          recv={0: [spec, spec], 2: [spec]})
+        cA = torch.where(b2.bool(), got[0][1], got[0][0]) - got[2][0]
+        return AShare(r1 + s1, cA + s2)
+    b2, b0 = bit.a & 1, bit.b & 1
+    g0 = p.prg(0, "inj")
+    r0, pv = g0.ring(shape), (g0.ring(shape), g0.ring(shape))
+    h1 = p.prg(1, "injb")
+    s2, q = h1.ring(shape), (h1.ring(shape), h1.ring(shape))
+    got = yield Round(send={1: [torch.where(b2.bool(), pv[1], pv[0])], 0: [torch.where(b0.bool(), q[1], q[0])]},
+                      recv={0: [spec, spec, spec], 1: [spec, spec, spec]})
+    cA = torch.where(b2.bool(), got[0][1], got[0][0]) - got[1][2]
+    cB = torch.where(b0.bool(), got[1][1], got[1][0]) - got[0][2]
+    return AShare(cA + s2, r0 + cB)
+
+
+def ge0(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
+    """[x >= 0] as an arithmetic 0/1 share, for |x| < 2^(width-1+drop); with `drop`, x in [0, 2^drop)
+    may read as negative (msb). 2 + ceil(log2(width-1)) rounds: 7 for width 32, 6 for 17."""
+    neg = yield from b2a(p, (yield from msb(p, x, width, drop)))
     return (-neg).add_public(p.index, 1)
 
 
@@ -102,13 +258,19 @@ def select(p: Party, bit: AShare, x: AShare, y: AShare) -> Protocol:
     return y + (yield from mul(p, bit, x - y))
 
 
-def _products(p: Party, x: AShare) -> Protocol:
-    """The product of 0/1 values over the last dim (..., L) -> (...), ceil(log2(L)) rounds."""
-    while x.shape[-1] > 1:
-        half = x.shape[-1] // 2
-        prod = yield from mul(p, x.map(lambda t: t[..., :half]), x.map(lambda t: t[..., half:2 * half]))
-        x = AShare(torch.cat([prod.a, x.a[..., 2 * half:]], -1), torch.cat([prod.b, x.b[..., 2 * half:]], -1))
-    return x.map(lambda t: t[..., 0])
+def coarse(p: Party, x: AShare, drop: int) -> AShare:
+    """x as msb reads it, each value rounded down by `drop` bits once: party 0 holds S >> drop
+    (S = x_0 + x_1), parties 1 and 2 hold x_2 >> drop (in the places msb reads), the rest zero.
+    Only for msb / ge0; differences between such values are exact (no carry lost between them),
+    a public constant goes to party 0's first component. Local."""
+    if drop == 0:
+        return x
+    zero = torch.zeros_like(x.a)
+    if p.index == 0:
+        return AShare((x.a + x.b) >> drop, zero)
+    if p.index == 1:
+        return AShare(zero, x.b >> drop)
+    return AShare(x.a >> drop, zero)
 
 
 def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
@@ -119,46 +281,91 @@ def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Ten
     return pairs, idx.view(g, max(g - 1, 0)), second.view(g, max(g - 1, 0))
 
 
-def _group_max(p: Party, groups: AShare, margin: int | None) -> Protocol:
+def _group_max(p: Party, groups: AShare, margin: int | None, width: int, drop: int,
+               originals: AShare | None = None) -> Protocol:
     """Max over the last dim of `groups` (..., g) by comparing all pairs at once; with `margin`
-    (encoded), also [x_i >= max - margin] for each i, from the same comparison round."""
+    (encoded), also [x_i >= max - margin] for each i, from the same comparison round: for the
+    group's own values (ordered pairs), or, given `originals` (..., 1, n) (the row before the
+    earlier levels, groups then being (..., 1, g)), for those: x_i >= m_j - margin for all j."""
     g = groups.shape[-1]
     pairs, idx, second = _pair_tables(g)
     li = [i for i, _ in pairs]
     lj = [j for _, j in pairs]
-    if margin is not None:                                              # ordered pairs (i, j != i)
+    own_near = margin is not None and originals is None
+    if own_near:                                                        # ordered pairs (i, j != i)
         others = torch.tensor([[j for j in range(g) if j != i] for i in range(g)], dtype=torch.long)
         li += [i for i in range(g) for _ in range(g - 1)]
         lj += others.reshape(-1).tolist()
     li_t, lj_t = torch.tensor(li, dtype=torch.long), torch.tensor(lj, dtype=torch.long)
     offset = torch.zeros(len(li), dtype=torch.int64)
-    offset[len(pairs):] = margin or 0
-    diffs = groups.map(lambda t: t[..., li_t] - t[..., lj_t]).add_public(p.index, offset)   # (..., P [+ g(g-1)])
-    ge = yield from ge0(p, diffs)
-    # wins (..., g, g-1): [x_i >= x_j] where i < j, else [x_i > x_j] = 1 - [x_j >= x_i] (ties: lower index)
-    wins = ge.map(lambda t: t[..., idx] * (1 - 2 * second)).add_public(p.index, second)
-    rows = wins
-    if margin is not None:
-        near = ge.map(lambda t: t[..., len(pairs):].reshape(*t.shape[:-1], g, g - 1))
-        rows = AShare(torch.cat([wins.a, near.a], -2), torch.cat([wins.b, near.b], -2))  # (..., 2g, g-1)
-    prods = yield from _products(p, rows)                                           # (..., g or 2g)
-    picked = yield from mul(p, prods.map(lambda t: t[..., :g]), groups)             # the winner's value, else 0
-    top = picked.map(lambda t: t.sum(-1))
-    return top, (prods.map(lambda t: t[..., g:]) if margin is not None else None)
+    offset[len(pairs):] = (margin or 0) >> drop
+    # with `drop`, every value is first rounded down once (coarse), so all pairs compare the same
+    # rounded values exactly and the wins stay a total order (one winner per group)
+    cg = coarse(p, groups, drop)
+    diffs = cg.map(lambda t: t[..., li_t] - t[..., lj_t])                              # (..., P [+ g(g-1)])
+    if p.index == 0:
+        diffs = AShare(diffs.a + offset, diffs.b)
+    n = 0
+    if originals is not None and margin is not None:                  # x_i - m_j + margin, (..., 1, n * g)
+        n = originals.shape[-1]
+        co = coarse(p, originals, drop)
+        vs = AShare((co.a.unsqueeze(-1) - cg.a.unsqueeze(-2)).flatten(-2), (co.b.unsqueeze(-1) - cg.b.unsqueeze(-2)).flatten(-2))
+        if p.index == 0:
+            vs = AShare(vs.a + (margin >> drop), vs.b)
+        diffs = AShare(torch.cat([diffs.a, vs.a], -1), torch.cat([diffs.b, vs.b], -1))
+    neg = (yield from msb(p, diffs, width)).map(lambda t: t.bool())                    # [x_i - x_j < 0]
+    # wins (..., g, g-1), boolean: [x_i >= x_j] where i < j, else [x_i > x_j] = [x_j - x_i < 0]
+    # (ties: lower index); the winner is the AND of its wins, the near bits the AND of theirs
+    first = (1 - second).bool()
+    P = len(li)
+    rows = neg.map(lambda t: t[..., idx]).xor_public(p.index, first)
+    if own_near:
+        near = neg.map(lambda t: t[..., len(pairs):P].reshape(*t.shape[:-1], g, g - 1)).xor_public(
+            p.index, torch.ones((g, g - 1), dtype=torch.bool))
+        rows = BShare(torch.cat([rows.a, near.a], -2), torch.cat([rows.b, near.b], -2))   # (..., 2g, g-1)
+    if n:
+        near = neg.map(lambda t: t[..., P:].reshape(*t.shape[:-1], n, g)).xor_public(
+            p.index, torch.ones((n, g), dtype=torch.bool))
+        alls, close = yield from parallel(_all(p, rows), _all(p, near))               # (..., 1, g), (..., 1, n)
+        alls = BShare(torch.cat([alls.a, close.a], -1), torch.cat([alls.b, close.b], -1))
+    else:
+        alls = yield from _all(p, rows)                                                 # (..., g or 2g)
+    bits = alls.map(lambda t: t.to(torch.int64))
+    win = bits.map(lambda t: t[..., :g])
+    if margin is not None:                                  # the winner's value, and the near bits as 0/1
+        picked, near = yield from parallel(inject(p, win, groups), b2a(p, bits.map(lambda t: t[..., g:])))
+    else:
+        picked, near = (yield from inject(p, win, groups)), None
+    return picked.map(lambda t: t.sum(-1)), near
 
 
-def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None = None) -> Protocol:
+def _all(p: Party, x: BShare) -> Protocol:
+    """AND over the last dim of XOR-shared bool tensors (..., L) -> (...), ceil(log2(L)) rounds of packed bits."""
+    while x.a.shape[-1] > 1:
+        half = x.a.shape[-1] // 2
+        both = yield from band_bits(p, x.map(lambda t: t[..., :half]), x.map(lambda t: t[..., half:2 * half]))
+        x = BShare(torch.cat([both.a, x.a[..., 2 * half:]], -1), torch.cat([both.b, x.b[..., 2 * half:]], -1))
+    return x.map(lambda t: t[..., 0])
+
+
+def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None = None,
+            width: int = WIDTH, drop: int = 0) -> Protocol:
     """Max over the last dim (keepdim). `fill` (encoded, public) pads lengths; it must lose.
+    `width` and `drop` are the comparisons' (ge0): with `drop`, the max may be any value within
+    2^drop (encoded) of it, and `near` exact to within 2^drop.
 
     A tournament of groups: within each group of `group` values every pair is compared at once
-    (one comparison depth), the winner's indicator is the product of its g-1 wins (ties go to
-    the lower index, so there is exactly one), and the max is sum(indicator * value). Each level
-    divides the length by `group` in 10 + ceil(log2(g-1)) + 1 rounds: 2 levels (28 rounds)
-    for up to 64 keys, where pairs would take 6 levels (66 rounds).
+    (one comparison depth), the winner's indicator is the AND of its g-1 wins (XOR-shared bits;
+    ties go to the lower index, so there is exactly one), and the max is sum(indicator * value).
 
-    With `margin` and a group holding the whole row, also returns [x_i >= max - margin] (..., n),
-    compared in the same round as the pairs (the products of the extra bits share rounds too)."""
+    With `margin`, also returns [x_i >= max - margin] (..., n): the last level compares each x_i
+    with every candidate left (all of them, in a single level) in the round of its pairs, and
+    ANDs the bits in the rounds of the wins.
+    Rounds per level: msb (3 at width 16) + ceil(log2(g-1)) (AND of the wins) + 1 (the winner's
+    value by `inject`): 13 for 32 keys in groups of 8."""
     near = None
+    row = x
+    level = 0
     while x.shape[-1] > 1:
         n = x.shape[-1]
         g = min(group, n)
@@ -167,10 +374,12 @@ def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None =
             x = x.map(lambda t: torch.nn.functional.pad(t, (0, extra), value=0)).add_public(
                 p.index, _pad_last(x.shape, fill, extra))
         groups = x.map(lambda t: t.reshape(*t.shape[:-1], -1, g))                  # (..., n/g, g)
-        whole = margin is not None and g == n
-        top, near = yield from _group_max(p, groups, margin if whole else None)
+        last = g == n and margin is not None
+        originals = row.map(lambda t: t.unsqueeze(-2)) if last and level else None
+        top, near = yield from _group_max(p, groups, margin if last else None, width, drop, originals)
         x = top
-        if whole:
+        level += 1
+        if last:
             near = near.map(lambda t: t.squeeze(-2))                                 # (..., n)
     return (x, near) if margin is not None else x
 

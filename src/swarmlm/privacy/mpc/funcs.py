@@ -4,25 +4,33 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
 - `inverse_power` (1/v and 1/sqrt(v) over a wide range): v is compared with public
   thresholds 2^(k/4) all at once (one comparison depth); the bits bring v into [1, 4) and
   select, by a public linear combination (no message), a first guess y0 within 2^(1/8) of the
-  answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09, summed to e^3.
-  v / 4^i is truncated for every i at once (in the comparisons' rounds): each truncation hides
-  v as well as any other does while v, read as an integer, stays below 2^42.
-- `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (one
-  comparison), read as x/8 with 3 more fractional bits (no truncation), a Chebyshev series of
-  degree 8 gives e^(x/4) on [-4, 0], and two squarings give e^x.
+  answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09 (0.11 with the
+  comparisons' 2^-6 relative precision), summed to e^3 in two rounds (e^2 and c3 e, then one
+  sum of products). v / 4^i is truncated for every i at once (in the comparisons' rounds):
+  each truncation hides v as well as any other does while v, read as an integer, stays below
+  2^42. Comparison (5 rounds at width 40) + 3 rounds.
+- `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (the
+  bit comes with the max, or one coarse comparison), read as x/8 with 3 more fractional bits
+  (no truncation), a Chebyshev series of degree 12 gives e^(x/2) on [-8, 0], and one
+  squaring gives e^x. 6 rounds after the clamp bit.
 - `gelu` and `silu` in PUMA's manner: f(x) = x/2 + E(x) where E(x) = x (sigmoid-like(x) - 1/2)
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
-  x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu.
+  x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu,
+  whose correction (|x| - B)/2 + (B/2 - E(B)) joins the series' last round. The clamps are
+  coarse comparisons (to 1/16, for |x| < 2040; the series is fitted a little past B).
   x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
-  it as well as any other truncation (20 bits), larger outliers less so. GELU: B = 4, degree
-  8 (error 1.4e-4); SiLU: B = 8, degree 14 (error 6e-5), relu beyond 8 (error 2.7e-3).
-  Coefficients are fitted here, at import, by least squares on a dense grid. 20 rounds, two
-  comparisons.
-- `softmax_av` subtracts the row max (compare.maximum: for a decoding step over a short
-  context, all pairs at once, which also gives the clamp bit of exp), takes exp_neg, sums, and
-  multiplies (e @ v) by the reciprocal of the sum, so the reciprocal and e @ v share rounds.
+  it as well as any other truncation (19 bits), larger outliers less so. A series of degree
+  <= 12 is A(t) + T4 B(t) + T8 C(t) (_fold): T2; T3, T4; T8 and B, C truncated; one sum of
+  products: 4 rounds, 5 products. GELU: B = 4, degree 8 (error 1.4e-4); SiLU: B = 8, degree 12
+  (error 7e-5 for |x| < 4, 3e-4 to 8: the fit weighs |x| < 4 more), relu beyond 8 (error
+  2.7e-3). Coefficients are fitted here, at import, by
+  least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series.
+- `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
+  decoding step over a short context; its last level also gives exp's clamp bits), takes
+  exp_neg over the keys each query may see, sums, and multiplies (e @ v) by the reciprocal
+  of the sum, so the reciprocal and e @ v share rounds.
 - `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
-  square root, since the norm only scales each row.
+  square root (the norm only scales each row) unless scaling first saves more bytes than a round is worth.
 Knows nothing of models; model.py folds norm weights and scales into the linear layers.
 """
 
@@ -37,16 +45,18 @@ from numpy.polynomial import chebyshev as cheb
 from swarmlm.privacy.mpc import compare
 from swarmlm.privacy.mpc.ops import mul, mul_trunc, square, trunc, trunc_sum
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
-from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel
+from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel, tagged
 from swarmlm.privacy.mpc.shares import AShare
 
 F = FRAC_BITS
 NORM_EXTRA_BITS = 8          # the sum of squares keeps 8 more fractional bits (tiny variances)
 EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
 EXP_EXTRA_BITS = 3           # x/8 as the same integer with 3 more fractional bits
-EXP_DEGREE = 8               # Chebyshev degree of e^(x/4) on [-4, 0]: error 6e-6
+EXP_DEGREE = 12              # Chebyshev degree of e^(x/2) on [-8, 0]: error 3e-7
 STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
-SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3: error < 7e-5 (1/v), 2e-5 (rsqrt)
+COARSE = (16, 15)            # (width, drop) of softmax's comparisons: to 1/2, for |x| < 16384
+CLAMP = (16, 12)             # GELU / SiLU's clamps: to 1/16, for |x| < 2040 (relu beyond; larger values wrap)
+SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3 (fixed: inverse_power's last two rounds)
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -73,20 +83,6 @@ def _unstack(s: AShare, n: int) -> list[AShare]:
     return [s.map(lambda t, i=i: t[i]) for i in range(n)]
 
 
-def _powers(p: Party, e: AShare, degree: int, frac: int = F) -> Protocol:
-    """[e, e^2, ..., e^degree], in ceil(log2(degree)) multiplication depths."""
-    pw = {1: e}
-    have = 1
-    while have < degree:
-        todo = list(range(have + 1, min(2 * have, degree) + 1))
-        out = yield from mul_trunc(p, _stack([pw[have]] * len(todo)), _stack([pw[k - have] for k in todo]),
-                                   shift=frac)
-        for k, v in zip(todo, _unstack(out, len(todo))):
-            pw[k] = v
-        have = todo[-1]
-    return [pw[k] for k in range(1, degree + 1)]
-
-
 def _cross_sum(pairs: list[tuple[AShare, AShare]]) -> torch.Tensor:
     """This party's 3-out-of-3 component of sum_k x_k y_k."""
     return sum(x.a * y.a + x.a * y.b + x.b * y.a for x, y in pairs)
@@ -111,13 +107,17 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     ks = list(range(STEPS * lo_exp, STEPS * hi_exp + 1))              # thresholds 2^(k/STEPS)
     thresholds = encode(torch.tensor([2.0 ** (k / STEPS) for k in ks], dtype=torch.float64), frac_in)
     a = 0.5 if half else 1.0
-    width = 32 if hi_exp + frac_in + 2 <= 32 else 64                    # |v - threshold| < 2^(width-1)
+    # the comparisons keep a relative precision of 2^-8 (1/v) or 2^-6 (1/sqrt(v), whose series
+    # converges faster) at the smallest threshold, dropping the bits below it, and cover v up
+    # to 2^hi_exp
+    drop = max(0, frac_in + lo_exp - (6 if half else 8))
+    width = min(64 - drop, hi_exp + frac_in - drop + 2)
     quads = list(range(lo_exp // 2, hi_exp // 2))                       # v / 4^i for each of these i
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
     view = (-1,) + (1,) * len(v.shape)
     up = torch.where(shifts < 0, 1 << (-shifts).clamp(min=0), torch.ones_like(shifts)).view(view)
     bits, scaled = yield from parallel(
-        compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), width),
+        compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -thresholds), width, drop),
         trunc(p, _stack([v] * len(quads)).scale(up), shifts.clamp(min=0).view(view)))   # (Q, ...): v / 4^i, f bits
     # per threshold interval (below the first, then [2^(k/4), 2^((k+1)/4))): its 4^i, m's midpoint
     starts = [ks[0] - 1] + ks
@@ -130,11 +130,12 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     e = yield from trunc_sum(p, _cross_sum([(pk, scaled.map(lambda t, n=n: t[n])) for n, pk in enumerate(picks)]))
     e = (-e).add_public(p.index, encode(1.0))
     series = [math.comb(2 * k, k) / 4 ** k if half else 1.0 for k in range(SERIES_DEGREE + 1)]
-    pw = yield from _powers(p, e, SERIES_DEGREE)
     outer = [4.0 ** (-a * q) for q in quad_of]
-    coeffs = [_bits_combination(p, bits, [c * g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
-              for c in series[1:]]
-    out = yield from trunc_sum(p, _cross_sum(list(zip(coeffs, pw))))
+    c1, c2, c3 = [_bits_combination(p, bits, [c * g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
+                  for c in series[1:]]
+    # c1 e + c2 e^2 + c3 e^3 in two rounds: e^2 and c3 e, then one sum of products
+    e2, c3e = yield from parallel(mul_trunc(p, e, e), mul_trunc(p, c3, e))
+    out = yield from trunc_sum(p, _cross_sum([(c1, e), (c2, e2), (c3e, e2)]))
     return out + _bits_combination(p, bits, [g * o for g, o in zip(guess, outer)], INV_OUT_BITS)
 
 
@@ -146,25 +147,86 @@ def _quad(k: int, quads: list[int]) -> int:
 # ---- exp ---------------------------------------------------------------------------------------
 
 def _fit_exp() -> np.ndarray:
-    t = np.linspace(-1.0, 1.0, 4001)
-    return cheb.chebfit(t, np.exp(2 * (t - 1)), EXP_DEGREE)          # e^(x/4) for t = x/8 + 1
+    t = np.linspace(-1.07, 1.07, 4001)                            # the coarse clamp / max pass the ends (by 1/2)
+    return cheb.chebfit(t, np.exp(4 * (t - 1)), EXP_DEGREE)       # e^(x/2) for t = x/8 + 1
 
 
 _EXP_CHEB = _fit_exp()
 
 
 def exp_neg(p: Party, x: AShare, keep: AShare | None = None) -> Protocol:
-    """e^x for x <= 0 (clamped at -EXP_CLAMP; `keep` = [x >= -EXP_CLAMP] if already known). 22 rounds
-    (13 with `keep`)."""
+    """e^x for x <= 0 (clamped at -EXP_CLAMP; `keep` = [x >= -EXP_CLAMP] if already known): e^(x/2)
+    by a degree-12 series, squared. 12 rounds (6 with `keep`)."""
     if keep is None:
-        keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)))
+        keep = yield from compare.ge0(p, x.add_public(p.index, encode(EXP_CLAMP)), *COARSE)
     x = yield from compare.select(p, keep, x, _public(p, x.shape, -EXP_CLAMP))
     fb = F + EXP_EXTRA_BITS                                     # the same integers read as x/8
     t = x.add_public(p.index, encode(1.0, fb))                  # x/8 + 1 in [-1, 1]
-    raw = yield from _chebyshev_raw(p, t, _EXP_CHEB, frac=fb)
-    e = yield from trunc(p, raw, F)                             # e^(x/4), fb bits
-    e = yield from square(p, e, shift=fb)
-    return (yield from square(p, e, shift=fb + EXP_EXTRA_BITS))   # (e^(x/4))^4, f bits
+    e = yield from _chebyshev(p, t, _EXP_CHEB, frac=fb, out_frac=fb)     # e^(x/2), fb bits
+    return (yield from square(p, e, shift=2 * fb - F))          # e^x, f bits
+
+
+def _fold(coeffs: np.ndarray) -> tuple[list[float], list[float], list[float]]:
+    """Chebyshev coefficients c_0..c_d (d <= 12) -> (A, B, C) with sum c_k T_k = sum_j A_j T_j
+    + T_4 sum_j B_j T_j + T_8 sum_j C_j T_j, j <= 3 (A), <= 3 or 4 (B), <= 4 (C), by
+    T_m T_n = (T_(m+n) + T_(m-n)) / 2."""
+    c = [float(v) for v in coeffs] + [0.0] * (13 - len(coeffs))
+    assert len(c) == 13, "degree 12 at most"
+    C = [0.0] * 5
+    deep = any(c[9:])
+    if deep:
+        for j in range(4, 0, -1):
+            C[j] = 2 * c[8 + j]
+            c[8 - j] -= c[8 + j]
+        C[0] = c[8]
+        B = [0.0] * 4
+    else:
+        B = [0.0] * 5
+        B[4] = 2 * c[8]
+        c[0] -= c[8]
+    for j in range(3, 0, -1):
+        B[j] = 2 * c[4 + j]
+        c[4 - j] -= c[4 + j]
+    B[0] = c[4]
+    return c[:4], B, (C if deep else [])
+
+
+def _combo(p: Party, T: dict[int, AShare], coeffs: list[float], frac: int, cbits: int = F) -> AShare:
+    """sum_j coeffs_j T_j (T_0 = 1), coefficients with `cbits` bits: frac + cbits fractional bits. Local."""
+    acc = sum((T[j].scale(int(encode(cf, cbits))) for j, cf in enumerate(coeffs) if j and cf),
+              _public(p, T[1].shape, 0.0))
+    return acc.add_public(p.index, encode(coeffs[0], frac + cbits))
+
+
+def _chebyshev(p: Party, t: AShare, coeffs: np.ndarray, *, frac: int = F, out_frac: int = F,
+               extra: torch.Tensor | None = None) -> Protocol:
+    """sum_k c_k T_k(t) for |t| <= 1 (t with `frac` fractional bits, degree <= 12), with `out_frac`
+    bits, plus `extra` (3-out-of-3 components with 2 frac bits) if given.
+
+    T_2; T_3 and T_4; then T_8 with the two inner sums B(t), C(t) truncated; then one product
+    round for A(t) + T_4 B(t) + T_8 C(t) (_fold): 4 rounds, 5 products where a doubling ladder
+    to degree 12 takes 11. Every value truncated carries at most 2 frac bits (hiding as usual)."""
+    A, B, C = _fold(coeffs)
+    one = encode(1.0, frac)
+    T = {1: t}
+    T2 = yield from mul_trunc(p, t.scale(2), t, shift=frac)
+    T[2] = T2.add_public(p.index, -one)
+    both = yield from mul_trunc(p, _stack([T[2], T[2]]).scale(2), _stack([T[1], T[2]]), shift=frac)
+    T3, T4 = _unstack(both, 2)
+    T[3], T[4] = T3 - T[1], T4.add_public(p.index, -one)
+    inner = [_combo(p, T, B, frac)] + ([_combo(p, T, C, frac)] if C else [])
+    if C:
+        T8, inn = yield from parallel(mul_trunc(p, T[4].scale(2), T[4], shift=frac),
+                                      trunc(p, _stack(inner), F))
+        T[8] = T8.add_public(p.index, -one)
+        pairs = [(T[4], inn.map(lambda u: u[0])), (T[8], inn.map(lambda u: u[1]))]
+    else:
+        Bt = yield from trunc(p, inner[0], F)
+        pairs = [(T[4], Bt)]
+    z = _cross_sum(pairs) + _combo(p, T, A, frac, frac).a            # replicated: its 3-out-of-3 part is .a
+    if extra is not None:
+        z = z + extra
+    return (yield from trunc_sum(p, z, 2 * frac - out_frac))
 
 
 # ---- GELU, SiLU ------------------------------------------------------------------------------
@@ -177,32 +239,15 @@ def _silu_f(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
-def _fit_even(fn, lo: float, hi: float, degree: int = 8) -> np.ndarray:
-    """Chebyshev coefficients of fn(x) - x/2 on lo <= x <= hi, in t = 2 (x/hi)^2 - 1."""
-    x = np.linspace(lo, hi, 8001)
-    return cheb.chebfit(2 * (x / hi) ** 2 - 1, fn(x) - x / 2, degree)
+def _fit_even(fn, lo: float, hi: float, degree: int = 8, outer: float = 1.0) -> np.ndarray:
+    """Chebyshev coefficients of fn(x) - x/2 on lo <= x <= hi, in t = 2 (x/hi)^2 - 1, by least
+    squares with weight `outer` on |x| >= hi/2 (less than 1: more accuracy where most values are)."""
+    x = np.linspace(lo, hi + 2.0 ** (CLAMP[1] - F), 8001)          # the clamp lets x pass B by up to 2^(drop-f)
+    return cheb.chebfit(2 * (x / hi) ** 2 - 1, fn(x) - x / 2, degree, w=np.where(x < hi / 2, 1.0, outer))
 
 
 GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8))]               # (lo, hi: a power of two, coefficients)
-SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 14))]
-
-
-def _chebyshev_raw(p: Party, t: AShare, coeffs: np.ndarray, frac: int = F) -> Protocol:
-    """sum_k c_k T_k(t) for |t| <= 1 (t with `frac` fractional bits), T_{m+n} = 2 T_m T_n - T_{m-n}
-    (m >= n), degree doubling per round; returned with frac + f fractional bits, untruncated, so
-    the caller folds it into its own truncation."""
-    T = {1: t}
-    have, degree = 1, len(coeffs) - 1
-    while have < degree:
-        level = [(k, have, k - have) for k in range(have + 1, min(2 * have, degree) + 1)]
-        out = yield from mul_trunc(p, _stack([T[m] for _, m, _ in level]).scale(2), _stack([T[n] for _, _, n in level]),
-                                   shift=frac)
-        for (k, m, n), prod in zip(level, _unstack(out, len(level))):
-            T[k] = prod.add_public(p.index, -encode(1.0, frac)) if m == n else prod - T[m - n]
-        have = level[-1][0]
-    acc = sum((T[k].scale(int(encode(float(coeffs[k])))) for k in range(2, len(coeffs))),
-              T[1].scale(int(encode(float(coeffs[1])))))
-    return acc.add_public(p.index, encode(float(coeffs[0]), frac + F))
+SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 12, outer=0.2))]   # 7e-5 below 4, 3e-4 to 8
 
 
 def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
@@ -214,14 +259,20 @@ def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
     assert lo == 0
     bits, w = yield from parallel(
         compare.ge0(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
-            p.index, -encode(torch.tensor([-float(hi), float(hi)], dtype=torch.float64)))),
+            p.index, -encode(torch.tensor([-float(hi), float(hi)], dtype=torch.float64))), *CLAMP),
         trunc_sum(p, x.a * x.a + 2 * x.a * x.b, F + 2 * int(math.log2(hi))))      # (x / hi)^2
     ge_lo, ge_hi = bits.map(lambda t: t[..., 0]), bits.map(lambda t: t[..., 1])   # [x >= -hi], [x >= hi]
     inside = ge_lo - ge_hi
+    outside = (-inside).add_public(p.index, 1)
     t = (yield from mul(p, inside, w.add_public(p.index, -encode(1.0)))).scale(2).add_public(p.index, encode(1.0))
-    raw = yield from _chebyshev_raw(p, t, coeffs)
-    twice_half = ge_lo + ge_hi                                         # 2 * (x/2 coefficient): 1 inside, 2 above
-    return (yield from trunc_sum(p, _cross_sum([(twice_half.scale(1 << (F - 1)), x), (inside, raw)])))
+    # outside, the series gives its value at t = 1, E(B); relu wants x/2 + |x|/2 = x/2 + E(B) +
+    # (|x| - B)/2 + (B/2 - E(B)): the bit products go into the series' last round (2f bits)
+    half = 1 << (F - 1)
+    below = (-ge_lo).add_public(p.index, 1)                            # [x < -B]
+    extra = (x.a * half + _cross_sum([(ge_hi.scale(half), x.add_public(p.index, -encode(float(hi)))),
+                                      (below.scale(half), (-x).add_public(p.index, -encode(float(hi))))])
+             + outside.scale(int(encode(hi / 2 - float(np.sum(coeffs)), 2 * F))).a)
+    return (yield from _chebyshev(p, t, coeffs, extra=extra))
 
 
 def gelu(p: Party, x: AShare) -> Protocol:
@@ -255,19 +306,30 @@ def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
     return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
-def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project) -> Protocol:
-    """`project` (a public linear map, as a protocol on shares) of funcs.norm's output, in fewer
-    rounds: the norm only scales each row, so project(x - mean) runs in the same rounds as the
-    inverse square root, and the scale is applied to its output."""
+ROUND_BYTES = 250_000         # bytes that cost as much as one round on the WAN of the bench (20 ms at 100 Mbit/s)
+
+
+def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project, out_features: int) -> Protocol:
+    """`project` (a public linear map to `out_features`, as a protocol on shares) of funcs.norm's output.
+
+    The norm only scales each row, so project(x - mean) can run in the rounds of the inverse
+    square root and the scale be applied to its output (one round fewer), or the rows be scaled
+    first and projected after (fewer bytes when the map widens: the scale's product is on the
+    narrower side): whichever costs less, a round counted as ROUND_BYTES."""
     D = x.shape[-1]
+    rows = int(np.prod(x.shape[:-1]))
     if center:
         inv_d = encode(1.0 / D, F + NORM_EXTRA_BITS)
         mean = yield from trunc(p, x.map(lambda t: t.sum(-1, keepdim=True) * inv_d), F + NORM_EXTRA_BITS)
         x = x - mean
     ss = yield from trunc_sum(p, (x.a * x.a + 2 * x.a * x.b).sum(-1), F - NORM_EXTRA_BITS)
     ss = ss.add_public(p.index, encode(D * eps, F + NORM_EXTRA_BITS))
-    r, y = yield from parallel(inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1],
-                                             frac_in=F + NORM_EXTRA_BITS), project(x))
+    rsqrt = inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1], frac_in=F + NORM_EXTRA_BITS)
+    if 32 * (out_features - D) * rows > ROUND_BYTES:          # a product costs 32 bytes an element, three parties
+        r = yield from rsqrt
+        xn = yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS)
+        return (yield from project(xn))
+    r, y = yield from parallel(rsqrt, project(x))
     return (yield from mul_trunc(p, y, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
@@ -278,15 +340,22 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     allowed = allowed.to(torch.int64)
     masked = scores.scale(allowed).add_public(p.index, (1 - allowed) * encode(fill))
     S, T = scores.shape[-1], scores.shape[-2]
-    # decoding a short context: all pairs at once (one level); otherwise groups of 8 (decoding)
-    # or 4 (a prompt: T times the keys, so fewer bytes matter more)
-    group = S if T == 1 and S <= MAX_ALL_PAIRS else (8 if T == 1 else 4)
-    if group == S:                       # one level: [x >= max - 16] comes from the same comparisons
-        top, keep = yield from compare.maximum(p, masked, int(encode(fill)), group, margin=int(encode(EXP_CLAMP)))
-    else:
-        top, keep = (yield from compare.maximum(p, masked, int(encode(fill)), group)), None
-    e = yield from exp_neg(p, masked - top, keep)
-    e = e.scale(allowed)
+    # decoding a short context: all pairs at once (one level); otherwise groups of 8 (two levels
+    # up to 64 keys); either way [x >= max - 16] comes from the last level's comparisons, so
+    # exp needs no comparison of its own
+    group = S if T == 1 and S <= MAX_ALL_PAIRS else 8
+    top, keep = yield from tagged(p, "softmax.max", compare.maximum(
+        p, masked, int(encode(fill)), group, margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1]))
+    # exp of the keys each query may see only (a prompt's causal mask hides half of them)
+    seen = allowed.bool()
+    pick = lambda t: t[..., seen]                                        # noqa: E731  (..., n_seen)
+    e = yield from tagged(p, "softmax.exp", exp_neg(p, (masked - top).map(pick), None if keep is None else keep.map(pick)))
+
+    def spread(t: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros(scores.shape, dtype=torch.int64)
+        out[..., seen] = t
+        return out
+    e = e.map(spread)
     total = e.map(lambda t: t.sum(-1))
     inv, ev = yield from parallel(
         inverse_power(p, total, half=False, lo_exp=-2, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),

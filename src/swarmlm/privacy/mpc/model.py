@@ -5,9 +5,8 @@ everything public and linear into the linear layers so the protocol has fewer st
 - a norm's weight (and LayerNorm's bias) and the sqrt(D) that funcs.norm leaves out go into
   the next linear layer (W diag(g sqrt D), W b + bias);
 - the attention scale 1/sqrt(Dh) goes into q's weights;
-- RoPE is x cos + roll(x) sin per position: one linear gives q, k and their rolled copies
-  (the weights' rows rolled), then the public per-position cos/sin products and one more
-  truncation rotate them.
+- RoPE is x cos + roll(x) sin per position, a public linear map: it is folded into per-position
+  q/k weights (W cos_t + W_rolled sin_t), so q, k, v come from one local product and one truncation.
 Then a step is: embedding (one-hot shares times the public table: local), per block norm ->
 q/k/v (a norm only scales rows, so the projection of the centered input runs in the same
 rounds as the norm's inverse square root, and the scale comes after) -> scores q k^T (secret x secret) -> softmax -> @ v -> o_proj
@@ -28,8 +27,8 @@ from swarmlm.model.config import ModelConfig
 from swarmlm.model.transformer import Transformer
 from swarmlm.privacy.mpc import funcs
 from swarmlm.privacy.mpc.ops import linear, mul_trunc, trunc
-from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
-from swarmlm.privacy.mpc.runtime import Party, Protocol
+from swarmlm.privacy.mpc.ring import FRAC_BITS, encode, limb_bits, public_matmul
+from swarmlm.privacy.mpc.runtime import Party, Protocol, tagged
 from swarmlm.privacy.mpc.shares import AShare, cat
 
 F = FRAC_BITS
@@ -118,15 +117,27 @@ class KVShares:
     length: int = 0
 
 
-def _with_rolled(w: PublicWeights, i: int) -> torch.Tensor:
-    """q/k/v weights (K, N + n_rot), encoded, with each q and k head's rows also rolled by Dh/2
-    (appended after v), so one linear gives both halves of RoPE's x cos + roll(x) sin."""
-    key = f"qkv-rolled{i}"
-    if key not in w._enc:
-        cfg, lin = w.cfg, w.blocks[i].qkv
-        Dh, n_rot = cfg.dh, (cfg.n_heads + cfg.n_kv_heads) * cfg.dh
-        rows = lin.weight[:, :n_rot].reshape(lin.weight.shape[0], -1, Dh)           # (K, heads, Dh)
-        w._enc[key] = encode(torch.cat([lin.weight, torch.roll(rows, Dh // 2, -1).reshape(-1, n_rot)], 1))
+def _rotated_weights(w: PublicWeights, i: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """q/k/v weights per position (T, K, N), encoded (and as float64, and its limb size), RoPE folded in: a rotated column is
+    W[:, c] cos_t + W_rolled[:, c] sin_t, W_rolled having each q and k head's columns rolled by
+    Dh/2 (RoPE's x cos + roll(x) sin, a public linear map per position)."""
+    key = ("qkv-rot", i, int(positions[0]), len(positions))
+    if key in w._enc:
+        return w._enc[key]
+    if len(w._enc) > 256:                                       # positions move on: keep the cache small
+        for k in [k for k in w._enc if isinstance(k, tuple)]:
+            del w._enc[k]
+    cfg, lin = w.cfg, w.blocks[i].qkv
+    Dh, n_rot = cfg.dh, (cfg.n_heads + cfg.n_kv_heads) * cfg.dh
+    K = lin.weight.shape[0]
+    rows = lin.weight[:, :n_rot].reshape(K, -1, Dh)                                   # (K, heads, Dh)
+    rolled = torch.roll(rows, Dh // 2, -1)
+    cos, sin = _rope_tables(w, positions)                                             # (T, Dh)
+    rot = rows[None] * cos[:, None, None] + rolled[None] * sin[:, None, None]        # (T, K, heads, Dh)
+    T = len(positions)
+    rest = lin.weight[:, n_rot:][None].expand(T, K, -1)
+    enc = encode(torch.cat([rot.reshape(T, K, n_rot), rest], -1))
+    w._enc[key] = (enc, enc.to(torch.float64), limb_bits(enc))
     return w._enc[key]
 
 
@@ -136,21 +147,13 @@ def _rope_tables(w: PublicWeights, positions: torch.Tensor) -> tuple[torch.Tenso
 
 
 def _project_qkv(p: Party, w: PublicWeights, i: int, x: AShare, positions: torch.Tensor) -> Protocol:
-    """W_qkv x (B, T, N), no bias; for llama, q and k rotated: RoPE is a public per-position linear
-    map on (x, roll(x)), applied to the truncated projections and truncated once more."""
+    """W_qkv x (B, T, N), no bias; for llama, q and k rotated by RoPE, folded into per-position
+    weights (_rotated_weights): one local product and one truncation either way."""
     if w.inv_freq_model is None:
         return (yield from linear(p, x, w.enc(f"qkv{i}", w.blocks[i].qkv)[0]))
-    cfg = w.cfg
-    Dh, heads = cfg.dh, cfg.n_heads + cfg.n_kv_heads
-    n_rot = heads * Dh
-    out = yield from linear(p, x, _with_rolled(w, i))                            # (B, T, N + n_rot)
-    B, T = out.shape[:2]
-    cos, sin = _rope_tables(w, positions)
-    cos, sin = encode(cos)[None, :, None], encode(sin)[None, :, None]           # (1, T, 1, Dh)
-    rot = out.map(lambda t: t[..., :n_rot].reshape(B, T, heads, Dh) * cos
-                  + t[..., -n_rot:].reshape(B, T, heads, Dh) * sin)               # (B, T, heads, Dh), 2f bits
-    rot = yield from trunc(p, rot.map(lambda t: t.reshape(B, T, n_rot)))
-    return cat([rot, out.map(lambda t: t[..., n_rot:-n_rot])], -1)              # (B, T, N)
+    wt, wf, L = _rotated_weights(w, i, positions)                                   # (T, K, N)
+    z = x.map(lambda t: public_matmul(t.transpose(0, 1), wt, wf, L).transpose(0, 1))  # (B, T, N), 2f bits
+    return (yield from trunc(p, z))
 
 
 def _qkv_bias(w: PublicWeights, i: int, positions: torch.Tensor) -> torch.Tensor | None:
@@ -167,9 +170,11 @@ def _qkv_bias(w: PublicWeights, i: int, positions: torch.Tensor) -> torch.Tensor
     return encode(torch.cat([rot.reshape(len(positions), n_rot), b[n_rot:][None].expand(len(positions), -1)], 1))
 
 
-def _normed(p: Party, w: PublicWeights, x: AShare, eps: float, project, bias: torch.Tensor | None) -> Protocol:
-    """project(norm(x)) + bias, the projection in the inverse square root's rounds (funcs.norm_then)."""
-    out = yield from funcs.norm_then(p, x, eps=eps, center=w.cfg.family == "gpt2", project=project)
+def _normed(p: Party, w: PublicWeights, x: AShare, eps: float, project, bias: torch.Tensor | None,
+            out_features: int) -> Protocol:
+    """project(norm(x)) + bias (funcs.norm_then)."""
+    out = yield from funcs.norm_then(p, x, eps=eps, center=w.cfg.family == "gpt2", project=project,
+                                     out_features=out_features)
     return out if bias is None else out.add_public(p.index, bias)
 
 
@@ -183,8 +188,8 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     B, T, _ = h.shape
     Dh, H, Hkv = cfg.dh, cfg.n_heads, cfg.n_kv_heads
     bw = w.blocks[i]
-    qkv = yield from _normed(p, w, h, bw.eps, lambda x: _project_qkv(p, w, i, x, positions),
-                             _qkv_bias(w, i, positions))
+    qkv = yield from tagged(p, "norm+qkv", _normed(p, w, h, bw.eps, lambda x: _project_qkv(p, w, i, x, positions),
+                                                     _qkv_bias(w, i, positions), bw.qkv.weight.shape[1]))
     q = qkv.map(lambda t: t[..., :H * Dh].reshape(B, T, H, Dh).transpose(1, 2))                   # (B, H, T, Dh)
     k = qkv.map(lambda t: t[..., H * Dh:(H + Hkv) * Dh].reshape(B, T, Hkv, Dh).transpose(1, 2))  # (B, Hkv, T, Dh)
     v = qkv.map(lambda t: t[..., (H + Hkv) * Dh:].reshape(B, T, Hkv, Dh).transpose(1, 2))       # (B, Hkv, T, Dh)
@@ -195,21 +200,21 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     k = k.map(lambda t: t.repeat_interleave(rep, 1))                                                # (B, H, S, Dh)
     v = v.map(lambda t: t.repeat_interleave(rep, 1))
     S = k.shape[2]
-    scores = yield from mul_trunc(p, q, k, lambda a, b: a @ b.transpose(-1, -2))                   # (B, H, T, S)
+    scores = yield from tagged(p, "qk", mul_trunc(p, q, k, lambda a, b: a @ b.transpose(-1, -2)))                 # (B, H, T, S)
     past = S - T
     allowed = torch.arange(S)[None, :] <= (past + torch.arange(T))[:, None]                        # (T, S)
-    att = yield from funcs.softmax_av(p, scores, allowed, v)                                        # (B, H, T, Dh)
+    att = yield from tagged(p, "softmax_av", funcs.softmax_av(p, scores, allowed, v))                                      # (B, H, T, Dh)
     att = att.map(lambda t: t.transpose(1, 2).reshape(B, T, H * Dh))
-    h = h + (yield from linear(p, att, *w.enc(f"o{i}", bw.o)))
+    h = h + (yield from tagged(p, "o", linear(p, att, *w.enc(f"o{i}", bw.o))))
     up_w, up_b = w.enc(f"up-f{i}", bw.up, _plain)
-    up = yield from _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w), up_b)
+    up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w), up_b, up_w.shape[1]))
     if cfg.family == "gpt2":
-        act = yield from funcs.gelu(p, up)
+        act = yield from tagged(p, "gelu", funcs.gelu(p, up))
     else:
         Fd = up.shape[-1] // 2
-        gate = yield from funcs.silu(p, up.map(lambda t: t[..., :Fd]))
-        act = yield from mul_trunc(p, gate, up.map(lambda t: t[..., Fd:]))
-    return h + (yield from linear(p, act, *w.enc(f"down{i}", bw.down)))
+        gate = yield from tagged(p, "silu", funcs.silu(p, up.map(lambda t: t[..., :Fd])))
+        act = yield from tagged(p, "gate*up", mul_trunc(p, gate, up.map(lambda t: t[..., Fd:])))
+    return h + (yield from tagged(p, "down", linear(p, act, *w.enc(f"down{i}", bw.down))))
 
 
 def forward(p: Party, w: PublicWeights, onehot: AShare, cache: KVShares) -> Protocol:
@@ -224,4 +229,4 @@ def forward(p: Party, w: PublicWeights, onehot: AShare, cache: KVShares) -> Prot
     cache.length += T
     last = h.map(lambda t: t[:, -1])                                      # (B, D)
     head_w, head_b = w.enc("head-f", w.head, _plain)
-    return (yield from _normed(p, w, last, w.cfg.norm_eps, lambda x: linear(p, x, head_w), head_b))
+    return (yield from _normed(p, w, last, w.cfg.norm_eps, lambda x: linear(p, x, head_w), head_b, head_w.shape[1]))

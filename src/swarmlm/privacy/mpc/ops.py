@@ -6,14 +6,16 @@ shares, `x = yield from mul(party, a, b)`.
 - Multiplication: party i computes z_i = a_i b_i + a_i b_{i+1} + a_{i+1} b_i (a 3-out-of-3
   sharing of ab), re-randomizes it with a zero share from the pairwise PRGs and sends it to
   party i-1: one round, one ring element per party per product (ABY3 / Araki et al.).
-- Truncation (dividing a fixed-point product by 2^f): parties 1 and 2 draw a mask r uniform
-  in [0, 2^62) from their shared PRG; party 0 receives z + r (for a product: z_1 + r + m and
-  z_2 - m, m a one-time pad) and computes c' = floor((z + r) / 2^f); the result is shared as
-  (c' - u, u, -floor(r / 2^f)) with u from the PRG of parties 0 and 1, and party 0 sends
-  c' - u to party 2. Two rounds. The result is floor(z / 2^f) or one unit more, never a
-  wrap-around error (z + r stays inside int64 as long as |z| < 2^62); party 0 sees z + r,
-  which hides z statistically up to 2^-(62 - log2|z|): for values below 2^10 in magnitude
-  (products carry 2f = 32 fractional bits) that is 20 bits.
+- Truncation (dividing a fixed-point value by 2^f), one round: the mask r = r_0 + r_1 + r_2 is
+  replicated like a share, each component uniform in [0, 2^61) from the PRG of the two parties
+  holding it, so no party knows all of r. Parties 0 and 2 receive the masked components they
+  lack and open c = z + r (no wrap-around: |z| < 2^61); the result is (c >> f) in component 0
+  minus (r_j >> f) in each component j, which is floor(z / 2^f) plus 0..3 units, minus one
+  public unit: an error of -1..+2 units in the last place, never a wrap-around error. Each
+  opener misses one component of r, so c hides z statistically up to 2^-(61 - log2|z|): for
+  values below 2^10 in magnitude (products carry 2f = 32 fractional bits) that is 19 bits.
+  A product's 3-out-of-3 components are truncated the same way (fused: multiplication and
+  truncation in one round, four ring elements per element); a replicated value needs two.
 - AND of XOR-shared bits: the same as multiplication over GF(2), one round.
 Knows nothing of models.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 from swarmlm.privacy.mpc.ring import FRAC_BITS
@@ -53,52 +54,72 @@ def mul(p: Party, x: AShare, y: AShare, fn: Product = torch.mul) -> Protocol:
     return (yield from reshare(p, _cross(x, y, fn)))
 
 
-def trunc_sum(p: Party, z: torch.Tensor, shift: int = FRAC_BITS) -> Protocol:
-    """3-out-of-3 component z_i of z -> replicated shares of floor(z / 2^shift) (+0 or +1). Two rounds."""
-    shape = z.shape
+TRUNC_MASK_BITS = 61         # each component of a truncation mask is uniform in [0, 2^61)
+
+
+def _trunc_masks(p: Party, shape) -> tuple[torch.Tensor, torch.Tensor]:
+    """This party's two components (r_i, r_{i+1}) of a truncation mask r = r_0 + r_1 + r_2 < 3 * 2^61,
+    component j drawn from the PRG of the two parties holding it (j and j-1)."""
+    return (p.prg(p.prev, "trunc1").below(shape, TRUNC_MASK_BITS),
+            p.prg(p.next, "trunc1").below(shape, TRUNC_MASK_BITS))
+
+
+def _open_truncated(p: Party, c: torch.Tensor | None, r: tuple[torch.Tensor, torch.Tensor],
+                    shift: int | torch.Tensor) -> AShare:
+    """Replicated floor(z / 2^shift) from c = z + r (known to parties 0 and 2 only) and r's components:
+    (c >> s) - sum_j (r_j >> s) - 1, which is floor(z / 2^s) + {-1, 0, 1, 2}."""
+    a, b = -(r[0] >> shift), -(r[1] >> shift)
     if p.index == 0:
-        got = yield Round(recv={1: _spec(shape), 2: _spec(shape)})
-        c = z + got[1][0] + got[2][0]
-        u = p.prg(1, "trunc").ring(shape)
-        y0 = (c >> shift) - u
-        yield Round(send={2: [y0]})
-        return AShare(y0, u)
-    prg = p.prg(3 - p.index, "trunc")        # the PRG of parties 1 and 2
-    r, m = prg.below(shape), prg.ring(shape)
-    if p.index == 1:
-        yield Round(send={0: [z + r + m]})
-        u = p.prg(0, "trunc").ring(shape)
-        yield Round()
-        return AShare(u, -(r >> shift))
-    yield Round(send={0: [z - m]})
-    got = yield Round(recv={0: _spec(shape)})
-    return AShare(-(r >> shift), got[0][0])
+        a = a + (c >> shift) - 1
+    elif p.index == 2:
+        b = b + (c >> shift) - 1
+    return AShare(a, b)
+
+
+def trunc_sum(p: Party, z: torch.Tensor, shift: int | torch.Tensor = FRAC_BITS) -> Protocol:
+    """3-out-of-3 component z_i of z -> replicated shares of floor(z / 2^shift) + {-1, 0, 1, 2}. One round.
+
+    z_i is re-randomized by a zero share and masked by r_i; parties 0 and 2 each receive the two
+    masked components they lack and open c = z + r, which hides z behind the one component of r
+    they do not know (uniform in [0, 2^61)). Four ring elements per element."""
+    shape = z.shape
+    z = z + p.prg(p.next, "zero").ring(shape) - p.prg(p.prev, "zero").ring(shape)
+    r = _trunc_masks(p, shape)
+    m = z + r[0]
+    spec = _spec(shape)
+    if p.index == 0:
+        got = yield Round(send={2: [m]}, recv={1: spec, 2: spec})
+        c = m + got[1][0] + got[2][0]
+    elif p.index == 1:
+        yield Round(send={0: [m], 2: [m]})
+        c = None
+    else:
+        got = yield Round(send={0: [m]}, recv={0: spec, 1: spec})
+        c = m + got[0][0] + got[1][0]
+    return _open_truncated(p, c, r, shift)
 
 
 def trunc(p: Party, x: AShare, shift: int | torch.Tensor = FRAC_BITS) -> Protocol:
-    """Replicated x -> replicated floor(x / 2^shift) (+0 or +1). Two rounds; party 0 needs only x_2 + r.
-    `shift` may be a tensor broadcasting against x (a public amount per element)."""
+    """Replicated x -> replicated floor(x / 2^shift) + {-1, 0, 1, 2}. One round, two ring elements per
+    element: party 1 sends x_2 + r_2 to party 0, party 0 sends x_1 + r_1 to party 2 (each the
+    component its receiver lacks). `shift` may be a tensor broadcasting against x."""
     shape = x.shape
+    r = _trunc_masks(p, shape)
+    spec = _spec(shape)
     if p.index == 0:
-        got = yield Round(recv={1: _spec(shape)})
-        c = x.a + x.b + got[1][0]
-        u = p.prg(1, "trunc").ring(shape)
-        y0 = (c >> shift) - u
-        yield Round(send={2: [y0]})
-        return AShare(y0, u)
-    r = p.prg(3 - p.index, "trunc").below(shape)
-    if p.index == 1:
-        yield Round(send={0: [x.b + r]})
-        u = p.prg(0, "trunc").ring(shape)
-        yield Round()
-        return AShare(u, -(r >> shift))
-    yield Round()
-    got = yield Round(recv={0: _spec(shape)})
-    return AShare(-(r >> shift), got[0][0])
+        got = yield Round(send={2: [x.b + r[1]]}, recv={1: spec})
+        c = x.a + r[0] + x.b + r[1] + got[1][0]
+    elif p.index == 1:
+        yield Round(send={0: [x.b + r[1]]})
+        c = None
+    else:
+        got = yield Round(recv={0: spec})
+        c = x.a + r[0] + x.b + r[1] + got[0][0]
+    return _open_truncated(p, c, r, shift)
 
 
 def mul_trunc(p: Party, x: AShare, y: AShare, fn: Product = torch.mul, shift: int = FRAC_BITS) -> Protocol:
-    """Fixed-point fn(x, y): the product, then truncation, in two rounds together."""
+    """Fixed-point fn(x, y): the product and its truncation in one round."""
     return (yield from trunc_sum(p, _cross(x, y, fn), shift))
 
 
@@ -109,28 +130,17 @@ def square(p: Party, x: AShare, shift: int = FRAC_BITS) -> Protocol:
 def linear(p: Party, x: AShare, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Protocol:
     """x (..., K) @ weight (K, N), both fixed point, + bias (N,) encoded with 2f fractional bits.
 
-    Public weights: the product is local (no message); only the truncation talks."""
+    Public weights: the product is local (no message); only the truncation talks (one round)."""
     z = x.map(lambda t: t @ weight)
     if bias is not None:
         z = z.add_public(p.index, bias)
     return (yield from trunc(p, z))
 
 
-def band(p: Party, u: BShare, v: BShare, width: int = 64) -> Protocol:
-    """Bitwise AND of XOR-shared int64 words whose bits above `width` are zero. One round; words of
-    width <= 32 travel as 4 bytes."""
+def band_bits(p: Party, u: BShare, v: BShare) -> Protocol:
+    """AND of XOR-shared bool tensors (one bit per element, packed 8 to a byte on the wire). One round."""
     shape = u.a.shape
     z = (u.a & v.a) ^ (u.a & v.b) ^ (u.b & v.a)
-    z = z ^ p.prg(p.next, "zerob").ring(shape) ^ p.prg(p.prev, "zerob").ring(shape)
-    if width < 64:
-        z = z & ((1 << width) - 1)
-    narrow = width <= 32
-    got = yield Round(send={p.prev: [_narrow(z) if narrow else z]},
-                      recv={p.next: _spec(shape, torch.int32 if narrow else torch.int64)})
-    back = got[p.next][0]
-    return BShare(z, back.to(torch.int64) & 0xFFFFFFFF if narrow else back)
-
-
-def _narrow(z: torch.Tensor) -> torch.Tensor:
-    """Words below 2^32 as int32 (the same low 32 bits)."""
-    return torch.from_numpy(z.numpy().astype(np.uint32).view(np.int32))
+    z = z ^ p.prg(p.next, "zerobits").bits(shape) ^ p.prg(p.prev, "zerobits").bits(shape)
+    got = yield Round(send={p.prev: [z]}, recv={p.next: _spec(shape, torch.bool)})
+    return BShare(z, got[p.next][0])

@@ -62,3 +62,29 @@ class Prg:
         n = int(np.prod(shape, dtype=np.int64))
         raw = np.unpackbits(np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8), count=n)
         return torch.from_numpy(raw.astype(np.bool_)).view(*shape)
+
+
+def limb_bits(w: torch.Tensor) -> int:
+    """public_matmul's limb size for w (0: too wide, use int64)."""
+    K = w.shape[-2]
+    wbits = int(w.abs().max()).bit_length() if w.numel() else 0
+    L = 52 - wbits - max(K, 1).bit_length()
+    return L if L >= 12 else 0
+
+
+def public_matmul(x: torch.Tensor, w: torch.Tensor, wf: torch.Tensor | None = None, L: int | None = None) -> torch.Tensor:
+    """x @ w in the ring (int64, wrapping; broadcasting as torch.matmul) for a public w of small
+    entries, by float64 products: x is cut into limbs of L bits (its two's complement, low limb
+    first), L small enough that a limb's products with w, summed over K, stay below 2^53 and
+    so are exact; the limbs' products are shifted back and added modulo 2^64. For batched
+    products, which torch runs on int64 without BLAS. `wf` (w as float64) and `L` (limb_bits)
+    may be given, computed once."""
+    L = limb_bits(w) if L is None else L
+    if not L:
+        return x @ w
+    wf = w.to(torch.float64) if wf is None else wf
+    out = None
+    for j in range(0, 64, L):
+        part = (((x >> j) & ((1 << L) - 1)).to(torch.float64) @ wf).to(torch.int64) << j
+        out = part if out is None else out + part
+    return out

@@ -69,6 +69,24 @@ def parallel(*protocols: Protocol) -> Protocol:
     return results
 
 
+def tagged(p: "Party", name: str, protocol: Protocol) -> Protocol:
+    """`protocol`, with the rounds it takes part in and the bytes it sends counted under `name`
+    in `p.by_tag` (for the bench's breakdown; rounds shared with a parallel protocol count for both)."""
+    try:
+        rnd = next(protocol)
+    except StopIteration as stop:
+        return stop.value
+    while True:
+        row = p.by_tag.setdefault(name, [0, 0])
+        row[0] += 1
+        row[1] += sum(spec_bytes((tuple(t.shape), t.dtype)) for ts in rnd.send.values() for t in ts)
+        got = yield rnd
+        try:
+            rnd = protocol.send(got)
+        except StopIteration as stop:
+            return stop.value
+
+
 # ---- encoding of one message: the tensors' raw bytes; shapes and dtypes are the receiver's to know --
 
 def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
@@ -134,6 +152,7 @@ class Party:
         self._prgs: dict[tuple[int, str], Prg] = {}
         self.rounds = 0
         self.bytes_sent = 0
+        self.by_tag: dict[str, list[int]] = {}     # name -> [rounds, bytes sent] (runtime.tagged)
 
     def prg(self, other: int, label: str) -> Prg:
         """The stream shared with party `other` for `label`."""
