@@ -16,6 +16,7 @@ from swarmlm.privacy.mpc.ring import decode, encode
 from swarmlm.privacy.mpc.runtime import LocalParties
 from swarmlm.privacy.mpc.shares import combine, split
 from tests.model.hf_models import build_hf
+from tests.privacy.decisive import decisive
 
 CONFIGS = {
     "gpt2": ModelConfig(family="gpt2", architecture="GPT2LMHeadModel", vocab_size=64, dim=64, n_layers=1, n_heads=4,
@@ -97,7 +98,10 @@ def test_private_greedy_generation_equals_local(tmp_path, variant):
     pytest.importorskip("transformers")
     build_hf(tmp_path, variant)
     model, _ = hf.load_model(tmp_path)
-    prompt = [5, 17, 200, 3, 99, 42, 7]
+    g = torch.Generator().manual_seed(0)
+    candidates = [[5, 17, 200, 3, 99, 42, 7]] + [torch.randint(0, model.cfg.vocab_size, (7,), generator=g).tolist()
+                                                 for _ in range(40)]
+    prompt = decisive(model, candidates, 16)
     tokens, stats = generate_in_process(model, prompt, max_new_tokens=16)
     assert tokens == generate(model, prompt, max_new_tokens=16)
     assert stats.rounds > 0 and stats.bytes > 0

@@ -24,9 +24,21 @@ from tests.helpers.metrics import metrics_url, scrape
 from tests.helpers.swarm import LoopThread, poll_until, run_cli, start_nodes, stop_all, swarmlm_command
 from tests.helpers.swarm_servers import TEXT, VOCAB
 from tests.model.hf_models import build_hf
+from tests.privacy.decisive import decisive
 
 pytestmark = pytest.mark.slow
 PROMPT = "def parse(line):"
+# where private tokens are compared with local ones, the first of these whose greedy decode is
+# decisive (tests/privacy/decisive.py)
+PROMPTS = (PROMPT, "return self.", "for i in range(n):", "import os", "class Node:", "while True:", "if x is None:",
+           "print(value)", "def __init__(self", "yield from", "with open(path) as f:", "except KeyError:")
+
+
+def _decisive_prompt(model_dir: Path) -> str:
+    tok = Tokenizer.load(model_dir)
+    model, _ = load_model(model_dir)
+    ids = decisive(model, [tok.encode(p) for p in PROMPTS], 16)
+    return next(p for p in PROMPTS if tok.encode(p) == ids)
 
 
 def _checkpoint(directory: Path, variant: str) -> Path:
@@ -61,8 +73,8 @@ def swarm(tmp_path_factory):
         stop_all(nodes)
 
 
-def _generate(swarm, variant: str, *extra: str, private: bool = True) -> dict:
-    args = ["generate", str(swarm["models"][variant]), "--prompt", PROMPT, "--max-new-tokens", "16",
+def _generate(swarm, variant: str, *extra: str, private: bool = True, prompt: str = PROMPT) -> dict:
+    args = ["generate", str(swarm["models"][variant]), "--prompt", prompt, "--max-new-tokens", "16",
             "--temperature", "0", "--json", *extra]
     if private:
         args += ["--private", "--initial-peers", swarm["boot"]]
@@ -73,7 +85,7 @@ def _generate(swarm, variant: str, *extra: str, private: bool = True) -> dict:
 
 @pytest.mark.parametrize("variant", ["llama3", "gpt2"])
 def test_private_generation_equals_local_greedy(swarm, variant):
-    private = _generate(swarm, variant)
+    private = _generate(swarm, variant, prompt=_decisive_prompt(swarm["models"][variant]))
     model, _ = load_model(swarm["models"][variant])
     assert len(private["output_ids"]) == 16
     assert private["output_ids"] == generate(model, private["prompt_ids"], max_new_tokens=16)
