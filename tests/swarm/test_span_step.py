@@ -55,3 +55,15 @@ def test_span_step_is_built_once_per_cache_and_only_where_it_applies():
     assert span_step(model, cache, 0, 3) is None              # the cache lacks block 2
     dynamic = Transformer(CFG.replace(rope_scaling={"rope_type": "dynamic", "factor": 2.0})).eval()
     assert span_step(dynamic, KVCache.empty(CFG, 1, 8), 0, 4) is None
+
+
+def test_a_decode_step_under_inference_mode_leaves_the_model_trainable():
+    """A server decodes under inference mode and may then run a fine-tuning client's forward and
+    backward through the same blocks: the fused weights the lean step made must not turn the
+    parameters into inference tensors."""
+    torch.manual_seed(0)
+    model = Transformer(CFG).eval()
+    _steps(model, 0, CFG.n_layers, torch.randn(1, 3, CFG.dim), fast=True)
+    h = torch.randn(1, 4, CFG.dim, requires_grad=True)
+    model.run_blocks(h, start=0, end=CFG.n_layers).square().sum().backward()
+    assert h.grad is not None and all(p.grad is not None for p in model.layers.parameters())

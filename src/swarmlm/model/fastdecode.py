@@ -85,11 +85,15 @@ def fused_projections(model) -> dict[int, tuple]:
     if cached is None or set(cached) != {int(k) for k in model.layers} or not all(
             _still_shared(cached[int(k)], b) for k, b in model.layers.items()):
         cached = {}
-        for key, block in model.layers.items():
-            attn, mlp = block.attention, block.feed_forward
-            qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
-            gate_up = fuse([mlp.gate_proj, mlp.up_proj]) if mlp.gated else None
-            cached[int(key)] = (qkv, gate_up)
+        # the parts' parameters become views of the fused tensors: those must be ordinary tensors even
+        # when the first step runs under inference mode (a server's), or a later backward through the
+        # same model (fine-tuning through a server) could not use the parameters
+        with torch.inference_mode(False), torch.no_grad():
+            for key, block in model.layers.items():
+                attn, mlp = block.attention, block.feed_forward
+                qkv = fuse([attn.q_proj, attn.k_proj, attn.v_proj])
+                gate_up = fuse([mlp.gate_proj, mlp.up_proj]) if mlp.gated else None
+                cached[int(key)] = (qkv, gate_up)
         object.__setattr__(model, "_fused_projections", cached)   # not a submodule: no state_dict entries
     return cached
 
