@@ -78,14 +78,19 @@ def test_round_below_min_clients_fails_clearly_and_is_retried(tmp_path, secure):
         net = MemoryNetwork()
         coord = await make_coordinator(net, tmp_path, rounds=2, clients_per_round=3, min_clients=3, secure=secure)
         peers = [await MemoryPeer.create(net) for _ in range(4)]
-        lines = []
-        coord.print = lines.append
+        lines, failed = [], asyncio.Event()
+
+        def printed(line):
+            lines.append(line)
+            if "round 2 attempt 1 failed" in line:
+                failed.set()
+
+        coord.print = printed
         tasks = [asyncio.create_task(client(peers[0], value=1.0).run()),
                  asyncio.create_task(client(peers[1], value=2.0).run()),
                  asyncio.create_task(client(peers[2], value=3.0, leave_in_round=1).run())]
         run = asyncio.create_task(coord.run(start_clients=3))
-        while not any("round 2 attempt 1 failed" in line for line in lines):
-            await asyncio.sleep(0.05)
+        await asyncio.wait_for(failed.wait(), 30)
         tasks.append(asyncio.create_task(client(peers[3], value=5.0).run()))   # a replacement joins
         await asyncio.wait_for(run, 30)
         await asyncio.gather(*tasks, return_exceptions=True)
