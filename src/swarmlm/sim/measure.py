@@ -171,12 +171,14 @@ def time_per_token(remote: Any, n_tokens: int, prompt: list[int] | None = None, 
 
 
 def patient_client() -> Any:
-    """Client options that wait up to a minute for a server to show in the DHT again: on a loaded machine a
-    DHT read (or a server's re-announcement) can be late for a while, and a measurement should not fail then."""
+    """Client options that wait up to a minute for a server to show in the DHT again, and for a session
+    to open: on a loaded machine a DHT read (or a server's re-announcement) can be late for a while, and
+    an open's reply over libp2p was seen to take over the default 10 s; with one server, a client that
+    gave up on it would have none left, and a measurement should not fail then."""
     from swarmlm.swarm.client.remote import ClientOptions
     from swarmlm.swarm.client.session import SessionOptions
 
-    return ClientOptions(session=SessionOptions(replacement_wait_s=60.0))
+    return ClientOptions(session=SessionOptions(replacement_wait_s=60.0, open_timeout_s=60.0))
 
 
 class OneServer:
