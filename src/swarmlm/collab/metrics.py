@@ -15,6 +15,8 @@ from prometheus_client import REGISTRY, Histogram
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 
+from swarmlm.store.metrics import replace_watched
+
 ROUND_SECONDS = Histogram("swarmlm_collab_round_seconds", "averaging rounds that succeeded, by duration",
                           buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60))
 
@@ -48,8 +50,4 @@ _watched: list[OptimizerCollector] = []
 
 def watch(opt: Any, registry: Any = REGISTRY) -> None:
     """Report `opt`'s totals from now on (replacing an optimizer watched before)."""
-    while _watched:
-        registry.unregister(_watched.pop())
-    collector = OptimizerCollector(opt)
-    registry.register(collector)
-    _watched.append(collector)
+    replace_watched(_watched, OptimizerCollector(opt), registry)

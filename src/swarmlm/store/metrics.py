@@ -35,10 +35,15 @@ class NodeCollector(Collector):
 _watched: list[NodeCollector] = []
 
 
+def replace_watched(watched: list, collector: Collector, registry: Any = REGISTRY) -> None:
+    """Register `collector` in place of the ones in `watched` (one module's list of its collectors),
+    so watching a new object never reports the old one's totals beside it."""
+    while watched:
+        registry.unregister(watched.pop())
+    registry.register(collector)
+    watched.append(collector)
+
+
 def watch(node: Any, registry: Any = REGISTRY) -> None:
     """Report `node`'s totals from now on (replacing a node watched before)."""
-    while _watched:
-        registry.unregister(_watched.pop())
-    collector = NodeCollector(node)
-    registry.register(collector)
-    _watched.append(collector)
+    replace_watched(_watched, NodeCollector(node), registry)
