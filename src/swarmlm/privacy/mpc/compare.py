@@ -54,8 +54,8 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     wdtype = torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
-        v1, pw = g1.ring(shape) & kmask, g1.ring(shape) & wmask    # pad of party 2's transfer (party 1 helps)
-        v0, pv = g2.ring(shape) & kmask, g2.ring(shape) & wmask    # pad of party 1's transfer (party 2 helps)
+        v1, pw = g1.below(shape, k), _pad(g1, shape, nbits)        # pad of party 2's transfer (party 1 helps)
+        v0, pv = g2.below(shape, k), _pad(g2, shape, nbits)        # pad of party 1's transfer (party 2 helps)
         rep = sum(1 << (k * c) for c in range(C))
         rep = rep - (1 << 64) if rep >= 1 << 63 else rep
         masked = table ^ ((v0 ^ v1) * rep)
@@ -63,7 +63,7 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
         return BShare(v0, v1)
     me, other = p.index, 3 - p.index
     g0 = p.prg(0, label)
-    mine, pads = g0.ring(shape) & kmask, g0.ring(shape) & wmask    # v_1 (party 1) or v_0 (party 2); the other's pad
+    mine, pads = g0.below(shape, k), _pad(g0, shape, nbits)        # v_1 (party 1) or v_0 (party 2); the other's pad
     shift = k * choice
     helper = ((pads >> shift) & kmask)
     hbits = ((helper.unsqueeze(-1) >> torch.arange(k)) & 1).bool()
@@ -72,6 +72,10 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     back = (got[other][0].to(torch.int64) << torch.arange(k)).sum(-1)
     v2 = ((word >> shift) & kmask) ^ back
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
+
+
+def _pad(g, shape: tuple[int, ...], nbits: int) -> torch.Tensor:
+    return g.ring(shape) if nbits >= 64 else g.below(shape, nbits)
 
 
 def _block(width: int) -> int:

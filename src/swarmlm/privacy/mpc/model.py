@@ -152,7 +152,9 @@ def _project_qkv(p: Party, w: PublicWeights, i: int, x: AShare, positions: torch
     if w.inv_freq_model is None:
         return (yield from linear(p, x, w.enc(f"qkv{i}", w.blocks[i].qkv)[0]))
     wt, wf, L = _rotated_weights(w, i, positions)                                   # (T, K, N)
-    z = x.map(lambda t: public_matmul(t.transpose(0, 1), wt, wf, L).transpose(0, 1))  # (B, T, N), 2f bits
+    B = x.shape[0]
+    both = public_matmul(torch.cat([x.a, x.b], 0).transpose(0, 1), wt, wf, L).transpose(0, 1)   # both components at once
+    z = AShare(both[:B], both[B:])                                                           # (B, T, N), 2f bits
     return (yield from trunc(p, z))
 
 

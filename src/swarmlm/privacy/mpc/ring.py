@@ -54,8 +54,13 @@ class Prg:
         return torch.from_numpy(np.frombuffer(self._bytes(8 * n), dtype=np.int64).copy()).view(*shape)
 
     def below(self, shape: tuple[int, ...] | torch.Size, bits: int = MASK_BITS) -> torch.Tensor:
-        """Uniform int64 in [0, 2^bits)."""
-        return self.ring(shape) & ((1 << bits) - 1)
+        """Uniform int64 in [0, 2^bits), drawn from the fewest whole bytes of 1, 2, 4 or 8 an element."""
+        if bits > 32:
+            return self.ring(shape) & ((1 << bits) - 1)
+        dtype = np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
+        n = int(np.prod(shape, dtype=np.int64))
+        raw = np.frombuffer(self._bytes(np.dtype(dtype).itemsize * n), dtype=dtype)
+        return torch.from_numpy(raw.astype(np.int64)).view(*shape) & ((1 << bits) - 1)
 
     def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform bool tensor."""
@@ -73,18 +78,22 @@ def limb_bits(w: torch.Tensor) -> int:
 
 
 def public_matmul(x: torch.Tensor, w: torch.Tensor, wf: torch.Tensor | None = None, L: int | None = None) -> torch.Tensor:
-    """x @ w in the ring (int64, wrapping; broadcasting as torch.matmul) for a public w of small
-    entries, by float64 products: x is cut into limbs of L bits (its two's complement, low limb
-    first), L small enough that a limb's products with w, summed over K, stay below 2^53 and
-    so are exact; the limbs' products are shifted back and added modulo 2^64. For batched
-    products, which torch runs on int64 without BLAS. `wf` (w as float64) and `L` (limb_bits)
-    may be given, computed once."""
+    """x @ w in the ring (int64, wrapping; broadcasting as torch.matmul, x at least 2-D) for a public
+    w of small entries, by float64 products: x is cut into limbs of L bits (its two's complement,
+    low limb first), L small enough that a limb's products with w, summed over K, stay below 2^53
+    and so are exact; the limbs' products are shifted back and added modulo 2^64. The limbs are
+    stacked as rows of one product, so w is read once (batched products of one row per weight
+    matrix are memory-bound). For batched products, which torch runs on int64 without BLAS.
+    `wf` (w as float64) and `L` (limb_bits) may be given, computed once."""
     L = limb_bits(w) if L is None else L
     if not L:
         return x @ w
     wf = w.to(torch.float64) if wf is None else wf
-    out = None
-    for j in range(0, 64, L):
-        part = (((x >> j) & ((1 << L) - 1)).to(torch.float64) @ wf).to(torch.int64) << j
-        out = part if out is None else out + part
+    rows = x.shape[-2]
+    starts = list(range(0, 64, L))
+    limbs = torch.cat([((x >> j) & ((1 << L) - 1)) for j in starts], -2).to(torch.float64)   # (..., n * rows, K)
+    prods = (limbs @ wf).to(torch.int64)
+    out = prods[..., :rows, :]
+    for n, j in enumerate(starts[1:], 1):
+        out = out + (prods[..., n * rows:(n + 1) * rows, :] << j)
     return out

@@ -9,7 +9,10 @@ the same rounds: `parallel(a, b)` merges their rounds into one. `run` drives a g
 over a `Comm`, checking each received tensor's size and dtype before the protocol sees it.
 
 `LocalComm` joins three parties in one process (one thread each, queues between them): the
-protocols' numbers, rounds and bytes are those of the networked parties, fast to test.
+protocols' numbers, rounds and bytes are those of the networked parties, fast to test. The
+threads share one machine's cores (and the interpreter's lock), so the wall time of a run is
+about the three parties' work added up; `LocalParties.cpu_s` keeps each party's own CPU time,
+what one party would spend on its own machine (without the network).
 Knows nothing of models or of the network.
 """
 
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Sequence
 
@@ -216,16 +220,20 @@ class LocalParties:
         seeds = make_seeds(seed_rng or os.urandom)
         self.comms = [LocalComm(i, boxes, timeout_s) for i in range(N_PARTIES)]
         self.parties = [Party(i, self.comms[i], seeds[i]) for i in range(N_PARTIES)]
+        self.cpu_s = [0.0] * N_PARTIES         # each party's CPU time (its thread's) in the last run
 
     def run(self, make: Callable[[Party], Protocol]) -> list[Any]:
         results: list[Any] = [None] * N_PARTIES
         errors: list[BaseException] = []
 
         def work(i: int) -> None:
+            start = time.thread_time()
             try:
                 results[i] = self.parties[i].run(make(self.parties[i]))
             except BaseException as exc:   # handed to the caller below
                 errors.append(exc)
+            finally:
+                self.cpu_s[i] = time.thread_time() - start
 
         threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, N_PARTIES)]
         for t in threads:
