@@ -91,15 +91,28 @@ def test_exp_over_its_whole_range(parties):
     assert (got - x.double().exp()).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("half,lo,hi,frac", [(False, -2, 10, 16), (True, -12, 20, 24)])
-def test_inverse_and_inverse_sqrt_over_their_ranges(parties, half, lo, hi, frac):
+@pytest.mark.parametrize("half,lo,hi,frac,degree,rounds", [(False, -2, 10, 16, 3, 8), (True, -12, 20, 24, 3, 8),
+                                                            (False, -2, 10, 16, 2, 7), (True, -12, 20, 24, 2, 7)])
+def test_inverse_and_inverse_sqrt_over_their_ranges(parties, half, lo, hi, frac, degree, rounds):
     x = torch.logspace(lo + 0.01, hi - 0.01, 400, base=2).double()
     shares = split(encode(x, frac))
+    before = parties.rounds
     out = parties.run(lambda p: funcs.inverse_power(p, shares[p.index], half=half, lo_exp=lo, hi_exp=hi,
-                                                    frac_in=frac))
+                                                    frac_in=frac, degree=degree))
+    assert parties.rounds - before == rounds            # degree 2: e and the Y e terms in one round
     got = decode(combine([o.a for o in out]), funcs.INV_OUT_BITS)
     ref = x.rsqrt() if half else 1 / x
     assert ((got - ref).abs() / ref).max() < 5e-4
+
+
+def test_piecewise_constant_tables_keep_a_zero_piece_exactly_zero(parties):
+    """A quad's pick is zero outside its interval; its encoded differences must sum to exactly zero there,
+    or a huge v / 4^i of another quad would leak into e (1/sqrt of large sums of squares)."""
+    tab = funcs._inverse_tables(True, -12, 20, 24, funcs.STEPS, 2)
+    Q = len(tab.shifts)
+    for (deltas, base), picks in ((tab.fine, Q), (tab.wide, 2 * Q)):       # the (Y) picks of each quad
+        values = torch.cat([base[None], base[None] + deltas.cumsum(0)])[:, :picks]   # at each interval
+        assert ((values == 0).double().mean(0) >= 1 - 2 / Q).all()         # zero outside its quad, exactly
 
 
 def test_gelu_and_silu_everywhere(parties):

@@ -65,11 +65,14 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     g0 = p.prg(0, label)
     mine, pads = g0.below(shape, k), _pad(g0, shape, nbits)        # v_1 (party 1) or v_0 (party 2); the other's pad
     shift = k * choice
-    helper = ((pads >> shift) & kmask)
-    hbits = ((helper.unsqueeze(-1) >> torch.arange(k)) & 1).bool()
+    helper = (pads >> shift) & kmask
+    hbits = torch.stack([((helper >> j) & 1).bool() for j in range(k)], -1)
     got = yield Round(send={other: [hbits]}, recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
-    word = got[0][0].to(torch.int64) & wmask
-    back = (got[other][0].to(torch.int64) << torch.arange(k)).sum(-1)
+    word = got[0][0].to(torch.int64)
+    bits = got[other][0]
+    back = bits[..., 0].to(torch.int64)
+    for j in range(1, k):
+        back |= bits[..., j].to(torch.int64) << j
     v2 = ((word >> shift) & kmask) ^ back
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
 

@@ -12,6 +12,7 @@ message. Knows nothing of parties or messages.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -50,7 +51,7 @@ class Prg:
 
     def ring(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform int64 over the whole ring."""
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         return torch.from_numpy(np.frombuffer(self._bytes(8 * n), dtype=np.int64).copy()).view(*shape)
 
     def below(self, shape: tuple[int, ...] | torch.Size, bits: int = MASK_BITS) -> torch.Tensor:
@@ -58,13 +59,13 @@ class Prg:
         if bits > 32:
             return self.ring(shape) & ((1 << bits) - 1)
         dtype = np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         raw = np.frombuffer(self._bytes(np.dtype(dtype).itemsize * n), dtype=dtype)
         return torch.from_numpy(raw.astype(np.int64)).view(*shape) & ((1 << bits) - 1)
 
     def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform bool tensor."""
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         raw = np.unpackbits(np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8), count=n)
         return torch.from_numpy(raw.astype(np.bool_)).view(*shape)
 

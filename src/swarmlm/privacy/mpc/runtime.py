@@ -18,6 +18,7 @@ Knows nothing of models or of the network.
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
 import time
@@ -107,7 +108,7 @@ def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
 
 def spec_bytes(spec: Spec) -> int:
     shape, dtype = spec
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     return (n + 7) // 8 if dtype == torch.bool else (4 if dtype == torch.int32 else 8) * n
 
 
@@ -121,7 +122,7 @@ def decode_message(data: bytes, specs: Sequence[Spec]) -> list[torch.Tensor]:
         size = spec_bytes((shape, dtype))
         chunk = np.frombuffer(data, dtype=np.uint8, count=size, offset=pos)
         pos += size
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         if dtype == torch.bool:
             arr = np.unpackbits(chunk, count=n).astype(np.bool_)
         else:
