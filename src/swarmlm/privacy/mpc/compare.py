@@ -65,15 +65,12 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     g0 = p.prg(0, label)
     mine, pads = g0.below(shape, k), _pad(g0, shape, nbits)        # v_1 (party 1) or v_0 (party 2); the other's pad
     shift = k * choice
-    helper = (pads >> shift) & kmask
-    hbits = torch.stack([((helper >> j) & 1).bool() for j in range(k)], -1)
+    helper = ((pads >> shift) & kmask).numpy().astype(np.uint8)                 # k <= 8 bits each
+    hbits = torch.from_numpy(np.unpackbits(helper[..., None], axis=-1, count=k, bitorder="little").view(np.bool_))
     got = yield Round(send={other: [hbits]}, recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
     word = got[0][0].to(torch.int64)
-    bits = got[other][0]
-    back = bits[..., 0].to(torch.int64)
-    for j in range(1, k):
-        back |= bits[..., j].to(torch.int64) << j
-    v2 = ((word >> shift) & kmask) ^ back
+    back = np.packbits(got[other][0].numpy(), axis=-1, bitorder="little")[..., 0]
+    v2 = ((word >> shift) & kmask) ^ torch.from_numpy(back.astype(np.int64))
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
 
 

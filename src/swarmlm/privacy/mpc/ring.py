@@ -22,6 +22,7 @@ FRAC_BITS = 16                 # f: fractional bits of every shared value
 SCALE = 1 << FRAC_BITS
 MASK_BITS = 62                 # truncation / comparison masks are uniform in [0, 2^62): statistical hiding
 SEED_BYTES = 32
+BIG_DRAW = 1 << 16          # draws from this many bytes on are written in place (faster for large ones)
 
 
 def encode(x: torch.Tensor | float, frac_bits: int = FRAC_BITS) -> torch.Tensor:
@@ -44,15 +45,20 @@ class Prg:
         self._key = hashlib.sha256(seed + b"\0" + label.encode()).digest()
         self._counter = 0
 
-    def _bytes(self, n: int) -> bytes:
+    def _bytes(self, n: int) -> np.ndarray:
+        """The next n bytes of the stream (uint8, writable, owned)."""
         nonce = self._counter.to_bytes(16, "big")
         self._counter += 1
-        return Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor().update(bytes(n))
+        enc = Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor()
+        if n < BIG_DRAW:
+            return np.frombuffer(enc.update(bytes(n)), dtype=np.uint8).copy()
+        out = np.empty(n + 15, dtype=np.uint8)                  # update_into wants a block of room
+        enc.update_into(bytes(n), out)                          # no intermediate bytes object, no copy
+        return out[:n]
 
     def ring(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform int64 over the whole ring."""
-        n = math.prod(shape)
-        return torch.from_numpy(np.frombuffer(self._bytes(8 * n), dtype=np.int64).copy()).view(*shape)
+        return torch.from_numpy(self._bytes(8 * math.prod(shape)).view(np.int64)).view(*shape)
 
     def below(self, shape: tuple[int, ...] | torch.Size, bits: int = MASK_BITS) -> torch.Tensor:
         """Uniform int64 in [0, 2^bits), drawn from the fewest whole bytes of 1, 2, 4 or 8 an element."""
@@ -60,13 +66,13 @@ class Prg:
             return self.ring(shape) & ((1 << bits) - 1)
         dtype = np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
         n = math.prod(shape)
-        raw = np.frombuffer(self._bytes(np.dtype(dtype).itemsize * n), dtype=dtype)
+        raw = self._bytes(np.dtype(dtype).itemsize * n).view(dtype)
         return torch.from_numpy(raw.astype(np.int64)).view(*shape) & ((1 << bits) - 1)
 
     def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform bool tensor."""
         n = math.prod(shape)
-        raw = np.unpackbits(np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8), count=n)
+        raw = np.unpackbits(self._bytes((n + 7) // 8), count=n)
         return torch.from_numpy(raw.astype(np.bool_)).view(*shape)
 
 
