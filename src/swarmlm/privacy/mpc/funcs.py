@@ -5,10 +5,17 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   thresholds 2^(k/4) all at once (one comparison depth); the bits bring v into [1, 4) and
   select, by a public linear combination (no message), a first guess y0 within 2^(1/8) of the
   answer, then v^-a = y0 (1 - e)^-a with e = 1 - v y0^(1/a), |e| < 0.09 (0.11 with the
-  comparisons' 2^-6 relative precision), summed to e^3 in two rounds (e^2 and c3 e, then one
-  sum of products). v / 4^i is truncated for every i at once (in the comparisons' rounds):
-  each truncation hides v as well as any other does while v, read as an integer, stays below
-  2^42. Comparison (5 rounds at width 40) + 3 rounds.
+  comparisons' 2^-6 relative precision). The piecewise-constant functions of the interval
+  (y0, its picks per 4^i, ...) are public tables applied to the bits by one local product,
+  built from the differences of their encoded values (so a zero piece is exactly zero). Then
+  either (degree 3, the softmax's 1/x) e; e^2 and c3 e; one sum of products: 3 rounds, or
+  (degree 2, the norms' 1/sqrt) a degree-2 polynomial fitted on |e| <= 0.11: e, k1 Y e and
+  k2 Y e (Y = y0 4^(-a i), piecewise constant like the picks, so Y e is the same kind of sum)
+  in one round, then (k2 Y e) e: 2 rounds, 2e-4 relative at most (1e-4 with degree 3). v / 4^i
+  is truncated for every i at once (in the comparisons' rounds): each truncation hides v as
+  well as any other does while v, read as an integer, stays below 2^42; the k Y e sums are
+  below 2^46 (15 bits of hiding) only at the smallest sums of squares (Y = 2^6), 2^36 for
+  sums of squares near D. Comparison (5 rounds at width 40) + 3 or 2 rounds.
 - `exp_neg` (e^x for x <= 0, softmax after the max is subtracted): x is clamped at -16 (the
   bit comes with the max, or one coarse comparison), read as x/8 with 3 more fractional bits
   (no truncation), a Chebyshev series of degree 12 gives e^(x/2) on [-8, 0], and one
@@ -30,7 +37,8 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   exp_neg over the keys each query may see, sums, and multiplies (e @ v) by the reciprocal
   of the sum, so the reciprocal and e @ v share rounds.
 - `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
-  square root (the norm only scales each row) unless scaling first saves more bytes than a round is worth.
+  square root (the norm only scales each row) unless scaling first saves more bytes than a round
+  is worth. The sum of squares: 1 round; 1/sqrt: 7 (degree 2); the scaling: 1 (+ the map's 1).
 Knows nothing of models; model.py folds norm weights and scales into the linear layers.
 """
 
