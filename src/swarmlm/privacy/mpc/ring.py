@@ -22,6 +22,7 @@ FRAC_BITS = 16                 # f: fractional bits of every shared value
 SCALE = 1 << FRAC_BITS
 MASK_BITS = 62                 # truncation / comparison masks are uniform in [0, 2^62): statistical hiding
 SEED_BYTES = 32
+_ZEROS = memoryview(bytes(1 << 22))
 BIG_DRAW = 1 << 16          # draws from this many bytes on are written in place (faster for large ones)
 
 
@@ -53,7 +54,8 @@ class Prg:
         if n < BIG_DRAW:
             return np.frombuffer(enc.update(bytes(n)), dtype=np.uint8).copy()
         out = np.empty(n + 15, dtype=np.uint8)                  # update_into wants a block of room
-        enc.update_into(bytes(n), out)                          # no intermediate bytes object, no copy
+        zeros = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)    # the plaintext: zeros, shared read-only
+        enc.update_into(zeros, out)                             # no intermediate bytes object, no copy
         return out[:n]
 
     def ring(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
