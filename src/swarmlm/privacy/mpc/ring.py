@@ -71,6 +71,10 @@ class Prg:
         raw = self._bytes(np.dtype(dtype).itemsize * n).view(dtype)
         return torch.from_numpy(raw.astype(np.int64)).view(*shape) & ((1 << bits) - 1)
 
+    def below_words(self, shape: tuple[int, ...] | torch.Size) -> np.ndarray:
+        """Uniform uint32 (numpy, the stream's next 4 bytes an element)."""
+        return self._bytes(4 * math.prod(shape)).view(np.uint32).reshape(tuple(shape))
+
     def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform bool tensor."""
         n = math.prod(shape)
