@@ -203,3 +203,17 @@ def test_coarse_maximum_has_one_winner_among_near_ties(parties):
     d = x.double() - x.double().max(-1, keepdim=True).values
     assert torch.equal(near[d >= -15.0], torch.ones_like(near[d >= -15.0]))
     assert torch.equal(near[d < -17.0], torch.zeros_like(near[d < -17.0]))
+
+
+def test_parties_stepped_in_turn_compute_what_threads_compute(parties):
+    """run_in_turn (the bench's per-party compute) sends the same messages in the same rounds."""
+    x = torch.randn(300) * 50
+    shares = split(encode(x))
+    r0, b0 = parties.rounds, parties.bytes_sent
+    threaded = parties.run(lambda p: compare.ge0(p, shares[p.index]))
+    r1, b1 = parties.rounds, parties.bytes_sent
+    in_turn = parties.run_in_turn(lambda p: compare.ge0(p, shares[p.index]))
+    assert (parties.rounds - r1, parties.bytes_sent - b1) == (r1 - r0, b1 - b0)
+    for out in (threaded, in_turn):
+        assert torch.equal(combine([o.a for o in out]), (x >= 0).long())
+    assert all(t > 0 for t in parties.cpu_s)
