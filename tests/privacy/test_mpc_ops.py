@@ -44,6 +44,10 @@ def test_prg_is_shared_and_uniform():
     r = Prg(seed, "y").ring((20000,))
     assert 0.45 < float((r < 0).float().mean()) < 0.55            # the sign bit is random too
     assert int(Prg(seed, "z").below((1000,)).min()) >= 0
+    g = Prg(seed, "w")                                             # draws continue the stream, never repeat it
+    first, second = g.ring((1000,)), g.ring((1000,))
+    assert not set(first.tolist()) & set(second.tolist())
+    assert torch.equal(torch.cat([first, second]), Prg(seed, "w").ring((2000,)))
 
 
 def test_multiplication_and_truncation(parties):

@@ -43,14 +43,14 @@ class Prg:
     def __init__(self, seed: bytes, label: str = ""):
         if len(seed) != SEED_BYTES:
             raise ValueError(f"a PRG seed is {SEED_BYTES} bytes")
-        self._key = hashlib.sha256(seed + b"\0" + label.encode()).digest()
-        self._counter = 0
+        key = hashlib.sha256(seed + b"\0" + label.encode()).digest()
+        # one counter-mode stream per (seed, label), continued from draw to draw: every draw takes
+        # fresh keystream blocks (a new counter start per draw would overlap the previous draw's)
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 
     def _bytes(self, n: int) -> np.ndarray:
         """The next n bytes of the stream (uint8, writable, owned)."""
-        nonce = self._counter.to_bytes(16, "big")
-        self._counter += 1
-        enc = Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor()
+        enc = self._enc
         if n < BIG_DRAW:
             return np.frombuffer(enc.update(bytes(n)), dtype=np.uint8).copy()
         out = np.empty(n + 15, dtype=np.uint8)                  # update_into wants a block of room
