@@ -68,15 +68,19 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     me, other = p.index, 3 - p.index
     g0 = p.prg(0, label)
     mine, pads = g0.below(shape, k), _pad(g0, shape, nbits)        # v_1 (party 1) or v_0 (party 2); the other's pad
-    shift = k * choice
-    if nbits == 32:
-        shift = shift.to(torch.int32)
-    helper = ((pads >> shift) & kmask).numpy().astype(np.uint8)                 # k <= 8 bits each
-    hbits = torch.from_numpy(np.unpackbits(helper[..., None], axis=-1, count=k, bitorder="little").view(np.bool_))
-    got = yield Round(send={other: [hbits]}, recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
+    shift = k * (choice.to(torch.int32) if nbits == 32 else choice)
+    helper = ((pads >> shift) & kmask).to(torch.uint8).numpy()                  # k <= 8 bits each
+    hbits = np.empty(helper.shape + (k,), dtype=np.uint8)
+    for j in range(k):
+        np.bitwise_and(helper >> j, 1, out=hbits[..., j])
+    got = yield Round(send={other: [torch.from_numpy(hbits.view(np.bool_))]},
+                      recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
     word = got[0][0] if nbits == 32 else got[0][0].to(torch.int64)
-    back = np.packbits(got[other][0].numpy(), axis=-1, bitorder="little")[..., 0]
-    v2 = ((word >> shift) & kmask).to(torch.int64) ^ torch.from_numpy(back.astype(np.int64))
+    bits = got[other][0].numpy().view(np.uint8)
+    back = bits[..., 0].copy()
+    for j in range(1, k):
+        back |= bits[..., j] << j
+    v2 = (((word >> shift) & kmask) ^ torch.from_numpy(back).to(word.dtype)).to(torch.int64)
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
 
 
