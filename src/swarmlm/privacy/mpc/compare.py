@@ -41,7 +41,7 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
               C: int, k: int, label: str) -> Protocol:
     """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...), or int32 ones
     when C k = 32: C candidates of k bits, C k <= 64), where party 0 knows table and parties 1
-    and 2 know choice (< C). One round; v comes as int64 words of k bits.
+    and 2 know choice (< C). One round; v comes as uint8 words of k <= 8 bits.
 
     v is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with parties 1 and 2, and
     v_2 = v ^ v_0 ^ v_1 reaches parties 1 and 2 by a three-party oblivious transfer (ABY3's, with
@@ -54,20 +54,20 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     wdtype = torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
-        v1, pw = g1.below(shape, k), _pad(g1, shape, nbits)        # pad of party 2's transfer (party 1 helps)
-        v0, pv = g2.below(shape, k), _pad(g2, shape, nbits)        # pad of party 1's transfer (party 2 helps)
+        v1, pw = g1.small(shape, k), _pad(g1, shape, nbits)        # pad of party 2's transfer (party 1 helps)
+        v0, pv = g2.small(shape, k), _pad(g2, shape, nbits)        # pad of party 1's transfer (party 2 helps)
         if nbits == 32:                                            # 32-bit words all the way (half the memory traffic)
-            masked = table ^ _replicated32(k)[v0 ^ v1]
+            masked = table ^ _replicated32(k)[(v0 ^ v1).long()]
             yield Round(send={1: [masked ^ pv], 2: [masked ^ pw]})
             return BShare(v0, v1)
         rep = sum(1 << (k * c) for c in range(C))
         rep = rep - (1 << 64) if rep >= 1 << 63 else rep
-        masked = table ^ ((v0 ^ v1) * rep)
+        masked = table ^ ((v0 ^ v1).long() * rep)
         yield Round(send={1: [_wire((masked ^ pv) & wmask, nbits)], 2: [_wire((masked ^ pw) & wmask, nbits)]})
         return BShare(v0, v1)
     me, other = p.index, 3 - p.index
     g0 = p.prg(0, label)
-    mine, pads = g0.below(shape, k), _pad(g0, shape, nbits)        # v_1 (party 1) or v_0 (party 2); the other's pad
+    mine, pads = g0.small(shape, k), _pad(g0, shape, nbits)        # v_1 (party 1) or v_0 (party 2); the other's pad
     shift = k * (choice.to(torch.int32) if nbits == 32 else choice)
     helper = ((pads >> shift) & kmask).to(torch.uint8).numpy()                  # k <= 8 bits each
     hbits = np.empty(helper.shape + (k,), dtype=np.uint8)
@@ -80,7 +80,7 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     back = bits[..., 0].copy()
     for j in range(1, k):
         back |= bits[..., j] << j
-    v2 = (((word >> shift) & kmask) ^ torch.from_numpy(back).to(word.dtype)).to(torch.int64)
+    v2 = ((word >> shift) & kmask).to(torch.uint8) ^ torch.from_numpy(back)
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
 
 

@@ -71,6 +71,13 @@ class Prg:
         raw = self._bytes(np.dtype(dtype).itemsize * n).view(dtype)
         return torch.from_numpy(raw.astype(np.int64)).view(*shape) & ((1 << bits) - 1)
 
+    def small(self, shape: tuple[int, ...] | torch.Size, bits: int) -> torch.Tensor:
+        """Uniform uint8 in [0, 2^bits), bits <= 8 (one byte of the stream an element)."""
+        assert bits <= 8
+        raw = self._bytes(math.prod(shape))
+        raw &= (1 << bits) - 1
+        return torch.from_numpy(raw).view(*shape)
+
     def below_words(self, shape: tuple[int, ...] | torch.Size) -> np.ndarray:
         """Uniform uint32 (numpy, the stream's next 4 bytes an element)."""
         return self._bytes(4 * math.prod(shape)).view(np.uint32).reshape(tuple(shape))
