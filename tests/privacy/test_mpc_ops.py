@@ -44,6 +44,10 @@ def test_prg_is_shared_and_uniform():
     r = Prg(seed, "y").ring((20000,))
     assert 0.45 < float((r < 0).float().mean()) < 0.55            # the sign bit is random too
     assert int(Prg(seed, "z").below((1000,)).min()) >= 0
+    g = Prg(seed, "w")                                             # draws continue the stream, never repeat it
+    first, second = g.ring((1000,)), g.ring((1000,))
+    assert not set(first.tolist()) & set(second.tolist())
+    assert torch.equal(torch.cat([first, second]), Prg(seed, "w").ring((2000,)))
 
 
 def test_multiplication_and_truncation(parties):
@@ -91,15 +95,28 @@ def test_exp_over_its_whole_range(parties):
     assert (got - x.double().exp()).abs().max() < 1e-4
 
 
-@pytest.mark.parametrize("half,lo,hi,frac", [(False, -2, 10, 16), (True, -12, 20, 24)])
-def test_inverse_and_inverse_sqrt_over_their_ranges(parties, half, lo, hi, frac):
+@pytest.mark.parametrize("half,lo,hi,frac,degree,rounds", [(False, -2, 10, 16, 3, 8), (True, -12, 20, 24, 3, 8),
+                                                            (False, -2, 10, 16, 2, 7), (True, -12, 20, 24, 2, 7)])
+def test_inverse_and_inverse_sqrt_over_their_ranges(parties, half, lo, hi, frac, degree, rounds):
     x = torch.logspace(lo + 0.01, hi - 0.01, 400, base=2).double()
     shares = split(encode(x, frac))
+    before = parties.rounds
     out = parties.run(lambda p: funcs.inverse_power(p, shares[p.index], half=half, lo_exp=lo, hi_exp=hi,
-                                                    frac_in=frac))
+                                                    frac_in=frac, degree=degree))
+    assert parties.rounds - before == rounds            # degree 2: e and the Y e terms in one round
     got = decode(combine([o.a for o in out]), funcs.INV_OUT_BITS)
     ref = x.rsqrt() if half else 1 / x
     assert ((got - ref).abs() / ref).max() < 5e-4
+
+
+def test_piecewise_constant_tables_keep_a_zero_piece_exactly_zero(parties):
+    """A quad's pick is zero outside its interval; its encoded differences must sum to exactly zero there,
+    or a huge v / 4^i of another quad would leak into e (1/sqrt of large sums of squares)."""
+    tab = funcs._inverse_tables(True, -12, 20, 24, funcs.STEPS, 2)
+    Q = len(tab.shifts)
+    for (deltas, base), picks in ((tab.fine, Q), (tab.wide, 2 * Q)):       # the (Y) picks of each quad
+        values = torch.cat([base[None], base[None] + deltas.cumsum(0)])[:, :picks]   # at each interval
+        assert ((values == 0).double().mean(0) >= 1 - 2 / Q).all()         # zero outside its quad, exactly
 
 
 def test_gelu_and_silu_everywhere(parties):
@@ -190,3 +207,17 @@ def test_coarse_maximum_has_one_winner_among_near_ties(parties):
     d = x.double() - x.double().max(-1, keepdim=True).values
     assert torch.equal(near[d >= -15.0], torch.ones_like(near[d >= -15.0]))
     assert torch.equal(near[d < -17.0], torch.zeros_like(near[d < -17.0]))
+
+
+def test_parties_stepped_in_turn_compute_what_threads_compute(parties):
+    """run_in_turn (the bench's per-party compute) sends the same messages in the same rounds."""
+    x = torch.randn(300) * 50
+    shares = split(encode(x))
+    r0, b0 = parties.rounds, parties.bytes_sent
+    threaded = parties.run(lambda p: compare.ge0(p, shares[p.index]))
+    r1, b1 = parties.rounds, parties.bytes_sent
+    in_turn = parties.run_in_turn(lambda p: compare.ge0(p, shares[p.index]))
+    assert (parties.rounds - r1, parties.bytes_sent - b1) == (r1 - r0, b1 - b0)
+    for out in (threaded, in_turn):
+        assert torch.equal(combine([o.a for o in out]), (x >= 0).long())
+    assert all(t > 0 for t in parties.cpu_s)

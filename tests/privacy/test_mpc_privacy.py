@@ -37,3 +37,20 @@ def test_a_partys_received_bytes_do_not_depend_on_the_prompt():
         assert n_a == n_a2 == n_b > 100_000
         assert np.abs(a - 0.5).max() < 0.05 and np.abs(b - 0.5).max() < 0.05     # close to fair coins
         assert np.abs(a - b).max() <= 2 * max(np.abs(a - a2).max(), 0.02) + 0.02
+
+
+def test_masks_are_never_reused_between_protocols():
+    """Two truncations of the same zeros: with fresh masks and zero shares, what party 0 receives the
+    second time is unrelated to the first (a PRG stream restarted per draw made the second message
+    the first shifted by one AES block, so an opener could subtract openings and learn differences
+    of secrets)."""
+    from swarmlm.privacy.mpc.ops import trunc_sum
+
+    parties = LocalParties()
+    zero = torch.zeros(64, dtype=torch.int64)
+    for _ in range(2):
+        parties.run(lambda p: trunc_sum(p, zero.clone()))
+    first, second = (np.frombuffer(m, dtype=np.int64) for m in parties.comms[0].received[-2 * 2::2])
+    assert len(first) == len(second) == 64
+    for shift in range(0, 8):
+        assert not np.array_equal(second[:64 - shift], first[shift:])

@@ -39,9 +39,9 @@ def _wire(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None, shape: tuple[int, ...],
               C: int, k: int, label: str) -> Protocol:
-    """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...): C candidates
-    of k bits, C k <= 64), where party 0 knows table and parties 1 and 2 know choice (< C). One
-    round; v comes as int64 words of k bits.
+    """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...), or int32 ones
+    when C k = 32: C candidates of k bits, C k <= 64), where party 0 knows table and parties 1
+    and 2 know choice (< C). One round; v comes as uint8 words of k <= 8 bits.
 
     v is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with parties 1 and 2, and
     v_2 = v ^ v_0 ^ v_1 reaches parties 1 and 2 by a three-party oblivious transfer (ABY3's, with
@@ -54,24 +54,48 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     wdtype = torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
-        v1, pw = g1.ring(shape) & kmask, g1.ring(shape) & wmask    # pad of party 2's transfer (party 1 helps)
-        v0, pv = g2.ring(shape) & kmask, g2.ring(shape) & wmask    # pad of party 1's transfer (party 2 helps)
+        v1, pw = g1.small(shape, k), _pad(g1, shape, nbits)        # pad of party 2's transfer (party 1 helps)
+        v0, pv = g2.small(shape, k), _pad(g2, shape, nbits)        # pad of party 1's transfer (party 2 helps)
+        if nbits == 32:                                            # 32-bit words all the way (half the memory traffic)
+            masked = table ^ _replicated32(k)[(v0 ^ v1).long()]
+            yield Round(send={1: [masked ^ pv], 2: [masked ^ pw]})
+            return BShare(v0, v1)
         rep = sum(1 << (k * c) for c in range(C))
         rep = rep - (1 << 64) if rep >= 1 << 63 else rep
-        masked = table ^ ((v0 ^ v1) * rep)
+        masked = table ^ ((v0 ^ v1).long() * rep)
         yield Round(send={1: [_wire((masked ^ pv) & wmask, nbits)], 2: [_wire((masked ^ pw) & wmask, nbits)]})
         return BShare(v0, v1)
     me, other = p.index, 3 - p.index
     g0 = p.prg(0, label)
-    mine, pads = g0.ring(shape) & kmask, g0.ring(shape) & wmask    # v_1 (party 1) or v_0 (party 2); the other's pad
-    shift = k * choice
-    helper = ((pads >> shift) & kmask)
-    hbits = ((helper.unsqueeze(-1) >> torch.arange(k)) & 1).bool()
-    got = yield Round(send={other: [hbits]}, recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
-    word = got[0][0].to(torch.int64) & wmask
-    back = (got[other][0].to(torch.int64) << torch.arange(k)).sum(-1)
-    v2 = ((word >> shift) & kmask) ^ back
+    mine, pads = g0.small(shape, k), _pad(g0, shape, nbits)        # v_1 (party 1) or v_0 (party 2); the other's pad
+    shift = k * (choice.to(torch.int32) if nbits == 32 else choice)
+    helper = ((pads >> shift) & kmask).to(torch.uint8).numpy()                  # k <= 8 bits each
+    hbits = np.empty(helper.shape + (k,), dtype=np.uint8)
+    for j in range(k):
+        np.bitwise_and(helper >> j, 1, out=hbits[..., j])
+    got = yield Round(send={other: [torch.from_numpy(hbits.view(np.bool_))]},
+                      recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
+    word = got[0][0] if nbits == 32 else got[0][0].to(torch.int64)
+    bits = got[other][0].numpy().view(np.uint8)
+    back = bits[..., 0].copy()
+    for j in range(1, k):
+        back |= bits[..., j] << j
+    v2 = ((word >> shift) & kmask).to(torch.uint8) ^ torch.from_numpy(back)
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
+
+
+def _pad(g, shape: tuple[int, ...], nbits: int) -> torch.Tensor:
+    """An OT's pad of nbits: int64, or int32 (the same bits) for 32."""
+    if nbits == 32:
+        return torch.from_numpy(g.below_words(shape).view(np.int32))
+    return g.ring(shape) if nbits >= 64 else g.below(shape, nbits)
+
+
+@functools.lru_cache(maxsize=8)
+def _replicated32(k: int) -> torch.Tensor:
+    """(2^k,) int32: a k-bit value repeated 32/k times (its low 32 bits as int32)."""
+    words = [sum(v << (k * c) for c in range(32 // k)) for v in range(1 << k)]
+    return torch.tensor(np.array(words, dtype=np.uint32).view(np.int32))
 
 
 def _block(width: int) -> int:
@@ -84,8 +108,9 @@ def _block(width: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _gp_words(b: int, top: int) -> torch.Tensor:
-    """(2^b,) int64: for a block value s of S, the 2^b candidates (c = X's block value) of 2 bits:
+def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+    """(2^b,) int64 (or int32 with the same low 32 bits, for b = 4): for a block value s of S, the
+    2^b candidates (c = X's block value) of 2 bits:
     generate (s + c carries out of the block's chain bits) and propagate ((s ^ c) all ones there).
     With `top` < b, bit `top` is x's top bit: the chain has bits 0..top-1 and the generate bit
     also XORs in bit `top` of s ^ c (the msb is then the carry into the top XOR that); bits
@@ -98,7 +123,10 @@ def _gp_words(b: int, top: int) -> torch.Tensor:
     if top < b:
         gen = gen ^ (((s ^ c) >> top) & 1).bool()
     bits = gen.long() | (prop.long() << 1)                                  # (2^b, 2^b)
-    return (bits << (2 * torch.arange(1 << b))).sum(-1)                       # candidate c at bits 2c, 2c+1
+    words = (bits << (2 * torch.arange(1 << b))).sum(-1)                      # candidate c at bits 2c, 2c+1
+    if dtype == torch.int32:
+        return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
+    return words
 
 
 def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
@@ -121,9 +149,10 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
     if p.index == 0:
         v = ((x.a + x.b) >> drop).unsqueeze(-1) >> shifts
         blocks = v & full
-        words = torch.empty_like(blocks)
-        words[..., :-1] = _gp_words(b, b)[blocks[..., :-1]]
-        words[..., -1] = _gp_words(b, top)[blocks[..., -1] & last]
+        dtype = torch.int32 if b == 4 else torch.int64                      # 16 candidates of 2 bits: one int32
+        words = torch.empty(blocks.shape, dtype=dtype)
+        words[..., :-1] = _gp_words(b, b, dtype)[blocks[..., :-1]]
+        words[..., -1] = _gp_words(b, top, dtype)[blocks[..., -1] & last]
         gp = yield from _ot_words(p, words, None, shape, 1 << b, 2, "gp")
     else:
         v = ((x.b if p.index == 1 else x.a) >> drop).unsqueeze(-1) >> shifts

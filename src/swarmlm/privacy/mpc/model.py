@@ -118,9 +118,10 @@ class KVShares:
 
 
 def _rotated_weights(w: PublicWeights, i: int, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """q/k/v weights per position (T, K, N), encoded (and as float64, and its limb size), RoPE folded in: a rotated column is
+    """q/k weights per position (T, K, N_qk), encoded (and as float64, and its limb size), RoPE folded in: a rotated column is
     W[:, c] cos_t + W_rolled[:, c] sin_t, W_rolled having each q and k head's columns rolled by
-    Dh/2 (RoPE's x cos + roll(x) sin, a public linear map per position)."""
+    Dh/2 (RoPE's x cos + roll(x) sin, a public linear map per position). The v columns, the same
+    at every position, are not here (one product of all positions with them)."""
     key = ("qkv-rot", i, int(positions[0]), len(positions))
     if key in w._enc:
         return w._enc[key]
@@ -135,8 +136,7 @@ def _rotated_weights(w: PublicWeights, i: int, positions: torch.Tensor) -> tuple
     cos, sin = _rope_tables(w, positions)                                             # (T, Dh)
     rot = rows[None] * cos[:, None, None] + rolled[None] * sin[:, None, None]        # (T, K, heads, Dh)
     T = len(positions)
-    rest = lin.weight[:, n_rot:][None].expand(T, K, -1)
-    enc = encode(torch.cat([rot.reshape(T, K, n_rot), rest], -1))
+    enc = encode(rot.reshape(T, K, n_rot))
     w._enc[key] = (enc, enc.to(torch.float64), limb_bits(enc))
     return w._enc[key]
 
@@ -151,8 +151,12 @@ def _project_qkv(p: Party, w: PublicWeights, i: int, x: AShare, positions: torch
     weights (_rotated_weights): one local product and one truncation either way."""
     if w.inv_freq_model is None:
         return (yield from linear(p, x, w.enc(f"qkv{i}", w.blocks[i].qkv)[0]))
-    wt, wf, L = _rotated_weights(w, i, positions)                                   # (T, K, N)
-    z = x.map(lambda t: public_matmul(t.transpose(0, 1), wt, wf, L).transpose(0, 1))  # (B, T, N), 2f bits
+    wt, wf, L = _rotated_weights(w, i, positions)                                   # (T, K, N_qk)
+    B = x.shape[0]
+    both = public_matmul(torch.cat([x.a, x.b], 0).transpose(0, 1), wt, wf, L).transpose(0, 1)   # both components at once
+    n_rot = wt.shape[-1]
+    wv = w.enc(f"qkv-v{i}", w.blocks[i].qkv, lambda lin: (encode(lin.weight[:, n_rot:]), None))[0]   # (K, N_v)
+    z = AShare(torch.cat([both[:B], x.a @ wv], -1), torch.cat([both[B:], x.b @ wv], -1))    # (B, T, N), 2f bits
     return (yield from trunc(p, z))
 
 

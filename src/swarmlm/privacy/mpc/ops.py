@@ -67,12 +67,12 @@ def _trunc_masks(p: Party, shape) -> tuple[torch.Tensor, torch.Tensor]:
 def _open_truncated(p: Party, c: torch.Tensor | None, r: tuple[torch.Tensor, torch.Tensor],
                     shift: int | torch.Tensor) -> AShare:
     """Replicated floor(z / 2^shift) from c = z + r (known to parties 0 and 2 only) and r's components:
-    (c >> s) - sum_j (r_j >> s) - 1, which is floor(z / 2^s) + {-1, 0, 1, 2}."""
-    a, b = -(r[0] >> shift), -(r[1] >> shift)
-    if p.index == 0:
-        a = a + (c >> shift) - 1
-    elif p.index == 2:
-        b = b + (c >> shift) - 1
+    (c >> s) - sum_j (r_j >> s) - 1, which is floor(z / 2^s) + {-1, 0, 1, 2}. Works in place on
+    r and c (fresh tensors of the caller's)."""
+    a, b = r[0].bitwise_right_shift_(shift).neg_(), r[1].bitwise_right_shift_(shift).neg_()
+    if p.index in (0, 2):
+        opened = c.bitwise_right_shift_(shift).sub_(1)
+        (a if p.index == 0 else b).add_(opened)
     return AShare(a, b)
 
 
@@ -83,9 +83,10 @@ def trunc_sum(p: Party, z: torch.Tensor, shift: int | torch.Tensor = FRAC_BITS) 
     masked components they lack and open c = z + r, which hides z behind the one component of r
     they do not know (uniform in [0, 2^61)). Four ring elements per element."""
     shape = z.shape
-    z = z + p.prg(p.next, "zero").ring(shape) - p.prg(p.prev, "zero").ring(shape)
+    m = p.prg(p.next, "zero").ring(shape)                     # fresh: worked on in place
+    m.sub_(p.prg(p.prev, "zero").ring(shape)).add_(z)         # z_i re-randomized by a zero share
     r = _trunc_masks(p, shape)
-    m = z + r[0]
+    m.add_(r[0])
     spec = _spec(shape)
     if p.index == 0:
         got = yield Round(send={2: [m]}, recv={1: spec, 2: spec})

@@ -12,6 +12,7 @@ message. Knows nothing of parties or messages.
 from __future__ import annotations
 
 import hashlib
+import math
 
 import numpy as np
 import torch
@@ -21,6 +22,8 @@ FRAC_BITS = 16                 # f: fractional bits of every shared value
 SCALE = 1 << FRAC_BITS
 MASK_BITS = 62                 # truncation / comparison masks are uniform in [0, 2^62): statistical hiding
 SEED_BYTES = 32
+_ZEROS = memoryview(bytes(1 << 22))
+BIG_DRAW = 1 << 16          # draws from this many bytes on are written in place (faster for large ones)
 
 
 def encode(x: torch.Tensor | float, frac_bits: int = FRAC_BITS) -> torch.Tensor:
@@ -40,27 +43,49 @@ class Prg:
     def __init__(self, seed: bytes, label: str = ""):
         if len(seed) != SEED_BYTES:
             raise ValueError(f"a PRG seed is {SEED_BYTES} bytes")
-        self._key = hashlib.sha256(seed + b"\0" + label.encode()).digest()
-        self._counter = 0
+        key = hashlib.sha256(seed + b"\0" + label.encode()).digest()
+        # one counter-mode stream per (seed, label), continued from draw to draw: every draw takes
+        # fresh keystream blocks (a new counter start per draw would overlap the previous draw's)
+        self._enc = Cipher(algorithms.AES(key), modes.CTR(bytes(16))).encryptor()
 
-    def _bytes(self, n: int) -> bytes:
-        nonce = self._counter.to_bytes(16, "big")
-        self._counter += 1
-        return Cipher(algorithms.AES(self._key), modes.CTR(nonce)).encryptor().update(bytes(n))
+    def _bytes(self, n: int) -> np.ndarray:
+        """The next n bytes of the stream (uint8, writable, owned)."""
+        enc = self._enc
+        if n < BIG_DRAW:
+            return np.frombuffer(enc.update(bytes(n)), dtype=np.uint8).copy()
+        out = np.empty(n + 15, dtype=np.uint8)                  # update_into wants a block of room
+        zeros = _ZEROS[:n] if n <= len(_ZEROS) else bytes(n)    # the plaintext: zeros, shared read-only
+        enc.update_into(zeros, out)                             # no intermediate bytes object, no copy
+        return out[:n]
 
     def ring(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform int64 over the whole ring."""
-        n = int(np.prod(shape, dtype=np.int64))
-        return torch.from_numpy(np.frombuffer(self._bytes(8 * n), dtype=np.int64).copy()).view(*shape)
+        return torch.from_numpy(self._bytes(8 * math.prod(shape)).view(np.int64)).view(*shape)
 
     def below(self, shape: tuple[int, ...] | torch.Size, bits: int = MASK_BITS) -> torch.Tensor:
-        """Uniform int64 in [0, 2^bits)."""
-        return self.ring(shape) & ((1 << bits) - 1)
+        """Uniform int64 in [0, 2^bits), drawn from the fewest whole bytes of 1, 2, 4 or 8 an element."""
+        if bits > 32:
+            return self.ring(shape) & ((1 << bits) - 1)
+        dtype = np.uint8 if bits <= 8 else np.uint16 if bits <= 16 else np.uint32
+        n = math.prod(shape)
+        raw = self._bytes(np.dtype(dtype).itemsize * n).view(dtype)
+        return torch.from_numpy(raw.astype(np.int64)).view(*shape) & ((1 << bits) - 1)
+
+    def small(self, shape: tuple[int, ...] | torch.Size, bits: int) -> torch.Tensor:
+        """Uniform uint8 in [0, 2^bits), bits <= 8 (one byte of the stream an element)."""
+        assert bits <= 8
+        raw = self._bytes(math.prod(shape))
+        raw &= (1 << bits) - 1
+        return torch.from_numpy(raw).view(*shape)
+
+    def below_words(self, shape: tuple[int, ...] | torch.Size) -> np.ndarray:
+        """Uniform uint32 (numpy, the stream's next 4 bytes an element)."""
+        return self._bytes(4 * math.prod(shape)).view(np.uint32).reshape(tuple(shape))
 
     def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform bool tensor."""
-        n = int(np.prod(shape, dtype=np.int64))
-        raw = np.unpackbits(np.frombuffer(self._bytes((n + 7) // 8), dtype=np.uint8), count=n)
+        n = math.prod(shape)
+        raw = np.unpackbits(self._bytes((n + 7) // 8), count=n)
         return torch.from_numpy(raw.astype(np.bool_)).view(*shape)
 
 
@@ -73,18 +98,22 @@ def limb_bits(w: torch.Tensor) -> int:
 
 
 def public_matmul(x: torch.Tensor, w: torch.Tensor, wf: torch.Tensor | None = None, L: int | None = None) -> torch.Tensor:
-    """x @ w in the ring (int64, wrapping; broadcasting as torch.matmul) for a public w of small
-    entries, by float64 products: x is cut into limbs of L bits (its two's complement, low limb
-    first), L small enough that a limb's products with w, summed over K, stay below 2^53 and
-    so are exact; the limbs' products are shifted back and added modulo 2^64. For batched
-    products, which torch runs on int64 without BLAS. `wf` (w as float64) and `L` (limb_bits)
-    may be given, computed once."""
+    """x @ w in the ring (int64, wrapping; broadcasting as torch.matmul, x at least 2-D) for a public
+    w of small entries, by float64 products: x is cut into limbs of L bits (its two's complement,
+    low limb first), L small enough that a limb's products with w, summed over K, stay below 2^53
+    and so are exact; the limbs' products are shifted back and added modulo 2^64. The limbs are
+    stacked as rows of one product, so w is read once (batched products of one row per weight
+    matrix are memory-bound). For batched products, which torch runs on int64 without BLAS.
+    `wf` (w as float64) and `L` (limb_bits) may be given, computed once."""
     L = limb_bits(w) if L is None else L
     if not L:
         return x @ w
     wf = w.to(torch.float64) if wf is None else wf
-    out = None
-    for j in range(0, 64, L):
-        part = (((x >> j) & ((1 << L) - 1)).to(torch.float64) @ wf).to(torch.int64) << j
-        out = part if out is None else out + part
+    rows = x.shape[-2]
+    starts = list(range(0, 64, L))
+    limbs = torch.cat([((x >> j) & ((1 << L) - 1)) for j in starts], -2).to(torch.float64)   # (..., n * rows, K)
+    prods = (limbs @ wf).to(torch.int64)
+    out = prods[..., :rows, :]
+    for n, j in enumerate(starts[1:], 1):
+        out = out + (prods[..., n * rows:(n + 1) * rows, :] << j)
     return out

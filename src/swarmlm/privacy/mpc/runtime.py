@@ -9,14 +9,20 @@ the same rounds: `parallel(a, b)` merges their rounds into one. `run` drives a g
 over a `Comm`, checking each received tensor's size and dtype before the protocol sees it.
 
 `LocalComm` joins three parties in one process (one thread each, queues between them): the
-protocols' numbers, rounds and bytes are those of the networked parties, fast to test.
+protocols' numbers, rounds and bytes are those of the networked parties, fast to test. The
+threads share one machine's cores (and the interpreter's lock), so the wall time of a run is
+about the three parties' work added up; `LocalParties.cpu_s` keeps each party's own CPU time,
+what one party would spend on its own machine (without the network); `run_in_turn` steps the
+three in one thread instead, which measures each one's work exactly.
 Knows nothing of models or of the network.
 """
 
 from __future__ import annotations
 
+import math
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any, Callable, Generator, Sequence
 
@@ -103,7 +109,7 @@ def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
 
 def spec_bytes(spec: Spec) -> int:
     shape, dtype = spec
-    n = int(np.prod(shape, dtype=np.int64))
+    n = math.prod(shape)
     return (n + 7) // 8 if dtype == torch.bool else (4 if dtype == torch.int32 else 8) * n
 
 
@@ -117,7 +123,7 @@ def decode_message(data: bytes, specs: Sequence[Spec]) -> list[torch.Tensor]:
         size = spec_bytes((shape, dtype))
         chunk = np.frombuffer(data, dtype=np.uint8, count=size, offset=pos)
         pos += size
-        n = int(np.prod(shape, dtype=np.int64))
+        n = math.prod(shape)
         if dtype == torch.bool:
             arr = np.unpackbits(chunk, count=n).astype(np.bool_)
         else:
@@ -216,16 +222,20 @@ class LocalParties:
         seeds = make_seeds(seed_rng or os.urandom)
         self.comms = [LocalComm(i, boxes, timeout_s) for i in range(N_PARTIES)]
         self.parties = [Party(i, self.comms[i], seeds[i]) for i in range(N_PARTIES)]
+        self.cpu_s = [0.0] * N_PARTIES         # each party's CPU time (its thread's) in the last run
 
     def run(self, make: Callable[[Party], Protocol]) -> list[Any]:
         results: list[Any] = [None] * N_PARTIES
         errors: list[BaseException] = []
 
         def work(i: int) -> None:
+            start = time.thread_time()
             try:
                 results[i] = self.parties[i].run(make(self.parties[i]))
             except BaseException as exc:   # handed to the caller below
                 errors.append(exc)
+            finally:
+                self.cpu_s[i] = time.thread_time() - start
 
         threads = [threading.Thread(target=work, args=(i,), daemon=True) for i in range(1, N_PARTIES)]
         for t in threads:
@@ -235,6 +245,45 @@ class LocalParties:
             t.join()
         if errors:
             raise errors[0]
+        return results
+
+    def run_in_turn(self, make: Callable[[Party], Protocol]) -> list[Any]:
+        """`run`, with the three parties stepped in turn in this thread (no threads, no queues): the
+        same messages, rounds, bytes and results; `cpu_s` gets each party's own work exactly (the
+        CPU time of its steps, its messages' encoding and decoding included), free of the other
+        two parties' competition for the cores."""
+        gens = [make(p) for p in self.parties]
+        cpu = [0.0] * N_PARTIES
+        results: list[Any] = [None] * N_PARTIES
+        rounds: list[Round | None] = [None] * N_PARTIES
+
+        def step(i: int, got: dict[int, list[torch.Tensor]] | None) -> None:
+            try:
+                rounds[i] = next(gens[i]) if got is None else gens[i].send(got)
+            except StopIteration as stop:
+                rounds[i], results[i] = None, stop.value
+
+        for i in range(N_PARTIES):
+            start = time.thread_time()
+            step(i, None)
+            cpu[i] += time.thread_time() - start
+        while any(r is not None for r in rounds):
+            if not all(r is not None for r in rounds):
+                raise WireError("the parties' protocols ended after different numbers of rounds")
+            box: dict[tuple[int, int], bytes] = {}
+            for i, rnd in enumerate(rounds):
+                start = time.thread_time()
+                for to, tensors in rnd.send.items():
+                    box[(i, to)] = encode_message(tensors)
+                    self.parties[i].bytes_sent += len(box[(i, to)])
+                cpu[i] += time.thread_time() - start
+            for i, rnd in enumerate(list(rounds)):
+                start = time.thread_time()
+                got = {fr: decode_message(box.pop((fr, i), b""), specs) for fr, specs in rnd.recv.items()}
+                self.parties[i].rounds += 1
+                step(i, got)
+                cpu[i] += time.thread_time() - start
+        self.cpu_s = cpu
         return results
 
     @property
