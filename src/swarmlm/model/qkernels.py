@@ -135,7 +135,8 @@ def _build():
         source = Path(__file__).parent / "csrc" / "qgemv.cpp"
         return cpp_extension.load(
             name="swarmlm_qgemv", sources=[str(source)], verbose=False,
-            extra_cflags=["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-ffp-contract=off"])
+            extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-ffp-contract=off"],
+            extra_ldflags=["-fopenmp"])
     except Exception:           # noqa: BLE001 - any build failure means the reference path
         return None
 
