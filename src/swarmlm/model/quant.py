@@ -189,13 +189,14 @@ class QuantLinear(nn.Module):
         if ext is None or not self.qweight.is_contiguous():
             return self.matmul
         q, s = self.qweight, self.scales
-        if self.scheme.bits == 8:
+        f32 = torch.float32
+        if self.scheme.bits == 8:       # the kernels take rows of any float dtype and answer float32
             r, f8 = self.rowsum, ext.int8_gemm
-            return lambda x: f8(x.float().contiguous(), q, s, r).to(x.dtype)
+            return lambda x: f8(x, q, s, r) if x.dtype == f32 else f8(x, q, s, r).to(x.dtype)
         lo, g, f4 = self.lows, self.scheme.group_size, ext.int4_gemm
         if not (s.is_contiguous() and lo.is_contiguous()):
             return self.matmul
-        return lambda x: f4(x.float().contiguous(), q, s, lo, g).to(x.dtype)
+        return lambda x: f4(x, q, s, lo, g) if x.dtype == f32 else f4(x, q, s, lo, g).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

@@ -39,9 +39,10 @@ int64_t grain_blocks(int64_t K, int64_t bytes_per_col16) {
 
 }  // namespace
 
-// x (M, K) float32, w (Nb, K/4, 16, 4) int8, scales (Nb*16) float32, rowsum (Nb*16) int32 -> (M, Nb*16) float32
+// x (M, K) any float (used as float32), w (Nb, K/4, 16, 4) int8, scales (Nb*16) float32, rowsum (Nb*16) int32 -> (M, Nb*16) float32
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor rowsum) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: (M, K) float32");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x: (M, K) on the CPU");
+  x = x.to(torch::kFloat32).contiguous();      // no copy when it already is
   TORCH_CHECK(w.dtype() == torch::kInt8 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.is_contiguous(),
               "w: (Nb, K/4, 16, 4) int8");
   const int64_t M = x.size(0), K = x.size(1), Nb = w.size(0), K4 = w.size(1), N = Nb * 16;
@@ -100,7 +101,8 @@ static inline __m512 load_bf16(const uint16_t* p) {   // 16 bfloat16 -> float32 
 
 // x (M, K) float32, w (Nb, K/8, 16, 4) uint8, scales and lows (Nb, K/g, 16) bfloat16 -> (M, Nb*16) float32
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor lows, int64_t group) {
-  TORCH_CHECK(x.dtype() == torch::kFloat32 && x.dim() == 2 && x.is_contiguous(), "x: (M, K) float32");
+  TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x: (M, K) on the CPU");
+  x = x.to(torch::kFloat32).contiguous();
   TORCH_CHECK(w.dtype() == torch::kUInt8 && w.dim() == 4 && w.size(2) == 16 && w.size(3) == 4 && w.is_contiguous(),
               "w: (Nb, K/8, 16, 4) uint8");
   const int64_t M = x.size(0), K = x.size(1), Nb = w.size(0), K8 = w.size(1), N = Nb * 16;
