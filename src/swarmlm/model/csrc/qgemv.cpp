@@ -31,10 +31,10 @@ void quantize_row(const float* x, int64_t K, int8_t* q, float* sx_out) {
   *sx_out = sx;
 }
 
-int64_t grain_blocks(int64_t K, int64_t bytes_per_col16) {
-  // split the rows among threads only in chunks of at least ~64 KB of weights
-  int64_t per_block = std::max<int64_t>(1, K * bytes_per_col16);
-  return std::max<int64_t>(1, 65536 / per_block);
+int64_t grain_blocks(int64_t Nb, int64_t K, int64_t bytes_per_col16) {
+  // a product reading less than ~256 KB of weights runs on the calling thread (a parallel region
+  // costs more than it saves there); a larger one splits its rows evenly over torch's threads
+  return Nb * K * bytes_per_col16 < (int64_t(1) << 18) ? std::max<int64_t>(1, Nb) : 1;
 }
 
 }  // namespace
@@ -61,7 +61,7 @@ torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, 
   const float* sp = scales.data_ptr<float>();
   const int32_t* rp = rowsum.data_ptr<int32_t>();
   float* yp = y.data_ptr<float>();
-  at::parallel_for(0, Nb, grain_blocks(K, 16), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, Nb, grain_blocks(Nb, K, 16), [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       const int8_t* wb = wp + nb * K4 * 64;
       const __m512i comp = _mm512_slli_epi32(_mm512_loadu_si512(rp + nb * 16), 7);   // 128 * rowsum
@@ -127,7 +127,7 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, 
   const uint16_t* lp = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>());
   float* yp = y.data_ptr<float>();
   const __m512i nib = _mm512_set1_epi8(0x0F);
-  at::parallel_for(0, Nb, grain_blocks(K, 8), [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, Nb, grain_blocks(Nb, K, 8), [&](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       const uint8_t* wb = wp + nb * K8 * 64;
       const uint16_t* sb = sp + nb * G * 16;
