@@ -46,6 +46,20 @@ def test_compiled_kernels_equal_the_reference_bit_for_bit(scheme, monkeypatch):
     assert torch.equal(fast.rows_fn()(x[1]), fast(x[1]))
 
 
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_products_do_not_depend_on_the_thread_count(scheme):
+    q = QuantLinear(_linear(n=512, k=1024, bias=False, seed=3), parse_scheme(scheme))   # big enough to be split
+    x = torch.randn(2, 1024)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        alone = q(x)
+        torch.set_num_threads(2)
+        assert torch.equal(q(x), alone)
+    finally:
+        torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("scheme", SCHEMES)
 def test_each_row_is_computed_alone(scheme):
     """A row's product does not depend on the rows beside it: a prompt's forward and the same
