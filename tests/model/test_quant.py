@@ -40,6 +40,8 @@ def test_compiled_kernels_equal_the_reference_bit_for_bit(scheme, monkeypatch):
     assert fast.fast
     x = torch.randn(5, 3, 200) * torch.logspace(-3, 2, 5)[:, None, None]     # rows of very different sizes
     x[0, 0] = 0                                                                 # and an all-zero row
+    x[0, 1] = (torch.arange(200) % 9 - 4) + 0.5                                 # x / sx on .5 ties: half to even
+    x[0, 1, 7] = 127.0                                                          # (sx is exactly 1)
     got = fast(x)
     _reference_only(monkeypatch)
     assert torch.equal(got, fast(x))

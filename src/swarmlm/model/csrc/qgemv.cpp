@@ -19,11 +19,20 @@ namespace {
 // Row m of x (K floats) -> sx (its step) and K int8 values, exactly as qkernels.quantize_rows does:
 // amax = max |x|; sx = amax / 127 (1 where amax is 0); q = clamp(round_half_even(x / sx), -127, 127).
 void quantize_row(const float* x, int64_t K, int8_t* q, float* sx_out) {
-  float amax = 0.f;
-  for (int64_t k = 0; k < K; ++k) amax = std::fmax(amax, std::fabs(x[k]));
+  __m512 vmax = _mm512_setzero_ps();
+  int64_t k = 0;
+  for (; k + 16 <= K; k += 16) vmax = _mm512_max_ps(vmax, _mm512_abs_ps(_mm512_loadu_ps(x + k)));
+  float amax = _mm512_reduce_max_ps(vmax);                 // a maximum: the order does not matter
+  for (; k < K; ++k) amax = std::fmax(amax, std::fabs(x[k]));
   float sx = amax / 127.0f;
   if (sx == 0.f) sx = 1.0f;
-  for (int64_t k = 0; k < K; ++k) {
+  const __m512 vs = _mm512_set1_ps(sx), lo = _mm512_set1_ps(-127.f), hi = _mm512_set1_ps(127.f);
+  for (k = 0; k + 16 <= K; k += 16) {       // x / sx (IEEE division), rounded half to even, clamped
+    __m512 v = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(x + k), vs), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    v = _mm512_min_ps(_mm512_max_ps(v, lo), hi);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(q + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(v)));
+  }
+  for (; k < K; ++k) {
     float v = std::nearbyint(x[k] / sx);           // the default rounding mode: half to even
     v = std::fmin(std::fmax(v, -127.f), 127.f);
     q[k] = static_cast<int8_t>(v);
