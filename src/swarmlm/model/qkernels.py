@@ -26,6 +26,7 @@ low per group and row (N/16, K/g, 16). Knows nothing of models.
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 from pathlib import Path
 
@@ -127,28 +128,17 @@ def _build():
     if os.environ.get("SWARMLM_NO_KERNELS") or not _cpu_has_vnni():
         return None
     try:
-        import shutil
-
         from torch.utils import cpp_extension
-        if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None and not _has_ninja():
-            return None
+        if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+            return None                 # torch builds with ninja (scripts/setup installs both)
         source = Path(__file__).parent / "csrc" / "qgemv.cpp"
         return cpp_extension.load(
             name="swarmlm_qgemv", sources=[str(source)], verbose=False,
-            extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-ffp-contract=off"],
+            extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
+                          "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"])
     except Exception:           # noqa: BLE001 - any build failure means the reference path
         return None
-
-
-def _has_ninja() -> bool:
-    """Whether the `ninja` Python package is there; its binary then goes on PATH (torch runs `ninja`)."""
-    try:
-        import ninja
-    except ImportError:
-        return False
-    os.environ["PATH"] = ninja.BIN_DIR + os.pathsep + os.environ.get("PATH", "")
-    return True
 
 
 def describe() -> str:
