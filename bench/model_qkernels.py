@@ -87,7 +87,8 @@ def main() -> None:
             for k, (_, nbytes) in sides.items():
                 ratio = {"swarmlm-int8": med["torch-int8"] / med[k], "swarmlm-int4": med["torch-int4"] / med[k]}.get(k)
                 print(json.dumps({"name": "model_qkernels.product", "shape": name, "N": N, "K": K, "side": k,
-                                  "us": round(med[k] * 1e6, 1), "GB_per_s": round(nbytes / med[k] / 1e9, 1),
+                                  "value": round(med[k] * 1e6, 1), "unit": "us",
+                                  "GB_per_s": round(nbytes / med[k] / 1e9, 1),
                                   "speedup_vs_torch_same_bits": None if ratio is None else round(ratio, 2),
                                   "speedup_vs_fp32": round(med["torch-fp32"] / med[k], 2),
                                   "threads": args.threads}))
