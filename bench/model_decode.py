@@ -20,6 +20,9 @@ Every rate is printed twice: by the wall clock (`value`) and by this process's C
 (`cpu_value`). On a machine shared with other work, the CPU time moves far less with the other
 load; with one thread it compares the engines' work per token, with more it sums the threads.
 
+The quantized engines run model/qkernels.py's products: the compiled AVX512-VNNI kernels where
+they build, else the torch reference (one line says which).
+
 Also prints the weight memory of one served block at each quantization (what `serve
 --max-memory` plans with, and what a loaded span actually holds).
 
@@ -343,6 +346,8 @@ def main() -> None:
                         help="where llama-cpp-python's source (for its converter) is kept")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    from swarmlm.model import qkernels
+    print(json.dumps({"name": "model_decode.quantized_kernels", "path": qkernels.describe(), "threads": args.threads}))
     for name in args.models.split(","):
         bench_model(name.strip(), args)
 

@@ -13,7 +13,6 @@ from swarmlm.model.quant import quantize_model
 from swarmlm.model.transformer import Transformer
 
 TINY = PRESETS["tiny"].replace(vocab_size=300, n_layers=2, max_seq_len=64)
-# widths that are multiples of 64, so int4's q/k/v and gate/up fuse too
 WIDE = TINY.replace(dim=128, n_heads=2, n_kv_heads=1, ffn_dim=192)
 GPT2 = TINY.replace(family="gpt2", architecture="GPT2LMHeadModel", n_kv_heads=4, attn_bias=True, attn_out_bias=True,
                     mlp_bias=True, tie_embeddings=False)
@@ -61,11 +60,12 @@ def test_fusion_adds_no_weights_and_follows_training():
     assert fused_projections(model) is not fused
 
 
-def test_int4_fusion_needs_rows_in_blocks_of_64():
+@pytest.mark.parametrize("scheme", ["int8", "int4"])
+def test_quantized_fusion_needs_rows_in_blocks_of_16(scheme):
     torch.manual_seed(0)
-    tiny = fused_projections(quantize_model(Transformer(TINY), "int4"))[0]
-    wide = fused_projections(quantize_model(Transformer(WIDE), "int4"))[0]
-    assert tiny[0] is None and wide[0] is not None   # k/v of 32 rows cannot share the packed layout
+    odd = TINY.replace(dim=48, n_heads=4, n_kv_heads=2)      # k/v of 24 rows: padded to 32 in the layout
+    assert fused_projections(quantize_model(Transformer(odd), scheme))[0][0] is None
+    assert fused_projections(quantize_model(Transformer(TINY), scheme))[0][0] is not None
 
 
 def test_dynamic_rope_takes_the_general_path():

@@ -12,7 +12,9 @@ import torch
 
 from swarmlm.errors import NotFoundError
 from swarmlm.model.generate import generate
+from swarmlm.model.hf import load_config
 from swarmlm.model.quant import quantize_model
+from swarmlm.model.tokenizer import Tokenizer
 from swarmlm.swarm.client.model import RemoteModel
 from swarmlm.swarm.client.remote import ClientOptions
 from swarmlm.swarm.client.session import SessionOptions
@@ -54,8 +56,12 @@ def test_int8_and_int4_swarm_generation_equals_local_generation(tmp_path, checkp
                              timeout=300)
         assert out.returncode == 0, out.stderr[-3000:]
         got = json.loads(out.stdout.strip().splitlines()[-1])
-        assert got["output_ids"] == generate(_local(ckpt, "int4"), got["prompt_ids"], max_new_tokens=16)
-        assert got["output_ids"] != generate(_local(ckpt, "int8"), got["prompt_ids"], max_new_tokens=16)
+        # the CLI stops at the tokenizer's end-of-text token: local generation is told of it too
+        eos = load_config(ckpt).eos_token_id
+        eos = Tokenizer.load(ckpt).eos_id if eos is None else eos
+        local = generate(_local(ckpt, "int4"), got["prompt_ids"], max_new_tokens=16, eos_id=eos)
+        assert got["output_ids"] == local
+        assert got["output_ids"] != generate(_local(ckpt, "int8"), got["prompt_ids"], max_new_tokens=16, eos_id=eos)
     finally:
         procs.close()
 

@@ -6,12 +6,13 @@ Applied from outside, after a model is built and loaded, like a parallel plan:
     quantize_model(model, "int8")       # every block's Linear -> QuantLinear; the lm head in int8
 
 The weights are quantized at load time from the float checkpoint (nothing quantized is ever
-stored), and activations stay in the model's dtype outside the Linears. Inside one, the input
-is cast to bfloat16 for torch's CPU weight-only kernels (`_weight_int8pack_mm`,
-`_weight_int4pack_mm_for_cpu`: fast only with bf16 activations), and the output cast back.
-Where those kernels do not exist (another device, a shape they refuse), the same numbers come
-from a reference path that dequantizes the weights (bf16 input, float32 accumulation): correct,
-not fast. Gradients flow to the input (fine-tuning with frozen weights), never to the weights.
+stored), and activations stay in the model's dtype outside the Linears. Inside one, each input
+row is quantized to int8 on the fly (one scale per row) and multiplied with the quantized
+weights as model/qkernels.py defines: exact integer dot products, then fixed float steps, so the
+numbers are the same with its compiled AVX512-VNNI kernels (CPUs that have them: several times
+faster than torch's bf16 weight-only kernels at one row) and with its torch reference (any other
+machine or device). Gradients flow to the input (fine-tuning with frozen weights), never to the
+weights.
 
 Schemes: "int8" (symmetric, one scale per output row) and "int4" / "int4-gN" (asymmetric, a
 scale and zero per group of N = 32, 64 or 128 input columns; "int4" is group 32; a width that
@@ -30,6 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from swarmlm.errors import UserError
+from swarmlm.model import qkernels
 
 GROUP_SIZES = (32, 64, 128)
 _SCHEME = re.compile(r"^(none|int8|int4)(?:-g(\d+))?$")
@@ -99,34 +101,6 @@ def dequantize_int4(q: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor, 
     return g.reshape(N, K)
 
 
-# ---- kernels, and whether they exist here -----------------------------------------------------
-
-_WORKS: dict[tuple, bool] = {}
-
-
-def _int8_kernel_works(device: torch.device) -> bool:
-    key = ("int8", device.type)
-    if key not in _WORKS:
-        try:
-            x = torch.ones(1, 64, dtype=torch.bfloat16, device=device)
-            q = torch.ones(8, 64, dtype=torch.int8, device=device)
-            s = torch.ones(8, dtype=torch.bfloat16, device=device)
-            _WORKS[key] = bool(torch._weight_int8pack_mm(x, q, s).shape == (1, 8))
-        except (RuntimeError, NotImplementedError, AttributeError):
-            _WORKS[key] = False
-    return _WORKS[key]
-
-
-def _pack_int4(q: torch.Tensor) -> torch.Tensor | None:
-    """q (N, K) int32 on CPU -> the CPU int4 kernel's packed layout, or None where it is refused."""
-    if q.device.type != "cpu" or not hasattr(torch, "_convert_weight_to_int4pack_for_cpu"):
-        return None
-    try:
-        return torch._convert_weight_to_int4pack_for_cpu(q.contiguous(), 1)
-    except (RuntimeError, NotImplementedError):
-        return None
-
-
 # ---- the module ---------------------------------------------------------------------------------
 
 class _QuantMatmul(torch.autograd.Function):
@@ -144,70 +118,85 @@ class _QuantMatmul(torch.autograd.Function):
 
 
 class QuantLinear(nn.Module):
-    """A frozen Linear whose weight is int8 (per row) or int4 (per group); bias kept in float."""
+    """A frozen Linear whose weight is int8 (per row) or int4 (per group); bias kept in float.
+
+    Its product quantizes each input row to int8 on the fly and computes as model/qkernels.py
+    defines (the same numbers with or without the compiled kernels). The weights are kept in the
+    kernels' layout: output rows padded to a multiple of 16, input columns to a multiple of 4
+    (int8) or of the group (int4: `pad` zero columns)."""
 
     def __init__(self, linear: nn.Linear, scheme: QuantScheme):
         super().__init__()
         if scheme.bits not in (4, 8):
             raise ValueError(f"QuantLinear needs an int8 or int4 scheme, got {scheme}")
-        w = linear.weight
+        w = linear.weight.detach()
         self.scheme = scheme
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(), requires_grad=False)
-        self.pad = 0
+        self.pad = -self.in_features % (4 if scheme.bits == 8 else scheme.group_size)   # zero columns
+        self.pad_rows = -self.out_features % qkernels.BLOCK                                # zero rows
+        w = F.pad(w.float(), (0, self.pad, 0, self.pad_rows))
         if scheme.bits == 8:
             q, scales = quantize_int8(w)
-            self.register_buffer("qweight", q)
-            self.register_buffer("scales", scales.to(torch.bfloat16))
-            self.fast = _int8_kernel_works(w.device)
+            self.register_buffer("qweight", qkernels.pack_int8(q))                    # (N/16, K/4, 16, 4)
+            self.register_buffer("scales", scales)                                    # (N,) float32
+            self.register_buffer("rowsum", q.sum(1, dtype=torch.int32))               # (N,) int32
         else:
-            self.pad = -self.in_features % scheme.group_size     # zero columns up to a whole group
-            q, scales, zeros = quantize_int4(F.pad(w.detach(), (0, self.pad)), scheme.group_size)
-            packed = _pack_int4(q)
-            self.fast = packed is not None
-            self.register_buffer("qweight", packed if self.fast else q.to(torch.uint8))
-            # (K/g, N, 2): scale and zero per group and output row, bf16 (the kernel's layout)
-            self.register_buffer("scales_zeros", torch.stack([scales.t(), zeros.t()], -1).to(torch.bfloat16)
-                                 .contiguous())
+            q, scales, zeros = quantize_int4(w, scheme.group_size)
+            blocks = lambda t: t.reshape(-1, qkernels.BLOCK, t.shape[1]).transpose(1, 2).contiguous()  # noqa: E731
+            self.register_buffer("qweight", qkernels.pack_int4(q))                    # (N/16, K/8, 16, 4)
+            # (N/16, K/g, 16) bfloat16 each: w = q * scale + low
+            self.register_buffer("scales", blocks(scales).to(torch.bfloat16))
+            self.register_buffer("lows", blocks(zeros - 8.0 * scales).to(torch.bfloat16))
+        self.fast = qkernels.extension() is not None and w.device.type == "cpu"
 
     def dequantized(self, dtype: torch.dtype) -> torch.Tensor:
-        """The weight the kernels compute with, (N, K) in `dtype` (reference path, gradients)."""
+        """The weight the products use, (N, K) in `dtype` (gradients, tests)."""
         if self.scheme.bits == 8:
-            return (self.qweight.float() * self.scales.float()[:, None]).to(dtype)
-        if self.fast:   # the packed layout is the kernel's own: read the weight back through it
-            eye = torch.eye(self.in_features + self.pad, dtype=torch.bfloat16, device=self.qweight.device)
-            w = torch._weight_int4pack_mm_for_cpu(eye, self.qweight, self.scheme.group_size, self.scales_zeros).t()
+            w = qkernels.unpack_int8(self.qweight).float() * self.scales[:, None]
         else:
-            sz = self.scales_zeros.float()
-            w = dequantize_int4(self.qweight.int(), sz[..., 0].t(), sz[..., 1].t(), self.scheme.group_size)
-        return w[:, :self.in_features].to(dtype)                    # (N, K)
+            g = self.scheme.group_size
+            q = qkernels.unpack_int4(self.qweight).float()
+            N, K = q.shape
+            per_col = lambda t: t.transpose(1, 2).reshape(N, K // g, 1)               # noqa: E731
+            w = (q.reshape(N, K // g, g) * per_col(self.scales.float()) + per_col(self.lows.float())).reshape(N, K)
+        return w[:self.out_features, :self.in_features].to(dtype)
+
+    def _product(self, x2: torch.Tensor) -> torch.Tensor:
+        """x2 (M, K padded) -> (M, N padded) float32."""
+        if self.scheme.bits == 8:
+            return qkernels.int8_matmul(x2, self.qweight, self.scales, self.rowsum)
+        return qkernels.int4_matmul(x2, self.qweight, self.scales, self.lows, self.scheme.group_size)
 
     def matmul(self, x: torch.Tensor) -> torch.Tensor:
         """x (..., K) -> (..., N) in x's dtype, bias included."""
         shape = x.shape
-        x2 = x.reshape(-1, shape[-1]).to(torch.bfloat16)
+        x2 = x.reshape(-1, shape[-1])
         if self.pad:
             x2 = F.pad(x2, (0, self.pad))
-        if self.fast and self.scheme.bits == 8:
-            y = torch._weight_int8pack_mm(x2, self.qweight, self.scales)
-        elif self.fast:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.qweight, self.scheme.group_size, self.scales_zeros)
-        else:
-            y = x2[:, :self.in_features].float() @ self.dequantized(torch.bfloat16).float().t()
+        y = self._product(x2)
+        if self.pad_rows:
+            y = y[:, :self.out_features]
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
     def rows_fn(self):
         """A function x (B, K) -> (B, N) computing exactly what `matmul` computes for rows of the
         model's dtype, with the kernel bound up front (the decode step's one-row Linears)."""
-        if not self.fast or self.pad or self.bias is not None:
+        if self.pad or self.pad_rows or self.bias is not None:
             return self.matmul
-        bf16 = torch.bfloat16
-        if self.scheme.bits == 8:
-            q, s = self.qweight, self.scales
-            return lambda x: torch._weight_int8pack_mm(x.to(bf16), q, s).to(x.dtype)
-        q, g, sz = self.qweight, self.scheme.group_size, self.scales_zeros
-        return lambda x: torch._weight_int4pack_mm_for_cpu(x.to(bf16), q, g, sz).to(x.dtype)
+        ext = qkernels.extension() if self.qweight.device.type == "cpu" else None
+        if ext is None or not self.qweight.is_contiguous():
+            return self.matmul
+        q, s = self.qweight, self.scales
+        f32 = torch.float32
+        if self.scheme.bits == 8:       # the kernels take rows of any float dtype and answer float32
+            r, f8 = self.rowsum, ext.int8_gemm
+            return lambda x: f8(x, q, s, r) if x.dtype == f32 else f8(x, q, s, r).to(x.dtype)
+        lo, g, f4 = self.lows, self.scheme.group_size, ext.int4_gemm
+        if not (s.is_contiguous() and lo.is_contiguous()):
+            return self.matmul
+        return lambda x: f4(x, q, s, lo, g) if x.dtype == f32 else f4(x, q, s, lo, g).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:
@@ -218,31 +207,30 @@ class QuantLinear(nn.Module):
     def concat(cls, parts: list["QuantLinear"]) -> "QuantLinear | None":
         """One QuantLinear computing every part's output side by side (same input), whose rows are
         exactly the parts' quantized rows; each part's buffers become views of it, so no memory is
-        added. None where the layout does not allow it (mixed schemes or biases; int4's packed
-        layout is blocked by 64 output rows, so every part needs a multiple of 64)."""
+        added. None where the layout does not allow it (mixed schemes or biases, or a part whose
+        rows are padded: the layout is blocked by 16 output rows)."""
         first = parts[0]
         if not all(isinstance(p, QuantLinear) for p in parts):
             return None
-        same = all(p.scheme == first.scheme and p.fast == first.fast and p.in_features == first.in_features
-                   and p.pad == first.pad and (p.bias is None) == (first.bias is None) for p in parts)
-        if not same or (first.scheme.bits == 4 and any(p.out_features % 64 for p in parts)):
+        same = all(p.scheme == first.scheme and p.in_features == first.in_features and p.pad == first.pad
+                   and not p.pad_rows and (p.bias is None) == (first.bias is None) for p in parts)
+        if not same:
             return None
         fused = cls.__new__(cls)
         nn.Module.__init__(fused)
-        fused.scheme, fused.fast, fused.pad = first.scheme, first.fast, first.pad
+        fused.scheme, fused.fast, fused.pad, fused.pad_rows = first.scheme, first.fast, first.pad, 0
         fused.in_features, fused.out_features = first.in_features, sum(p.out_features for p in parts)
         fused.bias = None if first.bias is None else nn.Parameter(torch.cat([p.bias for p in parts]),
                                                                   requires_grad=False)
-        names = ["qweight", "scales"] if first.scheme.bits == 8 else ["qweight", "scales_zeros"]
-        for name in names:
-            dim = 1 if name == "scales_zeros" else 0            # (K/g, N, 2): output rows on dim 1
-            fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts], dim))
+        names = ["qweight", "scales", "rowsum"] if first.scheme.bits == 8 else ["qweight", "scales", "lows"]
+        for name in names:              # every buffer has its output rows (or blocks of 16) on dim 0
+            fused.register_buffer(name, torch.cat([getattr(p, name) for p in parts], 0))
         row = 0
-        for p in parts:         # the parts now read the fused weights (int4's small scale table stays theirs:
-            rows = slice(row, row + p.out_features)     # its rows are not contiguous in the fused one)
+        for p in parts:                 # the parts now read the fused weights
+            rows = slice(row, row + p.out_features)
+            blocks = slice(row // qkernels.BLOCK, (row + p.out_features) // qkernels.BLOCK)
             for name in names:
-                if name != "scales_zeros":
-                    p._buffers[name] = getattr(fused, name)[rows]
+                p._buffers[name] = getattr(fused, name)[blocks if getattr(fused, name).dim() > 1 else rows]
             if p.bias is not None:
                 p.bias = nn.Parameter(fused.bias[rows], requires_grad=False)
             row += p.out_features
@@ -310,12 +298,13 @@ def block_weight_bytes(cfg, scheme: QuantScheme, dtype_bytes: int = 4) -> int:
     shapes += [(F, D), (D, F)] + ([(F, D)] if cfg.family == "llama" else [])
     total = 0
     for n, k in shapes:
+        n = -(-n // 16) * 16                               # the kernels' layout: rows in blocks of 16
         if scheme.bits == 0:
             total += n * k * dtype_bytes
         elif scheme.bits == 8:
-            total += n * k + 2 * n
+            total += n * -(-k // 4) * 4 + 8 * n            # int8 weights, float32 scale and int32 row sum
         else:
             groups = -(-k // scheme.group_size)
-            total += n * groups * scheme.group_size // 2 + 4 * n * groups
+            total += n * groups * scheme.group_size // 2 + 4 * n * groups   # bfloat16 scale and low per group
     norms = (4 if cfg.family == "gpt2" else 2) * D * dtype_bytes
     return total + norms
