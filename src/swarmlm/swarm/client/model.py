@@ -28,6 +28,7 @@ from swarmlm.errors import UserError
 from swarmlm.model.cache import KVCache
 from swarmlm.model.generate import TokenLoop, check_context
 from swarmlm.model.transformer import Transformer
+from swarmlm.p2p.loop import new_event_loop
 from swarmlm.swarm.client.remote import ClientOptions, RemoteBlocks, SwarmSpan
 from swarmlm.swarm.client.session import InferenceSession
 
@@ -36,7 +37,7 @@ class LoopThread:
     """An asyncio loop in a daemon thread; `run(coro)` waits for the result from synchronous code."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()         # uvloop where installed (p2p/loop.py)
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
         self._thread.start()
 

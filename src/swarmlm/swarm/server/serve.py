@@ -356,7 +356,8 @@ def serve_from_args(args: Any, *, admit: Any = None, background: Any = None) -> 
             loop.add_signal_handler(sig, stop.set)
         await run_server(opts, stop=stop, on_ready=ready)
 
-    asyncio.run(main())
+    from swarmlm.p2p.loop import run
+    run(main())               # uvloop: a step's wake-ups cost a fraction of asyncio's
     return 0
 
 
