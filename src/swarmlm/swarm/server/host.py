@@ -385,9 +385,9 @@ class BlockHost:
                 return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]   # (B, T, D)
 
             out = compute() if B * T <= INLINE_STEP_TOKENS else await self._run(compute)
+        pushed = req.push and session.next is not None and session.next.push(req.position, out)  # written now
         metrics.count_step(B * T)
         self.tokens_served += B * T
-        pushed = req.push and session.next is not None and session.next.push(req.position, out)  # written now
         return wire.StepReply(hidden=out, pushed=pushed)
 
     async def _deliver(self, session: _Session, req: wire.StepRequest) -> wire.StepReply:
