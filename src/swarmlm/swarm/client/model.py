@@ -57,15 +57,21 @@ class LoopThread:
         ended = object()
         credit = _Credit(self.loop, window)
 
+        # each item is handed over once the producer next waits (call_soon), not at once: woken then,
+        # the caller's thread takes the GIL while the loop's thread idles on a reply, not while it
+        # prepares the next step (a decode loop sends the next step's request before its token leaves)
+        def hand(ok: bool, item: Any) -> None:
+            self.loop.call_soon(handed.put, (ok, item))
+
         async def pump() -> None:
             try:
                 async for item in items:
-                    handed.put((True, item))
+                    hand(True, item)
                     await credit.spend()
             except Exception as e:           # raised at the caller; cancellation only ends the pump
-                handed.put((False, e))
+                hand(False, e)
             finally:
-                handed.put((False, ended))
+                hand(False, ended)
 
         future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
         item = None
