@@ -375,6 +375,10 @@ class BlockHost:
             def compute() -> torch.Tensor:
                 if req.position < session.cache.length:
                     session.cache.trim(req.position)       # a retried step: forget its first try
+                if len(chunks) == 1:                       # a step as sent: no slice (a torch call ~25 us cold)
+                    with torch.inference_mode():
+                        return run_span(self.model, hidden, req.start, req.end, cache=session.cache,
+                                        key_mask=key_mask, prompts=prompts)
                 outs, at = [], 0
                 with torch.inference_mode():
                     for n in chunks:
