@@ -239,16 +239,22 @@ class RemoteModel:
     async def _decode(self, session: InferenceSession, loop: TokenLoop) -> AsyncIterator[list[int | None]]:
         """`loop`'s steps through `session`, on the event loop: embeddings and head here (with no
         await inside, so inference mode covers them alone), blocks in the swarm."""
-        with torch.inference_mode():
-            tracker = KVCache.empty(self.cfg, session.batch, session.max_length, layers=range(0, 0))  # positions
+        # position ids matter here only to learned position embeddings (gpt2); RoPE is the servers'
+        # business, and these torch calls cost ~100 us a token on a decoding step's cold caches
+        tracker = None
+        if self.local.pos_embeddings is not None:
+            with torch.inference_mode():
+                tracker = KVCache.empty(self.cfg, session.batch, session.max_length, layers=range(0, 0))
         while not loop.finished:
             ids, key_mask = loop.ids, loop.key_mask
             T = ids.shape[1]
             new_mask = None if key_mask is None else key_mask[:, -T:]
             with torch.inference_mode():
-                positions = self.local.default_positions(T, cache=tracker, key_mask=key_mask, device=ids.device)
-                tracker.key_mask(new_mask, T)
-                tracker.advance(T, new_mask)
+                positions = None
+                if tracker is not None:
+                    positions = self.local.default_positions(T, cache=tracker, key_mask=key_mask, device=ids.device)
+                    tracker.key_mask(new_mask, T)
+                    tracker.advance(T, new_mask)
                 h = self.local.embed(ids, positions)                        # (B, T, D)
             h = await session.step(h, new_mask, more=not loop.last)
             with torch.inference_mode():
