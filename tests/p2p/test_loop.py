@@ -12,22 +12,19 @@ async def _kind() -> str:
     return type(asyncio.get_running_loop()).__module__.split(".")[0]
 
 
-def test_peers_run_on_uvloop_unless_asked_for_asyncio(monkeypatch):
-    pytest.importorskip("uvloop")
+def test_peers_run_on_asyncios_loop_unless_asked_for_uvloop(monkeypatch):
     monkeypatch.delenv("SWARMLM_EVENT_LOOP", raising=False)
+    assert loop.run(_kind()) == "asyncio"
+    pytest.importorskip("uvloop")
+    monkeypatch.setenv("SWARMLM_EVENT_LOOP", "uvloop")
+    assert loop.run(_kind()) == "uvloop"
     client = loop.new_event_loop()
     try:
         assert client.run_until_complete(_kind()) == "uvloop"
     finally:
         client.close()
-    assert loop.run(_kind()) == "uvloop"
     monkeypatch.setenv("SWARMLM_EVENT_LOOP", "asyncio")
     assert loop.run(_kind()) == "asyncio"
-    client = loop.new_event_loop()
-    try:
-        assert client.run_until_complete(_kind()) == "asyncio"
-    finally:
-        client.close()
 
 
 def test_an_unknown_loop_is_refused_in_one_line(monkeypatch):

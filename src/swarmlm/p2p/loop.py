@@ -1,13 +1,15 @@
-"""The event loop a peer's process runs on: uvloop where it is installed, else asyncio's own.
+"""The event loop a peer's process runs on: asyncio's own, or uvloop when asked.
 
-A decoding step crosses three processes, each woken by a socket: asyncio's pure-Python loop
-spends tens of microseconds of a cold CPU on each wake-up (selector, handles, transport
-callbacks), uvloop (libuv, in C) a fraction of that (bench/swarm_inference.py). hivemind depends
-on uvloop and runs its DHT on it, so it is there wherever a peer can run.
-`SWARMLM_EVENT_LOOP=asyncio` (or `uvloop`) chooses for every process that asks here.
+`SWARMLM_EVENT_LOOP=uvloop` puts servers (swarm/server/serve.py) and swarm clients' loop
+threads (swarm/client/model.py) on uvloop (hivemind depends on it, so it is installed wherever
+a peer runs); unset or `asyncio`, they run on asyncio's loop. uvloop's socket wake-ups cost
+less CPU, but on the 2-core machine of bench/swarm_inference.py decoding through two servers
+came out no faster with it (swarm/ideal 0.88-0.91 against 0.90-0.91 on asyncio's loop, same
+runs), so asyncio's stays the default and uvloop is one variable away for a comparison. The
+side channel (channel/conn.py) and its tests run on both.
 
-    loop = new_event_loop()          # a swarm client's loop thread (swarm/client/model.py)
-    run(main())                      # a server's process (swarm/server/serve.py)
+    loop = new_event_loop()          # a swarm client's loop thread
+    run(main())                      # a server's process
 
 Knows nothing of what runs on the loop.
 """
@@ -22,7 +24,7 @@ from swarmlm.errors import UserError
 
 try:
     import uvloop
-except ImportError:                  # a platform without it: asyncio's loop serves, only slower
+except ImportError:                  # a platform without it: asyncio's loop, whatever is asked
     uvloop = None
 
 
@@ -30,7 +32,7 @@ def _use_uvloop() -> bool:
     asked = os.environ.get("SWARMLM_EVENT_LOOP", "")
     if asked not in ("", "uvloop", "asyncio"):
         raise UserError(f"SWARMLM_EVENT_LOOP is uvloop or asyncio, not {asked!r}")
-    return uvloop is not None and asked != "asyncio"
+    return uvloop is not None and asked == "uvloop"
 
 
 def new_event_loop() -> asyncio.AbstractEventLoop:

@@ -37,7 +37,7 @@ class LoopThread:
     """An asyncio loop in a daemon thread; `run(coro)` waits for the result from synchronous code."""
 
     def __init__(self) -> None:
-        self.loop = new_event_loop()         # uvloop where installed (p2p/loop.py)
+        self.loop = new_event_loop()         # asyncio's, or uvloop if asked (p2p/loop.py)
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
         self._thread.start()
 

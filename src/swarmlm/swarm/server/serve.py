@@ -357,7 +357,7 @@ def serve_from_args(args: Any, *, admit: Any = None, background: Any = None) -> 
         await run_server(opts, stop=stop, on_ready=ready)
 
     from swarmlm.p2p.loop import run
-    run(main())               # uvloop: a step's wake-ups cost a fraction of asyncio's (p2p/loop.py)
+    run(main())               # asyncio's loop, or uvloop if SWARMLM_EVENT_LOOP says so (p2p/loop.py)
     return 0
 
 
