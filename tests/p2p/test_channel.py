@@ -3,7 +3,8 @@
 Only the dialer that offered a key gets through, as itself; every record is sealed (nothing in
 the clear on the wire); a record altered, replayed, reordered, cut, oversized or under a wrong
 key ends that connection with a PeerError while the listener goes on serving others; and a peer
-dials only what its target announced, under its signature."""
+dials only what its target announced, under its signature. Every test runs on asyncio's loop and
+on uvloop (p2p/loop.py: servers and swarm clients run on it), whose transports read differently."""
 
 import asyncio
 
@@ -18,6 +19,22 @@ from swarmlm.p2p.identity import Identity
 from swarmlm.p2p.memory import MemoryNetwork, MemoryPeer
 from swarmlm.p2p.records import seal
 from tests.helpers.sockets import CountingListener
+
+
+
+@pytest.fixture(autouse=True, params=["asyncio", "uvloop"])
+def event_loop_kind(request):
+    """`asyncio.run` in each test makes its loop of this kind."""
+    if request.param == "asyncio":
+        yield
+        return
+    uvloop = pytest.importorskip("uvloop")
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+    try:
+        yield
+    finally:
+        asyncio.set_event_loop_policy(None)
+
 
 SECRET = b"the prompt nobody else may read" * 8
 LIMIT = 1 << 20

@@ -100,6 +100,7 @@ class Connection(asyncio.BufferedProtocol):
         if self._target is not None:
             self._filled += nbytes
             if self._filled == len(self._target):
+                self._target = None            # full: a loop that reads on at once (uvloop) gets the scratch buffer
                 self._wake()
             return
         self._pending += memoryview(self._scratch)[:nbytes]

@@ -24,7 +24,7 @@ import asyncio
 import torch
 
 from swarmlm.errors import PeerError
-from swarmlm.swarm.client.hops import HopClient, HopState, checked_output
+from swarmlm.swarm.client.hops import HopClient, HopState, as_dtype, checked_output
 
 
 class ChainBroken(Exception):
@@ -56,13 +56,13 @@ class ChainedSteps:
         # last hop first: the first hop's request wakes a server that may take this very core, so it
         # leaves once everything else is sent (the others only start waiting for their pushes)
         tasks = (ahead or self._send_waiting(hops, position, key_mask)) + [self.calls.send_step(
-            hops[0], self.calls.step_request(hops[0], position, x.to(hops[0].dtype), key_mask=key_mask, push=True))]
+            hops[0], self.calls.step_request(hops[0], position, as_dtype(x, hops[0].dtype), key_mask=key_mask, push=True))]
         tasks = tasks[-1:] + tasks[:-1]
         following: list[asyncio.Future] = []          # the next step's, to hops[1:]
         after = position + x.shape[1]
         try:
             for i, state in enumerate(hops):
-                x_in = x.to(state.dtype)
+                x_in = as_dtype(x, state.dtype)
                 try:
                     reply = await tasks[i]
                     y = checked_output(reply.hidden, x_in, state.hop)
@@ -73,7 +73,7 @@ class ChainedSteps:
                 state.record(x_in, key_mask)
                 if i < last and not reply.pushed:     # the push did not leave: deliver it ourselves
                     self.relays += 1
-                    await self.calls.deliver(hops[i + 1], position, y.to(hops[i + 1].dtype))
+                    await self.calls.deliver(hops[i + 1], position, as_dtype(y, hops[i + 1].dtype))
                 if more and i < last:
                     following.append(self._send_waiting_to(hops, i + 1, after, None))
                 x = y

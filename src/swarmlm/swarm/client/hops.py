@@ -205,6 +205,11 @@ class HopClient:
         return self.prompts[state.hop.start - self.start:state.hop.end - self.start].to(state.dtype)
 
 
+def as_dtype(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """`t.to(dtype)` without the torch call where it is one already (~20 us on a decoding step's cold caches)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
 def checked_output(y: Any, x: torch.Tensor, hop: Hop) -> torch.Tensor:
     """A hop's outputs for inputs `x`, checked (`PeerError` naming the hop if they are not hidden states like x)."""
     try:

@@ -28,6 +28,7 @@ from swarmlm.errors import UserError
 from swarmlm.model.cache import KVCache
 from swarmlm.model.generate import TokenLoop, check_context
 from swarmlm.model.transformer import Transformer
+from swarmlm.p2p.loop import new_event_loop
 from swarmlm.swarm.client.remote import ClientOptions, RemoteBlocks, SwarmSpan
 from swarmlm.swarm.client.session import InferenceSession
 
@@ -36,7 +37,7 @@ class LoopThread:
     """An asyncio loop in a daemon thread; `run(coro)` waits for the result from synchronous code."""
 
     def __init__(self) -> None:
-        self.loop = asyncio.new_event_loop()
+        self.loop = new_event_loop()         # asyncio's, or uvloop if asked (p2p/loop.py)
         self._thread = threading.Thread(target=self.loop.run_forever, name="swarm-client-loop", daemon=True)
         self._thread.start()
 
@@ -56,15 +57,21 @@ class LoopThread:
         ended = object()
         credit = _Credit(self.loop, window)
 
+        # each item is handed over once the producer next waits (call_soon), not at once: woken then,
+        # the caller's thread takes the GIL while the loop's thread idles on a reply, not while it
+        # prepares the next step (a decode loop sends the next step's request before its token leaves)
+        def hand(ok: bool, item: Any) -> None:
+            self.loop.call_soon(handed.put, (ok, item))
+
         async def pump() -> None:
             try:
                 async for item in items:
-                    handed.put((True, item))
+                    hand(True, item)
                     await credit.spend()
             except Exception as e:           # raised at the caller; cancellation only ends the pump
-                handed.put((False, e))
+                hand(False, e)
             finally:
-                handed.put((False, ended))
+                hand(False, ended)
 
         future = asyncio.run_coroutine_threadsafe(pump(), self.loop)
         item = None
@@ -232,16 +239,22 @@ class RemoteModel:
     async def _decode(self, session: InferenceSession, loop: TokenLoop) -> AsyncIterator[list[int | None]]:
         """`loop`'s steps through `session`, on the event loop: embeddings and head here (with no
         await inside, so inference mode covers them alone), blocks in the swarm."""
-        with torch.inference_mode():
-            tracker = KVCache.empty(self.cfg, session.batch, session.max_length, layers=range(0, 0))  # positions
+        # position ids matter here only to learned position embeddings (gpt2); RoPE is the servers'
+        # business, and these torch calls cost ~100 us a token on a decoding step's cold caches
+        tracker = None
+        if self.local.pos_embeddings is not None:
+            with torch.inference_mode():
+                tracker = KVCache.empty(self.cfg, session.batch, session.max_length, layers=range(0, 0))
         while not loop.finished:
             ids, key_mask = loop.ids, loop.key_mask
             T = ids.shape[1]
             new_mask = None if key_mask is None else key_mask[:, -T:]
             with torch.inference_mode():
-                positions = self.local.default_positions(T, cache=tracker, key_mask=key_mask, device=ids.device)
-                tracker.key_mask(new_mask, T)
-                tracker.advance(T, new_mask)
+                positions = None
+                if tracker is not None:
+                    positions = self.local.default_positions(T, cache=tracker, key_mask=key_mask, device=ids.device)
+                    tracker.key_mask(new_mask, T)
+                    tracker.advance(T, new_mask)
                 h = self.local.embed(ids, positions)                        # (B, T, D)
             h = await session.step(h, new_mask, more=not loop.last)
             with torch.inference_mode():

@@ -32,7 +32,7 @@ from swarmlm.errors import AccessRefused, PeerError
 from swarmlm.log import get_logger
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.chained import ChainBroken, ChainedSteps
-from swarmlm.swarm.client.hops import HopClient, HopFailed, HopState, checked_output
+from swarmlm.swarm.client.hops import HopClient, HopFailed, HopState, as_dtype, checked_output
 from swarmlm.swarm.client.routing import Hop
 from swarmlm.swarm.client.states import READY, SessionState, StepMode, StepRecord, check_stage, check_transition
 
@@ -178,7 +178,7 @@ class InferenceSession:
         mode = (StepMode.FAILED_OVER if self.recoveries > recoveries else
                 StepMode.CHAINED if chained else StepMode.HOP_BY_HOP)
         self.step_log.append(StepRecord(position, T, mode))
-        return y.to(hidden.dtype)
+        return as_dtype(y, hidden.dtype)
 
     async def _run_from(self, i: int, x: torch.Tensor, key_mask: torch.Tensor | None, *, first: bool,
                         failed: PeerError | None = None) -> torch.Tensor:
@@ -187,7 +187,7 @@ class InferenceSession:
             await self._recover(i, failed)
         while i < len(self.hops):
             state = self.hops[i]
-            x_in = x.to(state.dtype)
+            x_in = as_dtype(x, state.dtype)
             req = self.calls.step_request(state, state.length, x_in, key_mask=key_mask, first=first)
             try:
                 reply = await self.calls.call_step(state, req)

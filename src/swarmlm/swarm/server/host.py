@@ -375,6 +375,10 @@ class BlockHost:
             def compute() -> torch.Tensor:
                 if req.position < session.cache.length:
                     session.cache.trim(req.position)       # a retried step: forget its first try
+                if len(chunks) == 1:                       # a step as sent: no slice (a torch call ~25 us cold)
+                    with torch.inference_mode():
+                        return run_span(self.model, hidden, req.start, req.end, cache=session.cache,
+                                        key_mask=key_mask, prompts=prompts)
                 outs, at = [], 0
                 with torch.inference_mode():
                     for n in chunks:
@@ -385,9 +389,9 @@ class BlockHost:
                 return torch.cat(outs, dim=1) if len(outs) > 1 else outs[0]   # (B, T, D)
 
             out = compute() if B * T <= INLINE_STEP_TOKENS else await self._run(compute)
+        pushed = req.push and session.next is not None and session.next.push(req.position, out)  # written now
         metrics.count_step(B * T)
         self.tokens_served += B * T
-        pushed = req.push and session.next is not None and session.next.push(req.position, out)  # written now
         return wire.StepReply(hidden=out, pushed=pushed)
 
     async def _deliver(self, session: _Session, req: wire.StepRequest) -> wire.StepReply:

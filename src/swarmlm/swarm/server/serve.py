@@ -356,7 +356,8 @@ def serve_from_args(args: Any, *, admit: Any = None, background: Any = None) -> 
             loop.add_signal_handler(sig, stop.set)
         await run_server(opts, stop=stop, on_ready=ready)
 
-    asyncio.run(main())
+    from swarmlm.p2p.loop import run
+    run(main())               # asyncio's loop, or uvloop if SWARMLM_EVENT_LOOP says so (p2p/loop.py)
     return 0
 
 
