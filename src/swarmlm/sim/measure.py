@@ -246,7 +246,8 @@ async def _cold_replay_s(blocks: Any, n_layers: int, prompt_tokens: int, steps: 
     from swarmlm.swarm.client.session import InferenceSession
 
     t0 = time.perf_counter()
-    session = await InferenceSession.create(blocks, 0, n_layers, batch=1, max_length=prompt_tokens + steps + 8)
+    session = await InferenceSession.create(blocks, 0, n_layers, batch=1, max_length=prompt_tokens + steps + 8,
+                                            options=patient_client().session)
     opened = time.perf_counter() - t0
     try:
         inputs = [torch.randn(1, prompt_tokens, dim)] + [torch.randn(1, 1, dim) for _ in range(steps)]
@@ -264,7 +265,8 @@ async def _replay_s(blocks: Any, n_layers: int, prompt_tokens: int, steps: int, 
 
     from swarmlm.swarm.client.session import InferenceSession
 
-    session = await InferenceSession.create(blocks, 0, n_layers, batch=1, max_length=prompt_tokens + steps + 8)
+    session = await InferenceSession.create(blocks, 0, n_layers, batch=1, max_length=prompt_tokens + steps + 8,
+                                            options=patient_client().session)
     try:
         await session.step(torch.randn(1, prompt_tokens, dim))
         for _ in range(steps):
@@ -288,7 +290,8 @@ async def _open_s(blocks: Any, n_layers: int, repeats: int) -> float:
     times = []
     for i in range(repeats + 1):
         t0 = time.perf_counter()
-        session = await InferenceSession.create(blocks, 0, n_layers, batch=1, max_length=64)
+        session = await InferenceSession.create(blocks, 0, n_layers, batch=1, max_length=64,
+                                                    options=patient_client().session)
         if i or not repeats:                # repeats 0: the first (cold) one is the measurement
             times.append(time.perf_counter() - t0)
         await session.close()
