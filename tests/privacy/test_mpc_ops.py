@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from swarmlm.errors import WireError
-from swarmlm.privacy.mpc import compare, funcs, ops
+from swarmlm.privacy.mpc import compare, funcs, inverse, ops
 from swarmlm.privacy.mpc.ring import Prg, decode, encode
 from swarmlm.privacy.mpc.runtime import LocalParties, Round, decode_message, encode_message
 from swarmlm.privacy.mpc.shares import BShare, combine, split
@@ -112,7 +112,7 @@ def test_inverse_and_inverse_sqrt_over_their_ranges(parties, half, lo, hi, frac,
 def test_piecewise_constant_tables_keep_a_zero_piece_exactly_zero(parties):
     """A quad's pick is zero outside its interval; its encoded differences must sum to exactly zero there,
     or a huge v / 4^i of another quad would leak into e (1/sqrt of large sums of squares)."""
-    tab = funcs._inverse_tables(True, -12, 20, 24, funcs.STEPS, 2)
+    tab = inverse._inverse_tables(True, -12, 20, 24, inverse.STEPS, 2)
     Q = len(tab.shifts)
     for (deltas, base), picks in ((tab.fine, Q), (tab.wide, 2 * Q)):       # the (Y) picks of each quad
         values = torch.cat([base[None], base[None] + deltas.cumsum(0)])[:, :picks]   # at each interval

@@ -43,7 +43,8 @@ Modules, in reading order:
     runtime.py   Round, parallel (protocols as generators), Party, LocalParties (three in one process)
     ops.py       mul, trunc, trunc_sum, mul_trunc, linear, band_bits (AND of shared bits)
     compare.py   msb, b2a, inject, ge0, coarse, select, maximum
-    funcs.py     inverse_power, exp_neg, gelu, silu, norm, softmax_av
+    inverse.py   inverse_power (1/v, 1/sqrt(v))
+    funcs.py     exp_neg, gelu, silu, norm, softmax_av
     model.py     PublicWeights (folded, encoded weights), KVShares, block, forward
     client.py    share_tokens, open_logits, generate_in_process, MpcStats
     wire.py      the client / party / party records on the side channel, MpcPartyRecord (DHT)

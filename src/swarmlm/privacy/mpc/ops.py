@@ -26,7 +26,7 @@ from typing import Callable
 
 import torch
 
-from swarmlm.privacy.mpc.ring import FRAC_BITS
+from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
 from swarmlm.privacy.mpc.runtime import Party, Protocol, Round
 from swarmlm.privacy.mpc.shares import AShare, BShare
 
@@ -145,3 +145,24 @@ def band_bits(p: Party, u: BShare, v: BShare) -> Protocol:
     z = z ^ p.prg(p.next, "zerobits").bits(shape) ^ p.prg(p.prev, "zerobits").bits(shape)
     got = yield Round(send={p.prev: [z]}, recv={p.next: _spec(shape, torch.bool)})
     return BShare(z, got[p.next][0])
+
+
+# ---- small share helpers of the nonlinear functions (funcs.py, inverse.py) --------------------
+
+def public_share(p: Party, shape, value: float, frac: int = FRAC_BITS) -> AShare:
+    """A public constant as a share (in component 0)."""
+    zero = torch.zeros(shape, dtype=torch.int64)
+    return AShare(zero, zero.clone()).add_public(p.index, encode(value, frac))
+
+
+def stack_shares(shares: list[AShare]) -> AShare:
+    return AShare(torch.stack([s.a for s in shares]), torch.stack([s.b for s in shares]))
+
+
+def unstack_shares(s: AShare, n: int) -> list[AShare]:
+    return [s.map(lambda t, i=i: t[i]) for i in range(n)]
+
+
+def cross_sum(pairs: list[tuple[AShare, AShare]]) -> torch.Tensor:
+    """This party's 3-out-of-3 component of sum_k x_k y_k."""
+    return sum(x.a * y.a + x.a * y.b + x.b * y.a for x, y in pairs)
