@@ -28,13 +28,28 @@ class FakeRemote:
         self.cfg = type("Cfg", (), {"context_len": 64})()
         self.refuse, self.log = refuse, log
         self.open_now = 0
+        self.openings_expected, self.opened = 1, 0
+        self.backend = None             # the SwarmBackend, whose openings lock the test watches
+
+    async def _others_queued(self) -> None:
+        """Wait (bounded) until every request not yet opened waits on the backend's opening lock: so an
+        opening is still under way while the others have arrived, and one that did not take turns would
+        be seen at once (open_now)."""
+        want = self.openings_expected - self.opened
+        for _ in range(3000):
+            waiters = self.backend._opening._waiters if self.backend is not None else None
+            if want <= 0 or (waiters is not None and len(waiters) >= want):
+                return
+            await asyncio.sleep(0.01)
+        raise AssertionError(f"{want} more requests never queued behind this opening")
 
     async def generate_steps(self, prompts, *, max_new_tokens, **kw):
         self.log.append(("open", max_new_tokens, threading.current_thread().name))
         self.open_now += 1
+        self.opened += 1
         try:
             assert self.open_now == 1, "two sessions opening at once"
-            await asyncio.sleep(0.05)
+            await self._others_queued()
             if self.refuse:
                 raise AccessRefused(self.refuse + "\n(a detail line the client never shows)")
         finally:
@@ -50,9 +65,10 @@ def api_with(ckpt):
     def make(refuse, log):
         paid = []
         remote = FakeRemote(refuse, log)
-        backend = SwarmBackend(remote, pay_for=lambda n: (paid.append(n), log.append(("pay", n))))
+        backend = remote.backend = SwarmBackend(remote, pay_for=lambda n: (paid.append(n), log.append(("pay", n))))
         api = RunningApi(build_app(backend, ckpt, "tiny-llama", api_key=None, eos_id=None))
         running.append((api, remote))
+        make.last_remote = remote
         return api, paid
 
     yield make
@@ -87,6 +103,7 @@ def test_the_openai_client_sees_a_rate_limit_error_and_the_server_keeps_serving(
 def test_each_session_pays_for_its_own_request_and_openings_take_turns(api_with):
     log: list = []
     api, paid = api_with(None, log)
+    api_with.last_remote.openings_expected = 3     # the first opening waits until the other two queue
     results = []
 
     def ask(n):

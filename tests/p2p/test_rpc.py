@@ -149,10 +149,17 @@ def test_channel_requests_in_flight_together_get_their_own_replies_in_order():
 
 def test_a_call_given_up_before_its_reply_breaks_the_channel_and_the_calls_behind_it():
     async def go():
-        _, _, ch, _ = await _channel_pair(_upper)
+        started = asyncio.Event()
+
+        async def handler(peer_id, request):
+            if request == b"slow":
+                started.set()               # the server is working on it: its reply is on its way
+            return await _upper(peer_id, request)
+
+        _, _, ch, _ = await _channel_pair(handler)
         slow = asyncio.ensure_future(ch.send(b"slow", timeout_s=30, max_response_bytes=64))
         behind = asyncio.ensure_future(ch.send(b"ab", timeout_s=30, max_response_bytes=64))
-        await asyncio.sleep(0.05)
+        await asyncio.wait_for(started.wait(), 10)
         slow.cancel()
         with pytest.raises(PeerError, match="broken"):
             await behind                  # its reply would be the slow one's
