@@ -118,6 +118,8 @@ def _cpu_has_vnni() -> bool:
 
 def extension():
     """The compiled kernels, or None where they cannot be had here (compiled on the first call)."""
+    if _EXT:                    # every product asks: no lock once the answer is known
+        return _EXT[0]
     with _LOCK:
         if not _EXT:
             _EXT.append(_build())
