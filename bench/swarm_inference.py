@@ -37,6 +37,7 @@ from pathlib import Path
 import torch
 
 from ideal_pipeline import IdealPipeline, timed_stream
+from swarmlm import heap
 from swarmlm.model.config import PRESETS
 from swarmlm.model.generate import stream_generate
 from swarmlm.model.hf import load_model, save_model
@@ -81,6 +82,7 @@ def main() -> None:
                  preset=args.preset, target_s=4.0)
             with RemoteModel.connect(str(ckpt), initial_peers=a.maddrs) as model, \
                     IdealPipeline(str(ckpt), n, threads=args.threads) as ideal:
+                heap.settle()          # start-up is over, as the CLI's generate settles its heap (heap.py)
                 run_pair(model, local, ideal, prompt, args)
                 run_clients(model, prompt, args)
                 if not args.skip_recovery:

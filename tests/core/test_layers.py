@@ -23,7 +23,7 @@ ROOT = "swarmlm"
 # Packages of one layer are siblings and import each other only where SIDEWAYS allows it; a name
 # with no code yet (privacy, ledger, api, ...) simply has no modules.
 LAYERS: list[set[str]] = [
-    {"swarmlm", "errors", "serialize", "log", "compact", "base58", "web"},   # leaves; "swarmlm" is the package's __init__
+    {"swarmlm", "errors", "serialize", "log", "compact", "base58", "web", "heap"},   # leaves; "swarmlm" is the package's __init__
     {"model"},
     {"data", "train"},
     {"parallel"},

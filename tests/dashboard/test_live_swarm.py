@@ -190,6 +190,7 @@ def test_metrics_parse_and_count_the_tokens_generated(swarm):
     before = scrape()
     for name in ("swarmlm_server_tokens_total", "swarmlm_server_steps_total", "swarmlm_server_sessions_opened_total"):
         assert name in before, sorted(before)
+    assert before["swarmlm_heap_frozen_objects"] > 10_000      # settled once ready (heap.py)
     done = run_cli("generate", str(swarm.ckpt), "--swarm", "--initial-peers", swarm.maddr, "--prompt", "the quick",
                    "--max-new-tokens", "6", "--temperature", "0", "--json", timeout_s=180)
     assert done.returncode == 0, done.stderr

@@ -106,6 +106,7 @@ def test_a_partys_metrics_count_its_sessions_steps_rounds_and_bytes(swarm):
     assert moved["swarmlm_mpc_rounds_total"] > 16
     assert moved["swarmlm_mpc_sent_bytes_total"] > 0 and moved["swarmlm_mpc_received_bytes_total"] > 0
     assert after["swarmlm_mpc_sessions_open"] == 0
+    assert after["swarmlm_heap_frozen_objects"] > 10_000      # settled once ready (heap.py)
 
 
 def test_bad_input_gets_an_error_and_the_party_keeps_serving(swarm):

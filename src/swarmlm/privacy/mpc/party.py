@@ -31,6 +31,7 @@ from typing import Any
 
 import torch
 
+from swarmlm import heap
 from swarmlm.errors import PeerError, PeerTimeout, SwarmlmError, UserError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import keys
@@ -318,6 +319,7 @@ def mpc_party_from_args(args) -> int:
                        peer_timeout_s=args.peer_timeout)
 
     def ready(peer, server) -> None:
+        heap.settle()                # start-up is over: full collections walk only what sessions make
         for m in peer.maddrs:
             print(m, flush=True)
         print(f"ready: MPC party for model {server.model_id} (up to {opt.max_tokens} tokens per session)", flush=True)

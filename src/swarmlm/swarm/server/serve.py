@@ -29,6 +29,7 @@ from typing import Any, Callable, Sequence
 
 import torch
 
+from swarmlm import heap
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
 from swarmlm.model.quant import NONE as NO_QUANT
@@ -69,6 +70,7 @@ class ServeOptions:
                                             # listening on its --host
     admit: Any = None                       # BlockHost's admission hook (host.Admit), e.g. the ledger's; None: all
     background: Any = None                  # an async callable run beside the server (the admit hook's refresh)
+    settle_heap: bool = False               # the process is the server's own (`swarmlm serve`): heap.settle() after a move
     quantization: str = "none"              # weight quantization applied at load (model/quant.py), announced
     max_memory: int | None = None           # bytes the process may use: caps the span and the cache (memory.py)
 
@@ -306,6 +308,8 @@ async def _rebalance_forever(opts: ServeOptions, peer: Any, source: ModelSource,
         await announcer.announce_offline(current.start, current.stop)
         model, tps = await _load(source, target, opts.dtype, opts.quantization)
         host.swap(model, tps)
+        if opts.settle_heap:
+            heap.settle()            # the new span's objects, as after start-up
         host.state = "online"
         await announcer.announce()
 
@@ -338,10 +342,11 @@ def serve_from_args(args: Any, *, admit: Any = None, background: Any = None) -> 
     """`swarmlm serve`: run until SIGTERM/SIGINT, printing the multiaddrs once announced. `admit` and
     `background`: ServeOptions' (cli.py passes the ledger's)."""
     import dataclasses
-    opts = dataclasses.replace(options_from_args(args), admit=admit, background=background)
+    opts = dataclasses.replace(options_from_args(args), admit=admit, background=background, settle_heap=True)
     opts.check()
 
     def ready(maddrs: list[str]) -> None:
+        heap.settle()                # start-up is over: full collections walk only what comes next
         for m in maddrs:
             print(m)
         span = (f"blocks {opts.blocks[0]}:{opts.blocks[1]}" if opts.blocks else f"{opts.num_blocks} blocks (where needed)"
