@@ -82,7 +82,7 @@ def main() -> None:
                  preset=args.preset, target_s=4.0)
             with RemoteModel.connect(str(ckpt), initial_peers=a.maddrs) as model, \
                     IdealPipeline(str(ckpt), n, threads=args.threads) as ideal:
-                heap.settle()          # start-up is over, as the CLI's generate settles its heap (heap.py)
+                heap.settle()          # set-up is over (heap.py): local, ideal and swarm runs of this process alike
                 run_pair(model, local, ideal, prompt, args)
                 run_clients(model, prompt, args)
                 if not args.skip_recovery:
