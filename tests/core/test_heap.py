@@ -28,7 +28,7 @@ def test_settle_collects_the_garbage_then_freezes_the_survivors(thawed):
     assert garbage() is not None
     n = heap.settle()
     assert garbage() is None           # collected, not frozen
-    assert n == gc.get_freeze_count() >= len(kept)
+    assert n >= len(kept)                              # (frozen objects freed since count down)
     assert heap.FROZEN._value.get() == n
     gc.collect()
     walked = {id(o) for o in gc.get_objects(generation=2)}
