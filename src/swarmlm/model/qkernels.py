@@ -133,9 +133,9 @@ def _build():
         from torch.utils import cpp_extension
         if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
             return None                 # torch builds with ninja (scripts/setup installs both)
-        source = Path(__file__).parent / "csrc" / "qgemv.cpp"
+        sources = [str(Path(__file__).parent / "csrc" / name) for name in ("qgemv.cpp", "decode.cpp")]
         return cpp_extension.load(
-            name="swarmlm_qgemv", sources=[str(source)], verbose=False,
+            name="swarmlm_qgemv", sources=sources, verbose=False,
             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                           "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"])

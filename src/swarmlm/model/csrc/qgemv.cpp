@@ -166,7 +166,10 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, 
   return y;
 }
 
+void bind_decode(pybind11::module& m);   // decode.cpp: the whole one-row decode step
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &int8_gemm, "int8 weights (16-row blocks) x dynamically quantized int8 activations");
   m.def("int4_gemm", &int4_gemm, "int4 weights (16-row blocks, groups) x dynamically quantized int8 activations");
+  bind_decode(m);
 }
