@@ -15,7 +15,8 @@ A small C++ extension (csrc/qgemv.cpp, AVX512-VNNI) computes exactly the same nu
 times faster on CPUs that have VNNI; it is compiled once by torch.utils.cpp_extension (cached
 under torch's extension directory) on first use, and where it cannot be (no compiler, no VNNI,
 SWARMLM_NO_KERNELS=1) the reference runs. The tests check the two are bit for bit equal, so a
-server with the extension and a client without it still agree token for token.
+server with the extension and a client without it still agree token for token. The same
+extension holds the compiled one-row decode step (csrc/decode.cpp, see model/fastdecode.py).
 
 Weight layout (`pack_int8`, `pack_int4`): output rows in blocks of 16 (padded with zero rows),
 4 input columns of 16 rows per 64 bytes: int8 (Nb, K/4, 16, 4); int4 (Nb, K/8, 16, 4) bytes
