@@ -115,10 +115,24 @@ def test_compiled_step_follows_the_cache_and_serves_spans(scheme):
     assert torch.equal(span(prompt, caches[0]), span(prompt, caches[1]))
     step = DecodeStep(model, caches[0], with_head=False, blocks=range(1, 3))
     assert step.plan is not None and not step.plan_head
-    for _ in range(3):
+    assert not step._planned(1)                        # gradients wanted: the Python loop records them
+    with torch.no_grad():                              # as a server runs its span (run_span)
+        for _ in range(3):
+            x = torch.randn(1, 1, WIDE.dim)
+            assert step._planned(1) and torch.equal(step.run(x), span(x, caches[1]))
+        caches[0].select([0])
+        assert not step._planned(1)
         x = torch.randn(1, 1, WIDE.dim)
-        assert step._planned(1) and torch.equal(step.run(x), span(x, caches[1]))
-    caches[0].select([0])
-    assert not step._planned(1)
-    x = torch.randn(1, 1, WIDE.dim)
-    assert torch.equal(step.run(x), span(x, caches[1]))
+        assert torch.equal(step.run(x), span(x, caches[1]))
+
+
+@pytest.mark.parametrize("width", [64, 384, 512, 1000, 4096])
+def test_compiled_rms_norm_equals_torch(width):
+    """The compiled step's RMSNorm (ATen's steps into kept buffers) is torch.rms_norm bit for bit."""
+    if qkernels.extension() is None:
+        pytest.skip(f"no compiled kernels here: {qkernels.describe()}")
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(1, width, generator=gen) * torch.logspace(-4, 4, width)
+    w = torch.randn(width, generator=gen)
+    for eps in (1e-5, 1e-6):
+        assert torch.equal(qkernels.extension().rms_norm_steps(x, w, eps), torch.rms_norm(x, (width,), w, eps))

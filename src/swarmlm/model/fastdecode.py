@@ -217,6 +217,8 @@ class DecodeStep:
         cache = self.cache
         if ext is None or not hasattr(ext, "DecodePlan") or cache.batch != 1 or cache.mask.device.type != "cpu":
             return None
+        if any(t.dtype != torch.float32 for t in cache.k.values()):      # float32 hidden states only
+            return None
         if any(layer.compiled is None for layer in self.layers):
             return None
         plan = ext.DecodePlan()
@@ -235,8 +237,9 @@ class DecodeStep:
         return plan
 
     def _planned(self, B: int) -> bool:
-        """Whether this step of B rows runs the compiled plan (its cache buffers still the cache's)."""
-        if self.plan is None or B != 1:
+        """Whether this step of B rows runs the compiled plan (its cache buffers still the cache's; no
+        gradient wanted: the plan records none)."""
+        if self.plan is None or B != 1 or torch.is_grad_enabled():
             return False
         k, v = self.cache.k, self.cache.v
         return all(k[layer.index] is kb and v[layer.index] is vb

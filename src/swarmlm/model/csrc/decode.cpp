@@ -16,6 +16,26 @@ namespace {
 
 enum Kind : int64_t { MM = 0, ADDMM = 1, INT8 = 2, INT4 = 3 };
 
+// torch.rms_norm of float32 rows, as the ATen composite computes it on the CPU (pow, mean as sum
+// then div_, add_ eps, rsqrt, mul by the row's factor, mul by the weight): the very kernels, into
+// buffers kept between calls instead of new tensors (the tests compare it with torch.rms_norm).
+struct RmsNorm {
+  torch::Tensor sq, factor, out;
+
+  const torch::Tensor& operator()(const torch::Tensor& x, const torch::Tensor& weight, double eps) {
+    if (!out.defined() || out.sizes() != x.sizes()) {
+      sq = torch::empty_like(x);
+      out = torch::empty_like(x);
+      factor = torch::empty({x.size(0), 1}, x.options());
+    }
+    at::pow_out(sq, x, 2);
+    at::sum_out(factor, sq, {-1}, true).div_(x.size(-1));
+    factor.add_(eps).rsqrt_();
+    at::mul_out(out, x, factor);
+    return out.mul_(weight);
+  }
+};
+
 struct Linear {
   int64_t kind = MM;
   std::vector<torch::Tensor> t;   // MM: (weight.t()); ADDMM: (weight.t(), bias); INT8: (q, scales, rowsum);
@@ -92,13 +112,13 @@ class Plan {
   // or the logits (1, V) with `head`.
   torch::Tensor run(torch::Tensor h, int64_t past, c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin,
                     c10::optional<torch::Tensor> mask, bool head) const {
-    TORCH_CHECK(h.dim() == 2 && h.size(0) == 1, "h: (1, D)");
+    TORCH_CHECK(h.dim() == 2 && h.size(0) == 1 && h.scalar_type() == torch::kFloat32, "h: (1, D) float32");
     const int64_t B = 1, end = past + 1;
     const bool rope = cos.has_value();
     for (const Layer& L : layers_) {
       const int64_t Dh = L.Dh, H = L.nq / Dh;
       TORCH_CHECK(end <= L.k_buf.size(2), "the cache is full");
-      torch::Tensor x = at::rms_norm(h, {h.size(1)}, L.norm1, L.eps1);
+      torch::Tensor x = rms_(h, L.norm1, L.eps1);
       auto parts = L.qkv(x).view({B, -1, Dh}).split_with_sizes({(L.nq + L.nk) / Dh, L.nv / Dh}, 1);
       torch::Tensor qk = parts[0], v = parts[1];
       if (rope) qk = at::addcmul(at::mul(qk, *cos), at::roll(qk, {Dh / 2}, {-1}), *sin);
@@ -108,19 +128,20 @@ class Plan {
       torch::Tensor k = L.k_buf.narrow(2, 0, end), vv = L.v_buf.narrow(2, 0, end);
       torch::Tensor out = at::scaled_dot_product_attention(q, k, vv, mask, 0.0, false, c10::nullopt, H != k.size(1));
       h = at::add(h, L.o(out.view({B, -1})));
-      x = at::rms_norm(h, {h.size(1)}, L.norm2, L.eps2);
+      x = rms_(h, L.norm2, L.eps2);
       torch::Tensor gu = L.gate_up(x);
       torch::Tensor a = at::mul(at::silu(gu.slice(1, 0, L.ffn)), gu.slice(1, L.ffn));
       h = at::add(h, L.down(a));
     }
     if (!head) return h;
     TORCH_CHECK(has_head_, "this plan has no head");
-    if (head_norm_.has_value()) h = at::rms_norm(h, {h.size(1)}, *head_norm_, head_eps_);
+    if (head_norm_.has_value()) h = rms_(h, *head_norm_, head_eps_);
     return head_(h);
   }
 
  private:
   std::vector<Layer> layers_;
+  mutable RmsNorm rms_;          // its buffers: one call at a time per plan (a plan serves one cache)
   c10::optional<torch::Tensor> head_norm_;
   double head_eps_ = 0;
   Linear head_;
@@ -129,7 +150,14 @@ class Plan {
 
 }  // namespace
 
+torch::Tensor rms_norm_steps(torch::Tensor x, torch::Tensor weight, double eps) {   // for the tests
+  TORCH_CHECK(x.dim() == 2 && x.scalar_type() == torch::kFloat32 && x.is_contiguous(), "x: (B, D) float32");
+  RmsNorm rms;
+  return rms(x, weight, eps).clone();
+}
+
 void bind_decode(pybind11::module& m) {
+  m.def("rms_norm_steps", &rms_norm_steps, "torch.rms_norm of float32 rows, the compiled step's way");
   pybind11::class_<Plan>(m, "DecodePlan")
       .def(pybind11::init<>())
       .def("add_layer", &Plan::add_layer)
