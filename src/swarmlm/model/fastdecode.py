@@ -21,8 +21,8 @@ differently, so those steps use the parts). Servers take the same step for their
 Where model/qkernels.py's extension is built (CPU), a step of one row runs as one C++ call
 (csrc/decode.cpp, a `DecodePlan` built with the step): the loop below with the very same ATen
 ops in the same order, and quantized Linears straight to the VNNI kernels, so the numbers are
-the same and only the interpreter between the ops is gone (about half of a quantized token's
-time on a small model). It takes the layers whose pieces are plain (RMSNorms, fused q/k/v and
+the same and only the interpreter between the ops is gone (a quarter to a third of a quantized
+token's time on the small preset). It takes the layers whose pieces are plain (RMSNorms, fused q/k/v and
 gate/up, float or kernel-bound quantized Linears: `_Layer.compiled`) and the cache buffers it
 was built with; anything else (several rows, LayerNorms, padded quantized widths, hooks, a
 cache whose buffers were replaced) takes the Python loop, which is also the whole path

@@ -1,9 +1,10 @@
 // The one-row decode step of model/fastdecode.py (DecodeStep.run, one row) as one C++ call.
 //
 // The float parts are the very ATen ops the Python loop calls, in the same order and with the same
-// arguments (rms_norm, mm / addmm, mul, roll, addcmul, copy_, scaled_dot_product_attention, add,
-// silu), so the numbers are bit for bit those of the Python step (and of Transformer.run_blocks:
-// the tests check both); only the interpreter between them is gone. Quantized Linears call the
+// arguments (mm / addmm, mul, roll, addcmul, copy_, scaled_dot_product_attention, add, silu; the
+// RMSNorms as the steps torch.rms_norm takes, into kept buffers), so the numbers are bit for bit
+// those of the Python step (and of Transformer.run_blocks: the tests check both); only the
+// interpreter between them is gone. Quantized Linears call the
 // kernels of qgemv.cpp directly (activation quantization inside), as QuantLinear.rows_fn does.
 // A Plan is built once per DecodeStep (weights and cache buffers bound as they are then).
 #include <torch/extension.h>
