@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from swarmlm.model import generate as gen
+from swarmlm.model import qkernels
 from swarmlm.model.cache import KVCache
 from swarmlm.model.config import PRESETS
 from swarmlm.model.fastdecode import DecodeStep, fused_projections
@@ -32,9 +33,20 @@ def _logits(model, prompts, *, fast: bool, monkeypatch, n: int = 10) -> torch.Te
 
 @pytest.mark.parametrize("cfg", [TINY, WIDE, GPT2], ids=["llama", "llama-wide", "gpt2"])
 @pytest.mark.parametrize("scheme", ["none", "int8", "int4"])
-def test_fast_step_equals_run_blocks_exactly(cfg, scheme, monkeypatch):
+@pytest.mark.parametrize("compiled", [True, False], ids=["compiled", "python"])
+def test_fast_step_equals_run_blocks_exactly(cfg, scheme, compiled, monkeypatch):
+    """With the compiled step (csrc/decode.cpp, one row) where the extension builds, and with the
+    Python loop (its fallback) everywhere."""
+    if compiled and qkernels.extension() is None:
+        pytest.skip(f"no compiled kernels here: {qkernels.describe()}")
+    if not compiled:
+        monkeypatch.setattr(DecodeStep, "_compile", lambda self: None)
     torch.manual_seed(0)
     model = quantize_model(Transformer(cfg).eval(), scheme)
+    if compiled:    # WIDE's blocks of one row take the compiled step (gpt2's LayerNorms never do, nor
+        step = DecodeStep(model, KVCache.empty(model.cfg, 1, 8))      # TINY's padded int4 down_proj)
+        assert (step.plan is not None) == (cfg is WIDE or (cfg is TINY and scheme != "int4"))
+        assert step.plan_head == (step.plan is not None and scheme == "none")    # 300 rows: a padded int8 head
     for prompts in PROMPTS:
         slow = _logits(model, prompts, fast=False, monkeypatch=monkeypatch)
         fast = _logits(model, prompts, fast=True, monkeypatch=monkeypatch)
@@ -87,3 +99,40 @@ def test_modules_with_hooks_are_called_as_modules(monkeypatch):
     assert calls.count("Linear") >= 2 * 4 and calls.count("RMSNorm") >= 4    # the prompt, then 3 steps
     assert fused_projections(model)[0][0] is None                            # a hooked part is not fused
     assert torch.equal(fast, _logits(model, PROMPTS[0], fast=False, monkeypatch=monkeypatch, n=3))
+
+
+@pytest.mark.parametrize("scheme", ["none", "int4"])
+def test_compiled_step_follows_the_cache_and_serves_spans(scheme):
+    """A server's span step (blocks 1..2, no head) runs compiled and gives run_blocks' hidden
+    states; once the cache's buffers are replaced (select) it takes the Python loop, still equal."""
+    if qkernels.extension() is None:
+        pytest.skip(f"no compiled kernels here: {qkernels.describe()}")
+    torch.manual_seed(0)
+    model = quantize_model(Transformer(WIDE.replace(n_layers=3)).eval(), scheme)
+    span = lambda h, cache: model.run_blocks(h, start=1, end=3, cache=cache)        # noqa: E731
+    caches = [KVCache.empty(model.cfg, 1, 16, layers=range(1, 3)) for _ in range(2)]
+    prompt = torch.randn(1, 4, WIDE.dim)
+    assert torch.equal(span(prompt, caches[0]), span(prompt, caches[1]))
+    step = DecodeStep(model, caches[0], with_head=False, blocks=range(1, 3))
+    assert step.plan is not None and not step.plan_head
+    assert not step._planned(1)                        # gradients wanted: the Python loop records them
+    with torch.no_grad():                              # as a server runs its span (run_span)
+        for _ in range(3):
+            x = torch.randn(1, 1, WIDE.dim)
+            assert step._planned(1) and torch.equal(step.run(x), span(x, caches[1]))
+        caches[0].select([0])
+        assert not step._planned(1)
+        x = torch.randn(1, 1, WIDE.dim)
+        assert torch.equal(step.run(x), span(x, caches[1]))
+
+
+@pytest.mark.parametrize("width", [64, 384, 512, 1000, 4096])
+def test_compiled_rms_norm_equals_torch(width):
+    """The compiled step's RMSNorm (ATen's steps into kept buffers) is torch.rms_norm bit for bit."""
+    if qkernels.extension() is None:
+        pytest.skip(f"no compiled kernels here: {qkernels.describe()}")
+    gen = torch.Generator().manual_seed(width)
+    x = torch.randn(1, width, generator=gen) * torch.logspace(-4, 4, width)
+    w = torch.randn(width, generator=gen)
+    for eps in (1e-5, 1e-6):
+        assert torch.equal(qkernels.extension().rms_norm_steps(x, w, eps), torch.rms_norm(x, (width,), w, eps))

@@ -18,7 +18,7 @@ from swarmlm.model.quant import (QuantLinear, QuantScheme, block_weight_bytes, c
 from swarmlm.model.transformer import Transformer
 
 TINY = PRESETS["tiny"].replace(vocab_size=300, n_layers=2, max_seq_len=64)
-SCHEMES = ["int8", "int4", "int4-g64"]
+SCHEMES = ["int8", "int4", "int4-g64", "int4-g128"]
 
 
 def _linear(n=96, k=128, bias=True, seed=0):
@@ -88,6 +88,25 @@ def test_kernel_layouts_round_trip():
     assert torch.equal(qkernels.unpack_int8(qkernels.pack_int8(q8)), q8)
     q4 = torch.randint(0, 16, (48, 64))
     assert torch.equal(qkernels.unpack_int4(qkernels.pack_int4(q4)).long(), q4)
+
+
+@pytest.mark.parametrize("group", [8, 24, 32, 64, 128])
+def test_int4_kernel_equals_the_reference_for_any_group(group):
+    """Every group the kernel takes (its unrolled 32 / 64 / 128 paths, an odd count of 8-column
+    steps, the generic loop), with extreme nibbles and activations."""
+    if qkernels.extension() is None:
+        pytest.skip("no compiled kernels here (no compiler or no AVX512-VNNI)")
+    gen = torch.Generator().manual_seed(group)
+    N, K = 48, 384
+    q = torch.randint(0, 16, (N, K), generator=gen)
+    q[0] = 15                                                      # every nibble at its largest
+    scales = torch.rand(N // 16, K // group, 16, generator=gen).to(torch.bfloat16)
+    lows = (torch.randn(N // 16, K // group, 16, generator=gen) * 4).to(torch.bfloat16)
+    x = torch.randn(3, K, generator=gen)
+    x[1] = -127.0                                                  # the largest negative activations
+    w = qkernels.pack_int4(q)
+    got = qkernels.extension().int4_gemm(x, w, scales, lows, group)
+    assert torch.equal(got, qkernels.int4_reference(x, w, scales, lows, group))
 
 
 @pytest.mark.parametrize("scheme,tol", [("int8", 0.02), ("int4", 0.15)])

@@ -18,6 +18,16 @@ so the swarm's exactness promise holds (with more rows a float GEMM may block it
 differently, so those steps use the parts). Servers take the same step for their span
 (`span_step`, from swarm/blocks.py's run_span).
 
+Where model/qkernels.py's extension is built (CPU), a step of one row runs as one C++ call
+(csrc/decode.cpp, a `DecodePlan` built with the step): the loop below with the very same ATen
+ops in the same order, and quantized Linears straight to the VNNI kernels, so the numbers are
+the same and only the interpreter between the ops is gone (a quarter to a third of a quantized
+token's time on the small preset). It takes the layers whose pieces are plain (RMSNorms, fused q/k/v and
+gate/up, float or kernel-bound quantized Linears: `_Layer.compiled`) and the cache buffers it
+was built with; anything else (several rows, LayerNorms, padded quantized widths, hooks, a
+cache whose buffers were replaced) takes the Python loop, which is also the whole path
+without the extension (SWARMLM_NO_KERNELS=1, no compiler). The tests run both.
+
 It applies to a step of one new token per row with a cache, for models whose rotary scaling
 does not depend on the sequence length (not "dynamic") and that attend to the whole context (no
 sliding window); `DecodeStep.supports` says which.
@@ -30,6 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from swarmlm.model import qkernels
 from swarmlm.model.cache import KVCache
 from swarmlm.model.layers import RMSNorm
 from swarmlm.model.quant import QuantLinear
@@ -119,6 +130,26 @@ def _linear_fn(module: nn.Module):
     return module                     # anything else (LoRA, a parallel shard): its own forward
 
 
+def _linear_args(module: nn.Module | None) -> tuple[int, list[torch.Tensor], int] | None:
+    """(kind, tensors, group) of a Linear as the compiled step runs it (csrc/decode.cpp: 0 mm, 1
+    addmm, 2 int8 kernel, 3 int4 kernel), bound as `_linear_fn` binds it; None if it cannot."""
+    if type(module) is nn.Linear and _plain(module) and module.weight.device.type == "cpu":
+        wt = module.weight.t()
+        return (0, [wt], 0) if module.bias is None else (1, [wt, module.bias], 0)
+    bound = module.kernel_args() if isinstance(module, QuantLinear) else None
+    if bound is None:
+        return None
+    args, group = bound
+    return (2 if module.scheme.bits == 8 else 3), list(args), group
+
+
+def _rms_args(module: nn.Module) -> tuple[torch.Tensor, float] | None:
+    """(weight, eps) of a norm `_norm_fn` runs as torch.rms_norm, else None."""
+    if type(module) is RMSNorm and module.weight.dtype == torch.float32 and _plain(module):
+        return module.weight, module.eps
+    return None
+
+
 def _norm_fn(module: nn.Module):
     """x (B, D) -> normalized, as `module(x)` computes it: RMSNorm's float32 steps are the very ops
     `torch.rms_norm` composes (the tests check equality), LayerNorm is `F.layer_norm`."""
@@ -145,6 +176,13 @@ class _Layer:
         self.gate_up = None if gate_up is None else (_linear_fn(gate_up[0]), gate_up[1][0])
         self.gate = _linear_fn(mlp.gate_proj) if mlp.gated else None
         self.up, self.down = _linear_fn(mlp.up_proj), _linear_fn(mlp.down_proj)
+        # the compiled step's arguments (one row, fused projections, RMSNorms, gated MLP), or None
+        self.compiled = None
+        norms = (_rms_args(block.attention_norm), _rms_args(block.ffn_norm))
+        if qkv is not None and gate_up is not None and None not in norms:
+            lins = [_linear_args(m) for m in (qkv[0], attn.o_proj, gate_up[0], mlp.down_proj)]
+            if None not in lins:
+                self.compiled = (norms, lins, [self.Dh, *qkv[1], gate_up[1][0]])
 
 
 class DecodeStep:
@@ -169,6 +207,43 @@ class DecodeStep:
             positions = torch.arange(cache.max_len, device=cache.mask.device)[None]
             cos, sin = model.rotary.tables(positions, dtype)          # (1, 1, max_len, Dh)
             self.tables = (cos[0, 0], sin[0, 0])
+        self.plan_head, self._plan_buffers = False, None
+        self.plan = self._compile()
+
+    def _compile(self):
+        """The compiled step (csrc/decode.cpp) over these layers and this cache, for one row; None
+        where it does not apply (no extension, several rows, a piece it does not run)."""
+        ext = qkernels.extension()
+        cache = self.cache
+        if ext is None or not hasattr(ext, "DecodePlan") or cache.batch != 1 or cache.mask.device.type != "cpu":
+            return None
+        if any(t.dtype != torch.float32 for t in cache.k.values()):      # float32 hidden states only
+            return None
+        if any(layer.compiled is None for layer in self.layers):
+            return None
+        plan = ext.DecodePlan()
+        for layer in self.layers:
+            norms, lins, dims = layer.compiled
+            plan.add_layer([n[0] for n in norms], [float(n[1]) for n in norms], [lin[0] for lin in lins],
+                           [lin[2] for lin in lins], [lin[1] for lin in lins],
+                           cache.k[layer.index], cache.v[layer.index], dims)
+        head = _linear_args(self.model.output) if self.with_head and self.model.output is not None else None
+        norm = None if self.model.norm is None else _rms_args(self.model.norm)
+        if head is not None and (self.model.norm is None or norm is not None):
+            plan.set_head(None if norm is None else norm[0], 0.0 if norm is None else float(norm[1]),
+                          head[0], head[1], head[2])
+            self.plan_head = True
+        self._plan_buffers = [(cache.k[layer.index], cache.v[layer.index]) for layer in self.layers]
+        return plan
+
+    def _planned(self, B: int) -> bool:
+        """Whether this step of B rows runs the compiled plan (its cache buffers still the cache's; no
+        gradient wanted: the plan records none)."""
+        if self.plan is None or B != 1 or torch.is_grad_enabled():
+            return False
+        k, v = self.cache.k, self.cache.v
+        return all(k[layer.index] is kb and v[layer.index] is vb
+                   for layer, (kb, vb) in zip(self.layers, self._plan_buffers))
 
     @staticmethod
     def supports(model) -> bool:
@@ -196,6 +271,8 @@ class DecodeStep:
             h = F.embedding(ids, embed.weight)                         # what nn.Embedding runs
         else:
             h = model.embed(ids, positions) if model.tok_embeddings is not None else ids
+        if self.plan_head and self._planned(h.shape[0]):
+            return self.run(h, head=True)                             # the whole step in one call
         h = self.run(h)
         if not self.with_head:
             return h
@@ -204,8 +281,9 @@ class DecodeStep:
             h = self.final_norm(h)
         return self.output(h)                                          # (B, V)
 
-    def run(self, h: torch.Tensor) -> torch.Tensor:
+    def run(self, h: torch.Tensor, head: bool = False) -> torch.Tensor:
         """Hidden states (B, 1, D) of the next slot through every held block; advances the cache.
+        (`head`: the logits (1, V) instead, for one row with a compiled plan that has the head.)
 
         Each row is a vector here: (B, D) through the Linears, (B, heads, Dh) through rope, and for
         one token a (B, H, 1, Dh) query is the same memory as run_blocks' transposed one."""
@@ -218,6 +296,11 @@ class DecodeStep:
         rope = self._rope(B)
         end = past + 1
         h = h.reshape(B, -1)                                           # (B, D)
+        if self._planned(B):                      # the same ops as below, in one C++ call
+            cos, sin = (None, None) if rope is None else rope
+            out = self.plan.run(h, past, cos, sin, mask, head)
+            cache.advance(1)
+            return out if head else out[:, None]
         for layer in self.layers:
             Dh = layer.Dh
             x = layer.norm1(h)

@@ -15,7 +15,8 @@ A small C++ extension (csrc/qgemv.cpp, AVX512-VNNI) computes exactly the same nu
 times faster on CPUs that have VNNI; it is compiled once by torch.utils.cpp_extension (cached
 under torch's extension directory) on first use, and where it cannot be (no compiler, no VNNI,
 SWARMLM_NO_KERNELS=1) the reference runs. The tests check the two are bit for bit equal, so a
-server with the extension and a client without it still agree token for token.
+server with the extension and a client without it still agree token for token. The same
+extension holds the compiled one-row decode step (csrc/decode.cpp, see model/fastdecode.py).
 
 Weight layout (`pack_int8`, `pack_int4`): output rows in blocks of 16 (padded with zero rows),
 4 input columns of 16 rows per 64 bytes: int8 (Nb, K/4, 16, 4); int4 (Nb, K/8, 16, 4) bytes
@@ -133,9 +134,9 @@ def _build():
         from torch.utils import cpp_extension
         if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
             return None                 # torch builds with ninja (scripts/setup installs both)
-        source = Path(__file__).parent / "csrc" / "qgemv.cpp"
+        sources = [str(Path(__file__).parent / "csrc" / name) for name in ("qgemv.cpp", "decode.cpp")]
         return cpp_extension.load(
-            name="swarmlm_qgemv", sources=[str(source)], verbose=False,
+            name="swarmlm_qgemv", sources=sources, verbose=False,
             extra_cflags=["-O3", "-fopenmp", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni",
                           "-ffp-contract=off"],
             extra_ldflags=["-fopenmp"])

@@ -180,23 +180,33 @@ class QuantLinear(nn.Module):
         y = y.to(x.dtype).reshape(*shape[:-1], self.out_features)
         return y if self.bias is None else y + self.bias.to(x.dtype)
 
+    def kernel_args(self) -> tuple[tuple[torch.Tensor, ...], int] | None:
+        """(the compiled kernel's tensor arguments, the int4 group or 0) where one row of this layer's
+        product is exactly one kernel call (no padding or bias, CPU, the kernels built), else None."""
+        if self.pad or self.pad_rows or self.bias is not None or self.qweight.device.type != "cpu":
+            return None
+        if qkernels.extension() is None:
+            return None
+        if self.scheme.bits == 8:
+            args = (self.qweight, self.scales, self.rowsum)
+        else:
+            args = (self.qweight, self.scales, self.lows)
+        return (args, self.scheme.group_size) if all(t.is_contiguous() for t in args) else None
+
     def rows_fn(self):
         """A function x (B, K) -> (B, N) computing exactly what `matmul` computes for rows of the
         model's dtype, with the kernel bound up front (the decode step's one-row Linears)."""
-        if self.pad or self.pad_rows or self.bias is not None:
+        bound = self.kernel_args()
+        if bound is None:
             return self.matmul
-        ext = qkernels.extension() if self.qweight.device.type == "cpu" else None
-        if ext is None or not self.qweight.is_contiguous():
-            return self.matmul
-        q, s = self.qweight, self.scales
+        (q, s, r), g = bound
         f32 = torch.float32
+        ext = qkernels.extension()
         if self.scheme.bits == 8:       # the kernels take rows of any float dtype and answer float32
-            r, f8 = self.rowsum, ext.int8_gemm
+            f8 = ext.int8_gemm
             return lambda x: f8(x, q, s, r) if x.dtype == f32 else f8(x, q, s, r).to(x.dtype)
-        lo, g, f4 = self.lows, self.scheme.group_size, ext.int4_gemm
-        if not (s.is_contiguous() and lo.is_contiguous()):
-            return self.matmul
-        return lambda x: f4(x, q, s, lo, g) if x.dtype == f32 else f4(x, q, s, lo, g).to(x.dtype)
+        f4 = ext.int4_gemm
+        return lambda x: f4(x, q, s, r, g) if x.dtype == f32 else f4(x, q, s, r, g).to(x.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.is_grad_enabled() and x.requires_grad:

@@ -8,6 +8,11 @@
 //   int8: w (Nb, K/4, 16, 4) int8; activations as unsigned (x + 128), corrected by 128 * rowsum.
 //   int4: w (Nb, K/8, 16, 4) uint8: low nibble column 8j + t, high nibble column 8j + 4 + t;
 //         per group of g columns a bfloat16 scale and low (w = q * scale + low), signed activations.
+//         The high nibbles are multiplied in place (16 q: one mask, no shift) and their exact sum
+//         shifted back once per group; a group's 8-column steps are unrolled (g = 32, 64, 128),
+//         with four accumulators. The int4 kernel is bound by its instructions, not by memory: per
+//         64 weights it needs the int8 kernel's one vpdpbusd plus the nibble mask and its share of
+//         the group's float steps.
 #include <torch/extension.h>
 #include <ATen/Parallel.h>
 #include <immintrin.h>
@@ -108,6 +113,44 @@ static inline __m512 load_bf16(const uint16_t* p) {   // 16 bfloat16 -> float32 
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i*)p)), 16));
 }
 
+// one block of 16 output rows of one input row: STEPS (group / 8) vectors per group, unrolled
+template <int STEPS>
+static inline __m512 int4_block(const uint8_t* __restrict wb, const uint16_t* __restrict sb, const uint16_t* __restrict lb,
+                                const int8_t* __restrict xm, const float* __restrict xs, int64_t G, int64_t steps) {
+  const __m512i nib = _mm512_set1_epi8(0x0F);
+  const int64_t S = STEPS ? STEPS : steps;
+  __m512 accf = _mm512_setzero_ps();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = wb + g * S * 64;
+    const int8_t* xg = xm + g * S * 8;
+    __m512i a0 = _mm512_setzero_si512(), a1 = a0, a2 = a0, a3 = a0;
+    int64_t s = 0;
+#pragma GCC unroll 8
+    for (; s + 2 <= S; s += 2) {
+      const __m512i v = _mm512_loadu_si512(wg + s * 64), u = _mm512_loadu_si512(wg + s * 64 + 64);
+      int32_t x0, x1, x2, x3;
+      std::memcpy(&x0, xg + 8 * s, 4); std::memcpy(&x1, xg + 8 * s + 4, 4);
+      std::memcpy(&x2, xg + 8 * s + 8, 4); std::memcpy(&x3, xg + 8 * s + 12, 4);
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v, nib), _mm512_set1_epi32(x0));
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_andnot_si512(nib, v), _mm512_set1_epi32(x1));   // 16 * high nibble
+      a2 = _mm512_dpbusd_epi32(a2, _mm512_and_si512(u, nib), _mm512_set1_epi32(x2));
+      a3 = _mm512_dpbusd_epi32(a3, _mm512_andnot_si512(nib, u), _mm512_set1_epi32(x3));
+    }
+    for (; s < S; ++s) {
+      const __m512i v = _mm512_loadu_si512(wg + s * 64);
+      int32_t x0, x1;
+      std::memcpy(&x0, xg + 8 * s, 4); std::memcpy(&x1, xg + 8 * s + 4, 4);
+      a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v, nib), _mm512_set1_epi32(x0));
+      a1 = _mm512_dpbusd_epi32(a1, _mm512_andnot_si512(nib, v), _mm512_set1_epi32(x1));
+    }
+    // the exact integer sum (a1 + a3 is 16 times the high nibbles' sum: the shift is exact)
+    const __m512i isum = _mm512_add_epi32(_mm512_add_epi32(a0, a2), _mm512_srai_epi32(_mm512_add_epi32(a1, a3), 4));
+    accf = _mm512_add_ps(accf, _mm512_mul_ps(_mm512_cvtepi32_ps(isum), load_bf16(sb + g * 16)));
+    accf = _mm512_add_ps(accf, _mm512_mul_ps(load_bf16(lb + g * 16), _mm512_set1_ps(xs[g])));
+  }
+  return accf;
+}
+
 // x (M, K) float32, w (Nb, K/8, 16, 4) uint8, scales and lows (Nb, K/g, 16) bfloat16 -> (M, Nb*16) float32
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor lows, int64_t group) {
   TORCH_CHECK(x.dim() == 2 && x.device().is_cpu(), "x: (M, K) on the CPU");
@@ -131,42 +174,39 @@ torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, 
       xsum[m * G + g] = static_cast<float>(s);
     }
   }
-  const uint8_t* wp = w.data_ptr<uint8_t>();
-  const uint16_t* sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
-  const uint16_t* lp = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>());
-  float* yp = y.data_ptr<float>();
-  const __m512i nib = _mm512_set1_epi8(0x0F);
-  at::parallel_for(0, Nb, grain_blocks(Nb, K, 8), [&](int64_t begin, int64_t end) {
+  const uint8_t* const wp = w.data_ptr<uint8_t>();
+  const uint16_t* const sp = reinterpret_cast<const uint16_t*>(scales.data_ptr<at::BFloat16>());
+  const uint16_t* const lp = reinterpret_cast<const uint16_t*>(lows.data_ptr<at::BFloat16>());
+  float* const yp = y.data_ptr<float>();
+  const int8_t* const xqp = xq.data();
+  const float* const sxp = sx.data();
+  const float* const xsp = xsum.data();
+  at::parallel_for(0, Nb, grain_blocks(Nb, K, 8), [=](int64_t begin, int64_t end) {
     for (int64_t nb = begin; nb < end; ++nb) {
       const uint8_t* wb = wp + nb * K8 * 64;
       const uint16_t* sb = sp + nb * G * 16;
       const uint16_t* lb = lp + nb * G * 16;
       for (int64_t m = 0; m < M; ++m) {
-        const int8_t* xm = xq.data() + m * K;
-        __m512 accf = _mm512_setzero_ps();
-        for (int64_t g = 0; g < G; ++g) {
-          __m512i a0 = _mm512_setzero_si512(), a1 = a0;
-          for (int64_t s = 0; s < steps; ++s) {
-            const int64_t j = g * steps + s;
-            const __m512i v = _mm512_loadu_si512(wb + j * 64);
-            int32_t x0, x1;
-            std::memcpy(&x0, xm + 8 * j, 4); std::memcpy(&x1, xm + 8 * j + 4, 4);
-            a0 = _mm512_dpbusd_epi32(a0, _mm512_and_si512(v, nib), _mm512_set1_epi32(x0));
-            a1 = _mm512_dpbusd_epi32(a1, _mm512_and_si512(_mm512_srli_epi16(v, 4), nib), _mm512_set1_epi32(x1));
-          }
-          const __m512 isum = _mm512_cvtepi32_ps(_mm512_add_epi32(a0, a1));
-          // acc = acc + isum * scale; acc = acc + low * xsum   (no fused multiply-add: the reference's steps)
-          accf = _mm512_add_ps(accf, _mm512_mul_ps(isum, load_bf16(sb + g * 16)));
-          accf = _mm512_add_ps(accf, _mm512_mul_ps(load_bf16(lb + g * 16), _mm512_set1_ps(xsum[m * G + g])));
+        const int8_t* xm = xqp + m * K;
+        const float* xs = xsp + m * G;
+        __m512 accf;
+        switch (steps) {
+          case 4: accf = int4_block<4>(wb, sb, lb, xm, xs, G, steps); break;
+          case 8: accf = int4_block<8>(wb, sb, lb, xm, xs, G, steps); break;
+          case 16: accf = int4_block<16>(wb, sb, lb, xm, xs, G, steps); break;
+          default: accf = int4_block<0>(wb, sb, lb, xm, xs, G, steps);
         }
-        _mm512_storeu_ps(yp + m * N + nb * 16, _mm512_mul_ps(accf, _mm512_set1_ps(sx[m])));
+        _mm512_storeu_ps(yp + m * N + nb * 16, _mm512_mul_ps(accf, _mm512_set1_ps(sxp[m])));
       }
     }
   });
   return y;
 }
 
+void bind_decode(pybind11::module& m);   // decode.cpp: the whole one-row decode step
+
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("int8_gemm", &int8_gemm, "int8 weights (16-row blocks) x dynamically quantized int8 activations");
   m.def("int4_gemm", &int4_gemm, "int4 weights (16-row blocks, groups) x dynamically quantized int8 activations");
+  bind_decode(m);
 }
