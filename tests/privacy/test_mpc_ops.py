@@ -3,6 +3,7 @@ runtime's checks on what arrives."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -221,3 +222,32 @@ def test_parties_stepped_in_turn_compute_what_threads_compute(parties):
     for out in (threaded, in_turn):
         assert torch.equal(combine([o.a for o in out]), (x >= 0).long())
     assert all(t > 0 for t in parties.cpu_s)
+
+
+def _received_since(parties, marks: list[int]) -> list[np.ndarray]:
+    """What each party received since `marks` (lengths of its received list), as 64-bit words."""
+    return [np.frombuffer(b"".join(c.received[m:]), dtype=np.uint64) for c, m in zip(parties.comms, marks)]
+
+
+def _bit_frequencies(words: np.ndarray) -> np.ndarray:
+    return np.unpackbits(words.view(np.uint8)).reshape(-1, 64).mean(0)
+
+
+def test_bit_to_arithmetic_in_one_round_of_four_ring_elements_whatever_the_bit(parties):
+    n = 4000
+    for value in (0, 1):
+        bits = torch.full((n,), value)
+        bs = _xor_split(bits)
+        marks = [len(c.received) for c in parties.comms]
+        r0, b0 = parties.rounds, parties.bytes_sent
+        out = parties.run(lambda p: compare.b2a(p, bs[p.index]))
+        assert (parties.rounds - r0, parties.bytes_sent - b0) == (1, 4 * 8 * n)
+        assert torch.equal(combine([o.a for o in out]), bits)
+        views = _received_since(parties, marks)
+        assert len(views[0]) == 0 and len(views[1]) == len(views[2]) == 2 * n
+        for words in views[1:]:                     # (t + pad, s pad + c): uniform words for either bit
+            assert np.abs(_bit_frequencies(words) - 0.5).max() < 0.03
+    mixed = torch.randint(0, 2, (n,))
+    bs = _xor_split(mixed)
+    out = parties.run(lambda p: compare.b2a(p, bs[p.index]))
+    assert torch.equal(combine([o.a for o in out]), mixed)

@@ -24,7 +24,9 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
 - comparison (compare.py): the sign bit of x mod 2^w. x = S + X with S = x_0 + x_1 (party 0)
   and X = x_2 (parties 1, 2); the generate/propagate bits of blocks of up to 5 bits come by
   one three-party OT (2^b candidates a block), then a carry tree over the blocks (2 levels at
-  w = 16), then bit-to-arithmetic (an OT): 4 rounds at w = 16, 5 at w = 32..40. Coarse
+  w = 16), then bit-to-arithmetic (one round, four ring elements: party 0 sends t + pad to each
+  of parties 1 and 2, who both know the sign s = 1 - 2 b_2 and send each other s pad + component
+  under pads of party 0's they lack): 4 rounds at w = 16, 5 at w = 32..40. Coarse
   comparisons drop low bits first (`drop`: the clamps of GELU/SiLU to 1/16 for |x| < 2040,
   softmax's max to 1/2 for differences of scores below 16384 (scores within about +-6000,
   the mask's fill is -10000), inverse_power to 2^-6 relative).

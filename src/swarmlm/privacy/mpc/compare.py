@@ -5,8 +5,8 @@ sign of x is bit width-1 of x_0 + x_1 + x_2 mod 2^width. Party 0 knows S = x_0 +
 1 and 2 know X = x_2: the generate / propagate bits of S + X, by blocks of up to 5 bits, are
 XOR-shared by one three-party OT round (party 0 tabulates them for every value of X's block),
 then a tree combines blocks pairwise (one AND round per level, packed bits), then `b2a` turns
-the bit into an arithmetic 0/1 (an OT, one round): `ge0` is 4 rounds at width 16, 5 at 32..40,
-about 90 bytes an element at width 16. With `drop`, the low bits are dropped first (a coarse
+the bit into an arithmetic 0/1 (one round, four ring elements): `ge0` is 4 rounds at width 16,
+5 at 32..40, about 70 bytes an element at width 16. With `drop`, the low bits are dropped first (a coarse
 threshold, fewer bits). `inject` multiplies a shared bit into a value in one round.
 
 `select`, `maximum` (a tournament of groups of 8, all pairs at once, the wins ANDed as bits) build on it.
@@ -197,33 +197,34 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
 
 
 def b2a(p: Party, bit: BShare) -> Protocol:
-    """XOR-shared bit (bit 0 of words) -> arithmetic 0/1 share. One round.
+    """XOR-shared bit (bit 0 of words) -> arithmetic 0/1 share. One round, four ring elements.
 
-    b = t xor b2 = t (1 - 2 b2) + b2, where party 0 knows t = b0 xor b1 and parties 1 and 2
-    know b2. The result is shared as (r0, r1, c2): r0, r1 from party 0's PRGs with parties 2
-    and 1, and c2 = t (1 - 2 b2) - r0 - r1 + b2 reaches parties 1 and 2 by a three-party
-    oblivious transfer (ABY3): party 0 sends both candidates under one-time pads it shares
-    with the helper, and the helper, who knows b2 too, sends the pad of the right one."""
+    b = t xor b2 = b2 + s t with s = 1 - 2 b2, where party 0 knows t = b0 xor b1 and parties
+    1 and 2 know b2 (so s). The result is shared as (c0, c1, c2): c0 from the PRG of parties 0
+    and 2, c1 from that of parties 0 and 1, and c2 = b2 + s t - c0 - c1, which parties 1 and 2
+    both compute: party 0 sends y = t + p0 to party 1 and y' = t + p1 to party 2 (p0 a pad of
+    parties 0 and 2, p1 one of parties 0 and 1); party 2 sends s p0 + c0 to party 1 and party 1
+    sends s p1 + c1 to party 2 (both know s), so party 1 gets s y - (s p0 + c0) = s t - c0 and
+    party 2 gets s y' - (s p1 + c1) = s t - c1. What party 1 receives, (t + p0, s p0 + c0), is
+    two ring elements under two pads it does not know (p0, c0: uniform, independent), and so
+    for party 2 (p1, c1); party 0 receives nothing."""
     shape = bit.a.shape
     spec = (tuple(shape), torch.int64)
     if p.index == 0:
         t = (bit.a ^ bit.b) & 1
         g1, g2 = p.prg(1, "b2a"), p.prg(2, "b2a")
-        r1, w0, w1 = g1.ring(shape), g1.ring(shape), g1.ring(shape)     # pads for party 2's transfer
-        r0, v0, v1 = g2.ring(shape), g2.ring(shape), g2.ring(shape)     # pads for party 1's transfer
-        m0, m1 = t - r0 - r1, -t - r0 - r1                               # c2 - b2 for b2 = 0, 1
-        yield Round(send={2: [m0 + w0, m1 + w1], 1: [m0 + v0, m1 + v1]})
-        return AShare(r0, r1)
+        c1, p1 = g1.ring(shape), g1.ring(shape)
+        c0, p0 = g2.ring(shape), g2.ring(shape)
+        yield Round(send={1: [t + p0], 2: [t + p1]})
+        return AShare(c0, c1)
     me, other = p.index, 3 - p.index
     b2 = (bit.b if me == 1 else bit.a) & 1                              # parties 1 and 2 both hold b2
+    s = 1 - 2 * b2
     g0 = p.prg(0, "b2a")
-    first = g0.ring(shape)                                              # r1 (party 1) or r0 (party 2)
-    pads = g0.ring(shape), g0.ring(shape)                               # the pads of the other's transfer
-    help_other = torch.where(b2.bool(), pads[1], pads[0])
-    got = yield Round(send={other: [help_other]}, recv={0: [spec, spec], other: [spec]})
-    m = torch.where(b2.bool(), got[0][1], got[0][0]) - got[other][0]
-    c2 = m + b2
-    return AShare(first, c2) if me == 1 else AShare(c2, first)
+    mine, pad = g0.ring(shape), g0.ring(shape)                         # (c1, p1) at party 1, (c0, p0) at party 2
+    got = yield Round(send={other: [s * pad + mine]}, recv={0: [spec], other: [spec]})
+    c2 = b2 + s * got[0][0] - got[other][0] - mine
+    return AShare(mine, c2) if me == 1 else AShare(c2, mine)
 
 
 def inject(p: Party, bit: BShare, v: AShare) -> Protocol:
@@ -231,7 +232,7 @@ def inject(p: Party, bit: BShare, v: AShare) -> Protocol:
     One round (b2a and a product take two), twelve ring elements an element.
 
     b v = (t ^ b_2) (v_0 + v_1) + (b_0 ^ c) v_2 with t = b_0 ^ b_1 (party 0) and c = b_1 ^ b_2
-    (party 1). The first term reaches parties 1 and 2 by the OT of b2a (party 0 sends both
+    (party 1). The first term reaches parties 1 and 2 by a three-party OT (party 0 sends both
     candidates, the choice b_2 is theirs), the second reaches parties 0 and 2 by the same OT
     with party 1 sending and b_0 the choice (known to parties 0 and 2, each the other's helper).
     Each candidate is masked by PRG values of the sender and one receiver, so what a party
