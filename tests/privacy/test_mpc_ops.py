@@ -121,9 +121,12 @@ def test_piecewise_constant_tables_keep_a_zero_piece_exactly_zero(parties):
 
 
 def test_gelu_and_silu_everywhere(parties):
-    x = torch.cat([torch.linspace(-30, 30, 1201), torch.tensor([0.0, 3.99, 4.0, 4.01, 7.99, 8.0, -8.0])])
+    # SiLU's clamps compare to 1/2: x in [8, 8.5) or [-8.5, -8) may read as inside, the series covers them
+    edges = [0.0, 3.99, 4.0, 4.01, 7.99, 8.0, -8.0, 8.25, 8.49, 8.5, -8.01, -8.25, -8.49, -8.5, -8.51, 1000.0, -1000.0]
+    x = torch.cat([torch.linspace(-30, 30, 1201), torch.tensor(edges)])
     assert (_real(parties, funcs.gelu, x) - F.gelu(x.double(), approximate="tanh")).abs().max() < 5e-4
-    assert (_real(parties, funcs.silu, x) - F.silu(x.double())).abs().max() < 3e-3
+    err = (_real(parties, funcs.silu, x) - F.silu(x.double())).abs()
+    assert err.max() < 3e-3 and err[x.abs() < 4].max() < 5e-4
 
 
 @pytest.mark.parametrize("T", [1, 4])                       # one query (all pairs at once) or a prompt (groups)
@@ -138,9 +141,12 @@ def test_softmax_with_large_scores(parties, T):
 
 
 def test_messages_of_the_wrong_size_or_dtype_are_refused():
-    specs = [((3, 4), torch.int64), ((5,), torch.bool)]
-    good = encode_message([torch.zeros(3, 4, dtype=torch.int64), torch.ones(5, dtype=torch.bool)])
-    assert [t.shape for t in decode_message(good, specs)] == [(3, 4), (5,)]
+    specs = [((3, 4), torch.int64), ((5,), torch.bool), ((3,), torch.int16)]
+    small = torch.tensor([-1, 7, 32767], dtype=torch.int16)
+    good = encode_message([torch.zeros(3, 4, dtype=torch.int64), torch.ones(5, dtype=torch.bool), small])
+    assert len(good) == 3 * 4 * 8 + 1 + 3 * 2
+    got = decode_message(good, specs)
+    assert [t.shape for t in got] == [(3, 4), (5,), (3,)] and torch.equal(got[2], small)
     with pytest.raises(WireError):
         decode_message(good + b"\0", specs)
     with pytest.raises(WireError):
@@ -193,6 +199,18 @@ def test_coarse_comparison_is_exact_outside_its_last_unit(parties):
     bits = _run(parties, lambda p, a: compare.ge0(p, a, 16, 12), x)             # units of 1/16
     ref = (encode(x) >= 0).long()
     sure = (encode(x) < 0) | (encode(x) >= 1 << 12)
+    assert torch.equal(bits[sure], ref[sure])
+
+
+def test_twelve_bit_comparison_travels_in_int16_words_and_is_exact_outside_its_last_unit(parties):
+    x = torch.cat([torch.randn(400) * 200, torch.tensor([0.5, -1 / 65536, 1000.0, -1000.0, 1020.0, -1020.0])])
+    shares = split(encode(x))
+    r0, b0 = parties.rounds, parties.bytes_sent
+    out = parties.run(lambda p: compare.ge0(p, shares[p.index], 12, 15))          # units of 1/2
+    bits = combine([o.a for o in out])
+    assert parties.rounds - r0 == 4 and (parties.bytes_sent - b0) / len(x) < 56       # 16-bit tables of 4 blocks
+    ref = (encode(x) >= 0).long()
+    sure = (encode(x) < 0) | (encode(x) >= 1 << 15)
     assert torch.equal(bits[sure], ref[sure])
 
 

@@ -27,7 +27,8 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
   w = 16), then bit-to-arithmetic (one round, four ring elements: party 0 sends t + pad to each
   of parties 1 and 2, who both know the sign s = 1 - 2 b_2 and send each other s pad + component
   under pads of party 0's they lack): 4 rounds at w = 16, 5 at w = 32..40. Coarse
-  comparisons drop low bits first (`drop`: the clamps of GELU/SiLU to 1/16 for |x| < 2040,
+  comparisons drop low bits first (`drop`: the clamps of GELU to 1/16 for |x| < 2040, of SiLU
+  to 1/2 for |x| < 1020 (12 bits: tables of 16-bit words),
   softmax's max to 1/2 for differences of scores below 16384 (scores within about +-6000,
   the mask's fill is -10000), inverse_power to 2^-6 relative).
   A bit times a value in one round (compare.inject, two OTs) picks the max's winner;

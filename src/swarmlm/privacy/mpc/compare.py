@@ -33,7 +33,9 @@ def _mask(width: int) -> int:
 
 
 def _wire(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Words below 2^bits as they travel: int32 (the same low 32 bits) if bits <= 32, else int64."""
+    """Words below 2^bits as they travel: int16 or int32 (the same low bits) if bits <= 16 or 32, else int64."""
+    if bits <= 16:
+        return torch.from_numpy(words.numpy().astype(np.uint16).view(np.int16))
     return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32)) if bits <= 32 else words
 
 
@@ -51,7 +53,7 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     nbits = C * k
     kmask = (1 << k) - 1
     wmask = -1 if nbits >= 64 else (1 << nbits) - 1
-    wdtype = torch.int32 if nbits <= 32 else torch.int64
+    wdtype = torch.int16 if nbits <= 16 else torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
         v1, pw = g1.small(shape, k), _pad(g1, shape, nbits)        # pad of party 2's transfer (party 1 helps)

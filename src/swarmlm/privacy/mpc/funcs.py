@@ -10,13 +10,13 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
   x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu,
   whose correction (|x| - B)/2 + (B/2 - E(B)) joins the series' last round. The clamps are
-  coarse comparisons (to 1/16, for |x| < 2040; the series is fitted a little past B).
-  x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
+  coarse comparisons (GELU's to 1/16, for |x| < 2040, SiLU's to 1/2 on 12 bits, for |x| < 1020: its
+  lower threshold is -B - 1/2, so relu starts beyond |x| = B on both sides and the series, fitted to
+  B + 1/2, covers what the coarse bits may leave inside). x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
   it as well as any other truncation (19 bits), larger outliers less so. A series of degree
   <= 12 is A(t) + T4 B(t) + T8 C(t) (_fold): T2; T3, T4; T8 and B, C truncated; one sum of
-  products: 4 rounds, 5 products. GELU: B = 4, degree 8 (error 1.4e-4); SiLU: B = 8, degree 12
-  (error 7e-5 for |x| < 4, 3e-4 to 8: the fit weighs |x| < 4 more), relu beyond 8 (error
-  2.7e-3). Coefficients are fitted here, at import, by
+  products: 4 rounds, 5 products. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
+  (error 2e-4 for |x| < 4, 4e-4 to 8.5), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
   least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series.
 - `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
   decoding step over a short context; its last level also gives exp's clamp bits), takes
@@ -50,7 +50,8 @@ EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
 EXP_EXTRA_BITS = 3           # x/8 as the same integer with 3 more fractional bits
 EXP_DEGREE = 12              # Chebyshev degree of e^(x/2) on [-8, 0]: error 3e-7
 COARSE = (16, 15)            # (width, drop) of softmax's comparisons: to 1/2, for |x| < 16384
-CLAMP = (16, 12)             # GELU / SiLU's clamps: to 1/16, for |x| < 2040 (relu beyond; larger values wrap)
+CLAMP = (16, 12)             # GELU's clamps: to 1/16, for |x| < 2040 (relu beyond; larger values wrap)
+SILU_CLAMP = (12, 15)        # SiLU's: to 1/2, for |x| < 1020 (12-bit comparisons: 4 blocks of 3 bits, int16 tables)
 
 
 # ---- exp ---------------------------------------------------------------------------------------
@@ -148,15 +149,16 @@ def _silu_f(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
-def _fit_even(fn, lo: float, hi: float, degree: int = 8, outer: float = 1.0) -> np.ndarray:
+def _fit_even(fn, lo: float, hi: float, degree: int = 8, outer: float = 1.0, clamp: tuple[int, int] = CLAMP) -> np.ndarray:
     """Chebyshev coefficients of fn(x) - x/2 on lo <= x <= hi, in t = 2 (x/hi)^2 - 1, by least
     squares with weight `outer` on |x| >= hi/2 (less than 1: more accuracy where most values are)."""
-    x = np.linspace(lo, hi + 2.0 ** (CLAMP[1] - F), 8001)          # the clamp lets x pass B by up to 2^(drop-f)
+    x = np.linspace(lo, hi + 2.0 ** (clamp[1] - F), 8001)          # the clamp lets x pass B by up to 2^(drop-f)
     return cheb.chebfit(2 * (x / hi) ** 2 - 1, fn(x) - x / 2, degree, w=np.where(x < hi / 2, 1.0, outer))
 
 
-GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8))]               # (lo, hi: a power of two, coefficients)
-SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 12, outer=0.2))]   # 7e-5 below 4, 3e-4 to 8
+# (lo, hi: a power of two, coefficients, the clamps' (width, drop))
+GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8), CLAMP)]                                 # 1.6e-4
+SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 12, clamp=SILU_CLAMP), SILU_CLAMP)]         # 2e-4 below 4, 4e-4 to 8.5
 
 
 def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
@@ -164,20 +166,23 @@ def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
 
     The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
     clamped to 1 outside (one bit-times-value product), so the Chebyshev terms stay bounded."""
-    ((lo, hi, coeffs),) = pieces
+    ((lo, hi, coeffs, clamp),) = pieces
     assert lo == 0
+    # the lower threshold is -B less one unit of the coarse comparison: x in [-B - unit, -B) may read as
+    # inside (the series covers |x| <= B + unit), x >= -B always does (so relu starts beyond |x| = B)
+    unit = 2.0 ** (clamp[1] - F)
     bits, w = yield from parallel(
         compare.ge0(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
-            p.index, -encode(torch.tensor([-float(hi), float(hi)], dtype=torch.float64))), *CLAMP),
+            p.index, -encode(torch.tensor([-float(hi) - unit, float(hi)], dtype=torch.float64))), *clamp),
         trunc_sum(p, x.a * x.a + 2 * x.a * x.b, F + 2 * int(math.log2(hi))))      # (x / hi)^2
-    ge_lo, ge_hi = bits.map(lambda t: t[..., 0]), bits.map(lambda t: t[..., 1])   # [x >= -hi], [x >= hi]
+    ge_lo, ge_hi = bits.map(lambda t: t[..., 0]), bits.map(lambda t: t[..., 1])   # [x >= -hi - unit], [x >= hi]
     inside = ge_lo - ge_hi
     outside = (-inside).add_public(p.index, 1)
     t = (yield from mul(p, inside, w.add_public(p.index, -encode(1.0)))).scale(2).add_public(p.index, encode(1.0))
     # outside, the series gives its value at t = 1, E(B); relu wants x/2 + |x|/2 = x/2 + E(B) +
     # (|x| - B)/2 + (B/2 - E(B)): the bit products go into the series' last round (2f bits)
     half = 1 << (F - 1)
-    below = (-ge_lo).add_public(p.index, 1)                            # [x < -B]
+    below = (-ge_lo).add_public(p.index, 1)                            # [x < -B - unit] (or -B)
     extra = (x.a * half + cross_sum([(ge_hi.scale(half), x.add_public(p.index, -encode(float(hi)))),
                                       (below.scale(half), (-x).add_public(p.index, -encode(float(hi))))])
              + outside.scale(int(encode(hi / 2 - float(np.sum(coeffs)), 2 * F))).a)
