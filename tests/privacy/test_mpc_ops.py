@@ -140,6 +140,23 @@ def test_softmax_with_large_scores(parties, T):
     assert (got - ref).abs().max() < 1e-3
 
 
+def test_causal_softmax_compares_only_the_keys_each_query_sees(parties):
+    T = 20
+    scores, v = torch.randn(1, 2, T, T) * 30, torch.randn(1, 2, T, 8)
+    causal = torch.ones(T, T).tril().bool()
+    holes = causal.clone()
+    holes[12:, 3] = False                                       # not a prefix: the keys up to the last seen one
+    sent = {}
+    for name, allowed in (("all", torch.ones(T, T, dtype=torch.bool)), ("causal", causal), ("holes", holes)):
+        ref = (scores.double().masked_fill(~allowed, float("-inf")).softmax(-1)) @ v.double()
+        r0, b0 = parties.rounds, parties.bytes_sent
+        got = _real(parties, lambda p, s, w: funcs.softmax_av(p, s, allowed, w), scores, v)
+        sent[name] = (parties.rounds - r0, parties.bytes_sent - b0)
+        assert (got - ref).abs().max() < 1e-3
+    assert sent["causal"][0] == sent["all"][0] and sent["causal"][1] < 0.75 * sent["all"][1]
+    assert sent["holes"][0] == sent["causal"][0] and sent["holes"][1] <= sent["causal"][1]   # the same prefixes
+
+
 def test_messages_of_the_wrong_size_or_dtype_are_refused():
     specs = [((3, 4), torch.int64), ((5,), torch.bool), ((3,), torch.int16)]
     small = torch.tensor([-1, 7, 32767], dtype=torch.int16)

@@ -33,7 +33,8 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
   the mask's fill is -10000), inverse_power to 2^-6 relative).
   A bit times a value in one round (compare.inject, two OTs) picks the max's winner;
 - nonlinearities (funcs.py): softmax with the row max subtracted (a tournament of groups of 8
-  whose last level also gives [x >= max - 16], so exp needs no comparison), exp by a clamped
+  whose last level also gives [x >= max - 16], so exp needs no comparison; each query compares
+  only the prefix of keys the public causal mask lets it see), exp by a clamped
   series and one squaring, 1/x and 1/sqrt(x) by range normalization and a series (the norms'
   1/sqrt with a degree-2 series whose terms come in two rounds), GELU and
   SiLU as Chebyshev series of an even function (A + T4 B + T8 C: 4 product rounds for degree

@@ -19,7 +19,9 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   (error 2e-4 for |x| < 4, 4e-4 to 8.5), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
   least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series.
 - `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
-  decoding step over a short context; its last level also gives exp's clamp bits), takes
+  decoding step over a short context; its last level also gives exp's clamp bits; a causal
+  prompt's queries are split by the prefix of keys they see, so the keys the public mask hides
+  from a query are mostly not compared: 40% fewer bytes for 32 queries), takes
   exp_neg over the keys each query may see, sums, and multiplies (e @ v) by the reciprocal
   of the sum, so the reciprocal and e @ v share rounds.
 - `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
@@ -249,6 +251,33 @@ def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project, out_fea
     return (yield from mul_trunc(p, y, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
+def _row_max(p: Party, masked: AShare, allowed: torch.Tensor, fill: int, group: int) -> Protocol:
+    """compare.maximum of each row of `masked` (..., T, S) with [x >= max - EXP_CLAMP], comparing only the
+    keys a query may see: the queries are split by the prefix of keys that holds all of theirs (a
+    causal prompt's query i sees keys up to past + i), rounded up to a multiple of `group`, and each
+    part runs over its prefix, all parts in parallel (no more rounds than one run over all keys). The
+    mask is public, so which keys are skipped says nothing of the scores; a skipped key's bit is 0."""
+    T, S = allowed.shape
+    seen = allowed.bool()
+    last = torch.where(seen.any(-1), S - seen.flip(-1).to(torch.int64).argmax(-1), 1)     # 1 + the last key seen
+    lengths = ((last + group - 1) // group * group).clamp(max=S)
+    kw = dict(margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1])
+    parts = sorted(set(lengths.tolist()))
+    if parts == [S]:
+        return (yield from compare.maximum(p, masked, fill, group, **kw))
+    rows = [torch.nonzero(lengths == n).flatten() for n in parts]
+    outs = yield from parallel(*[compare.maximum(p, masked.map(lambda t, r=r, n=n: t[..., r, :n]), fill, group, **kw)
+                                 for r, n in zip(rows, parts)])
+    top = AShare(torch.zeros(masked.shape[:-1] + (1,), dtype=torch.int64), torch.zeros(masked.shape[:-1] + (1,), dtype=torch.int64))
+    near = AShare(torch.zeros(masked.shape, dtype=torch.int64), torch.zeros(masked.shape, dtype=torch.int64))
+    for (tp, nr), r, n in zip(outs, rows, parts):
+        for whole, part in ((top.a, tp.a), (top.b, tp.b)):
+            whole[..., r, :] = part
+        for whole, part in ((near.a, nr.a), (near.b, nr.b)):
+            whole[..., r, :n] = part
+    return top, near
+
+
 def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -10000.0) -> Protocol:
     """softmax(scores) @ v over keys the 0/1 public `allowed` (..., T, S) lets each query see.
 
@@ -260,8 +289,7 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     # up to 64 keys); either way [x >= max - 16] comes from the last level's comparisons, so
     # exp needs no comparison of its own
     group = S if T == 1 and S <= MAX_ALL_PAIRS else 8
-    top, keep = yield from tagged(p, "softmax.max", compare.maximum(
-        p, masked, int(encode(fill)), group, margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1]))
+    top, keep = yield from tagged(p, "softmax.max", _row_max(p, masked, allowed, int(encode(fill)), group))
     # exp of the keys each query may see only (a prompt's causal mask hides half of them)
     seen = allowed.bool()
     pick = lambda t: t[..., seen]                                        # noqa: E731  (..., n_seen)
