@@ -231,6 +231,19 @@ def test_twelve_bit_comparison_travels_in_int16_words_and_is_exact_outside_its_l
     assert torch.equal(bits[sure], ref[sure])
 
 
+@pytest.mark.parametrize("width", [7, 13, 20, 24, 31])
+def test_comparison_with_blocks_chosen_for_bytes_within_a_wider_ones_levels(parties, width):
+    levels = compare.tree_levels(40)                                               # beside a 40-bit comparison
+    assert compare._block(width, levels) <= compare._block(width)                 # smaller tables, more blocks
+    x = torch.randint(-2 ** (width - 1), 2 ** (width - 1), (300,))
+    x[:4] = torch.tensor([0, -1, 2 ** (width - 1) - 1, -2 ** (width - 1)])
+    shares = split(x)
+    r0 = parties.rounds
+    out = parties.run(lambda p: compare.ge0(p, shares[p.index], width, 0, levels))
+    assert parties.rounds - r0 <= 2 + levels
+    assert torch.equal(combine([o.a for o in out]), (x >= 0).long())
+
+
 def test_coarse_maximum_has_one_winner_among_near_ties(parties):
     base = torch.randn(4, 32) * 10
     x = base.repeat_interleave(2, -1)[:, :32] + torch.rand(4, 32) * 0.01     # pairs within 1/100 of each other

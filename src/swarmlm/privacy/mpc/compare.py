@@ -100,13 +100,22 @@ def _replicated32(k: int) -> torch.Tensor:
     return torch.tensor(np.array(words, dtype=np.uint32).view(np.int32))
 
 
-def _block(width: int) -> int:
+def _block(width: int, levels: int | None = None) -> int:
     """Bits per block of the carry chain (positions 0..width-1, the top one folded into the last
     block): the fewest tree levels with blocks of at most 5 bits (32 candidates of 2 bits, one
-    64-bit word), then the smallest such block."""
-    levels = lambda b: math.ceil(math.log2(max(1, math.ceil(width / b))))   # noqa: E731
-    best = min(levels(b) for b in range(1, 6))
-    return min(b for b in range(1, 6) if levels(b) == best)
+    64-bit word), then the smallest such block; or, given `levels` (a comparison running beside a
+    wider one, which sets the rounds), the fewest bytes of tables within that many levels."""
+    depth = lambda b: math.ceil(math.log2(max(1, math.ceil(width / b))))   # noqa: E731
+    if levels is None or levels < min(depth(b) for b in range(1, 6)):
+        best = min(depth(b) for b in range(1, 6))
+        return min(b for b in range(1, 6) if depth(b) == best)
+    word = lambda b: 2 if b <= 3 else 4 if b == 4 else 8                     # noqa: E731  (_wire's words)
+    return min((b for b in range(1, 6) if depth(b) <= levels), key=lambda b: (math.ceil(width / b) * word(b), depth(b)))
+
+
+def tree_levels(width: int) -> int:
+    """The carry tree's levels of a comparison of `width` bits (msb: that many rounds after the first)."""
+    return math.ceil(math.log2(max(1, math.ceil(width / _block(width)))))
 
 
 @functools.lru_cache(maxsize=32)
@@ -131,7 +140,7 @@ def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64) -> torch.Tenso
     return words
 
 
-def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
+def _share_gp(p: Party, x: AShare, width: int, drop: int = 0, levels: int | None = None) -> Protocol:
     """XOR shares of the (generate, propagate) bits of the blocks of S + X over bits 0..width-1
     (two int64 words of bits, (..., nb) each), where S = x_0 + x_1 is known to party 0 and X = x_2
     to parties 1 and 2 (each shifted right by `drop`, see msb). One round.
@@ -141,7 +150,7 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
     all ones when XORed with c (propagate); the receivers pick X's value. The last block holds
     the top bit, whose S ^ X is XORed into its generate bit, so the carry tree's result is the
     msb itself."""
-    b = _block(width)
+    b = _block(width, levels)
     nb = math.ceil(width / b)
     top = (width - 1) - (nb - 1) * b                                         # the top bit's place in the last block
     full = (1 << b) - 1
@@ -164,7 +173,7 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
     return gp
 
 
-def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
+def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | None = None) -> Protocol:
     """Bit width-1 of x mod 2^width, XOR-shared in bit 0 of int64 words (x's shape).
 
     With `drop` = k, of (S >> k) + (X >> k) instead, which is floor(x / 2^k) or one less (the
@@ -177,7 +186,7 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
     bit of S ^ X) are shared in one round (_share_gp), then a tree over the blocks (pairs
     combined per round, the count halving) ends with the msb itself: 1 + ceil(log2(blocks))
     rounds, 3 for width 16 (4 blocks of 4), 4 for width 32 or 40 (8 blocks)."""
-    gp = yield from _share_gp(p, x, width, drop)
+    gp = yield from _share_gp(p, x, width, drop, levels)
     G, P = gp.map(lambda t: (t & 1).bool()), gp.map(lambda t: ((t >> 1) & 1).bool())
     while G.a.shape[-1] > 1:
         n = G.a.shape[-1]
@@ -278,10 +287,10 @@ def inject(p: Party, bit: BShare, v: AShare) -> Protocol:
     return AShare(cA + s2, r0 + cB)
 
 
-def ge0(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
+def ge0(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | None = None) -> Protocol:
     """[x >= 0] as an arithmetic 0/1 share, for |x| < 2^(width-1+drop); with `drop`, x in [0, 2^drop)
     may read as negative (msb). 2 + ceil(log2(width-1)) rounds: 7 for width 32, 6 for 17."""
-    neg = yield from b2a(p, (yield from msb(p, x, width, drop)))
+    neg = yield from b2a(p, (yield from msb(p, x, width, drop, levels)))
     return (-neg).add_public(p.index, 1)
 
 
