@@ -9,7 +9,9 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
 - `gelu` and `silu` in PUMA's manner: f(x) = x/2 + E(x) where E(x) = x (sigmoid-like(x) - 1/2)
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
   x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu,
-  whose correction (|x| - B)/2 + (B/2 - E(B)) joins the series' last round. The clamps are
+  whose correction joins the series' last round: [x >= B] x (a bit times x straight into that
+  round's 3-out-of-3 sum, compare.bit_times, two ring elements) and outside (x/2 + E(B)) (from
+  the clamp's arithmetic bit, local). The clamps are
   coarse comparisons (GELU's to 1/16, for |x| < 2040, SiLU's to 1/2 on 12 bits, for |x| < 1020: its
   lower threshold is -B - 1/2, so relu starts beyond |x| = B on both sides and the series, fitted to
   B + 1/2, covers what the coarse bits may leave inside). x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
@@ -167,27 +169,30 @@ def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
     """x/2 + E(x) for |x| < B, relu(x) beyond (one piece: lo = 0, hi = B a power of two).
 
     The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
-    clamped to 1 outside (one bit-times-value product), so the Chebyshev terms stay bounded."""
+    clamped to 1 outside (the inside bit by b2a, one product), so the Chebyshev terms stay bounded.
+    The relu part needs [x < B] x too: a 3-out-of-3 sum (compare.bit_times, beside the b2a) that
+    joins the series' last truncation."""
     ((lo, hi, coeffs, clamp),) = pieces
     assert lo == 0
     # the lower threshold is -B less one unit of the coarse comparison: x in [-B - unit, -B) may read as
     # inside (the series covers |x| <= B + unit), x >= -B always does (so relu starts beyond |x| = B)
     unit = 2.0 ** (clamp[1] - F)
-    bits, w = yield from parallel(
-        compare.ge0(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
+    neg, w = yield from parallel(
+        compare.msb(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
             p.index, -encode(torch.tensor([-float(hi) - unit, float(hi)], dtype=torch.float64))), *clamp),
         trunc_sum(p, x.a * x.a + 2 * x.a * x.b, F + 2 * int(math.log2(hi))))      # (x / hi)^2
-    ge_lo, ge_hi = bits.map(lambda t: t[..., 0]), bits.map(lambda t: t[..., 1])   # [x >= -hi - unit], [x >= hi]
-    inside = ge_lo - ge_hi
+    below, under = neg.map(lambda t: t[..., 0]), neg.map(lambda t: t[..., 1])   # [x < -hi - unit], [x < hi]
+    # inside = [-hi - unit <= x < hi] = under ^ below (below implies under: the same coarse value);
+    # [x < hi] x goes to the series' last round as a 3-out-of-3 sum, so only `inside` needs b2a
+    inside, under_x = yield from parallel(compare.b2a(p, under ^ below), compare.bit_times(p, under, x))
     outside = (-inside).add_public(p.index, 1)
     t = (yield from mul(p, inside, w.add_public(p.index, -encode(1.0)))).scale(2).add_public(p.index, encode(1.0))
-    # outside, the series gives its value at t = 1, E(B); relu wants x/2 + |x|/2 = x/2 + E(B) +
-    # (|x| - B)/2 + (B/2 - E(B)): the bit products go into the series' last round (2f bits)
+    # outside, the series gives its value at t = 1, P(1) = sum of its coefficients (~E(B)); relu wants
+    # x/2 + |x|/2 there: x/2 + P(1) + [x >= B] x - outside (x/2 + P(1)) is x above and 0 below, with
+    # [x >= B] x = x - [x < B] x. All of it goes into the series' last round with 2f bits.
     half = 1 << (F - 1)
-    below = (-ge_lo).add_public(p.index, 1)                            # [x < -B - unit] (or -B)
-    extra = (x.a * half + cross_sum([(ge_hi.scale(half), x.add_public(p.index, -encode(float(hi)))),
-                                      (below.scale(half), (-x).add_public(p.index, -encode(float(hi))))])
-             + outside.scale(int(encode(hi / 2 - float(np.sum(coeffs)), 2 * F))).a)
+    extra = (x.a * (3 * half) - under_x * (1 << F) - cross_sum([(outside.scale(half), x)])
+             - outside.scale(int(encode(float(np.sum(coeffs)), 2 * F))).a)
     return (yield from _chebyshev(p, t, coeffs, extra=extra))
 
 
