@@ -165,7 +165,7 @@ GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8), CLAMP)]                  
 SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 12, clamp=SILU_CLAMP), SILU_CLAMP)]         # 2e-4 below 4, 4e-4 to 8.5
 
 
-def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
+def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F) -> Protocol:
     """x/2 + E(x) for |x| < B, relu(x) beyond (one piece: lo = 0, hi = B a power of two).
 
     The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
@@ -193,7 +193,7 @@ def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
     half = 1 << (F - 1)
     extra = (x.a * (3 * half) - under_x * (1 << F) - cross_sum([(outside.scale(half), x)])
              - outside.scale(int(encode(float(np.sum(coeffs)), 2 * F))).a)
-    return (yield from _chebyshev(p, t, coeffs, extra=extra))
+    return (yield from _chebyshev(p, t, coeffs, out_frac=out_frac, extra=extra))
 
 
 def gelu(p: Party, x: AShare) -> Protocol:
@@ -201,8 +201,9 @@ def gelu(p: Party, x: AShare) -> Protocol:
     return (yield from _piecewise_even(p, x, GELU_PIECES))
 
 
-def silu(p: Party, x: AShare) -> Protocol:
-    return (yield from _piecewise_even(p, x, SILU_PIECES))
+def silu(p: Party, x: AShare, out_frac: int = F) -> Protocol:
+    """SiLU, with `out_frac` fractional bits."""
+    return (yield from _piecewise_even(p, x, SILU_PIECES, out_frac))
 
 
 # ---- norms, softmax ------------------------------------------------------------------------------
