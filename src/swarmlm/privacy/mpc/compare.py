@@ -423,7 +423,8 @@ def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None =
             width: int = WIDTH, drop: int = 0) -> Protocol:
     """Max over the last dim (keepdim). `fill` (encoded, public) pads lengths; it must lose.
     `width` and `drop` are the comparisons' (ge0): with `drop`, the max may be any value within
-    2^drop (encoded) of it, and `near` exact to within 2^drop.
+    2^(drop+1) (encoded) of it (each value reads as floor(x / 2^drop) or one less), and `near`
+    exact to within 2^drop.
 
     A tournament of groups: within each group of `group` values every pair is compared at once
     (one comparison depth), the winner's indicator is the AND of its g-1 wins (XOR-shared bits;
