@@ -129,6 +129,17 @@ def test_gelu_and_silu_everywhere(parties):
     assert err.max() < 3e-3 and err[x.abs() < 4].max() < 5e-4
 
 
+def test_silu_series_by_horner_takes_a_round_more_and_fewer_bytes(parties):
+    x = torch.cat([torch.linspace(-12, 12, 961), torch.tensor([8.25, -8.25, 500.0, -500.0])])
+    costs = []
+    for horner in (False, True):
+        r0, b0 = parties.rounds, parties.bytes_sent
+        got = _real(parties, lambda p, a: funcs.silu(p, a, horner=horner), x)
+        costs.append((parties.rounds - r0, (parties.bytes_sent - b0) / len(x)))
+        assert (got - F.silu(x.double())).abs().max() < 3e-3
+    assert costs[1][0] == costs[0][0] + 1 and costs[1][1] == costs[0][1] - 16      # 22 ring elements, not 24
+
+
 @pytest.mark.parametrize("T", [1, 4])                       # one query (all pairs at once) or a prompt (groups)
 def test_softmax_with_large_scores(parties, T):
     scores = torch.randn(1, 2, T, 9) * 30                    # a spread of hundreds between scores

@@ -17,9 +17,11 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   B + 1/2, covers what the coarse bits may leave inside). x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
   it as well as any other truncation (19 bits), larger outliers less so. A series of degree
   <= 12 is A(t) + T4 B(t) + T8 C(t) (_fold): T2; T3, T4; T8 and B, C truncated; one sum of
-  products: 4 rounds, 5 products. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
+  products: 4 rounds, 5 products, 24 ring elements an element; or (`horner`, the gated MLP's SiLU,
+  which has the round to spare) (A - C) + T4 (B + 2 T4 C): C truncated, then the inner sum, then
+  the outer: 5 rounds, 22 ring elements. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
   (error 2e-4 for |x| < 4, 4e-4 to 8.5), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
-  least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series.
+  least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series (10 by horner).
 - `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
   decoding step over a short context; its last level also gives exp's clamp bits; a causal
   prompt's queries are split by the prefix of keys they see, so the keys the public mask hides
@@ -113,7 +115,7 @@ def _combo(p: Party, T: dict[int, AShare], coeffs: list[float], frac: int, cbits
 
 
 def _chebyshev(p: Party, t: AShare, coeffs: np.ndarray, *, frac: int = F, out_frac: int = F,
-               extra: torch.Tensor | None = None) -> Protocol:
+               extra: torch.Tensor | None = None, horner: bool = False) -> Protocol:
     """sum_k c_k T_k(t) for |t| <= 1 (t with `frac` fractional bits, degree <= 12), with `out_frac`
     bits, plus `extra` (3-out-of-3 components with 2 frac bits) if given.
 
@@ -128,6 +130,16 @@ def _chebyshev(p: Party, t: AShare, coeffs: np.ndarray, *, frac: int = F, out_fr
     both = yield from mul_trunc(p, stack_shares([T[2], T[2]]).scale(2), stack_shares([T[1], T[2]]), shift=frac)
     T3, T4 = unstack_shares(both, 2)
     T[3], T[4] = T3 - T[1], T4.add_public(p.index, -one)
+    if C and horner:
+        # A + T4 B + (2 T4^2 - 1) C = (A - C) + T4 (B + 2 T4 C): C truncated, then Y = B + 2 T4 C,
+        # then the sum: 5 rounds, 22 ring elements an element where the T8 way takes 4 and 24
+        Ct = yield from trunc(p, _combo(p, T, C, frac), F)
+        Y = yield from trunc_sum(p, cross_sum([(T[4].scale(2), Ct)]) + _combo(p, T, B, frac, frac).a, frac)
+        AC = [a - c for a, c in zip(A + [0.0] * (len(C) - len(A)), C)]
+        z = cross_sum([(T[4], Y)]) + _combo(p, T, AC, frac, frac).a
+        if extra is not None:
+            z = z + extra
+        return (yield from trunc_sum(p, z, 2 * frac - out_frac))
     inner = [_combo(p, T, B, frac)] + ([_combo(p, T, C, frac)] if C else [])
     if C:
         T8, inn = yield from parallel(mul_trunc(p, T[4].scale(2), T[4], shift=frac),
@@ -165,7 +177,7 @@ GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8), CLAMP)]                  
 SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 12, clamp=SILU_CLAMP), SILU_CLAMP)]         # 2e-4 below 4, 4e-4 to 8.5
 
 
-def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F) -> Protocol:
+def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool = False) -> Protocol:
     """x/2 + E(x) for |x| < B, relu(x) beyond (one piece: lo = 0, hi = B a power of two).
 
     The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
@@ -193,7 +205,7 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F) -> Protocol:
     half = 1 << (F - 1)
     extra = (x.a * (3 * half) - under_x * (1 << F) - cross_sum([(outside.scale(half), x)])
              - outside.scale(int(encode(float(np.sum(coeffs)), 2 * F))).a)
-    return (yield from _chebyshev(p, t, coeffs, out_frac=out_frac, extra=extra))
+    return (yield from _chebyshev(p, t, coeffs, out_frac=out_frac, extra=extra, horner=horner))
 
 
 def gelu(p: Party, x: AShare) -> Protocol:
@@ -201,9 +213,9 @@ def gelu(p: Party, x: AShare) -> Protocol:
     return (yield from _piecewise_even(p, x, GELU_PIECES))
 
 
-def silu(p: Party, x: AShare, out_frac: int = F) -> Protocol:
-    """SiLU, with `out_frac` fractional bits."""
-    return (yield from _piecewise_even(p, x, SILU_PIECES, out_frac))
+def silu(p: Party, x: AShare, out_frac: int = F, horner: bool = False) -> Protocol:
+    """SiLU, with `out_frac` fractional bits; `horner`: its series in 5 rounds and fewer bytes (_chebyshev)."""
+    return (yield from _piecewise_even(p, x, SILU_PIECES, out_frac, horner))
 
 
 # ---- norms, softmax ------------------------------------------------------------------------------

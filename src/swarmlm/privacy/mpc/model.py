@@ -236,7 +236,7 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w, shift=shift), up_b,
                                                    up_w.shape[1]))
     Fd = up.shape[-1] // 2
-    gate = yield from tagged(p, "silu", funcs.silu(p, up.map(lambda t: t[..., :Fd]), out_frac=GATED_FRAC))
+    gate = yield from tagged(p, "silu", funcs.silu(p, up.map(lambda t: t[..., :Fd]), out_frac=GATED_FRAC, horner=True))
     down_w, down_b = w.enc(f"down-g{i}", bw.down, _plain)
     z = cross_sum([(gate, up.map(lambda t: t[..., Fd:]))]) @ down_w                  # 3-out-of-3, 2 GATED_FRAC + f bits
     out = yield from tagged(p, "gate*up+down", trunc_sum(p, z, 2 * GATED_FRAC))
