@@ -313,18 +313,20 @@ def test_bit_to_arithmetic_in_one_round_of_four_ring_elements_whatever_the_bit(p
     assert torch.equal(combine([o.a for o in out]), mixed)
 
 
-def test_bit_times_value_as_a_three_out_of_three_sum_in_one_round_of_two_ring_elements(parties):
+def test_bit_times_values_as_three_out_of_three_sums_in_one_round_of_one_ring_element_more_than_values(parties):
     n = 4000
-    v = torch.randn(n) * 50
+    v, u = torch.randn(n) * 50, torch.randn(n)
     v[:3] = torch.tensor([0.0, -30000.0, 30000.0])
-    vs = split(encode(v))
+    vs, us = split(encode(v)), split(encode(u))
     for bits in (torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int64), torch.randint(0, 2, (n,))):
         bs = _xor_split(bits)
         marks = [len(c.received) for c in parties.comms]
         r0, b0 = parties.rounds, parties.bytes_sent
-        out = parties.run(lambda p: compare.bit_times(p, bs[p.index], vs[p.index]))
-        assert (parties.rounds - r0, parties.bytes_sent - b0) == (1, 2 * 8 * n)
-        assert torch.equal(out[0] + out[1] + out[2], encode(v) * bits)        # components, not shares
+        out = parties.run(lambda p: compare.bit_times(p, bs[p.index], [vs[p.index], us[p.index]]))
+        assert (parties.rounds - r0, parties.bytes_sent - b0) == (1, 3 * 8 * n)
+        total = [out[0][k] + out[1][k] + out[2][k] for k in range(3)]             # components, not shares
+        assert torch.equal(total[0], encode(v) * bits) and torch.equal(total[1], encode(u) * bits)
+        assert torch.equal(total[2], bits)
         views = _received_since(parties, marks)
-        assert len(views[0]) == len(views[2]) == 0 and len(views[1]) == 2 * n
-        assert np.abs(_bit_frequencies(views[1]) - 0.5).max() < 0.03           # (t Y + pad, t + pad)
+        assert len(views[0]) == len(views[2]) == 0 and len(views[1]) == 3 * n
+        assert np.abs(_bit_frequencies(views[1]) - 0.5).max() < 0.03           # (t + pad, t Y + pad, ...)

@@ -34,8 +34,9 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
   softmax's max to 1/2 for differences of scores below 16384 (scores within about +-6000,
   the mask's fill is -10000), inverse_power to 2^-6 relative).
   A bit times a value in one round (compare.inject, two OTs) picks the max's winner; a bit times
-  a value as a 3-out-of-3 sum that is truncated next (compare.bit_times: party 0 sends t Y and
-  t, each under a pad of parties 0 and 2, to party 1) is one round of two ring elements;
+  values (and the bit) as 3-out-of-3 sums that are truncated or reshared next (compare.bit_times:
+  party 0 sends t and each t Y, under pads of parties 0 and 2, to party 1) is one round of one
+  ring element per value and one more;
 - nonlinearities (funcs.py): softmax with the row max subtracted (a tournament of groups of 8
   whose last level also gives [x >= max - 16], so exp needs no comparison; each query compares
   only the prefix of keys the public causal mask lets it see), exp by a clamped

@@ -287,34 +287,38 @@ def inject(p: Party, bit: BShare, v: AShare) -> Protocol:
     return AShare(cA + s2, r0 + cB)
 
 
-def bit_times(p: Party, bit: BShare, y: AShare) -> Protocol:
-    """This party's 3-out-of-3 component of bit * y (an XOR-shared bit, bit 0 of int64 words, and a
-    replicated y of the same shape): for a sum that is truncated next (ops.trunc_sum re-randomizes
-    it). One round, two ring elements an element, party 0 to party 1.
+def bit_times(p: Party, bit: BShare, ys: list[AShare]) -> Protocol:
+    """This party's 3-out-of-3 components of bit * y for each y in `ys`, and of the bit itself, as
+    a list (an XOR-shared bit, bit 0 of int64 words, and replicated values of its shape): for sums
+    that are truncated or reshared next (ops.trunc_sum and ops.reshare re-randomize them). One
+    round, 1 + len(ys) ring elements an element, party 0 to party 1.
 
     bit = b_2 + s t with t = b_0 ^ b_1 (party 0), s = 1 - 2 b_2 (parties 1 and 2), and y = Y + y_2
     with Y = y_0 + y_1 (party 0): bit y = b_2 y + s (t Y) + (s y_2) t. b_2 y is local (party 1:
-    b_2 y_1, party 2: b_2 (y_2 + y_0)); party 0 sends t Y + q1 and t + q2 to party 1, q1 and q2
-    pads of parties 0 and 2, so party 1 holds s (t Y + q1) + s y_2 (t + q2) and party 2 the pads'
-    part, -s q1 - s y_2 q2. Party 1 receives two ring elements under pads it does not know; party
-    2 receives nothing."""
-    shape = y.shape
+    b_2 y_1, party 2: b_2 (y_2 + y_0)); party 0 sends t + q and each t Y + q_y to party 1, q and
+    q_y pads of parties 0 and 2, so party 1 holds s (t Y + q_y) + s y_2 (t + q) and party 2 the
+    pads' part, -s q_y - s y_2 q (and the bit: b_2 + s (t + q) at party 1, -s q at party 2). Party
+    1 receives ring elements under pads it does not know; party 2 receives nothing."""
+    shape = bit.a.shape
     spec = (tuple(shape), torch.int64)
+    n = len(ys)
     if p.index == 0:
         t = (bit.a ^ bit.b) & 1
         g = p.prg(2, "bitx")
-        q1, q2 = g.ring(shape), g.ring(shape)
-        yield Round(send={1: [t * (y.a + y.b) + q1, t + q2]})
-        return torch.zeros(shape, dtype=torch.int64)
+        q = g.ring(shape)
+        qs = [g.ring(shape) for _ in ys]
+        yield Round(send={1: [t + q] + [t * (y.a + y.b) + qy for y, qy in zip(ys, qs)]})
+        return [torch.zeros(shape, dtype=torch.int64) for _ in range(n + 1)]
     b2 = (bit.b if p.index == 1 else bit.a) & 1
     s = 1 - 2 * b2
     if p.index == 1:                                                    # holds (y_1, y_2)
-        got = yield Round(recv={0: [spec, spec]})
-        return b2 * y.a + s * got[0][0] + s * y.b * got[0][1]
+        got = (yield Round(recv={0: [spec] * (n + 1)}))[0]
+        return [b2 * y.a + s * m + s * y.b * got[0] for y, m in zip(ys, got[1:])] + [b2 + s * got[0]]
     g = p.prg(0, "bitx")                                                # party 2 holds (y_2, y_0)
-    q1, q2 = g.ring(shape), g.ring(shape)
+    q = g.ring(shape)
+    qs = [g.ring(shape) for _ in ys]
     yield Round()
-    return b2 * (y.a + y.b) - s * q1 - s * y.a * q2
+    return [b2 * (y.a + y.b) - s * qy - s * y.a * q for y, qy in zip(ys, qs)] + [-s * q]
 
 
 def ge0(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | None = None) -> Protocol:

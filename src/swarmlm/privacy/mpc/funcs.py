@@ -9,9 +9,9 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
 - `gelu` and `silu` in PUMA's manner: f(x) = x/2 + E(x) where E(x) = x (sigmoid-like(x) - 1/2)
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
   x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu,
-  whose correction joins the series' last round: [x >= B] x (a bit times x straight into that
-  round's 3-out-of-3 sum, compare.bit_times, two ring elements) and outside (x/2 + E(B)) (from
-  the clamp's arithmetic bit, local). The clamps are
+  whose correction joins the series' last round: bits times x straight into that round's
+  3-out-of-3 sum (compare.bit_times; the clamp's inside (w - 1) comes the same way, reshared).
+  The clamps are
   coarse comparisons (GELU's to 1/16, for |x| < 2040, SiLU's to 1/2 on 12 bits, for |x| < 1020: its
   lower threshold is -B - 1/2, so relu starts beyond |x| = B on both sides and the series, fitted to
   B + 1/2, covers what the coarse bits may leave inside). x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
@@ -44,7 +44,7 @@ from numpy.polynomial import chebyshev as cheb
 
 from swarmlm.privacy.mpc import compare
 from swarmlm.privacy.mpc.inverse import INV_OUT_BITS, inverse_power
-from swarmlm.privacy.mpc.ops import (cross_sum, mul, mul_trunc, public_share, square, stack_shares, trunc, trunc_sum,
+from swarmlm.privacy.mpc.ops import (cross_sum, mul, mul_trunc, public_share, reshare, square, stack_shares, trunc, trunc_sum,
                                      unstack_shares)
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
 from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel, tagged
@@ -181,9 +181,11 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool
     """x/2 + E(x) for |x| < B, relu(x) beyond (one piece: lo = 0, hi = B a power of two).
 
     The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
-    clamped to 1 outside (the inside bit by b2a, one product), so the Chebyshev terms stay bounded.
-    The relu part needs [x < B] x too: a 3-out-of-3 sum (compare.bit_times, beside the b2a) that
-    joins the series' last truncation."""
+    clamped to 1 outside: inside (w - 1) as a 3-out-of-3 sum (compare.bit_times), reshared (one
+    round each), so the Chebyshev terms stay bounded. The relu part needs inside, inside x and
+    [x < -B] x: 3-out-of-3 sums from the same bit_times round that join the series' last truncation.
+    Bits to values: 5 ring elements an element (inside: t, t (w - 1), t x; below: t, t x), the
+    reshare 3."""
     ((lo, hi, coeffs, clamp),) = pieces
     assert lo == 0
     # the lower threshold is -B less one unit of the coarse comparison: x in [-B - unit, -B) may read as
@@ -194,17 +196,20 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool
             p.index, -encode(torch.tensor([-float(hi) - unit, float(hi)], dtype=torch.float64))), *clamp),
         trunc_sum(p, x.a * x.a + 2 * x.a * x.b, F + 2 * int(math.log2(hi))))      # (x / hi)^2
     below, under = neg.map(lambda t: t[..., 0]), neg.map(lambda t: t[..., 1])   # [x < -hi - unit], [x < hi]
-    # inside = [-hi - unit <= x < hi] = under ^ below (below implies under: the same coarse value);
-    # [x < hi] x goes to the series' last round as a 3-out-of-3 sum, so only `inside` needs b2a
-    inside, under_x = yield from parallel(compare.b2a(p, under ^ below), compare.bit_times(p, under, x))
-    outside = (-inside).add_public(p.index, 1)
-    t = (yield from mul(p, inside, w.add_public(p.index, -encode(1.0)))).scale(2).add_public(p.index, encode(1.0))
+    # inside = [-hi - unit <= x < hi] = under ^ below (below implies under: the same coarse value).
+    # The bits are used only in products with w - 1 and x and as 0/1, as 3-out-of-3 sums: inside (w - 1),
+    # reshared, clamps t; the rest joins the series' last truncation
+    (clamp_d, inside_x, inside), (below_x, _) = yield from parallel(
+        compare.bit_times(p, under ^ below, [w.add_public(p.index, -encode(1.0)), x]),
+        compare.bit_times(p, below, [x]))
+    t = (yield from reshare(p, clamp_d)).scale(2).add_public(p.index, encode(1.0))
     # outside, the series gives its value at t = 1, P(1) = sum of its coefficients (~E(B)); relu wants
-    # x/2 + |x|/2 there: x/2 + P(1) + [x >= B] x - outside (x/2 + P(1)) is x above and 0 below, with
-    # [x >= B] x = x - [x < B] x. All of it goes into the series' last round with 2f bits.
+    # x/2 + |x|/2 there, x above and 0 below: extra = x/2 + [x >= B] x - outside (x/2 + P(1)),
+    # with [x >= B] = 1 - inside - below and outside = 1 - inside: x - below x - inside x / 2 - (1 - inside) P(1).
+    # All of it goes into the series' last round with 2f bits (3-out-of-3: a public term at party 0 only).
     half = 1 << (F - 1)
-    extra = (x.a * (3 * half) - under_x * (1 << F) - cross_sum([(outside.scale(half), x)])
-             - outside.scale(int(encode(float(np.sum(coeffs)), 2 * F))).a)
+    p1 = int(encode(float(np.sum(coeffs)), 2 * F))
+    extra = x.a * (1 << F) - below_x * (1 << F) - inside_x * half + inside * p1 - (p1 if p.index == 0 else 0)
     return (yield from _chebyshev(p, t, coeffs, out_frac=out_frac, extra=extra, horner=horner))
 
 
