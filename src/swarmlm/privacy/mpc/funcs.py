@@ -324,7 +324,7 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
         return out
     e = e.map(spread)
     total = e.map(lambda t: t.sum(-1))
-    inv, ev = yield from parallel(
-        inverse_power(p, total, half=False, lo_exp=-2, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),
+    inv, ev = yield from parallel(                      # the sum is at least 1: the max's own key has e^0
+        inverse_power(p, total, half=False, lo_exp=0, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),
         mul_trunc(p, e, v, torch.matmul))
     return (yield from mul_trunc(p, ev, inv.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
