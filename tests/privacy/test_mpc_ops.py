@@ -202,14 +202,23 @@ def _xor_split(bits: torch.Tensor) -> list[BShare]:
     return [BShare(comps[i], comps[(i + 1) % 3]) for i in range(3)]
 
 
-def test_bit_injection_multiplies_a_shared_bit_into_a_value_in_one_round(parties):
-    bits = torch.randint(0, 2, (200,))
-    v = torch.randn(200) * 50
-    vs, bs = split(encode(v)), _xor_split(bits)
-    before = parties.rounds
-    out = parties.run(lambda p: compare.inject(p, bs[p.index], vs[p.index]))
-    assert parties.rounds - before == 1
-    assert torch.equal(combine([o.a for o in out]), encode(v) * bits)
+def test_bit_injection_multiplies_a_shared_bit_into_a_value_in_one_round_of_six_ring_elements(parties):
+    n = 4000
+    v = torch.randn(n) * 50
+    v[:3] = torch.tensor([0.0, -30000.0, 30000.0])
+    vs = split(encode(v))
+    for bits in (torch.zeros(n, dtype=torch.int64), torch.ones(n, dtype=torch.int64), torch.randint(0, 2, (n,))):
+        bs = _xor_split(bits)
+        marks = [len(c.received) for c in parties.comms]
+        r0, b0 = parties.rounds, parties.bytes_sent
+        out = parties.run(lambda p: compare.inject(p, bs[p.index], vs[p.index]))
+        assert (parties.rounds - r0, parties.bytes_sent - b0) == (1, 6 * 8 * n)
+        assert torch.equal(combine([o.a for o in out]), encode(v) * bits)
+        assert all(torch.equal(out[i].b, out[(i + 1) % 3].a) for i in range(3))      # replicated
+        views = _received_since(parties, marks)
+        assert len(views[0]) == 0 and len(views[1]) == len(views[2]) == 3 * n
+        for words in views[1:]:
+            assert np.abs(_bit_frequencies(words) - 0.5).max() < 0.03
 
 
 def test_public_matmul_by_float_limbs_is_exact_in_the_ring():

@@ -33,7 +33,8 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
   to 1/2 for |x| < 1020 (12 bits: tables of 16-bit words),
   softmax's max to 1/2 for differences of scores below 16384 (scores within about +-6000,
   the mask's fill is -10000), inverse_power to 2^-6 relative).
-  A bit times a value in one round (compare.inject, two OTs) picks the max's winner; a bit times
+  A bit times a value in one round (compare.inject: b2a's way, six ring elements) picks the
+  max's winner; a bit times
   values (and the bit) as 3-out-of-3 sums that are truncated or reshared next (compare.bit_times:
   party 0 sends t and each t Y, under pads of parties 0 and 2, to party 1) is one round of one
   ring element per value and one more;

@@ -240,51 +240,39 @@ def b2a(p: Party, bit: BShare) -> Protocol:
 
 def inject(p: Party, bit: BShare, v: AShare) -> Protocol:
     """bit * v for an XOR-shared bit (bit 0 of int64 words) and an arithmetic v of the same shape.
-    One round (b2a and a product take two), twelve ring elements an element.
+    One round (b2a and a product take two), six ring elements an element.
 
-    b v = (t ^ b_2) (v_0 + v_1) + (b_0 ^ c) v_2 with t = b_0 ^ b_1 (party 0) and c = b_1 ^ b_2
-    (party 1). The first term reaches parties 1 and 2 by a three-party OT (party 0 sends both
-    candidates, the choice b_2 is theirs), the second reaches parties 0 and 2 by the same OT
-    with party 1 sending and b_0 the choice (known to parties 0 and 2, each the other's helper).
-    Each candidate is masked by PRG values of the sender and one receiver, so what a party
-    receives is uniform; the result is (r_0 + c_B, r_1 + s_1, c_A + s_2)."""
+    bit = b_2 + s t with t = b_0 ^ b_1 (party 0), s = 1 - 2 b_2 (parties 1 and 2), and v = V + v_2
+    with V = v_0 + v_1 (party 0): bit v = b_2 (v_0 + v_1 + v_2) + s (t V) + (s v_2) t. The result
+    is shared as (c0, c1, c2), c0 from the PRG of parties 0 and 2, c1 from that of parties 0 and 1,
+    and c2 = bit v - c0 - c1, which parties 1 and 2 both compute (b2a's way): party 0 sends t V + p
+    and t + p' to party 1 (p, p' pads of parties 0 and 2) and t V + q, t + q' to party 2 (pads of
+    parties 0 and 1); party 2 sends party 1 b_2 v_0 - c0 - s p - s v_2 p', party 1 sends party 2
+    b_2 v_1 - c1 - s q - s v_2 q'. Party 1 takes b_2 (v_1 + v_2) + s (t V + p) + s v_2 (t + p') plus
+    that, less c1; so does party 2, symmetrically. Each receives ring elements under pads or components it
+    does not know (p, p', c0 for party 1; q, q', c1 for party 2); party 0 receives nothing."""
     shape = v.shape
     spec = (tuple(shape), torch.int64)
     if p.index == 0:
-        t, b0 = (bit.a ^ bit.b) & 1, bit.a & 1
-        V = v.a + v.b
+        t = (bit.a ^ bit.b) & 1
+        tV = t * (v.a + v.b)
         g1, g2 = p.prg(1, "inj"), p.prg(2, "inj")
-        r1, pw = g1.ring(shape), (g1.ring(shape), g1.ring(shape))       # pads of party 2's transfer
-        r0, pv = g2.ring(shape), (g2.ring(shape), g2.ring(shape))       # pads of party 1's transfer
-        h1 = p.prg(1, "injb")
-        s1, sp = h1.ring(shape), (h1.ring(shape), h1.ring(shape))       # party 1's pads for party 2's transfer
-        m0, m1 = t * V - r0 - r1, (1 - t) * V - r0 - r1
-        got = yield Round(send={1: [m0 + pv[0], m1 + pv[1]], 2: [m0 + pw[0], m1 + pw[1], torch.where(b0.bool(), sp[1], sp[0])]},
-                          recv={1: [spec, spec], 2: [spec]})
-        cB = torch.where(b0.bool(), got[1][1], got[1][0]) - got[2][0]
-        return AShare(r0 + cB, r1 + s1)
-    if p.index == 1:
-        b2, c, v2 = bit.b & 1, (bit.a ^ bit.b) & 1, v.b
-        g0 = p.prg(0, "inj")
-        r1, pw = g0.ring(shape), (g0.ring(shape), g0.ring(shape))
-        h0, h2 = p.prg(0, "injb"), p.prg(2, "injb")
-        s1, sp = h0.ring(shape), (h0.ring(shape), h0.ring(shape))       # pads of party 2's B transfer
-        s2, q = h2.ring(shape), (h2.ring(shape), h2.ring(shape))        # pads of party 0's B transfer
-        n0, n1 = c * v2 - s1 - s2, (1 - c) * v2 - s1 - s2
-        got = yield Round(send={0: [n0 + q[0], n1 + q[1]], 2: [n0 + sp[0], n1 + sp[1], torch.where(b2.bool(), pw[1], pw[0])]},
-                          recv={0: [spec, spec], 2: [spec]})
-        cA = torch.where(b2.bool(), got[0][1], got[0][0]) - got[2][0]
-        return AShare(r1 + s1, cA + s2)
-    b2, b0 = bit.a & 1, bit.b & 1
+        c1, q, q2 = g1.ring(shape), g1.ring(shape), g1.ring(shape)
+        c0, p0, p2 = g2.ring(shape), g2.ring(shape), g2.ring(shape)
+        yield Round(send={1: [tV + p0, t + p2], 2: [tV + q, t + q2]})
+        return AShare(c0, c1)
+    me, other = p.index, 3 - p.index
+    if me == 1:                                                         # holds (v_1, v_2), bit (b_1, b_2)
+        b2, v_other, v2 = bit.b & 1, v.a, v.b
+    else:                                                               # holds (v_2, v_0), bit (b_2, b_0)
+        b2, v_other, v2 = bit.a & 1, v.b, v.a
+    s = 1 - 2 * b2
     g0 = p.prg(0, "inj")
-    r0, pv = g0.ring(shape), (g0.ring(shape), g0.ring(shape))
-    h1 = p.prg(1, "injb")
-    s2, q = h1.ring(shape), (h1.ring(shape), h1.ring(shape))
-    got = yield Round(send={1: [torch.where(b2.bool(), pv[1], pv[0])], 0: [torch.where(b0.bool(), q[1], q[0])]},
-                      recv={0: [spec, spec, spec], 1: [spec, spec, spec]})
-    cA = torch.where(b2.bool(), got[0][1], got[0][0]) - got[1][2]
-    cB = torch.where(b0.bool(), got[1][1], got[1][0]) - got[0][2]
-    return AShare(cA + s2, r0 + cB)
+    mine, pad, pad2 = g0.ring(shape), g0.ring(shape), g0.ring(shape)    # (c1, q, q') at party 1, (c0, p, p') at 2
+    got = yield Round(send={other: [b2 * v_other - mine - s * pad - s * v2 * pad2]},
+                      recv={0: [spec, spec], other: [spec]})
+    c2 = b2 * (v_other + v2) + s * got[0][0] + s * v2 * got[0][1] + got[other][0] - mine
+    return AShare(mine, c2) if me == 1 else AShare(c2, mine)
 
 
 def bit_times(p: Party, bit: BShare, ys: list[AShare]) -> Protocol:
