@@ -113,6 +113,12 @@ def _block(width: int, levels: int | None = None) -> int:
     return min((b for b in range(1, 6) if depth(b) <= levels), key=lambda b: (math.ceil(width / b) * word(b), depth(b)))
 
 
+def table_cost(width: int, levels: int | None = None) -> int:
+    """Bytes of the generate / propagate tables party 0 sends each receiver per compared value."""
+    b = _block(width, levels)
+    return math.ceil(width / b) * (2 if b <= 3 else 4 if b == 4 else 8)
+
+
 def tree_levels(width: int) -> int:
     """The carry tree's levels of a comparison of `width` bits (msb: that many rounds after the first)."""
     return math.ceil(math.log2(max(1, math.ceil(width / _block(width)))))
@@ -336,8 +342,10 @@ def coarse(p: Party, x: AShare, drop: int) -> AShare:
     return AShare(x.a >> drop, zero)
 
 
+@functools.lru_cache(maxsize=64)
 def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
-    """Unordered pairs (i < j), and for each i the g-1 pairs it is in, and whether it is their j."""
+    """Unordered pairs (i < j), and for each i the g-1 pairs it is in, and whether it is their j
+    (computed once per g: a decoding step's all-pairs tables are O(g^3) to build; read-only)."""
     pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
     idx = torch.tensor([[k for k, (a, b) in enumerate(pairs) if i in (a, b)] for i in range(g)], dtype=torch.long)
     second = torch.tensor([[int(b == i) for (a, b) in pairs if i in (a, b)] for i in range(g)], dtype=torch.int64)

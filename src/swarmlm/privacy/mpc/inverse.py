@@ -13,10 +13,12 @@ in one round, then (k2 Y e) e: 2 rounds, 2e-4 relative at most (1e-4 with degree
 is truncated for every i at once (in the comparisons' rounds): each truncation hides v as
 well as any other does while v, read as an integer, stays below 2^42; the k Y e sums are
 below 2^46 (15 bits of hiding) only at the smallest sums of squares (Y = 2^6), 2^36 for
-sums of squares near D. Comparison (5 rounds at width 40) + 3 or 2 rounds. Each group of
-thresholds spanning GROUP_OCTAVES octaves drops the bits below its smallest threshold's relative
-precision, so the larger thresholds compare on fewer bits (16 to 40 for the norms), with table
-blocks chosen for bytes within the widest group's tree levels (no extra round).
+sums of squares near D. Comparison (5 rounds at width 40) + 3 or 2 rounds. Each octave of
+thresholds drops the bits below its smallest threshold's relative precision, so the larger
+thresholds compare on fewer bits (8 to 40 for the norms), with table blocks chosen for bytes
+within the widest comparison's tree levels (no extra round); octaves whose tables cost the same
+share one comparison call, and the cheapest merges bring the calls down to MAX_GROUPS
+(_threshold_groups)
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from swarmlm.privacy.mpc.shares import AShare
 
 F = FRAC_BITS
 STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
-GROUP_OCTAVES = 2            # thresholds compared on the same bits: 8 octaves of them (then fewer bits above)
+MAX_GROUPS = 4               # comparison calls per inverse_power (each costs the parties' compute)
 SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3 (fixed: inverse_power's last two rounds)
 INV_OUT_BITS = F + 8         # fractional bits of inverse_power's result (1/sqrt(2^20) keeps 14 bits)
 
@@ -128,11 +130,7 @@ def _inverse_tables(half: bool, lo_exp: int, hi_exp: int, frac_in: int, steps: i
     # converges faster) at the smallest threshold, dropping the bits below it, and cover v up
     # to 2^hi_exp
     precision = 6 if half else 8
-    groups = []
-    for start in range(0, len(ks), GROUP_OCTAVES * steps):
-        end = min(start + GROUP_OCTAVES * steps, len(ks))
-        drop = max(0, frac_in + math.floor(ks[start] / steps) - precision)
-        groups.append((start, end, min(64 - drop, hi_exp + frac_in - drop + 2), drop))
+    groups = _threshold_groups(ks, steps, frac_in, hi_exp, precision)
     quads = list(range(lo_exp // 2, hi_exp // 2))                       # v / 4^i for each of these i
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
     up = torch.where(shifts < 0, 1 << (-shifts).clamp(min=0), torch.ones_like(shifts))
@@ -152,6 +150,32 @@ def _inverse_tables(half: bool, lo_exp: int, hi_exp: int, frac_in: int, steps: i
         series = [math.comb(2 * k, k) / 4 ** k if half else 1.0 for k in range(SERIES_DEGREE + 1)]
         wide = [[c * y for y in ys] for c in series[1:]] + [ys]
     return _InverseTables(thresholds, tuple(groups), shifts, up, _table(picks, F), _table(wide, INV_OUT_BITS))
+
+
+def _threshold_groups(ks: list[int], steps: int, frac_in: int, hi_exp: int, precision: int) -> list[tuple[int, int, int, int]]:
+    """(start, end, width, drop) of runs of thresholds compared alike: each octave's thresholds may drop the
+    bits below its smallest one's relative precision (fewer bits above), and consecutive octaves whose
+    comparisons cost the same tables (compare.table_cost, within the widest's tree levels) share one call
+    (each call costs the parties' compute, so as few as the bytes allow)."""
+    def at(start: int) -> tuple[int, int]:
+        drop = max(0, frac_in + math.floor(ks[start] / steps) - precision)
+        return min(64 - drop, hi_exp + frac_in - drop + 2), drop
+    levels = compare.tree_levels(at(0)[0])
+    groups: list[list[int]] = []
+    for start in range(0, len(ks), steps):
+        end = min(start + steps, len(ks))
+        width, drop = at(start)
+        if groups and compare.table_cost(groups[-1][2], levels) == compare.table_cost(width, levels):
+            groups[-1][1] = end
+        else:
+            groups.append([start, end, width, drop])
+    while len(groups) > MAX_GROUPS:                  # merge the neighbours whose merging adds the fewest bytes
+        extra = [(compare.table_cost(groups[i][2], levels) - compare.table_cost(groups[i + 1][2], levels))
+                 * (groups[i + 1][1] - groups[i + 1][0]) for i in range(len(groups) - 1)]
+        i = extra.index(min(extra))
+        groups[i][1] = groups[i + 1][1]
+        del groups[i + 1]
+    return [tuple(g) for g in groups]
 
 
 def _table_combination(p: Party, bits: AShare, table: tuple[torch.Tensor, torch.Tensor]) -> AShare:
