@@ -201,6 +201,24 @@ def _gated(lin: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor
     return encode(lin.weight), bias, 2 * F - frac
 
 
+def _scores(p: Party, q: AShare, k: AShare, allowed: torch.Tensor) -> Protocol:
+    """q k^T (B, H, T, S), truncated only where the public mask lets a query see the key (a causal prompt's
+    other half is never read: zero there)."""
+    kt = k.map(lambda t: t.transpose(-1, -2))
+    z = q.a @ kt.a + q.a @ kt.b + q.b @ kt.a                                   # 3-out-of-3, 2f bits
+    if bool(allowed.all()):
+        return (yield from trunc_sum(p, z))
+    seen = allowed.bool()
+    part = yield from trunc_sum(p, z[..., seen])
+    return part.map(lambda t: _spread(t, seen, z.shape))
+
+
+def _spread(t: torch.Tensor, seen: torch.Tensor, shape: torch.Size) -> torch.Tensor:
+    out = torch.zeros(shape, dtype=torch.int64)
+    out[..., seen] = t
+    return out
+
+
 def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positions: torch.Tensor) -> Protocol:
     """h (B, T, D) -> (B, T, D) for block i; k/v appended to the cache (the caller advances it)."""
     cfg = w.cfg
@@ -219,9 +237,9 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     k = k.map(lambda t: t.repeat_interleave(rep, 1))                                                # (B, H, S, Dh)
     v = v.map(lambda t: t.repeat_interleave(rep, 1))
     S = k.shape[2]
-    scores = yield from tagged(p, "qk", mul_trunc(p, q, k, lambda a, b: a @ b.transpose(-1, -2)))                 # (B, H, T, S)
     past = S - T
     allowed = torch.arange(S)[None, :] <= (past + torch.arange(T))[:, None]                        # (T, S)
+    scores = yield from tagged(p, "qk", _scores(p, q, k, allowed))                                  # (B, H, T, S)
     att = yield from tagged(p, "softmax_av", funcs.softmax_av(p, scores, allowed, v))                                      # (B, H, T, Dh)
     att = att.map(lambda t: t.transpose(1, 2).reshape(B, T, H * Dh))
     h = h + (yield from tagged(p, "o", linear(p, att, *w.enc(f"o{i}", bw.o))))
