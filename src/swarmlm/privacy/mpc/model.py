@@ -9,7 +9,8 @@ everything public and linear into the linear layers so the protocol has fewer st
   q/k weights (W cos_t + W_rolled sin_t), so q, k, v come from one local product and one truncation.
 Then a step is: embedding (one-hot shares times the public table: local), per block norm ->
 q/k/v (a norm only scales rows, so the projection of the centered input runs in the same
-rounds as the norm's inverse square root, and the scale comes after) -> scores q k^T (secret x secret) -> softmax -> @ v -> o_proj
+rounds as the norm's inverse square root, and the scale comes after) -> scores q k^T (secret x secret,
+truncated only where the causal mask lets the query see the key) -> softmax -> @ v -> o_proj
 -> residual -> norm -> MLP (GELU, or SiLU(gate) * up) -> residual; the final norm and the
 head run on the last position only. The gated MLP keeps SiLU(gate) and up with GATED_FRAC = 12
 fractional bits, so SiLU(gate) * up @ W_down (12 + 12 + 16 bits, a 3-out-of-3 sum: the product
