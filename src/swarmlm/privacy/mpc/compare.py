@@ -200,12 +200,13 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | No
         lo = lambda t: t[..., 0:even:2]                        # noqa: E731
         hi = lambda t: t[..., 1:even:2]                        # noqa: E731
         Phi = P.map(hi)
-        both = yield from band_bits(p, BShare(torch.cat([Phi.a, Phi.a], -1), torch.cat([Phi.b, Phi.b], -1)),
-                                    BShare(torch.cat([G.map(lo).a, P.map(lo).a], -1),
-                                           torch.cat([G.map(lo).b, P.map(lo).b], -1)))
+        # G of every pair, P of all but the lowest (nothing carries into it: its P is never read)
+        both = yield from band_bits(p, BShare(torch.cat([Phi.a, Phi.a[..., 1:]], -1), torch.cat([Phi.b, Phi.b[..., 1:]], -1)),
+                                    BShare(torch.cat([G.map(lo).a, P.map(lo).a[..., 1:]], -1),
+                                           torch.cat([G.map(lo).b, P.map(lo).b[..., 1:]], -1)))
         half = even // 2
         newG = G.map(hi) ^ both.map(lambda t: t[..., :half])
-        newP = both.map(lambda t: t[..., half:])
+        newP = both.map(lambda t: torch.cat([torch.zeros_like(t[..., :1]), t[..., half:]], -1))
         if n % 2:                                               # the top block passes through
             newG = BShare(torch.cat([newG.a, G.a[..., -1:]], -1), torch.cat([newG.b, G.b[..., -1:]], -1))
             newP = BShare(torch.cat([newP.a, P.a[..., -1:]], -1), torch.cat([newP.b, P.b[..., -1:]], -1))
