@@ -169,12 +169,12 @@ def test_causal_softmax_compares_only_the_keys_each_query_sees(parties):
 
 
 def test_messages_of_the_wrong_size_or_dtype_are_refused():
-    specs = [((3, 4), torch.int64), ((5,), torch.bool), ((3,), torch.int16)]
-    small = torch.tensor([-1, 7, 32767], dtype=torch.int16)
-    good = encode_message([torch.zeros(3, 4, dtype=torch.int64), torch.ones(5, dtype=torch.bool), small])
-    assert len(good) == 3 * 4 * 8 + 1 + 3 * 2
+    specs = [((3, 4), torch.int64), ((5,), torch.bool), ((3,), torch.int16), ((2,), torch.int8)]
+    small, tiny = torch.tensor([-1, 7, 32767], dtype=torch.int16), torch.tensor([-128, 5], dtype=torch.int8)
+    good = encode_message([torch.zeros(3, 4, dtype=torch.int64), torch.ones(5, dtype=torch.bool), small, tiny])
+    assert len(good) == 3 * 4 * 8 + 1 + 3 * 2 + 2
     got = decode_message(good, specs)
-    assert [t.shape for t in got] == [(3, 4), (5,), (3,)] and torch.equal(got[2], small)
+    assert [t.shape for t in got] == [(3, 4), (5,), (3,), (2,)] and torch.equal(got[2], small) and torch.equal(got[3], tiny)
     with pytest.raises(WireError):
         decode_message(good + b"\0", specs)
     with pytest.raises(WireError):
@@ -261,6 +261,15 @@ def test_comparison_with_blocks_chosen_for_bytes_within_a_wider_ones_levels(part
     r0 = parties.rounds
     out = parties.run(lambda p: compare.ge0(p, shares[p.index], width, 0, levels))
     assert parties.rounds - r0 <= 2 + levels
+    assert torch.equal(combine([o.a for o in out]), (x >= 0).long())
+
+
+@pytest.mark.parametrize("width", [3, 5, 9, 16, 40])
+def test_comparison_of_any_width_is_exact(parties, width):          # one block (the lowest is the top) .. eight
+    x = torch.randint(-2 ** (width - 1), 2 ** (width - 1), (300,))
+    x[:4] = torch.tensor([0, -1, 2 ** (width - 1) - 1, -2 ** (width - 1)])
+    shares = split(x)
+    out = parties.run(lambda p: compare.ge0(p, shares[p.index], width))
     assert torch.equal(combine([o.a for o in out]), (x >= 0).long())
 
 

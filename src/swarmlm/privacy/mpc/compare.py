@@ -33,7 +33,10 @@ def _mask(width: int) -> int:
 
 
 def _wire(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Words below 2^bits as they travel: int16 or int32 (the same low bits) if bits <= 16 or 32, else int64."""
+    """Words below 2^bits as they travel: int8, int16 or int32 (the same low bits) if bits <= 8, 16 or 32,
+    else int64."""
+    if bits <= 8:
+        return torch.from_numpy(words.numpy().astype(np.uint8).view(np.int8))
     if bits <= 16:
         return torch.from_numpy(words.numpy().astype(np.uint16).view(np.int16))
     return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32)) if bits <= 32 else words
@@ -53,7 +56,7 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     nbits = C * k
     kmask = (1 << k) - 1
     wmask = -1 if nbits >= 64 else (1 << nbits) - 1
-    wdtype = torch.int16 if nbits <= 16 else torch.int32 if nbits <= 32 else torch.int64
+    wdtype = torch.int8 if nbits <= 8 else torch.int16 if nbits <= 16 else torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
         v1, pw = g1.small(shape, k), _pad(g1, shape, nbits)        # pad of party 2's transfer (party 1 helps)
@@ -125,13 +128,14 @@ def tree_levels(width: int) -> int:
 
 
 @functools.lru_cache(maxsize=32)
-def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64, gen_only: bool = False) -> torch.Tensor:
     """(2^b,) int64 (or int32 with the same low 32 bits, for b = 4): for a block value s of S, the
     2^b candidates (c = X's block value) of 2 bits:
     generate (s + c carries out of the block's chain bits) and propagate ((s ^ c) all ones there).
     With `top` < b, bit `top` is x's top bit: the chain has bits 0..top-1 and the generate bit
     also XORs in bit `top` of s ^ c (the msb is then the carry into the top XOR that); bits
-    above `top` are padding."""
+    above `top` are padding. `gen_only`: the generate bit alone, candidate c at bit c (the lowest
+    block, whose propagate nothing reads)."""
     chain = b if top >= b else top
     full = (1 << chain) - 1
     s, c = torch.arange(1 << b)[:, None], torch.arange(1 << b)[None, :]
@@ -139,8 +143,11 @@ def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64) -> torch.Tenso
     prop = ((s ^ c) & full) == full
     if top < b:
         gen = gen ^ (((s ^ c) >> top) & 1).bool()
-    bits = gen.long() | (prop.long() << 1)                                  # (2^b, 2^b)
-    words = (bits << (2 * torch.arange(1 << b))).sum(-1)                      # candidate c at bits 2c, 2c+1
+    if gen_only:
+        words = (gen.long() << torch.arange(1 << b)).sum(-1)                  # candidate c at bit c
+    else:
+        bits = gen.long() | (prop.long() << 1)                              # (2^b, 2^b)
+        words = (bits << (2 * torch.arange(1 << b))).sum(-1)                  # candidate c at bits 2c, 2c+1
     if dtype == torch.int32:
         return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
     return words
@@ -162,21 +169,31 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0, levels: int | None
     full = (1 << b) - 1
     last = (1 << (top + 1)) - 1                                              # the last block's bits
     shifts = torch.arange(nb) * b
-    shape = tuple(x.shape) + (nb,)
+    # the lowest block's propagate is never read (nothing carries into it): its OT carries the
+    # generate bit alone (half the table); a single block is also the top one
+    low_top = top if nb == 1 else b
+    dtype0 = torch.int32 if b == 5 else torch.int64                         # 32 candidates of 1 bit: one int32
     if p.index == 0:
         v = ((x.a + x.b) >> drop).unsqueeze(-1) >> shifts
         blocks = v & full
-        dtype = torch.int32 if b == 4 else torch.int64                      # 16 candidates of 2 bits: one int32
-        words = torch.empty(blocks.shape, dtype=dtype)
-        words[..., :-1] = _gp_words(b, b, dtype)[blocks[..., :-1]]
-        words[..., -1] = _gp_words(b, top, dtype)[blocks[..., -1] & last]
-        gp = yield from _ot_words(p, words, None, shape, 1 << b, 2, "gp")
+        blocks[..., -1] &= last
+        parts = [_ot_words(p, _gp_words(b, low_top, dtype0, gen_only=True)[blocks[..., :1]], None,
+                           tuple(x.shape) + (1,), 1 << b, 1, "g0")]
+        if nb > 1:
+            dtype = torch.int32 if b == 4 else torch.int64                  # 16 candidates of 2 bits: one int32
+            words = torch.empty(blocks[..., 1:].shape, dtype=dtype)
+            words[..., :-1] = _gp_words(b, b, dtype)[blocks[..., 1:-1]]
+            words[..., -1] = _gp_words(b, top, dtype)[blocks[..., -1]]
+            parts.append(_ot_words(p, words, None, tuple(x.shape) + (nb - 1,), 1 << b, 2, "gp"))
     else:
         v = ((x.b if p.index == 1 else x.a) >> drop).unsqueeze(-1) >> shifts
         blocks = v & full
         blocks[..., -1] &= last
-        gp = yield from _ot_words(p, None, blocks, shape, 1 << b, 2, "gp")
-    return gp
+        parts = [_ot_words(p, None, blocks[..., :1], tuple(x.shape) + (1,), 1 << b, 1, "g0")]
+        if nb > 1:
+            parts.append(_ot_words(p, None, blocks[..., 1:], tuple(x.shape) + (nb - 1,), 1 << b, 2, "gp"))
+    got = yield from parallel(*parts)
+    return BShare(torch.cat([g.a for g in got], -1), torch.cat([g.b for g in got], -1))
 
 
 def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | None = None) -> Protocol:

@@ -95,7 +95,7 @@ def tagged(p: "Party", name: str, protocol: Protocol) -> Protocol:
 
 # ---- encoding of one message: the tensors' raw bytes; shapes and dtypes are the receiver's to know --
 
-_WIDTHS = {torch.int64: (np.int64, 8), torch.int32: (np.int32, 4), torch.int16: (np.int16, 2)}
+_WIDTHS = {torch.int64: (np.int64, 8), torch.int32: (np.int32, 4), torch.int16: (np.int16, 2), torch.int8: (np.int8, 1)}
 
 
 def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
@@ -106,7 +106,7 @@ def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
         elif t.dtype in _WIDTHS:
             parts.append(t.contiguous().numpy().tobytes())
         else:
-            raise WireError(f"shares travel as int64, int32, int16 or bool, not {t.dtype}")
+            raise WireError(f"shares travel as int64, int32, int16, int8 or bool, not {t.dtype}")
     return b"".join(parts)
 
 
