@@ -223,7 +223,7 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | No
                                            torch.cat([G.map(lo).b, P.map(lo).b[..., 1:]], -1)))
         half = even // 2
         newG = G.map(hi) ^ both.map(lambda t: t[..., :half])
-        newP = both.map(lambda t: torch.cat([torch.zeros_like(t[..., :1]), t[..., half:]], -1))
+        newP = both.map(lambda t: t[..., half - 1:])          # its first (the lowest pair's) is a placeholder
         if n % 2:                                               # the top block passes through
             newG = BShare(torch.cat([newG.a, G.a[..., -1:]], -1), torch.cat([newG.b, G.b[..., -1:]], -1))
             newP = BShare(torch.cat([newP.a, P.a[..., -1:]], -1), torch.cat([newP.b, P.b[..., -1:]], -1))

@@ -25,7 +25,8 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
 - `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
   decoding step over a short context; its last level also gives exp's clamp bits; a causal
   prompt's queries are split by the prefix of keys they see, so the keys the public mask hides
-  from a query are mostly not compared: 40% fewer bytes for 32 queries), takes
+  from a query are mostly not compared: in two parts, MAX_PARTS (each call costs the parties'
+  compute), 30% fewer bytes for 32 queries), takes
   exp_neg over the keys each query may see, sums, and multiplies (e @ v) by the reciprocal
   of the sum, so the reciprocal and e @ v share rounds.
 - `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
@@ -225,6 +226,7 @@ def silu(p: Party, x: AShare, out_frac: int = F, horner: bool = False) -> Protoc
 
 # ---- norms, softmax ------------------------------------------------------------------------------
 
+MAX_PARTS = 2                # softmax's max: calls over key prefixes (_row_max; each costs the parties' compute)
 MAX_ALL_PAIRS = 48           # a decoding step compares all pairs of up to this many keys at once
 RSQRT_RANGE = (-12, 20)      # sums of squares the norms handle: 2^-12 .. 2^20
 NORM_STEPS = 4               # the norms' 1/sqrt: 4 thresholds an octave, a degree-2 series (2e-4 relative at most)
@@ -278,7 +280,8 @@ def _row_max(p: Party, masked: AShare, allowed: torch.Tensor, fill: int, group: 
     """compare.maximum of each row of `masked` (..., T, S) with [x >= max - EXP_CLAMP], comparing only the
     keys a query may see: the queries are split by the prefix of keys that holds all of theirs (a
     causal prompt's query i sees keys up to past + i), rounded up to a multiple of `group`, and each
-    part runs over its prefix, all parts in parallel (no more rounds than one run over all keys). The
+    part runs over its prefix, all parts in parallel (no more rounds than one run over all keys); the
+    cheapest merges of neighbouring prefixes bring the parts down to MAX_PARTS. The
     mask is public, so which keys are skipped says nothing of the scores; a skipped key's bit is 0."""
     T, S = allowed.shape
     seen = allowed.bool()
@@ -286,6 +289,12 @@ def _row_max(p: Party, masked: AShare, allowed: torch.Tensor, fill: int, group: 
     lengths = ((last + group - 1) // group * group).clamp(max=S)
     kw = dict(margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1])
     parts = sorted(set(lengths.tolist()))
+    while len(parts) > MAX_PARTS:           # each part costs the parties' compute: merge the cheapest neighbours
+        rows_at = [int((lengths == n).sum()) for n in parts]
+        extra = [rows_at[i] * (parts[i + 1] - parts[i]) for i in range(len(parts) - 1)]
+        i = extra.index(min(extra))
+        lengths = torch.where(lengths == parts[i], parts[i + 1], lengths)
+        del parts[i]
     if parts == [S]:
         return (yield from compare.maximum(p, masked, fill, group, **kw))
     rows = [torch.nonzero(lengths == n).flatten() for n in parts]

@@ -17,8 +17,8 @@ sums of squares near D. Comparison (5 rounds at width 40) + 3 or 2 rounds. Each 
 thresholds drops the bits below its smallest threshold's relative precision, so the larger
 thresholds compare on fewer bits (8 to 40 for the norms), with table blocks chosen for bytes
 within the widest comparison's tree levels (no extra round); octaves whose tables cost the same
-share one comparison call, and the cheapest merges bring the calls down to MAX_GROUPS
-(_threshold_groups)
+share one comparison call, and the cheapest merges bring the calls down to MAX_GROUPS = 2
+(one for fewer than 64 thresholds; _threshold_groups)
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ from swarmlm.privacy.mpc.shares import AShare
 
 F = FRAC_BITS
 STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
-MAX_GROUPS = 4               # comparison calls per inverse_power (each costs the parties' compute)
+MAX_GROUPS = 2               # comparison calls per inverse_power (each costs the parties' compute)
 SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3 (fixed: inverse_power's last two rounds)
 INV_OUT_BITS = F + 8         # fractional bits of inverse_power's result (1/sqrt(2^20) keeps 14 bits)
 
@@ -169,7 +169,8 @@ def _threshold_groups(ks: list[int], steps: int, frac_in: int, hi_exp: int, prec
             groups[-1][1] = end
         else:
             groups.append([start, end, width, drop])
-    while len(groups) > MAX_GROUPS:                  # merge the neighbours whose merging adds the fewest bytes
+    # merge the neighbours whose merging adds the fewest bytes; a second call pays for many thresholds only
+    while len(groups) > (MAX_GROUPS if len(ks) >= 64 else 1):
         extra = [(compare.table_cost(groups[i][2], levels) - compare.table_cost(groups[i + 1][2], levels))
                  * (groups[i + 1][1] - groups[i + 1][0]) for i in range(len(groups) - 1)]
         i = extra.index(min(extra))
