@@ -15,14 +15,14 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
   (zero shares, masks) from AES-CTR PRGs on pairwise seeds the parties agree on when they link;
 - linear layers with public weights: local products, then one truncation (1 round);
 - secret x secret products (q k^T, attention x v): the product and its truncation in one round
-  (ops.trunc_sum); the gated MLP's SiLU(gate) * up, with 12 fractional bits each, is not truncated
-  but goes through W_down first (local) and is truncated once on the D outputs (model.py);
+  (ops.trunc_sum); the gated MLP's SiLU(gate) * up, with 12 and 14 fractional bits, is not
+  truncated but goes through W_down first (local) and is truncated once on the D outputs (model.py);
 - truncation (ops.py): the mask r = r_0 + r_1 + r_2 is replicated like a share (each component
   uniform in [0, 2^61) from the PRG of the two parties holding it); parties 0 and 2 open
   z + r, each missing one component of r. One round; error -1..+2 units in the last place,
   never a wrap-around error (|z| < 2^61); statistical hiding 2^-(61 - log2|z|): 19 bits for
   products of values below 2^10 (2f = 32 fractional bits), less for larger outliers (the gated
-  MLP's output, at 40 fractional bits before its truncation: 19 bits below 4, one less per doubling);
+  MLP's output, at 42 fractional bits before its truncation: 19 bits below 1, one less per doubling);
 - comparison (compare.py): the sign bit of x mod 2^w. x = S + X with S = x_0 + x_1 (party 0)
   and X = x_2 (parties 1, 2); the generate/propagate bits of blocks of up to 5 bits come by
   one three-party OT (2^b candidates a block), then a carry tree over the blocks (2 levels at

@@ -12,12 +12,14 @@ q/k/v (a norm only scales rows, so the projection of the centered input runs in 
 rounds as the norm's inverse square root, and the scale comes after) -> scores q k^T (secret x secret,
 truncated only where the causal mask lets the query see the key) -> softmax -> @ v -> o_proj
 -> residual -> norm -> MLP (GELU, or SiLU(gate) * up) -> residual; the final norm and the
-head run on the last position only. The gated MLP keeps SiLU(gate) and up with GATED_FRAC = 12
-fractional bits, so SiLU(gate) * up @ W_down (12 + 12 + 16 bits, a 3-out-of-3 sum: the product
-and the public map are local) is truncated once, on the D outputs, instead of the product on
-the FF ones and then the map: one round and most of the bytes fewer; the truncation's mask
-hides z = out 2^40 as well as the usual one hides products of values below 2^10 (19 bits) while
-|out| < 4, 2 bits less for each doubling above. `KVShares` keeps each block's rotated k and v in shares
+head run on the last position only. The gated MLP keeps SiLU(gate) with GATE_FRAC = 12 and up
+with UP_FRAC = 14 fractional bits, so SiLU(gate) * up @ W_down (12 + 14 + 16 bits, a 3-out-of-3
+sum: the product and the public map are local) is truncated once, on the D outputs, instead of
+the product on the FF ones and then the map: one round and most of the bytes fewer. That
+truncation's mask hides z = out 2^42 by 19 - log2|out| bits: as the usual one hides products of
+values below 2^10 (19 bits) while |out| < 1, a bit less per doubling above (the two truncations
+it replaces hid gate up and out, at 32 bits, by 29 - log2 of them). 12 + 12 bits: 2 bits more
+hiding, but the tiny test models' logits move by twice as much. `KVShares` keeps each block's rotated k and v in shares
 between steps. Everything here is a protocol run by every party on its own shares.
 Knows nothing of messages or of the client.
 """
@@ -38,7 +40,8 @@ from swarmlm.privacy.mpc.runtime import Party, Protocol, tagged
 from swarmlm.privacy.mpc.shares import AShare, cat
 
 F = FRAC_BITS
-GATED_FRAC = 12              # fractional bits of SiLU(gate) and up in a gated MLP (see block)
+GATE_FRAC = 12               # fractional bits of SiLU(gate) in a gated MLP (see block)
+UP_FRAC = 14                 # and of up
 
 
 @dataclass
@@ -195,10 +198,10 @@ def _plain(lin: Linear) -> tuple[torch.Tensor, torch.Tensor | None]:
 
 def _gated(lin: Linear) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """The gate and up projections side by side: weights with f bits; the gate's outputs keep f bits, the
-    up's GATED_FRAC (the truncation shift per column, and the bias with as many bits)."""
+    up's UP_FRAC (the truncation shift per column, and the bias with as many bits)."""
     n = lin.weight.shape[1] // 2
-    frac = torch.cat([torch.full((n,), F), torch.full((n,), GATED_FRAC)])
-    bias = None if lin.bias is None else torch.cat([encode(lin.bias[:n]), encode(lin.bias[n:], GATED_FRAC)])
+    frac = torch.cat([torch.full((n,), F), torch.full((n,), UP_FRAC)])
+    bias = None if lin.bias is None else torch.cat([encode(lin.bias[:n]), encode(lin.bias[n:], UP_FRAC)])
     return encode(lin.weight), bias, 2 * F - frac
 
 
@@ -249,16 +252,16 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
         up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w), up_b, up_w.shape[1]))
         act = yield from tagged(p, "gelu", funcs.gelu(p, up))
         return h + (yield from tagged(p, "down", linear(p, act, *w.enc(f"down{i}", bw.down))))
-    # SiLU(gate) and up with GATED_FRAC bits: their product times W_down has 2 GATED_FRAC + f bits,
-    # truncated once (no truncation of the product itself)
+    # SiLU(gate) and up with GATE_FRAC and UP_FRAC bits: their product times W_down has GATE_FRAC +
+    # UP_FRAC + f bits, truncated once (no truncation of the product itself)
     up_w, up_b, shift = w.enc(f"up-g{i}", bw.up, _gated)
     up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w, shift=shift), up_b,
                                                    up_w.shape[1]))
     Fd = up.shape[-1] // 2
-    gate = yield from tagged(p, "silu", funcs.silu(p, up.map(lambda t: t[..., :Fd]), out_frac=GATED_FRAC, horner=True))
+    gate = yield from tagged(p, "silu", funcs.silu(p, up.map(lambda t: t[..., :Fd]), out_frac=GATE_FRAC, horner=True))
     down_w, down_b = w.enc(f"down-g{i}", bw.down, _plain)
-    z = cross_sum([(gate, up.map(lambda t: t[..., Fd:]))]) @ down_w                  # 3-out-of-3, 2 GATED_FRAC + f bits
-    out = yield from tagged(p, "gate*up+down", trunc_sum(p, z, 2 * GATED_FRAC))
+    z = cross_sum([(gate, up.map(lambda t: t[..., Fd:]))]) @ down_w                  # 3-out-of-3, GATE_FRAC + UP_FRAC + f bits
+    out = yield from tagged(p, "gate*up+down", trunc_sum(p, z, GATE_FRAC + UP_FRAC))
     return h + (out if down_b is None else out.add_public(p.index, down_b))
 
 
