@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from swarmlm.errors import WireError
+from swarmlm.privacy.mpc import bits as shared_bits
 from swarmlm.privacy.mpc import compare, funcs, inverse, ops
 from swarmlm.privacy.mpc.ring import Prg, decode, encode
 from swarmlm.privacy.mpc.runtime import LocalParties, Round, decode_message, encode_message
@@ -126,7 +127,7 @@ def test_gelu_and_silu_everywhere(parties):
     x = torch.cat([torch.linspace(-30, 30, 1201), torch.tensor(edges)])
     assert (_real(parties, funcs.gelu, x) - F.gelu(x.double(), approximate="tanh")).abs().max() < 5e-4
     err = (_real(parties, funcs.silu, x) - F.silu(x.double())).abs()
-    assert err.max() < 3e-3 and err[x.abs() < 4].max() < 5e-4
+    assert err.max() < 3e-3 and err[x.abs() < 4].max() < 1e-3         # the fit 2e-4, fixed point up to 6e-4
 
 
 def test_silu_series_by_horner_takes_a_round_more_and_fewer_bytes(parties):
@@ -211,7 +212,7 @@ def test_bit_injection_multiplies_a_shared_bit_into_a_value_in_one_round_of_six_
         bs = _xor_split(bits)
         marks = [len(c.received) for c in parties.comms]
         r0, b0 = parties.rounds, parties.bytes_sent
-        out = parties.run(lambda p: compare.inject(p, bs[p.index], vs[p.index]))
+        out = parties.run(lambda p: shared_bits.inject(p, bs[p.index], vs[p.index]))
         assert (parties.rounds - r0, parties.bytes_sent - b0) == (1, 6 * 8 * n)
         assert torch.equal(combine([o.a for o in out]), encode(v) * bits)
         assert all(torch.equal(out[i].b, out[(i + 1) % 3].a) for i in range(3))      # replicated
@@ -318,7 +319,7 @@ def test_bit_to_arithmetic_in_one_round_of_four_ring_elements_whatever_the_bit(p
         bs = _xor_split(bits)
         marks = [len(c.received) for c in parties.comms]
         r0, b0 = parties.rounds, parties.bytes_sent
-        out = parties.run(lambda p: compare.b2a(p, bs[p.index]))
+        out = parties.run(lambda p: shared_bits.b2a(p, bs[p.index]))
         assert (parties.rounds - r0, parties.bytes_sent - b0) == (1, 4 * 8 * n)
         assert torch.equal(combine([o.a for o in out]), bits)
         views = _received_since(parties, marks)
@@ -327,7 +328,7 @@ def test_bit_to_arithmetic_in_one_round_of_four_ring_elements_whatever_the_bit(p
             assert np.abs(_bit_frequencies(words) - 0.5).max() < 0.03
     mixed = torch.randint(0, 2, (n,))
     bs = _xor_split(mixed)
-    out = parties.run(lambda p: compare.b2a(p, bs[p.index]))
+    out = parties.run(lambda p: shared_bits.b2a(p, bs[p.index]))
     assert torch.equal(combine([o.a for o in out]), mixed)
 
 
@@ -340,7 +341,7 @@ def test_bit_times_values_as_three_out_of_three_sums_in_one_round_of_one_ring_el
         bs = _xor_split(bits)
         marks = [len(c.received) for c in parties.comms]
         r0, b0 = parties.rounds, parties.bytes_sent
-        out = parties.run(lambda p: compare.bit_times(p, bs[p.index], [vs[p.index], us[p.index]]))
+        out = parties.run(lambda p: shared_bits.bit_times(p, bs[p.index], [vs[p.index], us[p.index]]))
         assert (parties.rounds - r0, parties.bytes_sent - b0) == (1, 3 * 8 * n)
         total = [out[0][k] + out[1][k] + out[2][k] for k in range(3)]             # components, not shares
         assert torch.equal(total[0], encode(v) * bits) and torch.equal(total[1], encode(u) * bits)

@@ -33,9 +33,9 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
   to 1/2 for |x| < 1020 (12 bits: tables of 16-bit words),
   softmax's max to 1/2 for differences of scores below 16384 (scores within about +-6000,
   the mask's fill is -10000), inverse_power to 2^-6 relative).
-  A bit times a value in one round (compare.inject: b2a's way, six ring elements) picks the
+  A bit times a value in one round (bits.inject: b2a's way, six ring elements) picks the
   max's winner; a bit times
-  values (and the bit) as 3-out-of-3 sums that are truncated or reshared next (compare.bit_times:
+  values (and the bit) as 3-out-of-3 sums that are truncated or reshared next (bits.bit_times:
   party 0 sends t and each t Y, under pads of parties 0 and 2, to party 1) is one round of one
   ring element per value and one more;
 - nonlinearities (funcs.py): softmax with the row max subtracted (a tournament of groups of 8
@@ -52,7 +52,8 @@ Modules, in reading order:
     shares.py    AShare / BShare (one party's replicated shares), the client's split / combine
     runtime.py   Round, parallel (protocols as generators), Party, LocalParties (three in one process)
     ops.py       mul, trunc, trunc_sum, mul_trunc, linear, band_bits (AND of shared bits)
-    compare.py   msb, b2a, inject, bit_times, ge0, coarse, select, maximum
+    bits.py      b2a, inject, bit_times (shared bits times values)
+    compare.py   msb, ge0, coarse, select, maximum
     inverse.py   inverse_power (1/v, 1/sqrt(v))
     funcs.py     exp_neg, gelu, silu, norm, softmax_av
     model.py     PublicWeights (folded, encoded weights), KVShares, block, forward
