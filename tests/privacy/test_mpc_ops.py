@@ -265,9 +265,9 @@ def test_comparison_with_blocks_chosen_for_bytes_within_a_wider_ones_levels(part
     assert torch.equal(combine([o.a for o in out]), (x >= 0).long())
 
 
-@pytest.mark.parametrize("width", [3, 5, 9, 16, 40])
-def test_comparison_of_any_width_is_exact(parties, width):          # one block (the lowest is the top) .. eight
-    x = torch.randint(-2 ** (width - 1), 2 ** (width - 1), (300,))
+@pytest.mark.parametrize("width,n", [(3, 300), (5, 300), (9, 300), (16, 300), (40, 300), (12, 9000), (40, 9000)])
+def test_comparison_of_any_width_is_exact(parties, width, n):      # one block (the lowest is the top) .. eight;
+    x = torch.randint(-2 ** (width - 1), 2 ** (width - 1), (n,))     # from 8192 values the lowest has its own OT
     x[:4] = torch.tensor([0, -1, 2 ** (width - 1) - 1, -2 ** (width - 1)])
     shares = split(x)
     out = parties.run(lambda p: compare.ge0(p, shares[p.index], width))

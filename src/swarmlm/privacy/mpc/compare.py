@@ -26,6 +26,7 @@ from swarmlm.privacy.mpc.ops import band_bits, mul
 from swarmlm.privacy.mpc.runtime import Party, Protocol, Round, parallel
 from swarmlm.privacy.mpc.shares import AShare, BShare
 
+SPLIT_LOW_FROM = 8192         # compared values from which the lowest block's generate bit gets its own OT (_share_gp)
 WIDTH = 32                   # default: |x| < 2^31, i.e. below 32768 in value at 16 fractional bits
 
 
@@ -171,29 +172,37 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0, levels: int | None
     last = (1 << (top + 1)) - 1                                              # the last block's bits
     shifts = torch.arange(nb) * b
     # the lowest block's propagate is never read (nothing carries into it): its OT carries the
-    # generate bit alone (half the table); a single block is also the top one
-    low_top = top if nb == 1 else b
+    # generate bit alone (half the table) for a single block (which is also the top one), or, in a
+    # second call, for large inputs (each call costs the parties' compute more than its bytes save
+    # on small ones)
+    alone = 1 if nb == 1 or x.a.numel() >= SPLIT_LOW_FROM else 0
     dtype0 = torch.int32 if b == 5 else torch.int64                         # 32 candidates of 1 bit: one int32
+    dtype = torch.int32 if b == 4 else torch.int64                          # 16 candidates of 2 bits: one int32
     if p.index == 0:
         v = ((x.a + x.b) >> drop).unsqueeze(-1) >> shifts
         blocks = v & full
         blocks[..., -1] &= last
-        parts = [_ot_words(p, _gp_words(b, low_top, dtype0, gen_only=True)[blocks[..., :1]], None,
-                           tuple(x.shape) + (1,), 1 << b, 1, "g0")]
-        if nb > 1:
-            dtype = torch.int32 if b == 4 else torch.int64                  # 16 candidates of 2 bits: one int32
-            words = torch.empty(blocks[..., 1:].shape, dtype=dtype)
-            words[..., :-1] = _gp_words(b, b, dtype)[blocks[..., 1:-1]]
+        parts = []
+        if alone:
+            parts.append(_ot_words(p, _gp_words(b, top if nb == 1 else b, dtype0, gen_only=True)[blocks[..., :1]],
+                                   None, tuple(x.shape) + (1,), 1 << b, 1, "g0"))
+        if nb > alone:
+            words = torch.empty(blocks[..., alone:].shape, dtype=dtype)
+            words[..., :-1] = _gp_words(b, b, dtype)[blocks[..., alone:-1]]
             words[..., -1] = _gp_words(b, top, dtype)[blocks[..., -1]]
-            parts.append(_ot_words(p, words, None, tuple(x.shape) + (nb - 1,), 1 << b, 2, "gp"))
+            parts.append(_ot_words(p, words, None, tuple(x.shape) + (nb - alone,), 1 << b, 2, "gp"))
     else:
         v = ((x.b if p.index == 1 else x.a) >> drop).unsqueeze(-1) >> shifts
         blocks = v & full
         blocks[..., -1] &= last
-        parts = [_ot_words(p, None, blocks[..., :1], tuple(x.shape) + (1,), 1 << b, 1, "g0")]
-        if nb > 1:
-            parts.append(_ot_words(p, None, blocks[..., 1:], tuple(x.shape) + (nb - 1,), 1 << b, 2, "gp"))
+        parts = []
+        if alone:
+            parts.append(_ot_words(p, None, blocks[..., :1], tuple(x.shape) + (1,), 1 << b, 1, "g0"))
+        if nb > alone:
+            parts.append(_ot_words(p, None, blocks[..., alone:], tuple(x.shape) + (nb - alone,), 1 << b, 2, "gp"))
     got = yield from parallel(*parts)
+    if len(got) == 1:
+        return got[0]
     return BShare(torch.cat([g.a for g in got], -1), torch.cat([g.b for g in got], -1))
 
 
