@@ -114,3 +114,24 @@ def test_private_sampling_follows_the_seed(tmp_path):
     a, _ = generate_in_process(model, [1, 2, 3], max_new_tokens=4, temperature=1.0, seed=7)
     b, _ = generate_in_process(model, [1, 2, 3], max_new_tokens=4, temperature=1.0, seed=7)
     assert a == b == generate(model, [1, 2, 3], max_new_tokens=4, temperature=1.0, seed=7)
+
+
+def test_gated_mlp_truncates_once_after_the_down_projection(parties):
+    model = _model("llama")
+    h = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(5))
+    for party in parties.parties:
+        party.by_tag.clear()
+    _private_block(model, h, parties)
+    rounds, sent = parties.parties[0].by_tag["gate*up+down"]
+    assert rounds == 1 and "gate*up" not in parties.parties[0].by_tag
+    assert sum(party.by_tag["gate*up+down"][1] for party in parties.parties) == 4 * 8 * 12 * 64   # D outputs, not FF
+
+
+def test_a_prompts_scores_are_truncated_only_where_the_causal_mask_lets_a_query_see(parties):
+    model = _model("llama")
+    h = torch.randn(1, 12, 64, generator=torch.Generator().manual_seed(6))
+    for party in parties.parties:
+        party.by_tag.clear()
+    got = _private_block(model, h, parties)
+    assert sum(party.by_tag["qk"][1] for party in parties.parties) == 4 * 8 * 4 * (12 * 13 // 2)   # 4 heads
+    assert _rel_err(got, _plain_block(model, h)) < 1e-2

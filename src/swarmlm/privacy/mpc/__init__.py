@@ -14,23 +14,33 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
 - replicated sharing x = x0 + x1 + x2, party i holds (x_i, x_{i+1}); correlated randomness
   (zero shares, masks) from AES-CTR PRGs on pairwise seeds the parties agree on when they link;
 - linear layers with public weights: local products, then one truncation (1 round);
-- secret x secret products (q k^T, attention x v, gating): the product and its truncation in
-  one round (ops.trunc_sum);
+- secret x secret products (q k^T, attention x v): the product and its truncation in one round
+  (ops.trunc_sum); the gated MLP's SiLU(gate) * up, with 12 and 14 fractional bits, is not
+  truncated but goes through W_down first (local) and is truncated once on the D outputs (model.py);
 - truncation (ops.py): the mask r = r_0 + r_1 + r_2 is replicated like a share (each component
   uniform in [0, 2^61) from the PRG of the two parties holding it); parties 0 and 2 open
   z + r, each missing one component of r. One round; error -1..+2 units in the last place,
   never a wrap-around error (|z| < 2^61); statistical hiding 2^-(61 - log2|z|): 19 bits for
-  products of values below 2^10 (2f = 32 fractional bits), less for larger outliers;
+  products of values below 2^10 (2f = 32 fractional bits), less for larger outliers (the gated
+  MLP's output, at 42 fractional bits before its truncation: 19 bits below 1, one less per doubling);
 - comparison (compare.py): the sign bit of x mod 2^w. x = S + X with S = x_0 + x_1 (party 0)
   and X = x_2 (parties 1, 2); the generate/propagate bits of blocks of up to 5 bits come by
   one three-party OT (2^b candidates a block), then a carry tree over the blocks (2 levels at
-  w = 16), then bit-to-arithmetic (an OT): 4 rounds at w = 16, 5 at w = 32..40. Coarse
-  comparisons drop low bits first (`drop`: the clamps of GELU/SiLU to 1/16 for |x| < 2040,
+  w = 16), then bit-to-arithmetic (one round, four ring elements: party 0 sends t + pad to each
+  of parties 1 and 2, who both know the sign s = 1 - 2 b_2 and send each other s pad + component
+  under pads of party 0's they lack): 4 rounds at w = 16, 5 at w = 32..40. Coarse
+  comparisons drop low bits first (`drop`: the clamps of GELU to 1/16 for |x| < 2040, of SiLU
+  to 1/2 for |x| < 1020 (12 bits: tables of 16-bit words),
   softmax's max to 1/2 for differences of scores below 16384 (scores within about +-6000,
   the mask's fill is -10000), inverse_power to 2^-6 relative).
-  A bit times a value in one round (compare.inject, two OTs) picks the max's winner;
+  A bit times a value in one round (bits.inject: b2a's way, six ring elements) picks the
+  max's winner; a bit times
+  values (and the bit) as 3-out-of-3 sums that are truncated or reshared next (bits.bit_times:
+  party 0 sends t and each t Y, under pads of parties 0 and 2, to party 1) is one round of one
+  ring element per value and one more;
 - nonlinearities (funcs.py): softmax with the row max subtracted (a tournament of groups of 8
-  whose last level also gives [x >= max - 16], so exp needs no comparison), exp by a clamped
+  whose last level also gives [x >= max - 16], so exp needs no comparison; each query compares
+  only the prefix of keys the public causal mask lets it see), exp by a clamped
   series and one squaring, 1/x and 1/sqrt(x) by range normalization and a series (the norms'
   1/sqrt with a degree-2 series whose terms come in two rounds), GELU and
   SiLU as Chebyshev series of an even function (A + T4 B + T8 C: 4 product rounds for degree
@@ -42,7 +52,8 @@ Modules, in reading order:
     shares.py    AShare / BShare (one party's replicated shares), the client's split / combine
     runtime.py   Round, parallel (protocols as generators), Party, LocalParties (three in one process)
     ops.py       mul, trunc, trunc_sum, mul_trunc, linear, band_bits (AND of shared bits)
-    compare.py   msb, b2a, inject, ge0, coarse, select, maximum
+    bits.py      b2a, inject, bit_times (shared bits times values)
+    compare.py   msb, ge0, coarse, select, maximum
     inverse.py   inverse_power (1/v, 1/sqrt(v))
     funcs.py     exp_neg, gelu, silu, norm, softmax_av
     model.py     PublicWeights (folded, encoded weights), KVShares, block, forward

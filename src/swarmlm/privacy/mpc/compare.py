@@ -4,10 +4,10 @@
 sign of x is bit width-1 of x_0 + x_1 + x_2 mod 2^width. Party 0 knows S = x_0 + x_1, parties
 1 and 2 know X = x_2: the generate / propagate bits of S + X, by blocks of up to 5 bits, are
 XOR-shared by one three-party OT round (party 0 tabulates them for every value of X's block),
-then a tree combines blocks pairwise (one AND round per level, packed bits), then `b2a` turns
-the bit into an arithmetic 0/1 (an OT, one round): `ge0` is 4 rounds at width 16, 5 at 32..40,
-about 90 bytes an element at width 16. With `drop`, the low bits are dropped first (a coarse
-threshold, fewer bits). `inject` multiplies a shared bit into a value in one round.
+then a tree combines blocks pairwise (one AND round per level, packed bits), then `b2a` (bits.py)
+turns the bit into an arithmetic 0/1 (one round, four ring elements): `ge0` is 4 rounds at width
+16, 5 at 32..40, about 70 bytes an element at width 16. With `drop`, the low bits are dropped
+first (a coarse threshold, fewer bits).
 
 `select`, `maximum` (a tournament of groups of 8, all pairs at once, the wins ANDed as bits) build on it.
 Knows nothing of models.
@@ -21,10 +21,12 @@ import math
 import numpy as np
 import torch
 
+from swarmlm.privacy.mpc.bits import b2a, inject
 from swarmlm.privacy.mpc.ops import band_bits, mul
 from swarmlm.privacy.mpc.runtime import Party, Protocol, Round, parallel
 from swarmlm.privacy.mpc.shares import AShare, BShare
 
+SPLIT_LOW_FROM = 8192         # compared values from which the lowest block's generate bit gets its own OT (_share_gp)
 WIDTH = 32                   # default: |x| < 2^31, i.e. below 32768 in value at 16 fractional bits
 
 
@@ -33,7 +35,12 @@ def _mask(width: int) -> int:
 
 
 def _wire(words: torch.Tensor, bits: int) -> torch.Tensor:
-    """Words below 2^bits as they travel: int32 (the same low 32 bits) if bits <= 32, else int64."""
+    """Words below 2^bits as they travel: int8, int16 or int32 (the same low bits) if bits <= 8, 16 or 32,
+    else int64."""
+    if bits <= 8:
+        return torch.from_numpy(words.numpy().astype(np.uint8).view(np.int8))
+    if bits <= 16:
+        return torch.from_numpy(words.numpy().astype(np.uint16).view(np.int16))
     return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32)) if bits <= 32 else words
 
 
@@ -51,7 +58,7 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     nbits = C * k
     kmask = (1 << k) - 1
     wmask = -1 if nbits >= 64 else (1 << nbits) - 1
-    wdtype = torch.int32 if nbits <= 32 else torch.int64
+    wdtype = torch.int8 if nbits <= 8 else torch.int16 if nbits <= 16 else torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
         v1, pw = g1.small(shape, k), _pad(g1, shape, nbits)        # pad of party 2's transfer (party 1 helps)
@@ -98,23 +105,39 @@ def _replicated32(k: int) -> torch.Tensor:
     return torch.tensor(np.array(words, dtype=np.uint32).view(np.int32))
 
 
-def _block(width: int) -> int:
+def _block(width: int, levels: int | None = None) -> int:
     """Bits per block of the carry chain (positions 0..width-1, the top one folded into the last
     block): the fewest tree levels with blocks of at most 5 bits (32 candidates of 2 bits, one
-    64-bit word), then the smallest such block."""
-    levels = lambda b: math.ceil(math.log2(max(1, math.ceil(width / b))))   # noqa: E731
-    best = min(levels(b) for b in range(1, 6))
-    return min(b for b in range(1, 6) if levels(b) == best)
+    64-bit word), then the smallest such block; or, given `levels` (a comparison running beside a
+    wider one, which sets the rounds), the fewest bytes of tables within that many levels."""
+    depth = lambda b: math.ceil(math.log2(max(1, math.ceil(width / b))))   # noqa: E731
+    if levels is None or levels < min(depth(b) for b in range(1, 6)):
+        best = min(depth(b) for b in range(1, 6))
+        return min(b for b in range(1, 6) if depth(b) == best)
+    word = lambda b: 2 if b <= 3 else 4 if b == 4 else 8                     # noqa: E731  (_wire's words)
+    return min((b for b in range(1, 6) if depth(b) <= levels), key=lambda b: (math.ceil(width / b) * word(b), depth(b)))
+
+
+def table_cost(width: int, levels: int | None = None) -> int:
+    """Bytes of the generate / propagate tables party 0 sends each receiver per compared value."""
+    b = _block(width, levels)
+    return math.ceil(width / b) * (2 if b <= 3 else 4 if b == 4 else 8)
+
+
+def tree_levels(width: int) -> int:
+    """The carry tree's levels of a comparison of `width` bits (msb: that many rounds after the first)."""
+    return math.ceil(math.log2(max(1, math.ceil(width / _block(width)))))
 
 
 @functools.lru_cache(maxsize=32)
-def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64) -> torch.Tensor:
+def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64, gen_only: bool = False) -> torch.Tensor:
     """(2^b,) int64 (or int32 with the same low 32 bits, for b = 4): for a block value s of S, the
     2^b candidates (c = X's block value) of 2 bits:
     generate (s + c carries out of the block's chain bits) and propagate ((s ^ c) all ones there).
     With `top` < b, bit `top` is x's top bit: the chain has bits 0..top-1 and the generate bit
     also XORs in bit `top` of s ^ c (the msb is then the carry into the top XOR that); bits
-    above `top` are padding."""
+    above `top` are padding. `gen_only`: the generate bit alone, candidate c at bit c (the lowest
+    block, whose propagate nothing reads)."""
     chain = b if top >= b else top
     full = (1 << chain) - 1
     s, c = torch.arange(1 << b)[:, None], torch.arange(1 << b)[None, :]
@@ -122,14 +145,17 @@ def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64) -> torch.Tenso
     prop = ((s ^ c) & full) == full
     if top < b:
         gen = gen ^ (((s ^ c) >> top) & 1).bool()
-    bits = gen.long() | (prop.long() << 1)                                  # (2^b, 2^b)
-    words = (bits << (2 * torch.arange(1 << b))).sum(-1)                      # candidate c at bits 2c, 2c+1
+    if gen_only:
+        words = (gen.long() << torch.arange(1 << b)).sum(-1)                  # candidate c at bit c
+    else:
+        bits = gen.long() | (prop.long() << 1)                              # (2^b, 2^b)
+        words = (bits << (2 * torch.arange(1 << b))).sum(-1)                  # candidate c at bits 2c, 2c+1
     if dtype == torch.int32:
         return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
     return words
 
 
-def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
+def _share_gp(p: Party, x: AShare, width: int, drop: int = 0, levels: int | None = None) -> Protocol:
     """XOR shares of the (generate, propagate) bits of the blocks of S + X over bits 0..width-1
     (two int64 words of bits, (..., nb) each), where S = x_0 + x_1 is known to party 0 and X = x_2
     to parties 1 and 2 (each shifted right by `drop`, see msb). One round.
@@ -139,30 +165,48 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0) -> Protocol:
     all ones when XORed with c (propagate); the receivers pick X's value. The last block holds
     the top bit, whose S ^ X is XORed into its generate bit, so the carry tree's result is the
     msb itself."""
-    b = _block(width)
+    b = _block(width, levels)
     nb = math.ceil(width / b)
     top = (width - 1) - (nb - 1) * b                                         # the top bit's place in the last block
     full = (1 << b) - 1
     last = (1 << (top + 1)) - 1                                              # the last block's bits
     shifts = torch.arange(nb) * b
-    shape = tuple(x.shape) + (nb,)
+    # the lowest block's propagate is never read (nothing carries into it): its OT carries the
+    # generate bit alone (half the table) for a single block (which is also the top one), or, in a
+    # second call, for large inputs (each call costs the parties' compute more than its bytes save
+    # on small ones)
+    alone = 1 if nb == 1 or x.a.numel() >= SPLIT_LOW_FROM else 0
+    dtype0 = torch.int32 if b == 5 else torch.int64                         # 32 candidates of 1 bit: one int32
+    dtype = torch.int32 if b == 4 else torch.int64                          # 16 candidates of 2 bits: one int32
     if p.index == 0:
         v = ((x.a + x.b) >> drop).unsqueeze(-1) >> shifts
         blocks = v & full
-        dtype = torch.int32 if b == 4 else torch.int64                      # 16 candidates of 2 bits: one int32
-        words = torch.empty(blocks.shape, dtype=dtype)
-        words[..., :-1] = _gp_words(b, b, dtype)[blocks[..., :-1]]
-        words[..., -1] = _gp_words(b, top, dtype)[blocks[..., -1] & last]
-        gp = yield from _ot_words(p, words, None, shape, 1 << b, 2, "gp")
+        blocks[..., -1] &= last
+        parts = []
+        if alone:
+            parts.append(_ot_words(p, _gp_words(b, top if nb == 1 else b, dtype0, gen_only=True)[blocks[..., :1]],
+                                   None, tuple(x.shape) + (1,), 1 << b, 1, "g0"))
+        if nb > alone:
+            words = torch.empty(blocks[..., alone:].shape, dtype=dtype)
+            words[..., :-1] = _gp_words(b, b, dtype)[blocks[..., alone:-1]]
+            words[..., -1] = _gp_words(b, top, dtype)[blocks[..., -1]]
+            parts.append(_ot_words(p, words, None, tuple(x.shape) + (nb - alone,), 1 << b, 2, "gp"))
     else:
         v = ((x.b if p.index == 1 else x.a) >> drop).unsqueeze(-1) >> shifts
         blocks = v & full
         blocks[..., -1] &= last
-        gp = yield from _ot_words(p, None, blocks, shape, 1 << b, 2, "gp")
-    return gp
+        parts = []
+        if alone:
+            parts.append(_ot_words(p, None, blocks[..., :1], tuple(x.shape) + (1,), 1 << b, 1, "g0"))
+        if nb > alone:
+            parts.append(_ot_words(p, None, blocks[..., alone:], tuple(x.shape) + (nb - alone,), 1 << b, 2, "gp"))
+    got = yield from parallel(*parts)
+    if len(got) == 1:
+        return got[0]
+    return BShare(torch.cat([g.a for g in got], -1), torch.cat([g.b for g in got], -1))
 
 
-def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
+def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | None = None) -> Protocol:
     """Bit width-1 of x mod 2^width, XOR-shared in bit 0 of int64 words (x's shape).
 
     With `drop` = k, of (S >> k) + (X >> k) instead, which is floor(x / 2^k) or one less (the
@@ -175,7 +219,7 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
     bit of S ^ X) are shared in one round (_share_gp), then a tree over the blocks (pairs
     combined per round, the count halving) ends with the msb itself: 1 + ceil(log2(blocks))
     rounds, 3 for width 16 (4 blocks of 4), 4 for width 32 or 40 (8 blocks)."""
-    gp = yield from _share_gp(p, x, width, drop)
+    gp = yield from _share_gp(p, x, width, drop, levels)
     G, P = gp.map(lambda t: (t & 1).bool()), gp.map(lambda t: ((t >> 1) & 1).bool())
     while G.a.shape[-1] > 1:
         n = G.a.shape[-1]
@@ -183,12 +227,13 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
         lo = lambda t: t[..., 0:even:2]                        # noqa: E731
         hi = lambda t: t[..., 1:even:2]                        # noqa: E731
         Phi = P.map(hi)
-        both = yield from band_bits(p, BShare(torch.cat([Phi.a, Phi.a], -1), torch.cat([Phi.b, Phi.b], -1)),
-                                    BShare(torch.cat([G.map(lo).a, P.map(lo).a], -1),
-                                           torch.cat([G.map(lo).b, P.map(lo).b], -1)))
+        # G of every pair, P of all but the lowest (nothing carries into it: its P is never read)
+        both = yield from band_bits(p, BShare(torch.cat([Phi.a, Phi.a[..., 1:]], -1), torch.cat([Phi.b, Phi.b[..., 1:]], -1)),
+                                    BShare(torch.cat([G.map(lo).a, P.map(lo).a[..., 1:]], -1),
+                                           torch.cat([G.map(lo).b, P.map(lo).b[..., 1:]], -1)))
         half = even // 2
         newG = G.map(hi) ^ both.map(lambda t: t[..., :half])
-        newP = both.map(lambda t: t[..., half:])
+        newP = both.map(lambda t: t[..., half - 1:])          # its first (the lowest pair's) is a placeholder
         if n % 2:                                               # the top block passes through
             newG = BShare(torch.cat([newG.a, G.a[..., -1:]], -1), torch.cat([newG.b, G.b[..., -1:]], -1))
             newP = BShare(torch.cat([newP.a, P.a[..., -1:]], -1), torch.cat([newP.b, P.b[..., -1:]], -1))
@@ -196,89 +241,10 @@ def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
     return G.map(lambda t: t[..., 0].to(torch.int64))
 
 
-def b2a(p: Party, bit: BShare) -> Protocol:
-    """XOR-shared bit (bit 0 of words) -> arithmetic 0/1 share. One round.
-
-    b = t xor b2 = t (1 - 2 b2) + b2, where party 0 knows t = b0 xor b1 and parties 1 and 2
-    know b2. The result is shared as (r0, r1, c2): r0, r1 from party 0's PRGs with parties 2
-    and 1, and c2 = t (1 - 2 b2) - r0 - r1 + b2 reaches parties 1 and 2 by a three-party
-    oblivious transfer (ABY3): party 0 sends both candidates under one-time pads it shares
-    with the helper, and the helper, who knows b2 too, sends the pad of the right one."""
-    shape = bit.a.shape
-    spec = (tuple(shape), torch.int64)
-    if p.index == 0:
-        t = (bit.a ^ bit.b) & 1
-        g1, g2 = p.prg(1, "b2a"), p.prg(2, "b2a")
-        r1, w0, w1 = g1.ring(shape), g1.ring(shape), g1.ring(shape)     # pads for party 2's transfer
-        r0, v0, v1 = g2.ring(shape), g2.ring(shape), g2.ring(shape)     # pads for party 1's transfer
-        m0, m1 = t - r0 - r1, -t - r0 - r1                               # c2 - b2 for b2 = 0, 1
-        yield Round(send={2: [m0 + w0, m1 + w1], 1: [m0 + v0, m1 + v1]})
-        return AShare(r0, r1)
-    me, other = p.index, 3 - p.index
-    b2 = (bit.b if me == 1 else bit.a) & 1                              # parties 1 and 2 both hold b2
-    g0 = p.prg(0, "b2a")
-    first = g0.ring(shape)                                              # r1 (party 1) or r0 (party 2)
-    pads = g0.ring(shape), g0.ring(shape)                               # the pads of the other's transfer
-    help_other = torch.where(b2.bool(), pads[1], pads[0])
-    got = yield Round(send={other: [help_other]}, recv={0: [spec, spec], other: [spec]})
-    m = torch.where(b2.bool(), got[0][1], got[0][0]) - got[other][0]
-    c2 = m + b2
-    return AShare(first, c2) if me == 1 else AShare(c2, first)
-
-
-def inject(p: Party, bit: BShare, v: AShare) -> Protocol:
-    """bit * v for an XOR-shared bit (bit 0 of int64 words) and an arithmetic v of the same shape.
-    One round (b2a and a product take two), twelve ring elements an element.
-
-    b v = (t ^ b_2) (v_0 + v_1) + (b_0 ^ c) v_2 with t = b_0 ^ b_1 (party 0) and c = b_1 ^ b_2
-    (party 1). The first term reaches parties 1 and 2 by the OT of b2a (party 0 sends both
-    candidates, the choice b_2 is theirs), the second reaches parties 0 and 2 by the same OT
-    with party 1 sending and b_0 the choice (known to parties 0 and 2, each the other's helper).
-    Each candidate is masked by PRG values of the sender and one receiver, so what a party
-    receives is uniform; the result is (r_0 + c_B, r_1 + s_1, c_A + s_2)."""
-    shape = v.shape
-    spec = (tuple(shape), torch.int64)
-    if p.index == 0:
-        t, b0 = (bit.a ^ bit.b) & 1, bit.a & 1
-        V = v.a + v.b
-        g1, g2 = p.prg(1, "inj"), p.prg(2, "inj")
-        r1, pw = g1.ring(shape), (g1.ring(shape), g1.ring(shape))       # pads of party 2's transfer
-        r0, pv = g2.ring(shape), (g2.ring(shape), g2.ring(shape))       # pads of party 1's transfer
-        h1 = p.prg(1, "injb")
-        s1, sp = h1.ring(shape), (h1.ring(shape), h1.ring(shape))       # party 1's pads for party 2's transfer
-        m0, m1 = t * V - r0 - r1, (1 - t) * V - r0 - r1
-        got = yield Round(send={1: [m0 + pv[0], m1 + pv[1]], 2: [m0 + pw[0], m1 + pw[1], torch.where(b0.bool(), sp[1], sp[0])]},
-                          recv={1: [spec, spec], 2: [spec]})
-        cB = torch.where(b0.bool(), got[1][1], got[1][0]) - got[2][0]
-        return AShare(r0 + cB, r1 + s1)
-    if p.index == 1:
-        b2, c, v2 = bit.b & 1, (bit.a ^ bit.b) & 1, v.b
-        g0 = p.prg(0, "inj")
-        r1, pw = g0.ring(shape), (g0.ring(shape), g0.ring(shape))
-        h0, h2 = p.prg(0, "injb"), p.prg(2, "injb")
-        s1, sp = h0.ring(shape), (h0.ring(shape), h0.ring(shape))       # pads of party 2's B transfer
-        s2, q = h2.ring(shape), (h2.ring(shape), h2.ring(shape))        # pads of party 0's B transfer
-        n0, n1 = c * v2 - s1 - s2, (1 - c) * v2 - s1 - s2
-        got = yield Round(send={0: [n0 + q[0], n1 + q[1]], 2: [n0 + sp[0], n1 + sp[1], torch.where(b2.bool(), pw[1], pw[0])]},
-                          recv={0: [spec, spec], 2: [spec]})
-        cA = torch.where(b2.bool(), got[0][1], got[0][0]) - got[2][0]
-        return AShare(r1 + s1, cA + s2)
-    b2, b0 = bit.a & 1, bit.b & 1
-    g0 = p.prg(0, "inj")
-    r0, pv = g0.ring(shape), (g0.ring(shape), g0.ring(shape))
-    h1 = p.prg(1, "injb")
-    s2, q = h1.ring(shape), (h1.ring(shape), h1.ring(shape))
-    got = yield Round(send={1: [torch.where(b2.bool(), pv[1], pv[0])], 0: [torch.where(b0.bool(), q[1], q[0])]},
-                      recv={0: [spec, spec, spec], 1: [spec, spec, spec]})
-    cA = torch.where(b2.bool(), got[0][1], got[0][0]) - got[1][2]
-    cB = torch.where(b0.bool(), got[1][1], got[1][0]) - got[0][2]
-    return AShare(cA + s2, r0 + cB)
-
-
-def ge0(p: Party, x: AShare, width: int = WIDTH, drop: int = 0) -> Protocol:
+def ge0(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | None = None) -> Protocol:
     """[x >= 0] as an arithmetic 0/1 share, for |x| < 2^(width-1+drop); with `drop`, x in [0, 2^drop)
     may read as negative (msb). 2 + ceil(log2(width-1)) rounds: 7 for width 32, 6 for 17."""
-    neg = yield from b2a(p, (yield from msb(p, x, width, drop)))
+    neg = yield from b2a(p, (yield from msb(p, x, width, drop, levels)))
     return (-neg).add_public(p.index, 1)
 
 
@@ -302,8 +268,10 @@ def coarse(p: Party, x: AShare, drop: int) -> AShare:
     return AShare(x.a >> drop, zero)
 
 
+@functools.lru_cache(maxsize=64)
 def _pair_tables(g: int) -> tuple[list[tuple[int, int]], torch.Tensor, torch.Tensor]:
-    """Unordered pairs (i < j), and for each i the g-1 pairs it is in, and whether it is their j."""
+    """Unordered pairs (i < j), and for each i the g-1 pairs it is in, and whether it is their j
+    (computed once per g: a decoding step's all-pairs tables are O(g^3) to build; read-only)."""
     pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
     idx = torch.tensor([[k for k, (a, b) in enumerate(pairs) if i in (a, b)] for i in range(g)], dtype=torch.long)
     second = torch.tensor([[int(b == i) for (a, b) in pairs if i in (a, b)] for i in range(g)], dtype=torch.int64)
@@ -381,7 +349,8 @@ def maximum(p: Party, x: AShare, fill: int, group: int = 8, margin: int | None =
             width: int = WIDTH, drop: int = 0) -> Protocol:
     """Max over the last dim (keepdim). `fill` (encoded, public) pads lengths; it must lose.
     `width` and `drop` are the comparisons' (ge0): with `drop`, the max may be any value within
-    2^drop (encoded) of it, and `near` exact to within 2^drop.
+    2^(drop+1) (encoded) of it (each value reads as floor(x / 2^drop) or one less), and `near`
+    exact to within 2^drop.
 
     A tournament of groups: within each group of `group` values every pair is compared at once
     (one comparison depth), the winner's indicator is the AND of its g-1 wins (XOR-shared bits;

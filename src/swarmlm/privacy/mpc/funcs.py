@@ -9,17 +9,24 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
 - `gelu` and `silu` in PUMA's manner: f(x) = x/2 + E(x) where E(x) = x (sigmoid-like(x) - 1/2)
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
   x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu,
-  whose correction (|x| - B)/2 + (B/2 - E(B)) joins the series' last round. The clamps are
-  coarse comparisons (to 1/16, for |x| < 2040; the series is fitted a little past B).
-  x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
+  whose correction joins the series' last round: bits times x straight into that round's
+  3-out-of-3 sum (bits.bit_times; the clamp's inside (w - 1) comes the same way, reshared).
+  The clamps are
+  coarse comparisons (GELU's to 1/16, for |x| < 2040, SiLU's to 1/2 on 12 bits, for |x| < 1020: its
+  lower threshold is -B - 1/2, so relu starts beyond |x| = B on both sides and the series, fitted to
+  B + 1/2, covers what the coarse bits may leave inside). x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
   it as well as any other truncation (19 bits), larger outliers less so. A series of degree
   <= 12 is A(t) + T4 B(t) + T8 C(t) (_fold): T2; T3, T4; T8 and B, C truncated; one sum of
-  products: 4 rounds, 5 products. GELU: B = 4, degree 8 (error 1.4e-4); SiLU: B = 8, degree 12
-  (error 7e-5 for |x| < 4, 3e-4 to 8: the fit weighs |x| < 4 more), relu beyond 8 (error
-  2.7e-3). Coefficients are fitted here, at import, by
-  least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series.
+  products: 4 rounds, 5 products, 24 ring elements an element; or (`horner`, the gated MLP's SiLU,
+  which has the round to spare) (A - C) + T4 (B + 2 T4 C): C truncated, then the inner sum, then
+  the outer: 5 rounds, 22 ring elements. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
+  (error 2e-4 for |x| < 4, 4e-4 to 8.5), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
+  least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series (10 by horner).
 - `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
-  decoding step over a short context; its last level also gives exp's clamp bits), takes
+  decoding step over a short context; its last level also gives exp's clamp bits; a causal
+  prompt's queries are split by the prefix of keys they see, so the keys the public mask hides
+  from a query are mostly not compared: in two parts, MAX_PARTS (each call costs the parties'
+  compute), 30% fewer bytes for 32 queries), takes
   exp_neg over the keys each query may see, sums, and multiplies (e @ v) by the reciprocal
   of the sum, so the reciprocal and e @ v share rounds.
 - `norm_then`: a norm followed by a linear map; the map runs in the rounds of the inverse
@@ -36,9 +43,9 @@ import numpy as np
 import torch
 from numpy.polynomial import chebyshev as cheb
 
-from swarmlm.privacy.mpc import compare
+from swarmlm.privacy.mpc import bits, compare
 from swarmlm.privacy.mpc.inverse import INV_OUT_BITS, inverse_power
-from swarmlm.privacy.mpc.ops import (cross_sum, mul, mul_trunc, public_share, square, stack_shares, trunc, trunc_sum,
+from swarmlm.privacy.mpc.ops import (cross_sum, mul, mul_trunc, public_share, reshare, square, stack_shares, trunc, trunc_sum,
                                      unstack_shares)
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
 from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel, tagged
@@ -50,7 +57,8 @@ EXP_CLAMP = 16.0             # e^-16 ~ 1e-7: below one unit of the fixed point
 EXP_EXTRA_BITS = 3           # x/8 as the same integer with 3 more fractional bits
 EXP_DEGREE = 12              # Chebyshev degree of e^(x/2) on [-8, 0]: error 3e-7
 COARSE = (16, 15)            # (width, drop) of softmax's comparisons: to 1/2, for |x| < 16384
-CLAMP = (16, 12)             # GELU / SiLU's clamps: to 1/16, for |x| < 2040 (relu beyond; larger values wrap)
+CLAMP = (16, 12)             # GELU's clamps: to 1/16, for |x| < 2040 (relu beyond; larger values wrap)
+SILU_CLAMP = (12, 15)        # SiLU's: to 1/2, for |x| < 1020 (12-bit comparisons: 4 blocks of 3 bits, int16 tables)
 
 
 # ---- exp ---------------------------------------------------------------------------------------
@@ -108,7 +116,7 @@ def _combo(p: Party, T: dict[int, AShare], coeffs: list[float], frac: int, cbits
 
 
 def _chebyshev(p: Party, t: AShare, coeffs: np.ndarray, *, frac: int = F, out_frac: int = F,
-               extra: torch.Tensor | None = None) -> Protocol:
+               extra: torch.Tensor | None = None, horner: bool = False) -> Protocol:
     """sum_k c_k T_k(t) for |t| <= 1 (t with `frac` fractional bits, degree <= 12), with `out_frac`
     bits, plus `extra` (3-out-of-3 components with 2 frac bits) if given.
 
@@ -123,6 +131,16 @@ def _chebyshev(p: Party, t: AShare, coeffs: np.ndarray, *, frac: int = F, out_fr
     both = yield from mul_trunc(p, stack_shares([T[2], T[2]]).scale(2), stack_shares([T[1], T[2]]), shift=frac)
     T3, T4 = unstack_shares(both, 2)
     T[3], T[4] = T3 - T[1], T4.add_public(p.index, -one)
+    if C and horner:
+        # A + T4 B + (2 T4^2 - 1) C = (A - C) + T4 (B + 2 T4 C): C truncated, then Y = B + 2 T4 C,
+        # then the sum: 5 rounds, 22 ring elements an element where the T8 way takes 4 and 24
+        Ct = yield from trunc(p, _combo(p, T, C, frac), F)
+        Y = yield from trunc_sum(p, cross_sum([(T[4].scale(2), Ct)]) + _combo(p, T, B, frac, frac).a, frac)
+        AC = [a - c for a, c in zip(A + [0.0] * (len(C) - len(A)), C)]
+        z = cross_sum([(T[4], Y)]) + _combo(p, T, AC, frac, frac).a
+        if extra is not None:
+            z = z + extra
+        return (yield from trunc_sum(p, z, 2 * frac - out_frac))
     inner = [_combo(p, T, B, frac)] + ([_combo(p, T, C, frac)] if C else [])
     if C:
         T8, inn = yield from parallel(mul_trunc(p, T[4].scale(2), T[4], shift=frac),
@@ -148,40 +166,52 @@ def _silu_f(x: np.ndarray) -> np.ndarray:
     return x / (1 + np.exp(-x))
 
 
-def _fit_even(fn, lo: float, hi: float, degree: int = 8, outer: float = 1.0) -> np.ndarray:
+def _fit_even(fn, lo: float, hi: float, degree: int = 8, outer: float = 1.0, clamp: tuple[int, int] = CLAMP) -> np.ndarray:
     """Chebyshev coefficients of fn(x) - x/2 on lo <= x <= hi, in t = 2 (x/hi)^2 - 1, by least
     squares with weight `outer` on |x| >= hi/2 (less than 1: more accuracy where most values are)."""
-    x = np.linspace(lo, hi + 2.0 ** (CLAMP[1] - F), 8001)          # the clamp lets x pass B by up to 2^(drop-f)
+    x = np.linspace(lo, hi + 2.0 ** (clamp[1] - F), 8001)          # the clamp lets x pass B by up to 2^(drop-f)
     return cheb.chebfit(2 * (x / hi) ** 2 - 1, fn(x) - x / 2, degree, w=np.where(x < hi / 2, 1.0, outer))
 
 
-GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8))]               # (lo, hi: a power of two, coefficients)
-SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 12, outer=0.2))]   # 7e-5 below 4, 3e-4 to 8
+# (lo, hi: a power of two, coefficients, the clamps' (width, drop))
+GELU_PIECES = [(0, 4, _fit_even(_gelu_f, 0.0, 4.0, 8), CLAMP)]                                 # 1.6e-4
+SILU_PIECES = [(0, 8, _fit_even(_silu_f, 0.0, 8.0, 12, clamp=SILU_CLAMP), SILU_CLAMP)]         # 2e-4 below 4, 4e-4 to 8.5
 
 
-def _piecewise_even(p: Party, x: AShare, pieces) -> Protocol:
+def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool = False) -> Protocol:
     """x/2 + E(x) for |x| < B, relu(x) beyond (one piece: lo = 0, hi = B a power of two).
 
     The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
-    clamped to 1 outside (one bit-times-value product), so the Chebyshev terms stay bounded."""
-    ((lo, hi, coeffs),) = pieces
+    clamped to 1 outside: inside (w - 1) as a 3-out-of-3 sum (bits.bit_times), reshared (one
+    round each), so the Chebyshev terms stay bounded. The relu part needs inside, inside x and
+    [x < -B] x: 3-out-of-3 sums from the same bit_times round that join the series' last truncation.
+    Bits to values: 5 ring elements an element (inside: t, t (w - 1), t x; below: t, t x), the
+    reshare 3."""
+    ((lo, hi, coeffs, clamp),) = pieces
     assert lo == 0
-    bits, w = yield from parallel(
-        compare.ge0(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
-            p.index, -encode(torch.tensor([-float(hi), float(hi)], dtype=torch.float64))), *CLAMP),
+    # the lower threshold is -B less one unit of the coarse comparison: x in [-B - unit, -B) may read as
+    # inside (the series covers |x| <= B + unit), x >= -B always does (so relu starts beyond |x| = B)
+    unit = 2.0 ** (clamp[1] - F)
+    neg, w = yield from parallel(
+        compare.msb(p, x.map(lambda t: t.unsqueeze(-1)).add_public(
+            p.index, -encode(torch.tensor([-float(hi) - unit, float(hi)], dtype=torch.float64))), *clamp),
         trunc_sum(p, x.a * x.a + 2 * x.a * x.b, F + 2 * int(math.log2(hi))))      # (x / hi)^2
-    ge_lo, ge_hi = bits.map(lambda t: t[..., 0]), bits.map(lambda t: t[..., 1])   # [x >= -hi], [x >= hi]
-    inside = ge_lo - ge_hi
-    outside = (-inside).add_public(p.index, 1)
-    t = (yield from mul(p, inside, w.add_public(p.index, -encode(1.0)))).scale(2).add_public(p.index, encode(1.0))
-    # outside, the series gives its value at t = 1, E(B); relu wants x/2 + |x|/2 = x/2 + E(B) +
-    # (|x| - B)/2 + (B/2 - E(B)): the bit products go into the series' last round (2f bits)
+    below, under = neg.map(lambda t: t[..., 0]), neg.map(lambda t: t[..., 1])   # [x < -hi - unit], [x < hi]
+    # inside = [-hi - unit <= x < hi] = under ^ below (below implies under: the same coarse value).
+    # The bits are used only in products with w - 1 and x and as 0/1, as 3-out-of-3 sums: inside (w - 1),
+    # reshared, clamps t; the rest joins the series' last truncation
+    (clamp_d, inside_x, inside), (below_x, _) = yield from parallel(
+        bits.bit_times(p, under ^ below, [w.add_public(p.index, -encode(1.0)), x]),
+        bits.bit_times(p, below, [x]))
+    t = (yield from reshare(p, clamp_d)).scale(2).add_public(p.index, encode(1.0))
+    # outside, the series gives its value at t = 1, P(1) = sum of its coefficients (~E(B)); relu wants
+    # x/2 + |x|/2 there, x above and 0 below: extra = x/2 + [x >= B] x - outside (x/2 + P(1)),
+    # with [x >= B] = 1 - inside - below and outside = 1 - inside: x - below x - inside x / 2 - (1 - inside) P(1).
+    # All of it goes into the series' last round with 2f bits (3-out-of-3: a public term at party 0 only).
     half = 1 << (F - 1)
-    below = (-ge_lo).add_public(p.index, 1)                            # [x < -B]
-    extra = (x.a * half + cross_sum([(ge_hi.scale(half), x.add_public(p.index, -encode(float(hi)))),
-                                      (below.scale(half), (-x).add_public(p.index, -encode(float(hi))))])
-             + outside.scale(int(encode(hi / 2 - float(np.sum(coeffs)), 2 * F))).a)
-    return (yield from _chebyshev(p, t, coeffs, extra=extra))
+    p1 = int(encode(float(np.sum(coeffs)), 2 * F))
+    extra = x.a * (1 << F) - below_x * (1 << F) - inside_x * half + inside * p1 - (p1 if p.index == 0 else 0)
+    return (yield from _chebyshev(p, t, coeffs, out_frac=out_frac, extra=extra, horner=horner))
 
 
 def gelu(p: Party, x: AShare) -> Protocol:
@@ -189,12 +219,14 @@ def gelu(p: Party, x: AShare) -> Protocol:
     return (yield from _piecewise_even(p, x, GELU_PIECES))
 
 
-def silu(p: Party, x: AShare) -> Protocol:
-    return (yield from _piecewise_even(p, x, SILU_PIECES))
+def silu(p: Party, x: AShare, out_frac: int = F, horner: bool = False) -> Protocol:
+    """SiLU, with `out_frac` fractional bits; `horner`: its series in 5 rounds and fewer bytes (_chebyshev)."""
+    return (yield from _piecewise_even(p, x, SILU_PIECES, out_frac, horner))
 
 
 # ---- norms, softmax ------------------------------------------------------------------------------
 
+MAX_PARTS = 2                # softmax's max: calls over key prefixes (_row_max; each costs the parties' compute)
 MAX_ALL_PAIRS = 48           # a decoding step compares all pairs of up to this many keys at once
 RSQRT_RANGE = (-12, 20)      # sums of squares the norms handle: 2^-12 .. 2^20
 NORM_STEPS = 4               # the norms' 1/sqrt: 4 thresholds an octave, a degree-2 series (2e-4 relative at most)
@@ -244,6 +276,40 @@ def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project, out_fea
     return (yield from mul_trunc(p, y, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
 
 
+def _row_max(p: Party, masked: AShare, allowed: torch.Tensor, fill: int, group: int) -> Protocol:
+    """compare.maximum of each row of `masked` (..., T, S) with [x >= max - EXP_CLAMP], comparing only the
+    keys a query may see: the queries are split by the prefix of keys that holds all of theirs (a
+    causal prompt's query i sees keys up to past + i), rounded up to a multiple of `group`, and each
+    part runs over its prefix, all parts in parallel (no more rounds than one run over all keys); the
+    cheapest merges of neighbouring prefixes bring the parts down to MAX_PARTS. The
+    mask is public, so which keys are skipped says nothing of the scores; a skipped key's bit is 0."""
+    T, S = allowed.shape
+    seen = allowed.bool()
+    last = torch.where(seen.any(-1), S - seen.flip(-1).to(torch.int64).argmax(-1), 1)     # 1 + the last key seen
+    lengths = ((last + group - 1) // group * group).clamp(max=S)
+    kw = dict(margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1])
+    parts = sorted(set(lengths.tolist()))
+    while len(parts) > MAX_PARTS:           # each part costs the parties' compute: merge the cheapest neighbours
+        rows_at = [int((lengths == n).sum()) for n in parts]
+        extra = [rows_at[i] * (parts[i + 1] - parts[i]) for i in range(len(parts) - 1)]
+        i = extra.index(min(extra))
+        lengths = torch.where(lengths == parts[i], parts[i + 1], lengths)
+        del parts[i]
+    if parts == [S]:
+        return (yield from compare.maximum(p, masked, fill, group, **kw))
+    rows = [torch.nonzero(lengths == n).flatten() for n in parts]
+    outs = yield from parallel(*[compare.maximum(p, masked.map(lambda t, r=r, n=n: t[..., r, :n]), fill, group, **kw)
+                                 for r, n in zip(rows, parts)])
+    top = AShare(torch.zeros(masked.shape[:-1] + (1,), dtype=torch.int64), torch.zeros(masked.shape[:-1] + (1,), dtype=torch.int64))
+    near = AShare(torch.zeros(masked.shape, dtype=torch.int64), torch.zeros(masked.shape, dtype=torch.int64))
+    for (tp, nr), r, n in zip(outs, rows, parts):
+        for whole, part in ((top.a, tp.a), (top.b, tp.b)):
+            whole[..., r, :] = part
+        for whole, part in ((near.a, nr.a), (near.b, nr.b)):
+            whole[..., r, :n] = part
+    return top, near
+
+
 def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill: float = -10000.0) -> Protocol:
     """softmax(scores) @ v over keys the 0/1 public `allowed` (..., T, S) lets each query see.
 
@@ -255,8 +321,7 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
     # up to 64 keys); either way [x >= max - 16] comes from the last level's comparisons, so
     # exp needs no comparison of its own
     group = S if T == 1 and S <= MAX_ALL_PAIRS else 8
-    top, keep = yield from tagged(p, "softmax.max", compare.maximum(
-        p, masked, int(encode(fill)), group, margin=int(encode(EXP_CLAMP)), width=COARSE[0], drop=COARSE[1]))
+    top, keep = yield from tagged(p, "softmax.max", _row_max(p, masked, allowed, int(encode(fill)), group))
     # exp of the keys each query may see only (a prompt's causal mask hides half of them)
     seen = allowed.bool()
     pick = lambda t: t[..., seen]                                        # noqa: E731  (..., n_seen)
@@ -268,7 +333,7 @@ def softmax_av(p: Party, scores: AShare, allowed: torch.Tensor, v: AShare, fill:
         return out
     e = e.map(spread)
     total = e.map(lambda t: t.sum(-1))
-    inv, ev = yield from parallel(
-        inverse_power(p, total, half=False, lo_exp=-2, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),
+    inv, ev = yield from parallel(                      # the sum is at least 1: the max's own key has e^0
+        inverse_power(p, total, half=False, lo_exp=0, hi_exp=2 * math.ceil(math.log2(S) / 2 + 0.5)),
         mul_trunc(p, e, v, torch.matmul))
     return (yield from mul_trunc(p, ev, inv.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))

@@ -13,7 +13,12 @@ in one round, then (k2 Y e) e: 2 rounds, 2e-4 relative at most (1e-4 with degree
 is truncated for every i at once (in the comparisons' rounds): each truncation hides v as
 well as any other does while v, read as an integer, stays below 2^42; the k Y e sums are
 below 2^46 (15 bits of hiding) only at the smallest sums of squares (Y = 2^6), 2^36 for
-sums of squares near D. Comparison (5 rounds at width 40) + 3 or 2 rounds.
+sums of squares near D. Comparison (5 rounds at width 40) + 3 or 2 rounds. Each octave of
+thresholds drops the bits below its smallest threshold's relative precision, so the larger
+thresholds compare on fewer bits (8 to 40 for the norms), with table blocks chosen for bytes
+within the widest comparison's tree levels (no extra round); octaves whose tables cost the same
+share one comparison call, and the cheapest merges bring the calls down to MAX_GROUPS = 2
+(one for fewer than 64 thresholds; _threshold_groups)
 """
 
 from __future__ import annotations
@@ -33,6 +38,7 @@ from swarmlm.privacy.mpc.shares import AShare
 
 F = FRAC_BITS
 STEPS = 4                    # thresholds per octave: a first guess within 2^(1/8), so |e| < 0.09
+MAX_GROUPS = 2               # comparison calls per inverse_power (each costs the parties' compute)
 SERIES_DEGREE = 3            # (1 - e)^-a summed to e^3 (fixed: inverse_power's last two rounds)
 INV_OUT_BITS = F + 8         # fractional bits of inverse_power's result (1/sqrt(2^20) keeps 14 bits)
 
@@ -52,13 +58,13 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
       relative at most for 1/sqrt with 4 steps); Y = y0 4^(-a i) is piecewise constant in the
       interval, so Y e, like e, is a sum of bit-selected public values times the v / 4^i: e,
       k1 Y e and k2 Y e in one round, Y k0 + k1 Y e + (k2 Y e) e in the next: 2 rounds.
-    The comparison is 5 rounds at width 40."""
+    The comparison is 5 rounds at width 40 (its smallest thresholds; the others on fewer bits)."""
     assert lo_exp % 2 == 0 and hi_exp % 2 == 0 and degree in (2, 3)
     tab = _inverse_tables(half, lo_exp, hi_exp, frac_in, steps, degree)
     Q = len(tab.shifts)
     view = (-1,) + (1,) * len(v.shape)
     bits, scaled = yield from parallel(
-        compare.ge0(p, v.map(lambda t: t.unsqueeze(-1)).add_public(p.index, -tab.thresholds), tab.width, tab.drop),
+        _compare_all(p, v, tab),
         trunc(p, stack_shares([v] * Q).scale(tab.up.view(view)), tab.shifts.clamp(min=0).view(view)))   # (Q, ...): v / 4^i
     scaled = scaled.map(lambda t: torch.movedim(t, 0, -1))                                      # (..., Q)
     fine, wide = _table_combination(p, bits, tab.fine), _table_combination(p, bits, tab.wide)
@@ -82,6 +88,16 @@ def inverse_power(p: Party, v: AShare, *, half: bool, lo_exp: int, hi_exp: int, 
     return out + y
 
 
+def _compare_all(p: Party, v: AShare, tab: "_InverseTables") -> Protocol:
+    """[v >= threshold] (..., K) for every threshold, each group of thresholds on the fewest bits its
+    relative precision allows (the groups in parallel: the widest, the smallest thresholds', sets the rounds)."""
+    col = v.map(lambda t: t.unsqueeze(-1))
+    levels = compare.tree_levels(max(width for _, _, width, _ in tab.groups))
+    parts = yield from parallel(*[compare.ge0(p, col.add_public(p.index, -tab.thresholds[s:e]), width, drop, levels)
+                                  for s, e, width, drop in tab.groups])
+    return AShare(torch.cat([b.a for b in parts], -1), torch.cat([b.b for b in parts], -1))
+
+
 def _cross_rows(x: AShare, y: AShare) -> torch.Tensor:
     """This party's 3-out-of-3 component of sum over the last dim of x * y."""
     return (x.a * y.a + x.a * y.b + x.b * y.a).sum(-1)
@@ -90,8 +106,7 @@ def _cross_rows(x: AShare, y: AShare) -> torch.Tensor:
 @dataclass(frozen=True)
 class _InverseTables:
     thresholds: torch.Tensor     # (K,) encoded with frac_in bits
-    drop: int
-    width: int
+    groups: tuple[tuple[int, int, int, int], ...]   # (start, end, width, drop): thresholds compared alike
     shifts: torch.Tensor         # (Q,) v / 4^i: truncation shifts (negative: scaled up first)
     up: torch.Tensor             # (Q,)
     fine: tuple[torch.Tensor, torch.Tensor]   # piecewise-constant functions with f bits: (deltas (K, M), base (M,))
@@ -115,8 +130,7 @@ def _inverse_tables(half: bool, lo_exp: int, hi_exp: int, frac_in: int, steps: i
     # converges faster) at the smallest threshold, dropping the bits below it, and cover v up
     # to 2^hi_exp
     precision = 6 if half else 8
-    drop = max(0, frac_in + lo_exp - precision)
-    width = min(64 - drop, hi_exp + frac_in - drop + 2)
+    groups = _threshold_groups(ks, steps, frac_in, hi_exp, precision)
     quads = list(range(lo_exp // 2, hi_exp // 2))                       # v / 4^i for each of these i
     shifts = torch.tensor([2 * i + frac_in - F for i in quads], dtype=torch.int64)
     up = torch.where(shifts < 0, 1 << (-shifts).clamp(min=0), torch.ones_like(shifts))
@@ -135,7 +149,34 @@ def _inverse_tables(half: bool, lo_exp: int, hi_exp: int, frac_in: int, steps: i
     else:
         series = [math.comb(2 * k, k) / 4 ** k if half else 1.0 for k in range(SERIES_DEGREE + 1)]
         wide = [[c * y for y in ys] for c in series[1:]] + [ys]
-    return _InverseTables(thresholds, drop, width, shifts, up, _table(picks, F), _table(wide, INV_OUT_BITS))
+    return _InverseTables(thresholds, tuple(groups), shifts, up, _table(picks, F), _table(wide, INV_OUT_BITS))
+
+
+def _threshold_groups(ks: list[int], steps: int, frac_in: int, hi_exp: int, precision: int) -> list[tuple[int, int, int, int]]:
+    """(start, end, width, drop) of runs of thresholds compared alike: each octave's thresholds may drop the
+    bits below its smallest one's relative precision (fewer bits above), and consecutive octaves whose
+    comparisons cost the same tables (compare.table_cost, within the widest's tree levels) share one call
+    (each call costs the parties' compute, so as few as the bytes allow)."""
+    def at(start: int) -> tuple[int, int]:
+        drop = max(0, frac_in + math.floor(ks[start] / steps) - precision)
+        return min(64 - drop, hi_exp + frac_in - drop + 2), drop
+    levels = compare.tree_levels(at(0)[0])
+    groups: list[list[int]] = []
+    for start in range(0, len(ks), steps):
+        end = min(start + steps, len(ks))
+        width, drop = at(start)
+        if groups and compare.table_cost(groups[-1][2], levels) == compare.table_cost(width, levels):
+            groups[-1][1] = end
+        else:
+            groups.append([start, end, width, drop])
+    # merge the neighbours whose merging adds the fewest bytes; a second call pays for many thresholds only
+    while len(groups) > (MAX_GROUPS if len(ks) >= 64 else 1):
+        extra = [(compare.table_cost(groups[i][2], levels) - compare.table_cost(groups[i + 1][2], levels))
+                 * (groups[i + 1][1] - groups[i + 1][0]) for i in range(len(groups) - 1)]
+        i = extra.index(min(extra))
+        groups[i][1] = groups[i + 1][1]
+        del groups[i + 1]
+    return [tuple(g) for g in groups]
 
 
 def _table_combination(p: Party, bits: AShare, table: tuple[torch.Tensor, torch.Tensor]) -> AShare:

@@ -128,14 +128,16 @@ def square(p: Party, x: AShare, shift: int = FRAC_BITS) -> Protocol:
     return (yield from trunc_sum(p, x.a * x.a + 2 * x.a * x.b, shift))
 
 
-def linear(p: Party, x: AShare, weight: torch.Tensor, bias: torch.Tensor | None = None) -> Protocol:
-    """x (..., K) @ weight (K, N), both fixed point, + bias (N,) encoded with 2f fractional bits.
+def linear(p: Party, x: AShare, weight: torch.Tensor, bias: torch.Tensor | None = None,
+           shift: int | torch.Tensor = FRAC_BITS) -> Protocol:
+    """x (..., K) @ weight (K, N), both fixed point, + bias (N,) encoded with 2f fractional bits;
+    `shift` (per output column, if a tensor) leaves 2f - shift fractional bits.
 
     Public weights: the product is local (no message); only the truncation talks (one round)."""
     z = x.map(lambda t: t @ weight)
     if bias is not None:
         z = z.add_public(p.index, bias)
-    return (yield from trunc(p, z))
+    return (yield from trunc(p, z, shift))
 
 
 def band_bits(p: Party, u: BShare, v: BShare) -> Protocol:

@@ -95,22 +95,25 @@ def tagged(p: "Party", name: str, protocol: Protocol) -> Protocol:
 
 # ---- encoding of one message: the tensors' raw bytes; shapes and dtypes are the receiver's to know --
 
+_WIDTHS = {torch.int64: (np.int64, 8), torch.int32: (np.int32, 4), torch.int16: (np.int16, 2), torch.int8: (np.int8, 1)}
+
+
 def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
     parts = []
     for t in tensors:
         if t.dtype == torch.bool:
             parts.append(np.packbits(t.contiguous().numpy().reshape(-1)).tobytes())
-        elif t.dtype in (torch.int64, torch.int32):
+        elif t.dtype in _WIDTHS:
             parts.append(t.contiguous().numpy().tobytes())
         else:
-            raise WireError(f"shares travel as int64, int32 or bool, not {t.dtype}")
+            raise WireError(f"shares travel as int64, int32, int16, int8 or bool, not {t.dtype}")
     return b"".join(parts)
 
 
 def spec_bytes(spec: Spec) -> int:
     shape, dtype = spec
     n = math.prod(shape)
-    return (n + 7) // 8 if dtype == torch.bool else (4 if dtype == torch.int32 else 8) * n
+    return (n + 7) // 8 if dtype == torch.bool else _WIDTHS[dtype][1] * n
 
 
 def decode_message(data: bytes, specs: Sequence[Spec]) -> list[torch.Tensor]:
@@ -127,7 +130,7 @@ def decode_message(data: bytes, specs: Sequence[Spec]) -> list[torch.Tensor]:
         if dtype == torch.bool:
             arr = np.unpackbits(chunk, count=n).astype(np.bool_)
         else:
-            arr = chunk.view(np.int32 if dtype == torch.int32 else np.int64).copy()
+            arr = chunk.view(_WIDTHS[dtype][0]).copy()
         out.append(torch.from_numpy(arr).view(*shape))
     return out
 
