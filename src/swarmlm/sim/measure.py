@@ -9,8 +9,9 @@ time per token as the median of three), and the medians over rounds are kept, so
 a shared machine counts once. What a freshly started server pays once (its first session, its
 first replay, its first computation) is taken as the measurement's own server starts.
 
-- `block_tokens_per_s`: a one-token decoding step through one block (the figure a server announces,
-  `swarm.blocks.measure_throughput`, with more repeats), and the prompt's speed-up over it;
+- `block_tokens_per_s`: a one-token decoding step through the model's blocks as a server takes it
+  (`swarm.blocks.run_span`), per block (the figure a server announces, `measure_throughput`, with more
+  repeats), and the prompt's speed-up over it;
 - `step_overhead_s`: what a server's step handler costs beyond that compute: the real
   `BlockHost` handler (`swarm.server.host`) on a one-block model, bytes in to bytes out (decoding,
   checks, the cache, encoding), minus the block's compute;
@@ -139,18 +140,23 @@ def _derive(t: dict[str, float], cold: dict[str, float], channel_rtt: float, cfg
 
 
 def _compute_times(model: Any, block: Any, cfg: Any, repeats: int, prompt_tokens: int) -> dict[str, float]:
-    """In this process: a one-token step through one block, a prompt's, the client's work per token, the
-    real step handler on one block (bytes to bytes)."""
+    """In this process: a one-token step per block (through the whole span, as a server runs it), a prompt's
+    through one block, the client's work per token, the real step handler on one block (bytes to bytes)."""
     import torch
 
     from swarmlm.model.cache import KVCache
 
-    one = range(0, 1)
+    from swarmlm.swarm.blocks import run_span
+
+    one, n = range(0, 1), cfg.n_layers
     with torch.inference_mode():
-        cache = KVCache.empty(cfg, 1, repeats * 3 + 16, layers=one, dtype=torch.float32)
+        # a decoding step as a server takes it for its span (run_span: the lean step, one call for every
+        # block where the compiled step applies), per block: one block alone would count the call's own
+        # cost once per block
+        cache = KVCache.empty(cfg, 1, repeats * 3 + 16, layers=range(n), dtype=torch.float32)
         h1 = torch.randn(1, 1, cfg.dim)
         hp = torch.randn(1, prompt_tokens, cfg.dim)
-        decode_s = _median_time(lambda: model.run_blocks(h1, start=0, end=1, cache=cache), repeats)
+        decode_s = _median_time(lambda: run_span(model, h1, 0, n, cache=cache), repeats) / n
         cache = KVCache.empty(cfg, 1, (repeats + 2) * prompt_tokens, layers=one, dtype=torch.float32)
         prefill_s = _median_time(lambda: model.run_blocks(hp, start=0, end=1, cache=cache), repeats)
         ids = torch.zeros(1, 1, dtype=torch.long)
