@@ -20,6 +20,29 @@ REFUSAL = ("access refused: quota exceeded: 10 tokens left here this epoch (quot
            "wei), 40 asked; renews in 3000 s (epoch 2)")
 
 
+class WatchedLock(asyncio.Lock):
+    """The backend's opening lock, counting the requests waiting on it and saying so to another thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.waiting = 0
+        self.changed = threading.Condition()
+
+    def _count(self, step: int) -> None:
+        with self.changed:
+            self.waiting += step
+            self.changed.notify_all()
+
+    async def acquire(self) -> bool:
+        if not self.locked():
+            return await super().acquire()
+        self._count(1)
+        try:
+            return await super().acquire()
+        finally:
+            self._count(-1)
+
+
 class FakeRemote:
     """What SwarmBackend uses of a RemoteModel: sessions that refuse, or yield `n` tokens, on their own loop."""
 
@@ -34,14 +57,18 @@ class FakeRemote:
     async def _others_queued(self) -> None:
         """Wait (bounded) until every request not yet opened waits on the backend's opening lock: so an
         opening is still under way while the others have arrived, and one that did not take turns would
-        be seen at once (open_now)."""
+        be seen at once (open_now). The lock says when a request starts or stops waiting on it."""
         want = self.openings_expected - self.opened
-        for _ in range(3000):
-            waiters = self.backend._opening._waiters if self.backend is not None else None
-            if want <= 0 or (waiters is not None and len(waiters) >= want):
-                return
-            await asyncio.sleep(0.01)
-        raise AssertionError(f"{want} more requests never queued behind this opening")
+        if want <= 0:
+            return
+        lock = self.backend._opening
+
+        def wait() -> bool:
+            with lock.changed:
+                return lock.changed.wait_for(lambda: lock.waiting >= want, 30)
+
+        if not await asyncio.to_thread(wait):
+            raise AssertionError(f"{want} more requests never queued behind this opening")
 
     async def generate_steps(self, prompts, *, max_new_tokens, **kw):
         self.log.append(("open", max_new_tokens, threading.current_thread().name))
@@ -66,6 +93,7 @@ def api_with(ckpt):
         paid = []
         remote = FakeRemote(refuse, log)
         backend = remote.backend = SwarmBackend(remote, pay_for=lambda n: (paid.append(n), log.append(("pay", n))))
+        backend._opening = WatchedLock()
         api = RunningApi(build_app(backend, ckpt, "tiny-llama", api_key=None, eos_id=None))
         running.append((api, remote))
         make.last_remote = remote
