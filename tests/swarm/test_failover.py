@@ -11,10 +11,11 @@ import pytest
 
 from swarmlm.errors import NotFoundError
 from swarmlm.model.generate import generate
-from swarmlm.swarm import wire
+from swarmlm.swarm import fast, wire
 from swarmlm.swarm.client.hops import HopClient
 from swarmlm.swarm.client.remote import RemoteBlocks
 from swarmlm.swarm.client.states import SessionState, StepMode
+from swarmlm.swarm.server.fast import FastLane
 from swarmlm.swarm.server.host import BlockHost
 from tests.helpers.swarm_servers import local_model
 
@@ -133,8 +134,22 @@ def count_deliveries(monkeypatch):
             delivered.append((req.session_id, req.position, "client" if id(req) in from_client else "server"))
         return await deliver(self, session, req)
 
+    on_push = FastLane.on_push
+
+    def counted_on_push(self, conn, key):          # the fast lane's pushes (swarm/fast.py)
+        handle = on_push(self, conn, key)
+
+        def spy(plain):
+            if plain is not None and fast.is_fast(plain):
+                kind, _, session_id, position, _ = fast.parse(plain)
+                if kind == fast.PUSH:
+                    delivered.append((session_id, position, "server"))
+            return handle(plain)
+        return spy
+
     monkeypatch.setattr(BlockHost, "rpc_step", counted_rpc_step)
     monkeypatch.setattr(BlockHost, "_deliver", counted_deliver)
+    monkeypatch.setattr(FastLane, "on_push", counted_on_push)
     return delivered
 
 
@@ -167,6 +182,7 @@ def test_after_a_failover_the_server_before_the_replacement_pushes_into_it(direc
     # client (which is what happens, with the same tokens, if the first server still pushes to the dead one)
     assert into_replacement == [(position, "server") for position in later]
     assert [position for sid, position in relayed if sid == replacement] == []
+    assert session.fast_steps > 0 and session.hops[1].lane.relayed == 0     # by the fast lane, pushed
 
 
 def test_a_killed_server_is_never_offered_a_session_again(swarm, checkpoints, monkeypatch):

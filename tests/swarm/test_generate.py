@@ -1,5 +1,6 @@
 """Greedy generation through servers holding spans equals local generation."""
 
+import dataclasses
 import pytest
 
 from swarmlm.model.generate import generate
@@ -107,6 +108,8 @@ def test_steps_sent_ahead_to_the_later_hops_are_used_or_called_off(direct_swarm,
 
     ckpt = checkpoints["llama"]
     model = two_halves(direct_swarm, ckpt)
+    options = model.blocks.options                    # the slow chained path: no fast lane (test_fast.py)
+    model.blocks.options = dataclasses.replace(options, session=dataclasses.replace(options.session, fast=False))
     local = local_model(ckpt)
     h = torch.randn(1, 5, local.cfg.dim, generator=torch.Generator().manual_seed(0))
     session = model.inference_session(batch=1, max_length=16).session

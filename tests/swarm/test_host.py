@@ -58,7 +58,7 @@ class Harness:
 
     async def until_waiting(self, sid, position):
         """Until the server holds a step of session `sid` waiting for its pushed input at `position`."""
-        inbox = self.host._sessions[(self.client.peer_id, sid)].inbox
+        inbox = self.host.sessions[(self.client.peer_id, sid)].inbox
         for _ in range(10_000):
             if inbox.waiting(position):
                 return
@@ -776,7 +776,7 @@ def test_a_refused_push_ends_the_link_and_later_pushes_report_they_could_not_lea
                               wire.OpenReply)
         hop = wire.NextHop(h.server.peer_id, b, 0, 2, endpoint=opened.endpoint)
         assert (await h.call(wire.RPC_LINK, wire.LinkRequest(a, next_hop=hop), wire.LinkReply)).pushes
-        link = h.host._sessions[(h.client.peer_id, a)].next
+        link = h.host.sessions[(h.client.peer_id, a)].next
         await h.call(wire.RPC_CLOSE, wire.CloseRequest(b), wire.CloseReply)    # b is gone: its pushes are refused
         good = torch.randn(1, 1, D)
         first = await h.call(wire.RPC_STEP, wire.StepRequest(a, 0, 2, 0, good, push=True), wire.StepReply)

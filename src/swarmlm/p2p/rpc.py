@@ -274,6 +274,11 @@ class Channel:
         self._last_turn: asyncio.Future | None = None   # done once the latest request's reply is read
         self.broken: str | None = None      # why the channel can no longer be used
 
+    @property
+    def reader(self) -> Any:
+        """What replies are read from (a side-channel `Connection` for a direct channel)."""
+        return self._reader
+
     async def call(self, request: bytes, *, timeout_s: float, max_response_bytes: int) -> bytes:
         """One request, one reply (see the class docstring for the errors)."""
         return await self.send(request, timeout_s=timeout_s, max_response_bytes=max_response_bytes)

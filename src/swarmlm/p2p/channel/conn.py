@@ -18,14 +18,20 @@ A `Connection` is an asyncio protocol that serves as both reader and writer:
 - a byte stream over the records' plaintext: `readexactly(n)`, with `write` / `drain` /
   `close`, which is all that rpc.py's framing (`rpc.Channel`, `serve_channel`) needs.
 The kernel receives a large record straight into a buffer of its size (one copy, no
-StreamReader). Knows nothing of peers' discovery, of handshakes or of what records mean.
+StreamReader); a small one, header and all, into one scratch buffer in one receive.
+
+`set_record_handler(fn)` turns a connection of small records (decoding steps, pushes) to records
+handled as they arrive: `buffer_updated` decrypts each complete record and offers it to `fn` in
+the loop's own callback (no task is woken, nothing is awaited: swarm/server/fast.py's steps run
+there); a record `fn` declines joins the byte stream `readexactly` reads, in order.
+Knows nothing of peers' discovery, of handshakes or of what records mean.
 """
 
 from __future__ import annotations
 
 import asyncio
 import struct
-from typing import Any
+from typing import Any, Callable
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -33,6 +39,9 @@ from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from swarmlm.errors import PeerError
+from swarmlm.log import get_logger
+
+logger = get_logger(__name__)
 
 KEY_BYTES = 32
 TAG_BYTES = 16
@@ -80,6 +89,9 @@ class Connection(asyncio.BufferedProtocol):
         self.bytes_sent = 0                    # on the wire, headers and tags included
         self.bytes_received = 0
         self.closed = asyncio.Event()
+        self._on_record: Callable[[bytes | None], bool] | None = None   # set_record_handler's
+        self._fault: PeerError | None = None   # a record that failed its checks in buffer_updated
+        self._dispatching = False              # records are decrypted in buffer_updated (set_record_handler)
 
     def start(self, send: AESGCM, recv: AESGCM, *, peer_id: str, purpose: str, max_record_bytes: int) -> None:
         self._send, self._recv = send, recv
@@ -104,10 +116,62 @@ class Connection(asyncio.BufferedProtocol):
                 self._wake()
             return
         self._pending += memoryview(self._scratch)[:nbytes]
-        if len(self._pending) > _READ_BUFFER and not self._paused_reading:
+        if self._dispatching:
+            self._dispatch()
+            backlog = len(self._plain)             # a partial record is read on, whatever its size
+        else:
+            backlog = len(self._pending)
+        if backlog > _READ_BUFFER and not self._paused_reading:
             self._paused_reading = True
             self._transport.pause_reading()
         self._wake()
+
+    def set_record_handler(self, handler: Callable[[bytes | None], bool] | None) -> None:
+        """Offer every record to `handler(plaintext) -> consumed` as it arrives, in the loop's callback
+        (it must not block); records it declines (False) are read by `readexactly` as before. Only for
+        connections read through `readexactly` (rpc framing), not `read_record`. A record already
+        received is offered at once; `handler(None)` says, once, that the connection is lost."""
+        self._on_record = handler
+        self._dispatching = self._dispatching or handler is not None     # for good: _plain holds the rest
+        if handler is not None and self._pending and self._target is None:
+            self._dispatch()
+            self._wake()
+
+    def _dispatch(self) -> None:
+        """Decrypt the complete records in `_pending`, in order, each to the handler or to `_plain`."""
+        while self._fault is None and len(self._pending) >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(self._pending)
+            if not TAG_BYTES <= length <= self.max_record_bytes + TAG_BYTES:
+                self._refuse(f"a side-channel record of {length - TAG_BYTES} bytes from {self.peer_id or 'a peer'}, "
+                             f"limit {self.max_record_bytes}")
+                return
+            end = _LENGTH.size + length
+            if len(self._pending) < end:
+                return
+            header, sealed = bytes(self._pending[:_LENGTH.size]), bytes(self._pending[_LENGTH.size:end])
+            del self._pending[:end]
+            seq, self._recv_seq = self._recv_seq, self._recv_seq + 1
+            try:
+                plain = self._recv.decrypt(_nonce(seq), sealed, header)
+            except InvalidTag:
+                self._refuse(f"a side-channel record from {self.peer_id or 'a peer'} failed its tag")
+                return
+            try:
+                consumed = self._on_record is not None and self._on_record(plain)
+            except Exception:                   # a handler's bug: this connection ends, the peer goes on
+                logger.exception("a record handler failed on a record from %s", self.peer_id)
+                self._refuse(f"a record from {self.peer_id or 'a peer'} could not be handled")
+                return
+            if not consumed:
+                self._plain += plain
+            if self._transport is None or self._transport.is_closing():
+                return
+
+    def _refuse(self, why: str) -> None:
+        """A record that cannot be trusted: nothing after it is read; the reader gets `PeerError`."""
+        self._fault = PeerError(why)
+        self._pending.clear()
+        self.abort()
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -121,6 +185,12 @@ class Connection(asyncio.BufferedProtocol):
         self.closed.set()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(exc or ConnectionResetError("connection lost"))
+        if self._on_record is not None:        # told once: nothing more will come
+            handler, self._on_record = self._on_record, None
+            try:
+                handler(None)
+            except Exception:
+                logger.exception("a record handler failed on the loss of its connection to %s", self.peer_id)
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -139,6 +209,14 @@ class Connection(asyncio.BufferedProtocol):
     async def read_raw(self, n: int, into: bytearray | memoryview | None = None) -> bytearray | memoryview:
         """Exactly n bytes off the socket (into `into` if given, of length n); `IncompleteReadError`
         if the connection ends first."""
+        if into is None and n < _BIG:           # a small read: whatever arrived with it stays in _pending
+            while len(self._pending) < n:
+                if self._eof:
+                    raise asyncio.IncompleteReadError(bytes(self._pending), n)
+                await self._wait_for_bytes()
+            data = self._pending[:n]
+            del self._pending[:n]
+            return data
         target = bytearray(n) if into is None else into
         have = min(len(self._pending), n)
         if have:
@@ -160,6 +238,16 @@ class Connection(asyncio.BufferedProtocol):
             self._target, self._waiter = None, None
         return target
 
+    async def _wait_for_bytes(self) -> None:
+        if self._paused_reading:
+            self._paused_reading = False
+            self._transport.resume_reading()
+        self._waiter = self._loop.create_future()
+        try:
+            await self._waiter
+        finally:
+            self._waiter = None
+
     def write_raw(self, data: bytes | bytearray | memoryview) -> None:
         if self._transport is None or self._transport.is_closing():
             raise ConnectionResetError("the connection is closed")
@@ -169,6 +257,8 @@ class Connection(asyncio.BufferedProtocol):
     # ---- records ----------------------------------------------------------------------------------
 
     async def _read_sealed(self, limit: int) -> tuple[bytes, bytearray, int]:
+        if self._dispatching:
+            raise RuntimeError("records are dispatched as they arrive on this connection: read with readexactly")
         header = bytes(await self.read_raw(_LENGTH.size))
         (length,) = _LENGTH.unpack(header)
         if not TAG_BYTES <= length <= limit + TAG_BYTES:
@@ -213,6 +303,8 @@ class Connection(asyncio.BufferedProtocol):
     # ---- a byte stream over the records (rpc.py's framing) ------------------------------------------
 
     async def readexactly(self, n: int) -> bytes:
+        if self._dispatching:
+            return await self._read_dispatched(n)
         while len(self._plain) < n:
             try:
                 record = await self.read_record()
@@ -225,8 +317,24 @@ class Connection(asyncio.BufferedProtocol):
         del self._plain[:n]
         return data
 
+    async def _read_dispatched(self, n: int) -> bytes:
+        """readexactly where buffer_updated decrypts: the records the handler declined."""
+        while len(self._plain) < n:
+            if self._fault is not None:
+                raise self._fault
+            if self._eof:
+                raise asyncio.IncompleteReadError(bytes(self._plain), n)
+            await self._wait_for_bytes()
+        data = bytes(self._plain[:n])
+        del self._plain[:n]
+        return data
+
     async def read(self, n: int = -1) -> bytes:
         """Up to n bytes of plaintext (b"" at the end or on a bad record): for draining a caller."""
+        while self._dispatching and not self._plain:
+            if self._fault is not None or self._eof:
+                return b""
+            await self._wait_for_bytes()
         if not self._plain:
             try:
                 self._plain += await self.read_record()

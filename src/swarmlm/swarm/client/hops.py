@@ -42,6 +42,7 @@ class HopState:
     channel: Any = None                  # the steps channel (p2p/rpc.py's Channel), or None: unary steps
     next_hop: wire.NextHop | None = None  # how the server before this one reaches it (direct servers only)
     pushes: bool = False                 # this server pushes its outputs to the next one when asked
+    lane: Any = None                     # client/fast.py's FastHop on a direct channel, else None
     inputs: list[torch.Tensor] = field(default_factory=list)         # per step: (B, T_i, D)
     masks: list[torch.Tensor | None] = field(default_factory=list)   # per step: (B, T_i) or None
     length: int = 0                                                  # sum of T_i: positions the server holds

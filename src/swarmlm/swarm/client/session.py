@@ -32,6 +32,7 @@ from swarmlm.errors import AccessRefused, PeerError
 from swarmlm.log import get_logger
 from swarmlm.swarm import wire
 from swarmlm.swarm.client.chained import ChainBroken, ChainedSteps
+from swarmlm.swarm.client.fast import FastHop, FastRefused, FastSteps
 from swarmlm.swarm.client.hops import HopClient, HopFailed, HopState, as_dtype, checked_output
 from swarmlm.swarm.client.routing import Hop
 from swarmlm.swarm.client.states import READY, SessionState, StepMode, StepRecord, check_stage, check_transition
@@ -73,6 +74,7 @@ class SessionOptions:
     direct: bool = True                   # step over servers' side channels (p2p/channel/) where they have one
     direct_timeout_s: float = 3.0         # dialing it; a server that cannot be dialed is stepped over libp2p
     chain: bool = True                    # servers push outputs to the next server (wire.py's chained steps)
+    fast: bool = True                     # chained one-token steps as fast-lane records (swarm/fast.py)
     ticket: Callable[[str, int, int], bytes | None] | None = None   # (server peer ID, batch, max_length) -> the
                                           # OpenRequest.ticket for it (cli.py hands the ledger's); None: no tickets
     ticket_accepted: Callable[[str], None] | None = None            # told which server took its ticket
@@ -94,6 +96,7 @@ class InferenceSession:
         self.options = options
         self.calls = HopClient(swarm, options, batch=batch, max_length=max_length, start=start, prompts=prompts)
         self._chained = ChainedSteps(self.calls)
+        self._fast: FastSteps | None = None    # made at the first fast step (it needs the width)
         self.hops: list[HopState] = []
         self.banned: set[str] = set()
         self.state = S.OPENING
@@ -134,6 +137,16 @@ class InferenceSession:
         return next((s for s in reversed(self.history) if s in READY), None) is S.CHAINED
 
     @property
+    def fast_steps(self) -> int:
+        """Chained steps that went by the fast lane (swarm/fast.py)."""
+        return 0 if self._fast is None else self._fast.steps
+
+    @property
+    def fast_relays(self) -> int:
+        """Outputs of fast steps the client relayed to the next hop because a push did not leave."""
+        return 0 if self._fast is None else self._fast.relays
+
+    @property
     def chained_steps(self) -> int:
         """Steps that went to every hop at once."""
         return sum(r.mode is StepMode.CHAINED for r in self.step_log)
@@ -166,15 +179,30 @@ class InferenceSession:
         position = self.position
         first = position == 0
         chained = self.state is S.CHAINED and not (first and self.prompts is not None)  # prompts go hop by hop
-        ahead = await self._chained.take_ahead(self.hops, key_mask, chained=chained)
+        lanes = chained and all(st.lane is not None for st in self.hops)
+        fast = lanes and T == 1 and key_mask is None and not first
+        ahead = await self._chained.take_ahead(self.hops, key_mask, chained=chained and not fast)
         recoveries = self.recoveries
-        if chained:
+        if fast:
+            if self._fast is None:
+                self._fast = FastSteps(batch=B, dim=hidden.shape[2], timeout_s=self.options.step_timeout_s)
             try:
-                y = await self._chained.step(self.hops, hidden, key_mask, ahead=ahead, more=more)
+                y = await self._fast.step(self.hops, hidden)
             except ChainBroken as e:
                 y = await self._run_from(e.index, e.x, key_mask, first=first, failed=e.cause)
+            except FastRefused as e:                  # that hop takes the step the slow way
+                logger.info("fast step refused: %s", e)
+                y = await self._run_from(e.index, e.x, key_mask, first=first)
         else:
-            y = await self._run_from(0, hidden, key_mask, first=first)
+            if self._fast is not None:
+                self._fast.armed = False              # a slow step disarms the servers' fast waits
+            if chained:
+                try:                                  # with lanes the next step is fast: nothing goes ahead
+                    y = await self._chained.step(self.hops, hidden, key_mask, ahead=ahead, more=more and not lanes)
+                except ChainBroken as e:
+                    y = await self._run_from(e.index, e.x, key_mask, first=first, failed=e.cause)
+            else:
+                y = await self._run_from(0, hidden, key_mask, first=first)
         mode = (StepMode.FAILED_OVER if self.recoveries > recoveries else
                 StepMode.CHAINED if chained else StepMode.HOP_BY_HOP)
         self.step_log.append(StepRecord(position, T, mode))
@@ -277,6 +305,8 @@ class InferenceSession:
                     nxt = (states[0].next_hop if states else tail) if link else None
                     pusher = (hops[j - 1].peer_id if j > 0 else pushed_by) if link else None
                     states.insert(0, await self.calls.open(hops[j], next_hop=nxt, pusher=pusher))
+                    if self.options.fast and states[0].next_hop is not None:     # a direct channel
+                        states[0].lane = FastHop.of(states[0].channel, states[0].session_id, hops[j].peer_id)
                 if history is not None and history[0]:
                     self._enter(S.REPLAYING)
                     await self.calls.replay(states, *history)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -25,7 +25,7 @@ from swarmlm import serialize
 from swarmlm.errors import CapacityError, PeerError, WireError
 from swarmlm.log import get_logger
 from swarmlm.p2p import rpc
-from swarmlm.swarm import wire
+from swarmlm.swarm import fast, wire
 
 logger = get_logger(__name__)
 
@@ -44,6 +44,23 @@ _LATE = object()             # ... when no input came in time
 class Inbox:
     def __init__(self) -> None:
         self._slots: dict[int, asyncio.Future] = {}
+        self._fast: Callable[[int, Any], None] | None = None   # server/fast.py's standing wait (arm)
+
+    def arm(self, position: int, run: Callable[[int, Any], None]) -> None:
+        """A fast WAIT (server/fast.py): from the step at `position` on, `run(position, input)` each input
+        the moment it is delivered (at once for one delivered already), until `disarm`. The input is a
+        tensor, or None (called off)."""
+        slot = self._slots.get(position)
+        if slot is not None and not slot.done():
+            raise WireError(f"a step already waits for the input at position {position}")
+        self._fast = run
+        if slot is not None:
+            del self._slots[position]
+            run(position, slot.result())
+
+    def disarm(self) -> None:
+        """End the fast wait: a slow step (which waits for its own input, or brings it) is next."""
+        self._fast = None
 
     def _slot(self, position: int) -> asyncio.Future:
         slot = self._slots.get(position)
@@ -55,6 +72,9 @@ class Inbox:
 
     def deliver(self, position: int, hidden: torch.Tensor | None) -> None:
         """The input of the step at `position` (None: call that step off)."""
+        if self._fast is not None:
+            self._fast(position, hidden)
+            return
         slot = self._slot(position)
         if slot.done():
             raise WireError(f"the step at position {position} already has its input")
@@ -92,6 +112,7 @@ class Inbox:
 
     def close(self) -> None:
         """Wake every waiting step with an error (a dropped session)."""
+        self._fast = None
         for slot in self._slots.values():
             if not slot.done():
                 slot.set_result(_CLOSED)
@@ -161,6 +182,17 @@ class NextLink:
                                position=position, hidden=hidden, pushed=True)
         try:
             self.conn.write(rpc.frame(rpc.REQUEST, serialize.encode_message(req)))
+        except ConnectionError as e:
+            logger.info("push to %s lost: %s", self.hop.peer_id, e)
+            return False
+        return True
+
+    def push_fast(self, position: int, hidden: torch.Tensor) -> bool:
+        """`push` as a fast-lane record (swarm/fast.py): the next server runs its waiting step at once."""
+        if self.broken:
+            return False
+        try:
+            self.conn.write(fast.record(fast.PUSH, self.hop.session_id, position, fast.tensor_bytes(hidden)))
         except ConnectionError as e:
             logger.info("push to %s lost: %s", self.hop.peer_id, e)
             return False

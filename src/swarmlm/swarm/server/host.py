@@ -50,6 +50,7 @@ from swarmlm.swarm.server.chain import (
 )
 from swarmlm.swarm.server import metrics
 from swarmlm.swarm.server.checks import RequestChecks
+from swarmlm.swarm.server.fast import FastLane
 from swarmlm.swarm.server.saved import SavedForwards
 from swarmlm.swarm.server.spans import StatelessSpans
 
@@ -97,7 +98,8 @@ class BlockHost:
         self.state = "joining"
         self.clock = clock
         self.on_change: Callable[[], None] = lambda: None   # the announcer's poke
-        self._sessions: dict[tuple[str, bytes], _Session] = {}
+        self.sessions: dict[tuple[str, bytes], _Session] = {}
+        self.fast = FastLane(self, max_rows=INLINE_STEP_TOKENS)   # chained one-token steps (server/fast.py)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
         self.side: Any = None                 # the peer's side channel (p2p/channel/), once registered with one
         self.dials = DialLimiter(max_dials=MAX_DIALS_PER_PEER, window_s=DIAL_WINDOW_S, clock=clock)
@@ -110,7 +112,7 @@ class BlockHost:
         span = model.layer_range
         if not len(span):
             raise ValueError("a BlockHost needs at least one block")
-        for key in list(self._sessions):
+        for key in list(self.sessions):
             self._drop(key)
         self.model = model.eval().requires_grad_(False)
         self.cfg = model.cfg
@@ -150,8 +152,10 @@ class BlockHost:
         if side is not None:
             self.side = side
             record_bytes = rpc.frame_bytes(limit)                                 # a frame a record
-            await side.serve(wire.PURPOSE_STEPS, lambda conn: serve_steps(conn.peer_id, conn, conn),
-                             max_record_bytes=record_bytes)
+            def steps(conn: Any) -> Awaitable[None]:       # the fast lane's records first, rpc frames after
+                conn.set_record_handler(self.fast.on_steps(conn))
+                return serve_steps(conn.peer_id, conn, conn)
+            await side.serve(wire.PURPOSE_STEPS, steps, max_record_bytes=record_bytes)
             await side.serve(wire.PURPOSE_PUSH, self._serve_pushes, max_record_bytes=record_bytes)
 
     def max_request_bytes(self) -> int:
@@ -161,9 +165,9 @@ class BlockHost:
 
     def close(self) -> None:
         """Drop every session (and their pushes onward) and stop the worker thread."""
-        for session in self._sessions.values():
+        for session in self.sessions.values():
             session.close()
-        self._sessions.clear()
+        self.sessions.clear()
         self.budget.entries.clear()
         self.kept.clear()
         self._pool.shutdown(wait=False, cancel_futures=True)
@@ -194,7 +198,7 @@ class BlockHost:
 
     @property
     def n_sessions(self) -> int:
-        return len(self._sessions)
+        return len(self.sessions)
 
     # ---- stateless forward and backward (spans.py) -----------------------------------------------------
 
@@ -216,7 +220,7 @@ class BlockHost:
             check_next_hop(req.next_hop)
         if req.max_length > self.cfg.context_len:
             raise CapacityError(f"max_length {req.max_length} exceeds the model's context of {self.cfg.context_len}")
-        if sum(owner == peer_id for owner, _ in self._sessions) >= MAX_SESSIONS_PER_PEER:
+        if sum(owner == peer_id for owner, _ in self.sessions) >= MAX_SESSIONS_PER_PEER:
             raise CapacityError(f"{MAX_SESSIONS_PER_PEER} sessions of yours are already open here")
         key = (peer_id, req.session_id)
         cap = None
@@ -234,9 +238,9 @@ class BlockHost:
         except BaseException:
             self.budget.release(key)
             raise
-        session = self._sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache,
+        session = self.sessions[key] = _Session(req.start, req.end, req.batch, req.max_length, cache,
                                                  pusher=req.pusher, token_cap=cap)
-        metrics.sessions_now(len(self._sessions), opened=True)
+        metrics.sessions_now(len(self.sessions), opened=True)
         self.on_change()
         if req.next_hop is not None:
             try:
@@ -251,7 +255,7 @@ class BlockHost:
     async def rpc_link(self, peer_id: str, req: wire.LinkRequest) -> wire.LinkReply:
         """Re-chain a session around a replaced server: take pushes from a new pusher, or push to a new next hop."""
         key = (peer_id, req.session_id)
-        session = self._sessions.get(key)
+        session = self.sessions.get(key)
         if session is None:
             raise WireError("unknown or closed session")
         if session.links >= MAX_LINKS:
@@ -286,7 +290,7 @@ class BlockHost:
         except PeerError as e:
             logger.info("cannot reach the next hop of a session of %s: %s", key[0], e)
             return
-        if self._sessions.get(key) is session and session.next is None:
+        if self.sessions.get(key) is session and session.next is None:
             session.next = link
         else:
             link.close()                         # the session was closed (or re-linked) while we dialed
@@ -305,13 +309,14 @@ class BlockHost:
             try:
                 bind = serialize.decode_message(request, wire.PushBind, max_bytes=1024)
                 key = (bind.owner, bind.session_id)
-                session = self._sessions.get(key)
+                session = self.sessions.get(key)
                 if session is None or session.pusher != pusher:
                     raise WireError("no session here takes pushes from you")
             except WireError as e:
                 conn.write(rpc.frame(rpc.ERROR, str(e).encode()[:rpc.MAX_ERROR_BYTES]))
                 return
             conn.write(rpc.frame(rpc.DATA, serialize.encode_message(wire.PushBound())))
+            conn.set_record_handler(self.fast.on_push(conn, key))     # fast pushes, as they arrive
             while True:
                 tag, request = await rpc.within(rpc.read_frame(conn, max_bytes=limit), idle_s)
                 if tag == rpc.END:
@@ -330,24 +335,30 @@ class BlockHost:
         if tag != rpc.REQUEST:
             raise WireError(f"expected a request frame, got tag {tag}")
         req = serialize.decode_message(request, wire.StepRequest, max_bytes=limit)
-        session = self._sessions.get(key)
+        session = self.sessions.get(key)
         if req.session_id != key[1] or not req.pushed or session is None or session.pusher != pusher:
             raise WireError("a push for another session, or not a push, or no longer allowed")
         if (req.start, req.end) != (session.start, session.end):
             raise WireError(f"session runs blocks {session.start}:{session.end}, push for {req.start}:{req.end}")
         await self._deliver(session, req)
 
-    async def rpc_step(self, peer_id: str, req: wire.StepRequest) -> wire.StepReply:
-        key = (peer_id, req.session_id)
-        session = self._sessions.get(key)
+    def session(self, key: tuple[str, bytes]) -> _Session:
+        """The session `key` (caller's peer ID, session id); `WireError` if there is none."""
+        session = self.sessions.get(key)
         if session is None:
             raise WireError("unknown or closed session")
+        return session
+
+    async def rpc_step(self, peer_id: str, req: wire.StepRequest) -> wire.StepReply:
+        key = (peer_id, req.session_id)
+        session = self.session(key)
         if (req.start, req.end) != (session.start, session.end):
             raise WireError(f"session runs blocks {session.start}:{session.end}, step asked for {req.start}:{req.end}")
         if req.pushed:
             return await self._deliver(session, req)
+        session.inbox.disarm()                                   # a slow step ends the fast wait
         if req.hidden is None:
-            self._check_push_position(session, req.position)     # before a 30 s wait, not after
+            self.check_push_position(session, req.position)     # before a 30 s wait, not after
             hidden = await session.inbox.wait(req.position)      # checked by _deliver when it arrived
         else:
             session.inbox.forget_delivered()
@@ -399,13 +410,13 @@ class BlockHost:
         for it runs before anything else is read from the pusher."""
         if req.hidden is not None:
             self.checks.hidden(req.hidden, batch=session.batch)
-        self._check_push_position(session, req.position)
+        self.check_push_position(session, req.position)
         session.inbox.deliver(req.position, req.hidden)
         await asyncio.sleep(0)
         return wire.StepReply(hidden=_NOTHING)
 
     @staticmethod
-    def _check_push_position(session: _Session, position: int) -> None:
+    def check_push_position(session: _Session, position: int) -> None:
         if not 0 <= position < session.max_length:
             raise WireError(f"a pushed input for position {position}; the session allows {session.max_length}")
 
@@ -417,10 +428,10 @@ class BlockHost:
 
     def _drop(self, key: tuple[str, bytes]) -> bool:
         self.budget.release(key)
-        session = self._sessions.pop(key, None)
+        session = self.sessions.pop(key, None)
         if session is not None:
             session.close()
-            metrics.sessions_now(len(self._sessions))
+            metrics.sessions_now(len(self.sessions))
         return session is not None
 
     async def rpc_info(self, peer_id: str, req: wire.InfoRequest) -> wire.InfoReply:

@@ -25,6 +25,7 @@ STEPS = Counter("swarmlm_server_steps", "inference steps computed")
 SESSIONS_OPENED = Counter("swarmlm_server_sessions_opened", "inference sessions opened")
 SESSIONS_OPEN = Gauge("swarmlm_server_sessions_open", "inference sessions open now")
 
+FAST = "swarm/steps (fast lane)"   # the fast lane's label (swarm/fast.py)
 Handler = Callable[[str, bytes], Awaitable[bytes]]
 
 
@@ -63,6 +64,11 @@ def count_step(tokens: int) -> None:
 def _count_step(tokens: int) -> None:
     STEPS.inc()
     TOKENS.inc(tokens)
+
+
+def count_fast_refusal() -> None:
+    """A fast-lane record refused (server/fast.py): the client takes the slow path for that step."""
+    FAILURES.labels(FAST).inc()
 
 
 def later(fn: Callable[..., None], *args: Any) -> None:

@@ -1,0 +1,155 @@
+"""A host's fast lane: chained one-token steps handled in the side channel's own callback.
+
+swarm/fast.py has the records and why. Here, on a client's steps connection:
+- STEP runs the step at once (it was relayed, or goes to the first server of the chain) and
+  REPLYs; with PUSH it pushes the outputs on to the session's next server first;
+- WAIT arms the session's inbox: from that position on, each push from the previous server runs
+  its step the moment it is decrypted (chain.py's `Inbox.arm`), and the REPLY goes back on the
+  connection the WAIT came on, until a slow step disarms it;
+and on a previous server's push connection, once bound (`PushBind`, host.py), PUSH delivers an
+input into the bound session only.
+
+Every check of the slow path holds: the session is the caller's own, the position is exactly
+the one the cache holds (no trimming, no first step: those go slow), the payload is one position
+of the session's rows in the host's dtype, and finite. Finiteness is checked on the outputs,
+right after the compute, where torch's code is still in the CPU's caches (on a decoding step's
+cold caches the input's check costs tens of microseconds): a block adds its input to its output
+(the residual stream), so a NaN or infinity in the input is one in the output, and then the
+cache is trimmed back and the step refused. A step that cannot run here for any
+reason (a bad record included) gets an ERROR record naming its position, and the client takes
+the slow path (wire.py's messages) from that hop; a bad push ends the push connection, as in
+host.py. Nothing here awaits: a step is computed inline, as host.py does for short steps.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
+
+from swarmlm.errors import CapacityError, SwarmlmError, WireError
+from swarmlm.log import get_logger
+from swarmlm.p2p import rpc
+from swarmlm.swarm import fast
+from swarmlm.swarm.blocks import run_span
+from swarmlm.swarm.server import metrics
+
+if TYPE_CHECKING:
+    from swarmlm.swarm.server.host import BlockHost, _Session
+
+logger = get_logger(__name__)
+
+Handler = Callable[[bytes | None], bool]
+_NO_SESSION = bytes(16)
+
+
+class FastLane:
+    def __init__(self, host: BlockHost, *, max_rows: int):
+        self.host = host
+        self.max_rows = max_rows          # rows of one step computed inline (host.py's INLINE_STEP_TOKENS)
+
+    # ---- a client's steps connection ----------------------------------------------------------------
+
+    def on_steps(self, conn: Any) -> Handler:
+        """The record handler of a client's steps connection: fast records here, rpc frames declined."""
+        def handle(plain: bytes | None) -> bool:
+            if plain is None or not fast.is_fast(plain):
+                return False
+            self._steps_record(conn, plain)
+            return True
+        return handle
+
+    def _steps_record(self, conn: Any, plain: bytes) -> None:
+        session_id, position = _NO_SESSION, 0
+        try:
+            kind, flags, session_id, position, payload = fast.parse(plain)
+            key = (conn.peer_id, session_id)
+            session = self.host.session(key)
+            push = bool(flags & fast.PUSH_FLAG)
+            if kind == fast.STEP:
+                hidden = fast.hidden_of(payload, batch=session.batch, dim=self.host.cfg.dim, dtype=self.host.dtype,
+                                        finite=False)    # _run checks the outputs
+                self._run(conn, key, session, position, hidden, push)     # relayed, or the first hop's
+            elif kind == fast.WAIT:
+                if len(payload):
+                    raise WireError("a fast wait carries no payload")
+                self.host.check_push_position(session, position)
+                session.inbox.arm(position, lambda at, hidden: self._waited(conn, key, at, push, hidden))
+            else:
+                raise WireError(f"a client sends fast steps and waits, not records of kind {kind}")
+        except SwarmlmError as e:
+            self._refuse(conn, session_id, position, e)
+
+    def _waited(self, conn: Any, key: tuple[str, bytes], position: int, push: bool, hidden: Any) -> None:
+        """An input came for the armed session (`hidden` None: the step at `position` was called off)."""
+        try:
+            if not isinstance(hidden, torch.Tensor):
+                raise WireError(f"the step at position {position} was called off")
+            self._run(conn, key, self.host.session(key), position, hidden, push)
+        except SwarmlmError as e:
+            self._refuse(conn, key[1], position, e)
+
+    def _run(self, conn: Any, key: tuple[str, bytes], session: _Session, position: int, hidden: torch.Tensor,
+             push: bool) -> None:
+        B = hidden.shape[0]
+        if B > self.max_rows:
+            raise CapacityError(f"{B} rows are more than a fast step computes inline ({self.max_rows})")
+        if session.lock.locked():
+            raise CapacityError("the session is running another step")
+        length = session.cache.length
+        if position != length or position == 0:
+            raise WireError(f"a fast step at position {position}, but the session holds {length} positions")
+        if position + 1 > session.max_length:
+            raise CapacityError(f"the session allows {session.max_length} positions; {position} + 1 would exceed it")
+        host = self.host
+        host.budget.check_request(B, B)
+        host.budget.touch(key, host.clock())
+        try:
+            with torch.inference_mode():
+                out = run_span(host.model, hidden, session.start, session.end, cache=session.cache)
+        except Exception as e:              # as serve_channel answers a handler's failure
+            logger.warning("a fast step from %s failed", key[0], exc_info=e)
+            raise WireError(f"the step failed: {rpc.describe_failure(e)}") from None
+        if not bool(torch.isfinite(out).all()):     # on warm caches, where checking the input is not
+            session.cache.trim(position)
+            raise WireError("hidden states hold NaN or infinity (a block adds its input to its output: the input's)")
+        pushed = push and session.next is not None and session.next.push_fast(position, out)   # written now
+        metrics.count_step(B)
+        host.tokens_served += B
+        _write(conn, fast.record(fast.REPLY, key[1], position, fast.tensor_bytes(out),
+                                 flags=fast.PUSH_FLAG if pushed else 0))
+
+    def _refuse(self, conn: Any, session_id: bytes, position: int, e: SwarmlmError) -> None:
+        logger.info("a fast step from %s refused: %s", conn.peer_id, e)
+        metrics.later(metrics.count_fast_refusal)
+        _write(conn, fast.record(fast.ERROR, session_id, position, str(e).encode("utf-8", "replace")[:fast.MAX_ERROR_BYTES]))
+
+    # ---- a previous server's push connection ------------------------------------------------------------
+
+    def on_push(self, conn: Any, key: tuple[str, bytes]) -> Handler:
+        """The record handler of a push connection bound to session `key`: fast pushes into it only."""
+        def handle(plain: bytes | None) -> bool:
+            if plain is None or not fast.is_fast(plain):
+                return False
+            try:
+                kind, _, session_id, position, payload = fast.parse(plain)
+                session = self.host.sessions.get(key)
+                if kind != fast.PUSH or session_id != key[1] or session is None or session.pusher != conn.peer_id:
+                    raise WireError("a push for another session, or not a push, or no longer allowed")
+                hidden = fast.hidden_of(payload, batch=session.batch, dim=self.host.cfg.dim, dtype=self.host.dtype,
+                                        finite=False)    # _run checks the outputs
+                self.host.check_push_position(session, position)
+                session.inbox.deliver(position, hidden)     # a fast wait runs now; a slow step wakes
+            except SwarmlmError as e:
+                logger.info("a push from %s refused: %s", conn.peer_id, e)
+                _write(conn, rpc.frame(rpc.ERROR, str(e).encode("utf-8", "replace")[:rpc.MAX_ERROR_BYTES]))
+                conn.close()
+            return True
+        return handle
+
+
+def _write(conn: Any, data: bytes) -> None:
+    try:
+        conn.write(data)
+    except ConnectionError as e:            # the client is gone: nobody to tell
+        logger.debug("a fast-lane record to %s lost: %s", conn.peer_id, e)
