@@ -48,12 +48,23 @@ async def _echo(conn: Connection) -> None:
     await rpc.serve_channel(echo, conn.peer_id, conn, conn, name="echo", max_request_bytes=LIMIT, idle_timeout_s=30)
 
 
-async def _pair():
-    """A listener peer serving "echo", and a dialer peer."""
+async def _echo_dispatched(conn: Connection) -> None:
+    """`_echo`, with records that start with "!" answered in the connection's callback (no task)."""
+    def handle(plain):
+        if plain is None or plain[:1] != b"!":
+            return False
+        conn.write(b"!" + conn.peer_id.encode() + b":" + plain[1:])
+        return True
+    conn.set_record_handler(handle)
+    await _echo(conn)
+
+
+async def _pair(dispatched=False):
+    """A listener peer serving "echo" (records dispatched as they arrive, or read by its task), and a dialer peer."""
     net = MemoryNetwork()
     server, client = await MemoryPeer.create(net), await MemoryPeer.create(net)
     side = await server.side_channel()
-    await side.serve("echo", _echo, max_record_bytes=LIMIT + 64)
+    await side.serve("echo", _echo_dispatched if dispatched else _echo, max_record_bytes=LIMIT + 64)
     return net, server, client, side
 
 
@@ -108,10 +119,11 @@ def test_nothing_readable_crosses_the_wire():
     asyncio.run(go())
 
 
+@pytest.mark.parametrize("dispatched", [False, True], ids=["read", "dispatched"])
 @pytest.mark.parametrize("attack", ["altered", "replayed", "reordered", "cut", "oversized"])
-def test_a_tampered_record_ends_the_connection_and_the_listener_goes_on(attack):
+def test_a_tampered_record_ends_the_connection_and_the_listener_goes_on(attack, dispatched):
     async def go():
-        _, server, client, side = await _pair()
+        _, server, client, side = await _pair(dispatched)
         conn, _ = await _channel(client, server)
         one = _capture(conn, lambda: conn.write(rpc._HEADER.pack(rpc.REQUEST, 3) + b"one"))
         two = _capture(conn, lambda: conn.write(rpc._HEADER.pack(rpc.REQUEST, 3) + b"two"))
@@ -336,4 +348,40 @@ def test_several_writers_may_wait_for_one_drain():
         conn.close()
         await client.shutdown()
         await server.shutdown()
+    asyncio.run(go())
+
+
+def test_dispatched_records_are_answered_in_the_callback_and_the_rest_read_in_their_order():
+    async def go():
+        _, server, client, side = await _pair(dispatched=True)
+        conn, _ = await _channel(client, server)
+        frames = [rpc.frame(rpc.REQUEST, b"x" * 70_000), rpc.frame(rpc.REQUEST, b"y")]
+        sent = [b"!a", frames[0][:3], frames[0][3:], b"!b", frames[1], b"!" + b"c" * 300_000]
+        wire = b"".join(_capture(conn, lambda r=r: conn.write(r)) for r in sent)
+        conn.write_raw(wire)                       # all at once: several records in one receive, one cut in two
+        got = [await asyncio.wait_for(conn.read_record(), 5) for _ in range(5)]
+        me = client.peer_id.encode()
+        fast = [r for r in got if r[:1] == b"!"]
+        slow = [rpc._HEADER.unpack(r[:5]) + (r[5:],) for r in got if r[:1] != b"!"]
+        assert fast == [b"!" + me + b":a", b"!" + me + b":b", b"!" + me + b":" + b"c" * 300_000]
+        assert slow == [(rpc.DATA, len(me) + 70_001, me + b":" + b"x" * 70_000), (rpc.DATA, len(me) + 2, me + b":y")]
+        conn.close()
+        await _still_serves(client, server)
+        await client.shutdown()
+        await server.shutdown()
+    asyncio.run(go())
+
+
+def test_a_dispatching_connection_tells_its_handler_once_that_it_is_lost():
+    async def go():
+        _, server, client, side = await _pair()
+        conn, _ = await _channel(client, server)
+        seen = []
+        conn.set_record_handler(lambda plain: seen.append(plain) or False)
+        await server.shutdown()                    # the listener's side goes away
+        await asyncio.wait_for(conn.closed.wait(), 10)
+        assert seen == [None]
+        with pytest.raises((asyncio.IncompleteReadError, ConnectionError, PeerError)):
+            await conn.readexactly(1)
+        await client.shutdown()
     asyncio.run(go())

@@ -68,7 +68,9 @@ def parse(plain: bytes) -> tuple[int, int, bytes, int, memoryview]:
 def tensor_bytes(t: torch.Tensor) -> memoryview:
     """A hidden-state tensor's raw bytes (no copy where it is contiguous)."""
     t = t.contiguous()
-    return memoryview(t.view(torch.uint8).numpy()) if t.dtype == torch.bfloat16 else memoryview(t.numpy()).cast("B")
+    if t.dtype == torch.bfloat16:           # numpy has no bfloat16: its bytes as uint8
+        return memoryview(t.view(-1).view(torch.uint8).numpy())
+    return memoryview(t.numpy()).cast("B")
 
 
 def hidden_of(payload: memoryview, *, batch: int, dim: int, dtype: torch.dtype, finite: bool = True) -> torch.Tensor:

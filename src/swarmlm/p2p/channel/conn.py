@@ -168,10 +168,24 @@ class Connection(asyncio.BufferedProtocol):
                 return
 
     def _refuse(self, why: str) -> None:
-        """A record that cannot be trusted: nothing after it is read; the reader gets `PeerError`."""
+        """A record that cannot be trusted: nothing after it is read; the reader gets what came before it,
+        then `PeerError` (and answers or closes, as for a bad record it read itself); the handler is told
+        the connection is lost."""
         self._fault = PeerError(why)
         self._pending.clear()
-        self.abort()
+        if self._transport is not None and not self._paused_reading:
+            self._paused_reading = True
+            self._transport.pause_reading()
+        self._tell_lost()
+
+    def _tell_lost(self) -> None:
+        """`handler(None)`, once: nothing more will come."""
+        if self._on_record is not None:
+            handler, self._on_record = self._on_record, None
+            try:
+                handler(None)
+            except Exception:
+                logger.exception("a record handler failed on the loss of its connection to %s", self.peer_id)
 
     def eof_received(self) -> bool:
         self._eof = True
@@ -185,12 +199,7 @@ class Connection(asyncio.BufferedProtocol):
         self.closed.set()
         if self._drain_waiter is not None and not self._drain_waiter.done():
             self._drain_waiter.set_exception(exc or ConnectionResetError("connection lost"))
-        if self._on_record is not None:        # told once: nothing more will come
-            handler, self._on_record = self._on_record, None
-            try:
-                handler(None)
-            except Exception:
-                logger.exception("a record handler failed on the loss of its connection to %s", self.peer_id)
+        self._tell_lost()
 
     def pause_writing(self) -> None:
         self._paused_writing = True
@@ -239,7 +248,7 @@ class Connection(asyncio.BufferedProtocol):
         return target
 
     async def _wait_for_bytes(self) -> None:
-        if self._paused_reading:
+        if self._paused_reading and self._fault is None:
             self._paused_reading = False
             self._transport.resume_reading()
         self._waiter = self._loop.create_future()
