@@ -51,6 +51,7 @@ from swarmlm.swarm.server.chain import (
 from swarmlm.swarm.server import metrics
 from swarmlm.swarm.server.checks import RequestChecks
 from swarmlm.swarm.server.fast import FastLane
+from swarmlm.swarm.server.pushes import serve_pushes
 from swarmlm.swarm.server.saved import SavedForwards
 from swarmlm.swarm.server.spans import StatelessSpans
 
@@ -156,7 +157,7 @@ class BlockHost:
                 conn.set_record_handler(self.fast.on_steps(conn))
                 return serve_steps(conn.peer_id, conn, conn)
             await side.serve(wire.PURPOSE_STEPS, steps, max_record_bytes=record_bytes)
-            await side.serve(wire.PURPOSE_PUSH, self._serve_pushes, max_record_bytes=record_bytes)
+            await side.serve(wire.PURPOSE_PUSH, lambda conn: serve_pushes(self, conn), max_record_bytes=record_bytes)
 
     def max_request_bytes(self) -> int:
         """The largest request the limits allow: hidden states plus gradients (or prompts) of one request."""
@@ -294,53 +295,6 @@ class BlockHost:
             session.next = link
         else:
             link.close()                         # the session was closed (or re-linked) while we dialed
-
-    async def _serve_pushes(self, conn: Any) -> None:
-        """A previous server's pushes (`PURPOSE_PUSH`): a `PushBind` naming a session whose client named
-        this very dialer as its pusher (answered), then one-way pushed steps into that session only. A
-        push refused ends the connection (with an ERROR frame), so the pusher stops pushing."""
-        limit = self.max_request_bytes()
-        idle_s = self.budget.limits.idle_timeout_s
-        pusher = conn.peer_id
-        try:
-            tag, request = await rpc.within(rpc.read_frame(conn, max_bytes=1024), idle_s)
-            if tag != rpc.REQUEST:
-                return
-            try:
-                bind = serialize.decode_message(request, wire.PushBind, max_bytes=1024)
-                key = (bind.owner, bind.session_id)
-                session = self.sessions.get(key)
-                if session is None or session.pusher != pusher:
-                    raise WireError("no session here takes pushes from you")
-            except WireError as e:
-                conn.write(rpc.frame(rpc.ERROR, str(e).encode()[:rpc.MAX_ERROR_BYTES]))
-                return
-            conn.write(rpc.frame(rpc.DATA, serialize.encode_message(wire.PushBound())))
-            conn.set_record_handler(self.fast.on_push(conn, key))     # fast pushes, as they arrive
-            while True:
-                tag, request = await rpc.within(rpc.read_frame(conn, max_bytes=limit), idle_s)
-                if tag == rpc.END:
-                    return
-                try:
-                    await self._push_into(key, pusher, tag, request, limit)
-                except WireError as e:
-                    logger.info("a push from %s refused: %s", pusher, e)
-                    conn.write(rpc.frame(rpc.ERROR, str(e).encode()[:rpc.MAX_ERROR_BYTES]))
-                    return
-        except (asyncio.TimeoutError, asyncio.IncompleteReadError, ConnectionError, PeerError) as e:
-            logger.debug("push connection from %s ended: %s", pusher, e)
-
-    async def _push_into(self, key: tuple[str, bytes], pusher: str, tag: int, request: bytes, limit: int) -> None:
-        """One pushed step into the bound session `key`; `WireError` if it is not one, or not allowed."""
-        if tag != rpc.REQUEST:
-            raise WireError(f"expected a request frame, got tag {tag}")
-        req = serialize.decode_message(request, wire.StepRequest, max_bytes=limit)
-        session = self.sessions.get(key)
-        if req.session_id != key[1] or not req.pushed or session is None or session.pusher != pusher:
-            raise WireError("a push for another session, or not a push, or no longer allowed")
-        if (req.start, req.end) != (session.start, session.end):
-            raise WireError(f"session runs blocks {session.start}:{session.end}, push for {req.start}:{req.end}")
-        await self._deliver(session, req)
 
     def session(self, key: tuple[str, bytes]) -> _Session:
         """The session `key` (caller's peer ID, session id); `WireError` if there is none."""
