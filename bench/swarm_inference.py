@@ -5,7 +5,9 @@ processes on 127.0.0.1 holding half the blocks each, and compares, in this one r
 
 - greedy decode tokens/s through the two servers vs the same model in this process (ratio: the
   median of per-round ratios, each round running swarm and local back to back), with decoding
-  steps over encrypted direct channels (the default) and over libp2p streams;
+  steps over encrypted direct channels (the default: steady steps by the fast lane, swarm/fast.py),
+  over the same channels with the fast lane off (every step as wire.py's messages), and over
+  libp2p streams;
 - the same against the ideal two-server pipeline (ideal_pipeline.py: the same halves in two
   processes, raw bytes over OS pipes, nothing else): its ratio to local is the most any
   two-server swarm can reach on this machine, and the swarm's ratio to it is what the swarm's
@@ -100,12 +102,14 @@ def run_pair(model: RemoteModel, local: Transformer, ideal: IdealPipeline, promp
     the local model and the ideal pipeline: the four interleaved round by round, local and ideal
     between the two swarm runs (their orders alternating), and each ratio is the median of the
     rounds' ratios, so a noisy machine's drift slows both sides of a ratio alike."""
-    stats: dict[str, list] = {"direct": [], "libp2p": [], "local": [], "ideal": []}
+    stats: dict[str, list] = {"direct": [], "slow": [], "libp2p": [], "local": [], "ideal": []}
     same = True
     direct_options = model.blocks.options
     libp2p_options = dataclasses.replace(direct_options,
                                          session=dataclasses.replace(direct_options.session, direct=False))
+    slow_options = dataclasses.replace(direct_options, session=dataclasses.replace(direct_options.session, fast=False))
     runs = {"direct": lambda: swarm_run(direct_options), "libp2p": lambda: swarm_run(libp2p_options),
+            "slow": lambda: swarm_run(slow_options),
             "local": lambda: timed_stream(stream_generate(local, prompt, max_new_tokens=args.new_tokens)),
             "ideal": lambda: timed_stream(ideal.stream_generate(local, prompt, max_new_tokens=args.new_tokens))}
 
@@ -118,9 +122,9 @@ def run_pair(model: RemoteModel, local: Transformer, ideal: IdealPipeline, promp
 
     for i in range(args.repeats + 1):                     # the first round warms everything up
         middle = ("local", "ideal") if i % 2 else ("ideal", "local")
-        order = ("direct", *middle, "libp2p") if i % 2 else ("libp2p", *middle, "direct")
+        order = ("direct", *middle, "slow", "libp2p") if i % 2 else ("libp2p", "slow", *middle, "direct")
         got = {name: runs[name]() for name in order}
-        same &= got["direct"][2] == got["local"][2] == got["libp2p"][2] == got["ideal"][2]
+        same &= got["direct"][2] == got["local"][2] == got["slow"][2] == got["libp2p"][2] == got["ideal"][2]
         if i:
             for name, s in got.items():
                 stats[name].append(s)
@@ -141,6 +145,10 @@ def run_pair(model: RemoteModel, local: Transformer, ideal: IdealPipeline, promp
          of="median of per-round ratios", meaning="the most a two-server swarm can reach on this machine")
     emit("swarm_vs_ideal_pipeline_tokens_per_s_ratio", paired("direct", "ideal"), "ratio",
          of="median of per-round ratios", meaning="what the swarm's protocol keeps of the ideal")
+    emit("swarm_slow_path_vs_ideal_pipeline_tokens_per_s_ratio", paired("slow", "ideal"), "ratio",
+         of="median of per-round ratios", steps="direct channels, fast lane off (every step as wire.py's messages)")
+    emit("swarm_fast_lane_vs_slow_path_tokens_per_s_ratio", paired("direct", "slow"), "ratio",
+         of="median of per-round ratios", meaning="what the fast lane (swarm/fast.py) buys")
     emit("swarm_time_to_first_token", ttft["direct"] * 1000, "ms", prompt_len=args.prompt_len)
     emit("local_time_to_first_token", ttft["local"] * 1000, "ms", prompt_len=args.prompt_len)
     emit("per_token_overhead_swarm_minus_local", (1 / rate["direct"] - 1 / rate["local"]) * 1000, "ms")
