@@ -115,11 +115,18 @@ class Connection(asyncio.BufferedProtocol):
                 self._target = None            # full: a loop that reads on at once (uvloop) gets the scratch buffer
                 self._wake()
             return
-        self._pending += memoryview(self._scratch)[:nbytes]
-        if self._dispatching:
-            self._dispatch()
+        if self._dispatching and not self._pending:    # the common case: whole records, straight from scratch
+            view = memoryview(self._scratch)[:nbytes]
+            used = self._dispatch_from(view)
+            if used < nbytes and self._fault is None:
+                self._pending += view[used:]
             backlog = len(self._plain)             # a partial record is read on, whatever its size
+        elif self._dispatching:
+            self._pending += memoryview(self._scratch)[:nbytes]
+            self._dispatch()
+            backlog = len(self._plain)
         else:
+            self._pending += memoryview(self._scratch)[:nbytes]
             backlog = len(self._pending)
         if backlog > _READ_BUFFER and not self._paused_reading:
             self._paused_reading = True
@@ -138,34 +145,47 @@ class Connection(asyncio.BufferedProtocol):
             self._wake()
 
     def _dispatch(self) -> None:
-        """Decrypt the complete records in `_pending`, in order, each to the handler or to `_plain`."""
-        while self._fault is None and len(self._pending) >= _LENGTH.size:
-            (length,) = _LENGTH.unpack_from(self._pending)
+        """The complete records in `_pending`, dispatched and dropped from it."""
+        if len(self._pending) < _LENGTH.size:
+            return
+        (length,) = _LENGTH.unpack_from(self._pending)
+        if length <= self.max_record_bytes + TAG_BYTES and len(self._pending) < _LENGTH.size + length:
+            return                                 # a large record still arriving: no copy per receive
+        data = bytes(self._pending)
+        used = self._dispatch_from(memoryview(data))
+        del self._pending[:used]
+
+    def _dispatch_from(self, data: memoryview) -> int:
+        """Decrypt the complete records at the start of `data`, in order, each to the handler or to
+        `_plain`; the bytes they took."""
+        at = 0
+        while self._fault is None and len(data) - at >= _LENGTH.size:
+            (length,) = _LENGTH.unpack_from(data, at)
             if not TAG_BYTES <= length <= self.max_record_bytes + TAG_BYTES:
                 self._refuse(f"a side-channel record of {length - TAG_BYTES} bytes from {self.peer_id or 'a peer'}, "
                              f"limit {self.max_record_bytes}")
-                return
-            end = _LENGTH.size + length
-            if len(self._pending) < end:
-                return
-            header, sealed = bytes(self._pending[:_LENGTH.size]), bytes(self._pending[_LENGTH.size:end])
-            del self._pending[:end]
+                return at
+            end = at + _LENGTH.size + length
+            if len(data) < end:
+                return at
             seq, self._recv_seq = self._recv_seq, self._recv_seq + 1
             try:
-                plain = self._recv.decrypt(_nonce(seq), sealed, header)
+                plain = self._recv.decrypt(_nonce(seq), data[at + _LENGTH.size:end], data[at:at + _LENGTH.size])
             except InvalidTag:
                 self._refuse(f"a side-channel record from {self.peer_id or 'a peer'} failed its tag")
-                return
+                return at
+            at = end
             try:
                 consumed = self._on_record is not None and self._on_record(plain)
             except Exception:                   # a handler's bug: this connection ends, the peer goes on
                 logger.exception("a record handler failed on a record from %s", self.peer_id)
                 self._refuse(f"a record from {self.peer_id or 'a peer'} could not be handled")
-                return
+                return at
             if not consumed:
                 self._plain += plain
             if self._transport is None or self._transport.is_closing():
-                return
+                return at
+        return at
 
     def _refuse(self, why: str) -> None:
         """A record that cannot be trusted: nothing after it is read; the reader gets what came before it,

@@ -181,7 +181,8 @@ class InferenceSession:
         chained = self.state is S.CHAINED and not (first and self.prompts is not None)  # prompts go hop by hop
         lanes = chained and all(st.lane is not None for st in self.hops)
         fast = lanes and T == 1 and key_mask is None and not first
-        ahead = await self._chained.take_ahead(self.hops, key_mask, chained=chained and not fast)
+        ahead = (None if self._chained.ahead is None else      # (a coroutine less on a decoding step's cold caches)
+                 await self._chained.take_ahead(self.hops, key_mask, chained=chained and not fast))
         recoveries = self.recoveries
         if fast:
             if self._fast is None:
