@@ -17,6 +17,7 @@ from swarmlm.swarm import fast
 from swarmlm.swarm.client.fast import FastHop
 from swarmlm.swarm.server.fast import FastLane
 from tests.helpers.swarm_servers import local_model
+from tests.swarm.test_generate import two_halves
 from tests.swarm.test_host import D, Harness, full  # noqa: F401 - the fixture
 
 PROMPT = [5, 17, 42, 99, 3, 250]
@@ -168,9 +169,7 @@ def test_a_lost_connection_fails_the_step_waiting_on_it(full):
 
 def test_generation_through_two_servers_takes_the_fast_lane_with_the_local_tokens(direct_swarm, checkpoints):
     ckpt = checkpoints["llama"]
-    direct_swarm.add_server(ckpt, (0, 2))
-    direct_swarm.add_server(ckpt, (2, 4))
-    model = direct_swarm.remote_model(ckpt)
+    model = two_halves(direct_swarm, ckpt)
 
     out = model.generate(PROMPT, max_new_tokens=12)
 
@@ -194,9 +193,7 @@ def test_a_server_that_refuses_fast_steps_is_stepped_the_slow_way_with_the_same_
         real(self, conn, plain)
     monkeypatch.setattr(FastLane, "_steps_record", refusing)
     ckpt = checkpoints["llama"]
-    direct_swarm.add_server(ckpt, (0, 2))
-    direct_swarm.add_server(ckpt, (2, 4))
-    model = direct_swarm.remote_model(ckpt)
+    model = two_halves(direct_swarm, ckpt)
 
     out = model.generate(PROMPT, max_new_tokens=8)
 
