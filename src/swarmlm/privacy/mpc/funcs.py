@@ -109,10 +109,15 @@ def _fold(coeffs: np.ndarray) -> tuple[list[float], list[float], list[float]]:
 
 
 def _combo(p: Party, T: dict[int, AShare], coeffs: list[float], frac: int, cbits: int = F) -> AShare:
-    """sum_j coeffs_j T_j (T_0 = 1), coefficients with `cbits` bits: frac + cbits fractional bits. Local."""
-    acc = sum((T[j].scale(int(encode(cf, cbits))) for j, cf in enumerate(coeffs) if j and cf),
-              public_share(p, T[1].shape, 0.0))
-    return acc.add_public(p.index, encode(coeffs[0], frac + cbits))
+    """sum_j coeffs_j T_j (T_0 = 1), coefficients with `cbits` bits: frac + cbits fractional bits. Local
+    (one multiply-add pass per term)."""
+    a, b = torch.zeros_like(T[1].a), torch.zeros_like(T[1].b)
+    for j, cf in enumerate(coeffs):
+        if j and cf:
+            k = int(encode(cf, cbits))
+            a.add_(T[j].a, alpha=k)
+            b.add_(T[j].b, alpha=k)
+    return AShare(a, b).add_public(p.index, encode(coeffs[0], frac + cbits))
 
 
 def _chebyshev(p: Party, t: AShare, coeffs: np.ndarray, *, frac: int = F, out_frac: int = F,

@@ -97,26 +97,23 @@ def _top_bytes(m: torch.Tensor, keep: int) -> torch.Tensor:
     return m.contiguous().view(torch.int16).view(tuple(m.shape) + (4,))[..., 4 - keep // 2:].contiguous()
 
 
-def _from_top_bytes(t: torch.Tensor, keep: int) -> torch.Tensor:
-    """_top_bytes' output -> int64 words with those bytes on top and zero below."""
+def _opened(own: list[torch.Tensor], received: list[torch.Tensor], keep: int) -> torch.Tensor:
+    """c = the sum of the three masked words: this opener's own (fresh tensors, worked on in place) and
+    the ones received as _top_bytes. Every word counts with its low 8 - keep bytes zeroed (the two
+    openers must compute the same c), plus the three cut parts' mean (1.5 units of the lowest byte
+    kept), so c is within 1.5 such units of the exact sum."""
     if keep == 8:
-        return t
-    out = torch.zeros(tuple(t.shape[:-1]) + (4,), dtype=torch.int16)
-    out[..., 4 - keep // 2:] = t
-    return out.view(torch.int64).view(tuple(t.shape[:-1]))
-
-
-def _opened(parts: list[torch.Tensor], keep: int) -> torch.Tensor:
-    """c = the sum of the three masked words, each with its low 8 - keep bytes zeroed (the two openers
-    must compute the same c: each zeroes its own words as the others' arrive), plus the three lost
-    parts' mean (1.5 units of the lowest byte kept), so c is within 1.5 such units of the exact sum."""
-    c = parts[0] + parts[1] + parts[2]
-    return c if keep == 8 else c.add_(3 << (63 - 8 * keep))
-
-
-def _cleared(m: torch.Tensor, keep: int) -> torch.Tensor:
-    """m with its low 8 - keep bytes zeroed, as it arrives at the other opener."""
-    return m if keep == 8 else m & (-1 << (64 - 8 * keep))
+        return sum(own[1:] + received, own[0])
+    mask = -1 << (64 - 8 * keep)
+    c = own[0].bitwise_and_(mask)
+    for w in own[1:]:
+        c.add_(w.bitwise_and_(mask))
+    buf = torch.zeros(tuple(c.shape) + (4,), dtype=torch.int16)       # the columns below stay zero
+    words = buf.view(torch.int64).view(c.shape)
+    for t in received:
+        buf[..., 4 - keep // 2:] = t
+        c.add_(words)
+    return c.add_(3 << (63 - 8 * keep))
 
 
 def _word_spec(shape, keep: int):
@@ -143,7 +140,7 @@ def trunc_sum(p: Party, z: torch.Tensor, shift: int | torch.Tensor = FRAC_BITS) 
         return _open_truncated(p, None, r, shift)
     other = 2 - p.index                                       # 0 <-> 2
     got = yield Round(send={other: [_top_bytes(m, keep)]}, recv={1: spec, other: spec})
-    c = _opened([_cleared(m, keep), _from_top_bytes(got[1][0], keep), _from_top_bytes(got[other][0], keep)], keep)
+    c = _opened([m], [got[1][0], got[other][0]], keep)
     return _open_truncated(p, c, r, shift)
 
 
@@ -158,13 +155,13 @@ def trunc(p: Party, x: AShare, shift: int | torch.Tensor = FRAC_BITS) -> Protoco
     if p.index == 0:                                          # holds components 0 and 1
         mine, sent = x.a + r[0], x.b + r[1]
         got = yield Round(send={2: [_top_bytes(sent, keep)]}, recv={1: spec})
-        c = _opened([_cleared(mine, keep), _cleared(sent, keep), _from_top_bytes(got[1][0], keep)], keep)
+        c = _opened([mine, sent], [got[1][0]], keep)
     elif p.index == 1:
         yield Round(send={0: [_top_bytes(x.b + r[1], keep)]})
         c = None
     else:                                                     # holds components 2 and 0
         got = yield Round(recv={0: spec})
-        c = _opened([_cleared(x.a + r[0], keep), _cleared(x.b + r[1], keep), _from_top_bytes(got[0][0], keep)], keep)
+        c = _opened([x.a + r[0], x.b + r[1]], [got[0][0]], keep)
     return _open_truncated(p, c, r, shift)
 
 
