@@ -46,8 +46,8 @@ def _wire(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None, shape: tuple[int, ...],
               C: int, k: int, label: str) -> Protocol:
-    """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...), or int32 ones
-    when C k = 32: C candidates of k bits, C k <= 64), where party 0 knows table and parties 1
+    """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...), or int32 / int16
+    ones when C k = 32 / 16: C candidates of k bits, C k <= 64), where party 0 knows table and parties 1
     and 2 know choice (< C). One round; v comes as uint8 words of k <= 8 bits.
 
     v is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with parties 1 and 2, and
@@ -136,7 +136,7 @@ def tree_levels(width: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64, gen_only: bool = False) -> torch.Tensor:
-    """(2^b,) int64 (or int32 with the same low 32 bits, for b = 4): for a block value s of S, the
+    """(2^b,) int64 (or int32 / int16 with the same low bits, for words of 32 / 16 bits): for a block value s of S, the
     2^b candidates (c = X's block value) of 2 bits:
     generate (s + c carries out of the block's chain bits) and propagate ((s ^ c) all ones there).
     With `top` < b, bit `top` is x's top bit: the chain has bits 0..top-1 and the generate bit

@@ -17,9 +17,9 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   B + 1/2, covers what the coarse bits may leave inside). x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
   it as well as any other truncation (19 bits), larger outliers less so. A series of degree
   <= 12 is A(t) + T4 B(t) + T8 C(t) (_fold): T2; T3, T4; T8 and B, C truncated; one sum of
-  products: 4 rounds, 5 products, 24 ring elements an element; or (`horner`, the gated MLP's SiLU,
-  which has the round to spare) (A - C) + T4 (B + 2 T4 C): C truncated, then the inner sum, then
-  the outer: 5 rounds, 22 ring elements. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
+  products: 4 rounds, 5 products, 24 words an element (a truncation's words: 6 bytes, ops.py); or
+  (`horner`, the gated MLP's SiLU, which has the round to spare) (A - C) + T4 (B + 2 T4 C): C
+  truncated, then the inner sum, then the outer: 5 rounds, 22 words. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
   (error 2e-4 for |x| < 4, 4e-4 to 8.5), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
   least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series (10 by horner).
 - `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
