@@ -367,3 +367,24 @@ def test_truncation_sends_the_top_bytes_its_opening_reads(parties, shift, keep):
         assert all(torch.equal(out[i].b, out[(i + 1) % 3].a) for i in range(3))     # replicated: holders agree
         err = combine([o.a for o in out]) - want
         assert lo <= int(err.min()) and int(err.max()) <= hi
+
+
+def test_a_sum_whose_party_0_part_is_zero_is_reshared_in_one_round_of_two_ring_elements(parties):
+    # bit_times' sums (party 0's part zero) become replicated shares: parties 1 and 2 trade their parts
+    # under the component the receiver lacks; party 0 draws its two components and sends nothing
+    y = torch.tensor([5.0, -2.0, 0.25, 1000.0, -1000.0, 0.0, 2.0 ** 40, -(2.0 ** 40)])
+    bits = torch.tensor([1, 0, 1, 1, 1, 1, 1, 0])
+    comps = [torch.randint(0, 2, (8,)), torch.randint(0, 2, (8,))]
+    comps.append(bits ^ comps[0] ^ comps[1])                       # XOR shares: party i holds (b_i, b_i+1)
+    bsh = [BShare(comps[i], comps[(i + 1) % 3]) for i in range(3)]
+    ys = split(encode(y))
+
+    def protocol(p):
+        parts = yield from shared_bits.bit_times(p, bsh[p.index], [ys[p.index]])
+        return (yield from ops.reshare_pair(p, parts[0]))
+
+    r0, b0 = parties.rounds, parties.bytes_sent
+    out = parties.run(protocol)
+    assert (parties.rounds - r0, parties.bytes_sent - b0) == (2, (2 + 2) * 8 * 8)      # bit_times' 2, the reshare's 2
+    assert all(torch.equal(out[i].b, out[(i + 1) % 3].a) for i in range(3))            # replicated: holders agree
+    assert torch.equal(combine([o.a for o in out]), bits * encode(y))

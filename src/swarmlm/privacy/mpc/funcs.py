@@ -10,7 +10,7 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
   x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu,
   whose correction joins the series' last round: bits times x straight into that round's
-  3-out-of-3 sum (bits.bit_times; the clamp's inside (w - 1) comes the same way, reshared).
+  3-out-of-3 sum (bits.bit_times; the clamp's inside (w - 1) comes the same way, reshared: ops.reshare_pair).
   The clamps are
   coarse comparisons (GELU's to 1/16, for |x| < 2040, SiLU's to 1/2 on 12 bits, for |x| < 1020: its
   lower threshold is -B - 1/2, so relu starts beyond |x| = B on both sides and the series, fitted to
@@ -45,8 +45,8 @@ from numpy.polynomial import chebyshev as cheb
 
 from swarmlm.privacy.mpc import bits, compare
 from swarmlm.privacy.mpc.inverse import INV_OUT_BITS, inverse_power
-from swarmlm.privacy.mpc.ops import (cross_sum, mul, mul_trunc, public_share, reshare, square, stack_shares, trunc, trunc_sum,
-                                     unstack_shares)
+from swarmlm.privacy.mpc.ops import (cross_sum, mul, mul_trunc, public_share, reshare_pair, square, stack_shares, trunc,
+                                     trunc_sum, unstack_shares)
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
 from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel, tagged
 from swarmlm.privacy.mpc.shares import AShare
@@ -188,10 +188,10 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool
 
     The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
     clamped to 1 outside: inside (w - 1) as a 3-out-of-3 sum (bits.bit_times), reshared (one
-    round each), so the Chebyshev terms stay bounded. The relu part needs inside, inside x and
-    [x < -B] x: 3-out-of-3 sums from the same bit_times round that join the series' last truncation.
-    Bits to values: 5 ring elements an element (inside: t, t (w - 1), t x; below: t, t x), the
-    reshare 3."""
+    round each; party 0's part is zero: ops.reshare_pair), so the Chebyshev terms stay bounded. The
+    relu part needs inside, inside x and [x < -B] x: 3-out-of-3 sums from the same bit_times round
+    that join the series' last truncation. Bits to values: 5 ring elements an element (inside: t,
+    t (w - 1), t x; below: t, t x), the reshare 2."""
     ((lo, hi, coeffs, clamp),) = pieces
     assert lo == 0
     # the lower threshold is -B less one unit of the coarse comparison: x in [-B - unit, -B) may read as
@@ -208,7 +208,7 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool
     (clamp_d, inside_x, inside), (below_x, _) = yield from parallel(
         bits.bit_times(p, under ^ below, [w.add_public(p.index, -encode(1.0)), x]),
         bits.bit_times(p, below, [x]))
-    t = (yield from reshare(p, clamp_d)).scale(2).add_public(p.index, encode(1.0))
+    t = (yield from reshare_pair(p, clamp_d)).scale(2).add_public(p.index, encode(1.0))
     # outside, the series gives its value at t = 1, P(1) = sum of its coefficients (~E(B)); relu wants
     # x/2 + |x|/2 there, x above and 0 below: extra = x/2 + [x >= B] x - outside (x/2 + P(1)),
     # with [x >= B] = 1 - inside - below and outside = 1 - inside: x - below x - inside x / 2 - (1 - inside) P(1).

@@ -54,6 +54,27 @@ def reshare(p: Party, z: torch.Tensor) -> Protocol:
     return AShare(z, got[p.next][0])
 
 
+def reshare_pair(p: Party, z: torch.Tensor) -> Protocol:
+    """3-out-of-3 component z_i of z, party 0's zero (bits.bit_times' sums) -> replicated shares of z.
+    One round, two ring elements an element (reshare: three).
+
+    Components 0 and 1 are draws of the PRGs of parties 0 and 2 and of parties 0 and 1 (party 0 holds
+    both: its part is zero); component 2 = z - c0 - c1, which parties 1 and 2 both take as the sum of
+    what each sends the other: its part less the draw it knows (z_1 - c1 from party 1, z_2 - c0 from
+    party 2), each under the draw its receiver lacks."""
+    shape = z.shape
+    if p.index == 0:
+        c1, c0 = p.prg(1, "pair").ring(shape), p.prg(2, "pair").ring(shape)
+        yield Round()
+        return AShare(c0, c1)
+    other = 3 - p.index
+    mine = p.prg(0, "pair").ring(shape)                        # c1 at party 1, c0 at party 2
+    part = z - mine
+    got = yield Round(send={other: [part]}, recv={other: _spec(shape)})
+    c2 = part.add_(got[other][0])
+    return AShare(mine, c2) if p.index == 1 else AShare(c2, mine)
+
+
 def mul(p: Party, x: AShare, y: AShare, fn: Product = torch.mul) -> Protocol:
     """fn(x, y) without truncation (use when one side is an integer, e.g. a bit)."""
     return (yield from reshare(p, _cross(x, y, fn)))
