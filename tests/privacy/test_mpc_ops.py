@@ -138,7 +138,7 @@ def test_silu_series_by_horner_takes_a_round_more_and_fewer_bytes(parties):
         got = _real(parties, lambda p, a: funcs.silu(p, a, horner=horner), x)
         costs.append((parties.rounds - r0, (parties.bytes_sent - b0) / len(x)))
         assert (got - F.silu(x.double())).abs().max() < 3e-3
-    assert costs[1][0] == costs[0][0] + 1 and costs[1][1] == costs[0][1] - 12      # 22 words of 6 bytes, not 24
+    assert costs[1][0] == costs[0][0] + 1 and costs[1][1] == costs[0][1] - 16      # 22 ring elements, not 24
 
 
 @pytest.mark.parametrize("T", [1, 4])                       # one query (all pairs at once) or a prompt (groups)
@@ -165,7 +165,7 @@ def test_causal_softmax_compares_only_the_keys_each_query_sees(parties):
         got = _real(parties, lambda p, s, w: funcs.softmax_av(p, s, allowed, w), scores, v)
         sent[name] = (parties.rounds - r0, parties.bytes_sent - b0)
         assert (got - ref).abs().max() < 1e-3
-    assert sent["causal"][0] == sent["all"][0] and sent["causal"][1] < 0.8 * sent["all"][1]
+    assert sent["causal"][0] == sent["all"][0] and sent["causal"][1] < 0.75 * sent["all"][1]
     assert sent["holes"][0] == sent["causal"][0] and sent["holes"][1] <= sent["causal"][1]   # the same prefixes
 
 
@@ -351,12 +351,14 @@ def test_bit_times_values_as_three_out_of_three_sums_in_one_round_of_one_ring_el
         assert np.abs(_bit_frequencies(views[1]) - 0.5).max() < 0.03           # (t + pad, t Y + pad, ...)
 
 
-@pytest.mark.parametrize("shift, keep", [(3, 8), (15, 8), (16, 6), (20, 6), (26, 6), (31, 6), (32, 4)])
-def test_truncation_sends_the_top_bytes_its_opening_reads(parties, shift, keep):
-    # words of `keep` bytes (the 16-bit halves below the shift stay home); both openers compute the same c, so
-    # the component they both hold agrees, and the result is within its units at the edges
+@pytest.mark.parametrize("shift, n, keep", [(3, 5000, 8), (15, 5000, 8), (16, 5000, 6), (20, 5000, 6), (26, 5000, 6),
+                                            (31, 5000, 6), (32, 5000, 4), (16, ops.CUT_FROM - 1, 8)])
+def test_truncation_sends_the_top_bytes_its_opening_reads(parties, shift, n, keep):
+    # words of `keep` bytes (the 16-bit halves below the shift stay home, in calls of CUT_FROM words or more);
+    # both openers compute the same c, so the component they both hold agrees, and the result is within its
+    # units at the edges
     edges = [0, 1, -1, 2 ** shift - 1, -(2 ** shift), 2 ** 41, -(2 ** 41), 2 ** 42 - 1, -(2 ** 42) + 1]
-    z = torch.cat([torch.tensor(edges), torch.randint(-2 ** 42, 2 ** 42, (3000,))])
+    z = torch.cat([torch.tensor(edges), torch.randint(-2 ** 42, 2 ** 42, (n - len(edges),))])
     n, want = len(z), z >> shift
     for protocol, words, lo, hi in ((lambda p, s: ops.trunc(p, s, shift), 2, -2, 3),
                                     (lambda p, s: ops.trunc_sum(p, s.a, shift), 4, -2, 3)):

@@ -34,7 +34,7 @@ def test_a_partys_received_bytes_do_not_depend_on_the_prompt():
         n_a, a = _bit_profile(model, PROMPTS[0], party)
         n_a2, a2 = _bit_profile(model, PROMPTS[0], party)
         n_b, b = _bit_profile(model, PROMPTS[1], party)
-        assert n_a == n_a2 == n_b > 80_000
+        assert n_a == n_a2 == n_b > 100_000
         assert np.abs(a - 0.5).max() < 0.05 and np.abs(b - 0.5).max() < 0.05     # close to fair coins
         assert np.abs(a - b).max() <= 2 * max(np.abs(a - a2).max(), 0.02) + 0.02
 
@@ -50,8 +50,7 @@ def test_masks_are_never_reused_between_protocols():
     zero = torch.zeros(64, dtype=torch.int64)
     for _ in range(2):
         parties.run(lambda p: trunc_sum(p, zero.clone()))
-    # the words travel as their top 6 bytes (a shift of 16 leaves the low 2 home): one row per word
-    first, second = (np.frombuffer(m, dtype=np.uint8).reshape(-1, 6) for m in parties.comms[0].received[-2 * 2::2])
+    first, second = (np.frombuffer(m, dtype=np.int64) for m in parties.comms[0].received[-2 * 2::2])
     assert len(first) == len(second) == 64
     for shift in range(0, 8):
         assert not np.array_equal(second[:64 - shift], first[shift:])

@@ -14,8 +14,10 @@ shares, `x = yield from mul(party, a, b)`.
   public unit: an error of -1..+2 units in the last place, never a wrap-around error. Each
   opener misses one component of r, so c hides z statistically up to 2^-(61 - log2|z|): for
   values below 2^10 in magnitude (products carry 2f = 32 fractional bits) that is 19 bits.
-  The opening reads only c >> f, so the masked words travel without their 16-bit halves below the
-  shift (6 of 8 bytes for shifts of 16 to 31); both openers add the three words so
+  The opening reads only c >> f, so the masked words of a call of CUT_FROM words or more travel
+  without their 16-bit halves below the shift (6 of 8 bytes for shifts of 16 to 31; smaller calls,
+  a decoding step's, keep whole words: there the passes cost more than the bytes save); both
+  openers add the three words so
   cut, plus the mean of what was cut, and agree on c to the bit: one unit more either way
   (-2..+3 in all). Leaving bytes out only sends less: the hiding is the same.
   A product's 3-out-of-3 components are truncated the same way (fused: multiplication and
@@ -103,19 +105,23 @@ def _open_truncated(p: Party, c: torch.Tensor | None, r: tuple[torch.Tensor, tor
     return AShare(a, b)
 
 
-def _kept_bytes(shift: int | torch.Tensor) -> int:
-    """The top bytes of a truncation's masked words that travel: the opener needs only c >> shift, so
+CUT_FROM = 2048              # words a truncation call cuts from (below, the passes cost more than the bytes save)
+
+
+def _kept_bytes(shift: int | torch.Tensor, n: int) -> int:
+    """The top bytes of a truncation's n masked words that travel: the opener needs only c >> shift, so
     the 16-bit halves below the (smallest) shift stay home: 6 bytes of 8 for shifts of 16 to 31, 4 from
-    32 (whole int16 columns of the words: cheap to cut and to put back)."""
+    32 (whole int16 columns of the words), in calls of at least CUT_FROM words."""
     low = int(shift.min()) if isinstance(shift, torch.Tensor) else int(shift)
-    return 8 - 2 * min(max(low, 0) // 16, 2)
+    return 8 - 2 * min(max(low, 0) // 16, 2) if n >= CUT_FROM else 8
 
 
 def _top_bytes(m: torch.Tensor, keep: int) -> torch.Tensor:
-    """int64 words (...) -> their top `keep` bytes as int16 columns (..., keep / 2) (the words for 8)."""
+    """int64 words (...) -> their top `keep` bytes as int16 columns (..., keep / 2) (the words for 8): a
+    view of m, which the message's encoding copies before the protocol resumes."""
     if keep == 8:
         return m
-    return m.contiguous().view(torch.int16).view(tuple(m.shape) + (4,))[..., 4 - keep // 2:].contiguous()
+    return m.contiguous().view(torch.int16).view(tuple(m.shape) + (4,))[..., 4 - keep // 2:]
 
 
 def _opened(own: list[torch.Tensor], received: list[torch.Tensor], keep: int) -> torch.Tensor:
@@ -153,7 +159,7 @@ def trunc_sum(p: Party, z: torch.Tensor, shift: int | torch.Tensor = FRAC_BITS) 
     m.sub_(p.prg(p.prev, "zero").ring(shape)).add_(z)         # z_i re-randomized by a zero share
     r = _trunc_masks(p, shape)
     m.add_(r[0])
-    keep = _kept_bytes(shift)
+    keep = _kept_bytes(shift, z.numel())
     spec = _word_spec(shape, keep)
     if p.index == 1:
         top = _top_bytes(m, keep)
@@ -171,7 +177,7 @@ def trunc(p: Party, x: AShare, shift: int | torch.Tensor = FRAC_BITS) -> Protoco
     receiver lacks), their top bytes as trunc_sum's. `shift` may be a tensor broadcasting against x."""
     shape = x.shape
     r = _trunc_masks(p, shape)
-    keep = _kept_bytes(shift)
+    keep = _kept_bytes(shift, x.a.numel())
     spec = _word_spec(shape, keep)
     if p.index == 0:                                          # holds components 0 and 1
         mine, sent = x.a + r[0], x.b + r[1]
