@@ -17,9 +17,8 @@ shares, `x = yield from mul(party, a, b)`.
   The opening reads only c >> f, so the masked words of a call of CUT_FROM words or more travel
   without their 16-bit halves below the shift (6 of 8 bytes for shifts of 16 to 31; smaller calls,
   a decoding step's, keep whole words: there the passes cost more than the bytes save); both
-  openers add the three words so
-  cut, plus the mean of what was cut, and agree on c to the bit: one unit more either way
-  (-2..+3 in all). Leaving bytes out only sends less: the hiding is the same.
+  openers add the three words so cut, plus the mean of what was cut, and agree on c to the bit:
+  one unit more either way (-2..+3 in all). Leaving bytes out only sends less: the hiding is the same.
   A product's 3-out-of-3 components are truncated the same way (fused: multiplication and
   truncation in one round, four words per element); a replicated value needs two.
 - AND of XOR-shared bits: the same as multiplication over GF(2), one round.
