@@ -390,3 +390,25 @@ def test_a_sum_whose_party_0_part_is_zero_is_reshared_in_one_round_of_two_ring_e
     assert (parties.rounds - r0, parties.bytes_sent - b0) == (2, (2 + 2) * 8 * 8)      # bit_times' 2, the reshare's 2
     assert all(torch.equal(out[i].b, out[(i + 1) % 3].a) for i in range(3))            # replicated: holders agree
     assert torch.equal(combine([o.a for o in out]), bits * encode(y))
+
+
+def test_bit_times_cut_values_travel_in_six_bytes_and_stay_within_two_to_the_sixteen(parties):
+    # the caller scales the cut values up (here by 2^16) so what the cut loses stays below their last unit
+    n = ops.CUT_FROM
+    y = torch.cat([torch.tensor([0.0, 1.0, -1.0, 1000.0, -1000.0]), torch.randn(n - 5) * 30])
+    bits = torch.randint(0, 2, (n,))
+    comps = [torch.randint(0, 2, (n,)), torch.randint(0, 2, (n,))]
+    comps.append(bits ^ comps[0] ^ comps[1])
+    bsh = [BShare(comps[i], comps[(i + 1) % 3]) for i in range(3)]
+    ys = split(encode(y))
+
+    def protocol(p):
+        parts = yield from shared_bits.bit_times(p, bsh[p.index], [ys[p.index], ys[p.index].scale(1 << 16)], cut=1)
+        return parts
+
+    b0 = parties.bytes_sent
+    out = parties.run(protocol)
+    assert parties.bytes_sent - b0 == (8 + 8 + 6) * n                  # the bit, y, then y 2^16 in 6 bytes
+    exact, scaled = (sum(o[j] for o in out) for j in (0, 1))
+    assert torch.equal(exact, bits * encode(y))
+    assert int((scaled - bits * encode(y) * (1 << 16)).abs().max()) < 1 << 16

@@ -191,7 +191,7 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool
     round each; party 0's part is zero: ops.reshare_pair), so the Chebyshev terms stay bounded. The
     relu part needs inside, inside x and [x < -B] x: 3-out-of-3 sums from the same bit_times round
     that join the series' last truncation. Bits to values: 5 ring elements an element (inside: t,
-    t (w - 1), t x; below: t, t x), the reshare 2."""
+    t (w - 1), t x; below: t, t x; the two x words scaled to 2f bits and cut to 6 bytes), the reshare 2."""
     ((lo, hi, coeffs, clamp),) = pieces
     assert lo == 0
     # the lower threshold is -B less one unit of the coarse comparison: x in [-B - unit, -B) may read as
@@ -205,17 +205,18 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool
     # inside = [-hi - unit <= x < hi] = under ^ below (below implies under: the same coarse value).
     # The bits are used only in products with w - 1 and x and as 0/1, as 3-out-of-3 sums: inside (w - 1),
     # reshared, clamps t; the rest joins the series' last truncation
+    # inside x / 2 and below x come with 2f bits (x scaled up): their words may lose their low 16 bits
+    half = 1 << (F - 1)
     (clamp_d, inside_x, inside), (below_x, _) = yield from parallel(
-        bits.bit_times(p, under ^ below, [w.add_public(p.index, -encode(1.0)), x]),
-        bits.bit_times(p, below, [x]))
+        bits.bit_times(p, under ^ below, [w.add_public(p.index, -encode(1.0)), x.scale(half)], cut=1),
+        bits.bit_times(p, below, [x.scale(1 << F)], cut=1))
     t = (yield from reshare_pair(p, clamp_d)).scale(2).add_public(p.index, encode(1.0))
     # outside, the series gives its value at t = 1, P(1) = sum of its coefficients (~E(B)); relu wants
     # x/2 + |x|/2 there, x above and 0 below: extra = x/2 + [x >= B] x - outside (x/2 + P(1)),
     # with [x >= B] = 1 - inside - below and outside = 1 - inside: x - below x - inside x / 2 - (1 - inside) P(1).
     # All of it goes into the series' last round with 2f bits (3-out-of-3: a public term at party 0 only).
-    half = 1 << (F - 1)
     p1 = int(encode(float(np.sum(coeffs)), 2 * F))
-    extra = x.a * (1 << F) - below_x * (1 << F) - inside_x * half + inside * p1 - (p1 if p.index == 0 else 0)
+    extra = x.a * (1 << F) - below_x - inside_x + inside * p1 - (p1 if p.index == 0 else 0)
     return (yield from _chebyshev(p, t, coeffs, out_frac=out_frac, extra=extra, horner=horner))
 
 

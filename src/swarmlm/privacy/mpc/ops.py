@@ -95,7 +95,7 @@ def _open_truncated(p: Party, c: torch.Tensor | None, r: tuple[torch.Tensor, tor
                     shift: int | torch.Tensor) -> AShare:
     """Replicated floor(z / 2^shift) from c = z + r (known to parties 0 and 2 only) and r's components:
     (c >> s) - sum_j (r_j >> s) - 1, which is floor(z / 2^s) + {-1, 0, 1, 2} (one more either way
-    where c came from the top bytes of the messages: _top_bytes). Works in place on r and c (fresh
+    where c came from the top bytes of the messages: top_bytes). Works in place on r and c (fresh
     tensors of the caller's)."""
     a, b = r[0].bitwise_right_shift_(shift).neg_(), r[1].bitwise_right_shift_(shift).neg_()
     if p.index in (0, 2):
@@ -115,7 +115,14 @@ def _kept_bytes(shift: int | torch.Tensor, n: int) -> int:
     return 8 - 2 * min(max(low, 0) // 16, 2) if n >= CUT_FROM else 8
 
 
-def _top_bytes(m: torch.Tensor, keep: int) -> torch.Tensor:
+def words_from_top(t: torch.Tensor, keep: int) -> torch.Tensor:
+    """top_bytes' int16 columns (..., keep / 2) -> int64 words with those bytes on top and zero below."""
+    out = torch.zeros(tuple(t.shape[:-1]) + (4,), dtype=torch.int16)
+    out[..., 4 - keep // 2:] = t
+    return out.view(torch.int64).view(tuple(t.shape[:-1]))
+
+
+def top_bytes(m: torch.Tensor, keep: int) -> torch.Tensor:
     """int64 words (...) -> their top `keep` bytes as int16 columns (..., keep / 2) (the words for 8): a
     view of m, which the message's encoding copies before the protocol resumes."""
     if keep == 8:
@@ -125,7 +132,7 @@ def _top_bytes(m: torch.Tensor, keep: int) -> torch.Tensor:
 
 def _opened(own: list[torch.Tensor], received: list[torch.Tensor], keep: int) -> torch.Tensor:
     """c = the sum of the three masked words: this opener's own (fresh tensors, worked on in place) and
-    the ones received as _top_bytes. Every word counts with its low 8 - keep bytes zeroed (the two
+    the ones received as top_bytes. Every word counts with its low 8 - keep bytes zeroed (the two
     openers must compute the same c), plus the three cut parts' mean (1.5 units of the lowest byte
     kept), so c is within 1.5 such units of the exact sum."""
     if keep == 8:
@@ -142,7 +149,7 @@ def _opened(own: list[torch.Tensor], received: list[torch.Tensor], keep: int) ->
     return c.add_(3 << (63 - 8 * keep))
 
 
-def _word_spec(shape, keep: int):
+def word_spec(shape, keep: int):
     return _spec(shape) if keep == 8 else _spec(tuple(shape) + (keep // 2,), torch.int16)
 
 
@@ -159,13 +166,13 @@ def trunc_sum(p: Party, z: torch.Tensor, shift: int | torch.Tensor = FRAC_BITS) 
     r = _trunc_masks(p, shape)
     m.add_(r[0])
     keep = _kept_bytes(shift, z.numel())
-    spec = _word_spec(shape, keep)
+    spec = word_spec(shape, keep)
     if p.index == 1:
-        top = _top_bytes(m, keep)
+        top = top_bytes(m, keep)
         yield Round(send={0: [top], 2: [top]})
         return _open_truncated(p, None, r, shift)
     other = 2 - p.index                                       # 0 <-> 2
-    got = yield Round(send={other: [_top_bytes(m, keep)]}, recv={1: spec, other: spec})
+    got = yield Round(send={other: [top_bytes(m, keep)]}, recv={1: spec, other: spec})
     c = _opened([m], [got[1][0], got[other][0]], keep)
     return _open_truncated(p, c, r, shift)
 
@@ -177,13 +184,13 @@ def trunc(p: Party, x: AShare, shift: int | torch.Tensor = FRAC_BITS) -> Protoco
     shape = x.shape
     r = _trunc_masks(p, shape)
     keep = _kept_bytes(shift, x.a.numel())
-    spec = _word_spec(shape, keep)
+    spec = word_spec(shape, keep)
     if p.index == 0:                                          # holds components 0 and 1
         mine, sent = x.a + r[0], x.b + r[1]
-        got = yield Round(send={2: [_top_bytes(sent, keep)]}, recv={1: spec})
+        got = yield Round(send={2: [top_bytes(sent, keep)]}, recv={1: spec})
         c = _opened([mine, sent], [got[1][0]], keep)
     elif p.index == 1:
-        yield Round(send={0: [_top_bytes(x.b + r[1], keep)]})
+        yield Round(send={0: [top_bytes(x.b + r[1], keep)]})
         c = None
     else:                                                     # holds components 2 and 0
         got = yield Round(recv={0: spec})
