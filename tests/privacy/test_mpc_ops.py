@@ -349,3 +349,66 @@ def test_bit_times_values_as_three_out_of_three_sums_in_one_round_of_one_ring_el
         views = _received_since(parties, marks)
         assert len(views[0]) == len(views[2]) == 0 and len(views[1]) == 3 * n
         assert np.abs(_bit_frequencies(views[1]) - 0.5).max() < 0.03           # (t + pad, t Y + pad, ...)
+
+
+@pytest.mark.parametrize("shift, n, keep", [(3, 5000, 8), (15, 5000, 8), (16, 5000, 6), (20, 5000, 6), (26, 5000, 6),
+                                            (31, 5000, 6), (32, 5000, 4), (16, ops.CUT_FROM - 1, 8)])
+def test_truncation_sends_the_top_bytes_its_opening_reads(parties, shift, n, keep):
+    # words of `keep` bytes (the 16-bit halves below the shift stay home, in calls of CUT_FROM words or more);
+    # both openers compute the same c, so the component they both hold agrees, and the result is within its
+    # units at the edges
+    edges = [0, 1, -1, 2 ** shift - 1, -(2 ** shift), 2 ** 41, -(2 ** 41), 2 ** 42 - 1, -(2 ** 42) + 1]
+    z = torch.cat([torch.tensor(edges), torch.randint(-2 ** 42, 2 ** 42, (n - len(edges),))])
+    n, want = len(z), z >> shift
+    for protocol, words, lo, hi in ((lambda p, s: ops.trunc(p, s, shift), 2, -2, 3),
+                                    (lambda p, s: ops.trunc_sum(p, s.a, shift), 4, -2, 3)):
+        shares = split(z)
+        b0 = parties.bytes_sent
+        out = parties.run(lambda p: protocol(p, shares[p.index]))
+        assert parties.bytes_sent - b0 == words * keep * n
+        assert all(torch.equal(out[i].b, out[(i + 1) % 3].a) for i in range(3))     # replicated: holders agree
+        err = combine([o.a for o in out]) - want
+        assert lo <= int(err.min()) and int(err.max()) <= hi
+
+
+def test_a_sum_whose_party_0_part_is_zero_is_reshared_in_one_round_of_two_ring_elements(parties):
+    # bit_times' sums (party 0's part zero) become replicated shares: parties 1 and 2 trade their parts
+    # under the component the receiver lacks; party 0 draws its two components and sends nothing
+    y = torch.tensor([5.0, -2.0, 0.25, 1000.0, -1000.0, 0.0, 2.0 ** 40, -(2.0 ** 40)])
+    bits = torch.tensor([1, 0, 1, 1, 1, 1, 1, 0])
+    comps = [torch.randint(0, 2, (8,)), torch.randint(0, 2, (8,))]
+    comps.append(bits ^ comps[0] ^ comps[1])                       # XOR shares: party i holds (b_i, b_i+1)
+    bsh = [BShare(comps[i], comps[(i + 1) % 3]) for i in range(3)]
+    ys = split(encode(y))
+
+    def protocol(p):
+        parts = yield from shared_bits.bit_times(p, bsh[p.index], [ys[p.index]])
+        return (yield from ops.reshare_pair(p, parts[0]))
+
+    r0, b0 = parties.rounds, parties.bytes_sent
+    out = parties.run(protocol)
+    assert (parties.rounds - r0, parties.bytes_sent - b0) == (2, (2 + 2) * 8 * 8)      # bit_times' 2, the reshare's 2
+    assert all(torch.equal(out[i].b, out[(i + 1) % 3].a) for i in range(3))            # replicated: holders agree
+    assert torch.equal(combine([o.a for o in out]), bits * encode(y))
+
+
+def test_bit_times_cut_values_travel_in_six_bytes_and_stay_within_two_to_the_sixteen(parties):
+    # the caller scales the cut values up (here by 2^16) so what the cut loses stays below their last unit
+    n = ops.CUT_FROM
+    y = torch.cat([torch.tensor([0.0, 1.0, -1.0, 1000.0, -1000.0]), torch.randn(n - 5) * 30])
+    bits = torch.randint(0, 2, (n,))
+    comps = [torch.randint(0, 2, (n,)), torch.randint(0, 2, (n,))]
+    comps.append(bits ^ comps[0] ^ comps[1])
+    bsh = [BShare(comps[i], comps[(i + 1) % 3]) for i in range(3)]
+    ys = split(encode(y))
+
+    def protocol(p):
+        parts = yield from shared_bits.bit_times(p, bsh[p.index], [ys[p.index], ys[p.index].scale(1 << 16)], cut=1)
+        return parts
+
+    b0 = parties.bytes_sent
+    out = parties.run(protocol)
+    assert parties.bytes_sent - b0 == (8 + 8 + 6) * n                  # the bit, y, then y 2^16 in 6 bytes
+    exact, scaled = (sum(o[j] for o in out) for j in (0, 1))
+    assert torch.equal(exact, bits * encode(y))
+    assert int((scaled - bits * encode(y) * (1 << 16)).abs().max()) < 1 << 16

@@ -54,3 +54,29 @@ def test_masks_are_never_reused_between_protocols():
     assert len(first) == len(second) == 64
     for shift in range(0, 8):
         assert not np.array_equal(second[:64 - shift], first[shift:])
+
+
+def test_cut_words_and_paired_reshares_do_not_depend_on_the_input():
+    """SiLU on a block's worth of values (calls of CUT_FROM words or more: truncation words cut to their
+    top bytes, bit_times' cut values, reshare_pair): what each party receives has the same length and
+    byte statistics for zeros as for large values."""
+    from swarmlm.privacy.mpc import funcs
+    from swarmlm.privacy.mpc.ops import CUT_FROM
+    from swarmlm.privacy.mpc.ring import encode
+    from swarmlm.privacy.mpc.shares import split
+
+    def profile(x: torch.Tensor) -> list[tuple[int, np.ndarray]]:
+        parties = LocalParties()
+        shares = split(encode(x))
+        parties.run(lambda p: funcs.silu(p, shares[p.index], out_frac=12, horner=True))
+        out = []
+        for party in range(3):
+            raw = np.frombuffer(b"".join(parties.comms[party].received), dtype=np.uint8)
+            out.append((len(raw), np.unpackbits(raw).reshape(-1, 8).mean(0)))
+        return out
+
+    n = 2 * CUT_FROM
+    quiet, loud = profile(torch.zeros(n)), profile(torch.randn(n, generator=torch.Generator().manual_seed(0)) * 300)
+    for (n_q, q), (n_l, lo) in zip(quiet, loud):
+        assert n_q == n_l > 0
+        assert np.abs(q - 0.5).max() < 0.01 and np.abs(lo - 0.5).max() < 0.01 and np.abs(q - lo).max() < 0.01

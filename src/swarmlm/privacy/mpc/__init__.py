@@ -19,10 +19,14 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
   truncated but goes through W_down first (local) and is truncated once on the D outputs (model.py);
 - truncation (ops.py): the mask r = r_0 + r_1 + r_2 is replicated like a share (each component
   uniform in [0, 2^61) from the PRG of the two parties holding it); parties 0 and 2 open
-  z + r, each missing one component of r. One round; error -1..+2 units in the last place,
-  never a wrap-around error (|z| < 2^61); statistical hiding 2^-(61 - log2|z|): 19 bits for
+  z + r, each missing one component of r, as words without their 16-bit halves below the shift
+  (the opening reads c >> shift: 6 bytes of 8 from shift 16, in calls of 2048 words or more). One
+  round; error -2..+3 units in the last place (-1..+2 with whole words), never a wrap-around error
+  (|z| < 2^61); statistical hiding 2^-(61 - log2|z|), the same with fewer bytes sent: 19 bits for
   products of values below 2^10 (2f = 32 fractional bits), less for larger outliers (the gated
   MLP's output, at 42 fractional bits before its truncation: 19 bits below 1, one less per doubling);
+- a 3-out-of-3 sum whose party 0 part is zero (bits.bit_times') becomes replicated in one round of
+  two ring elements (ops.reshare_pair; a reshare takes three): SiLU's and GELU's clamp;
 - comparison (compare.py): the sign bit of x mod 2^w. x = S + X with S = x_0 + x_1 (party 0)
   and X = x_2 (parties 1, 2); the generate/propagate bits of blocks of up to 5 bits come by
   one three-party OT (2^b candidates a block), then a carry tree over the blocks (2 levels at
@@ -51,7 +55,7 @@ Modules, in reading order:
     ring.py      fixed-point encoding, the PRG, public_matmul (exact ring products by float64 limbs)
     shares.py    AShare / BShare (one party's replicated shares), the client's split / combine
     runtime.py   Round, parallel (protocols as generators), Party, LocalParties (three in one process)
-    ops.py       mul, trunc, trunc_sum, mul_trunc, linear, band_bits (AND of shared bits)
+    ops.py       mul, trunc, trunc_sum, mul_trunc, reshare_pair, linear, band_bits (AND of shared bits)
     bits.py      b2a, inject, bit_times (shared bits times values)
     compare.py   msb, ge0, coarse, select, maximum
     inverse.py   inverse_power (1/v, 1/sqrt(v))

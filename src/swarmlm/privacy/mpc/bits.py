@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import torch
 
+from swarmlm.privacy.mpc.ops import CUT_FROM, top_bytes, word_spec, words_from_top
 from swarmlm.privacy.mpc.runtime import Party, Protocol, Round
 from swarmlm.privacy.mpc.shares import AShare, BShare
 
@@ -87,7 +88,7 @@ def inject(p: Party, bit: BShare, v: AShare) -> Protocol:
     return AShare(mine, c2) if me == 1 else AShare(c2, mine)
 
 
-def bit_times(p: Party, bit: BShare, ys: list[AShare]) -> Protocol:
+def bit_times(p: Party, bit: BShare, ys: list[AShare], cut: int = 0) -> Protocol:
     """This party's 3-out-of-3 components of bit * y for each y in `ys`, and of the bit itself, as
     a list (an XOR-shared bit, bit 0 of int64 words, and replicated values of its shape): for sums
     that are truncated or reshared next (ops.trunc_sum and ops.reshare re-randomize them). One
@@ -98,22 +99,28 @@ def bit_times(p: Party, bit: BShare, ys: list[AShare]) -> Protocol:
     b_2 y_1, party 2: b_2 (y_2 + y_0)); party 0 sends t + q and each t Y + q_y to party 1, q and
     q_y pads of parties 0 and 2, so party 1 holds s (t Y + q_y) + s y_2 (t + q) and party 2 the
     pads' part, -s q_y - s y_2 q (and the bit: b_2 + s (t + q) at party 1, -s q at party 2). Party
-    1 receives ring elements under pads it does not know; party 2 receives nothing."""
+    1 receives ring elements under pads it does not know; party 2 receives nothing.
+
+    The last `cut` values' words travel without their low 16 bits (6 bytes of 8, in calls of
+    ops.CUT_FROM elements or more): bit y is then off by less than 2^16, which the caller makes less
+    than a unit of what it keeps (y scaled up by 2^16 or so, the sum truncated by as much)."""
     shape = bit.a.shape
     spec = (tuple(shape), torch.int64)
     n = len(ys)
+    keep = [8] * (n - cut) + [6 if bit.a.numel() >= CUT_FROM else 8] * cut
     if p.index == 0:
         t = (bit.a ^ bit.b) & 1
         g = p.prg(2, "bitx")
         q = g.ring(shape)
         qs = [g.ring(shape) for _ in ys]
-        yield Round(send={1: [t + q] + [t * (y.a + y.b) + qy for y, qy in zip(ys, qs)]})
+        yield Round(send={1: [t + q] + [top_bytes(t * (y.a + y.b) + qy, k) for y, qy, k in zip(ys, qs, keep)]})
         return [torch.zeros(shape, dtype=torch.int64) for _ in range(n + 1)]
     b2 = (bit.b if p.index == 1 else bit.a) & 1
     s = 1 - 2 * b2
     if p.index == 1:                                                    # holds (y_1, y_2)
-        got = (yield Round(recv={0: [spec] * (n + 1)}))[0]
-        return [b2 * y.a + s * m + s * y.b * got[0] for y, m in zip(ys, got[1:])] + [b2 + s * got[0]]
+        got = (yield Round(recv={0: [spec] + [word_spec(shape, k)[0] for k in keep]}))[0]
+        ms = [m if k == 8 else words_from_top(m, k) for m, k in zip(got[1:], keep)]
+        return [b2 * y.a + s * m + s * y.b * got[0] for y, m in zip(ys, ms)] + [b2 + s * got[0]]
     g = p.prg(0, "bitx")                                                # party 2 holds (y_2, y_0)
     q = g.ring(shape)
     qs = [g.ring(shape) for _ in ys]

@@ -46,8 +46,8 @@ def _wire(words: torch.Tensor, bits: int) -> torch.Tensor:
 
 def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None, shape: tuple[int, ...],
               C: int, k: int, label: str) -> Protocol:
-    """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...), or int32 ones
-    when C k = 32: C candidates of k bits, C k <= 64), where party 0 knows table and parties 1
+    """XOR shares of v = bits k*choice .. k*choice+k-1 of table (int64 words (...), or int32 / int16
+    ones when C k = 32 / 16: C candidates of k bits, C k <= 64), where party 0 knows table and parties 1
     and 2 know choice (< C). One round; v comes as uint8 words of k <= 8 bits.
 
     v is shared as (v_0, v_1, v_2): v_1 and v_0 from party 0's PRGs with parties 1 and 2, and
@@ -61,10 +61,10 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     wdtype = torch.int8 if nbits <= 8 else torch.int16 if nbits <= 16 else torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
-        v1, pw = g1.small(shape, k), _pad(g1, shape, nbits)        # pad of party 2's transfer (party 1 helps)
-        v0, pv = g2.small(shape, k), _pad(g2, shape, nbits)        # pad of party 1's transfer (party 2 helps)
-        if nbits == 32:                                            # 32-bit words all the way (half the memory traffic)
-            masked = table ^ _replicated32(k)[(v0 ^ v1).long()]
+        v1, pw = g1.small(shape, k), _pad(g1, shape, nbits, narrow=True)    # pad of party 2's transfer (party 1 helps)
+        v0, pv = g2.small(shape, k), _pad(g2, shape, nbits, narrow=True)    # pad of party 1's transfer (party 2 helps)
+        if nbits in (16, 32):                                      # narrow words all the way (less memory traffic)
+            masked = table ^ _replicated(k, nbits)[(v0 ^ v1).long()]
             yield Round(send={1: [masked ^ pv], 2: [masked ^ pw]})
             return BShare(v0, v1)
         rep = sum(1 << (k * c) for c in range(C))
@@ -91,17 +91,22 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
 
 
-def _pad(g, shape: tuple[int, ...], nbits: int) -> torch.Tensor:
-    """An OT's pad of nbits: int64, or int32 (the same bits) for 32."""
+def _pad(g, shape: tuple[int, ...], nbits: int, narrow: bool = False) -> torch.Tensor:
+    """An OT's pad of nbits: int64, or int32 (the same bits) for 32; `narrow`: int16 for 16 (the same
+    stream bytes as the int64 one the receivers draw)."""
     if nbits == 32:
         return torch.from_numpy(g.below_words(shape).view(np.int32))
+    if nbits == 16 and narrow:
+        return torch.from_numpy(g.below_halves(shape).view(np.int16))
     return g.ring(shape) if nbits >= 64 else g.below(shape, nbits)
 
 
 @functools.lru_cache(maxsize=8)
-def _replicated32(k: int) -> torch.Tensor:
-    """(2^k,) int32: a k-bit value repeated 32/k times (its low 32 bits as int32)."""
-    words = [sum(v << (k * c) for c in range(32 // k)) for v in range(1 << k)]
+def _replicated(k: int, nbits: int) -> torch.Tensor:
+    """(2^k,) int16 or int32 (nbits 16 or 32): a k-bit value repeated nbits/k times (the same bits)."""
+    words = [sum(v << (k * c) for c in range(nbits // k)) for v in range(1 << k)]
+    if nbits == 16:
+        return torch.tensor(np.array(words, dtype=np.uint16).view(np.int16))
     return torch.tensor(np.array(words, dtype=np.uint32).view(np.int32))
 
 
@@ -131,7 +136,7 @@ def tree_levels(width: int) -> int:
 
 @functools.lru_cache(maxsize=32)
 def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64, gen_only: bool = False) -> torch.Tensor:
-    """(2^b,) int64 (or int32 with the same low 32 bits, for b = 4): for a block value s of S, the
+    """(2^b,) int64 (or int32 / int16 with the same low bits, for words of 32 / 16 bits): for a block value s of S, the
     2^b candidates (c = X's block value) of 2 bits:
     generate (s + c carries out of the block's chain bits) and propagate ((s ^ c) all ones there).
     With `top` < b, bit `top` is x's top bit: the chain has bits 0..top-1 and the generate bit
@@ -152,6 +157,8 @@ def _gp_words(b: int, top: int, dtype: torch.dtype = torch.int64, gen_only: bool
         words = (bits << (2 * torch.arange(1 << b))).sum(-1)                  # candidate c at bits 2c, 2c+1
     if dtype == torch.int32:
         return torch.from_numpy(words.numpy().astype(np.uint32).view(np.int32))
+    if dtype == torch.int16:
+        return torch.from_numpy(words.numpy().astype(np.uint16).view(np.int16))
     return words
 
 
@@ -176,8 +183,8 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0, levels: int | None
     # second call, for large inputs (each call costs the parties' compute more than its bytes save
     # on small ones)
     alone = 1 if nb == 1 or x.a.numel() >= SPLIT_LOW_FROM else 0
-    dtype0 = torch.int32 if b == 5 else torch.int64                         # 32 candidates of 1 bit: one int32
-    dtype = torch.int32 if b == 4 else torch.int64                          # 16 candidates of 2 bits: one int32
+    dtype0 = torch.int32 if b == 5 else torch.int16 if b == 4 else torch.int64   # 32 or 16 candidates of 1 bit
+    dtype = torch.int32 if b == 4 else torch.int16 if b == 3 else torch.int64    # 16 or 8 candidates of 2 bits
     if p.index == 0:
         v = ((x.a + x.b) >> drop).unsqueeze(-1) >> shifts
         blocks = v & full

@@ -10,16 +10,16 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   is even and smooth, so it is a Chebyshev series in t = 2(x/B)^2 - 1 (B a power of two so
   x/B is free), with t clamped to 1 outside [-B, B] (so nothing overflows); outside, f is relu,
   whose correction joins the series' last round: bits times x straight into that round's
-  3-out-of-3 sum (bits.bit_times; the clamp's inside (w - 1) comes the same way, reshared).
+  3-out-of-3 sum (bits.bit_times; the clamp's inside (w - 1) comes the same way, reshared: ops.reshare_pair).
   The clamps are
   coarse comparisons (GELU's to 1/16, for |x| < 2040, SiLU's to 1/2 on 12 bits, for |x| < 1020: its
   lower threshold is -B - 1/2, so relu starts beyond |x| = B on both sides and the series, fitted to
   B + 1/2, covers what the coarse bits may leave inside). x^2 is truncated before the clamp (in the comparisons' rounds): for |x| < 32 its mask hides
   it as well as any other truncation (19 bits), larger outliers less so. A series of degree
   <= 12 is A(t) + T4 B(t) + T8 C(t) (_fold): T2; T3, T4; T8 and B, C truncated; one sum of
-  products: 4 rounds, 5 products, 24 ring elements an element; or (`horner`, the gated MLP's SiLU,
-  which has the round to spare) (A - C) + T4 (B + 2 T4 C): C truncated, then the inner sum, then
-  the outer: 5 rounds, 22 ring elements. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
+  products: 4 rounds, 5 products, 24 words an element (a truncation's words: 6 bytes, ops.py); or
+  (`horner`, the gated MLP's SiLU, which has the round to spare) (A - C) + T4 (B + 2 T4 C): C
+  truncated, then the inner sum, then the outer: 5 rounds, 22 words. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
   (error 2e-4 for |x| < 4, 4e-4 to 8.5), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
   least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series (10 by horner).
 - `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
@@ -45,8 +45,8 @@ from numpy.polynomial import chebyshev as cheb
 
 from swarmlm.privacy.mpc import bits, compare
 from swarmlm.privacy.mpc.inverse import INV_OUT_BITS, inverse_power
-from swarmlm.privacy.mpc.ops import (cross_sum, mul, mul_trunc, public_share, reshare, square, stack_shares, trunc, trunc_sum,
-                                     unstack_shares)
+from swarmlm.privacy.mpc.ops import (cross_sum, mul, mul_trunc, public_share, reshare_pair, square, stack_shares, trunc,
+                                     trunc_sum, unstack_shares)
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
 from swarmlm.privacy.mpc.runtime import Party, Protocol, parallel, tagged
 from swarmlm.privacy.mpc.shares import AShare
@@ -109,10 +109,15 @@ def _fold(coeffs: np.ndarray) -> tuple[list[float], list[float], list[float]]:
 
 
 def _combo(p: Party, T: dict[int, AShare], coeffs: list[float], frac: int, cbits: int = F) -> AShare:
-    """sum_j coeffs_j T_j (T_0 = 1), coefficients with `cbits` bits: frac + cbits fractional bits. Local."""
-    acc = sum((T[j].scale(int(encode(cf, cbits))) for j, cf in enumerate(coeffs) if j and cf),
-              public_share(p, T[1].shape, 0.0))
-    return acc.add_public(p.index, encode(coeffs[0], frac + cbits))
+    """sum_j coeffs_j T_j (T_0 = 1), coefficients with `cbits` bits: frac + cbits fractional bits. Local
+    (one multiply-add pass per term)."""
+    a, b = torch.zeros_like(T[1].a), torch.zeros_like(T[1].b)
+    for j, cf in enumerate(coeffs):
+        if j and cf:
+            k = int(encode(cf, cbits))
+            a.add_(T[j].a, alpha=k)
+            b.add_(T[j].b, alpha=k)
+    return AShare(a, b).add_public(p.index, encode(coeffs[0], frac + cbits))
 
 
 def _chebyshev(p: Party, t: AShare, coeffs: np.ndarray, *, frac: int = F, out_frac: int = F,
@@ -183,10 +188,10 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool
 
     The comparisons with -B and B and w = (x/B)^2 run in the same rounds; t = 2 w - 1 is then
     clamped to 1 outside: inside (w - 1) as a 3-out-of-3 sum (bits.bit_times), reshared (one
-    round each), so the Chebyshev terms stay bounded. The relu part needs inside, inside x and
-    [x < -B] x: 3-out-of-3 sums from the same bit_times round that join the series' last truncation.
-    Bits to values: 5 ring elements an element (inside: t, t (w - 1), t x; below: t, t x), the
-    reshare 3."""
+    round each; party 0's part is zero: ops.reshare_pair), so the Chebyshev terms stay bounded. The
+    relu part needs inside, inside x and [x < -B] x: 3-out-of-3 sums from the same bit_times round
+    that join the series' last truncation. Bits to values: 5 ring elements an element (inside: t,
+    t (w - 1), t x; below: t, t x; the two x words scaled to 2f bits and cut to 6 bytes), the reshare 2."""
     ((lo, hi, coeffs, clamp),) = pieces
     assert lo == 0
     # the lower threshold is -B less one unit of the coarse comparison: x in [-B - unit, -B) may read as
@@ -200,17 +205,18 @@ def _piecewise_even(p: Party, x: AShare, pieces, out_frac: int = F, horner: bool
     # inside = [-hi - unit <= x < hi] = under ^ below (below implies under: the same coarse value).
     # The bits are used only in products with w - 1 and x and as 0/1, as 3-out-of-3 sums: inside (w - 1),
     # reshared, clamps t; the rest joins the series' last truncation
+    # inside x / 2 and below x come with 2f bits (x scaled up): their words may lose their low 16 bits
+    half = 1 << (F - 1)
     (clamp_d, inside_x, inside), (below_x, _) = yield from parallel(
-        bits.bit_times(p, under ^ below, [w.add_public(p.index, -encode(1.0)), x]),
-        bits.bit_times(p, below, [x]))
-    t = (yield from reshare(p, clamp_d)).scale(2).add_public(p.index, encode(1.0))
+        bits.bit_times(p, under ^ below, [w.add_public(p.index, -encode(1.0)), x.scale(half)], cut=1),
+        bits.bit_times(p, below, [x.scale(1 << F)], cut=1))
+    t = (yield from reshare_pair(p, clamp_d)).scale(2).add_public(p.index, encode(1.0))
     # outside, the series gives its value at t = 1, P(1) = sum of its coefficients (~E(B)); relu wants
     # x/2 + |x|/2 there, x above and 0 below: extra = x/2 + [x >= B] x - outside (x/2 + P(1)),
     # with [x >= B] = 1 - inside - below and outside = 1 - inside: x - below x - inside x / 2 - (1 - inside) P(1).
     # All of it goes into the series' last round with 2f bits (3-out-of-3: a public term at party 0 only).
-    half = 1 << (F - 1)
     p1 = int(encode(float(np.sum(coeffs)), 2 * F))
-    extra = x.a * (1 << F) - below_x * (1 << F) - inside_x * half + inside * p1 - (p1 if p.index == 0 else 0)
+    extra = x.a * (1 << F) - below_x - inside_x + inside * p1 - (p1 if p.index == 0 else 0)
     return (yield from _chebyshev(p, t, coeffs, out_frac=out_frac, extra=extra, horner=horner))
 
 

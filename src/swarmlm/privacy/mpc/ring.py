@@ -82,6 +82,10 @@ class Prg:
         """Uniform uint32 (numpy, the stream's next 4 bytes an element)."""
         return self._bytes(4 * math.prod(shape)).view(np.uint32).reshape(tuple(shape))
 
+    def below_halves(self, shape: tuple[int, ...] | torch.Size) -> np.ndarray:
+        """Uniform uint16 (numpy, the stream's next 2 bytes an element: below(shape, 16)'s bytes)."""
+        return self._bytes(2 * math.prod(shape)).view(np.uint16).reshape(tuple(shape))
+
     def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform bool tensor."""
         n = math.prod(shape)

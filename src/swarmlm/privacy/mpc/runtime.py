@@ -104,7 +104,7 @@ def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
         if t.dtype == torch.bool:
             parts.append(np.packbits(t.contiguous().numpy().reshape(-1)).tobytes())
         elif t.dtype in _WIDTHS:
-            parts.append(t.contiguous().numpy().tobytes())
+            parts.append(t.numpy().tobytes())               # strided views too: one copy, in C order
         else:
             raise WireError(f"shares travel as int64, int32, int16, int8 or bool, not {t.dtype}")
     return b"".join(parts)
