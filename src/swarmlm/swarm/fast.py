@@ -42,6 +42,8 @@ _KNOWN_FLAGS = PUSH_FLAG
 _HEAD = struct.Struct("<BBB16sQ")
 HEAD_BYTES = _HEAD.size
 MAX_ERROR_BYTES = 4096
+MAX_ROWS = 16          # rows of a fast step: a server computes it inline, on its event loop
+MAX_REFUSALS = 3       # fast steps refused in a row before a session stops offering them
 
 
 def record(kind: int, session_id: bytes, position: int, payload: bytes | memoryview = b"", *, flags: int = 0) -> bytes:

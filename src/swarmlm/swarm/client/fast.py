@@ -103,6 +103,7 @@ class FastSteps:
         self.steps = 0                    # steps that went by the fast lane
         self.armed = False                # the later hops run each push they get (a WAIT armed them)
         self.relays = 0                   # outputs the client relayed because a push did not leave
+        self.refused = 0                  # fast steps refused in a row (a session stops at fast.MAX_REFUSALS)
 
     async def step(self, hops: list[HopState], x: torch.Tensor) -> torch.Tensor:
         """One new position (x: (B, 1, D)) through every hop (each with a `lane`); see the module docstring.
@@ -123,6 +124,7 @@ class FastSteps:
                 try:
                     kind, flags, payload = await replies[i]
                     if kind == fast.ERROR:
+                        self.refused += 1
                         raise FastRefused(i, x_in, f"{state.hop.peer_id}: {fast.error_text(payload)}")
                     if kind != fast.REPLY:
                         raise PeerError(f"{state.hop.peer_id} answered a fast step with a record of kind {kind}")
@@ -141,7 +143,7 @@ class FastSteps:
                         lanes[i + 1].write(fast.record(fast.STEP, lanes[i + 1].session_id, position,
                                                        fast.tensor_bytes(x_in), flags=fast.PUSH_FLAG if i + 1 < last else 0))
             self.steps += 1
-            self.armed = True
+            self.armed, self.refused = True, 0
             return y
         finally:
             expire.cancel()

@@ -30,7 +30,7 @@ import torch
 
 from swarmlm.errors import AccessRefused, PeerError
 from swarmlm.log import get_logger
-from swarmlm.swarm import wire
+from swarmlm.swarm import fast as fast_lane, wire
 from swarmlm.swarm.client.chained import ChainBroken, ChainedSteps
 from swarmlm.swarm.client.fast import FastHop, FastRefused, FastSteps
 from swarmlm.swarm.client.hops import HopClient, HopFailed, HopState, as_dtype, checked_output
@@ -180,7 +180,8 @@ class InferenceSession:
         first = position == 0
         chained = self.state is S.CHAINED and not (first and self.prompts is not None)  # prompts go hop by hop
         lanes = chained and all(st.lane is not None for st in self.hops)
-        fast = lanes and T == 1 and key_mask is None and not first
+        fast = (lanes and T == 1 and key_mask is None and not first and B <= fast_lane.MAX_ROWS
+                and (self._fast is None or self._fast.refused < fast_lane.MAX_REFUSALS))
         ahead = (None if self._chained.ahead is None else      # (a coroutine less on a decoding step's cold caches)
                  await self._chained.take_ahead(self.hops, key_mask, chained=chained and not fast))
         recoveries = self.recoveries

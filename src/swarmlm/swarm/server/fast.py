@@ -44,9 +44,9 @@ _NO_SESSION = bytes(16)
 
 
 class FastLane:
-    def __init__(self, host: BlockHost, *, max_rows: int):
+    def __init__(self, host: BlockHost, *, max_rows: int = fast.MAX_ROWS):
         self.host = host
-        self.max_rows = max_rows          # rows of one step computed inline (host.py's INLINE_STEP_TOKENS)
+        self.max_rows = max_rows          # rows of one step computed inline
 
     # ---- a client's steps connection ----------------------------------------------------------------
 

@@ -100,7 +100,7 @@ class BlockHost:
         self.clock = clock
         self.on_change: Callable[[], None] = lambda: None   # the announcer's poke
         self.sessions: dict[tuple[str, bytes], _Session] = {}
-        self.fast = FastLane(self, max_rows=INLINE_STEP_TOKENS)   # chained one-token steps (server/fast.py)
+        self.fast = FastLane(self)            # chained one-token steps (server/fast.py)
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="swarm-compute")
         self.side: Any = None                 # the peer's side channel (p2p/channel/), once registered with one
         self.dials = DialLimiter(max_dials=MAX_DIALS_PER_PEER, window_s=DIAL_WINDOW_S, clock=clock)
