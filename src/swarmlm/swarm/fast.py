@@ -77,16 +77,13 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
 
 def hidden_of(payload: memoryview, *, batch: int, dim: int, dtype: torch.dtype, finite: bool = True) -> torch.Tensor:
     """The (batch, 1, dim) hidden states in `payload`, checked for size and (`finite`) finiteness (`WireError`)."""
-    itemsize = _ITEMSIZE.get(dtype) or torch.empty((), dtype=dtype).element_size()
+    itemsize = dtype.itemsize
     if len(payload) != batch * dim * itemsize:
         raise WireError(f"a fast step of {len(payload)} bytes; one position of {batch} rows x {dim} in "
                         f"{dtype} is {batch * dim * itemsize}")
     if finite and not all_finite(payload, dtype):
         raise WireError("hidden states hold NaN or infinity")
     return torch.frombuffer(bytearray(payload), dtype=dtype).view(batch, 1, dim)
-
-
-_ITEMSIZE = {torch.float32: 4, torch.float16: 2, torch.bfloat16: 2}
 
 
 _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}

@@ -114,7 +114,7 @@ class FastSteps:
         replies = [lane.expect(position) for lane in lanes]
         x_in = as_dtype(x, hops[0].dtype)
         lanes[0].write(fast.record(fast.STEP, lanes[0].session_id, position, fast.tensor_bytes(x_in),
-                                   flags=fast.PUSH_FLAG if last else 0))
+                                   flags=_flags(0, last)))
         if not self.armed:
             self._wait(lanes, position)
         self.armed = False                           # until this step has come through
@@ -141,7 +141,7 @@ class FastSteps:
                         self.relays += 1
                         lanes[i + 1].relayed += 1
                         lanes[i + 1].write(fast.record(fast.STEP, lanes[i + 1].session_id, position,
-                                                       fast.tensor_bytes(x_in), flags=fast.PUSH_FLAG if i + 1 < last else 0))
+                                                       fast.tensor_bytes(x_in), flags=_flags(i + 1, last)))
             self.steps += 1
             self.armed, self.refused = True, 0
             return y
@@ -157,9 +157,13 @@ class FastSteps:
     @staticmethod
     def _wait(lanes: list[FastHop], position: int) -> None:
         """Every hop but the first: the step at `position` takes its input from the previous hop's push."""
-        last = len(lanes) - 1
         for i in range(1, len(lanes)):
-            lanes[i].write(fast.record(fast.WAIT, lanes[i].session_id, position, flags=fast.PUSH_FLAG if i < last else 0))
+            lanes[i].write(fast.record(fast.WAIT, lanes[i].session_id, position, flags=_flags(i, len(lanes) - 1)))
+
+
+def _flags(i: int, last: int) -> int:
+    """Hop i's flags in a chain whose last hop is `last`: every hop pushes on but the last."""
+    return fast.PUSH_FLAG if i < last else 0
 
 
 def _expire(replies: list[asyncio.Future], timeout_s: float) -> None:

@@ -187,12 +187,13 @@ class NextLink:
             return False
         return True
 
-    def push_fast(self, position: int, hidden: torch.Tensor) -> bool:
-        """`push` as a fast-lane record (swarm/fast.py): the next server runs its waiting step at once."""
+    def push_fast(self, position: int, raw: memoryview) -> bool:
+        """`push` as a fast-lane record (swarm/fast.py) of the outputs' raw bytes (`fast.tensor_bytes`):
+        the next server runs its waiting step at once."""
         if self.broken:
             return False
         try:
-            self.conn.write(fast.record(fast.PUSH, self.hop.session_id, position, fast.tensor_bytes(hidden)))
+            self.conn.write(fast.record(fast.PUSH, self.hop.session_id, position, raw))
         except ConnectionError as e:
             logger.info("push to %s lost: %s", self.hop.peer_id, e)
             return False

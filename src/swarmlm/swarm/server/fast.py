@@ -33,6 +33,7 @@ from swarmlm.p2p import rpc
 from swarmlm.swarm import fast
 from swarmlm.swarm.blocks import run_span
 from swarmlm.swarm.server import metrics
+from swarmlm.swarm.server.pushes import bound_session
 
 if TYPE_CHECKING:
     from swarmlm.swarm.server.host import BlockHost, _Session
@@ -113,11 +114,11 @@ class FastLane:
         if not bool(torch.isfinite(out).all()):     # on warm caches, where checking the input is not
             session.cache.trim(position)
             raise WireError("hidden states hold NaN or infinity (a block adds its input to its output: the input's)")
-        pushed = push and session.next is not None and session.next.push_fast(position, out)   # written now
+        raw = fast.tensor_bytes(out)
+        pushed = push and session.next is not None and session.next.push_fast(position, raw)   # written now
         metrics.count_step(B)
         host.tokens_served += B
-        _write(conn, fast.record(fast.REPLY, key[1], position, fast.tensor_bytes(out),
-                                 flags=fast.PUSH_FLAG if pushed else 0))
+        _write(conn, fast.record(fast.REPLY, key[1], position, raw, flags=fast.PUSH_FLAG if pushed else 0))
 
     def _refuse(self, conn: Any, session_id: bytes, position: int, e: SwarmlmError) -> None:
         logger.info("a fast step from %s refused: %s", conn.peer_id, e)
@@ -133,9 +134,7 @@ class FastLane:
                 return False
             try:
                 kind, _, session_id, position, payload = fast.parse(plain)
-                session = self.host.sessions.get(key)
-                if kind != fast.PUSH or session_id != key[1] or session is None or session.pusher != conn.peer_id:
-                    raise WireError("a push for another session, or not a push, or no longer allowed")
+                session = bound_session(self.host, key, conn.peer_id, session_id, kind == fast.PUSH)
                 hidden = fast.hidden_of(payload, batch=session.batch, dim=self.host.cfg.dim, dtype=self.host.dtype,
                                         finite=False)    # _run checks the outputs
                 self.host.check_push_position(session, position)

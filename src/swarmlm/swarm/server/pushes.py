@@ -61,15 +61,22 @@ async def serve_pushes(host: BlockHost, conn: Any) -> None:
         logger.debug("push connection from %s ended: %s", pusher, e)
 
 
+def bound_session(host: BlockHost, key: tuple[str, bytes], pusher: str, session_id: bytes, pushed: bool) -> Any:
+    """The session `key` a push connection is bound to, for a push (`pushed`) naming `session_id` from
+    `pusher`; `WireError` if it is not a push, names another session, or `pusher` may no longer push there."""
+    session = host.sessions.get(key)
+    if session_id != key[1] or not pushed or session is None or session.pusher != pusher:
+        raise WireError("a push for another session, or not a push, or no longer allowed")
+    return session
+
+
 async def _push_into(host: BlockHost, key: tuple[str, bytes], pusher: str, tag: int, request: bytes,
                      limit: int) -> None:
     """One pushed step into the bound session `key`; `WireError` if it is not one, or not allowed."""
     if tag != rpc.REQUEST:
         raise WireError(f"expected a request frame, got tag {tag}")
     req = serialize.decode_message(request, wire.StepRequest, max_bytes=limit)
-    session = host.sessions.get(key)
-    if req.session_id != key[1] or not req.pushed or session is None or session.pusher != pusher:
-        raise WireError("a push for another session, or not a push, or no longer allowed")
+    session = bound_session(host, key, pusher, req.session_id, req.pushed)
     if (req.start, req.end) != (session.start, session.end):
         raise WireError(f"session runs blocks {session.start}:{session.end}, push for {req.start}:{req.end}")
     await host._deliver(session, req)
