@@ -5,7 +5,12 @@ who they are). Everybody else calls the leader's `join` handler; the leader gath
 until every candidate it expects has joined or `gather_timeout_s` has passed, then answers
 every joiner with the same `Group`: a group ID and the sorted member list. A leader that
 itself follows a smaller peer redirects; a leader that is already past the step answers
-"ahead" (the joiner fell behind and must download the state); a leader whose group closed
+"ahead" (the joiner fell behind and must download the state); a leader at the same step with
+another lineage (the digest of the rounds behind its model, progress.py) answers "diverged":
+the swarm split into groups for an earlier step, so the joiner holds another model and must
+download the leader's before it averages with it (averaging gradients of two models would keep
+them apart for good: the DHT's progress records, which also compare lineages, lag the steps of
+a fast run and may never show both at one step); a leader whose group closed
 without the joiner answers "closed", and the joiner asks again until the round ends one way
 or the other. A leader that does not answer is excluded and the next smallest ID leads.
 
@@ -52,11 +57,12 @@ class Group:
 class JoinRequest:
     run_id: str
     step: int
+    lineage: str = ""               # the joiner's model's lineage at `step` ("": not checked)
 
 
 @dataclass(frozen=True)
 class JoinReply:
-    status: str                     # "ok" | "redirect" | "ahead" | "closed" | "busy"
+    status: str                     # "ok" | "redirect" | "ahead" | "diverged" | "closed" | "busy"
     step: int                       # the leader's current step
     group_id: bytes = b""
     members: list[str] = field(default_factory=list)
@@ -91,6 +97,7 @@ class Matchmaker:
         self.run_id = run_id
         self.gather_timeout_s = gather_timeout_s
         self.step = 0                                   # this peer's current step; set by the optimizer
+        self.lineage = ""                               # and its model's lineage at that step
         self._gatherings: dict[int, _Gathering] = {}
         self._following: dict[int, str] = {}
         self._changed = asyncio.Event()                 # replaced by a fresh one at every change
@@ -102,9 +109,10 @@ class Matchmaker:
                                max_request_bytes=4096)
         return mm
 
-    async def set_step(self, step: int) -> None:
-        """This peer moved on to `step`: joiners for earlier steps now hear "ahead"."""
-        self.step = step
+    async def set_step(self, step: int, lineage: str = "") -> None:
+        """This peer moved on to `step` with a model of `lineage`: joiners for earlier steps now hear
+        "ahead", joiners at this step with another lineage "diverged"."""
+        self.step, self.lineage = step, lineage
         for s in [s for s in self._gatherings if s < step]:
             del self._gatherings[s]
         for s in [s for s in self._following if s < step]:
@@ -130,6 +138,8 @@ class Matchmaker:
         while True:
             if self.step > req.step:
                 return JoinReply("ahead", self.step)
+            if self.step == req.step and req.lineage and self.lineage and req.lineage != self.lineage:
+                return JoinReply("diverged", self.step)
             g = self._gatherings.get(req.step)
             if g is not None:
                 if g.closed:
@@ -183,7 +193,7 @@ class Matchmaker:
                         raise RoundFailed(f"no group for step {step} within {timeout_s:.1f} s")
                     try:
                         reply = await rpc.call_message(
-                            self.peer, leader, JOIN_HANDLER, JoinRequest(self.run_id, step), JoinReply,
+                            self.peer, leader, JOIN_HANDLER, JoinRequest(self.run_id, step, self.lineage), JoinReply,
                             timeout_s=self.gather_timeout_s + 2.0, max_response_bytes=1 << 20)
                     except PeerError as e:
                         log.info("leader %s for step %d failed: %s", leader, step, e)
@@ -209,6 +219,8 @@ class Matchmaker:
     def _check_reply(self, reply: JoinReply, leader: str, step: int) -> Group | None:
         if reply.status == "ahead":
             raise FellBehind(f"{leader} is at step {reply.step}, past step {step}", leader)
+        if reply.status == "diverged":
+            raise FellBehind(f"{leader} holds another model at step {step} (another lineage)", leader)
         if reply.status != "ok":
             return None
         members = tuple(reply.members)

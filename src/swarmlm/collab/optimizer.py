@@ -302,7 +302,7 @@ class CollaborativeOptimizer:
         if not self.options.diloco_steps:
             self.local_step = self.global_step
         self.micro = self.samples = 0
-        await self.matchmaker.set_step(self.global_step)
+        await self.matchmaker.set_step(self.global_step, self.lineage)
 
     async def _average(self, vector: torch.Tensor, *, weight: float) -> RoundResult | None:
         """One successful round for the current step, or None after catching up / giving up for now."""
@@ -357,7 +357,7 @@ class CollaborativeOptimizer:
                 self._load(snap)
                 log.info("downloaded the state of step %d from %s", self.global_step, peer_id)
                 self.catch_ups += 1
-                await self.matchmaker.set_step(self.global_step)
+                await self.matchmaker.set_step(self.global_step, self.lineage)
                 await self._refresh()              # tell the swarm at once where this peer now is
                 return
             except (PeerError, ValueError) as e:
