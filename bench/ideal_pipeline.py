@@ -126,11 +126,26 @@ class IdealPipeline:
         self.close()
 
 
+def random_model(preset: str, directory: Path, prompt_len: int):
+    """A random-weight checkpoint of `preset` (no bos/eos: decoding runs its full length) saved in
+    `directory`/model, loaded here, and a random prompt: (cfg, checkpoint path, model, prompt), the same
+    for every bench that compares against this pipeline."""
+    from swarmlm.model.config import PRESETS
+    from swarmlm.model.hf import load_model, save_model
+    from swarmlm.model.transformer import Transformer
+
+    cfg = PRESETS[preset].replace(eos_token_id=None, bos_token_id=None)
+    ckpt = Path(directory) / "model"
+    torch.manual_seed(0)
+    save_model(Transformer(cfg), cfg, ckpt)
+    local, _ = load_model(ckpt)
+    prompt = torch.randint(0, cfg.vocab_size, (prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+    return cfg, ckpt, local, prompt
+
+
 def main() -> None:
     from swarmlm.model.config import PRESETS
     from swarmlm.model.generate import stream_generate
-    from swarmlm.model.hf import load_model, save_model
-    from swarmlm.model.transformer import Transformer
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small", choices=sorted(PRESETS))
@@ -140,14 +155,8 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    cfg = PRESETS[args.preset].replace(eos_token_id=None, bos_token_id=None)
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "model"
-        torch.manual_seed(0)
-        save_model(Transformer(cfg), cfg, ckpt)
-        local, _ = load_model(ckpt)
-        prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,),
-                               generator=torch.Generator().manual_seed(0)).tolist()
+        cfg, ckpt, local, prompt = random_model(args.preset, Path(tmp), args.prompt_len)
         with IdealPipeline(str(ckpt), cfg.n_layers, threads=args.threads) as ideal:
             ratios, same, one_process = [], True, []
             for i in range(args.repeats + 1):

@@ -38,11 +38,10 @@ from pathlib import Path
 
 import torch
 
-from ideal_pipeline import IdealPipeline, timed_stream
+from ideal_pipeline import IdealPipeline, random_model, timed_stream
 from swarmlm import heap
 from swarmlm.model.config import PRESETS
 from swarmlm.model.generate import stream_generate
-from swarmlm.model.hf import load_model, save_model
 from swarmlm.model.transformer import Transformer
 from swarmlm.swarm.client.model import RemoteModel
 from swarmlm.swarm.server.serve import start_server_process
@@ -65,14 +64,9 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     env = {"OMP_NUM_THREADS": str(args.threads)}
 
-    cfg = PRESETS[args.preset].replace(eos_token_id=None, bos_token_id=None)
-    n = cfg.n_layers
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "model"
-        torch.manual_seed(0)
-        save_model(Transformer(cfg), cfg, ckpt)
-        local, _ = load_model(ckpt)
-        prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,), generator=torch.Generator().manual_seed(0)).tolist()
+        cfg, ckpt, local, prompt = random_model(args.preset, Path(tmp), args.prompt_len)
+        n = cfg.n_layers
 
         servers = []
         try:

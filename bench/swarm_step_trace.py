@@ -109,25 +109,16 @@ def make_copy(tmp: Path) -> tuple[Path, Path]:
 
 def drive(args: argparse.Namespace, log: Path) -> dict:
     import torch
-    from ideal_pipeline import IdealPipeline, timed_stream
+    from ideal_pipeline import IdealPipeline, random_model, timed_stream
 
-    from swarmlm.model.config import PRESETS
-    from swarmlm.model.hf import load_model, save_model
-    from swarmlm.model.transformer import Transformer
     from swarmlm.swarm.client.model import RemoteModel
     from swarmlm.swarm.server.serve import start_server_process
 
     torch.set_num_threads(1)
-    cfg = PRESETS[args.preset].replace(eos_token_id=None, bos_token_id=None)
-    n = cfg.n_layers
     env = {"OMP_NUM_THREADS": "1", "SWARMLM_STEP_TRACE": str(log), "PYTHONPATH": os.environ["PYTHONPATH"]}
     with tempfile.TemporaryDirectory() as tmp:
-        ckpt = Path(tmp) / "model"
-        torch.manual_seed(0)
-        save_model(Transformer(cfg), cfg, ckpt)
-        local, _ = load_model(ckpt)
-        prompt = torch.randint(0, cfg.vocab_size, (args.prompt_len,),
-                               generator=torch.Generator().manual_seed(0)).tolist()
+        cfg, ckpt, local, prompt = random_model(args.preset, Path(tmp), args.prompt_len)
+        n = cfg.n_layers
         a = start_server_process(str(ckpt), blocks=(0, n // 2), data_dir=Path(tmp) / "a", env=env)
         servers = [a]
         try:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
 import torch
 
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode
