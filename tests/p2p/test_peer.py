@@ -193,3 +193,42 @@ def test_daemon_dies_when_its_process_is_killed(tmp_path):
     while pid_alive(p2pd_pid) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not pid_alive(p2pd_pid)
+
+
+def test_a_reply_to_a_call_cancelled_in_its_own_loop_turn_does_not_stop_later_replies():
+    """A unary call that times out in the loop turn its reply is read leaves a cancelled future
+    waiting; hivemind's reader raised InvalidStateError on it and read nothing more, so every
+    later call of the process timed out (seen in CI: `simulate --measure`'s swarm/open)."""
+    from types import SimpleNamespace
+    from uuid import uuid4
+
+    from hivemind.proto import p2pd_pb2
+
+    from swarmlm.p2p.peer import ControlClient
+
+    def framed(message) -> bytes:
+        body = message.SerializeToString()
+        size, prefix = len(body), bytearray()
+        while True:
+            prefix.append((size & 0x7F) | (0x80 if size > 0x7F else 0))
+            size >>= 7
+            if not size:
+                return bytes(prefix) + body
+
+    def reply(call_id, payload: bytes):
+        return framed(p2pd_pb2.PersistentConnectionResponse(
+            callId=call_id.bytes, callUnaryResponse=p2pd_pb2.CallUnaryResponse(response=payload)))
+
+    async def scenario():
+        over, waiting = uuid4(), uuid4()
+        client = SimpleNamespace(_pending_calls={over: asyncio.get_running_loop().create_future(),
+                                                 waiting: asyncio.get_running_loop().create_future()},
+                                 _handler_tasks={})
+        client._pending_calls[over].cancel()
+        reader = asyncio.StreamReader()
+        reader.feed_data(reply(over, b"late") + reply(waiting, b"on time"))
+        reader.feed_eof()
+        await asyncio.wait_for(ControlClient._read_from_persistent_conn(client, reader), 5)
+        return await asyncio.wait_for(client._pending_calls[waiting], 5)
+
+    assert asyncio.run(scenario()) == b"on time"

@@ -28,6 +28,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any, AsyncIterator, Sequence
+from uuid import UUID
 
 
 def _import_hivemind_lightly() -> None:
@@ -61,6 +62,9 @@ from hivemind.dht.protocol import DHTProtocol
 from hivemind.dht.routing import DHTID
 from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.p2p import P2P, PeerID
+from hivemind.p2p.p2p_daemon_bindings.control import ControlClient, P2PDaemonError, P2PHandlerError
+from hivemind.p2p.p2p_daemon_bindings.utils import read_pbmsg_safe
+from hivemind.proto import p2pd_pb2 as p2pd_pb
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.multiaddr import Multiaddr
 
@@ -72,6 +76,45 @@ from swarmlm.p2p.identity import IDENTITY_FILE, Identity
 from swarmlm.p2p.records import SignedRecord, open_record, seal, unseal
 
 logger = get_logger(__name__)
+
+
+async def _read_daemon_replies(self: ControlClient, reader: asyncio.StreamReader) -> None:
+    """hivemind's reader of the daemon's persistent connection, minus one fault: a unary call
+    cancelled (a timeout) in the loop turn its reply arrives in leaves a cancelled future in
+    `_pending_calls`, and hivemind's `set_result` on it raised InvalidStateError, which ended
+    this task, so every later unary call of the process waited for a reply that never came.
+    A reply for a call that is already over is dropped here; all else is dispatched as before."""
+    while True:
+        message = p2pd_pb.PersistentConnectionResponse()
+        try:
+            await read_pbmsg_safe(reader, message)
+        except asyncio.IncompleteReadError:
+            break
+        call_id = UUID(bytes=message.callId)
+        waiting = self._pending_calls.get(call_id)
+        if waiting is not None and waiting.done():
+            logger.debug("reply for a call already over (%s): dropped", call_id)
+            continue
+        if message.HasField("callUnaryResponse"):
+            reply = message.callUnaryResponse
+            if waiting is not None and reply.HasField("response"):
+                waiting.set_result(reply.response)
+            elif waiting is not None and reply.HasField("error"):
+                waiting.set_exception(P2PHandlerError(reply.error.decode(errors="ignore")))
+        elif message.HasField("requestHandling"):
+            task = asyncio.create_task(self._handle_persistent_request(call_id, message.requestHandling))
+            self._handler_tasks[call_id] = task
+        elif message.HasField("cancel"):
+            task = self._handler_tasks.get(call_id)
+            if task is not None and not task.done():
+                task.cancel()
+        elif waiting is not None and message.HasField("daemonError"):
+            waiting.set_exception(P2PDaemonError(message.daemonError.message))
+        elif waiting is not None:
+            waiting.set_result(None)
+
+
+ControlClient._read_from_persistent_conn = _read_daemon_replies
 
 MAX_UNARY_BYTES = 16 * 1024 * 1024       # one unary request or reply; larger payloads go by stream
 _DAEMON_MSG_BYTES = MAX_UNARY_BYTES + 64 * 1024
