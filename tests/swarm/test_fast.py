@@ -7,11 +7,12 @@ takes the fast lane for its steady steps, with the same tokens as local generati
 """
 
 import asyncio
+import threading
 
 import pytest
 import torch
 
-from swarmlm.errors import PeerError, RemoteError, WireError
+from swarmlm.errors import PeerError, RemoteError, SwarmlmError, WireError
 from swarmlm.model.generate import generate
 from swarmlm.swarm import fast
 from swarmlm.swarm.client.fast import FastHop
@@ -201,3 +202,35 @@ def test_a_server_that_refuses_fast_steps_is_stepped_the_slow_way_with_the_same_
     session = model.last_session
     assert refused == [fast.WAIT] * fast.MAX_REFUSALS and session.recoveries == 0   # then it stops offering them
     assert session.fast_steps == 0
+
+
+def test_a_nan_the_first_server_pushes_on_before_its_check_is_refused_by_both_servers(direct_swarm, checkpoints):
+    """The first server's outputs go on to the next server before its finiteness check: each server
+    refuses the step and rolls its cache back, and both go on serving."""
+    ckpt = checkpoints["llama"]
+    model = two_halves(direct_swarm, ckpt)
+    refused, both = [], threading.Event()
+    real = FastLane._run
+
+    def watched(self, conn, key, session, position, hidden, push):
+        try:
+            real(self, conn, key, session, position, hidden, push)
+        except WireError as e:
+            refused.append((self.host.start, position, str(e), session.cache.length))
+            if len(refused) == 2:
+                both.set()
+            raise
+    x = torch.randn(1, 6, model.cfg.dim)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(FastLane, "_run", watched)
+        with model.inference_session(batch=1, max_length=8) as session:
+            session.step(x[:, :4])                                     # the prompt
+            session.step(x[:, 4:5])                                    # the fast lane, both servers armed
+            bad = x[:, 5:6].clone()
+            bad[0, 0, 3] = float("nan")
+            with pytest.raises(SwarmlmError):      # the client's own NaN: refused on the slow path too
+                session.step(bad)
+    assert both.wait(10)
+    assert sorted(r[:2] for r in refused) == [(0, 5), (2, 5)]
+    assert all("NaN or infinity" in why and length == 5 for _, _, why, length in refused)   # rolled back
+    assert model.generate(PROMPT, max_new_tokens=4) == generate(local_model(ckpt), PROMPT, max_new_tokens=4)

@@ -15,7 +15,10 @@ of the session's rows in the host's dtype, and finite. Finiteness is checked onc
 outputs' bytes that go out anyway (fast.all_finite: one numpy pass, ~20 us on the caches a
 span's compute leaves, where torch's isfinite and all took ~60): a block adds its input to its
 output (the residual stream), so a NaN or infinity in the input is one in the output, and then
-the cache is trimmed back and the step refused. A step that cannot run here for any
+the cache is trimmed back and the step refused. The push to the next server leaves before that
+check (the next server refuses what a NaN makes of its own outputs, and rolls its cache back), so
+the check is off the chain's path: 40-50 us less from one server's compute to the next one's,
+per bench/swarm_step_trace.py. The REPLY waits for it. A step that cannot run here for any
 reason (a bad record included) gets an ERROR record naming its position, and the client takes
 the slow path (wire.py's messages) from that hop; a bad push ends the push connection, as in
 host.py. Nothing here awaits: a step is computed inline, as host.py does for short steps.
@@ -112,13 +115,15 @@ class FastLane:
             logger.warning("a fast step from %s failed", key[0], exc_info=e)
             raise WireError(f"the step failed: {rpc.describe_failure(e)}") from None
         raw = fast.tensor_bytes(out)
+        # the push leaves before the check (the next server's step waits on it; its own check refuses
+        # what a NaN or infinity here makes of its outputs, and rolls its cache back)
+        pushed = push and session.next is not None and session.next.push_fast(position, raw)   # written now
         if not fast.all_finite(raw, out.dtype):
             session.cache.trim(position)
             raise WireError("hidden states hold NaN or infinity (a block adds its input to its output: the input's)")
-        pushed = push and session.next is not None and session.next.push_fast(position, raw)   # written now
+        _write(conn, fast.record(fast.REPLY, key[1], position, raw, flags=fast.PUSH_FLAG if pushed else 0))
         metrics.count_step(B)
         host.tokens_served += B
-        _write(conn, fast.record(fast.REPLY, key[1], position, raw, flags=fast.PUSH_FLAG if pushed else 0))
 
     def _refuse(self, conn: Any, session_id: bytes, position: int, e: SwarmlmError) -> None:
         logger.info("a fast step from %s refused: %s", conn.peer_id, e)
