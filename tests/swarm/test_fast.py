@@ -55,6 +55,15 @@ def test_hidden_states_of_the_wrong_size_or_not_finite_are_refused(dtype):
             fast.hidden_of(bad, batch=2, dim=8, dtype=dtype)
         assert fast.hidden_of(bad, batch=2, dim=8, dtype=dtype, finite=False).shape == (2, 1, 8)
     assert fast.all_finite(memoryview(fast.tensor_bytes(torch.full((4,), 6e4).to(dtype))), dtype)   # no overflow
+    big = torch.randn(3, 1, 5000).to(dtype)                     # one bad value anywhere among many
+    for where in (0, 4095, 4096, 14999):
+        for value in (float("nan"), float("inf"), float("-inf")):
+            y = big.clone().view(-1)
+            y[where] = value
+            assert not fast.all_finite(memoryview(fast.tensor_bytes(y)), dtype), (where, value)
+    assert fast.all_finite(memoryview(fast.tensor_bytes(big)), dtype)
+    wide = torch.randn(2, 6, 8).to(dtype)[:, 2:3]               # not contiguous: its bytes all the same
+    assert torch.equal(fast.hidden_of(memoryview(fast.tensor_bytes(wide)), batch=2, dim=8, dtype=dtype), wide)
 
 
 # ---- one server ---------------------------------------------------------------------------------------
