@@ -28,7 +28,7 @@ from typing import Any, Awaitable, Callable, Protocol
 
 import torch
 
-from swarmlm.errors import AccessRefused, PeerError
+from swarmlm.errors import AccessRefused, PeerError, UserError
 from swarmlm.log import get_logger
 from swarmlm.swarm import fast as fast_lane, wire
 from swarmlm.swarm.client.chained import ChainBroken, ChainedSteps
@@ -214,6 +214,7 @@ class InferenceSession:
                         failed: PeerError | None = None) -> torch.Tensor:
         """The step from hop i on, hop by hop (replacing hop i first if it `failed`)."""
         if failed is not None:
+            _not_the_hops_fault(self.hops[i], x, failed)
             await self._recover(i, failed)
         while i < len(self.hops):
             state = self.hops[i]
@@ -223,6 +224,7 @@ class InferenceSession:
                 reply = await self.calls.call_step(state, req)
                 y = checked_output(reply.hidden, x_in, state.hop)
             except PeerError as e:
+                _not_the_hops_fault(state, x_in, e)
                 await self._recover(i, e)
                 continue                  # the same position of the chain, now held by the replacement
             state.record(x_in, key_mask)
@@ -327,3 +329,13 @@ class InferenceSession:
                     self._enter(S.RECOVERING)
                 if time.monotonic() > deadline:
                     raise
+
+
+def _not_the_hops_fault(state: HopState, x: torch.Tensor, error: PeerError) -> None:
+    """A hop that failed a step whose inputs hold NaN or infinity refused them (every server checks its
+    inputs or its outputs): they are the caller's own (a hop's outputs reach the next hop only once
+    checked, by this client or by the server that computed them), so the step fails with a UserError
+    and the hop is not replaced. Checked only once a hop failed: off the decoding path."""
+    if not bool(torch.isfinite(x).all()):
+        raise UserError(f"the hidden states for blocks {state.hop.start}:{state.hop.end} hold NaN or infinity "
+                        f"(refused by {state.hop.peer_id}: {error})")
