@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from swarmlm.privacy.dpsgd import clip_and_noise, dp_sgd_step, per_sample_grads
+from swarmlm.privacy.dpsgd import clip_and_noise, dp_sgd_step, noisy_gradient, per_sample_grads
 
 
 def model_and_data():
@@ -47,6 +47,22 @@ def test_noise_has_std_sigma_times_clip_over_batch():
     grads = {"w": torch.zeros(4, 200_000)}
     noisy, _ = clip_and_noise(grads, clip=0.5, noise_multiplier=2.0, generator=torch.Generator().manual_seed(0))
     assert noisy["w"].std().item() == pytest.approx(2.0 * 0.5 / 4, rel=0.02)
+
+
+def test_an_empty_poisson_batch_is_a_step_of_noise_alone():
+    """Poisson sampling may draw no example (it did in CI: a reshape of zero rows failed)."""
+    model, x, y = model_and_data()
+    quiet = noisy_gradient(model, ce, x[:0], y[:0], clip=1.0, noise_multiplier=0.0, expected_batch=4.0, generator=None)
+    assert all(torch.equal(g, torch.zeros_like(p)) for (_, p), g in zip(model.named_parameters(), quiet.values()))
+    noisy = noisy_gradient(model, ce, x[:0], y[:0], clip=1.0, noise_multiplier=2.0, expected_batch=4.0,
+                           generator=torch.Generator().manual_seed(0))
+    assert set(noisy) == {n for n, _ in model.named_parameters()} and all(g.abs().sum() > 0 for g in noisy.values())
+    before = [p.detach().clone() for p in model.parameters()]
+    loss = dp_sgd_step(model, ce, x[:0], y[:0], clip=1.0, noise_multiplier=1.0, lr=0.1, expected_batch=4.0,
+                       generator=torch.Generator().manual_seed(1))
+    assert loss != loss and all(not torch.equal(a, b) for a, b in zip(before, model.parameters()))   # NaN loss, noise
+    with pytest.raises(ValueError, match="denominator"):
+        clip_and_noise({"w": torch.zeros(0, 3)}, clip=1.0, noise_multiplier=1.0, generator=None)
 
 
 def test_a_dp_sgd_step_moves_the_model_and_refuses_bad_settings():

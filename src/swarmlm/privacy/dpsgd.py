@@ -49,7 +49,9 @@ def clip_and_noise(grads: dict[str, torch.Tensor], *, clip: float, noise_multipl
     """(the noisy summed gradient per parameter divided by `denominator` (default: the batch size),
     each sample's norm before clipping (B,))."""
     batch = next(iter(grads.values())).shape[0]
-    norms = torch.sqrt(sum(g.reshape(batch, -1).pow(2).sum(1) for g in grads.values()))     # (B,)
+    if batch == 0 and denominator is None:
+        raise ValueError("an empty batch's noise is divided by the expected batch size: pass `denominator`")
+    norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in grads.values()))             # (B,), B may be 0
     factor = (clip / (norms + 1e-12)).clamp(max=1.0)                                         # (B,)
     out = {}
     for name, g in grads.items():
