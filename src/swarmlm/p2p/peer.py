@@ -12,8 +12,10 @@ process); its `p2pd` child is started bound to `host` only, with UPnP and AutoNA
 told to die with this process (PR_SET_PDEATHSIG), so even a SIGKILL leaves no daemon behind.
 Records are signed envelopes (records.py), checked by every DHT node that stores or returns
 them and again by `get`. Unary calls travel over the daemon's persistent multiplexed
-connection; streams (`call_stream`) over a libp2p stream each. This is the only module that
-imports hivemind; nothing above it sees a hivemind type.
+connection; streams (`call_stream`) over a libp2p stream each; that connection's reader is this
+module's own (`_read_daemon_replies`: hivemind 1.1.12's ends at a reply to a call cancelled in
+the same loop turn, and every later call times out). This is the only module that imports
+hivemind; nothing above it sees a hivemind type.
 """
 
 from __future__ import annotations
@@ -114,6 +116,7 @@ async def _read_daemon_replies(self: ControlClient, reader: asyncio.StreamReader
             waiting.set_result(None)
 
 
+assert hasattr(ControlClient, "_read_from_persistent_conn"), "hivemind's ControlClient changed: see _read_daemon_replies"
 ControlClient._read_from_persistent_conn = _read_daemon_replies
 
 MAX_UNARY_BYTES = 16 * 1024 * 1024       # one unary request or reply; larger payloads go by stream
