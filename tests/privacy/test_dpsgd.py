@@ -50,7 +50,7 @@ def test_noise_has_std_sigma_times_clip_over_batch():
 
 
 def test_an_empty_poisson_batch_is_a_step_of_noise_alone():
-    """Poisson sampling may draw no example (it did in CI: a reshape of zero rows failed)."""
+    """Poisson sampling may draw no example (a test run here drew none: a reshape of zero rows failed)."""
     model, x, y = model_and_data()
     quiet = noisy_gradient(model, ce, x[:0], y[:0], clip=1.0, noise_multiplier=0.0, expected_batch=4.0, generator=None)
     assert all(torch.equal(g, torch.zeros_like(p)) for (_, p), g in zip(model.named_parameters(), quiet.values()))

@@ -214,14 +214,14 @@ def test_a_server_that_refuses_fast_steps_is_stepped_the_slow_way_with_the_same_
 
 
 @pytest.mark.parametrize("lane", ["fast", "libp2p"])
-def test_a_callers_nan_is_refused_by_the_servers_without_a_failover_and_the_session_goes_on(swarm, direct_swarm,
-                                                                                          checkpoints, lane):
+def test_a_callers_nan_is_refused_by_the_servers_without_a_failover_and_the_session_goes_on(request, checkpoints,
+                                                                                          lane):
     """A step whose hidden states hold a NaN fails with a UserError; no server is blamed or replaced,
     and the session's next steps equal a clean session's. On the fast lane the first server's outputs
     go on to the next server before its finiteness check: each server refuses the step and rolls its
     cache back."""
     ckpt = checkpoints["llama"]
-    model = two_halves(direct_swarm if lane == "fast" else swarm, ckpt)
+    model = two_halves(request.getfixturevalue("direct_swarm" if lane == "fast" else "swarm"), ckpt)
     refused, both = [], threading.Event()
     real = FastLane._run
 
