@@ -1,7 +1,7 @@
 """Where a decoding step's time goes: the swarm's critical path through two servers, segment by
 segment, against the ideal two-server pipeline's (ideal_pipeline.py).
 
-    python bench/swarm_step_trace.py [--preset small] [--prompt-len 32] [--new-tokens 64] [--rounds 6]
+    python bench/swarm_step_trace.py [--preset small] [--prompt-len 32] [--new-tokens 64] [--rounds 6] [--detail]
 
 swarm_inference.py's tokens/s ratio moves by 3-4% from run to run on a shared 2-core machine,
 more than most single changes to the protocol are worth. This script times each step instead.
@@ -23,6 +23,18 @@ compute, the first compute's end to the second's start, the second compute, its 
 client, the client's own work between steps (head, sampling, embedding), the whole step; then the
 protocol's total (the step less the two computes and the client's work) for each. A place that
 moved in the source stops the script with the file and the text it looked for.
+
+`--detail` reads the clock inside each hop as well: where a record arrives (`rx`), is
+decrypted (`opened`) and handled (`handled`), where one is sealed (`seal`) and written to the
+socket (`tx0`, `tx1`), a server's push and reply leaving (`pushed`, `replied`) and a push
+delivered (`deliver`), the client's replies taken (`reply0`, `reply1`) and its step done
+(`stepped`), and an ideal stage's pipe write and read (`ptx0`, `ptx1`, `prx`). It prints, per
+side, the median time from each reading to the next (whichever process took them) for the
+transitions seen at least half as often as there are steps, in the order they occur (`times`:
+how often it was seen, twice a step for a server's two writes). Each reading is a write of a
+few µs, so the segments above grow a little. Its medians move by a few µs from run to run, the
+whole step's by a few hundred: it is the way to tell whether a change to one hop's code saves
+anything where it runs (a cold-cache microbenchmark's saving need not survive there).
 """
 
 from __future__ import annotations
@@ -70,6 +82,23 @@ PLACES = [
      '_st.mark(f"isend {T}")', None),
     ("ideal_pipeline.py", "msg = self._recv.recv_bytes()\n        return torch.frombuffer", None, '_st.mark("igot")'),
 ]
+# --detail: readings inside the hops as well (each is a write of a few us, so the segments above grow a little)
+DETAIL_PLACES = [
+    ("swarmlm/p2p/channel/conn.py", "def buffer_updated(self, nbytes: int) -> None:\n", None, '    _st.mark("rx")'),
+    ("swarmlm/p2p/channel/conn.py", "consumed = self._on_record is not None and self._on_record(plain)",
+     '_st.mark("opened")', '_st.mark("handled")'),
+    ("swarmlm/p2p/channel/conn.py", "self.write_raw(header + self._send.encrypt(", '_st.mark("seal")', None),
+    ("swarmlm/p2p/channel/conn.py", "self._transport.write(data)\n        self.bytes_sent", '_st.mark("tx0")',
+     '_st.mark("tx1")'),
+    ("swarmlm/swarm/server/fast.py", "if not fast.all_finite(raw, out.dtype):", '_st.mark("pushed")', None),
+    ("swarmlm/swarm/server/fast.py", "metrics.count_step(B)\n", '_st.mark("replied")', None),
+    ("swarmlm/swarm/server/fast.py", "session.inbox.deliver(position, hidden)", '_st.mark("deliver")', None),
+    ("swarmlm/swarm/client/fast.py", "kind, flags, payload = await replies[i]\n", None, '_st.mark(f"reply{i}")'),
+    ("swarmlm/swarm/client/fast.py", "self.steps += 1\n", '_st.mark("stepped")', None),
+    ("ideal_pipeline.py", "outbox.send_bytes(_HEADER.pack(T) + out.numpy().tobytes())", '_st.mark("ptx0")',
+     '_st.mark("ptx1")'),
+    ("ideal_pipeline.py", "while not (msg := inbox.recv_bytes()).startswith(_STOP):", None, '    _st.mark("prx")'),
+]
 
 
 def _insert(path: Path, anchor: str, before: str | None, after: str | None) -> None:
@@ -93,14 +122,14 @@ def _insert(path: Path, anchor: str, before: str | None, after: str | None) -> N
     path.write_text(text)
 
 
-def make_copy(tmp: Path) -> tuple[Path, Path]:
-    """The traced copies: (src directory, bench directory)."""
+def make_copy(tmp: Path, detail: bool = False) -> tuple[Path, Path]:
+    """The traced copies: (src directory, bench directory); `detail`: with DETAIL_PLACES too."""
     src, bench = tmp / "src", tmp / "bench"
     shutil.copytree(ROOT / "src" / "swarmlm", src / "swarmlm", ignore=shutil.ignore_patterns("__pycache__"))
     bench.mkdir()
     shutil.copy(ROOT / "bench" / "ideal_pipeline.py", bench / "ideal_pipeline.py")
     (src / "swarmlm" / "_steptrace.py").write_text(TRACE_MODULE)
-    for name, anchor, before, after in PLACES:
+    for name, anchor, before, after in PLACES + (DETAIL_PLACES if detail else []):
         _insert((bench if name == "ideal_pipeline.py" else src) / name, anchor, before, after)
     return src, bench
 
@@ -221,19 +250,53 @@ def report(log: Path, pids: dict[str, int]) -> None:
                           "of": "median of step - computes - client's work"}), flush=True)
 
 
+def report_detail(events: list[tuple[int, str, str]]) -> None:
+    """--detail: per one-token step (the client's send to its `got`), the median time from each reading
+    to the next one in time order, whichever process took it, for the transitions at least half the
+    steps have: swarm (client, a, b) and ideal (client, s0, s1) apart, in the order they occur."""
+    for side, procs, send, got in (("swarm", {"client", "a", "b"}, "send", "got"),
+                                   ("ideal", {"client", "s0", "s1"}, "isend", "igot")):
+        runs, run = [], None
+        for t, who, ev in events:
+            if who not in procs:
+                continue
+            if who == "client" and ev == send:
+                run = [(t, f"{who}:{ev}")]
+            elif run is not None:
+                run.append((t, f"{who}:{ev}"))
+                if who == "client" and ev == got:
+                    runs.append(run)
+                    run = None
+        gaps: dict[tuple[str, str], list[float]] = {}
+        place: dict[tuple[str, str], list[int]] = {}
+        for run in runs:
+            for i, ((t0, a), (t1, b)) in enumerate(zip(run, run[1:])):
+                gaps.setdefault((a, b), []).append((t1 - t0) / 1000)
+                place.setdefault((a, b), []).append(i)
+        common = [k for k, v in gaps.items() if len(v) >= len(runs) / 2]
+        for a, b in sorted(common, key=lambda k: statistics.median(place[k])):
+            v = sorted(gaps[(a, b)])
+            print(json.dumps({"name": f"step_trace.detail.{side}", "from": a, "to": b,
+                              "median_us": round(statistics.median(v), 1),
+                              "quartiles_us": [round(v[len(v) // 4], 1), round(v[3 * len(v) // 4], 1)],
+                              "times": len(v), "steps": len(runs)}), flush=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--preset", default="small")
     parser.add_argument("--prompt-len", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--rounds", type=int, default=6)
+    parser.add_argument("--detail", action="store_true",
+                        help="also read the clock inside each hop (record layer, handlers) and print every transition")
     parser.add_argument("--drive", metavar="LOG_DIR", help=argparse.SUPPRESS)    # the child's part
     args = parser.parse_args()
     if args.drive:
         print(json.dumps(drive(args, Path(args.drive))))
         return
     with tempfile.TemporaryDirectory() as tmp:
-        src, bench = make_copy(Path(tmp))
+        src, bench = make_copy(Path(tmp), detail=args.detail)
         log = Path(tmp) / "log"
         log.mkdir()
         env = dict(os.environ, PYTHONPATH=f"{src}{os.pathsep}{bench}", SWARMLM_STEP_TRACE=str(log),
@@ -246,6 +309,8 @@ def main() -> None:
             sys.exit(f"swarm_step_trace: the runs failed:\n{child.stderr[-4000:]}")
         pids = json.loads(child.stdout.strip().splitlines()[-1])
         report(log, pids)
+        if args.detail:
+            report_detail(read_events(log, pids))
 
 
 if __name__ == "__main__":
