@@ -229,8 +229,7 @@ def read_events(log: Path, pids: dict[str, int]) -> list[tuple[int, str, str]]:
     return events
 
 
-def report(log: Path, pids: dict[str, int]) -> None:
-    events = read_events(log, pids)
+def report(events: list[tuple[int, str, str]]) -> None:
     swarm = segments(steps(events, "send", "a", "b", "c0", "c1", "got"))
     ideal = segments(steps(events, "isend", "s0", "s1", "pc0", "pc1", "igot"))
     if not swarm["step"] or not ideal["step"]:
@@ -308,9 +307,10 @@ def main() -> None:
         if child.returncode != 0:
             sys.exit(f"swarm_step_trace: the runs failed:\n{child.stderr[-4000:]}")
         pids = json.loads(child.stdout.strip().splitlines()[-1])
-        report(log, pids)
+        events = read_events(log, pids)
+        report(events)
         if args.detail:
-            report_detail(read_events(log, pids))
+            report_detail(events)
 
 
 if __name__ == "__main__":

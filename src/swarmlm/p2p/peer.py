@@ -116,7 +116,8 @@ async def _read_daemon_replies(self: ControlClient, reader: asyncio.StreamReader
             waiting.set_result(None)
 
 
-assert hasattr(ControlClient, "_read_from_persistent_conn"), "hivemind's ControlClient changed: see _read_daemon_replies"
+if not hasattr(ControlClient, "_read_from_persistent_conn"):       # not an assert: `python -O` would drop it
+    raise ImportError("hivemind's ControlClient no longer has _read_from_persistent_conn: see _read_daemon_replies")
 ControlClient._read_from_persistent_conn = _read_daemon_replies
 
 MAX_UNARY_BYTES = 16 * 1024 * 1024       # one unary request or reply; larger payloads go by stream
