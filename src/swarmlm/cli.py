@@ -586,10 +586,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+_RUN_MODELS = frozenset({"demo", "train", "generate", "serve", "mpc-party", "finetune", "eval", "api", "fl"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from swarmlm import log
     log.configure(args.log_level)
+    if args.verb in _RUN_MODELS:
+        from swarmlm.model import qkernels
+        qkernels.prepare()                  # before any thread of the command: see its docstring
     try:
         if getattr(args, "metrics_port", None) is not None:
             from swarmlm.dashboard.metrics import expose

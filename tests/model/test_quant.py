@@ -196,3 +196,34 @@ def test_generate_cli_with_quantization(tmp_path, capsys):
     assert main(args + ["--quantize", "int4-g128"]) == 2
     err = capsys.readouterr().err
     assert "dim 64 is narrower than the group size 128" in err and len(err.strip().splitlines()) == 1
+
+
+_WATCH_META_PATH = """
+import sys
+from swarmlm.model import qkernels
+if sys.argv[1] == "prepared":
+    qkernels._import_tools()
+changes = []
+class Watched(list):
+    def insert(self, i, x):
+        changes.append("insert"); super().insert(i, x)
+    def remove(self, x):
+        changes.append("remove"); super().remove(x)
+sys.meta_path = Watched(sys.meta_path)
+from torch.utils import cpp_extension    # what the first build imports, on whatever thread asks
+print(",".join(changes) or "none")
+"""
+
+
+@pytest.mark.parametrize("how, expect", [("cold", "insert,remove"), ("prepared", "none")])
+def test_prepared_kernels_leave_the_import_path_alone_for_other_threads(how, expect):
+    # setuptools (which cpp_extension imports) inserts and removes an entry at the front of
+    # sys.meta_path; a thread importing meanwhile can skip the path finder (a server once failed to
+    # start so). The cold run shows the test sees those changes; after prepare()'s import, none.
+    import subprocess
+    import sys
+    out = subprocess.run([sys.executable, "-c", _WATCH_META_PATH, how], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    if how == "cold" and out.stdout.strip() == "none":
+        pytest.skip("this setuptools leaves sys.meta_path alone")
+    assert out.stdout.strip() == expect

@@ -37,3 +37,26 @@ def test_a_num_blocks_server_moves_to_blocks_left_uncovered(swarm, checkpoints):
     assert covered(swarm, ckpt) == {0, 1, 2, 3}
     model = swarm.remote_model(ckpt)
     assert len(model.generate([1, 2, 3], max_new_tokens=3)) == 3
+
+
+def test_a_server_imports_the_kernel_tooling_before_it_starts_loading_on_a_thread(tmp_path, monkeypatch):
+    # the loading thread may build the kernels (setuptools changes sys.meta_path as it imports),
+    # while this thread imports hivemind: that import must already have happened (qkernels.prepare)
+    import asyncio
+    import threading
+
+    import pytest
+
+    from swarmlm.swarm.server import serve
+    events = []
+    monkeypatch.setattr(serve.qkernels, "prepare", lambda: events.append(("prepare", None)))
+
+    def load(opts):
+        events.append(("load", threading.current_thread() is not threading.main_thread()))
+        raise RuntimeError("stop here")
+    monkeypatch.setattr(serve, "_load_local_span", load)
+    opts = serve.ServeOptions(model=str(tmp_path), blocks=(0, 1))
+    with pytest.raises(RuntimeError, match="stop here"):
+        asyncio.run(serve.run_server(opts, stop=asyncio.Event(), peer=object()))
+    assert [e[0] for e in events] == ["prepare", "load"]
+    assert events[1][1]     # the load ran on a worker thread, after prepare

@@ -26,6 +26,7 @@ low per group and row (N/16, K/g, 16). Knows nothing of models.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import threading
@@ -127,8 +128,30 @@ def extension():
         return _EXT[0]
 
 
+def _wanted() -> bool:
+    return not os.environ.get("SWARMLM_NO_KERNELS") and _cpu_has_vnni()
+
+
+def prepare() -> None:
+    """Import the build tooling now, on this thread, where the kernels will be tried.
+
+    Call it before starting threads that may build them. torch's cpp_extension imports setuptools,
+    whose distutils hack inserts and removes an entry at the front of `sys.meta_path`; another
+    thread that is importing at that moment walks the shifted list, can miss the path finder and
+    fail with ModuleNotFoundError (a server's start-up once failed so: its multiaddr check could
+    not import a codec). Costs the import, about 0.1 s, that the first build pays anyway.
+    """
+    if _wanted() and not _EXT:
+        _import_tools()
+
+
+def _import_tools() -> None:
+    with contextlib.suppress(Exception):        # a broken toolchain is _build's to report (as None)
+        import torch.utils.cpp_extension  # noqa: F401
+
+
 def _build():
-    if os.environ.get("SWARMLM_NO_KERNELS") or not _cpu_has_vnni():
+    if not _wanted():
         return None
     try:
         from torch.utils import cpp_extension

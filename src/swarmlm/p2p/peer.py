@@ -69,6 +69,7 @@ from hivemind.p2p.p2p_daemon_bindings.utils import read_pbmsg_safe
 from hivemind.proto import p2pd_pb2 as p2pd_pb
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.multiaddr import Multiaddr
+from hivemind.utils.multiaddr.codecs import codec_by_name
 
 from swarmlm.errors import IntegrityError, PeerError, PeerTimeout, UserError, WireError
 from swarmlm.log import get_logger
@@ -365,13 +366,25 @@ class Peer:
 # ---- helpers ---------------------------------------------------------------------------------
 
 def check_maddr(maddr: str) -> str:
-    """A dialable multiaddr with a /p2p/ part, or `UserError`."""
+    """A dialable multiaddr with a /p2p/ part, or `UserError` that says what is wrong with it."""
     try:
         parsed = Multiaddr(str(maddr))
         PeerID.from_base58(parsed["p2p"])
-    except Exception:
-        raise UserError(f"{maddr!r} is not a peer multiaddr like /ip4/127.0.0.1/tcp/PORT/p2p/PEER_ID") from None
+    except (ValueError, LookupError, TypeError) as e:    # the parser's errors; a bug keeps its traceback
+        raise UserError(f"{maddr!r} is not a peer multiaddr like /ip4/127.0.0.1/tcp/PORT/p2p/PEER_ID: "
+                        f"{e}") from None
     return str(parsed)
+
+
+def _import_codecs() -> None:
+    """Import the multiaddr codecs now: the parser imports each on first use and reports any
+    ImportError as an unknown protocol, so a lazy import that fails (see qkernels.prepare) would
+    read as a bad address."""
+    for name in ("ip4", "ip6", "uint16be", "cid", "domain"):
+        codec_by_name(name)
+
+
+_import_codecs()
 
 
 def _widen(reader: asyncio.StreamReader, frame_bytes: int) -> None:

@@ -32,6 +32,7 @@ import torch
 from swarmlm import heap
 from swarmlm.errors import UserError
 from swarmlm.log import get_logger
+from swarmlm.model import qkernels
 from swarmlm.model.quant import NONE as NO_QUANT
 from swarmlm.model.quant import block_weight_bytes, check_quantizable, parse_scheme, quantize_model
 from swarmlm.model.transformer import Transformer
@@ -105,6 +106,7 @@ async def run_server(opts: ServeOptions, *, stop: asyncio.Event, on_ready: Calla
     # a fixed span of a local directory needs nothing from the swarm: hash, load and measure it on
     # a worker thread while this one imports hivemind and starts the daemon (start-up time)
     early = None
+    qkernels.prepare()      # before any thread: see its docstring
     if opts.blocks is not None and opts.max_memory is None and Path(opts.model).expanduser().is_dir():
         early = asyncio.get_running_loop().run_in_executor(None, _load_local_span, opts)
     if own_peer:
