@@ -22,6 +22,10 @@ def pytest_configure(config):
     global _made_home
     if "SWARMLM_HOME" not in os.environ:
         _made_home = os.environ["SWARMLM_HOME"] = tempfile.mkdtemp(prefix="swarmlm-test-home-")
+    # tests start servers and clients on threads of this process, which may build the kernels
+    # while this thread imports: import their build tooling first (see qkernels.prepare)
+    from swarmlm.model import qkernels
+    qkernels.prepare()
 
 
 def pytest_unconfigure(config):
