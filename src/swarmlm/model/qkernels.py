@@ -27,6 +27,7 @@ low per group and row (N/16, K/g, 16). Knows nothing of models.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import shutil
 import threading
@@ -110,6 +111,7 @@ _LOCK = threading.Lock()
 _EXT: list = []             # [module or None], once tried
 
 
+@functools.cache
 def _cpu_has_vnni() -> bool:
     try:
         flags = Path("/proc/cpuinfo").read_text()
