@@ -281,9 +281,11 @@ class DecodeStep:
             h = self.final_norm(h)
         return self.output(h)                                          # (B, V)
 
-    def run(self, h: torch.Tensor, head: bool = False) -> torch.Tensor:
+    def run(self, h: torch.Tensor, head: bool = False, into: torch.Tensor | None = None) -> torch.Tensor:
         """Hidden states (B, 1, D) of the next slot through every held block; advances the cache.
         (`head`: the logits (1, V) instead, for one row with a compiled plan that has the head.)
+        `into`: a contiguous (B, 1, D) tensor of h's dtype, a caller's buffer, that the outputs are
+        written into and returned as (no new tensor, no torch call after the compiled plan's).
 
         Each row is a vector here: (B, D) through the Linears, (B, heads, Dh) through rope, and for
         one token a (B, H, 1, Dh) query is the same memory as run_blocks' transposed one."""
@@ -298,9 +300,9 @@ class DecodeStep:
         h = h.reshape(B, -1)                                           # (B, D)
         if self._planned(B):                      # the same ops as below, in one C++ call
             cos, sin = (None, None) if rope is None else rope
-            out = self.plan.run(h, past, cos, sin, mask, head)
+            out = self.plan.run(h, past, cos, sin, mask, head, into)
             cache.advance(1)
-            return out if head else out[:, None]
+            return out if head or into is not None else out[:, None]
         for layer in self.layers:
             Dh = layer.Dh
             x = layer.norm1(h)
@@ -334,6 +336,8 @@ class DecodeStep:
                 a = F.gelu(layer.up(x), approximate="tanh")
             h = h + layer.down(a)
         cache.advance(1)
+        if into is not None:
+            return into.copy_(h.view(into.shape))
         return h[:, None]                                              # (B, 1, D)
 
 

@@ -22,18 +22,21 @@ from swarmlm.model.transformer import Transformer
 
 
 def run_span(model: Transformer, h: torch.Tensor, start: int, end: int, *, cache: KVCache | None = None,
-             key_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None) -> torch.Tensor:
+             key_mask: torch.Tensor | None = None, prompts: torch.Tensor | None = None,
+             into: torch.Tensor | None = None) -> torch.Tensor:
     """Blocks [start, end) of `model` on h (B, T, D) -> (B, T, D).
 
     key_mask (B, T) marks the new positions' real tokens; with a cache they continue its
-    sequence. prompts (end-start, B or 1, P, D) with P <= T, or None.
+    sequence. prompts (end-start, B or 1, P, D) with P <= T, or None. `into`: a contiguous
+    (B, 1, D) buffer of h's dtype that a one-token step through the lean path writes its outputs
+    into and returns (server/fast.py's); any other step returns a new tensor.
     """
     if prompts is None:
         if cache is not None and h.shape[1] == 1 and key_mask is None and not torch.is_grad_enabled():
             step = span_step(model, cache, start, end)        # one token per row: the lean step, same numbers
             if step is not None:
                 cache.check_room(1)
-                return step.run(h)
+                return step.run(h, into=into)
         return model.run_blocks(h, start=start, end=end, cache=cache, key_mask=key_mask)
     B, T, D = h.shape
     P = prompts.shape[2]

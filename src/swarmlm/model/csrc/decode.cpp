@@ -110,9 +110,10 @@ class Plan {
 
   // h (1, D) hidden state of the next slot at cache position `past`; rope: (cos, signed sin) (1, Dh)
   // of its position or undefined; mask (1, 1, 1, past + 1) or none. -> h (1, D) after every layer,
-  // or the logits (1, V) with `head`.
+  // or the logits (1, V) with `head`. `into` (without `head`): a contiguous float32 tensor of D
+  // elements (any shape) the result is copied into and returned as, a caller's buffer.
   torch::Tensor run(torch::Tensor h, int64_t past, c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin,
-                    c10::optional<torch::Tensor> mask, bool head) const {
+                    c10::optional<torch::Tensor> mask, bool head, c10::optional<torch::Tensor> into) const {
     TORCH_CHECK(h.dim() == 2 && h.size(0) == 1 && h.scalar_type() == torch::kFloat32, "h: (1, D) float32");
     const int64_t B = 1, end = past + 1;
     const bool rope = cos.has_value();
@@ -134,7 +135,14 @@ class Plan {
       torch::Tensor a = at::mul(at::silu(gu.slice(1, 0, L.ffn)), gu.slice(1, L.ffn));
       h = at::add(h, L.down(a));
     }
-    if (!head) return h;
+    if (!head) {
+      if (!into.has_value()) return h;
+      TORCH_CHECK(into->scalar_type() == torch::kFloat32 && into->is_contiguous() && into->numel() == h.numel(),
+                  "into: a contiguous float32 tensor of ", h.numel(), " elements");
+      into->view({1, -1}).copy_(h);
+      return *into;
+    }
+    TORCH_CHECK(!into.has_value(), "into is for the hidden states, not the logits");
     TORCH_CHECK(has_head_, "this plan has no head");
     if (head_norm_.has_value()) h = rms_(h, *head_norm_, head_eps_);
     return head_(h);

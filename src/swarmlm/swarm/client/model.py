@@ -258,7 +258,7 @@ class RemoteModel:
                 h = self.local.embed(ids, positions)                        # (B, T, D)
             h = await session.step(h, new_mask, more=not loop.last)
             with torch.inference_mode():
-                tokens = loop.take(self.local.head(h[:, -1:])[:, 0])        # from (B, V)
+                tokens = loop.take(self.local.head(h[:, -1]))              # from (B, V): one slice, not two
             yield tokens
 
     async def generate_steps(self, prompt_ids: Sequence[Sequence[int]], *, max_new_tokens: int,

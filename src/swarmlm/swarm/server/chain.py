@@ -58,6 +58,11 @@ class Inbox:
             del self._slots[position]
             run(position, slot.result())
 
+    @property
+    def armed(self) -> bool:
+        """Whether an input delivered now runs its step at once (a fast wait stands)."""
+        return self._fast is not None
+
     def disarm(self) -> None:
         """End the fast wait: a slow step (which waits for its own input, or brings it) is next."""
         self._fast = None

@@ -81,6 +81,7 @@ class _Session:
     pusher: str | None = None                         # the peer the client allows to push into it
     links: int = 0                                    # re-links asked for so far (MAX_LINKS)
     token_cap: int | None = None                      # per row, new positions after the first step (admit's grant)
+    fast_io: Any = None                               # the fast lane's input and output buffers (server/fast.py)
 
     def close(self) -> None:
         self.inbox.close()
