@@ -7,6 +7,7 @@ import torch
 
 from swarmlm.model.cache import KVCache
 from swarmlm.model.config import PRESETS
+from swarmlm.model import qkernels
 from swarmlm.model.fastdecode import DecodeStep, span_step
 from swarmlm.model.quant import quantize_model
 from swarmlm.model.transformer import Transformer
@@ -67,3 +68,35 @@ def test_a_decode_step_under_inference_mode_leaves_the_model_trainable():
     h = torch.randn(1, 4, CFG.dim, requires_grad=True)
     model.run_blocks(h, start=0, end=CFG.n_layers).square().sum().backward()
     assert h.grad is not None and all(p.grad is not None for p in model.layers.parameters())
+
+
+@pytest.mark.parametrize("compiled", [True, False])
+@pytest.mark.parametrize("batch", [1, 2])
+def test_a_step_into_a_buffer_writes_the_same_numbers_and_refuses_nan_without_advancing(compiled, batch, monkeypatch):
+    """run_span's `into` (a server's fast-lane buffer): the outputs land in the buffer, which comes back,
+    equal to a step without it; outputs with a NaN come back as None and the cache stays where it was
+    (the compiled step checks them in C++, the Python loop with torch: B = 2 and no extension)."""
+    if not compiled:
+        monkeypatch.setattr(DecodeStep, "_compile", lambda self: None)
+    torch.manual_seed(0)
+    model = Transformer(CFG, layers=range(1, 3), with_embed=False, with_head=False).eval()
+    prompt = torch.randn(batch, 4, CFG.dim, generator=torch.Generator().manual_seed(3))
+    caches = [KVCache.empty(CFG, batch, 16, layers=range(1, 3)) for _ in range(2)]
+    into = torch.full((batch, 1, CFG.dim), 7.0)
+    with torch.inference_mode():
+        for cache in caches:
+            run_span(model, prompt, 1, 3, cache=cache)
+        for i in range(3):
+            h = torch.randn(batch, 1, CFG.dim, generator=torch.Generator().manual_seed(10 + i))
+            want = run_span(model, h, 1, 3, cache=caches[0])
+            got = run_span(model, h, 1, 3, cache=caches[1], into=into)
+            assert got is into and torch.equal(got, want)
+        bad = torch.randn(batch, 1, CFG.dim)
+        bad[-1, 0, 5] = float("nan")
+        assert run_span(model, bad, 1, 3, cache=caches[1], into=into) is None
+        assert caches[1].length == 4 + 3                     # not advanced: the next step overwrites that slot
+        bad[-1, 0, 5] = float("inf")
+        assert run_span(model, bad, 1, 3, cache=caches[1], into=into) is None
+        h = torch.randn(batch, 1, CFG.dim)
+        assert torch.equal(run_span(model, h, 1, 3, cache=caches[1], into=into), run_span(model, h, 1, 3, cache=caches[0]))
+    assert (span_step(model, caches[1], 1, 3).plan is not None) == (compiled and batch == 1 and qkernels.extension() is not None)

@@ -285,7 +285,8 @@ class DecodeStep:
         """Hidden states (B, 1, D) of the next slot through every held block; advances the cache.
         (`head`: the logits (1, V) instead, for one row with a compiled plan that has the head.)
         `into`: a contiguous (B, 1, D) tensor of h's dtype, a caller's buffer, that the outputs are
-        written into and returned as (no new tensor, no torch call after the compiled plan's).
+        written into and returned as (no new tensor, no torch call after the compiled plan's), once
+        checked finite; None where one is NaN or infinite, and the cache is not advanced then.
 
         Each row is a vector here: (B, D) through the Linears, (B, heads, Dh) through rope, and for
         one token a (B, H, 1, Dh) query is the same memory as run_blocks' transposed one."""
@@ -301,6 +302,8 @@ class DecodeStep:
         if self._planned(B):                      # the same ops as below, in one C++ call
             cos, sin = (None, None) if rope is None else rope
             out = self.plan.run(h, past, cos, sin, mask, head, into)
+            if out is None:                       # `into`'s check: NaN or infinity
+                return None
             cache.advance(1)
             return out if head or into is not None else out[:, None]
         for layer in self.layers:
@@ -335,6 +338,8 @@ class DecodeStep:
             else:
                 a = F.gelu(layer.up(x), approximate="tanh")
             h = h + layer.down(a)
+        if into is not None and not bool(torch.isfinite(h).all()):
+            return None
         cache.advance(1)
         if into is not None:
             return into.copy_(h.view(into.shape))

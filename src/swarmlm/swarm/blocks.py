@@ -29,7 +29,8 @@ def run_span(model: Transformer, h: torch.Tensor, start: int, end: int, *, cache
     key_mask (B, T) marks the new positions' real tokens; with a cache they continue its
     sequence. prompts (end-start, B or 1, P, D) with P <= T, or None. `into`: a contiguous
     (B, 1, D) buffer of h's dtype that a one-token step through the lean path writes its outputs
-    into and returns (server/fast.py's); any other step returns a new tensor.
+    into and returns once they are checked finite, or None (NaN or infinity: the cache is not
+    advanced) (server/fast.py's); any other step returns a new tensor, unchecked.
     """
     if prompts is None:
         if cache is not None and h.shape[1] == 1 and key_mask is None and not torch.is_grad_enabled():

@@ -9,6 +9,7 @@
 // A Plan is built once per DecodeStep (weights and cache buffers bound as they are then).
 #include <torch/extension.h>
 #include <pybind11/stl.h>
+#include <cmath>
 
 torch::Tensor int8_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor rowsum);
 torch::Tensor int4_gemm(torch::Tensor x, torch::Tensor w, torch::Tensor scales, torch::Tensor lows, int64_t group);
@@ -111,8 +112,10 @@ class Plan {
   // h (1, D) hidden state of the next slot at cache position `past`; rope: (cos, signed sin) (1, Dh)
   // of its position or undefined; mask (1, 1, 1, past + 1) or none. -> h (1, D) after every layer,
   // or the logits (1, V) with `head`. `into` (without `head`): a contiguous float32 tensor of D
-  // elements (any shape) the result is copied into and returned as, a caller's buffer.
-  torch::Tensor run(torch::Tensor h, int64_t past, c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin,
+  // elements (any shape) the result is copied into and returned as, a caller's buffer, once
+  // checked finite: none where a value is NaN or infinite (the cache's slot `past` is written then,
+  // and the caller does not advance it).
+  c10::optional<torch::Tensor> run(torch::Tensor h, int64_t past, c10::optional<torch::Tensor> cos, c10::optional<torch::Tensor> sin,
                     c10::optional<torch::Tensor> mask, bool head, c10::optional<torch::Tensor> into) const {
     TORCH_CHECK(h.dim() == 2 && h.size(0) == 1 && h.scalar_type() == torch::kFloat32, "h: (1, D) float32");
     const int64_t B = 1, end = past + 1;
@@ -139,6 +142,10 @@ class Plan {
       if (!into.has_value()) return h;
       TORCH_CHECK(into->scalar_type() == torch::kFloat32 && into->is_contiguous() && into->numel() == h.numel(),
                   "into: a contiguous float32 tensor of ", h.numel(), " elements");
+      h = h.contiguous();
+      const float* v = h.data_ptr<float>();
+      for (int64_t i = 0, n = h.numel(); i < n; ++i)
+        if (!std::isfinite(v[i])) return c10::nullopt;
       into->view({1, -1}).copy_(h);
       return *into;
     }

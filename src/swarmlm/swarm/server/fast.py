@@ -12,13 +12,14 @@ input into the bound session only.
 Every check of the slow path holds: the session is the caller's own, the position is exactly
 the one the cache holds (no trimming, no first step: those go slow), the payload is one position
 of the session's rows in the host's dtype, and finite. Finiteness is checked once, on the
-outputs' bytes that go out anyway (fast.all_finite: one numpy pass, ~20 us on the caches a
-span's compute leaves, where torch's isfinite and all took ~60): a block adds its input to its
-output (the residual stream), so a NaN or infinity in the input is one in the output, and then
-the cache is trimmed back and the step refused. The push to the next server leaves before that
-check (the next server refuses what a NaN makes of its own outputs, and rolls its cache back), so
-the check is off the chain's path: 40-50 us less from one server's compute to the next one's,
-per bench/swarm_step_trace.py. The REPLY waits for it. A step that cannot run here for any
+outputs: a block adds its input to its output (the residual stream), so a NaN or infinity in the
+input is one in the output. The span's compiled step checks them as it copies them into the
+session's output buffer (blocks.run_span's `into`: a loop in C++, no call from here) and then
+advances nothing; other paths (several rows) check their bytes (fast.all_finite: one numpy pass)
+and trim the cache back. Either way the step is refused, and nothing was pushed: the push and the
+REPLY leave only with checked outputs. Each record's bytes go straight into and out of the
+session's buffers (`_Buffers`): a torch call costs 15-30 us on the caches a span's compute
+leaves (bench/swarm_step_trace.py --detail). A step that cannot run here for any
 reason (a bad record included) gets an ERROR record naming its position, and the client takes
 the slow path (wire.py's messages) from that hop; a bad push ends the push connection, as in
 host.py. Nothing here awaits: a step is computed inline, as host.py does for short steps.
@@ -45,6 +46,7 @@ logger = get_logger(__name__)
 
 Handler = Callable[[bytes | None], bool]
 _NO_SESSION = bytes(16)
+_NOT_FINITE = "hidden states hold NaN or infinity (a block adds its input to its output: the input's)"
 
 
 class FastLane:
@@ -114,13 +116,16 @@ class FastLane:
         except Exception as e:              # as serve_channel answers a handler's failure
             logger.warning("a fast step from %s failed", key[0], exc_info=e)
             raise WireError(f"the step failed: {rpc.describe_failure(e)}") from None
-        raw = io.out_bytes if out is io.out else fast.tensor_bytes(out)
-        # the push leaves before the check (the next server's step waits on it; its own check refuses
-        # what a NaN or infinity here makes of its outputs, and rolls its cache back)
+        if out is None:                     # run_span checked its outputs into io.out: the cache was not advanced
+            raise WireError(_NOT_FINITE)
+        if out is io.out:                   # checked, and its bytes at hand
+            raw = io.out_bytes
+        else:                               # another path (several rows: not the compiled step)
+            raw = fast.tensor_bytes(out)
+            if not fast.all_finite(raw, out.dtype):
+                session.cache.trim(position)
+                raise WireError(_NOT_FINITE)
         pushed = push and session.next is not None and session.next.push_fast(position, raw)   # written now
-        if not fast.all_finite(raw, out.dtype):
-            session.cache.trim(position)
-            raise WireError("hidden states hold NaN or infinity (a block adds its input to its output: the input's)")
         _write(conn, fast.record(fast.REPLY, key[1], position, raw, flags=fast.PUSH_FLAG if pushed else 0))
         metrics.count_step(B)
         host.tokens_served += B
