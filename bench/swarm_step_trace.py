@@ -73,7 +73,7 @@ _IMPORT = "from swarmlm import _steptrace as _st\n"
 PLACES = [
     ("swarmlm/swarm/client/model.py", "h = await session.step(h, new_mask, more=not loop.last)\n",
      '_st.mark(f"send {T}")', '_st.mark("got")'),
-    ("swarmlm/swarm/server/fast.py", "with torch.inference_mode():\n                out = run_span(",
+    ("swarmlm/swarm/server/fast.py", "with _inference_mode(True):\n                out = run_span(",
      '_st.mark("c0")', None),
     ("swarmlm/swarm/server/fast.py", "if out is None:                     # run_span checked", '_st.mark("c1")', None),
     ("ideal_pipeline.py", "out = run_span(model, h, start, end, cache=cache)", '_st.mark(f"pc0 {T}")',

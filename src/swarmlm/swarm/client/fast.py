@@ -119,6 +119,7 @@ class FastSteps:
             self._wait(lanes, position)
         self.armed = False                           # until this step has come through
         expire = asyncio.get_running_loop().call_later(self.timeout_s, _expire, replies, self.timeout_s)
+        done = False
         try:
             for i, state in enumerate(hops):
                 try:
@@ -144,10 +145,11 @@ class FastSteps:
                                                        fast.tensor_bytes(x_in), flags=_flags(i + 1, last)))
             self.steps += 1
             self.armed, self.refused = True, 0
+            done = True
             return y
         finally:
             expire.cancel()
-            for lane, fut in zip(lanes, replies):
+            for lane, fut in ([] if done else zip(lanes, replies)):   # done: every reply came, nothing expected
                 lane.forget()
                 if not fut.done():
                     fut.cancel()
