@@ -72,7 +72,7 @@ _IMPORT = "from swarmlm import _steptrace as _st\n"
 # (file in the copy, text to find, line before it or None, line after it or None)
 PLACES = [
     ("swarmlm/swarm/client/model.py", "h = await session.step(h, new_mask, more=not loop.last)\n",
-     '_st.mark(f"send {T}")', '_st.mark("got")'),
+     '_st.mark(f"send {h.shape[1]}")', '_st.mark("got")'),
     ("swarmlm/swarm/server/fast.py", "with _inference_mode(True):\n                out = run_span(",
      '_st.mark("c0")', None),
     ("swarmlm/swarm/server/fast.py", "if out is None:                     # run_span checked", '_st.mark("c1")', None),
