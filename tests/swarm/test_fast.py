@@ -105,6 +105,24 @@ def test_fast_steps_equal_the_local_blocks_and_mix_with_slow_ones(full):
     asyncio.run(go())
 
 
+def test_a_prompt_step_prepares_the_sessions_one_token_steps(full):
+    """Once a prompt's reply has left, the server builds the session's buffers and its span's decode
+    step (FastLane.prepare), so the first one-token step finds them and builds nothing."""
+    async def go():
+        h, sid, channel, lane, x, want = await _fast_session(full)
+        session = h.host.sessions[(h.client.peer_id, sid)]
+        built = dict(session.cache.__dict__.get("_decode_steps", {}))
+        assert session.fast_io is not None and len(built) == 1
+        kind, _, payload = await _fast_step(lane, sid, 4, x[:, 4:5])
+        assert kind == fast.REPLY and session.cache.__dict__["_decode_steps"] == built
+        torch.testing.assert_close(fast.hidden_of(payload, batch=1, dim=D, dtype=torch.float32), want[:, 4:5],
+                                   atol=1e-5, rtol=1e-5)
+        h.host.fast.prepare((h.client.peer_id, sid))          # again: nothing changes
+        assert session.cache.__dict__["_decode_steps"] == built
+        h.host.fast.prepare((h.client.peer_id, bytes(16)))    # a session that is not there: nothing
+    asyncio.run(go())
+
+
 @pytest.mark.parametrize("case", ["short payload", "past position", "ahead position", "first position",
                                   "unknown session", "nan", "wait with payload", "reply kind", "malformed"])
 def test_a_bad_fast_record_gets_an_error_naming_its_position_and_the_session_goes_on(full, case):

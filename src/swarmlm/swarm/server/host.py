@@ -358,6 +358,8 @@ class BlockHost:
         pushed = req.push and session.next is not None and session.next.push(req.position, out)  # written now
         metrics.count_step(B * T)
         self.tokens_served += B * T
+        if T > 1 and session.fast_io is None:       # a prompt: one-token steps next (FastLane.prepare)
+            asyncio.get_running_loop().call_soon(self.fast.prepare, key)
         return wire.StepReply(hidden=out, pushed=pushed)
 
     async def _deliver(self, session: _Session, req: wire.StepRequest) -> wire.StepReply:
