@@ -33,9 +33,9 @@ import torch
 
 from swarmlm.errors import CapacityError, SwarmlmError, WireError
 from swarmlm.log import get_logger
+from swarmlm.model.fastdecode import span_step
 from swarmlm.p2p import rpc
 from swarmlm.swarm import fast
-from swarmlm.model.fastdecode import span_step
 from swarmlm.swarm.blocks import run_span
 from swarmlm.swarm.server import metrics
 from swarmlm.swarm.server.pushes import bound_session
@@ -173,7 +173,6 @@ class FastLane:
                 conn.close()
             return True
         return handle
-
 
     def _input(self, session: _Session, payload: memoryview) -> torch.Tensor:
         """The session's input buffer, holding `payload` (a step that runs now: `_run` is done with it
