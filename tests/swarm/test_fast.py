@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from swarmlm.errors import PeerError, RemoteError, UserError, WireError
+from swarmlm.model.fastdecode import DecodeStep
 from swarmlm.model.generate import generate
 from swarmlm.swarm import fast
 from swarmlm.swarm.client.fast import FastHop
@@ -155,6 +156,26 @@ def test_a_bad_fast_record_gets_an_error_naming_its_position_and_the_session_goe
         lane = FastHop.of(channel, sid, h.server.peer_id)
         kind, _, payload = await _fast_step(lane, sid, 4, x[:, 4:5])               # the session goes on
         assert kind == fast.REPLY
+        torch.testing.assert_close(fast.hidden_of(payload, batch=1, dim=D, dtype=torch.float32), want[:, 4:5],
+                                   atol=1e-5, rtol=1e-5)
+    asyncio.run(go())
+
+
+def test_a_step_off_the_lean_path_is_checked_on_its_bytes_and_rolled_back(full, monkeypatch):
+    """Where the span's lean decode step does not apply (here: forced off; a sliding window, dynamic
+    rope), the outputs come as a new tensor: their bytes are checked, a NaN's step is refused and the
+    cache trimmed back, and a clean step goes on."""
+    monkeypatch.setattr(DecodeStep, "supports", staticmethod(lambda model: False))
+
+    async def go():
+        h, sid, channel, lane, x, want = await _fast_session(full)
+        session = h.host.sessions[(h.client.peer_id, sid)]
+        bad = x[:, 4:5].clone()
+        bad[0, 0, 1] = float("inf")
+        kind, _, payload = await _fast_step(lane, sid, 4, bad)
+        assert kind == fast.ERROR and "NaN or infinity" in fast.error_text(payload) and session.cache.length == 4
+        kind, _, payload = await _fast_step(lane, sid, 4, x[:, 4:5])
+        assert kind == fast.REPLY and not session.cache.__dict__.get("_decode_steps")     # no lean step built
         torch.testing.assert_close(fast.hidden_of(payload, batch=1, dim=D, dtype=torch.float32), want[:, 4:5],
                                    atol=1e-5, rtol=1e-5)
     asyncio.run(go())
