@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from swarmlm.model import qkernels
 from swarmlm.model.cache import KVCache
 from swarmlm.model.config import PRESETS
-from swarmlm.model import qkernels
 from swarmlm.model.fastdecode import DecodeStep, span_step
 from swarmlm.model.quant import quantize_model
 from swarmlm.model.transformer import Transformer
