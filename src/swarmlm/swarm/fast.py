@@ -81,20 +81,25 @@ def tensor_bytes(t: torch.Tensor) -> memoryview:
     return memoryview(t.numpy()).cast("B")
 
 
+def check_size(payload: memoryview, *, batch: int, dim: int, dtype: torch.dtype) -> None:
+    """`WireError` unless `payload` holds exactly one position of `batch` rows x `dim` in `dtype`."""
+    want = batch * dim * dtype.itemsize
+    if len(payload) != want:
+        raise WireError(f"a fast step of {len(payload)} bytes; one position of {batch} rows x {dim} in "
+                        f"{dtype} is {want}")
+
+
 def hidden_of(payload: memoryview, *, batch: int, dim: int, dtype: torch.dtype, finite: bool = True) -> torch.Tensor:
     """The (batch, 1, dim) hidden states in `payload`, checked for size and (`finite`) finiteness (`WireError`).
     A tensor of its own (a copy of the bytes), made by one torch call where numpy has the dtype."""
-    itemsize = dtype.itemsize
-    if len(payload) != batch * dim * itemsize:
-        raise WireError(f"a fast step of {len(payload)} bytes; one position of {batch} rows x {dim} in "
-                        f"{dtype} is {batch * dim * itemsize}")
+    check_size(payload, batch=batch, dim=dim, dtype=dtype)
     np_dtype = _NUMPY.get(dtype)
     if np_dtype is None:
         if finite and not all_finite(payload, dtype):
             raise WireError("hidden states hold NaN or infinity")
         return torch.frombuffer(bytearray(payload), dtype=dtype).view(batch, 1, dim)
     values = np.frombuffer(bytearray(payload), dtype=np_dtype)
-    if finite and not math.isfinite(np.add.reduce(values, dtype=np.float64)):   # as all_finite
+    if finite and not _sum_is_finite(values):
         raise WireError("hidden states hold NaN or infinity")
     return torch.from_numpy(values.reshape(batch, 1, dim))
 
@@ -103,13 +108,18 @@ _NUMPY = {torch.float32: np.float32, torch.float16: np.float16}
 
 
 def all_finite(payload: memoryview, dtype: torch.dtype) -> bool:
-    """Whether every value in `payload` is finite: their sum in float64, which no float32 or float16
-    values can overflow, is finite exactly when they all are (one numpy call: `torch.isfinite(t).all()`
-    costs twice as much on a decoding step's cold caches)."""
+    """Whether every value in `payload` is finite (one numpy call where numpy has the dtype:
+    `torch.isfinite(t).all()` costs twice as much on a decoding step's cold caches)."""
     np_dtype = _NUMPY.get(dtype)
     if np_dtype is None:
         return bool(torch.isfinite(torch.frombuffer(bytearray(payload), dtype=dtype)).all())
-    return math.isfinite(np.add.reduce(np.frombuffer(payload, dtype=np_dtype), dtype=np.float64))
+    return _sum_is_finite(np.frombuffer(payload, dtype=np_dtype))
+
+
+def _sum_is_finite(values: np.ndarray) -> bool:
+    """Their sum in float64, which no float32 or float16 values can overflow, is finite exactly when
+    they all are."""
+    return math.isfinite(np.add.reduce(values, dtype=np.float64))
 
 
 def error_text(payload: memoryview) -> str:

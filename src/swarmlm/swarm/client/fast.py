@@ -149,12 +149,13 @@ class FastSteps:
             return y
         finally:
             expire.cancel()
-            for lane, fut in ([] if done else zip(lanes, replies)):   # done: every reply came, nothing expected
-                lane.forget()
-                if not fut.done():
-                    fut.cancel()
-                elif not fut.cancelled():
-                    fut.exception()                  # retrieved: a later hop's loss after an earlier one's
+            if not done:                             # done: every reply came, nothing is expected
+                for lane, fut in zip(lanes, replies):
+                    lane.forget()
+                    if not fut.done():
+                        fut.cancel()
+                    elif not fut.cancelled():
+                        fut.exception()              # retrieved: a later hop's loss after an earlier one's
 
     @staticmethod
     def _wait(lanes: list[FastHop], position: int) -> None:

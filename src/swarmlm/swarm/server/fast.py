@@ -177,10 +177,8 @@ class FastLane:
     def _input(self, session: _Session, payload: memoryview) -> torch.Tensor:
         """The session's input buffer, holding `payload` (a step that runs now: `_run` is done with it
         before another record is read)."""
+        fast.check_size(payload, batch=session.batch, dim=self.host.cfg.dim, dtype=self.host.dtype)
         io = _buffers(session, self.host)
-        if len(payload) != len(io.inp_bytes):
-            raise WireError(f"a fast step of {len(payload)} bytes; one position of {session.batch} rows x "
-                            f"{self.host.cfg.dim} in {self.host.dtype} is {len(io.inp_bytes)}")
         io.inp_bytes[:] = payload
         return io.inp
 
