@@ -1,12 +1,13 @@
 """Private inference (privacy/mpc/) against plaintext: one Llama block, prefill and one decoding step.
 
-    python bench/privacy_mpc.py [--dim 256] [--heads 4] [--kv-heads 4] [--ffn 1024] [--seq 32] [--trials 5]
+    python bench/privacy_mpc.py [--dim 256] [--heads 4] [--kv-heads 4] [--ffn 1024] [--seq 32] [--trials 9]
                                 [--rtt-ms 20] [--mbit 100]
 
 One block of the `llama` family (RMSNorm, RoPE, SiLU-gated MLP; public weights), hidden 256,
 4 heads, sequence 32, FF 1024 (CrypTen's block in the issue), on random weights with
 activations of order one:
-- plaintext: `Block.forward` in float32 (median of trials);
+- plaintext: `Block.forward` in float32, the median of 15 runs timed next to each trial's per-party
+  run (below), so that the two sides of a ratio see the same state of this noisy machine;
 - private: the same block on shares, three parties in threads of this process (runtime.LocalParties):
   the arithmetic of three machines and their messages serialized, but one machine's cores
   (the three threads share them and the interpreter's lock: the wall time is about the three
@@ -15,7 +16,8 @@ activations of order one:
 - per party: the same steps with the three parties stepped in turn in one thread
   (LocalParties.run_in_turn), each party's CPU time counted apart; the busiest party's (median
   of trials) is what each of three machines computes, the network aside; `ratio_per_party` is
-  that over plaintext (the compute of a deployment, where each party runs on its own machine);
+  that over plaintext, the median over trials of each trial's adjacent pair (the compute of a
+  deployment, where each party runs on its own machine);
 - the communication rounds and the bytes all parties sent, and a projection to a WAN:
   rounds x RTT + bytes / bandwidth (20 ms, 100 Mbit/s by default) added to the per-party compute;
 - the same for one decoding step (one new token after the sequence, KV cache in shares);
@@ -56,7 +58,7 @@ def main() -> None:
     ap.add_argument("--kv-heads", type=int, default=4)
     ap.add_argument("--ffn", type=int, default=1024)
     ap.add_argument("--seq", type=int, default=32)
-    ap.add_argument("--trials", type=int, default=5)
+    ap.add_argument("--trials", type=int, default=9)
     ap.add_argument("--rtt-ms", type=float, default=20.0)
     ap.add_argument("--mbit", type=float, default=100.0)
     args = ap.parse_args()
@@ -81,21 +83,25 @@ def main() -> None:
             return blk(x, rope=rope, mask=None, is_causal=n > 1, kv=kv, start=past)
 
     ref = plain(h[:, :T], 0)
-    plain_ms = []
-    for _ in range(max(20, args.trials)):
-        t = time.perf_counter()
-        plain(h[:, :T], 0)
-        plain_ms.append((time.perf_counter() - t) * 1e3)
     k_buf = torch.zeros(1, cfg.n_kv_heads, T + 1, cfg.dh)
     v_buf = torch.zeros_like(k_buf)
     plain(h[:, :T], 0, (k_buf, v_buf))
     ref_step = plain(h[:, T:], T, (k_buf, v_buf))
-    step_ms = []
-    for _ in range(max(20, args.trials)):
-        t = time.perf_counter()
-        plain(h[:, T:], T, (k_buf, v_buf))
-        step_ms.append((time.perf_counter() - t) * 1e3)
 
+    def plain_median(x: torch.Tensor, past: int, kv=None, reps: int = 15) -> float:
+        """Median wall time (ms) of `reps` plaintext runs: timed next to each private run, so each ratio's
+        two sides see the same state of the machine."""
+        times = []
+        for _ in range(reps):
+            t = time.perf_counter()
+            plain(x, past, kv)
+            times.append((time.perf_counter() - t) * 1e3)
+        return statistics.median(times)
+
+    for _ in range(20):                                                       # warm-up
+        plain(h[:, :T], 0)
+        plain(h[:, T:], T, (k_buf, v_buf))
+    plain_ms, step_ms = [], []
     parties = LocalParties(timeout_s=120)
     pre, dec, pre_cost, dec_cost, errs = [], [], None, None, []
     pre_cpu, dec_cpu = [], []
@@ -132,14 +138,17 @@ def main() -> None:
         breakdown["decode_step"] = tags()
         got = decode(combine([o.a for o in out])).float()
         errs.append(float((got - ref_step).abs().max() / ref_step.abs().max()))
-        # each party's own compute: the same two steps with the parties stepped in turn in one thread
+        # each party's own compute: the same two steps with the parties stepped in turn in one thread,
+        # each next to its plaintext timing
         caches = [KVShares() for _ in range(3)]
         shares = split(encode(h[:, :T]))
+        plain_ms.append(plain_median(h[:, :T], 0))
         parties.run_in_turn(lambda p: block(p, w, 0, shares[p.index], caches[p.index], torch.arange(T)))
         pre_cpu.append(max(parties.cpu_s) * 1e3)
         for c in caches:
             c.length = T
         shares = split(encode(h[:, T:]))
+        step_ms.append(plain_median(h[:, T:], T, (k_buf, v_buf)))
         out = parties.run_in_turn(lambda p: block(p, w, 0, shares[p.index], caches[p.index], torch.arange(T, T + 1)))
         dec_cpu.append(max(parties.cpu_s) * 1e3)
         tags()
@@ -154,7 +163,8 @@ def main() -> None:
         emit(f"privacy_mpc.{label}.private_ms", round(m_med, 1), "ms", parties="3 threads, one machine", **shape)
         emit(f"privacy_mpc.{label}.ratio", round(m_med / p_med, 1), "x", parties="3 threads, one machine")
         emit(f"privacy_mpc.{label}.per_party_cpu_ms", round(c_med, 1), "ms", parties="busiest party's CPU, stepped in turn")
-        emit(f"privacy_mpc.{label}.ratio_per_party", round(c_med / p_med, 1), "x",
+        pair_ratio = statistics.median(c / q for c, q in zip(cpu_t, plain_t))     # adjacent pairs
+        emit(f"privacy_mpc.{label}.ratio_per_party", round(pair_ratio, 1), "x",
              target=60 if label == "block_prefill" else None)
         emit(f"privacy_mpc.{label}.rounds", rounds, "rounds", target=60 if label == "block_prefill" else None)
         emit(f"privacy_mpc.{label}.bytes", nbytes, "bytes", mb=round(nbytes / 1e6, 2),

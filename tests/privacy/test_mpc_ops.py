@@ -12,7 +12,7 @@ from swarmlm.errors import WireError
 from swarmlm.privacy.mpc import bits as shared_bits
 from swarmlm.privacy.mpc import compare, funcs, inverse, ops
 from swarmlm.privacy.mpc.ring import Prg, decode, encode
-from swarmlm.privacy.mpc.runtime import LocalParties, Round, decode_message, encode_message
+from swarmlm.privacy.mpc.runtime import LocalParties, Round, decode_message, encode_message, encode_round, led
 from swarmlm.privacy.mpc.shares import BShare, combine, split
 
 
@@ -416,3 +416,38 @@ def test_bit_times_cut_values_travel_in_six_bytes_and_stay_within_two_to_the_six
     exact, scaled = (sum(o[j] for o in out) for j in (0, 1))
     assert torch.equal(exact, bits * encode(y))
     assert int((scaled - bits * encode(y) * (1 << 16)).abs().max()) < 1 << 16
+
+
+@pytest.mark.parametrize("lead", [1, 2])
+def test_a_protocol_led_by_another_party_gives_the_same_value_with_the_roles_moved(parties, lead):
+    """runtime.led relabels the parties: the same rounds and bytes, each party's share of the work
+    (what it sends) moved to the party that plays its role, and the same value."""
+    x = torch.cat([torch.linspace(-12, 12, 801), torch.tensor([8.25, -8.25, 500.0, -500.0])])
+    shares = split(encode(x))
+    sent, rounds = [], []
+    for L in (0, lead):
+        before = [p.bytes_sent for p in parties.parties]
+        r0 = parties.rounds
+        out = parties.run(lambda p: led(p, L, lambda q: funcs.silu(q, shares[p.index])))
+        sent.append([p.bytes_sent - b for p, b in zip(parties.parties, before)])
+        rounds.append(parties.rounds - r0)
+        assert (decode(combine([o.a for o in out])) - F.silu(x.double())).abs().max() < 8e-3
+    assert rounds[0] == rounds[1]
+    assert len(set(sent[0])) == 3                                  # the roles send different amounts
+    assert sent[1] == [sent[0][(i - lead) % 3] for i in range(3)]  # real party i plays party i - lead
+
+
+def test_a_message_to_two_parties_is_encoded_once_into_buffers_of_their_own():
+    top = torch.arange(12, dtype=torch.int64).view(3, 4).view(torch.int16)[:, 1:5]   # a strided view
+    bits = torch.tensor([True, False, True])
+    out = encode_round({0: [top, bits], 2: [top, bits]})
+    assert bytes(out[0]) == bytes(out[2]) == bytes(encode_message([top, bits]))
+    assert out[0] is not out[2]
+    specs = [((3, 4), torch.int16), ((3,), torch.bool)]
+    mine, theirs = decode_message(out[0], specs), decode_message(out[2], specs)
+    assert torch.equal(mine[0], top) and torch.equal(mine[1], bits)
+    mine[0].add_(1)                                               # worked on in place: the other copy keeps its own
+    assert torch.equal(theirs[0], top)
+    kept = decode_message(bytes(out[2]), specs)                   # read-only bytes (the network's) are copied
+    kept[0].add_(1)
+    assert torch.equal(theirs[0], top)

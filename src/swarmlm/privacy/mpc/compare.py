@@ -64,8 +64,8 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
         v1, pw = g1.small(shape, k), _pad(g1, shape, nbits, narrow=True)    # pad of party 2's transfer (party 1 helps)
         v0, pv = g2.small(shape, k), _pad(g2, shape, nbits, narrow=True)    # pad of party 1's transfer (party 2 helps)
         if nbits in (16, 32):                                      # narrow words all the way (less memory traffic)
-            masked = table ^ _replicated(k, nbits)[(v0 ^ v1).long()]
-            yield Round(send={1: [masked ^ pv], 2: [masked ^ pw]})
+            masked = table.numpy() ^ _replicated(k, nbits)[(v0 ^ v1).numpy()]
+            yield Round(send={1: [torch.from_numpy(masked ^ pv.numpy())], 2: [torch.from_numpy(masked ^ pw.numpy())]})
             return BShare(v0, v1)
         rep = sum(1 << (k * c) for c in range(C))
         rep = rep - (1 << 64) if rep >= 1 << 63 else rep
@@ -74,21 +74,33 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
         return BShare(v0, v1)
     me, other = p.index, 3 - p.index
     g0 = p.prg(0, label)
-    mine, pads = g0.small(shape, k), _pad(g0, shape, nbits)        # v_1 (party 1) or v_0 (party 2); the other's pad
-    shift = k * (choice.to(torch.int32) if nbits == 32 else choice)
-    helper = ((pads >> shift) & kmask).to(torch.uint8).numpy()                  # k <= 8 bits each
+    mine, pads = g0.small(shape, k), _pad_words(g0, shape, nbits)   # v_1 (party 1) or v_0 (party 2); the other's pad
+    shift = choice.numpy().astype(np.uint8) * np.uint8(k)            # choice < C <= 32, k <= 2: below 64
+    helper = ((pads >> shift) & kmask).astype(np.uint8)             # k <= 8 bits each
     hbits = np.empty(helper.shape + (k,), dtype=np.uint8)
     for j in range(k):
         np.bitwise_and(helper >> j, 1, out=hbits[..., j])
     got = yield Round(send={other: [torch.from_numpy(hbits.view(np.bool_))]},
                       recv={0: [(shape, wdtype)], other: [(shape + (k,), torch.bool)]})
-    word = got[0][0] if nbits == 32 else got[0][0].to(torch.int64)
+    word = got[0][0].numpy().view(pads.dtype)
     bits = got[other][0].numpy().view(np.uint8)
     back = bits[..., 0].copy()
     for j in range(1, k):
         back |= bits[..., j] << j
-    v2 = ((word >> shift) & kmask).to(torch.uint8) ^ torch.from_numpy(back)
+    back ^= ((word >> shift) & kmask).astype(np.uint8)
+    v2 = torch.from_numpy(back)
     return BShare(mine, v2) if me == 1 else BShare(v2, mine)
+
+
+def _pad_words(g, shape: tuple[int, ...], nbits: int) -> np.ndarray:
+    """A receiver's view of an OT's pad: unsigned numpy words as wide as the table's words (8, 16, 32 or
+    64 bits), drawn from the same stream bytes as the sender's `_pad` (below(shape, nbits) for fewer
+    than 64 bits, ring(shape) for 64), the bits above nbits cleared."""
+    width = 8 if nbits <= 8 else 16 if nbits <= 16 else 32 if nbits <= 32 else 64
+    words = g.unsigned(shape, width)
+    if nbits < width:
+        words &= (1 << nbits) - 1
+    return words
 
 
 def _pad(g, shape: tuple[int, ...], nbits: int, narrow: bool = False) -> torch.Tensor:
@@ -102,12 +114,12 @@ def _pad(g, shape: tuple[int, ...], nbits: int, narrow: bool = False) -> torch.T
 
 
 @functools.lru_cache(maxsize=8)
-def _replicated(k: int, nbits: int) -> torch.Tensor:
-    """(2^k,) int16 or int32 (nbits 16 or 32): a k-bit value repeated nbits/k times (the same bits)."""
+def _replicated(k: int, nbits: int) -> np.ndarray:
+    """(2^k,) int16 or int32 (nbits 16 or 32), numpy, read-only: a k-bit value repeated nbits/k times."""
     words = [sum(v << (k * c) for c in range(nbits // k)) for v in range(1 << k)]
-    if nbits == 16:
-        return torch.tensor(np.array(words, dtype=np.uint16).view(np.int16))
-    return torch.tensor(np.array(words, dtype=np.uint32).view(np.int32))
+    out = np.array(words, dtype=np.uint16 if nbits == 16 else np.uint32).view(np.int16 if nbits == 16 else np.int32)
+    out.flags.writeable = False
+    return out
 
 
 def _block(width: int, levels: int | None = None) -> int:
@@ -175,9 +187,7 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0, levels: int | None
     b = _block(width, levels)
     nb = math.ceil(width / b)
     top = (width - 1) - (nb - 1) * b                                         # the top bit's place in the last block
-    full = (1 << b) - 1
     last = (1 << (top + 1)) - 1                                              # the last block's bits
-    shifts = torch.arange(nb) * b
     # the lowest block's propagate is never read (nothing carries into it): its OT carries the
     # generate bit alone (half the table) for a single block (which is also the top one), or, in a
     # second call, for large inputs (each call costs the parties' compute more than its bytes save
@@ -186,22 +196,18 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0, levels: int | None
     dtype0 = torch.int32 if b == 5 else torch.int16 if b == 4 else torch.int64   # 32 or 16 candidates of 1 bit
     dtype = torch.int32 if b == 4 else torch.int16 if b == 3 else torch.int64    # 16 or 8 candidates of 2 bits
     if p.index == 0:
-        v = ((x.a + x.b) >> drop).unsqueeze(-1) >> shifts
-        blocks = v & full
-        blocks[..., -1] &= last
+        blocks = _blocks((x.a + x.b) >> drop, b, nb, last).numpy()
         parts = []
         if alone:
-            parts.append(_ot_words(p, _gp_words(b, top if nb == 1 else b, dtype0, gen_only=True)[blocks[..., :1]],
-                                   None, tuple(x.shape) + (1,), 1 << b, 1, "g0"))
+            table = _gp_words(b, top if nb == 1 else b, dtype0, gen_only=True).numpy()[blocks[..., :1]]
+            parts.append(_ot_words(p, torch.from_numpy(table), None, tuple(x.shape) + (1,), 1 << b, 1, "g0"))
         if nb > alone:
-            words = torch.empty(blocks[..., alone:].shape, dtype=dtype)
-            words[..., :-1] = _gp_words(b, b, dtype)[blocks[..., alone:-1]]
-            words[..., -1] = _gp_words(b, top, dtype)[blocks[..., -1]]
-            parts.append(_ot_words(p, words, None, tuple(x.shape) + (nb - alone,), 1 << b, 2, "gp"))
+            words = np.empty(blocks[..., alone:].shape, dtype=_gp_words(b, b, dtype).numpy().dtype)
+            words[..., :-1] = _gp_words(b, b, dtype).numpy()[blocks[..., alone:-1]]
+            words[..., -1] = _gp_words(b, top, dtype).numpy()[blocks[..., -1]]
+            parts.append(_ot_words(p, torch.from_numpy(words), None, tuple(x.shape) + (nb - alone,), 1 << b, 2, "gp"))
     else:
-        v = ((x.b if p.index == 1 else x.a) >> drop).unsqueeze(-1) >> shifts
-        blocks = v & full
-        blocks[..., -1] &= last
+        blocks = _blocks((x.b if p.index == 1 else x.a) >> drop, b, nb, last)
         parts = []
         if alone:
             parts.append(_ot_words(p, None, blocks[..., :1], tuple(x.shape) + (1,), 1 << b, 1, "g0"))
@@ -211,6 +217,17 @@ def _share_gp(p: Party, x: AShare, width: int, drop: int = 0, levels: int | None
     if len(got) == 1:
         return got[0]
     return BShare(torch.cat([g.a for g in got], -1), torch.cat([g.b for g in got], -1))
+
+
+def _blocks(v: torch.Tensor, b: int, nb: int, last: int) -> torch.Tensor:
+    """The nb blocks of b bits of v (the last one masked by `last`) as uint8, (..., nb): party 0's table rows,
+    the receivers' choices."""
+    words = v.numpy()
+    out = np.empty(words.shape + (nb,), dtype=np.uint8)
+    for j in range(nb):
+        np.bitwise_and(words >> (j * b), (1 << b) - 1, out=out[..., j], casting="unsafe")
+    out[..., -1] &= last
+    return torch.from_numpy(out)
 
 
 def msb(p: Party, x: AShare, width: int = WIDTH, drop: int = 0, levels: int | None = None) -> Protocol:

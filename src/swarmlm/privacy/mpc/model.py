@@ -20,7 +20,11 @@ truncation's mask hides z = out 2^42 by 19 - log2|out| bits: as the usual one hi
 values below 2^10 (19 bits) while |out| < 1, a bit less per doubling above (the two truncations
 it replaces hid gate up and out, at 32 bits, by 29 - log2 of them). 12 + 12 bits: 2 bits more
 hiding, but the tiny test models' logits move by twice as much. `KVShares` keeps each block's rotated k and v in shares
-between steps. Everything here is a protocol run by every party on its own shares.
+between steps. The protocols give the party playing party 0 (the comparisons' tables, the bits'
+senders) and the truncations' openers more work than party 1: the softmax runs with party
+SOFTMAX_LEAD in that role and the MLP's activation with party ACTIVATION_LEAD (runtime.led), so
+the three machines' compute is about even (the busiest party's 4% less than with one lead).
+Everything here is a protocol run by every party on its own shares.
 Knows nothing of messages or of the client.
 """
 
@@ -36,10 +40,12 @@ from swarmlm.model.transformer import Transformer
 from swarmlm.privacy.mpc import funcs
 from swarmlm.privacy.mpc.ops import cross_sum, linear, mul_trunc, trunc, trunc_sum
 from swarmlm.privacy.mpc.ring import FRAC_BITS, encode, limb_bits, public_matmul
-from swarmlm.privacy.mpc.runtime import Party, Protocol, tagged
+from swarmlm.privacy.mpc.runtime import Party, Protocol, led, tagged
 from swarmlm.privacy.mpc.shares import AShare, cat
 
 F = FRAC_BITS
+SOFTMAX_LEAD = 2             # the party that plays party 0 in the softmax (runtime.led; see block)
+ACTIVATION_LEAD = 1          # and in the MLP's GELU or SiLU
 GATE_FRAC = 12               # fractional bits of SiLU(gate) in a gated MLP (see block)
 UP_FRAC = 14                 # and of up
 
@@ -244,13 +250,13 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     past = S - T
     allowed = torch.arange(S)[None, :] <= (past + torch.arange(T))[:, None]                        # (T, S)
     scores = yield from tagged(p, "qk", _scores(p, q, k, allowed))                                  # (B, H, T, S)
-    att = yield from tagged(p, "softmax_av", funcs.softmax_av(p, scores, allowed, v))                                      # (B, H, T, Dh)
+    att = yield from tagged(p, "softmax_av", led(p, SOFTMAX_LEAD, lambda q: funcs.softmax_av(q, scores, allowed, v)))
     att = att.map(lambda t: t.transpose(1, 2).reshape(B, T, H * Dh))
     h = h + (yield from tagged(p, "o", linear(p, att, *w.enc(f"o{i}", bw.o))))
     if cfg.family == "gpt2":
         up_w, up_b = w.enc(f"up-f{i}", bw.up, _plain)
         up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w), up_b, up_w.shape[1]))
-        act = yield from tagged(p, "gelu", funcs.gelu(p, up))
+        act = yield from tagged(p, "gelu", led(p, ACTIVATION_LEAD, lambda q: funcs.gelu(q, up)))
         return h + (yield from tagged(p, "down", linear(p, act, *w.enc(f"down{i}", bw.down))))
     # SiLU(gate) and up with GATE_FRAC and UP_FRAC bits: their product times W_down has GATE_FRAC +
     # UP_FRAC + f bits, truncated once (no truncation of the product itself)
@@ -258,7 +264,8 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w, shift=shift), up_b,
                                                    up_w.shape[1]))
     Fd = up.shape[-1] // 2
-    gate = yield from tagged(p, "silu", funcs.silu(p, up.map(lambda t: t[..., :Fd]), out_frac=GATE_FRAC, horner=True))
+    gate = yield from tagged(p, "silu", led(p, ACTIVATION_LEAD, lambda q: funcs.silu(
+        q, up.map(lambda t: t[..., :Fd]), out_frac=GATE_FRAC, horner=True)))
     down_w, down_b = w.enc(f"down-g{i}", bw.down, _plain)
     z = cross_sum([(gate, up.map(lambda t: t[..., Fd:]))]) @ down_w                  # 3-out-of-3, GATE_FRAC + UP_FRAC + f bits
     out = yield from tagged(p, "gate*up+down", trunc_sum(p, z, GATE_FRAC + UP_FRAC))

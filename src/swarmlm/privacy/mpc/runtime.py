@@ -5,8 +5,11 @@ one communication round: the messages this party sends (to party j: a list of te
 the ones it expects (from party j: a list of (shape, dtype)); the generator receives what
 arrived. Every party yields the same number of rounds in the same order (a party with
 nothing to say yields an empty part), so independent protocols can run side by side in
-the same rounds: `parallel(a, b)` merges their rounds into one. `run` drives a generator
-over a `Comm`, checking each received tensor's size and dtype before the protocol sees it.
+the same rounds: `parallel(a, b)` merges their rounds into one. `led(p, lead, make)` runs a
+protocol with the parties relabeled (real party `lead` plays party 0), to spread the roles'
+work. `run` drives a generator over a `Comm`, checking each received tensor's size and dtype before the protocol sees it;
+a message is its tensors' bytes copied once into one buffer, which a receiver in this process
+works on in place (bytes from the network are copied).
 
 `LocalComm` joins three parties in one process (one thread each, queues between them): the
 protocols' numbers, rounds and bytes are those of the networked parties, fast to test. The
@@ -75,6 +78,47 @@ def parallel(*protocols: Protocol) -> Protocol:
     return results
 
 
+class _Relabeled:
+    """A party seen under relabeled indices: real party i plays party (i - lead) mod 3 (see `led`)."""
+
+    def __init__(self, p: "Party", lead: int):
+        self._p, self._lead = p, lead
+        self.index = (p.index - lead) % N_PARTIES
+        self.next = (self.index + 1) % N_PARTIES
+        self.prev = (self.index - 1) % N_PARTIES
+        self.by_tag = p.by_tag
+
+    def real(self, role: int) -> int:
+        return (role + self._lead) % N_PARTIES
+
+    def prg(self, other: int, label: str) -> Prg:
+        return self._p.prg(self.real(other), label)
+
+
+def led(p: "Party", lead: int, make: Callable[[Any], Protocol]) -> Protocol:
+    """make(party) with the parties relabeled so that real party `lead` plays party 0 (and lead + 1
+    party 1). The protocols give party 0 (the comparisons' tables, the bits' senders) and the
+    truncations' openers more work than party 1, so a caller spreads that work over the three
+    machines by running its steps under different leads. Real party i's replicated share
+    (x_i, x_{i+1}) is role r = i - lead's share (y_r, y_{r+1}) with y_j = x_{j + lead}: a valid sharing
+    of the same value, so inputs and results need no conversion, and the messages, rounds, bytes
+    and security are the unrelabeled protocol's (the roles are symmetric). Every protocol inside
+    `make` must be built on the party it is given."""
+    if lead % N_PARTIES == 0:
+        return (yield from make(p))
+    q = _Relabeled(p, lead)
+    protocol = make(q)
+    got: dict[int, list[torch.Tensor]] | None = None
+    while True:
+        try:
+            rnd = next(protocol) if got is None else protocol.send(got)
+        except StopIteration as stop:
+            return stop.value
+        real = yield Round(send={q.real(r): ts for r, ts in rnd.send.items()},
+                           recv={q.real(r): specs for r, specs in rnd.recv.items()})
+        got = {(fr - lead) % N_PARTIES: ts for fr, ts in real.items()}
+
+
 def tagged(p: "Party", name: str, protocol: Protocol) -> Protocol:
     """`protocol`, with the rounds it takes part in and the bytes it sends counted under `name`
     in `p.by_tag` (for the bench's breakdown; rounds shared with a parallel protocol count for both)."""
@@ -98,16 +142,34 @@ def tagged(p: "Party", name: str, protocol: Protocol) -> Protocol:
 _WIDTHS = {torch.int64: (np.int64, 8), torch.int32: (np.int32, 4), torch.int16: (np.int16, 2), torch.int8: (np.int8, 1)}
 
 
-def encode_message(tensors: Sequence[torch.Tensor]) -> bytes:
-    parts = []
+def encode_message(tensors: Sequence[torch.Tensor]) -> bytearray:
+    """The tensors' raw bytes, in C order (strided views too), copied once into one buffer."""
+    arrays = []
     for t in tensors:
         if t.dtype == torch.bool:
-            parts.append(np.packbits(t.contiguous().numpy().reshape(-1)).tobytes())
+            arrays.append(np.packbits(t.contiguous().numpy().reshape(-1)))
         elif t.dtype in _WIDTHS:
-            parts.append(t.numpy().tobytes())               # strided views too: one copy, in C order
+            arrays.append(t.numpy())
         else:
             raise WireError(f"shares travel as int64, int32, int16, int8 or bool, not {t.dtype}")
-    return b"".join(parts)
+    out = bytearray(sum(a.nbytes for a in arrays))
+    pos = 0
+    for a in arrays:
+        np.frombuffer(out, dtype=a.dtype, count=a.size, offset=pos).reshape(a.shape)[...] = a
+        pos += a.nbytes
+    return out
+
+
+def encode_round(send: dict[int, list[torch.Tensor]]) -> dict[int, bytearray]:
+    """Each destination's message; the same tensors to two parties (a truncation's opening) are
+    encoded once and copied (a receiver may work on its buffer in place)."""
+    out: dict[int, bytearray] = {}
+    done: dict[tuple[int, ...], bytearray] = {}
+    for to, tensors in send.items():
+        key = tuple(id(t) for t in tensors)
+        out[to] = bytearray(done[key]) if key in done else encode_message(tensors)
+        done.setdefault(key, out[to])
+    return out
 
 
 def spec_bytes(spec: Spec) -> int:
@@ -129,8 +191,9 @@ def decode_message(data: bytes, specs: Sequence[Spec]) -> list[torch.Tensor]:
         n = math.prod(shape)
         if dtype == torch.bool:
             arr = np.unpackbits(chunk, count=n).astype(np.bool_)
-        else:
-            arr = chunk.view(_WIDTHS[dtype][0]).copy()
+        else:                   # a writable buffer (this process's own messages) is used in place
+            arr = chunk.view(_WIDTHS[dtype][0])
+            arr = arr if arr.flags.writeable else arr.copy()
         out.append(torch.from_numpy(arr).view(*shape))
     return out
 
@@ -177,8 +240,7 @@ class Party:
         except StopIteration as stop:
             return stop.value
         while True:
-            for to, tensors in rnd.send.items():
-                data = encode_message(tensors)
+            for to, data in encode_round(rnd.send).items():
                 self.bytes_sent += len(data)
                 self.comm.send(to, data)
             got = {fr: decode_message(self.comm.recv(fr), specs) for fr, specs in rnd.recv.items()}
@@ -206,7 +268,7 @@ class LocalComm(Comm):
             data = self.boxes[(fr, self.index)].get(timeout=self.timeout_s)
         except queue.Empty:
             raise PeerTimeout(f"party {fr} sent nothing for {self.timeout_s:.0f} s") from None
-        self.received.append(data)
+        self.received.append(bytes(data))          # a copy: the protocol may work on `data` in place
         return data
 
 
@@ -276,9 +338,9 @@ class LocalParties:
             box: dict[tuple[int, int], bytes] = {}
             for i, rnd in enumerate(rounds):
                 start = time.thread_time()
-                for to, tensors in rnd.send.items():
-                    box[(i, to)] = encode_message(tensors)
-                    self.parties[i].bytes_sent += len(box[(i, to)])
+                for to, data in encode_round(rnd.send).items():
+                    box[(i, to)] = data
+                    self.parties[i].bytes_sent += len(data)
                 cpu[i] += time.thread_time() - start
             for i, rnd in enumerate(list(rounds)):
                 start = time.thread_time()
