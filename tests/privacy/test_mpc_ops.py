@@ -451,3 +451,21 @@ def test_a_message_to_two_parties_is_encoded_once_into_buffers_of_their_own():
     kept = decode_message(bytes(out[2]), specs)                   # read-only bytes (the network's) are copied
     kept[0].add_(1)
     assert torch.equal(theirs[0], top)
+
+
+def test_a_norm_compares_sums_of_squares_only_from_d_eps_up(parties):
+    """D eps is added to every sum of squares, so the norm's comparisons start there (funcs._rsqrt_floor):
+    exact from a zero row (the sum is D eps itself) to large ones, in fewer bytes than from 2^-12."""
+    D = 64
+    x = torch.cat([torch.zeros(1, D), 1e-3 * torch.randn(1, D), torch.randn(2, D), 30 * torch.randn(1, D)])
+    eye = encode(torch.eye(D, dtype=torch.float64))
+    costs, got = [], {}
+    for eps in (1e-3, 1e-9):                                     # D eps = 2^-4, and below 2^-12
+        assert funcs._rsqrt_floor(D, eps) == (-4 if eps == 1e-3 else -12)
+        r0, b0 = parties.rounds, parties.bytes_sent
+        got[eps] = _real(parties, lambda p, a: funcs.norm_then(p, a, eps=eps, center=False, out_features=D,
+                                                               project=lambda y: ops.linear(p, y, eye)), x)
+        costs.append((parties.rounds - r0, parties.bytes_sent - b0))
+    want = x.double() / torch.sqrt((x.double() ** 2).sum(-1, keepdim=True) + D * 1e-3)
+    assert (got[1e-3] - want).abs().max() < 5e-4 and float(want.abs().max()) > 0.1
+    assert costs[0][0] <= costs[1][0] and costs[0][1] < costs[1][1]

@@ -59,7 +59,7 @@ Modules, in reading order:
     bits.py      b2a, inject, bit_times (shared bits times values)
     compare.py   msb, ge0, coarse, select, maximum
     inverse.py   inverse_power (1/v, 1/sqrt(v))
-    funcs.py     exp_neg, gelu, silu, norm, softmax_av
+    funcs.py     exp_neg, gelu, silu, norm_then, softmax_av
     model.py     PublicWeights (folded, encoded weights), KVShares, block, forward
     client.py    share_tokens, open_logits, generate_in_process, MpcStats
     wire.py      the client / party / party records on the side channel, MpcPartyRecord (DHT)

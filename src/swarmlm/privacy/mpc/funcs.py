@@ -234,31 +234,27 @@ def silu(p: Party, x: AShare, out_frac: int = F, horner: bool = False) -> Protoc
 
 MAX_PARTS = 2                # softmax's max: calls over key prefixes (_row_max; each costs the parties' compute)
 MAX_ALL_PAIRS = 48           # a decoding step compares all pairs of up to this many keys at once
-RSQRT_RANGE = (-12, 20)      # sums of squares the norms handle: 2^-12 .. 2^20
+RSQRT_RANGE = (-12, 20)      # sums of squares the norms handle: 2^-12 (or D eps: _rsqrt_floor) .. 2^20
 NORM_STEPS = 4               # the norms' 1/sqrt: 4 thresholds an octave, a degree-2 series (2e-4 relative at most)
 
 
-def norm(p: Party, x: AShare, *, eps: float, center: bool) -> Protocol:
-    """RMSNorm (center=False) or LayerNorm without its affine part, over the last dim D, times
-    1/sqrt(D): (x - mean) / sqrt(sum (x - mean)^2 + D eps). The caller folds sqrt(D) and the
-    norm's weight and bias into the next linear layer."""
-    D = x.shape[-1]
-    if center:
-        inv_d = encode(1.0 / D, F + NORM_EXTRA_BITS)
-        mean = yield from trunc(p, x.map(lambda t: t.sum(-1, keepdim=True) * inv_d), F + NORM_EXTRA_BITS)
-        x = x - mean
-    ss = yield from trunc_sum(p, (x.a * x.a + 2 * x.a * x.b).sum(-1), F - NORM_EXTRA_BITS)   # f + 8 bits
-    ss = ss.add_public(p.index, encode(D * eps, F + NORM_EXTRA_BITS))
-    r = yield from inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1],
-                                 frac_in=F + NORM_EXTRA_BITS, steps=NORM_STEPS, degree=2)
-    return (yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS))
+def _rsqrt_floor(D: int, eps: float) -> int:
+    """The lower end of the norms' range of sums of squares, an even exponent: D eps is added to every
+    sum of squares, so none is below it and the comparisons with smaller thresholds are left out
+    (the widest ones: 2^-10 for D = 256 and eps = 1e-5, 2^-6 for 4096)."""
+    if D * eps <= 0:
+        return RSQRT_RANGE[0]
+    return min(max(RSQRT_RANGE[0], 2 * math.floor(math.log2(D * eps) / 2)), RSQRT_RANGE[1] - 2)
 
 
 ROUND_BYTES = 250_000         # bytes that cost as much as one round on the WAN of the bench (20 ms at 100 Mbit/s)
 
 
 def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project, out_features: int) -> Protocol:
-    """`project` (a public linear map to `out_features`, as a protocol on shares) of funcs.norm's output.
+    """`project` (a public linear map to `out_features`, as a protocol on shares) of RMSNorm (center=False)
+    or LayerNorm without its affine part, over the last dim D, times 1/sqrt(D):
+    (x - mean) / sqrt(sum (x - mean)^2 + D eps). The caller folds sqrt(D) and the norm's weight and
+    bias into the map.
 
     The norm only scales each row, so project(x - mean) can run in the rounds of the inverse
     square root and the scale be applied to its output (one round fewer), or the rows be scaled
@@ -272,8 +268,8 @@ def norm_then(p: Party, x: AShare, *, eps: float, center: bool, project, out_fea
         x = x - mean
     ss = yield from trunc_sum(p, (x.a * x.a + 2 * x.a * x.b).sum(-1), F - NORM_EXTRA_BITS)
     ss = ss.add_public(p.index, encode(D * eps, F + NORM_EXTRA_BITS))
-    rsqrt = inverse_power(p, ss, half=True, lo_exp=RSQRT_RANGE[0], hi_exp=RSQRT_RANGE[1], frac_in=F + NORM_EXTRA_BITS,
-                          steps=NORM_STEPS, degree=2)
+    rsqrt = inverse_power(p, ss, half=True, lo_exp=_rsqrt_floor(D, eps), hi_exp=RSQRT_RANGE[1],
+                          frac_in=F + NORM_EXTRA_BITS, steps=NORM_STEPS, degree=2)
     if 32 * (out_features - D) * rows > ROUND_BYTES:          # a product costs 32 bytes an element, three parties
         r = yield from rsqrt
         xn = yield from mul_trunc(p, x, r.map(lambda t: t.unsqueeze(-1)), shift=INV_OUT_BITS)

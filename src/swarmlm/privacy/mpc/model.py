@@ -2,7 +2,7 @@
 
 `PublicWeights.from_model(model)` encodes a plaintext `Transformer`'s weights once, folding
 everything public and linear into the linear layers so the protocol has fewer steps:
-- a norm's weight (and LayerNorm's bias) and the sqrt(D) that funcs.norm leaves out go into
+- a norm's weight (and LayerNorm's bias) and the sqrt(D) that funcs.norm_then leaves out go into
   the next linear layer (W diag(g sqrt D), W b + bias);
 - the attention scale 1/sqrt(Dh) goes into q's weights;
 - RoPE is x cos + roll(x) sin per position, a public linear map: it is folded into per-position
@@ -61,7 +61,7 @@ class Linear:
 
 def _fold(lin: torch.nn.Linear | list[torch.nn.Linear], norm: torch.nn.Module | None, D: int,
           scale: torch.Tensor | None = None) -> Linear:
-    """nn.Linear(s) applied to norm(x) -> one Linear on funcs.norm's output (see module doc)."""
+    """nn.Linear(s) applied to norm(x) -> one Linear on funcs.norm_then's normalized rows (see module doc)."""
     lins = lin if isinstance(lin, list) else [lin]
     w = torch.cat([m.weight.detach().double() for m in lins], 0)                  # (N, K)
     b = torch.cat([m.bias.detach().double() if m.bias is not None else torch.zeros(m.out_features, dtype=torch.float64)
