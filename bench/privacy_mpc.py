@@ -1,11 +1,12 @@
 """Private inference (privacy/mpc/) against plaintext: one Llama block, prefill and one decoding step.
 
-    python bench/privacy_mpc.py [--dim 256] [--heads 4] [--kv-heads 4] [--ffn 1024] [--seq 32] [--trials 9]
-                                [--rtt-ms 20] [--mbit 100]
+    python bench/privacy_mpc.py [--family llama] [--dim 256] [--heads 4] [--kv-heads 4] [--ffn 1024] [--seq 32]
+                                [--trials 9] [--rtt-ms 20] [--mbit 100]
 
 One block of the `llama` family (RMSNorm, RoPE, SiLU-gated MLP; public weights), hidden 256,
 4 heads, sequence 32, FF 1024 (CrypTen's block in the issue), on random weights with
-activations of order one:
+activations of order one; `--family gpt2` runs CrypTen's own block instead (LayerNorm, learned
+positions, tanh-GELU MLP of width FF: the block anchors.md measured CrypTen on):
 - plaintext: `Block.forward` in float32, the median of 15 runs timed next to each trial's per-party
   run (below), so that the two sides of a ratio see the same state of this noisy machine;
 - private: the same block on shares, three parties in threads of this process (runtime.LocalParties):
@@ -53,6 +54,7 @@ def emit(name: str, value, unit: str, **extra) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--family", choices=["llama", "gpt2"], default="llama")
     ap.add_argument("--dim", type=int, default=256)
     ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--kv-heads", type=int, default=4)
@@ -63,8 +65,10 @@ def main() -> None:
     ap.add_argument("--mbit", type=float, default=100.0)
     args = ap.parse_args()
     torch.set_num_threads(1)
-    cfg = ModelConfig(family="llama", architecture="LlamaForCausalLM", vocab_size=64, dim=args.dim, n_layers=1,
-                      n_heads=args.heads, n_kv_heads=args.kv_heads, ffn_dim=args.ffn, max_seq_len=4 * args.seq)
+    cfg = ModelConfig(family=args.family, architecture="LlamaForCausalLM" if args.family == "llama" else "GPT2LMHeadModel",
+                      vocab_size=64, dim=args.dim, n_layers=1, n_heads=args.heads,
+                      n_kv_heads=args.kv_heads if args.family == "llama" else args.heads, ffn_dim=args.ffn,
+                      max_seq_len=4 * args.seq)
     torch.manual_seed(0)
     model = Transformer(cfg).eval()
     with torch.no_grad():
@@ -78,7 +82,7 @@ def main() -> None:
 
     def plain(x: torch.Tensor, past: int, kv=None) -> torch.Tensor:
         n = x.shape[1]
-        rope = model.rotary.tables(torch.arange(past, past + n)[None], x.dtype)
+        rope = model.rotary.tables(torch.arange(past, past + n)[None], x.dtype) if model.rotary is not None else None
         with torch.inference_mode():
             return blk(x, rope=rope, mask=None, is_causal=n > 1, kv=kv, start=past)
 
@@ -155,7 +159,9 @@ def main() -> None:
         got = decode(combine([o.a for o in out])).float()
         errs.append(float((got - ref_step).abs().max() / ref_step.abs().max()))
 
-    shape = {"dim": args.dim, "heads": args.heads, "kv_heads": args.kv_heads, "ffn": args.ffn, "seq": T}
+    shape = {"family": args.family, "dim": args.dim, "heads": args.heads, "kv_heads": cfg.n_kv_heads, "ffn": args.ffn,
+             "seq": T}
+    targeted = lambda label: label == "block_prefill" and args.family == "llama"      # noqa: E731  (the issue's block)
     for label, plain_t, mpc_t, cpu_t, (rounds, nbytes) in (("block_prefill", plain_ms, pre, pre_cpu, pre_cost),
                                                             ("decode_step", step_ms, dec, dec_cpu, dec_cost)):
         p_med, m_med, c_med = statistics.median(plain_t), statistics.median(mpc_t), statistics.median(cpu_t)
@@ -165,10 +171,10 @@ def main() -> None:
         emit(f"privacy_mpc.{label}.per_party_cpu_ms", round(c_med, 1), "ms", parties="busiest party's CPU, stepped in turn")
         pair_ratio = statistics.median(c / q for c, q in zip(cpu_t, plain_t))     # adjacent pairs
         emit(f"privacy_mpc.{label}.ratio_per_party", round(pair_ratio, 1), "x",
-             target=60 if label == "block_prefill" else None)
-        emit(f"privacy_mpc.{label}.rounds", rounds, "rounds", target=60 if label == "block_prefill" else None)
+             target=60 if targeted(label) else None)
+        emit(f"privacy_mpc.{label}.rounds", rounds, "rounds", target=60 if targeted(label) else None)
         emit(f"privacy_mpc.{label}.bytes", nbytes, "bytes", mb=round(nbytes / 1e6, 2),
-             target_mb=8 if label == "block_prefill" else None)
+             target_mb=8 if targeted(label) else None)
         wan_ms = c_med + rounds * args.rtt_ms + nbytes * 8 / (args.mbit * 1e6) * 1e3
         emit(f"privacy_mpc.{label}.wan_projection_ms", round(wan_ms, 1), "ms", rtt_ms=args.rtt_ms, mbit_s=args.mbit,
              rounds_ms=round(rounds * args.rtt_ms, 1), transfer_ms=round(nbytes * 8 / (args.mbit * 1e3), 1))
