@@ -21,9 +21,10 @@ values below 2^10 (19 bits) while |out| < 1, a bit less per doubling above (the 
 it replaces hid gate up and out, at 32 bits, by 29 - log2 of them). 12 + 12 bits: 2 bits more
 hiding, but the tiny test models' logits move by twice as much. `KVShares` keeps each block's rotated k and v in shares
 between steps. The protocols give the party playing party 0 (the comparisons' tables, the bits'
-senders) and the truncations' openers more work than party 1: the softmax runs with party
-SOFTMAX_LEAD in that role and the MLP's activation with party ACTIVATION_LEAD (runtime.led), so
-the three machines' compute is about even (the busiest party's 4% less than with one lead).
+senders) and the truncations' openers (parties 0 and 2) more work than party 1, which only sends
+in a truncation (so a linear layer's product is one matmul at party 1, two at the others): each
+step runs with the party LEADS names in party 0's role (runtime.led), so that the three
+machines' compute is about even (the busiest party's 9% less than with party 0 leading all).
 Everything here is a protocol run by every party on its own shares.
 Knows nothing of messages or of the client.
 """
@@ -44,8 +45,7 @@ from swarmlm.privacy.mpc.runtime import Party, Protocol, led, tagged
 from swarmlm.privacy.mpc.shares import AShare, cat
 
 F = FRAC_BITS
-SOFTMAX_LEAD = 2             # the party that plays party 0 in the softmax (runtime.led; see block)
-ACTIVATION_LEAD = 1          # and in the MLP's GELU or SiLU
+LEADS = {"norm+qkv": 0, "softmax": 2, "norm+up": 1, "activation": 2}   # who plays party 0 in each step (runtime.led)
 GATE_FRAC = 12               # fractional bits of SiLU(gate) in a gated MLP (see block)
 UP_FRAC = 14                 # and of up
 
@@ -168,10 +168,13 @@ def _project_qkv(p: Party, w: PublicWeights, i: int, x: AShare, positions: torch
     if w.inv_freq_model is None:
         return (yield from linear(p, x, w.enc(f"qkv{i}", w.blocks[i].qkv)[0]))
     wt, wf, L = _rotated_weights(w, i, positions)                                   # (T, K, N_qk)
-    B = x.shape[0]
-    both = public_matmul(torch.cat([x.a, x.b], 0).transpose(0, 1), wt, wf, L).transpose(0, 1)   # both components at once
     n_rot = wt.shape[-1]
     wv = w.enc(f"qkv-v{i}", w.blocks[i].qkv, lambda lin: (encode(lin.weight[:, n_rot:]), None))[0]   # (K, N_v)
+    if p.index == 1:                  # the truncation reads only its second component (ops.linear)
+        zb = torch.cat([public_matmul(x.b.transpose(0, 1), wt, wf, L).transpose(0, 1), x.b @ wv], -1)
+        return (yield from trunc(p, AShare(zb, zb)))
+    B = x.shape[0]
+    both = public_matmul(torch.cat([x.a, x.b], 0).transpose(0, 1), wt, wf, L).transpose(0, 1)   # both components at once
     z = AShare(torch.cat([both[:B], x.a @ wv], -1), torch.cat([both[B:], x.b @ wv], -1))    # (B, T, N), 2f bits
     return (yield from trunc(p, z))
 
@@ -235,8 +238,8 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     B, T, _ = h.shape
     Dh, H, Hkv = cfg.dh, cfg.n_heads, cfg.n_kv_heads
     bw = w.blocks[i]
-    qkv = yield from tagged(p, "norm+qkv", _normed(p, w, h, bw.eps, lambda x: _project_qkv(p, w, i, x, positions),
-                                                     _qkv_bias(w, i, positions), bw.qkv.weight.shape[1]))
+    qkv = yield from tagged(p, "norm+qkv", led(p, LEADS["norm+qkv"], lambda q: _normed(
+        q, w, h, bw.eps, lambda x: _project_qkv(q, w, i, x, positions), _qkv_bias(w, i, positions), bw.qkv.weight.shape[1])))
     q = qkv.map(lambda t: t[..., :H * Dh].reshape(B, T, H, Dh).transpose(1, 2))                   # (B, H, T, Dh)
     k = qkv.map(lambda t: t[..., H * Dh:(H + Hkv) * Dh].reshape(B, T, Hkv, Dh).transpose(1, 2))  # (B, Hkv, T, Dh)
     v = qkv.map(lambda t: t[..., (H + Hkv) * Dh:].reshape(B, T, Hkv, Dh).transpose(1, 2))       # (B, Hkv, T, Dh)
@@ -250,21 +253,22 @@ def block(p: Party, w: PublicWeights, i: int, h: AShare, cache: KVShares, positi
     past = S - T
     allowed = torch.arange(S)[None, :] <= (past + torch.arange(T))[:, None]                        # (T, S)
     scores = yield from tagged(p, "qk", _scores(p, q, k, allowed))                                  # (B, H, T, S)
-    att = yield from tagged(p, "softmax_av", led(p, SOFTMAX_LEAD, lambda q: funcs.softmax_av(q, scores, allowed, v)))
+    att = yield from tagged(p, "softmax_av", led(p, LEADS["softmax"], lambda q: funcs.softmax_av(q, scores, allowed, v)))
     att = att.map(lambda t: t.transpose(1, 2).reshape(B, T, H * Dh))
     h = h + (yield from tagged(p, "o", linear(p, att, *w.enc(f"o{i}", bw.o))))
     if cfg.family == "gpt2":
         up_w, up_b = w.enc(f"up-f{i}", bw.up, _plain)
-        up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w), up_b, up_w.shape[1]))
-        act = yield from tagged(p, "gelu", led(p, ACTIVATION_LEAD, lambda q: funcs.gelu(q, up)))
+        up = yield from tagged(p, "norm+up", led(p, LEADS["norm+up"], lambda q: _normed(
+            q, w, h, bw.eps, lambda x: linear(q, x, up_w), up_b, up_w.shape[1])))
+        act = yield from tagged(p, "gelu", led(p, LEADS["activation"], lambda q: funcs.gelu(q, up)))
         return h + (yield from tagged(p, "down", linear(p, act, *w.enc(f"down{i}", bw.down))))
     # SiLU(gate) and up with GATE_FRAC and UP_FRAC bits: their product times W_down has GATE_FRAC +
     # UP_FRAC + f bits, truncated once (no truncation of the product itself)
     up_w, up_b, shift = w.enc(f"up-g{i}", bw.up, _gated)
-    up = yield from tagged(p, "norm+up", _normed(p, w, h, bw.eps, lambda x: linear(p, x, up_w, shift=shift), up_b,
-                                                   up_w.shape[1]))
+    up = yield from tagged(p, "norm+up", led(p, LEADS["norm+up"], lambda q: _normed(
+        q, w, h, bw.eps, lambda x: linear(q, x, up_w, shift=shift), up_b, up_w.shape[1])))
     Fd = up.shape[-1] // 2
-    gate = yield from tagged(p, "silu", led(p, ACTIVATION_LEAD, lambda q: funcs.silu(
+    gate = yield from tagged(p, "silu", led(p, LEADS["activation"], lambda q: funcs.silu(
         q, up.map(lambda t: t[..., :Fd]), out_frac=GATE_FRAC, horner=True)))
     down_w, down_b = w.enc(f"down-g{i}", bw.down, _plain)
     z = cross_sum([(gate, up.map(lambda t: t[..., Fd:]))]) @ down_w                  # 3-out-of-3, GATE_FRAC + UP_FRAC + f bits

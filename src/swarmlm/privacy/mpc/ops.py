@@ -179,7 +179,8 @@ def trunc_sum(p: Party, z: torch.Tensor, shift: int | torch.Tensor = FRAC_BITS) 
 def trunc(p: Party, x: AShare, shift: int | torch.Tensor = FRAC_BITS) -> Protocol:
     """Replicated x -> replicated floor(x / 2^shift) + {-2, .., 3}. One round, two words per element:
     party 1 sends x_2 + r_2 to party 0, party 0 sends x_1 + r_1 to party 2 (each the component its
-    receiver lacks), their top bytes as trunc_sum's. `shift` may be a tensor broadcasting against x."""
+    receiver lacks), their top bytes as trunc_sum's. `shift` may be a tensor broadcasting against x.
+    Party 1 reads only its second component (x_2; its first may be a placeholder of the same shape)."""
     shape = x.shape
     r = _trunc_masks(p, shape)
     keep = _kept_bytes(shift, x.a.numel())
@@ -211,8 +212,13 @@ def linear(p: Party, x: AShare, weight: torch.Tensor, bias: torch.Tensor | None 
     """x (..., K) @ weight (K, N), both fixed point, + bias (N,) encoded with 2f fractional bits;
     `shift` (per output column, if a tensor) leaves 2f - shift fractional bits.
 
-    Public weights: the product is local (no message); only the truncation talks (one round)."""
-    z = x.map(lambda t: t @ weight)
+    Public weights: the product is local (no message); only the truncation talks (one round), in
+    which party 1 only sends its second component: it computes that product alone."""
+    if p.index == 1:
+        zb = x.b @ weight
+        z = AShare(zb, zb)                                    # its first component is never read (trunc)
+    else:
+        z = x.map(lambda t: t @ weight)
     if bias is not None:
         z = z.add_public(p.index, bias)
     return (yield from trunc(p, z, shift))
