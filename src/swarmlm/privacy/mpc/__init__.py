@@ -54,7 +54,7 @@ Protocol (ABY3 / Araki et al., PUMA's setting, no dealer):
 Modules, in reading order:
     ring.py      fixed-point encoding, the PRG, public_matmul (exact ring products by float64 limbs)
     shares.py    AShare / BShare (one party's replicated shares), the client's split / combine
-    runtime.py   Round, parallel (protocols as generators), Party, LocalParties (three in one process)
+    runtime.py   Round, parallel (protocols as generators), led (roles moved), Party, LocalParties (three in one process)
     ops.py       mul, trunc, trunc_sum, mul_trunc, reshare_pair, linear, band_bits (AND of shared bits)
     bits.py      b2a, inject, bit_times (shared bits times values)
     compare.py   msb, ge0, coarse, select, maximum
