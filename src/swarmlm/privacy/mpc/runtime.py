@@ -7,9 +7,9 @@ arrived. Every party yields the same number of rounds in the same order (a party
 nothing to say yields an empty part), so independent protocols can run side by side in
 the same rounds: `parallel(a, b)` merges their rounds into one. `led(p, lead, make)` runs a
 protocol with the parties relabeled (real party `lead` plays party 0), to spread the roles'
-work. `run` drives a generator over a `Comm`, checking each received tensor's size and dtype before the protocol sees it;
-a message is its tensors' bytes copied once into one buffer, which a receiver in this process
-works on in place (bytes from the network are copied).
+work. `run` drives a generator over a `Comm`, checking each received tensor's size and dtype
+before the protocol sees it; a message is its tensors' bytes copied once into one buffer, which
+a receiver in this process works on in place (bytes from the network are copied).
 
 `LocalComm` joins three parties in one process (one thread each, queues between them): the
 protocols' numbers, rounds and bytes are those of the networked parties, fast to test. The
