@@ -127,7 +127,11 @@ def test_gelu_and_silu_everywhere(parties):
     x = torch.cat([torch.linspace(-30, 30, 1201), torch.tensor(edges)])
     assert (_real(parties, funcs.gelu, x) - F.gelu(x.double(), approximate="tanh")).abs().max() < 5e-4
     err = (_real(parties, funcs.silu, x) - F.silu(x.double())).abs()
-    assert err.max() < 3e-3 and err[x.abs() < 4].max() < 1e-3         # the fit 2e-4, fixed point up to 6e-4
+    assert err[x.abs() < 4].max() < 1e-3                               # the fit 2e-4, fixed point up to 6e-4
+    # just inside the clamp (8.25 < |x| <= 8.5, the coarse comparison's last unit) T_8 reaches ~140 and
+    # amplifies the truncations' few units (test_silu_series_by_horner...): up to 7e-3 in 300,000 draws
+    edge = (x.abs() > 8.25) & (x.abs() <= 8.5)
+    assert err[~edge].max() < 3e-3 and err[edge].max() < 1e-2
 
 
 def test_silu_series_by_horner_takes_a_round_more_and_fewer_bytes(parties):
@@ -139,9 +143,10 @@ def test_silu_series_by_horner_takes_a_round_more_and_fewer_bytes(parties):
         costs.append((parties.rounds - r0, (parties.bytes_sent - b0) / len(x)))
         err = (got - F.silu(x.double())).abs()
         # just inside the clamp (8.25 < |x| <= 8.5: the coarse comparison's last unit) T_8 reaches ~140 and
-        # amplifies the truncations' few units: up to 4.7e-3 seen in 64,000 draws there (3e-3 failed 1 run in 40)
+        # amplifies the truncations' few units: up to 7e-3 seen in 300,000 draws at 8.49 and 8.499 (3e-3
+        # failed 1 run in 40, and the other test 1 in about 100)
         edge = (x.abs() > 8.25) & (x.abs() <= 8.5)
-        assert err[~edge].max() < 3e-3 and err[edge].max() < 8e-3
+        assert err[~edge].max() < 3e-3 and err[edge].max() < 1e-2
     assert costs[1][0] == costs[0][0] + 1 and costs[1][1] == costs[0][1] - 16      # 22 ring elements, not 24
 
 
@@ -431,7 +436,7 @@ def test_a_protocol_led_by_another_party_gives_the_same_value_with_the_roles_mov
         out = parties.run(lambda p: led(p, L, lambda q: funcs.silu(q, shares[p.index])))
         sent.append([p.bytes_sent - b for p, b in zip(parties.parties, before)])
         rounds.append(parties.rounds - r0)
-        assert (decode(combine([o.a for o in out])) - F.silu(x.double())).abs().max() < 8e-3
+        assert (decode(combine([o.a for o in out])) - F.silu(x.double())).abs().max() < 1e-2   # the clamp edge: see above
     assert rounds[0] == rounds[1]
     assert len(set(sent[0])) == 3                                  # the roles send different amounts
     assert sent[1] == [sent[0][(i - lead) % 3] for i in range(3)]  # real party i plays party i - lead
