@@ -20,7 +20,8 @@ How each is approximated (all inputs and outputs fixed point with f fractional b
   products: 4 rounds, 5 products, 24 words an element (a truncation's words: 6 bytes, ops.py); or
   (`horner`, the gated MLP's SiLU, which has the round to spare) (A - C) + T4 (B + 2 T4 C): C
   truncated, then the inner sum, then the outer: 5 rounds, 22 words. GELU: B = 4, degree 8 (error 1.6e-4); SiLU: B = 8, degree 12
-  (error 2e-4 for |x| < 4, 4e-4 to 8.5), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
+  (error 2e-4 for |x| < 4, 4e-4 to 8.5; just inside the clamp, 8.25 < |x| <= 8.5, T_8 ~ 140 amplifies
+  the truncations' units: up to 7e-3), relu beyond 8 (error 2.7e-3). Coefficients are fitted here, at import, by
   least squares on a dense grid. 9 rounds: the comparisons (4), the clamp, the series (10 by horner).
 - `softmax_av` subtracts the row max (compare.maximum: groups of 8, or all pairs for a
   decoding step over a short context; its last level also gives exp's clamp bits; a causal
