@@ -61,15 +61,17 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
     wdtype = torch.int8 if nbits <= 8 else torch.int16 if nbits <= 16 else torch.int32 if nbits <= 32 else torch.int64
     if p.index == 0:
         g1, g2 = p.prg(1, label), p.prg(2, label)
-        v1, pw = g1.small(shape, k), _pad(g1, shape, nbits, narrow=True)    # pad of party 2's transfer (party 1 helps)
-        v0, pv = g2.small(shape, k), _pad(g2, shape, nbits, narrow=True)    # pad of party 1's transfer (party 2 helps)
+        v1, pw = g1.small(shape, k), _pad_words(g1, shape, nbits)     # pad of party 2's transfer (party 1 helps)
+        v0, pv = g2.small(shape, k), _pad_words(g2, shape, nbits)     # pad of party 1's transfer (party 2 helps)
         if nbits in (16, 32):                                      # narrow words all the way (less memory traffic)
             masked = table.numpy() ^ _replicated(k, nbits)[(v0 ^ v1).numpy()]
-            yield Round(send={1: [torch.from_numpy(masked ^ pv.numpy())], 2: [torch.from_numpy(masked ^ pw.numpy())]})
+            yield Round(send={1: [torch.from_numpy(masked ^ pv.view(masked.dtype))],
+                              2: [torch.from_numpy(masked ^ pw.view(masked.dtype))]})
             return BShare(v0, v1)
         rep = sum(1 << (k * c) for c in range(C))
         rep = rep - (1 << 64) if rep >= 1 << 63 else rep
         masked = table ^ ((v0 ^ v1).long() * rep)
+        pv, pw = (torch.from_numpy(w.view(np.int64) if w.dtype == np.uint64 else w.astype(np.int64)) for w in (pv, pw))
         yield Round(send={1: [_wire((masked ^ pv) & wmask, nbits)], 2: [_wire((masked ^ pw) & wmask, nbits)]})
         return BShare(v0, v1)
     me, other = p.index, 3 - p.index
@@ -93,24 +95,13 @@ def _ot_words(p: Party, table: torch.Tensor | None, choice: torch.Tensor | None,
 
 
 def _pad_words(g, shape: tuple[int, ...], nbits: int) -> np.ndarray:
-    """A receiver's view of an OT's pad: unsigned numpy words as wide as the table's words (8, 16, 32 or
-    64 bits), drawn from the same stream bytes as the sender's `_pad` (below(shape, nbits) for fewer
-    than 64 bits, ring(shape) for 64), the bits above nbits cleared."""
+    """An OT's pad, as the sender and the receivers draw it: unsigned numpy words as wide as the
+    table's words (8, 16, 32 or 64 bits), the bits above nbits cleared."""
     width = 8 if nbits <= 8 else 16 if nbits <= 16 else 32 if nbits <= 32 else 64
     words = g.unsigned(shape, width)
     if nbits < width:
         words &= (1 << nbits) - 1
     return words
-
-
-def _pad(g, shape: tuple[int, ...], nbits: int, narrow: bool = False) -> torch.Tensor:
-    """An OT's pad of nbits: int64, or int32 (the same bits) for 32; `narrow`: int16 for 16 (the same
-    stream bytes as the int64 one the receivers draw)."""
-    if nbits == 32:
-        return torch.from_numpy(g.below_words(shape).view(np.int32))
-    if nbits == 16 and narrow:
-        return torch.from_numpy(g.below_halves(shape).view(np.int16))
-    return g.ring(shape) if nbits >= 64 else g.below(shape, nbits)
 
 
 @functools.lru_cache(maxsize=8)

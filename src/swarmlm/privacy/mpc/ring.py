@@ -79,18 +79,10 @@ class Prg:
         return torch.from_numpy(raw).view(*shape)
 
     def unsigned(self, shape: tuple[int, ...] | torch.Size, width: int) -> np.ndarray:
-        """Uniform unsigned numpy words of `width` bits (8, 16, 32 or 64: the stream's next width / 8
-        bytes an element, as `below` and `ring` draw them)."""
+        """Uniform unsigned numpy words of `width` bits (8, 16, 32 or 64): the stream's next width / 8
+        bytes an element."""
         dtype = {8: np.uint8, 16: np.uint16, 32: np.uint32, 64: np.uint64}[width]
         return self._bytes(width // 8 * math.prod(shape)).view(dtype).reshape(tuple(shape))
-
-    def below_words(self, shape: tuple[int, ...] | torch.Size) -> np.ndarray:
-        """Uniform uint32 (numpy, the stream's next 4 bytes an element)."""
-        return self._bytes(4 * math.prod(shape)).view(np.uint32).reshape(tuple(shape))
-
-    def below_halves(self, shape: tuple[int, ...] | torch.Size) -> np.ndarray:
-        """Uniform uint16 (numpy, the stream's next 2 bytes an element: below(shape, 16)'s bytes)."""
-        return self._bytes(2 * math.prod(shape)).view(np.uint16).reshape(tuple(shape))
 
     def bits(self, shape: tuple[int, ...] | torch.Size) -> torch.Tensor:
         """Uniform bool tensor."""
